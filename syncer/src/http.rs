@@ -1,0 +1,250 @@
+//! The syncer's HTTP surface: the deduct endpoint the filter calls, the admin API, health and
+//! metrics. `router(state)` builds it without a socket so tests can drive it directly.
+
+use std::sync::Arc;
+use std::time::Instant;
+
+use axum::extract::{Path, Query, Request, State};
+use axum::http::{HeaderMap, StatusCode};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post, put};
+use axum::{Json, Router};
+use redis::aio::ConnectionManager;
+use seckill_api::{DeductReply, DeductRequest, ErrorReply, SECRET_HEADER};
+use serde::Deserialize;
+use sqlx::MySqlPool;
+
+use crate::db;
+use crate::deduct::{DeductError, Deducter};
+use crate::keys::KeySpace;
+use crate::preheat::{self, PreheatError};
+use crate::sale::{Sale, SaleSpec};
+
+/// Everything a handler needs; shared behind an `Arc`.
+pub struct AppState {
+    pub deducter: Deducter,
+    pub redis: ConnectionManager,
+    pub keys: KeySpace,
+    pub mysql: MySqlPool,
+    pub secret: String,
+    pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+}
+
+pub fn router(state: Arc<AppState>) -> Router {
+    let internal = Router::new()
+        .route(seckill_api::DEDUCT_PATH, post(deduct))
+        .route("/admin/sales/{goods_id}", put(define_sale).get(show_sale))
+        .route("/admin/sales/{goods_id}/preheat", post(preheat_sale))
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            require_secret,
+        ));
+    Router::new()
+        .merge(internal)
+        .route("/healthz", get(health))
+        .route("/metrics", get(render_metrics))
+        .with_state(state)
+}
+
+/// Errors a client may see. Logged once here; the body never carries internals.
+#[derive(Debug)]
+pub enum AppError {
+    BadRequest(String),
+    Unauthorized,
+    NotFound(String),
+    Conflict(String),
+    Unavailable(String),
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        let (status, error, message) = match self {
+            AppError::BadRequest(m) => (StatusCode::BAD_REQUEST, "bad_request", m),
+            AppError::Unauthorized => (
+                StatusCode::UNAUTHORIZED,
+                "unauthorized",
+                format!("missing or wrong {SECRET_HEADER} header"),
+            ),
+            AppError::NotFound(m) => (StatusCode::NOT_FOUND, "not_found", m),
+            AppError::Conflict(m) => (StatusCode::CONFLICT, "conflict", m),
+            AppError::Unavailable(detail) => {
+                tracing::warn!(%detail, "request failed on a backing store");
+                (
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "unavailable",
+                    "a backing store is unavailable; try again".to_owned(),
+                )
+            }
+        };
+        let body = ErrorReply {
+            error: error.to_owned(),
+            message,
+        };
+        (status, Json(body)).into_response()
+    }
+}
+
+impl From<DeductError> for AppError {
+    fn from(e: DeductError) -> Self {
+        match e {
+            DeductError::BadRequest(m) => AppError::BadRequest(m),
+            other => AppError::Unavailable(other.to_string()),
+        }
+    }
+}
+
+impl From<PreheatError> for AppError {
+    fn from(e: PreheatError) -> Self {
+        match e {
+            PreheatError::Live { .. } => AppError::Conflict(e.to_string()),
+            other => AppError::Unavailable(other.to_string()),
+        }
+    }
+}
+
+impl From<sqlx::Error> for AppError {
+    fn from(e: sqlx::Error) -> Self {
+        AppError::Unavailable(format!("mysql: {e}"))
+    }
+}
+
+async fn require_secret(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    request: Request,
+    next: Next,
+) -> Response {
+    let given = headers
+        .get(SECRET_HEADER)
+        .map(|v| v.as_bytes())
+        .unwrap_or_default();
+    if !constant_time_eq(given, state.secret.as_bytes()) {
+        metrics::counter!("seckill_unauthorized_total").increment(1);
+        return AppError::Unauthorized.into_response();
+    }
+    next.run(request).await
+}
+
+/// Compares secrets without leaking through timing how many leading bytes matched.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+async fn deduct(
+    State(state): State<Arc<AppState>>,
+    body: Result<Json<DeductRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<DeductReply>, AppError> {
+    let Json(request) = body.map_err(|e| AppError::BadRequest(e.body_text()))?;
+    let started = Instant::now();
+    let result = state.deducter.deduct(&request).await;
+    metrics::histogram!("seckill_deduct_duration_seconds").record(started.elapsed());
+    match &result {
+        Ok(reply) => metrics::counter!("seckill_deduct_total", "outcome" => reply.outcome.as_str())
+            .increment(1),
+        Err(e) => {
+            let kind = match e {
+                DeductError::BadRequest(_) => "bad_request",
+                _ => "redis",
+            };
+            metrics::counter!("seckill_deduct_errors_total", "kind" => kind).increment(1)
+        }
+    }
+    Ok(Json(result?))
+}
+
+fn valid_goods_id(goods_id: &str) -> Result<(), AppError> {
+    seckill_api::validate_id(goods_id, seckill_api::ID_LEN_MAX)
+        .map_err(|e| AppError::BadRequest(format!("goods_id {e}")))
+}
+
+/// Defines (or redefines) a sale in MySQL. A sale that is live in Redis cannot be redefined:
+/// its counters would no longer match its definition.
+async fn define_sale(
+    State(state): State<Arc<AppState>>,
+    Path(goods_id): Path<String>,
+    body: Result<Json<SaleSpec>, axum::extract::rejection::JsonRejection>,
+) -> Result<Response, AppError> {
+    let Json(spec) = body.map_err(|e| AppError::BadRequest(e.body_text()))?;
+    let sale = Sale::new(&goods_id, spec).map_err(|e| AppError::BadRequest(e.to_string()))?;
+    if let Some(live) = preheat::live_stock(&state.redis, &state.keys, &goods_id).await? {
+        if chrono::Utc::now().timestamp_millis() < live.end_ms {
+            return Err(AppError::Conflict(format!(
+                "goods {goods_id} has a live sale; it cannot be redefined until it ends"
+            )));
+        }
+    }
+    let status = match db::save_sale(&state.mysql, &sale).await? {
+        db::Saved::Created => StatusCode::CREATED,
+        db::Saved::Replaced => StatusCode::OK,
+    };
+    Ok((status, Json(sale)).into_response())
+}
+
+async fn show_sale(
+    State(state): State<Arc<AppState>>,
+    Path(goods_id): Path<String>,
+) -> Result<Json<serde_json::Value>, AppError> {
+    valid_goods_id(&goods_id)?;
+    let stored = db::load_sale(&state.mysql, &goods_id)
+        .await?
+        .ok_or_else(|| AppError::NotFound(format!("no sale is defined for goods {goods_id}")))?;
+    let live = preheat::live_stock(&state.redis, &state.keys, &goods_id).await?;
+    Ok(Json(
+        serde_json::json!({ "definition": stored, "live": live }),
+    ))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PreheatParams {
+    #[serde(default)]
+    force: bool,
+}
+
+async fn preheat_sale(
+    State(state): State<Arc<AppState>>,
+    Path(goods_id): Path<String>,
+    params: Result<Query<PreheatParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<serde_json::Value>, AppError> {
+    let Query(params) = params.map_err(|e| AppError::BadRequest(e.body_text()))?;
+    valid_goods_id(&goods_id)?;
+    let stored = db::load_sale(&state.mysql, &goods_id)
+        .await?
+        .ok_or_else(|| AppError::NotFound(format!("no sale is defined for goods {goods_id}")))?;
+    let epoch = preheat::preheat(&state.redis, &state.keys, &stored.sale, params.force).await?;
+    tracing::info!(goods_id, epoch, force = params.force, "sale preheated");
+    let live = preheat::live_stock(&state.redis, &state.keys, &goods_id).await?;
+    Ok(Json(serde_json::json!({ "epoch": epoch, "live": live })))
+}
+
+async fn health(State(state): State<Arc<AppState>>) -> Result<&'static str, AppError> {
+    let mut conn = state.redis.clone();
+    let command = redis::cmd("PING");
+    let ping = command.query_async::<String>(&mut conn);
+    match tokio::time::timeout(crate::deduct::REDIS_CALL_TIMEOUT, ping).await {
+        Ok(Ok(_)) => Ok("ok"),
+        Ok(Err(e)) => Err(AppError::Unavailable(format!("redis: {e}"))),
+        Err(_) => Err(AppError::Unavailable("redis ping timed out".into())),
+    }
+}
+
+async fn render_metrics(State(state): State<Arc<AppState>>) -> Response {
+    match &state.metrics {
+        Some(handle) => handle.render().into_response(),
+        None => (StatusCode::NOT_FOUND, "metrics are not enabled").into_response(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::constant_time_eq;
+
+    #[test]
+    fn secrets_compare_exactly() {
+        assert!(constant_time_eq(b"s3cret", b"s3cret"));
+        assert!(!constant_time_eq(b"s3cret", b"s3creT"));
+        assert!(!constant_time_eq(b"s3cret", b"s3cre"));
+        assert!(!constant_time_eq(b"", b"s3cret"));
+    }
+}

@@ -1,0 +1,19 @@
+-- Loads one sale into Redis.
+-- KEYS: 1 sale hash, 2 users hash, 3 requests hash, 4 reservations hash, 5 epoch counter
+-- ARGV: 1 total stock, 2 per-user limit, 3 start ms, 4 end ms, 5 force ("1" or "0")
+-- Reply: { "loaded", epoch } or { "live", end_ms } when a live sale is in the way.
+-- The outbox stream is never touched: it may still hold events on their way to Kafka.
+local existing_end = redis.call('HGET', KEYS[1], 'end_ms')
+if existing_end and ARGV[5] ~= '1' then
+  local time = redis.call('TIME')
+  local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+  if now_ms < tonumber(existing_end) then
+    return { 'live', tonumber(existing_end) }
+  end
+end
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+local epoch = redis.call('INCR', KEYS[5])
+redis.call('HSET', KEYS[1],
+  'total', ARGV[1], 'available', ARGV[1], 'reserved', 0, 'sold', 0,
+  'limit', ARGV[2], 'start_ms', ARGV[3], 'end_ms', ARGV[4], 'epoch', epoch, 'seq', 0)
+return { 'loaded', epoch }

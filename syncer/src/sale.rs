@@ -1,0 +1,128 @@
+//! A sale's definition (kept in MySQL, the source of truth for what is on sale) and its live
+//! state (kept in Redis, the source of truth for who won while the sale runs).
+
+use chrono::{DateTime, Utc};
+use serde::{Deserialize, Serialize};
+
+/// Largest stock one sale may have. Keeps every counter far inside Lua's exact-integer range.
+pub const TOTAL_STOCK_MAX: u64 = 1_000_000_000;
+/// Largest per-user limit; a bigger one is no limit at all and hides a typo.
+pub const PER_USER_LIMIT_MAX: u32 = 1_000_000;
+
+/// What the admin API accepts to define a sale.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SaleSpec {
+    pub total_stock: u64,
+    pub per_user_limit: u32,
+    pub starts_at: DateTime<Utc>,
+    pub ends_at: DateTime<Utc>,
+}
+
+/// A defined sale: the spec plus its goods id.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Sale {
+    pub goods_id: String,
+    pub total_stock: u64,
+    pub per_user_limit: u32,
+    pub starts_at: DateTime<Utc>,
+    pub ends_at: DateTime<Utc>,
+}
+
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum SaleError {
+    #[error("goods_id {0}")]
+    GoodsId(seckill_api::IdError),
+    #[error("total_stock must be at most {TOTAL_STOCK_MAX}")]
+    StockTooLarge,
+    #[error("per_user_limit must be from 1 to {PER_USER_LIMIT_MAX}")]
+    PerUserLimit,
+    #[error("ends_at must be after starts_at")]
+    EmptyWindow,
+}
+
+impl Sale {
+    /// Validates a spec for a goods id; bad input gets a clear error and changes nothing.
+    pub fn new(goods_id: &str, spec: SaleSpec) -> Result<Sale, SaleError> {
+        seckill_api::validate_id(goods_id, seckill_api::ID_LEN_MAX).map_err(SaleError::GoodsId)?;
+        if spec.total_stock > TOTAL_STOCK_MAX {
+            return Err(SaleError::StockTooLarge);
+        }
+        if spec.per_user_limit == 0 || spec.per_user_limit > PER_USER_LIMIT_MAX {
+            return Err(SaleError::PerUserLimit);
+        }
+        if spec.ends_at <= spec.starts_at {
+            return Err(SaleError::EmptyWindow);
+        }
+        Ok(Sale {
+            goods_id: goods_id.to_owned(),
+            total_stock: spec.total_stock,
+            per_user_limit: spec.per_user_limit,
+            starts_at: spec.starts_at,
+            ends_at: spec.ends_at,
+        })
+    }
+}
+
+/// The live counters of a preheated sale in Redis. `total = available + reserved + sold`
+/// holds after every script (promise 3).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct LiveStock {
+    pub total: u64,
+    pub available: u64,
+    pub reserved: u64,
+    pub sold: u64,
+    pub per_user_limit: u32,
+    pub start_ms: i64,
+    pub end_ms: i64,
+    pub epoch: u64,
+}
+
+impl LiveStock {
+    pub fn is_conserved(&self) -> bool {
+        self.available + self.reserved + self.sold == self.total
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec() -> SaleSpec {
+        SaleSpec {
+            total_stock: 100,
+            per_user_limit: 1,
+            starts_at: "2026-01-01T00:00:00Z".parse().unwrap(),
+            ends_at: "2026-01-01T01:00:00Z".parse().unwrap(),
+        }
+    }
+
+    #[test]
+    fn a_good_spec_is_accepted() {
+        let sale = Sale::new("sku-1", spec()).unwrap();
+        assert_eq!(sale.total_stock, 100);
+    }
+
+    #[test]
+    fn bad_specs_are_refused_with_a_reason() {
+        assert!(matches!(
+            Sale::new("a b", spec()),
+            Err(SaleError::GoodsId(_))
+        ));
+        let mut s = spec();
+        s.total_stock = TOTAL_STOCK_MAX + 1;
+        assert_eq!(Sale::new("g", s), Err(SaleError::StockTooLarge));
+        let mut s = spec();
+        s.per_user_limit = 0;
+        assert_eq!(Sale::new("g", s), Err(SaleError::PerUserLimit));
+        let mut s = spec();
+        s.ends_at = s.starts_at;
+        assert_eq!(Sale::new("g", s), Err(SaleError::EmptyWindow));
+    }
+
+    #[test]
+    fn unknown_fields_are_refused() {
+        let json = r#"{"total_stock":1,"per_user_limit":1,"starts_at":"2026-01-01T00:00:00Z","ends_at":"2026-01-02T00:00:00Z","stock":5}"#;
+        assert!(serde_json::from_str::<SaleSpec>(json).is_err());
+    }
+}

@@ -1,0 +1,11 @@
+//! Harness for end-to-end runs of the seckill gate against real parts: a private redis-server,
+//! a fresh MariaDB database, the syncer binary, a stub shop API and Envoy with the wasm filter.
+//! Every server runs on a free port and is killed when its handle drops.
+
+pub mod envoy;
+pub mod mysql_db;
+pub mod process;
+pub mod redis_server;
+pub mod shop;
+pub mod stack;
+pub mod syncer;

@@ -1,0 +1,106 @@
+//! A stub shop API (the upstream behind Envoy) that records every request it receives, so a
+//! test can check that only winners got through and what headers they carried.
+
+use std::net::SocketAddr;
+use std::sync::{Arc, Mutex};
+
+use axum::extract::State;
+use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::response::IntoResponse;
+use axum::Router;
+use tokio::sync::oneshot;
+
+/// One request as the shop saw it.
+#[derive(Debug, Clone)]
+pub struct SeenRequest {
+    pub path: String,
+    /// Every `x-seckill-*` header, name and value.
+    pub gate_headers: Vec<(String, String)>,
+}
+
+impl SeenRequest {
+    pub fn header(&self, name: &str) -> Option<&str> {
+        self.gate_headers
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+#[derive(Default)]
+struct Recorder {
+    seen: Mutex<Vec<SeenRequest>>,
+}
+
+pub struct ShopStub {
+    pub addr: SocketAddr,
+    recorder: Arc<Recorder>,
+    stop: Option<oneshot::Sender<()>>,
+}
+
+impl ShopStub {
+    /// Serves on a port the OS picks; answers every request `200 {"ok":true}`.
+    pub async fn start() -> anyhow::Result<Self> {
+        let recorder = Arc::new(Recorder::default());
+        let app = Router::new().fallback(record).with_state(recorder.clone());
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let addr = listener.local_addr()?;
+        let (stop, stopped) = oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app)
+                .with_graceful_shutdown(async {
+                    let _ = stopped.await;
+                })
+                .await;
+        });
+        Ok(Self {
+            addr,
+            recorder,
+            stop: Some(stop),
+        })
+    }
+
+    pub fn seen(&self) -> Vec<SeenRequest> {
+        self.recorder
+            .seen
+            .lock()
+            .map(|seen| seen.clone())
+            .unwrap_or_default()
+    }
+}
+
+impl Drop for ShopStub {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+    }
+}
+
+async fn record(
+    State(recorder): State<Arc<Recorder>>,
+    uri: Uri,
+    headers: HeaderMap,
+) -> impl IntoResponse {
+    let gate_headers = headers
+        .iter()
+        .filter(|(name, _)| name.as_str().starts_with(seckill_api::GATE_HEADER_PREFIX))
+        .map(|(name, value)| {
+            (
+                name.as_str().to_owned(),
+                String::from_utf8_lossy(value.as_bytes()).into_owned(),
+            )
+        })
+        .collect();
+    if let Ok(mut seen) = recorder.seen.lock() {
+        seen.push(SeenRequest {
+            path: uri.path().to_owned(),
+            gate_headers,
+        });
+    }
+    (
+        StatusCode::OK,
+        [("content-type", "application/json")],
+        r#"{"ok":true}"#,
+    )
+}

@@ -1,0 +1,287 @@
+//! The whole local stack in one value: Redis, a MySQL database, the syncer, the stub shop and
+//! Envoy with the filter. Tests, the demo and the benchmarks all start it the same way.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use anyhow::Context;
+use serde_json::{json, Value};
+
+use crate::envoy::{filter_wasm, Envoy};
+use crate::mysql_db::TestDatabase;
+use crate::process::{free_port, unique_suffix, Scratch};
+use crate::redis_server::RedisServer;
+use crate::shop::ShopStub;
+use crate::syncer::{SyncerArgs, SyncerProcess};
+
+pub const SECRET: &str = "local-test-secret";
+
+/// The plugin configuration the local stack uses unless a test changes it: generous limits so
+/// that only the behaviour under test decides.
+pub fn default_plugin_config() -> Value {
+    json!({
+        "route": { "methods": ["POST"], "path_template": "/seckill/{goods_id}/buy" },
+        "goods_id": { "path": "goods_id" },
+        "user_id": { "header": "x-user-id" },
+        "quantity": { "source": { "query": "qty" }, "default": 1, "max": 5 },
+        "request_id": { "header": "x-request-id" },
+        "deduct": { "cluster": "seckill_syncer", "timeout_ms": 2000, "secret": SECRET },
+        "rate_limit": { "default": { "per_second": 1000000.0, "burst": 1000000 } },
+        "sold_out_cache_ms": 60000
+    })
+}
+
+pub struct StackOptions {
+    pub label: String,
+    pub workers: u32,
+    pub plugin_config: Value,
+    /// Start no syncer: the filter's callouts go to a port where nothing listens.
+    pub without_syncer: bool,
+}
+
+impl StackOptions {
+    pub fn new(label: &str) -> Self {
+        Self {
+            label: label.to_owned(),
+            workers: 1,
+            plugin_config: default_plugin_config(),
+            without_syncer: false,
+        }
+    }
+}
+
+pub struct Stack {
+    // Field order is drop order: Envoy first, the stores last, the scratch dir at the very end.
+    pub envoy: Envoy,
+    pub syncer: Option<SyncerProcess>,
+    pub shop: ShopStub,
+    pub redis: RedisServer,
+    pub db: TestDatabase,
+    pub key_prefix: String,
+    pub http: reqwest::Client,
+    pub scratch: Scratch,
+}
+
+/// What a buyer got back from the gate.
+#[derive(Debug, Clone)]
+pub struct BuyResult {
+    pub status: u16,
+    /// The `x-seckill-outcome` response header (what the gate decided).
+    pub outcome: String,
+    pub retry_after: Option<String>,
+    pub body: Value,
+}
+
+impl Stack {
+    pub async fn start(options: StackOptions) -> anyhow::Result<Stack> {
+        let scratch = Scratch::new(&format!("seckill-{}", options.label))?;
+        let redis = RedisServer::start(&scratch.path).await?;
+        let db = TestDatabase::create(&options.label).await?;
+        let key_prefix = format!("t{}", unique_suffix());
+        let syncer = if options.without_syncer {
+            None
+        } else {
+            let args = SyncerArgs {
+                redis_url: &redis.url(),
+                mysql_url: &db.url(),
+                key_prefix: &key_prefix,
+                secret: SECRET,
+            };
+            Some(SyncerProcess::start(&scratch.path, &args).await?)
+        };
+        let syncer_port = match &syncer {
+            Some(s) => s.port,
+            None => free_port()?,
+        };
+        let shop = ShopStub::start().await?;
+        let values = HashMap::from([
+            ("SHOP_PORT", shop.addr.port().to_string()),
+            ("SYNCER_PORT", syncer_port.to_string()),
+            ("WASM_PATH", filter_wasm()?.display().to_string()),
+            (
+                "PLUGIN_CONFIG",
+                // A JSON string is a valid YAML double-quoted scalar.
+                serde_json::to_string(&options.plugin_config.to_string())?,
+            ),
+        ]);
+        let envoy = Envoy::start(&scratch.path, "local.yaml", values, options.workers).await?;
+        Ok(Stack {
+            envoy,
+            syncer,
+            shop,
+            redis,
+            db,
+            key_prefix,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()?,
+            scratch,
+        })
+    }
+
+    pub fn syncer(&self) -> anyhow::Result<&SyncerProcess> {
+        self.syncer
+            .as_ref()
+            .context("this stack runs without a syncer")
+    }
+
+    /// Defines a sale through the admin API and preheats it. The window opens a minute ago
+    /// and closes in an hour unless given.
+    pub async fn open_sale(
+        &self,
+        goods_id: &str,
+        stock: u64,
+        per_user_limit: u32,
+    ) -> anyhow::Result<()> {
+        let now = now_ms();
+        self.define_sale(
+            goods_id,
+            stock,
+            per_user_limit,
+            now - 60_000,
+            now + 3_600_000,
+        )
+        .await?;
+        self.preheat(goods_id, false).await?;
+        Ok(())
+    }
+
+    pub async fn define_sale(
+        &self,
+        goods_id: &str,
+        stock: u64,
+        per_user_limit: u32,
+        starts_at_ms: i64,
+        ends_at_ms: i64,
+    ) -> anyhow::Result<()> {
+        let syncer = self.syncer()?;
+        let response = self
+            .http
+            .put(format!("{}/admin/sales/{goods_id}", syncer.url()))
+            .header(seckill_api::SECRET_HEADER, SECRET)
+            .json(&json!({
+                "total_stock": stock,
+                "per_user_limit": per_user_limit,
+                "starts_at": rfc3339(starts_at_ms),
+                "ends_at": rfc3339(ends_at_ms),
+            }))
+            .send()
+            .await?;
+        let status = response.status();
+        anyhow::ensure!(
+            status.is_success(),
+            "define sale: {status} {}",
+            response.text().await?
+        );
+        Ok(())
+    }
+
+    pub async fn preheat(&self, goods_id: &str, force: bool) -> anyhow::Result<Value> {
+        let syncer = self.syncer()?;
+        let response = self
+            .http
+            .post(format!(
+                "{}/admin/sales/{goods_id}/preheat?force={force}",
+                syncer.url()
+            ))
+            .header(seckill_api::SECRET_HEADER, SECRET)
+            .send()
+            .await?;
+        let status = response.status();
+        let body: Value = response.json().await?;
+        anyhow::ensure!(status.is_success(), "preheat: {status} {body}");
+        Ok(body)
+    }
+
+    /// The live counters in Redis, through the admin API.
+    pub async fn live(&self, goods_id: &str) -> anyhow::Result<Value> {
+        let syncer = self.syncer()?;
+        let body: Value = self
+            .http
+            .get(format!("{}/admin/sales/{goods_id}", syncer.url()))
+            .header(seckill_api::SECRET_HEADER, SECRET)
+            .send()
+            .await?
+            .json()
+            .await?;
+        Ok(body["live"].clone())
+    }
+
+    /// Sends one buy request through Envoy.
+    pub async fn buy(
+        &self,
+        goods_id: &str,
+        user_id: &str,
+        quantity: u32,
+        request_id: &str,
+    ) -> anyhow::Result<BuyResult> {
+        let request = self
+            .http
+            .post(format!(
+                "{}/seckill/{goods_id}/buy?qty={quantity}",
+                self.envoy.url()
+            ))
+            .header("x-user-id", user_id)
+            .header("x-request-id", request_id);
+        send(request).await
+    }
+
+    /// Raw Redis access for assertions (XLEN, HGETALL, ...).
+    pub async fn redis(&self) -> anyhow::Result<redis::aio::MultiplexedConnection> {
+        self.redis.connection().await
+    }
+
+    pub fn goods_key(&self, goods_id: &str, suffix: &str) -> String {
+        format!("{}:{{{goods_id}}}:{suffix}", self.key_prefix)
+    }
+
+    /// A digest of every key under this stack's prefix, to prove a request changed nothing.
+    pub async fn redis_snapshot(&self) -> anyhow::Result<Vec<(String, String)>> {
+        let mut conn = self.redis().await?;
+        let mut keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{}:*", self.key_prefix))
+            .query_async(&mut conn)
+            .await?;
+        keys.sort();
+        let mut snapshot = Vec::with_capacity(keys.len());
+        for key in keys {
+            let dump: Option<Vec<u8>> = redis::cmd("DUMP").arg(&key).query_async(&mut conn).await?;
+            snapshot.push((key, format!("{:x?}", dump.unwrap_or_default())));
+        }
+        Ok(snapshot)
+    }
+}
+
+/// Sends a request and reads the gate's answer.
+pub async fn send(request: reqwest::RequestBuilder) -> anyhow::Result<BuyResult> {
+    let response = request.send().await?;
+    let status = response.status().as_u16();
+    let header = |name: &str| {
+        response
+            .headers()
+            .get(name)
+            .and_then(|v| v.to_str().ok())
+            .map(str::to_owned)
+    };
+    let outcome = header("x-seckill-outcome").unwrap_or_default();
+    let retry_after = header("retry-after");
+    let text = response.text().await?;
+    let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
+    Ok(BuyResult {
+        status,
+        outcome,
+        retry_after,
+        body,
+    })
+}
+
+pub fn now_ms() -> i64 {
+    chrono::Utc::now().timestamp_millis()
+}
+
+/// Milliseconds since the epoch as RFC 3339 in UTC (what the admin API takes).
+pub fn rfc3339(ms: i64) -> String {
+    chrono::DateTime::from_timestamp_millis(ms)
+        .unwrap_or_default()
+        .to_rfc3339_opts(chrono::SecondsFormat::Millis, true)
+}

@@ -1,0 +1,542 @@
+//! The edge, end to end: real Envoy running the wasm filter, the real syncer, a private
+//! redis-server and a fresh MariaDB database per test, and a stub shop API that records what
+//! reached it.
+
+use std::collections::{BTreeMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::future::join_all;
+use redis::AsyncCommands;
+use seckill_e2e::stack::{default_plugin_config, now_ms, send, Stack, StackOptions};
+use serde_json::json;
+
+async fn stack(label: &str) -> Stack {
+    Stack::start(StackOptions::new(label))
+        .await
+        .expect("the stack starts")
+}
+
+fn count_by_outcome(results: &[seckill_e2e::stack::BuyResult]) -> BTreeMap<String, usize> {
+    let mut counts = BTreeMap::new();
+    for r in results {
+        *counts.entry(r.outcome.clone()).or_insert(0) += 1;
+    }
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn no_oversell_under_a_concurrent_crowd() {
+    let stack = stack("oversell").await;
+    stack.open_sale("hot", 100, 1).await.unwrap();
+    let stack = Arc::new(stack);
+
+    // 2,000 requests from 500 users, all in flight at once.
+    let requests = (0..2_000).map(|i| {
+        let stack = stack.clone();
+        async move {
+            let user = format!("user-{}", i % 500);
+            stack
+                .buy("hot", &user, 1, &format!("req-{i}"))
+                .await
+                .unwrap()
+        }
+    });
+    let results = join_all(requests).await;
+    let counts = count_by_outcome(&results);
+
+    assert_eq!(counts.get("won"), Some(&100), "{counts:?}");
+    let losers: usize = counts
+        .iter()
+        .filter(|(outcome, _)| outcome.as_str() != "won")
+        .map(|(_, n)| n)
+        .sum();
+    assert_eq!(losers, 1_900, "{counts:?}");
+    for outcome in counts.keys() {
+        assert!(
+            ["won", "sold_out", "duplicate"].contains(&outcome.as_str()),
+            "unexpected outcome {outcome:?} in {counts:?}"
+        );
+    }
+    for r in results.iter().filter(|r| r.outcome != "won") {
+        assert_eq!(r.status, 409, "{r:?}");
+        assert_eq!(r.body["outcome"], json!(r.outcome), "{r:?}");
+    }
+
+    // Exactly the winners reached the shop, each with its own real order id.
+    let seen = stack.shop.seen();
+    assert_eq!(seen.len(), 100);
+    let order_ids: HashSet<&str> = seen
+        .iter()
+        .map(|s| {
+            s.header("x-seckill-order-id")
+                .expect("winner carries an order id")
+        })
+        .collect();
+    assert_eq!(order_ids.len(), 100, "order ids are distinct");
+    let users: HashSet<&str> = seen
+        .iter()
+        .map(|s| s.header("x-seckill-user-id").unwrap())
+        .collect();
+    assert_eq!(
+        users.len(),
+        100,
+        "per-user limit 1: every winner is a different user"
+    );
+
+    let live = stack.live("hot").await.unwrap();
+    assert_eq!(live["available"], 0);
+    assert_eq!(live["reserved"], 100);
+    assert_eq!(live["total"], 100);
+    let mut redis = stack.redis().await.unwrap();
+    let outbox_len: u64 = redis.xlen(stack.goods_key("hot", "outbox")).await.unwrap();
+    assert_eq!(outbox_len, 100);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn per_user_limit_and_idempotent_retry_through_envoy() {
+    let stack = stack("limits").await;
+    stack.open_sale("g", 50, 2).await.unwrap();
+
+    let first = stack.buy("g", "alice", 1, "alice-1").await.unwrap();
+    assert_eq!(
+        (first.status, first.outcome.as_str()),
+        (200, "won"),
+        "{first:?}"
+    );
+    let retry = stack.buy("g", "alice", 1, "alice-1").await.unwrap();
+    assert_eq!(retry.outcome, "won");
+    let seen = stack.shop.seen();
+    assert_eq!(
+        seen.len(),
+        2,
+        "the retry is forwarded again, with the same order"
+    );
+    assert_eq!(
+        seen[0].header("x-seckill-order-id"),
+        seen[1].header("x-seckill-order-id")
+    );
+    assert_eq!(
+        stack.live("g").await.unwrap()["available"],
+        49,
+        "the retry deducted nothing"
+    );
+
+    // Same request id, different purchase: refused, nothing deducted.
+    let conflict = stack.buy("g", "alice", 2, "alice-1").await.unwrap();
+    assert_eq!(
+        (conflict.status, conflict.outcome.as_str()),
+        (409, "request_id_conflict")
+    );
+
+    // Two more units would take alice past her limit of 2.
+    let greedy = stack.buy("g", "alice", 2, "alice-2").await.unwrap();
+    assert_eq!(
+        (greedy.status, greedy.outcome.as_str()),
+        (409, "limit_reached")
+    );
+    let second = stack.buy("g", "alice", 1, "alice-3").await.unwrap();
+    assert_eq!(second.outcome, "won");
+    let third = stack.buy("g", "alice", 1, "alice-4").await.unwrap();
+    assert_eq!((third.status, third.outcome.as_str()), (409, "duplicate"));
+
+    let live = stack.live("g").await.unwrap();
+    assert_eq!(
+        (live["available"].as_u64(), live["reserved"].as_u64()),
+        (Some(48), Some(2))
+    );
+    assert_eq!(stack.shop.seen().len(), 3, "losers never reach the shop");
+    let mut redis = stack.redis().await.unwrap();
+    let outbox_len: u64 = redis.xlen(stack.goods_key("g", "outbox")).await.unwrap();
+    assert_eq!(outbox_len, 2, "one outbox event per real deduct");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sale_window_is_enforced() {
+    let stack = stack("window").await;
+    let now = now_ms();
+    stack
+        .define_sale("early", 10, 1, now + 3_600_000, now + 7_200_000)
+        .await
+        .unwrap();
+    stack.preheat("early", false).await.unwrap();
+    stack
+        .define_sale("late", 10, 1, now - 7_200_000, now - 3_600_000)
+        .await
+        .unwrap();
+    stack.preheat("late", false).await.unwrap();
+
+    let early = stack.buy("early", "u1", 1, "r1").await.unwrap();
+    assert_eq!(
+        (early.status, early.outcome.as_str()),
+        (403, "not_started"),
+        "{early:?}"
+    );
+    let wait_s: u64 = early.retry_after.as_deref().unwrap().parse().unwrap();
+    assert!((3_500..=3_601).contains(&wait_s), "Retry-After {wait_s}");
+    let late = stack.buy("late", "u1", 1, "r2").await.unwrap();
+    assert_eq!((late.status, late.outcome.as_str()), (403, "ended"));
+    let unknown = stack.buy("nothing-here", "u1", 1, "r3").await.unwrap();
+    assert_eq!(
+        (unknown.status, unknown.outcome.as_str()),
+        (404, "unknown_goods")
+    );
+    assert!(stack.shop.seen().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn rate_limit_holds_across_two_envoy_workers() {
+    let per_second = 300.0;
+    let burst = 30.0;
+    let mut options = StackOptions::new("ratelimit");
+    options.workers = 2;
+    options.plugin_config["rate_limit"] = json!({
+        "default": { "per_second": 1_000_000.0, "burst": 1_000_000 },
+        "goods": { "limited": { "per_second": per_second, "burst": burst as u64 } }
+    });
+    let stack = Arc::new(Stack::start(options).await.unwrap());
+    stack
+        .open_sale("limited", 1_000_000, 1_000_000)
+        .await
+        .unwrap();
+
+    // 64 clients on their own connections (spread over both workers) for 3 seconds.
+    let deadline = Instant::now() + Duration::from_secs(3);
+    let started = Instant::now();
+    let clients = (0..64).map(|c| {
+        let stack = stack.clone();
+        async move {
+            let client = reqwest::Client::builder()
+                .pool_max_idle_per_host(1)
+                .build()
+                .unwrap();
+            let (mut allowed, mut limited, mut n) = (0u64, 0u64, 0u64);
+            while Instant::now() < deadline {
+                n += 1;
+                let request = client
+                    .post(format!("{}/seckill/limited/buy", stack.envoy.url()))
+                    .header("x-user-id", format!("u{c}"))
+                    .header("x-request-id", format!("c{c}-{n}"));
+                let r = send(request).await.unwrap();
+                match r.outcome.as_str() {
+                    "rate_limited" => {
+                        assert_eq!(r.status, 429);
+                        assert!(r.retry_after.is_some(), "429 carries Retry-After");
+                        limited += 1
+                    }
+                    "won" => allowed += 1,
+                    other => panic!("unexpected outcome {other}: {r:?}"),
+                }
+            }
+            (allowed, limited)
+        }
+    });
+    let totals = join_all(clients).await;
+    let elapsed = started.elapsed().as_secs_f64();
+    let allowed: u64 = totals.iter().map(|t| t.0).sum();
+    let limited: u64 = totals.iter().map(|t| t.1).sum();
+    let expected = burst + per_second * elapsed;
+    let error = (allowed as f64 - expected).abs() / expected;
+    assert!(
+        limited > allowed,
+        "the test must push past the limit ({allowed} vs {limited})"
+    );
+    assert!(
+        error <= 0.10,
+        "allowed {allowed} in {elapsed:.2}s, expected {expected:.0} (error {:.1}%)",
+        error * 100.0
+    );
+    assert_eq!(stack.shop.seen().len() as u64, allowed);
+    assert_eq!(
+        stack
+            .envoy
+            .stat("envoy_wasmcustom_seckill_outcome_rate_limited")
+            .await
+            .unwrap(),
+        limited
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn sold_out_is_answered_at_the_edge_without_callouts() {
+    let stack = Arc::new(stack("soldout").await);
+    stack.open_sale("tiny", 5, 1).await.unwrap();
+    for i in 0..5 {
+        let r = stack
+            .buy("tiny", &format!("u{i}"), 1, &format!("r{i}"))
+            .await
+            .unwrap();
+        assert_eq!(r.outcome, "won");
+    }
+    // The first loser learns it from the syncer; from then on the edge knows.
+    let first = stack.buy("tiny", "late-1", 1, "late-1").await.unwrap();
+    assert_eq!((first.status, first.outcome.as_str()), (409, "sold_out"));
+    let calls_before = stack.syncer().unwrap().deduct_calls().await.unwrap();
+
+    let results = join_all((0..300).map(|i| {
+        let stack = stack.clone();
+        async move {
+            stack
+                .buy("tiny", &format!("crowd-{i}"), 1, &format!("crowd-{i}"))
+                .await
+                .unwrap()
+        }
+    }))
+    .await;
+    assert!(results
+        .iter()
+        .all(|r| r.status == 409 && r.outcome == "sold_out"));
+    let calls_after = stack.syncer().unwrap().deduct_calls().await.unwrap();
+    assert_eq!(calls_after, calls_before, "no callout after sell-out");
+    assert_eq!(stack.shop.seen().len(), 5);
+    assert!(
+        stack
+            .envoy
+            .stat("envoy_wasmcustom_seckill_soldout_cache_hit")
+            .await
+            .unwrap()
+            >= 300
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn bad_input_gets_400_and_touches_nothing() {
+    let stack = stack("badinput").await;
+    stack.open_sale("g1", 10, 1).await.unwrap();
+    let before = stack.redis_snapshot().await.unwrap();
+    let calls_before = stack.syncer().unwrap().deduct_calls().await.unwrap();
+    let url = stack.envoy.url();
+    let long_id = "u".repeat(65);
+    let huge_id = "u".repeat(10_000);
+    let cases: Vec<(&str, reqwest::RequestBuilder)> = vec![
+        (
+            "missing user",
+            stack.http.post(format!("{url}/seckill/g1/buy")),
+        ),
+        (
+            "empty user",
+            stack
+                .http
+                .post(format!("{url}/seckill/g1/buy"))
+                .header("x-user-id", ""),
+        ),
+        (
+            "bad user chars",
+            stack
+                .http
+                .post(format!("{url}/seckill/g1/buy"))
+                .header("x-user-id", "a b|c"),
+        ),
+        (
+            "long user",
+            stack
+                .http
+                .post(format!("{url}/seckill/g1/buy"))
+                .header("x-user-id", &long_id),
+        ),
+        (
+            "huge user",
+            stack
+                .http
+                .post(format!("{url}/seckill/g1/buy"))
+                .header("x-user-id", &huge_id),
+        ),
+        (
+            "bad goods",
+            stack
+                .http
+                .post(format!("{url}/seckill/g%7B1%7D/buy"))
+                .header("x-user-id", "u1"),
+        ),
+        (
+            "long goods",
+            stack
+                .http
+                .post(format!("{url}/seckill/{long_id}/buy"))
+                .header("x-user-id", "u1"),
+        ),
+        (
+            "qty 0",
+            stack
+                .http
+                .post(format!("{url}/seckill/g1/buy?qty=0"))
+                .header("x-user-id", "u1"),
+        ),
+        (
+            "qty -1",
+            stack
+                .http
+                .post(format!("{url}/seckill/g1/buy?qty=-1"))
+                .header("x-user-id", "u1"),
+        ),
+        (
+            "qty abc",
+            stack
+                .http
+                .post(format!("{url}/seckill/g1/buy?qty=abc"))
+                .header("x-user-id", "u1"),
+        ),
+        (
+            "qty 1.5",
+            stack
+                .http
+                .post(format!("{url}/seckill/g1/buy?qty=1.5"))
+                .header("x-user-id", "u1"),
+        ),
+        (
+            "qty above max",
+            stack
+                .http
+                .post(format!("{url}/seckill/g1/buy?qty=6"))
+                .header("x-user-id", "u1"),
+        ),
+        (
+            "qty overflow",
+            stack
+                .http
+                .post(format!("{url}/seckill/g1/buy?qty=99999999999999999999"))
+                .header("x-user-id", "u1"),
+        ),
+        (
+            "bad request id",
+            stack
+                .http
+                .post(format!("{url}/seckill/g1/buy"))
+                .header("x-user-id", "u1")
+                .header("x-request-id", "a b"),
+        ),
+    ];
+    for (name, request) in cases {
+        let r = send(request).await.unwrap();
+        assert_eq!(r.status, 400, "{name}: {r:?}");
+        assert_eq!(r.outcome, "bad_request", "{name}: {r:?}");
+        assert_eq!(r.body["error"], "bad_request", "{name}: {r:?}");
+        assert!(
+            r.body["message"].as_str().is_some_and(|m| !m.is_empty()),
+            "{name}: the error says why: {r:?}"
+        );
+    }
+    assert_eq!(
+        stack.redis_snapshot().await.unwrap(),
+        before,
+        "Redis untouched"
+    );
+    let calls_after = stack.syncer().unwrap().deduct_calls().await.unwrap();
+    assert_eq!(calls_after, calls_before, "no callout for bad input");
+    assert!(stack.shop.seen().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn clients_cannot_forge_gate_headers() {
+    let stack = stack("forgery").await;
+    stack.open_sale("g", 10, 1).await.unwrap();
+    let url = stack.envoy.url();
+    // A non-sale route: passes through, but without the forged headers.
+    let r = send(
+        stack
+            .http
+            .get(format!("{url}/catalog"))
+            .header("x-seckill-order-id", "forged")
+            .header("X-Seckill-Gate", "forged"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.status, 200);
+    // A winner: forwarded with the gate's order id, not the forged one.
+    let r = send(
+        stack
+            .http
+            .post(format!("{url}/seckill/g/buy"))
+            .header("x-user-id", "u1")
+            .header("x-seckill-order-id", "forged")
+            .header("x-seckill-remaining", "999"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(r.outcome, "won");
+    let seen = stack.shop.seen();
+    assert_eq!(seen.len(), 2);
+    assert_eq!(seen[0].path, "/catalog");
+    assert!(seen[0].gate_headers.is_empty(), "{:?}", seen[0]);
+    let order_id = seen[1].header("x-seckill-order-id").unwrap();
+    assert_ne!(order_id, "forged");
+    assert!(order_id.starts_with("g."), "{order_id}");
+    assert_eq!(seen[1].header("x-seckill-remaining"), Some("9"));
+    let values: Vec<&str> = seen[1]
+        .gate_headers
+        .iter()
+        .map(|(_, v)| v.as_str())
+        .collect();
+    assert!(!values.contains(&"forged"), "{:?}", seen[1]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_bad_plugin_config_is_refused() {
+    for (config, reason) in [
+        (
+            json!({"route": {"path_template": "/x"}, "nonsense": 1}),
+            "unknown field",
+        ),
+        (
+            {
+                let mut c = default_plugin_config();
+                c["quantity"]["max"] = json!(0);
+                c
+            },
+            "quantity",
+        ),
+        (
+            {
+                let mut c = default_plugin_config();
+                c["goods_id"] = json!({"path": "sku"});
+                c
+            },
+            "sku",
+        ),
+    ] {
+        let mut options = StackOptions::new("badconfig");
+        options.plugin_config = config.clone();
+        options.without_syncer = true;
+        let error = match Stack::start(options).await {
+            Ok(_) => panic!("Envoy accepted a bad plugin configuration: {config}"),
+            Err(e) => format!("{e:#}"),
+        };
+        assert!(
+            error.contains("bad plugin configuration") && error.contains(reason),
+            "the refusal names the problem ({reason}): {error}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deduct_endpoint_down_fails_closed_by_default() {
+    let mut options = StackOptions::new("closed");
+    options.without_syncer = true;
+    let stack = Stack::start(options).await.unwrap();
+    let r = stack.buy("g", "u1", 1, "r1").await.unwrap();
+    assert_eq!(
+        (r.status, r.outcome.as_str()),
+        (503, "unavailable"),
+        "{r:?}"
+    );
+    assert_eq!(r.body["error"], "unavailable");
+    assert!(stack.shop.seen().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn deduct_endpoint_down_forwards_in_open_mode() {
+    let mut options = StackOptions::new("open");
+    options.without_syncer = true;
+    options.plugin_config["deduct"]["failure_mode"] = json!("open");
+    let stack = Stack::start(options).await.unwrap();
+    let r = stack.buy("g", "u1", 1, "r1").await.unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    let seen = stack.shop.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].header("x-seckill-gate"), Some("failed-open"));
+    assert_eq!(
+        seen[0].header("x-seckill-order-id"),
+        None,
+        "no order id was granted"
+    );
+}
