@@ -9,3 +9,4 @@ pub mod redis_server;
 pub mod shop;
 pub mod stack;
 pub mod syncer;
+pub mod wrk;

@@ -81,27 +81,24 @@ pub fn free_port() -> anyhow::Result<u16> {
     Ok(listener.local_addr()?.port())
 }
 
-/// Polls `probe` until it returns `Ok(Some(v))`, failing after `deadline`.
+/// Polls `probe` until it returns `Ok(Some(v))`, failing after `deadline`. An `Err` from the
+/// probe is fatal (say, the server process exited) and ends the wait at once; transient
+/// failures (connection refused while starting) should be `Ok(None)`.
 pub async fn wait_for<T, F, Fut>(what: &str, deadline: Duration, mut probe: F) -> anyhow::Result<T>
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = anyhow::Result<Option<T>>>,
 {
     let started = Instant::now();
-    let mut last_error = None;
     loop {
-        match probe().await {
-            Ok(Some(value)) => return Ok(value),
-            Ok(None) => {}
-            Err(e) => last_error = Some(e),
+        if let Some(value) = probe()
+            .await
+            .with_context(|| format!("waiting for {what}"))?
+        {
+            return Ok(value);
         }
         if started.elapsed() > deadline {
-            bail!(
-                "timed out after {deadline:?} waiting for {what}; last error: {}",
-                last_error
-                    .map(|e| format!("{e:#}"))
-                    .unwrap_or_else(|| "none".into())
-            );
+            bail!("timed out after {deadline:?} waiting for {what}");
         }
         tokio::time::sleep(Duration::from_millis(25)).await;
     }

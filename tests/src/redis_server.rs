@@ -46,9 +46,11 @@ impl RedisServer {
             async move {
                 running?;
                 let client = redis::Client::open(url)?;
-                let mut conn = client.get_multiplexed_async_connection().await?;
-                let pong: String = redis::cmd("PING").query_async(&mut conn).await?;
-                Ok((pong == "PONG").then_some(()))
+                let Ok(mut conn) = client.get_multiplexed_async_connection().await else {
+                    return Ok(None);
+                };
+                let pong: Option<String> = redis::cmd("PING").query_async(&mut conn).await.ok();
+                Ok((pong.as_deref() == Some("PONG")).then_some(()))
             }
         })
         .await?;

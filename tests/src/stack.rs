@@ -37,6 +37,8 @@ pub struct StackOptions {
     pub plugin_config: Value,
     /// Start no syncer: the filter's callouts go to a port where nothing listens.
     pub without_syncer: bool,
+    /// Use (and keep) a database of this name instead of a throwaway one.
+    pub kept_database: Option<String>,
 }
 
 impl StackOptions {
@@ -46,6 +48,7 @@ impl StackOptions {
             workers: 1,
             plugin_config: default_plugin_config(),
             without_syncer: false,
+            kept_database: None,
         }
     }
 }
@@ -76,7 +79,10 @@ impl Stack {
     pub async fn start(options: StackOptions) -> anyhow::Result<Stack> {
         let scratch = Scratch::new(&format!("seckill-{}", options.label))?;
         let redis = RedisServer::start(&scratch.path).await?;
-        let db = TestDatabase::create(&options.label).await?;
+        let db = match &options.kept_database {
+            Some(name) => TestDatabase::create_named(name, true).await?,
+            None => TestDatabase::create(&options.label).await?,
+        };
         let key_prefix = format!("t{}", unique_suffix());
         let syncer = if options.without_syncer {
             None

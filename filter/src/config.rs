@@ -1,0 +1,1028 @@
+//! Plugin configuration: the JSON in the Envoy wasm filter's `configuration` value, parsed
+//! and validated once in `on_configure` and compiled into an immutable [`Config`] that every
+//! request context shares.
+//!
+//! Every section is read field by field so each error names the exact field
+//! (`rate_limit.default.per_second: ...`); serde alone would only give a line and column.
+//! Unknown fields are refused everywhere: a typo must not silently fall back to a default.
+//!
+//! Pure code: no host calls, unit-tested natively.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fmt;
+use std::time::Duration;
+
+use serde::de::DeserializeOwned;
+use serde::Deserialize;
+use serde_json::Value;
+
+use crate::gcra::Rate;
+use crate::route::PathTemplate;
+
+/// Longest accepted `deduct.timeout_ms`: a buyer waits no longer than this for a decision.
+pub const TIMEOUT_MS_MAX: u64 = 10_000;
+const TIMEOUT_MS_DEFAULT: u64 = 500;
+const ID_LEN_MAX_DEFAULT: usize = 64;
+const AUTHORITY_DEFAULT: &str = "seckill-syncer";
+const REQUEST_ID_HEADER_DEFAULT: &str = "x-request-id";
+/// Longest sold-out cache life: one hour. Past that a restocked goods would stay "sold out"
+/// too long.
+pub const SOLD_OUT_CACHE_MS_MAX: u64 = 3_600_000;
+const SOLD_OUT_CACHE_MS_DEFAULT: u64 = 1_000;
+const TRACKED_GOODS_MAX_DEFAULT: u64 = 10_000;
+/// Most goods ids with their own rate-limit bucket. Each costs one shared-data entry of
+/// about 40 bytes per Envoy instance; a million is 40 MB, more is a mistake.
+pub const TRACKED_GOODS_MAX_LIMIT: u64 = 1_000_000;
+/// Longest secret, cluster or authority: they travel in headers of every call.
+const TEXT_LEN_MAX: usize = 1024;
+/// Longest header name or query parameter name of a source.
+const SOURCE_NAME_LEN_MAX: usize = 256;
+
+/// A configuration error: the field it concerns (dotted path, empty for the whole document)
+/// and what is wrong.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ConfigError {
+    pub field: String,
+    pub problem: String,
+}
+
+impl ConfigError {
+    fn new(field: &str, problem: impl Into<String>) -> ConfigError {
+        ConfigError {
+            field: field.to_string(),
+            problem: problem.into(),
+        }
+    }
+}
+
+impl fmt::Display for ConfigError {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        if self.field.is_empty() {
+            write!(f, "{}", self.problem)
+        } else {
+            write!(f, "{}: {}", self.field, self.problem)
+        }
+    }
+}
+
+impl std::error::Error for ConfigError {}
+
+/// Where a value comes from in the buyer's request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Source {
+    /// A request header (name stored lowercase, as Envoy presents them).
+    Header(String),
+    /// A query-string parameter (compared after percent-decoding).
+    Query(String),
+    /// A `{variable}` of the route's path template; `index` is its capture position.
+    Path { name: String, index: usize },
+}
+
+impl fmt::Display for Source {
+    /// How error messages name the source to the buyer.
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Source::Header(name) => write!(f, "header {name}"),
+            Source::Query(name) => write!(f, "query parameter {name}"),
+            Source::Path { name, .. } => write!(f, "path segment {{{name}}}"),
+        }
+    }
+}
+
+/// Which requests are sale requests.
+#[derive(Debug, Clone)]
+pub struct Route {
+    pub methods: Vec<String>,
+    pub template: PathTemplate,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct QuantityRule {
+    /// None: the quantity is always `default`.
+    pub source: Option<Source>,
+    pub default: u32,
+    pub max: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum FailureMode {
+    /// No answer from the stock service: refuse the purchase (503).
+    Closed,
+    /// No answer from the stock service: forward without an order id, marked failed-open.
+    Open,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Deduct {
+    pub cluster: String,
+    pub authority: String,
+    pub timeout: Duration,
+    pub secret: String,
+    pub failure_mode: FailureMode,
+}
+
+#[derive(Debug, Clone)]
+pub struct RateLimits {
+    pub default: Rate,
+    /// Per-goods overrides. These goods always get their own bucket; they do not count
+    /// against `tracked_goods_max` (the operator chose them, clients did not).
+    pub goods: HashMap<String, Rate>,
+    pub tracked_goods_max: u64,
+}
+
+/// The compiled, validated configuration. Immutable; shared by every request as `Rc<Config>`.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub route: Route,
+    pub goods_id: Source,
+    pub user_id: Source,
+    pub quantity: QuantityRule,
+    pub request_id: Source,
+    pub id_len_max: usize,
+    pub deduct: Deduct,
+    pub rate_limit: RateLimits,
+    /// How long a sold-out answer is served locally; zero disables the cache.
+    pub sold_out_cache: Duration,
+}
+
+// --- raw shapes: every field kept as a JSON value so each is read with its own path ---
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawConfig {
+    route: Value,
+    goods_id: Value,
+    user_id: Value,
+    quantity: Option<Value>,
+    request_id: Option<Value>,
+    id_len_max: Option<Value>,
+    deduct: Value,
+    rate_limit: Value,
+    sold_out_cache_ms: Option<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRoute {
+    methods: Option<Value>,
+    path_template: Value,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawQuantity {
+    source: Option<Value>,
+    default: Option<Value>,
+    max: Option<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawDeduct {
+    cluster: Value,
+    authority: Option<Value>,
+    timeout_ms: Option<Value>,
+    secret: Value,
+    failure_mode: Option<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRateLimit {
+    default: Value,
+    goods: Option<Value>,
+    tracked_goods_max: Option<Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawRate {
+    per_second: Value,
+    burst: Value,
+}
+
+/// Reads one JSON value as `T`, naming `field` in the error.
+fn read<T: DeserializeOwned>(field: &str, value: Value) -> Result<T, ConfigError> {
+    serde_json::from_value(value).map_err(|e| ConfigError::new(field, e.to_string()))
+}
+
+fn read_or<T: DeserializeOwned>(
+    field: &str,
+    value: Option<Value>,
+    default: T,
+) -> Result<T, ConfigError> {
+    match value {
+        None | Some(Value::Null) => Ok(default),
+        Some(value) => read(field, value),
+    }
+}
+
+impl Config {
+    /// Parses and validates the plugin configuration. `None` or empty: Envoy gave none.
+    pub fn from_json(bytes: Option<&[u8]>) -> Result<Config, ConfigError> {
+        let bytes = match bytes {
+            Some(bytes) if !bytes.iter().all(u8::is_ascii_whitespace) => bytes,
+            _ => {
+                return Err(ConfigError::new(
+                    "",
+                    "no configuration given (the filter needs a JSON object in the wasm filter's `configuration`)",
+                ))
+            }
+        };
+        let document: Value = serde_json::from_slice(bytes)
+            .map_err(|e| ConfigError::new("", format!("not valid JSON: {e}")))?;
+        if !document.is_object() {
+            return Err(ConfigError::new(
+                "",
+                "the configuration must be a JSON object",
+            ));
+        }
+        let raw: RawConfig = read("", document)?;
+        Config::compile(raw)
+    }
+
+    fn compile(raw: RawConfig) -> Result<Config, ConfigError> {
+        let route = compile_route(raw.route)?;
+        let goods_id = compile_source("goods_id", raw.goods_id, &route.template)?;
+        let user_id = compile_source("user_id", raw.user_id, &route.template)?;
+        let request_id = match raw.request_id {
+            None | Some(Value::Null) => Source::Header(REQUEST_ID_HEADER_DEFAULT.to_string()),
+            Some(value) => compile_source("request_id", value, &route.template)?,
+        };
+        let quantity = compile_quantity(raw.quantity, &route.template)?;
+
+        let id_len_max: u64 = read_or("id_len_max", raw.id_len_max, ID_LEN_MAX_DEFAULT as u64)?;
+        let id_len_max = usize::try_from(id_len_max)
+            .ok()
+            .filter(|len| (1..=seckill_api::ID_LEN_MAX).contains(len))
+            .ok_or_else(|| {
+                ConfigError::new(
+                    "id_len_max",
+                    format!(
+                        "must be from 1 to {} (got {id_len_max})",
+                        seckill_api::ID_LEN_MAX
+                    ),
+                )
+            })?;
+
+        let deduct = compile_deduct(raw.deduct)?;
+        let rate_limit = compile_rate_limit(raw.rate_limit, id_len_max)?;
+
+        let sold_out_cache_ms: u64 = read_or(
+            "sold_out_cache_ms",
+            raw.sold_out_cache_ms,
+            SOLD_OUT_CACHE_MS_DEFAULT,
+        )?;
+        if sold_out_cache_ms > SOLD_OUT_CACHE_MS_MAX {
+            return Err(ConfigError::new(
+                "sold_out_cache_ms",
+                format!(
+                    "must be at most {SOLD_OUT_CACHE_MS_MAX} (one hour; 0 disables the cache), got {sold_out_cache_ms}"
+                ),
+            ));
+        }
+
+        Ok(Config {
+            route,
+            goods_id,
+            user_id,
+            quantity,
+            request_id,
+            id_len_max,
+            deduct,
+            rate_limit,
+            sold_out_cache: Duration::from_millis(sold_out_cache_ms),
+        })
+    }
+}
+
+fn compile_route(value: Value) -> Result<Route, ConfigError> {
+    let raw: RawRoute = read("route", value)?;
+    let methods: Vec<String> = read_or("route.methods", raw.methods, vec!["POST".to_string()])?;
+    if methods.is_empty() {
+        return Err(ConfigError::new(
+            "route.methods",
+            "must list at least one method",
+        ));
+    }
+    for method in &methods {
+        // Envoy compares :method case-sensitively, so "post" would never match a POST.
+        let valid = !method.is_empty()
+            && method.len() <= 32
+            && method
+                .bytes()
+                .all(|b| b.is_ascii_uppercase() || b == b'-' || b == b'_');
+        if !valid {
+            return Err(ConfigError::new(
+                "route.methods",
+                format!("{method:?} is not an upper-case HTTP method such as \"POST\""),
+            ));
+        }
+    }
+    let text: String = read("route.path_template", raw.path_template)?;
+    let template =
+        PathTemplate::parse(&text).map_err(|e| ConfigError::new("route.path_template", e))?;
+    Ok(Route { methods, template })
+}
+
+fn compile_source(
+    field: &str,
+    value: Value,
+    template: &PathTemplate,
+) -> Result<Source, ConfigError> {
+    const SHAPE: &str =
+        "must be exactly one of {\"header\": NAME}, {\"query\": NAME}, {\"path\": VARIABLE}";
+    let Value::Object(map) = value else {
+        return Err(ConfigError::new(field, SHAPE));
+    };
+    if map.len() != 1 {
+        return Err(ConfigError::new(field, SHAPE));
+    }
+    let Some((kind, name)) = map.into_iter().next() else {
+        return Err(ConfigError::new(field, SHAPE));
+    };
+    let path = format!("{field}.{kind}");
+    let name: String = match kind.as_str() {
+        "header" | "query" | "path" => read(&path, name)?,
+        other => {
+            return Err(ConfigError::new(
+                field,
+                format!("unknown source `{other}`: {SHAPE}"),
+            ))
+        }
+    };
+    if name.is_empty() || name.len() > SOURCE_NAME_LEN_MAX {
+        return Err(ConfigError::new(
+            &path,
+            format!("must be a name of 1 to {SOURCE_NAME_LEN_MAX} bytes"),
+        ));
+    }
+    match kind.as_str() {
+        "header" => {
+            let name = name.to_ascii_lowercase();
+            if !name.bytes().all(is_token_byte) {
+                return Err(ConfigError::new(
+                    &path,
+                    format!("{name:?} is not a valid HTTP header name"),
+                ));
+            }
+            if name.starts_with(seckill_api::GATE_HEADER_PREFIX) {
+                return Err(ConfigError::new(
+                    &path,
+                    format!(
+                        "{name:?} starts with {:?}: the gate strips those headers from every request, so it would always be missing",
+                        seckill_api::GATE_HEADER_PREFIX
+                    ),
+                ));
+            }
+            Ok(Source::Header(name))
+        }
+        "query" => Ok(Source::Query(name)),
+        _ => match template.variable_index(&name) {
+            Some(index) => Ok(Source::Path { name, index }),
+            None => Err(ConfigError::new(
+                &path,
+                format!("route.path_template has no {{{name}}} variable"),
+            )),
+        },
+    }
+}
+
+/// RFC 9110 token characters, the only ones allowed in a header name.
+fn is_token_byte(b: u8) -> bool {
+    b.is_ascii_alphanumeric() || b"!#$%&'*+-.^_`|~".contains(&b)
+}
+
+fn compile_quantity(
+    value: Option<Value>,
+    template: &PathTemplate,
+) -> Result<QuantityRule, ConfigError> {
+    let raw: RawQuantity = match value {
+        None | Some(Value::Null) => RawQuantity {
+            source: None,
+            default: None,
+            max: None,
+        },
+        Some(value) => read("quantity", value)?,
+    };
+    let source = match raw.source {
+        None | Some(Value::Null) => None,
+        Some(value) => Some(compile_source("quantity.source", value, template)?),
+    };
+    let max: u64 = read_or("quantity.max", raw.max, 1)?;
+    let max_limit = seckill_api::QUANTITY_MAX;
+    let max = u32::try_from(max)
+        .ok()
+        .filter(|max| (1..=max_limit).contains(max))
+        .ok_or_else(|| {
+            ConfigError::new(
+                "quantity.max",
+                format!("must be from 1 to {max_limit} (got {max})"),
+            )
+        })?;
+    let default: u64 = read_or("quantity.default", raw.default, 1)?;
+    let default = u32::try_from(default)
+        .ok()
+        .filter(|default| (1..=max).contains(default))
+        .ok_or_else(|| {
+            ConfigError::new(
+                "quantity.default",
+                format!("must be from 1 to quantity.max ({max}), got {default}"),
+            )
+        })?;
+    Ok(QuantityRule {
+        source,
+        default,
+        max,
+    })
+}
+
+/// Text that travels in a header: printable ASCII, no spaces, bounded.
+fn header_safe(field: &str, text: &str) -> Result<(), ConfigError> {
+    if text.is_empty() {
+        return Err(ConfigError::new(field, "must not be empty"));
+    }
+    if text.len() > TEXT_LEN_MAX {
+        return Err(ConfigError::new(
+            field,
+            format!("must be at most {TEXT_LEN_MAX} bytes"),
+        ));
+    }
+    if !text.bytes().all(|b| b.is_ascii_graphic()) {
+        return Err(ConfigError::new(
+            field,
+            "may only contain printable ASCII characters without spaces",
+        ));
+    }
+    Ok(())
+}
+
+fn compile_deduct(value: Value) -> Result<Deduct, ConfigError> {
+    let raw: RawDeduct = read("deduct", value)?;
+    let cluster: String = read("deduct.cluster", raw.cluster)?;
+    header_safe("deduct.cluster", &cluster)?;
+    let authority: String = read_or(
+        "deduct.authority",
+        raw.authority,
+        AUTHORITY_DEFAULT.to_string(),
+    )?;
+    header_safe("deduct.authority", &authority)?;
+    let timeout_ms: u64 = read_or("deduct.timeout_ms", raw.timeout_ms, TIMEOUT_MS_DEFAULT)?;
+    if !(1..=TIMEOUT_MS_MAX).contains(&timeout_ms) {
+        return Err(ConfigError::new(
+            "deduct.timeout_ms",
+            format!("must be from 1 to {TIMEOUT_MS_MAX} (got {timeout_ms})"),
+        ));
+    }
+    let secret: String = read("deduct.secret", raw.secret)?;
+    header_safe("deduct.secret", &secret)?;
+    let failure_mode: String = read_or(
+        "deduct.failure_mode",
+        raw.failure_mode,
+        "closed".to_string(),
+    )?;
+    let failure_mode = match failure_mode.as_str() {
+        "closed" => FailureMode::Closed,
+        "open" => FailureMode::Open,
+        other => {
+            return Err(ConfigError::new(
+                "deduct.failure_mode",
+                format!("must be \"closed\" or \"open\" (got {other:?})"),
+            ))
+        }
+    };
+    Ok(Deduct {
+        cluster,
+        authority,
+        timeout: Duration::from_millis(timeout_ms),
+        secret,
+        failure_mode,
+    })
+}
+
+fn compile_rate(field: &str, value: Value) -> Result<Rate, ConfigError> {
+    let raw: RawRate = read(field, value)?;
+    let per_second: f64 = read(&format!("{field}.per_second"), raw.per_second)?;
+    let burst: u64 = read(&format!("{field}.burst"), raw.burst)?;
+    // Rate::new names which of the two is wrong in its message.
+    Rate::new(per_second, burst).map_err(|e| ConfigError::new(field, e))
+}
+
+fn compile_rate_limit(value: Value, id_len_max: usize) -> Result<RateLimits, ConfigError> {
+    let raw: RawRateLimit = read("rate_limit", value)?;
+    let default = compile_rate("rate_limit.default", raw.default)?;
+    let raw_goods: BTreeMap<String, Value> =
+        read_or("rate_limit.goods", raw.goods, BTreeMap::new())?;
+    let mut goods = HashMap::with_capacity(raw_goods.len());
+    for (goods_id, value) in raw_goods {
+        let field = format!("rate_limit.goods.{goods_id}");
+        // An id no request can carry would be an override that never applies.
+        if let Err(e) = seckill_api::validate_id(&goods_id, id_len_max) {
+            return Err(ConfigError::new(
+                &field,
+                format!("the goods id {e} (no request could carry it)"),
+            ));
+        }
+        goods.insert(goods_id, compile_rate(&field, value)?);
+    }
+    let tracked_goods_max: u64 = read_or(
+        "rate_limit.tracked_goods_max",
+        raw.tracked_goods_max,
+        TRACKED_GOODS_MAX_DEFAULT,
+    )?;
+    if !(1..=TRACKED_GOODS_MAX_LIMIT).contains(&tracked_goods_max) {
+        return Err(ConfigError::new(
+            "rate_limit.tracked_goods_max",
+            format!("must be from 1 to {TRACKED_GOODS_MAX_LIMIT} (got {tracked_goods_max})"),
+        ));
+    }
+    Ok(RateLimits {
+        default,
+        goods,
+        tracked_goods_max,
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    /// The configuration of the README example.
+    fn example() -> Value {
+        json!({
+            "route": {"methods": ["POST"], "path_template": "/seckill/{goods_id}/buy"},
+            "goods_id": {"path": "goods_id"},
+            "user_id": {"header": "x-user-id"},
+            "quantity": {"source": {"query": "qty"}, "default": 1, "max": 5},
+            "request_id": {"header": "x-request-id"},
+            "id_len_max": 64,
+            "deduct": {"cluster": "seckill_syncer", "authority": "seckill-syncer",
+                       "timeout_ms": 300, "secret": "s3cret", "failure_mode": "closed"},
+            "rate_limit": {"default": {"per_second": 1000, "burst": 200},
+                           "goods": {"sku-1": {"per_second": 50, "burst": 10}},
+                           "tracked_goods_max": 10000},
+            "sold_out_cache_ms": 2000
+        })
+    }
+
+    fn minimal() -> Value {
+        json!({
+            "route": {"path_template": "/seckill/{goods_id}/buy"},
+            "goods_id": {"path": "goods_id"},
+            "user_id": {"header": "x-user-id"},
+            "deduct": {"cluster": "seckill_syncer", "secret": "s3cret"},
+            "rate_limit": {"default": {"per_second": 0.5, "burst": 1}}
+        })
+    }
+
+    fn parse(value: &Value) -> Result<Config, ConfigError> {
+        Config::from_json(Some(value.to_string().as_bytes()))
+    }
+
+    /// Applies `edit` to the example and returns the error it must cause.
+    fn error_of(edit: impl FnOnce(&mut Value)) -> ConfigError {
+        let mut value = example();
+        edit(&mut value);
+        match parse(&value) {
+            Ok(_) => panic!("configuration should be refused: {value}"),
+            Err(e) => e,
+        }
+    }
+
+    fn assert_error(edit: impl FnOnce(&mut Value), field: &str, fragment: &str) {
+        let e = error_of(edit);
+        assert_eq!(e.field, field, "{e}");
+        assert!(
+            e.problem.contains(fragment),
+            "{e:?} should mention {fragment:?}"
+        );
+    }
+
+    #[test]
+    fn example_compiles() {
+        let c = parse(&example()).unwrap();
+        assert_eq!(c.route.methods, ["POST"]);
+        assert_eq!(c.route.template.matches("/seckill/a/buy"), Some(vec!["a"]));
+        assert_eq!(
+            c.goods_id,
+            Source::Path {
+                name: "goods_id".into(),
+                index: 0
+            }
+        );
+        assert_eq!(c.user_id, Source::Header("x-user-id".into()));
+        assert_eq!(
+            c.quantity,
+            QuantityRule {
+                source: Some(Source::Query("qty".into())),
+                default: 1,
+                max: 5
+            }
+        );
+        assert_eq!(c.request_id, Source::Header("x-request-id".into()));
+        assert_eq!(c.id_len_max, 64);
+        assert_eq!(
+            c.deduct,
+            Deduct {
+                cluster: "seckill_syncer".into(),
+                authority: "seckill-syncer".into(),
+                timeout: Duration::from_millis(300),
+                secret: "s3cret".into(),
+                failure_mode: FailureMode::Closed,
+            }
+        );
+        assert_eq!(c.rate_limit.default, Rate::new(1000.0, 200).unwrap());
+        assert_eq!(c.rate_limit.goods["sku-1"], Rate::new(50.0, 10).unwrap());
+        assert_eq!(c.rate_limit.tracked_goods_max, 10_000);
+        assert_eq!(c.sold_out_cache, Duration::from_millis(2000));
+    }
+
+    #[test]
+    fn large_and_slow_rates_compile() {
+        let mut v = minimal();
+        v["rate_limit"] = json!({
+            "default": {"per_second": 100_000_000.0, "burst": 100_000_000u64},
+            "goods": {"slow": {"per_second": 0.001, "burst": 1}}
+        });
+        let c = parse(&v).unwrap();
+        assert_eq!(c.rate_limit.goods["slow"].interval_ns(), 1_000_000_000_000);
+        assert_error(
+            |v| {
+                v["rate_limit"]["default"] = json!({"per_second": 0.001, "burst": 1_000_000_000u64})
+            },
+            "rate_limit.default",
+            "burst / per_second must be at most",
+        );
+    }
+
+    #[test]
+    fn defaults_apply() {
+        let c = parse(&minimal()).unwrap();
+        assert_eq!(c.route.methods, ["POST"]);
+        assert_eq!(
+            c.quantity,
+            QuantityRule {
+                source: None,
+                default: 1,
+                max: 1
+            }
+        );
+        assert_eq!(c.request_id, Source::Header("x-request-id".into()));
+        assert_eq!(c.id_len_max, 64);
+        assert_eq!(c.deduct.authority, "seckill-syncer");
+        assert_eq!(c.deduct.timeout, Duration::from_millis(500));
+        assert_eq!(c.deduct.failure_mode, FailureMode::Closed);
+        assert!(c.rate_limit.goods.is_empty());
+        assert_eq!(c.rate_limit.tracked_goods_max, 10_000);
+        assert_eq!(c.sold_out_cache, Duration::from_millis(1000));
+        // Header names are stored lower-case, as Envoy presents them.
+        let mut upper = minimal();
+        upper["user_id"] = json!({"header": "X-User-Id"});
+        assert_eq!(
+            parse(&upper).unwrap().user_id,
+            Source::Header("x-user-id".into())
+        );
+        // Zero disables the sold-out cache; failure mode open is accepted.
+        let mut open = minimal();
+        open["sold_out_cache_ms"] = json!(0);
+        open["deduct"]["failure_mode"] = json!("open");
+        let c = parse(&open).unwrap();
+        assert_eq!(c.sold_out_cache, Duration::ZERO);
+        assert_eq!(c.deduct.failure_mode, FailureMode::Open);
+    }
+
+    #[test]
+    fn document_level_errors() {
+        let e = Config::from_json(None).unwrap_err();
+        assert!(e.problem.contains("no configuration"), "{e}");
+        let e = Config::from_json(Some(b"  \n")).unwrap_err();
+        assert!(e.problem.contains("no configuration"), "{e}");
+        let e = Config::from_json(Some(b"{\"route\": ")).unwrap_err();
+        assert!(e.problem.starts_with("not valid JSON"), "{e}");
+        let e = Config::from_json(Some(b"[1]")).unwrap_err();
+        assert!(e.problem.contains("JSON object"), "{e}");
+        let e = error_of(|v| v["colour"] = json!("red"));
+        assert!(e.problem.contains("unknown field `colour`"), "{e}");
+        let e = error_of(|v| {
+            v.as_object_mut().unwrap().remove("deduct");
+        });
+        assert!(e.problem.contains("missing field `deduct`"), "{e}");
+        // The message the filter logs names the field.
+        let e = error_of(|v| v["deduct"]["timeout_ms"] = json!("fast"));
+        assert_eq!(
+            e.to_string(),
+            "deduct.timeout_ms: invalid type: string \"fast\", expected u64"
+        );
+    }
+
+    #[test]
+    fn unknown_fields_are_refused_in_every_section() {
+        assert_error(
+            |v| v["route"]["paths"] = json!([]),
+            "route",
+            "unknown field `paths`",
+        );
+        assert_error(
+            |v| v["quantity"]["min"] = json!(1),
+            "quantity",
+            "unknown field `min`",
+        );
+        assert_error(
+            |v| v["deduct"]["cluser"] = json!("x"),
+            "deduct",
+            "unknown field `cluser`",
+        );
+        assert_error(
+            |v| v["rate_limit"]["per_second"] = json!(1),
+            "rate_limit",
+            "unknown field `per_second`",
+        );
+        assert_error(
+            |v| v["rate_limit"]["default"]["rate"] = json!(1),
+            "rate_limit.default",
+            "unknown field `rate`",
+        );
+        assert_error(
+            |v| v["rate_limit"]["goods"]["sku-1"]["x"] = json!(1),
+            "rate_limit.goods.sku-1",
+            "unknown field `x`",
+        );
+    }
+
+    #[test]
+    fn route_errors() {
+        assert_error(
+            |v| v["route"]["methods"] = json!([]),
+            "route.methods",
+            "at least one",
+        );
+        assert_error(
+            |v| v["route"]["methods"] = json!(["post"]),
+            "route.methods",
+            "upper-case",
+        );
+        assert_error(
+            |v| v["route"]["methods"] = json!("POST"),
+            "route.methods",
+            "expected a sequence",
+        );
+        assert_error(
+            |v| v["route"]["path_template"] = json!("seckill/{goods_id}"),
+            "route.path_template",
+            "must start with '/'",
+        );
+        assert_error(
+            |v| {
+                v["route"].as_object_mut().unwrap().remove("path_template");
+            },
+            "route",
+            "missing field `path_template`",
+        );
+    }
+
+    #[test]
+    fn source_errors() {
+        assert_error(
+            |v| v["goods_id"] = json!({"path": "sku"}),
+            "goods_id.path",
+            "no {sku} variable",
+        );
+        assert_error(
+            |v| v["user_id"] = json!({"header": "x-user-id", "query": "u"}),
+            "user_id",
+            "exactly one of",
+        );
+        assert_error(|v| v["user_id"] = json!({}), "user_id", "exactly one of");
+        assert_error(
+            |v| v["user_id"] = json!("x-user-id"),
+            "user_id",
+            "exactly one of",
+        );
+        assert_error(
+            |v| v["user_id"] = json!({"cookie": "u"}),
+            "user_id",
+            "unknown source `cookie`",
+        );
+        assert_error(
+            |v| v["user_id"] = json!({"header": ""}),
+            "user_id.header",
+            "1 to 256 bytes",
+        );
+        assert_error(
+            |v| v["user_id"] = json!({"header": 5}),
+            "user_id.header",
+            "expected a string",
+        );
+        assert_error(
+            |v| v["user_id"] = json!({"header": "x user"}),
+            "user_id.header",
+            "not a valid HTTP header name",
+        );
+        assert_error(
+            |v| v["user_id"] = json!({"header": "X-Seckill-User"}),
+            "user_id.header",
+            "strips those headers",
+        );
+        assert_error(
+            |v| v["request_id"] = json!({"path": "rid"}),
+            "request_id.path",
+            "no {rid} variable",
+        );
+        assert_error(
+            |v| v["quantity"]["source"] = json!({"path": "qty"}),
+            "quantity.source.path",
+            "no {qty} variable",
+        );
+    }
+
+    #[test]
+    fn quantity_errors() {
+        assert_error(
+            |v| v["quantity"]["max"] = json!(0),
+            "quantity.max",
+            "from 1 to 1000",
+        );
+        assert_error(
+            |v| v["quantity"]["max"] = json!(1001),
+            "quantity.max",
+            "from 1 to 1000",
+        );
+        assert_error(
+            |v| v["quantity"]["max"] = json!(-1),
+            "quantity.max",
+            "expected u64",
+        );
+        assert_error(
+            |v| v["quantity"]["default"] = json!(6),
+            "quantity.default",
+            "quantity.max (5)",
+        );
+        assert_error(
+            |v| v["quantity"]["default"] = json!(0),
+            "quantity.default",
+            "from 1",
+        );
+        assert_error(
+            |v| v["quantity"]["default"] = json!(1.5),
+            "quantity.default",
+            "expected u64",
+        );
+    }
+
+    #[test]
+    fn id_len_max_errors() {
+        assert_error(
+            |v| v["id_len_max"] = json!(0),
+            "id_len_max",
+            "from 1 to 128",
+        );
+        assert_error(
+            |v| v["id_len_max"] = json!(129),
+            "id_len_max",
+            "from 1 to 128",
+        );
+    }
+
+    #[test]
+    fn deduct_errors() {
+        assert_error(
+            |v| v["deduct"]["secret"] = json!(""),
+            "deduct.secret",
+            "must not be empty",
+        );
+        assert_error(
+            |v| v["deduct"]["secret"] = json!("a b"),
+            "deduct.secret",
+            "printable ASCII",
+        );
+        assert_error(
+            |v| v["deduct"]["secret"] = json!("a\nb"),
+            "deduct.secret",
+            "printable ASCII",
+        );
+        assert_error(
+            |v| {
+                v["deduct"].as_object_mut().unwrap().remove("secret");
+            },
+            "deduct",
+            "missing field `secret`",
+        );
+        assert_error(
+            |v| {
+                v["deduct"].as_object_mut().unwrap().remove("cluster");
+            },
+            "deduct",
+            "missing field `cluster`",
+        );
+        assert_error(
+            |v| v["deduct"]["cluster"] = json!(""),
+            "deduct.cluster",
+            "must not be empty",
+        );
+        assert_error(
+            |v| v["deduct"]["authority"] = json!(""),
+            "deduct.authority",
+            "must not be empty",
+        );
+        assert_error(
+            |v| v["deduct"]["timeout_ms"] = json!(0),
+            "deduct.timeout_ms",
+            "from 1 to 10000",
+        );
+        assert_error(
+            |v| v["deduct"]["timeout_ms"] = json!(10_001),
+            "deduct.timeout_ms",
+            "from 1 to 10000",
+        );
+        assert_error(
+            |v| v["deduct"]["failure_mode"] = json!("ajar"),
+            "deduct.failure_mode",
+            "\"closed\" or \"open\"",
+        );
+    }
+
+    #[test]
+    fn rate_limit_errors() {
+        assert_error(
+            |v| v["rate_limit"]["default"]["per_second"] = json!(0),
+            "rate_limit.default",
+            "per_second must be",
+        );
+        assert_error(
+            |v| v["rate_limit"]["default"]["per_second"] = json!(-3),
+            "rate_limit.default",
+            "per_second must be",
+        );
+        assert_error(
+            |v| v["rate_limit"]["default"]["per_second"] = json!("many"),
+            "rate_limit.default.per_second",
+            "expected f64",
+        );
+        assert_error(
+            |v| v["rate_limit"]["default"]["burst"] = json!(0),
+            "rate_limit.default",
+            "burst must be",
+        );
+        assert_error(
+            |v| v["rate_limit"]["default"]["burst"] = json!(2.5),
+            "rate_limit.default.burst",
+            "expected u64",
+        );
+        assert_error(
+            |v| {
+                v["rate_limit"].as_object_mut().unwrap().remove("default");
+            },
+            "rate_limit",
+            "missing field `default`",
+        );
+        assert_error(
+            |v| v["rate_limit"]["goods"]["sku-1"]["per_second"] = json!(0),
+            "rate_limit.goods.sku-1",
+            "per_second must be",
+        );
+        assert_error(
+            |v| v["rate_limit"]["goods"]["bad id"] = json!({"per_second": 1, "burst": 1}),
+            "rate_limit.goods.bad id",
+            "may only contain",
+        );
+        assert_error(
+            |v| v["rate_limit"]["tracked_goods_max"] = json!(0),
+            "rate_limit.tracked_goods_max",
+            "from 1 to",
+        );
+    }
+
+    #[test]
+    fn messages_quoted_in_the_readme() {
+        let e = error_of(|v| v["rate_limit"]["default"]["per_second"] = json!(0));
+        assert_eq!(
+            e.to_string(),
+            "rate_limit.default: per_second must be a number from 0.001 to 1000000000 (got 0)"
+        );
+        let e = error_of(|v| v["quantity"]["max"] = json!(0));
+        assert_eq!(
+            e.to_string(),
+            "quantity.max: must be from 1 to 1000 (got 0)"
+        );
+        let e = error_of(|v| v["goods_id"] = json!({"path": "sku"}));
+        assert_eq!(
+            e.to_string(),
+            "goods_id.path: route.path_template has no {sku} variable"
+        );
+        let e = error_of(|v| v["deduct"]["secret"] = json!(""));
+        assert_eq!(e.to_string(), "deduct.secret: must not be empty");
+    }
+
+    #[test]
+    fn sold_out_cache_bound() {
+        assert_error(
+            |v| v["sold_out_cache_ms"] = json!(3_600_001),
+            "sold_out_cache_ms",
+            "at most 3600000",
+        );
+        let mut v = example();
+        v["sold_out_cache_ms"] = json!(3_600_000);
+        assert!(parse(&v).is_ok());
+    }
+}

@@ -1,0 +1,559 @@
+//! From request headers to a validated [`Purchase`], or a [`BadInput`] that says which field
+//! is wrong and why. Decides first whether the request is a sale request at all.
+//!
+//! Pure code: it works on the header list the host hands over (names lower-case, values as
+//! raw bytes, pseudo-headers `:method` and `:path` included), unit-tested natively.
+
+use std::fmt;
+
+use seckill_api::{validate_id, DeductRequest, IdError};
+
+use crate::config::{Config, QuantityRule, Source};
+use crate::route;
+
+/// The request headers as the host gives them: (lower-case name, raw value).
+pub type Headers = [(String, Vec<u8>)];
+
+/// A sale request whose inputs all passed validation: exactly the body of the deduct call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Purchase {
+    request: DeductRequest,
+}
+
+impl Purchase {
+    pub fn goods_id(&self) -> &str {
+        &self.request.goods_id
+    }
+
+    pub fn user_id(&self) -> &str {
+        &self.request.user_id
+    }
+
+    pub fn quantity(&self) -> u32 {
+        self.request.quantity
+    }
+
+    pub fn request_id(&self) -> &str {
+        &self.request.request_id
+    }
+
+    pub fn deduct_request(&self) -> &DeductRequest {
+        &self.request
+    }
+}
+
+/// Why a sale request was refused before anything was spent. The message goes to the buyer
+/// in the 400 body, so it names the field and its source but never echoes the value.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct BadInput {
+    pub message: String,
+}
+
+impl fmt::Display for BadInput {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.message)
+    }
+}
+
+/// Whether a header is one only the gate may set (`x-seckill-*`, any case). Every such
+/// request header is stripped before anything else happens.
+pub fn is_gate_header(name: &str) -> bool {
+    let prefix = seckill_api::GATE_HEADER_PREFIX.as_bytes();
+    name.as_bytes()
+        .get(..prefix.len())
+        .is_some_and(|start| start.eq_ignore_ascii_case(prefix))
+}
+
+/// What the filter should do with a request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Classified {
+    /// Method or path do not match the sale route: pass it on untouched.
+    NotSale,
+    /// A sale request, valid or not.
+    Sale(Result<Purchase, BadInput>),
+}
+
+/// Decides whether the request is a sale request and, if so, extracts and checks its inputs.
+pub fn classify(config: &Config, headers: &Headers) -> Classified {
+    // Pseudo-headers are single by construction in Envoy; take the first of each.
+    let method = headers.iter().find(|(n, _)| n == ":method").map(|(_, v)| v);
+    let path = headers.iter().find(|(n, _)| n == ":path").map(|(_, v)| v);
+    let (Some(method), Some(path)) = (method, path) else {
+        return Classified::NotSale;
+    };
+    if !config.route.methods.iter().any(|m| m.as_bytes() == method) {
+        return Classified::NotSale;
+    }
+    // Envoy only admits visible ASCII in :path; anything else cannot be the sale route.
+    let Ok(path) = std::str::from_utf8(path) else {
+        return Classified::NotSale;
+    };
+    let (path, query) = route::split_path(path);
+    let Some(captures) = config.route.template.matches(path) else {
+        return Classified::NotSale;
+    };
+    let request = Request {
+        headers,
+        captures: &captures,
+        query,
+    };
+    Classified::Sale(extract(config, &request))
+}
+
+/// The parts of a matched sale request the sources read from.
+struct Request<'a> {
+    headers: &'a Headers,
+    captures: &'a [&'a str],
+    query: Option<&'a str>,
+}
+
+/// A raw value as read from its source, before any validation.
+enum Raw<'a> {
+    Missing,
+    Value(&'a [u8]),
+    Owned(String),
+}
+
+fn extract(config: &Config, request: &Request<'_>) -> Result<Purchase, BadInput> {
+    let goods_id = read_id("goods id", &config.goods_id, request, config.id_len_max)?;
+    let user_id = read_id("user id", &config.user_id, request, config.id_len_max)?;
+    let quantity = read_quantity(&config.quantity, request)?;
+    let request_id = read_id("request id", &config.request_id, request, config.id_len_max)?;
+    Ok(Purchase {
+        request: DeductRequest {
+            goods_id,
+            user_id,
+            quantity,
+            request_id,
+        },
+    })
+}
+
+fn bad(field: &str, source: &Source, problem: impl fmt::Display) -> BadInput {
+    BadInput {
+        message: format!("{field} ({source}) {problem}"),
+    }
+}
+
+fn read_raw<'a>(field: &str, source: &Source, request: &Request<'a>) -> Result<Raw<'a>, BadInput> {
+    match source {
+        Source::Header(name) => {
+            // Gate headers were stripped before this runs; ignore them here as well so a
+            // forged one can never be read (config refuses such sources anyway).
+            if is_gate_header(name) {
+                return Ok(Raw::Missing);
+            }
+            let mut values = request
+                .headers
+                .iter()
+                .filter(|(n, _)| n == name)
+                .map(|(_, v)| v.as_slice());
+            match (values.next(), values.next()) {
+                (None, _) => Ok(Raw::Missing),
+                (Some(value), None) => Ok(Raw::Value(value)),
+                // Refuse rather than guess which copy counts: the shop API might read the
+                // other one.
+                (Some(_), Some(_)) => Err(bad(field, source, "appears more than once")),
+            }
+        }
+        Source::Query(name) => match request.query.map(|q| route::query_param(q, name)) {
+            None | Some(Ok(None)) => Ok(Raw::Missing),
+            Some(Ok(Some(value))) => Ok(Raw::Owned(value)),
+            Some(Err(e)) => Err(bad(field, source, e)),
+        },
+        // Config checked the index against the template, so a match always has it.
+        Source::Path { index, .. } => Ok(request
+            .captures
+            .get(*index)
+            .map_or(Raw::Missing, |v| Raw::Value(v.as_bytes()))),
+    }
+}
+
+fn read_id(
+    field: &str,
+    source: &Source,
+    request: &Request<'_>,
+    len_max: usize,
+) -> Result<String, BadInput> {
+    let text = match read_raw(field, source, request)? {
+        Raw::Missing => return Err(bad(field, source, "is missing")),
+        Raw::Owned(text) => text,
+        Raw::Value(bytes) => match std::str::from_utf8(bytes) {
+            Ok(text) => text.to_string(),
+            Err(_) => return Err(bad(field, source, IdError::BadCharacter)),
+        },
+    };
+    validate_id(&text, len_max).map_err(|e| bad(field, source, e))?;
+    Ok(text)
+}
+
+fn read_quantity(rule: &QuantityRule, request: &Request<'_>) -> Result<u32, BadInput> {
+    let Some(source) = &rule.source else {
+        return Ok(rule.default);
+    };
+    let field = "quantity";
+    let text = match read_raw(field, source, request)? {
+        Raw::Missing => return Ok(rule.default),
+        Raw::Owned(text) => text,
+        Raw::Value(bytes) => String::from_utf8_lossy(bytes).into_owned(),
+    };
+    parse_quantity(&text, rule.max).map_err(|problem| bad(field, source, problem))
+}
+
+/// Reads a quantity: plain decimal digits only (no sign, no spaces, no fraction), from 1 to
+/// `max`. Returns the problem as a phrase for the error message.
+pub fn parse_quantity(text: &str, max: u32) -> Result<u32, String> {
+    let whole = || format!("must be a whole number from 1 to {max}");
+    if text.is_empty() {
+        return Err(format!("is empty; it {}", whole()));
+    }
+    let (negative, digits) = match text.strip_prefix('-') {
+        Some(digits) => (true, digits),
+        None => (false, text),
+    };
+    if digits.is_empty() || !digits.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(whole());
+    }
+    if negative {
+        return Err(format!("must be at least 1; it {}", whole()));
+    }
+    // Too many digits for a u64 is simply too large; no overflow, no panic.
+    let value = digits.parse::<u64>().unwrap_or(u64::MAX);
+    if value == 0 {
+        return Err(format!("must be at least 1; it {}", whole()));
+    }
+    if value > u64::from(max) {
+        return Err(format!("must be at most {max}"));
+    }
+    // value <= max, so it fits in u32.
+    u32::try_from(value).map_err(|_| format!("must be at most {max}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn config() -> Config {
+        let value = json!({
+            "route": {"methods": ["POST", "PUT"], "path_template": "/seckill/{goods_id}/buy"},
+            "goods_id": {"path": "goods_id"},
+            "user_id": {"header": "x-user-id"},
+            "quantity": {"source": {"query": "qty"}, "default": 1, "max": 5},
+            "id_len_max": 16,
+            "deduct": {"cluster": "c", "secret": "s"},
+            "rate_limit": {"default": {"per_second": 10, "burst": 1}}
+        });
+        Config::from_json(Some(value.to_string().as_bytes())).unwrap()
+    }
+
+    fn headers(method: &str, path: &str, extra: &[(&str, &[u8])]) -> Vec<(String, Vec<u8>)> {
+        let mut list = vec![
+            (":method".to_string(), method.as_bytes().to_vec()),
+            (":path".to_string(), path.as_bytes().to_vec()),
+            (":authority".to_string(), b"shop".to_vec()),
+        ];
+        list.extend(extra.iter().map(|(n, v)| (n.to_string(), v.to_vec())));
+        list
+    }
+
+    fn good_extra() -> Vec<(&'static str, &'static [u8])> {
+        vec![("x-user-id", b"u-1"), ("x-request-id", b"r-1")]
+    }
+
+    fn classify_path(path: &str, extra: &[(&str, &[u8])]) -> Classified {
+        classify(&config(), &headers("POST", path, extra))
+    }
+
+    fn bad_message(path: &str, extra: &[(&str, &[u8])]) -> String {
+        match classify_path(path, extra) {
+            Classified::Sale(Err(bad)) => bad.message,
+            other => panic!("expected bad input, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn valid_purchase() {
+        let Classified::Sale(Ok(p)) = classify_path("/seckill/sku-1/buy?qty=3", &good_extra())
+        else {
+            panic!("expected a purchase");
+        };
+        assert_eq!(
+            p.deduct_request(),
+            &DeductRequest {
+                goods_id: "sku-1".into(),
+                user_id: "u-1".into(),
+                quantity: 3,
+                request_id: "r-1".into(),
+            }
+        );
+        assert_eq!(
+            (p.goods_id(), p.user_id(), p.quantity(), p.request_id()),
+            ("sku-1", "u-1", 3, "r-1")
+        );
+        // No qty: the default.
+        let Classified::Sale(Ok(p)) = classify_path("/seckill/sku-1/buy", &good_extra()) else {
+            panic!("expected a purchase");
+        };
+        assert_eq!(p.quantity(), 1);
+        let Classified::Sale(Ok(p)) = classify_path("/seckill/sku-1/buy?x=1&qty=5", &good_extra())
+        else {
+            panic!("expected a purchase");
+        };
+        assert_eq!(p.quantity(), 5);
+    }
+
+    #[test]
+    fn not_sale_requests() {
+        let c = config();
+        for (method, path) in [
+            ("GET", "/seckill/sku-1/buy"),
+            ("post", "/seckill/sku-1/buy"),
+            ("POST", "/seckill/sku-1"),
+            ("POST", "/seckill//buy"),
+            ("POST", "/other"),
+            ("POST", "/seckill/sku-1/buy/"),
+        ] {
+            assert_eq!(
+                classify(&c, &headers(method, path, &good_extra())),
+                Classified::NotSale,
+                "{method} {path}"
+            );
+        }
+        assert!(matches!(
+            classify(&c, &headers("PUT", "/seckill/sku-1/buy", &good_extra())),
+            Classified::Sale(Ok(_))
+        ));
+        // Without pseudo-headers nothing matches (and nothing panics).
+        assert_eq!(classify(&c, &[]), Classified::NotSale);
+        let bad_path = vec![
+            (":method".to_string(), b"POST".to_vec()),
+            (":path".to_string(), vec![b'/', 0xff]),
+        ];
+        assert_eq!(classify(&c, &bad_path), Classified::NotSale);
+    }
+
+    #[test]
+    fn user_id_errors() {
+        let path = "/seckill/sku-1/buy";
+        assert_eq!(
+            bad_message(path, &[("x-request-id", b"r-1")]),
+            "user id (header x-user-id) is missing"
+        );
+        assert_eq!(
+            bad_message(path, &[("x-user-id", b""), ("x-request-id", b"r-1")]),
+            "user id (header x-user-id) is empty"
+        );
+        assert_eq!(
+            bad_message(path, &[("x-user-id", b"a b"), ("x-request-id", b"r-1")]),
+            "user id (header x-user-id) may only contain A-Z a-z 0-9 _ - . :"
+        );
+        assert_eq!(
+            bad_message(path, &[("x-user-id", b"u\xff"), ("x-request-id", b"r-1")]),
+            "user id (header x-user-id) may only contain A-Z a-z 0-9 _ - . :"
+        );
+        assert_eq!(
+            bad_message(path, &[("x-user-id", b"u{1}"), ("x-request-id", b"r-1")]),
+            "user id (header x-user-id) may only contain A-Z a-z 0-9 _ - . :"
+        );
+        assert_eq!(
+            bad_message(
+                path,
+                &[
+                    ("x-user-id", b"u-0123456789abcdef"),
+                    ("x-request-id", b"r-1")
+                ]
+            ),
+            "user id (header x-user-id) is longer than 16 bytes"
+        );
+        assert_eq!(
+            bad_message(
+                path,
+                &[
+                    ("x-user-id", b"a"),
+                    ("x-user-id", b"b"),
+                    ("x-request-id", b"r-1")
+                ]
+            ),
+            "user id (header x-user-id) appears more than once"
+        );
+        // A long id is refused, however long.
+        let huge = vec![b'a'; 100_000];
+        assert_eq!(
+            bad_message(path, &[("x-user-id", &huge), ("x-request-id", b"r-1")]),
+            "user id (header x-user-id) is longer than 16 bytes"
+        );
+    }
+
+    #[test]
+    fn goods_id_errors() {
+        // The route only matches a non-empty segment, so a path goods id cannot be missing;
+        // but it can be malformed or too long.
+        assert_eq!(
+            bad_message("/seckill/a%20b/buy", &good_extra()),
+            "goods id (path segment {goods_id}) may only contain A-Z a-z 0-9 _ - . :"
+        );
+        assert_eq!(
+            bad_message("/seckill/abcdefghijklmnopq/buy", &good_extra()),
+            "goods id (path segment {goods_id}) is longer than 16 bytes"
+        );
+        // A goods id from a header can be missing.
+        let value = json!({
+            "route": {"path_template": "/buy"},
+            "goods_id": {"header": "x-goods-id"},
+            "user_id": {"query": "user"},
+            "deduct": {"cluster": "c", "secret": "s"},
+            "rate_limit": {"default": {"per_second": 10, "burst": 1}}
+        });
+        let c = Config::from_json(Some(value.to_string().as_bytes())).unwrap();
+        let Classified::Sale(Err(bad)) = classify(
+            &c,
+            &headers("POST", "/buy?user=u1", &[("x-request-id", b"r")]),
+        ) else {
+            panic!("expected bad input");
+        };
+        assert_eq!(bad.message, "goods id (header x-goods-id) is missing");
+        let Classified::Sale(Err(bad)) = classify(
+            &c,
+            &headers(
+                "POST",
+                "/buy?user=u%201",
+                &[("x-goods-id", b"g"), ("x-request-id", b"r")],
+            ),
+        ) else {
+            panic!("expected bad input");
+        };
+        assert_eq!(
+            bad.message,
+            "user id (query parameter user) may only contain A-Z a-z 0-9 _ - . :"
+        );
+        let Classified::Sale(Err(bad)) = classify(
+            &c,
+            &headers(
+                "POST",
+                "/buy?user=a&user=b",
+                &[("x-goods-id", b"g"), ("x-request-id", b"r")],
+            ),
+        ) else {
+            panic!("expected bad input");
+        };
+        assert_eq!(
+            bad.message,
+            "user id (query parameter user) appears more than once"
+        );
+        let Classified::Sale(Ok(p)) = classify(
+            &c,
+            &headers(
+                "POST",
+                "/buy?user=u%3A1",
+                &[("x-goods-id", b"g"), ("x-request-id", b"r")],
+            ),
+        ) else {
+            panic!("expected a purchase");
+        };
+        assert_eq!((p.goods_id(), p.user_id(), p.quantity()), ("g", "u:1", 1));
+    }
+
+    #[test]
+    fn quantity_errors() {
+        let cases: [(&str, &str); 9] = [
+            (
+                "0",
+                "must be at least 1; it must be a whole number from 1 to 5",
+            ),
+            (
+                "-1",
+                "must be at least 1; it must be a whole number from 1 to 5",
+            ),
+            ("abc", "must be a whole number from 1 to 5"),
+            ("1.5", "must be a whole number from 1 to 5"),
+            ("+1", "must be a whole number from 1 to 5"),
+            ("6", "must be at most 5"),
+            ("99999999999999999999", "must be at most 5"),
+            ("999999999999999999999999999999999999", "must be at most 5"),
+            ("", "is empty; it must be a whole number from 1 to 5"),
+        ];
+        for (qty, problem) in cases {
+            assert_eq!(
+                bad_message(&format!("/seckill/sku-1/buy?qty={qty}"), &good_extra()),
+                format!("quantity (query parameter qty) {problem}"),
+                "qty={qty}"
+            );
+        }
+        assert_eq!(
+            bad_message("/seckill/sku-1/buy?qty=1&qty=2", &good_extra()),
+            "quantity (query parameter qty) appears more than once"
+        );
+        assert_eq!(
+            bad_message("/seckill/sku-1/buy?qty=%zz", &good_extra()),
+            "quantity (query parameter qty) is not validly percent-encoded UTF-8"
+        );
+        assert_eq!(parse_quantity("005", 5), Ok(5));
+        assert_eq!(parse_quantity("1000", 1000), Ok(1000));
+        assert!(parse_quantity(" 1", 5).is_err());
+        assert!(parse_quantity("1 ", 5).is_err());
+        assert!(parse_quantity("-", 5).is_err());
+        assert!(
+            parse_quantity("١", 5).is_err(),
+            "non-ASCII digits are refused"
+        );
+    }
+
+    #[test]
+    fn request_id_errors() {
+        assert_eq!(
+            bad_message("/seckill/sku-1/buy", &[("x-user-id", b"u")]),
+            "request id (header x-request-id) is missing"
+        );
+        assert_eq!(
+            bad_message(
+                "/seckill/sku-1/buy",
+                &[("x-user-id", b"u"), ("x-request-id", b"r/1")]
+            ),
+            "request id (header x-request-id) may only contain A-Z a-z 0-9 _ - . :"
+        );
+    }
+
+    #[test]
+    fn first_error_wins_in_field_order() {
+        // goods, then user, then quantity, then request id.
+        assert_eq!(
+            bad_message("/seckill/a%20b/buy?qty=0", &[]),
+            "goods id (path segment {goods_id}) may only contain A-Z a-z 0-9 _ - . :"
+        );
+        assert_eq!(
+            bad_message("/seckill/sku-1/buy?qty=0", &[]),
+            "user id (header x-user-id) is missing"
+        );
+        assert_eq!(
+            bad_message("/seckill/sku-1/buy?qty=0", &[("x-user-id", b"u")]),
+            "quantity (query parameter qty) must be at least 1; it must be a whole number from 1 to 5"
+        );
+    }
+
+    #[test]
+    fn gate_headers_are_recognised_in_any_case() {
+        assert!(is_gate_header("x-seckill-order-id"));
+        assert!(is_gate_header("X-Seckill-Order-Id"));
+        assert!(is_gate_header("x-seckill-"));
+        assert!(!is_gate_header("x-seckill"));
+        assert!(!is_gate_header("x-seckil-order-id"));
+        assert!(!is_gate_header("x-user-id"));
+        assert!(!is_gate_header(""));
+    }
+
+    #[test]
+    fn forged_gate_headers_are_never_read() {
+        let source = Source::Header("x-seckill-user-id".into());
+        let list = headers("POST", "/", &[("x-seckill-user-id", b"forged")]);
+        let request = Request {
+            headers: &list,
+            captures: &[],
+            query: None,
+        };
+        assert!(matches!(
+            read_raw("user id", &source, &request),
+            Ok(Raw::Missing)
+        ));
+    }
+}

@@ -1,0 +1,461 @@
+//! Seckill gate: a proxy-wasm HTTP filter for Envoy that decides at the edge who gets a unit
+//! of stock. See README.md for the configuration and the per-request order.
+//!
+//! The decisions live in pure modules that unit-test natively (`config`, `route`, `input`,
+//! `gcra`, `reply`, and the CAS loops of `shared`); this file holds the Envoy side: the root
+//! context (configuration, stats) and the per-request state machine. The host side only
+//! compiles for wasm32, because the SDK's host imports cannot link into a native binary.
+
+pub mod config;
+pub mod gcra;
+pub mod input;
+pub mod reply;
+pub mod route;
+pub mod shared;
+
+/// Names of the counters besides the per-outcome ones (`seckill.outcome.<name>`).
+pub mod stat_names {
+    pub const CALLOUT_SENT: &str = "seckill.callout.sent";
+    pub const CALLOUT_FAILED: &str = "seckill.callout.failed";
+    pub const SOLD_OUT_CACHE_HIT: &str = "seckill.soldout_cache.hit";
+    pub const PASSTHROUGH: &str = "seckill.passthrough";
+    pub const HEADERS_STRIPPED: &str = "seckill.headers_stripped";
+}
+
+/// Prefix of the one log line a refused configuration produces.
+pub const BAD_CONFIG_LOG_PREFIX: &str = "seckill-filter: bad plugin configuration: ";
+
+#[cfg(target_arch = "wasm32")]
+mod host {
+    use std::rc::Rc;
+    use std::time::{Duration, UNIX_EPOCH};
+
+    use log::{error, warn};
+    use proxy_wasm::hostcalls;
+    use proxy_wasm::traits::{Context, HttpContext, RootContext};
+    use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType, Status};
+
+    use crate::config::{Config, FailureMode};
+    use crate::input::{self, is_gate_header, Classified, Purchase};
+    use crate::reply::{self, CalloutFailure, GateOutcome, LocalReply, Verdict, Winner};
+    use crate::shared::{self, HostStore, RateLimited};
+    use crate::{stat_names, BAD_CONFIG_LOG_PREFIX};
+
+    proxy_wasm::main! {{
+        // Info: per-request debug lines would cost a host call each even when Envoy drops them.
+        proxy_wasm::set_log_level(LogLevel::Info);
+        proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(SeckillRoot::default()) });
+    }}
+
+    /// Counter ids, defined once per root context.
+    struct Stats {
+        outcomes: [u32; GateOutcome::ALL.len()],
+        callout_sent: u32,
+        callout_failed: u32,
+        sold_out_cache_hit: u32,
+        passthrough: u32,
+        headers_stripped: u32,
+    }
+
+    impl Stats {
+        fn define() -> Result<Stats, Status> {
+            let counter = |name: &str| hostcalls::define_metric(MetricType::Counter, name);
+            let mut outcomes = [0; GateOutcome::ALL.len()];
+            for (id, outcome) in outcomes.iter_mut().zip(GateOutcome::ALL) {
+                *id = counter(&outcome.stat_name())?;
+            }
+            Ok(Stats {
+                outcomes,
+                callout_sent: counter(stat_names::CALLOUT_SENT)?,
+                callout_failed: counter(stat_names::CALLOUT_FAILED)?,
+                sold_out_cache_hit: counter(stat_names::SOLD_OUT_CACHE_HIT)?,
+                passthrough: counter(stat_names::PASSTHROUGH)?,
+                headers_stripped: counter(stat_names::HEADERS_STRIPPED)?,
+            })
+        }
+
+        fn add(id: u32, count: usize) {
+            // A lost increment is not worth failing a request over.
+            let _ = hostcalls::increment_metric(id, i64::try_from(count).unwrap_or(i64::MAX));
+        }
+
+        fn bump(id: u32) {
+            Stats::add(id, 1);
+        }
+
+        fn outcome(&self, outcome: GateOutcome) {
+            if let Some(id) = self.outcomes.get(outcome.index()) {
+                Stats::bump(*id);
+            }
+        }
+    }
+
+    #[derive(Default)]
+    struct SeckillRoot {
+        /// Set by a successful `on_configure`; Envoy creates no request context before that.
+        shared: Option<(Rc<Config>, Rc<Stats>)>,
+    }
+
+    impl Context for SeckillRoot {}
+
+    impl RootContext for SeckillRoot {
+        fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
+            let bytes = self.get_plugin_configuration();
+            let config = match Config::from_json(bytes.as_deref()) {
+                Ok(config) => config,
+                Err(e) => {
+                    // Exactly one line; returning false makes Envoy refuse the filter.
+                    error!("{BAD_CONFIG_LOG_PREFIX}{e}");
+                    return false;
+                }
+            };
+            let stats = match Stats::define() {
+                Ok(stats) => stats,
+                Err(status) => {
+                    error!("seckill-filter: could not define stats: {status:?}");
+                    return false;
+                }
+            };
+            self.shared = Some((Rc::new(config), Rc::new(stats)));
+            true
+        }
+
+        fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+            // Returning None would make the SDK panic; without a configuration (which Envoy
+            // does not allow to happen) answer 503 rather than let sales through ungated.
+            let Some((config, stats)) = &self.shared else {
+                return Some(Box::new(Unconfigured));
+            };
+            Some(Box::new(SaleRequest {
+                config: Rc::clone(config),
+                stats: Rc::clone(stats),
+                state: State::Started,
+            }))
+        }
+
+        fn get_type(&self) -> Option<ContextType> {
+            Some(ContextType::HttpContext)
+        }
+    }
+
+    /// Where one request stands.
+    enum State {
+        /// Headers not seen yet.
+        Started,
+        /// Not a sale request: passed on untouched (but stripped of gate headers).
+        Passthrough,
+        /// Waiting for the deduct call with this token; the request is paused.
+        AwaitingDeduct { token: u32, purchase: Purchase },
+        /// Forwarded to the shop API as a winner with this order id.
+        ForwardedWinner { order_id: String },
+        /// Forwarded without a decision (failure mode open).
+        ForwardedFailedOpen,
+        /// The gate answered locally.
+        Answered,
+    }
+
+    struct SaleRequest {
+        config: Rc<Config>,
+        stats: Rc<Stats>,
+        state: State,
+    }
+
+    impl Context for SaleRequest {
+        fn on_http_call_response(
+            &mut self,
+            token_id: u32,
+            num_headers: usize,
+            body_size: usize,
+            _num_trailers: usize,
+        ) {
+            let state = std::mem::replace(&mut self.state, State::Answered);
+            let State::AwaitingDeduct { token, purchase } = state else {
+                self.state = state;
+                warn!("seckill-filter: ignoring a deduct response (token {token_id}) nobody waits for");
+                return;
+            };
+            if token != token_id {
+                warn!("seckill-filter: ignoring a deduct response with token {token_id}, waiting for {token}");
+                self.state = State::AwaitingDeduct { token, purchase };
+                return;
+            }
+            let verdict = self
+                .read_deduct_response(num_headers, body_size)
+                .and_then(|answer| reply::verdict(&purchase, answer));
+            match verdict {
+                Ok(Verdict::Forward(winner)) => {
+                    // The last unit just went: the next buyer need not ask the syncer.
+                    if winner.remaining == Some(0) {
+                        self.cache_sold_out(&purchase);
+                    }
+                    self.forward_winner(&purchase, winner);
+                    self.resume_http_request();
+                }
+                Ok(Verdict::Answer {
+                    reply,
+                    cache_sold_out,
+                }) => {
+                    if cache_sold_out {
+                        self.cache_sold_out(&purchase);
+                    }
+                    self.answer(reply);
+                }
+                Err(failure) => {
+                    if self.fail(&purchase, &failure) == Action::Continue {
+                        self.resume_http_request();
+                    }
+                }
+            }
+        }
+    }
+
+    impl HttpContext for SaleRequest {
+        fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+            // Read through the bytes API: the String one panics on a non-UTF-8 value, which a
+            // client controls.
+            let headers = self.get_http_request_headers_bytes();
+            self.strip_gate_headers(&headers);
+            match input::classify(&self.config, &headers) {
+                Classified::NotSale => {
+                    Stats::bump(self.stats.passthrough);
+                    self.state = State::Passthrough;
+                    Action::Continue
+                }
+                Classified::Sale(Err(bad)) => self.answer(reply::bad_request(&bad.message)),
+                Classified::Sale(Ok(purchase)) => self.gate(purchase),
+            }
+        }
+
+        // While the deduct call is out, body and trailers must not resume the request: Envoy
+        // treats Continue from a data callback as "go on", which would forward the request
+        // before the decision. Pause buffers them (within Envoy's buffer limits).
+        fn on_http_request_body(&mut self, _body_size: usize, _end_of_stream: bool) -> Action {
+            self.hold_while_deciding()
+        }
+
+        fn on_http_request_trailers(&mut self, _num_trailers: usize) -> Action {
+            self.hold_while_deciding()
+        }
+
+        fn on_http_response_headers(
+            &mut self,
+            _num_headers: usize,
+            _end_of_stream: bool,
+        ) -> Action {
+            match &self.state {
+                State::ForwardedWinner { order_id } => {
+                    self.set_http_response_header(
+                        reply::OUTCOME_HEADER,
+                        Some(GateOutcome::Decided(seckill_api::Outcome::Won).as_str()),
+                    );
+                    self.set_http_response_header(seckill_api::ORDER_ID_HEADER, Some(order_id));
+                }
+                State::ForwardedFailedOpen => {
+                    self.set_http_response_header(
+                        reply::OUTCOME_HEADER,
+                        Some(GateOutcome::FailedOpen.as_str()),
+                    );
+                }
+                _ => {}
+            }
+            Action::Continue
+        }
+    }
+
+    impl SaleRequest {
+        /// Removes every `x-seckill-*` request header: only the gate may set them.
+        fn strip_gate_headers(&self, headers: &[(String, Vec<u8>)]) {
+            let mut stripped: Vec<&str> = Vec::new();
+            let mut count = 0;
+            for (name, _) in headers {
+                if is_gate_header(name) {
+                    count += 1;
+                    if !stripped.contains(&name.as_str()) {
+                        stripped.push(name);
+                    }
+                }
+            }
+            for name in &stripped {
+                self.remove_http_request_header(name);
+            }
+            if count > 0 {
+                Stats::add(self.stats.headers_stripped, count);
+            }
+        }
+
+        /// Remembers, for every worker of this Envoy, that the goods has nothing left.
+        fn cache_sold_out(&self, purchase: &Purchase) {
+            if !self.config.sold_out_cache.is_zero() {
+                let expiry_ns =
+                    now_ns(self).saturating_add(duration_ns(self.config.sold_out_cache));
+                shared::cache_sold_out(&HostStore, purchase.goods_id(), expiry_ns);
+            }
+        }
+
+        /// Sold-out cache, rate limit, then the deduct call.
+        fn gate(&mut self, purchase: Purchase) -> Action {
+            let now = now_ns(self);
+            if !self.config.sold_out_cache.is_zero()
+                && shared::sold_out_cached(&HostStore, purchase.goods_id(), now)
+            {
+                Stats::bump(self.stats.sold_out_cache_hit);
+                return self.answer(reply::sold_out_cached(purchase.goods_id()));
+            }
+            match shared::check_rate_limit(
+                &HostStore,
+                &self.config.rate_limit,
+                purchase.goods_id(),
+                now,
+            ) {
+                RateLimited::Allowed => {}
+                RateLimited::Limited { retry_after_ns }
+                | RateLimited::Contended { retry_after_ns } => {
+                    return self.answer(reply::rate_limited(retry_after_ns));
+                }
+            }
+            self.call_deduct(purchase)
+        }
+
+        fn call_deduct(&mut self, purchase: Purchase) -> Action {
+            let config = Rc::clone(&self.config);
+            let deduct = &config.deduct;
+            let body = match serde_json::to_vec(purchase.deduct_request()) {
+                Ok(body) => body,
+                Err(e) => return self.fail(&purchase, &CalloutFailure::Dispatch(e.to_string())),
+            };
+            let headers = vec![
+                (":method", "POST"),
+                (":path", seckill_api::DEDUCT_PATH),
+                (":authority", deduct.authority.as_str()),
+                ("content-type", "application/json"),
+                (seckill_api::SECRET_HEADER, deduct.secret.as_str()),
+            ];
+            match self.dispatch_http_call(
+                &deduct.cluster,
+                headers,
+                Some(&body),
+                vec![],
+                deduct.timeout,
+            ) {
+                Ok(token) => {
+                    Stats::bump(self.stats.callout_sent);
+                    self.state = State::AwaitingDeduct { token, purchase };
+                    Action::Pause
+                }
+                Err(status) => {
+                    let why = format!("{status:?}; is cluster {:?} defined?", deduct.cluster);
+                    self.fail(&purchase, &CalloutFailure::Dispatch(why))
+                }
+            }
+        }
+
+        fn read_deduct_response(
+            &self,
+            num_headers: usize,
+            body_size: usize,
+        ) -> Result<seckill_api::DeductReply, CalloutFailure> {
+            // Envoy reports a timeout or a failed connection as a response without headers.
+            if num_headers == 0 {
+                return Err(CalloutFailure::NoResponse);
+            }
+            if body_size > reply::DEDUCT_REPLY_BYTES_MAX {
+                return Err(CalloutFailure::TooLarge(body_size));
+            }
+            let status = self.get_http_call_response_header_bytes(":status");
+            let body = self.get_http_call_response_body(0, body_size);
+            reply::read_deduct_response(status.as_deref(), body.as_deref())
+        }
+
+        fn forward_winner(&mut self, purchase: &Purchase, winner: Winner) {
+            for (name, value) in reply::winner_request_headers(purchase, &winner) {
+                self.set_http_request_header(name, Some(&value));
+            }
+            self.stats
+                .outcome(GateOutcome::Decided(seckill_api::Outcome::Won));
+            self.state = State::ForwardedWinner {
+                order_id: winner.order_id,
+            };
+        }
+
+        /// No usable answer from the stock service: log it, then refuse (closed) or forward
+        /// unmarked (open). Returns what `on_http_request_headers` should return; after a
+        /// callout the caller resumes on Continue.
+        fn fail(&mut self, purchase: &Purchase, failure: &CalloutFailure) -> Action {
+            Stats::bump(self.stats.callout_failed);
+            let config = Rc::clone(&self.config);
+            let deduct = &config.deduct;
+            warn!(
+                "seckill-filter: deduct call to cluster {:?} for goods {} (request id {}) {failure}; failure mode {}",
+                deduct.cluster,
+                purchase.goods_id(),
+                purchase.request_id(),
+                match deduct.failure_mode {
+                    FailureMode::Closed => "closed: answering 503",
+                    FailureMode::Open => "open: forwarding without an order id",
+                }
+            );
+            match deduct.failure_mode {
+                FailureMode::Closed => self.answer(reply::unavailable()),
+                FailureMode::Open => {
+                    self.set_http_request_header(
+                        seckill_api::GATE_STATUS_HEADER,
+                        Some(reply::FAILED_OPEN_VALUE),
+                    );
+                    self.stats.outcome(GateOutcome::FailedOpen);
+                    self.state = State::ForwardedFailedOpen;
+                    Action::Continue
+                }
+            }
+        }
+
+        /// Sends a local reply; the request goes no further.
+        fn answer(&mut self, reply: LocalReply) -> Action {
+            self.stats.outcome(reply.outcome);
+            let headers: Vec<(&str, &str)> = reply
+                .headers
+                .iter()
+                .map(|(name, value)| (*name, value.as_str()))
+                .collect();
+            self.send_http_response(reply.status, headers, Some(reply.body.as_bytes()));
+            self.state = State::Answered;
+            Action::Pause
+        }
+
+        fn hold_while_deciding(&self) -> Action {
+            match self.state {
+                State::AwaitingDeduct { .. } => Action::Pause,
+                _ => Action::Continue,
+            }
+        }
+    }
+
+    /// Stand-in for a request context when no configuration was accepted (Envoy does not
+    /// create request contexts then; this only guards against the SDK panicking on None).
+    struct Unconfigured;
+
+    impl Context for Unconfigured {}
+
+    impl HttpContext for Unconfigured {
+        fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
+            let reply = reply::unavailable();
+            let headers: Vec<(&str, &str)> = reply
+                .headers
+                .iter()
+                .map(|(name, value)| (*name, value.as_str()))
+                .collect();
+            self.send_http_response(reply.status, headers, Some(reply.body.as_bytes()));
+            Action::Pause
+        }
+    }
+
+    /// Wall-clock time from the host, in ns since the epoch (0 if before it; never panics).
+    fn now_ns(context: &dyn Context) -> u64 {
+        let now = context.get_current_time();
+        let since_epoch = now.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
+        duration_ns(since_epoch)
+    }
+
+    fn duration_ns(duration: Duration) -> u64 {
+        u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+    }
+}

@@ -1,0 +1,689 @@
+//! What the buyer is told: outcome names, statuses, headers and JSON bodies of every local
+//! reply, and the reading of the deduct call's answer into a verdict.
+//!
+//! Pure code: no host calls, unit-tested natively.
+
+use std::fmt;
+
+use serde::Serialize;
+
+use seckill_api::{DeductReply, ErrorReply, Outcome};
+
+use crate::gcra;
+use crate::input::Purchase;
+
+/// Response header naming how the gate decided (local replies and forwarded requests alike).
+pub const OUTCOME_HEADER: &str = "x-seckill-outcome";
+/// Value of `GATE_STATUS_HEADER` on a request forwarded without a decision.
+pub const FAILED_OPEN_VALUE: &str = "failed-open";
+/// Largest deduct reply body read. A real one is under 200 bytes; anything near this is not
+/// the syncer talking.
+pub const DEDUCT_REPLY_BYTES_MAX: usize = 16 * 1024;
+/// Longest order id forwarded in a header (same bound as every other id).
+const ORDER_ID_LEN_MAX: usize = seckill_api::ID_LEN_MAX;
+
+/// Every way the gate can end a sale request; the names appear in `x-seckill-outcome`, in
+/// error bodies and in stats names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum GateOutcome {
+    /// The stock service decided.
+    Decided(Outcome),
+    /// Over the per-goods request rate: 429.
+    RateLimited,
+    /// Bad goods id, user id, quantity or request id: 400.
+    BadRequest,
+    /// The stock service did not answer usably and failure mode is closed: 503.
+    Unavailable,
+    /// The stock service did not answer usably and failure mode is open: forwarded unmarked.
+    FailedOpen,
+}
+
+impl GateOutcome {
+    pub const ALL: [GateOutcome; 12] = [
+        GateOutcome::Decided(Outcome::Won),
+        GateOutcome::Decided(Outcome::SoldOut),
+        GateOutcome::Decided(Outcome::LimitReached),
+        GateOutcome::Decided(Outcome::Duplicate),
+        GateOutcome::Decided(Outcome::NotStarted),
+        GateOutcome::Decided(Outcome::Ended),
+        GateOutcome::Decided(Outcome::UnknownGoods),
+        GateOutcome::Decided(Outcome::RequestIdConflict),
+        GateOutcome::RateLimited,
+        GateOutcome::BadRequest,
+        GateOutcome::Unavailable,
+        GateOutcome::FailedOpen,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GateOutcome::Decided(outcome) => outcome.as_str(),
+            GateOutcome::RateLimited => "rate_limited",
+            GateOutcome::BadRequest => "bad_request",
+            GateOutcome::Unavailable => "unavailable",
+            GateOutcome::FailedOpen => "failed_open",
+        }
+    }
+
+    /// Position in [`GateOutcome::ALL`], for per-outcome counters.
+    pub fn index(self) -> usize {
+        GateOutcome::ALL
+            .iter()
+            .position(|o| *o == self)
+            .unwrap_or_default()
+    }
+
+    /// The counter this outcome increments.
+    pub fn stat_name(self) -> String {
+        format!("seckill.outcome.{}", self.as_str())
+    }
+}
+
+/// A reply the gate sends itself instead of forwarding.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct LocalReply {
+    pub outcome: GateOutcome,
+    pub status: u32,
+    pub headers: Vec<(&'static str, String)>,
+    pub body: String,
+}
+
+impl LocalReply {
+    fn new(outcome: GateOutcome, status: u32, body: String, retry_after_ms: Option<u64>) -> Self {
+        let mut headers = vec![
+            ("content-type", "application/json".to_string()),
+            // Decisions are per buyer and per moment: no cache may keep them.
+            ("cache-control", "no-store".to_string()),
+            (OUTCOME_HEADER, outcome.as_str().to_string()),
+        ];
+        if let Some(ms) = retry_after_ms {
+            headers.push(("retry-after", gcra::retry_after_seconds(ms).to_string()));
+        }
+        LocalReply {
+            outcome,
+            status,
+            headers,
+            body,
+        }
+    }
+}
+
+/// Body of an outcome the stock service decided (and of a cached sold-out).
+#[derive(Serialize)]
+struct OutcomeBody<'a> {
+    outcome: Outcome,
+    goods_id: &'a str,
+    message: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    remaining: Option<u64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    retry_after_ms: Option<u64>,
+}
+
+/// Error body with a retry hint (the shared `ErrorReply` plus `retry_after_ms`).
+#[derive(Serialize)]
+struct RetryErrorBody {
+    #[serde(flatten)]
+    error: ErrorReply,
+    retry_after_ms: u64,
+}
+
+/// Serialising these plain structs cannot fail; should it ever, a fixed body beats a panic.
+fn to_json(value: &impl Serialize) -> String {
+    serde_json::to_string(value)
+        .unwrap_or_else(|_| r#"{"error":"internal","message":"reply could not be encoded"}"#.into())
+}
+
+fn error_body(outcome: GateOutcome, message: &str) -> String {
+    to_json(&ErrorReply {
+        error: outcome.as_str().to_string(),
+        message: message.to_string(),
+    })
+}
+
+/// 400 for input that failed validation.
+pub fn bad_request(message: &str) -> LocalReply {
+    let outcome = GateOutcome::BadRequest;
+    LocalReply::new(outcome, 400, error_body(outcome, message), None)
+}
+
+/// 429 for a request over the goods' rate.
+pub fn rate_limited(retry_after_ns: u64) -> LocalReply {
+    let outcome = GateOutcome::RateLimited;
+    // At least 1 ms, so the hint never says "retry now" to a refused request.
+    let retry_after_ms = gcra::retry_after_ms(retry_after_ns).max(1);
+    let body = to_json(&RetryErrorBody {
+        error: ErrorReply {
+            error: outcome.as_str().to_string(),
+            message: format!(
+                "too many purchase attempts for this goods right now; retry after {retry_after_ms} ms"
+            ),
+        },
+        retry_after_ms,
+    });
+    LocalReply::new(outcome, 429, body, Some(retry_after_ms))
+}
+
+/// 503 when the stock service gave no usable answer and failure mode is closed. The message
+/// is fixed: the buyer learns nothing about the internals.
+pub fn unavailable() -> LocalReply {
+    let outcome = GateOutcome::Unavailable;
+    LocalReply::new(
+        outcome,
+        503,
+        error_body(
+            outcome,
+            "the stock service did not answer in time; try again",
+        ),
+        None,
+    )
+}
+
+/// 409 from the local sold-out cache, without asking the stock service.
+pub fn sold_out_cached(goods_id: &str) -> LocalReply {
+    let body = OutcomeBody {
+        outcome: Outcome::SoldOut,
+        goods_id,
+        message: "sorry, this item is sold out".to_string(),
+        remaining: Some(0),
+        retry_after_ms: None,
+    };
+    LocalReply::new(
+        GateOutcome::Decided(Outcome::SoldOut),
+        Outcome::SoldOut.http_status(),
+        to_json(&body),
+        None,
+    )
+}
+
+fn human_message(reply: &DeductReply) -> String {
+    match reply.outcome {
+        Outcome::Won => "you got it".to_string(),
+        Outcome::SoldOut => match reply.remaining {
+            Some(remaining) if remaining > 0 => {
+                format!("only {remaining} left, fewer than the quantity you asked for")
+            }
+            _ => "sorry, this item is sold out".to_string(),
+        },
+        Outcome::LimitReached => {
+            "this purchase would take you past the per-buyer limit for this item".to_string()
+        }
+        Outcome::Duplicate => "you already hold as many of this item as one buyer may".to_string(),
+        Outcome::NotStarted => match reply.retry_after_ms {
+            Some(ms) => format!("the sale has not started yet; it opens in {ms} ms"),
+            None => "the sale has not started yet".to_string(),
+        },
+        Outcome::Ended => "the sale has ended".to_string(),
+        Outcome::UnknownGoods => "there is no sale for this item".to_string(),
+        Outcome::RequestIdConflict => {
+            "this request id was already used for a different purchase".to_string()
+        }
+    }
+}
+
+/// The local reply for an outcome the stock service decided against the buyer.
+fn decided(goods_id: &str, reply: &DeductReply) -> LocalReply {
+    let retry_after_ms = match reply.outcome {
+        Outcome::NotStarted => reply.retry_after_ms,
+        _ => None,
+    };
+    let body = OutcomeBody {
+        outcome: reply.outcome,
+        goods_id,
+        message: human_message(reply),
+        remaining: reply.remaining,
+        retry_after_ms,
+    };
+    LocalReply::new(
+        GateOutcome::Decided(reply.outcome),
+        reply.outcome.http_status(),
+        to_json(&body),
+        retry_after_ms,
+    )
+}
+
+/// Why the deduct call gave no usable answer. Logged (never shown to the buyer).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum CalloutFailure {
+    /// `dispatch_http_call` refused (unknown cluster, bad headers...).
+    Dispatch(String),
+    /// No response headers at all (Envoy usually synthesises a 503/504 instead).
+    NoResponse,
+    /// The response had a status other than 200 (or none readable).
+    Status(String),
+    /// The body was larger than [`DEDUCT_REPLY_BYTES_MAX`].
+    TooLarge(usize),
+    /// The body was not a `DeductReply`.
+    BadBody(String),
+    /// `won` without a usable order id: forwarding it would break "every forwarded request
+    /// carries a real order id".
+    BadOrderId,
+}
+
+impl fmt::Display for CalloutFailure {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            CalloutFailure::Dispatch(why) => write!(f, "could not be dispatched ({why})"),
+            CalloutFailure::NoResponse => {
+                write!(f, "got no response (timeout, connection refused or reset)")
+            }
+            // Envoy answers a deduct call itself when it times out (504) or cannot connect
+            // (503); say so, since those are the usual cases.
+            CalloutFailure::Status(status) => match status.as_str() {
+                "504" => write!(f, "answered with status 504 (Envoy's answer to a timeout)"),
+                "503" => write!(
+                    f,
+                    "answered with status 503 (Envoy's answer when it cannot connect)"
+                ),
+                _ => write!(f, "answered with status {status}"),
+            },
+            CalloutFailure::TooLarge(size) => write!(
+                f,
+                "answered with a {size}-byte body (more than {DEDUCT_REPLY_BYTES_MAX})"
+            ),
+            CalloutFailure::BadBody(why) => write!(f, "answered with an unreadable body: {why}"),
+            CalloutFailure::BadOrderId => {
+                write!(f, "answered won without a usable order id")
+            }
+        }
+    }
+}
+
+/// A winner to forward to the shop API.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Winner {
+    pub order_id: String,
+    pub remaining: Option<u64>,
+}
+
+/// What to do with a sale request once the stock service answered.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Verdict {
+    Forward(Winner),
+    Answer {
+        reply: LocalReply,
+        /// Remember locally that the goods is sold out (or its sale ended).
+        cache_sold_out: bool,
+    },
+}
+
+/// Reads the deduct call's response: `status` is the `:status` header (None: absent), `body`
+/// the whole body. Only a 200 with a well-formed `DeductReply` is an answer.
+pub fn read_deduct_response(
+    status: Option<&[u8]>,
+    body: Option<&[u8]>,
+) -> Result<DeductReply, CalloutFailure> {
+    let status = status.map(String::from_utf8_lossy);
+    match status.as_deref() {
+        Some("200") => {}
+        Some(other) => return Err(CalloutFailure::Status(printable(other))),
+        None => return Err(CalloutFailure::Status("(missing)".to_string())),
+    }
+    let body = body.unwrap_or_default();
+    if body.len() > DEDUCT_REPLY_BYTES_MAX {
+        return Err(CalloutFailure::TooLarge(body.len()));
+    }
+    serde_json::from_slice(body).map_err(|e| CalloutFailure::BadBody(e.to_string()))
+}
+
+/// Keeps a host-supplied value safe for a log line.
+fn printable(text: &str) -> String {
+    text.chars()
+        .take(32)
+        .map(|c| if c.is_ascii_graphic() { c } else { '?' })
+        .collect()
+}
+
+/// Decides what to do with the stock service's answer for this purchase.
+pub fn verdict(purchase: &Purchase, reply: DeductReply) -> Result<Verdict, CalloutFailure> {
+    if reply.outcome == Outcome::Won {
+        // The order id goes into a header the shop API trusts: it must be present and
+        // header-safe.
+        let order_id = reply.order_id.ok_or(CalloutFailure::BadOrderId)?;
+        let usable = !order_id.is_empty()
+            && order_id.len() <= ORDER_ID_LEN_MAX
+            && order_id.bytes().all(|b| b.is_ascii_graphic());
+        if !usable {
+            return Err(CalloutFailure::BadOrderId);
+        }
+        return Ok(Verdict::Forward(Winner {
+            order_id,
+            remaining: reply.remaining,
+        }));
+    }
+    let cache_sold_out = match reply.outcome {
+        // Sold out for this quantity but units left: a smaller order may still win.
+        Outcome::SoldOut => reply.remaining == Some(0),
+        Outcome::Ended => true,
+        _ => false,
+    };
+    Ok(Verdict::Answer {
+        reply: decided(purchase.goods_id(), &reply),
+        cache_sold_out,
+    })
+}
+
+/// Request headers the shop API gets with a winner: the order id and the validated inputs.
+pub fn winner_request_headers(purchase: &Purchase, winner: &Winner) -> Vec<(&'static str, String)> {
+    let mut headers = vec![(seckill_api::ORDER_ID_HEADER, winner.order_id.clone())];
+    if let Some(remaining) = winner.remaining {
+        headers.push((seckill_api::REMAINING_HEADER, remaining.to_string()));
+    }
+    headers.extend([
+        (
+            seckill_api::GOODS_ID_HEADER,
+            purchase.goods_id().to_string(),
+        ),
+        (seckill_api::USER_ID_HEADER, purchase.user_id().to_string()),
+        (
+            seckill_api::QUANTITY_HEADER,
+            purchase.quantity().to_string(),
+        ),
+    ]);
+    headers
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use crate::input::{classify, Classified};
+    use serde_json::{json, Value};
+
+    fn purchase() -> Purchase {
+        let value = json!({
+            "route": {"path_template": "/seckill/{goods_id}/buy"},
+            "goods_id": {"path": "goods_id"},
+            "user_id": {"header": "x-user-id"},
+            "quantity": {"source": {"query": "qty"}, "max": 5},
+            "deduct": {"cluster": "c", "secret": "s"},
+            "rate_limit": {"default": {"per_second": 10, "burst": 1}}
+        });
+        let config = Config::from_json(Some(value.to_string().as_bytes())).unwrap();
+        let headers: Vec<(String, Vec<u8>)> = [
+            (":method", "POST"),
+            (":path", "/seckill/sku-1/buy?qty=2"),
+            ("x-user-id", "u-1"),
+            ("x-request-id", "r-1"),
+        ]
+        .iter()
+        .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+        .collect();
+        match classify(&config, &headers) {
+            Classified::Sale(Ok(p)) => p,
+            other => panic!("{other:?}"),
+        }
+    }
+
+    fn reply(outcome: Outcome) -> DeductReply {
+        DeductReply {
+            outcome,
+            order_id: None,
+            remaining: None,
+            retry_after_ms: None,
+        }
+    }
+
+    fn body(reply: &LocalReply) -> Value {
+        serde_json::from_str(&reply.body).unwrap()
+    }
+
+    fn header<'a>(reply: &'a LocalReply, name: &str) -> Option<&'a str> {
+        reply
+            .headers
+            .iter()
+            .find(|(n, _)| *n == name)
+            .map(|(_, v)| v.as_str())
+    }
+
+    fn answer(verdict: Result<Verdict, CalloutFailure>) -> (LocalReply, bool) {
+        match verdict {
+            Ok(Verdict::Answer {
+                reply,
+                cache_sold_out,
+            }) => (reply, cache_sold_out),
+            other => panic!("expected a local answer, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn outcome_names_are_unique_and_match_the_api() {
+        let names: Vec<&str> = GateOutcome::ALL.iter().map(|o| o.as_str()).collect();
+        assert_eq!(
+            names,
+            [
+                "won",
+                "sold_out",
+                "limit_reached",
+                "duplicate",
+                "not_started",
+                "ended",
+                "unknown_goods",
+                "request_id_conflict",
+                "rate_limited",
+                "bad_request",
+                "unavailable",
+                "failed_open"
+            ]
+        );
+        for (i, outcome) in GateOutcome::ALL.iter().enumerate() {
+            assert_eq!(outcome.index(), i);
+        }
+        assert_eq!(
+            GateOutcome::RateLimited.stat_name(),
+            "seckill.outcome.rate_limited"
+        );
+    }
+
+    #[test]
+    fn every_local_reply_has_the_gate_headers() {
+        let p = purchase();
+        let mut replies = vec![
+            bad_request("user id (header x-user-id) is missing"),
+            rate_limited(1),
+            unavailable(),
+            sold_out_cached("sku-1"),
+        ];
+        for outcome in Outcome::ALL.into_iter().filter(|o| *o != Outcome::Won) {
+            replies.push(answer(verdict(&p, reply(outcome))).0);
+        }
+        for r in &replies {
+            assert_eq!(header(r, "content-type"), Some("application/json"));
+            assert_eq!(header(r, "cache-control"), Some("no-store"));
+            assert_eq!(header(r, OUTCOME_HEADER), Some(r.outcome.as_str()));
+            // Bodies are JSON objects.
+            assert!(body(r).is_object(), "{}", r.body);
+        }
+    }
+
+    #[test]
+    fn error_replies() {
+        let r = bad_request("quantity (query parameter qty) must be at most 5");
+        assert_eq!(r.status, 400);
+        assert_eq!(
+            body(&r),
+            json!({"error": "bad_request", "message": "quantity (query parameter qty) must be at most 5"})
+        );
+        let r = unavailable();
+        assert_eq!(r.status, 503);
+        assert_eq!(
+            body(&r),
+            json!({"error": "unavailable", "message": "the stock service did not answer in time; try again"})
+        );
+        assert_eq!(header(&r, "retry-after"), None);
+        let r = rate_limited(1_500_000_000);
+        assert_eq!(r.status, 429);
+        assert_eq!(header(&r, "retry-after"), Some("2"));
+        assert_eq!(body(&r)["error"], "rate_limited");
+        assert_eq!(body(&r)["retry_after_ms"], 1500);
+        let r = rate_limited(1);
+        assert_eq!(header(&r, "retry-after"), Some("1"));
+        assert_eq!(body(&r)["retry_after_ms"], 1);
+        let r = rate_limited(0);
+        assert_eq!(body(&r)["retry_after_ms"], 1);
+    }
+
+    #[test]
+    fn decided_outcomes_map_to_status_and_body() {
+        let p = purchase();
+        let expected = [
+            (Outcome::SoldOut, 409),
+            (Outcome::LimitReached, 409),
+            (Outcome::Duplicate, 409),
+            (Outcome::RequestIdConflict, 409),
+            (Outcome::NotStarted, 403),
+            (Outcome::Ended, 403),
+            (Outcome::UnknownGoods, 404),
+        ];
+        for (outcome, status) in expected {
+            let (r, _) = answer(verdict(&p, reply(outcome)));
+            assert_eq!(r.status, status, "{outcome:?}");
+            assert_eq!(r.outcome, GateOutcome::Decided(outcome));
+            let b = body(&r);
+            assert_eq!(b["outcome"], outcome.as_str());
+            assert_eq!(b["goods_id"], "sku-1");
+            assert!(b["message"].as_str().is_some_and(|m| !m.is_empty()));
+            assert!(b.get("remaining").is_none());
+        }
+    }
+
+    #[test]
+    fn sold_out_cache_rules() {
+        let p = purchase();
+        let mut sold_out = reply(Outcome::SoldOut);
+        sold_out.remaining = Some(0);
+        let (r, cache) = answer(verdict(&p, sold_out));
+        assert!(cache);
+        assert_eq!(
+            body(&r),
+            json!({"outcome": "sold_out", "goods_id": "sku-1",
+                   "message": "sorry, this item is sold out", "remaining": 0})
+        );
+        // Some left, just not enough for this quantity: do not cache.
+        let mut partly = reply(Outcome::SoldOut);
+        partly.remaining = Some(1);
+        let (r, cache) = answer(verdict(&p, partly));
+        assert!(!cache);
+        assert_eq!(body(&r)["remaining"], 1);
+        assert!(body(&r)["message"]
+            .as_str()
+            .unwrap()
+            .contains("only 1 left"));
+        // Remaining unknown: do not cache.
+        assert!(!answer(verdict(&p, reply(Outcome::SoldOut))).1);
+        assert!(answer(verdict(&p, reply(Outcome::Ended))).1);
+        for outcome in [
+            Outcome::LimitReached,
+            Outcome::Duplicate,
+            Outcome::NotStarted,
+            Outcome::UnknownGoods,
+            Outcome::RequestIdConflict,
+        ] {
+            assert!(!answer(verdict(&p, reply(outcome))).1, "{outcome:?}");
+        }
+        let cached = sold_out_cached("sku-1");
+        assert_eq!(cached.status, 409);
+        assert_eq!(body(&cached)["outcome"], "sold_out");
+        assert_eq!(header(&cached, OUTCOME_HEADER), Some("sold_out"));
+    }
+
+    #[test]
+    fn not_started_carries_retry_after() {
+        let p = purchase();
+        let mut not_started = reply(Outcome::NotStarted);
+        not_started.retry_after_ms = Some(2_500);
+        let (r, _) = answer(verdict(&p, not_started));
+        assert_eq!(r.status, 403);
+        assert_eq!(header(&r, "retry-after"), Some("3"));
+        assert_eq!(body(&r)["retry_after_ms"], 2500);
+        // Without a hint, neither header nor field.
+        let (r, _) = answer(verdict(&p, reply(Outcome::NotStarted)));
+        assert_eq!(header(&r, "retry-after"), None);
+        assert!(body(&r).get("retry_after_ms").is_none());
+        // A hint on another outcome is ignored.
+        let mut ended = reply(Outcome::Ended);
+        ended.retry_after_ms = Some(5);
+        let (r, _) = answer(verdict(&p, ended));
+        assert_eq!(header(&r, "retry-after"), None);
+    }
+
+    #[test]
+    fn winners_are_forwarded_with_their_headers() {
+        let p = purchase();
+        let mut won = reply(Outcome::Won);
+        won.order_id = Some("o-42".into());
+        won.remaining = Some(7);
+        let Ok(Verdict::Forward(winner)) = verdict(&p, won) else {
+            panic!("expected a winner");
+        };
+        assert_eq!(
+            winner_request_headers(&p, &winner),
+            vec![
+                ("x-seckill-order-id", "o-42".to_string()),
+                ("x-seckill-remaining", "7".to_string()),
+                ("x-seckill-goods-id", "sku-1".to_string()),
+                ("x-seckill-user-id", "u-1".to_string()),
+                ("x-seckill-quantity", "2".to_string()),
+            ]
+        );
+        for bad_id in [
+            None,
+            Some(String::new()),
+            Some("o 1".into()),
+            Some("o\n1".into()),
+            Some("x".repeat(129)),
+        ] {
+            let mut won = reply(Outcome::Won);
+            won.order_id = bad_id;
+            assert_eq!(verdict(&p, won), Err(CalloutFailure::BadOrderId));
+        }
+    }
+
+    #[test]
+    fn deduct_responses_are_read_strictly() {
+        let ok = br#"{"outcome":"won","order_id":"o-1","remaining":3}"#;
+        let r = read_deduct_response(Some(b"200"), Some(ok)).unwrap();
+        assert_eq!(r.outcome, Outcome::Won);
+        assert_eq!(r.order_id.as_deref(), Some("o-1"));
+        // Fields the syncer may add later are tolerated.
+        let extra = br#"{"outcome":"sold_out","remaining":0,"shard":3}"#;
+        assert_eq!(
+            read_deduct_response(Some(b"200"), Some(extra))
+                .unwrap()
+                .outcome,
+            Outcome::SoldOut
+        );
+        assert_eq!(
+            read_deduct_response(Some(b"500"), Some(ok)),
+            Err(CalloutFailure::Status("500".into()))
+        );
+        assert_eq!(
+            read_deduct_response(None, Some(ok)),
+            Err(CalloutFailure::Status("(missing)".into()))
+        );
+        assert!(matches!(
+            read_deduct_response(Some(b"200"), None),
+            Err(CalloutFailure::BadBody(_))
+        ));
+        assert!(matches!(
+            read_deduct_response(Some(b"200"), Some(b"{\"outcome\":\"winner\"}")),
+            Err(CalloutFailure::BadBody(_))
+        ));
+        assert!(matches!(
+            read_deduct_response(Some(b"200"), Some(b"<html>")),
+            Err(CalloutFailure::BadBody(_))
+        ));
+        let big = vec![b' '; DEDUCT_REPLY_BYTES_MAX + 1];
+        assert_eq!(
+            read_deduct_response(Some(b"200"), Some(&big)),
+            Err(CalloutFailure::TooLarge(DEDUCT_REPLY_BYTES_MAX + 1))
+        );
+        assert_eq!(
+            read_deduct_response(Some(b"2\n0"), None),
+            Err(CalloutFailure::Status("2?0".into()))
+        );
+        // Every failure has a log sentence.
+        assert!(CalloutFailure::NoResponse
+            .to_string()
+            .contains("no response"));
+    }
+}

@@ -1,0 +1,213 @@
+//! Edge benchmark: Envoy's baselines and the filter's paths, measured side by side in one run
+//! with the same load generator, the same upstream and the same Envoy worker count, then
+//! written into BENCHMARKS.md with the ratios.
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+use seckill_e2e::envoy::Envoy;
+use seckill_e2e::stack::{Stack, StackOptions};
+use seckill_e2e::wrk::{self, WrkReport};
+use serde_json::json;
+
+#[derive(Parser)]
+#[command(about = "Benchmark the edge against Envoy's own baselines and update BENCHMARKS.md")]
+struct Args {
+    /// Seconds each scenario is measured (after a short warm-up).
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Concurrent connections wrk keeps open.
+    #[arg(long, default_value_t = 50)]
+    connections: u32,
+    /// File to update (the section between the edge markers is replaced).
+    #[arg(long, default_value = "BENCHMARKS.md")]
+    out: PathBuf,
+}
+
+struct Scenario {
+    name: &'static str,
+    what: &'static str,
+    report: WrkReport,
+    /// Whether the answers are meant to be rejections (non-2xx) or forwards (2xx).
+    rejects: bool,
+}
+
+const BEGIN: &str = "<!-- edge-benchmark:begin -->";
+const END: &str = "<!-- edge-benchmark:end -->";
+
+#[tokio::main(flavor = "multi_thread", worker_threads = 1)]
+async fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let duration = Duration::from_secs(args.duration);
+    let warmup = Duration::from_secs(2);
+
+    // One Envoy worker everywhere, as in ARCHITECTURE.md's reference figures.
+    let mut options = StackOptions::new("bench");
+    options.workers = 1;
+    options.plugin_config["rate_limit"] = json!({
+        "default": { "per_second": 100_000_000.0, "burst": 100_000_000u64 },
+        "goods": { "slow": { "per_second": 0.001, "burst": 1 } }
+    });
+    options.plugin_config["sold_out_cache_ms"] = json!(3_600_000);
+    let stack = Stack::start(options).await?;
+    stack.open_sale("win", 1_000_000_000, 1_000_000).await?;
+    stack.open_sale("gone", 0, 1).await?;
+    stack.open_sale("slow", 1_000_000_000, 1_000_000).await?;
+
+    let script = stack.scratch.path.join("buy.lua");
+    std::fs::write(&script, wrk::BUY_SCRIPT)?;
+    let shop_port = stack.shop.addr.port().to_string();
+    let baseline = |template: &'static str| {
+        let values = HashMap::from([("SHOP_PORT", shop_port.clone())]);
+        Envoy::start(&stack.scratch.path, template, values, 1)
+    };
+    let measure = |url: String| {
+        let script = script.clone();
+        let connections = args.connections;
+        async move {
+            tokio::task::spawn_blocking(move || {
+                wrk::run(&url, &script, 1, connections, warmup)?;
+                wrk::run(&url, &script, 1, connections, duration)
+            })
+            .await?
+        }
+    };
+
+    let mut scenarios = Vec::new();
+    {
+        let envoy = baseline("bench-plain.yaml").await?;
+        let report = measure(format!("{}/seckill/win/buy", envoy.url())).await?;
+        scenarios.push(Scenario {
+            name: "plain proxy",
+            what: "Envoy router only, to the stub shop",
+            report,
+            rejects: false,
+        });
+    }
+    {
+        let envoy = baseline("bench-native-ratelimit.yaml").await?;
+        let report = measure(format!("{}/seckill/win/buy", envoy.url())).await?;
+        scenarios.push(Scenario {
+            name: "native local_ratelimit",
+            what: "Envoy's own filter rejecting every request (429)",
+            report,
+            rejects: true,
+        });
+    }
+    let gate = stack.envoy.url();
+    let report = measure(format!("{gate}/seckill/win/buy")).await?;
+    scenarios.push(Scenario {
+        name: "filter: winner",
+        what: "callout to the syncer, Lua deduct in Redis, forwarded to the shop",
+        report,
+        rejects: false,
+    });
+    let report = measure(format!("{gate}/seckill/gone/buy")).await?;
+    scenarios.push(Scenario {
+        name: "filter: sold out",
+        what: "answered from the shared sold-out cache (409), no callout",
+        report,
+        rejects: true,
+    });
+    let report = measure(format!("{gate}/seckill/slow/buy")).await?;
+    scenarios.push(Scenario {
+        name: "filter: rate limited",
+        what: "per-goods GCRA in shared data rejects (429)",
+        report,
+        rejects: true,
+    });
+
+    for s in &scenarios {
+        let wrong = if s.rejects {
+            s.report.requests - s.report.non_2xx.min(s.report.requests)
+        } else {
+            s.report.non_2xx
+        };
+        anyhow::ensure!(
+            wrong * 1000 <= s.report.requests.max(1),
+            "{}: {wrong} of {} answers were not the expected kind; the scenario measured the wrong path",
+            s.name,
+            s.report.requests
+        );
+    }
+
+    let section = render(&scenarios, &args);
+    println!("{section}");
+    update_file(&args.out, &section)?;
+    println!("updated {}", args.out.display());
+    Ok(())
+}
+
+fn rate(scenarios: &[Scenario], name: &str) -> f64 {
+    scenarios
+        .iter()
+        .find(|s| s.name == name)
+        .map(|s| s.report.requests_per_second)
+        .unwrap_or(f64::NAN)
+}
+
+fn render(scenarios: &[Scenario], args: &Args) -> String {
+    let plain = rate(scenarios, "plain proxy");
+    let native = rate(scenarios, "native local_ratelimit");
+    let ratio = |name: &str, base: f64| rate(scenarios, name) / base;
+    let mut out = String::new();
+    out.push_str(&format!(
+        "{BEGIN}\n## Edge: the filter against Envoy's own baselines\n\n"
+    ));
+    out.push_str(&format!(
+        "Command: `bash scripts/bench.sh` (runs `target/release/seckill-bench --duration {} --connections {}`).\n\n",
+        args.duration, args.connections
+    ));
+    out.push_str(&format!(
+        "Conditions: this machine ({} cores, shared by everything below), Envoy 1.40 with 1 worker thread, \
+         wrk with 1 thread and {} connections for {} s per scenario after a 2 s warm-up, one stub shop API \
+         (axum) as the upstream of every scenario, the syncer (release build) and a private redis-server \
+         on the same cores. Each request is a POST from a random buyer id.\n\n",
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
+        args.connections,
+        args.duration
+    ));
+    out.push_str("| ratio | measured | target |\n|---|---|---|\n");
+    out.push_str(&format!(
+        "| sold-out path / native local_ratelimit | **{:.2}x** | at least 0.7x |\n",
+        ratio("filter: sold out", native)
+    ));
+    out.push_str(&format!(
+        "| rate-limited path / native local_ratelimit | **{:.2}x** | at least 0.7x |\n",
+        ratio("filter: rate limited", native)
+    ));
+    out.push_str(&format!(
+        "| winner path / plain proxy | **{:.2}x** | at least 0.4x |\n\n",
+        ratio("filter: winner", plain)
+    ));
+    out.push_str("Absolute figures, this machine, this run:\n\n");
+    out.push_str("| scenario | what happens | requests/s | p50 | p99 |\n|---|---|---|---|---|\n");
+    for s in scenarios {
+        out.push_str(&format!(
+            "| {} | {} | {:.0} | {:.2} ms | {:.2} ms |\n",
+            s.name, s.what, s.report.requests_per_second, s.report.p50_ms, s.report.p99_ms
+        ));
+    }
+    out.push_str(&format!("\n{END}\n"));
+    out
+}
+
+/// Replaces the edge section of the file (or appends it), leaving other sections alone.
+fn update_file(path: &PathBuf, section: &str) -> anyhow::Result<()> {
+    let existing = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmarks\n\n".into());
+    let updated = match (existing.find(BEGIN), existing.find(END)) {
+        (Some(begin), Some(end)) if end > begin => {
+            format!(
+                "{}{}{}",
+                &existing[..begin],
+                section.trim_end(),
+                &existing[end + END.len()..]
+            )
+        }
+        _ => format!("{}\n{}", existing.trim_end(), section),
+    };
+    std::fs::write(path, updated)?;
+    Ok(())
+}
