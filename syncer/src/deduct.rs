@@ -1,65 +1,158 @@
-//! The deduct path: one atomic Redis script per purchase attempt.
+//! The deduct path: purchase attempts are decided by one atomic Redis script. Attempts that
+//! arrive while a script call is out are queued and sent together, one call per goods, so a
+//! hot goods costs Redis one script call per batch instead of one per buyer. Nothing waits
+//! on purpose: under light load every batch holds one attempt.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 use seckill_api::{DeductReply, DeductRequest, Outcome};
+use tokio::sync::{mpsc, oneshot};
 
 use crate::keys::KeySpace;
 
 /// Longest a deduct may wait on Redis. The filter's callout timeout is shorter still; this
 /// bound keeps a stuck Redis from piling up tasks in the syncer.
 pub const REDIS_CALL_TIMEOUT: Duration = Duration::from_millis(1_000);
+/// Attempts one script call decides at most: bounds how long one call blocks Redis.
+pub const BATCH_ATTEMPTS_MAX: usize = 128;
+/// Attempts waiting for a batch at most; past it the endpoint sheds load with 503 rather than
+/// queueing without bound.
+pub const QUEUE_ATTEMPTS_MAX: usize = 16_384;
 
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum DeductError {
     #[error("{0}")]
     BadRequest(String),
     #[error("redis did not answer within {REDIS_CALL_TIMEOUT:?}")]
     Timeout,
+    #[error("more than {QUEUE_ATTEMPTS_MAX} attempts are waiting; shedding load")]
+    Overloaded,
     #[error("redis error: {0}")]
-    Redis(#[from] redis::RedisError),
-    #[error("deduct script replied with an unknown outcome {0:?}")]
+    Redis(String),
+    #[error("deduct script replied {0}")]
     BadScriptReply(String),
+    #[error("the deduct batcher stopped")]
+    Stopped,
 }
 
-/// Runs the deduct script. Cheap to clone: the connection manager multiplexes one connection.
+struct Attempt {
+    request: DeductRequest,
+    reply: oneshot::Sender<Result<DeductReply, DeductError>>,
+}
+
+/// Handle to the deduct batcher. Cheap to clone.
 #[derive(Clone)]
 pub struct Deducter {
-    redis: ConnectionManager,
-    keys: KeySpace,
-    script: redis::Script,
+    queue: mpsc::Sender<Attempt>,
 }
 
 impl Deducter {
-    pub fn new(redis: ConnectionManager, keys: KeySpace) -> Self {
-        Self {
-            redis,
-            keys,
-            script: redis::Script::new(include_str!("lua/deduct.lua")),
-        }
+    /// Starts the batcher task; it ends when every handle is dropped.
+    pub fn start(redis: ConnectionManager, keys: KeySpace) -> Self {
+        let (queue, attempts) = mpsc::channel(QUEUE_ATTEMPTS_MAX);
+        let script = redis::Script::new(include_str!("lua/deduct_batch.lua"));
+        tokio::spawn(run_batches(attempts, redis, keys, script));
+        Self { queue }
     }
 
-    pub async fn deduct(&self, request: &DeductRequest) -> Result<DeductReply, DeductError> {
-        validate(request)?;
-        let keys = self.keys.goods(&request.goods_id);
-        let mut invocation = self.script.prepare_invoke();
+    pub async fn deduct(&self, request: DeductRequest) -> Result<DeductReply, DeductError> {
+        validate(&request)?;
+        let (reply, answer) = oneshot::channel();
+        self.queue
+            .try_send(Attempt { request, reply })
+            .map_err(|e| match e {
+                mpsc::error::TrySendError::Full(_) => DeductError::Overloaded,
+                mpsc::error::TrySendError::Closed(_) => DeductError::Stopped,
+            })?;
+        // The batch that takes this attempt has its own Redis timeout; this one only bounds
+        // the wait in the queue before it.
+        match tokio::time::timeout(2 * REDIS_CALL_TIMEOUT, answer).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(_)) => Err(DeductError::Stopped),
+            Err(_) => Err(DeductError::Timeout),
+        }
+    }
+}
+
+/// Takes whatever attempts are queued (up to a batch), decides them with one script call per
+/// goods, answers each, and repeats. One batch at a time: while it is out, the next forms.
+async fn run_batches(
+    mut attempts: mpsc::Receiver<Attempt>,
+    redis: ConnectionManager,
+    keys: KeySpace,
+    script: redis::Script,
+) {
+    let mut batch = Vec::with_capacity(BATCH_ATTEMPTS_MAX);
+    while attempts.recv_many(&mut batch, BATCH_ATTEMPTS_MAX).await > 0 {
+        let mut by_goods: HashMap<String, Vec<Attempt>> = HashMap::new();
+        for attempt in batch.drain(..) {
+            by_goods
+                .entry(attempt.request.goods_id.clone())
+                .or_default()
+                .push(attempt);
+        }
+        metrics::histogram!("seckill_deduct_batch_attempts")
+            .record(by_goods.values().map(Vec::len).sum::<usize>() as f64);
+        let calls = by_goods
+            .into_iter()
+            .map(|(goods_id, group)| decide_group(&redis, &keys, &script, goods_id, group));
+        futures_util::future::join_all(calls).await;
+    }
+}
+
+async fn decide_group(
+    redis: &ConnectionManager,
+    keys: &KeySpace,
+    script: &redis::Script,
+    goods_id: String,
+    group: Vec<Attempt>,
+) {
+    let goods = keys.goods(&goods_id);
+    let mut invocation = script.prepare_invoke();
+    invocation
+        .key(&goods.sale)
+        .key(&goods.users)
+        .key(&goods.requests)
+        .key(&goods.reservations)
+        .key(&goods.outbox)
+        .arg(&goods_id);
+    for attempt in &group {
         invocation
-            .key(&keys.sale)
-            .key(&keys.users)
-            .key(&keys.requests)
-            .key(&keys.reservations)
-            .key(&keys.outbox)
-            .arg(&request.goods_id)
-            .arg(&request.user_id)
-            .arg(request.quantity)
-            .arg(&request.request_id);
-        let mut redis = self.redis.clone();
-        let reply: (String, String, i64, i64) =
-            tokio::time::timeout(REDIS_CALL_TIMEOUT, invocation.invoke_async(&mut redis))
-                .await
-                .map_err(|_| DeductError::Timeout)??;
-        parse_reply(reply)
+            .arg(&attempt.request.user_id)
+            .arg(attempt.request.quantity)
+            .arg(&attempt.request.request_id);
+    }
+    let mut conn = redis.clone();
+    let result: Result<Vec<(String, String, i64, i64)>, DeductError> =
+        match tokio::time::timeout(REDIS_CALL_TIMEOUT, invocation.invoke_async(&mut conn)).await {
+            Err(_) => Err(DeductError::Timeout),
+            Ok(Err(e)) => Err(DeductError::Redis(e.to_string())),
+            Ok(Ok(replies)) => Ok(replies),
+        };
+    match result {
+        Ok(replies) if replies.len() == group.len() => {
+            for (attempt, reply) in group.into_iter().zip(replies) {
+                // The buyer may have given up (timeout); its answer is then dropped.
+                let _ = attempt.reply.send(parse_reply(reply));
+            }
+        }
+        Ok(replies) => {
+            let error = DeductError::BadScriptReply(format!(
+                "{} replies for {} attempts",
+                replies.len(),
+                group.len()
+            ));
+            answer_all(group, &error);
+        }
+        Err(error) => answer_all(group, &error),
+    }
+}
+
+fn answer_all(group: Vec<Attempt>, error: &DeductError) {
+    for attempt in group {
+        let _ = attempt.reply.send(Err(error.clone()));
     }
 }
 
@@ -88,7 +181,8 @@ fn validate(request: &DeductRequest) -> Result<(), DeductError> {
 fn parse_reply(
     (outcome, order_id, remaining, retry_after_ms): (String, String, i64, i64),
 ) -> Result<DeductReply, DeductError> {
-    let outcome = Outcome::parse(&outcome).ok_or(DeductError::BadScriptReply(outcome))?;
+    let outcome = Outcome::parse(&outcome)
+        .ok_or_else(|| DeductError::BadScriptReply(format!("unknown outcome {outcome:?}")))?;
     let order_id = match outcome {
         Outcome::Won if !order_id.is_empty() => Some(order_id),
         Outcome::Won => return Err(DeductError::BadScriptReply("won without order id".into())),

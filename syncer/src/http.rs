@@ -137,7 +137,7 @@ async fn deduct(
 ) -> Result<Json<DeductReply>, AppError> {
     let Json(request) = body.map_err(|e| AppError::BadRequest(e.body_text()))?;
     let started = Instant::now();
-    let result = state.deducter.deduct(&request).await;
+    let result = state.deducter.deduct(request).await;
     metrics::histogram!("seckill_deduct_duration_seconds").record(started.elapsed());
     match &result {
         Ok(reply) => metrics::counter!("seckill_deduct_total", "outcome" => reply.outcome.as_str())
@@ -145,6 +145,7 @@ async fn deduct(
         Err(e) => {
             let kind = match e {
                 DeductError::BadRequest(_) => "bad_request",
+                DeductError::Overloaded => "overloaded",
                 _ => "redis",
             };
             metrics::counter!("seckill_deduct_errors_total", "kind" => kind).increment(1)

@@ -64,7 +64,7 @@ pub async fn serve(
     let mysql = db::connect(&config.stores.mysql_url).await?;
     let keys = KeySpace::new(config.stores.key_prefix.clone());
     let state = Arc::new(http::AppState {
-        deducter: Deducter::new(redis.clone(), keys.clone()),
+        deducter: Deducter::start(redis.clone(), keys.clone()),
         redis,
         keys,
         mysql,

@@ -15,19 +15,19 @@ use tokio::sync::Semaphore;
 #[command(about = "Run a local flash sale through the real stack and explain what happened")]
 struct Args {
     /// Units on sale.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 500)]
     stock: u64,
     /// Distinct buyers in the crowd.
-    #[arg(long, default_value_t = 3_000)]
+    #[arg(long, default_value_t = 2_000)]
     buyers: u32,
     /// Purchase attempts the crowd makes (some buyers click more than once).
-    #[arg(long, default_value_t = 6_000)]
+    #[arg(long, default_value_t = 8_000)]
     requests: u32,
     /// Attempts sent per second (open loop: on schedule, whatever the answers).
-    #[arg(long, default_value_t = 3_000)]
+    #[arg(long, default_value_t = 4_000)]
     rate: u32,
     /// The gate's rate limit for the goods, per second (one budget per Envoy).
-    #[arg(long, default_value_t = 2_000.0)]
+    #[arg(long, default_value_t = 1_000.0)]
     limit_per_second: f64,
     /// Envoy worker threads.
     #[arg(long, default_value_t = 2)]
@@ -69,8 +69,9 @@ async fn main() -> anyhow::Result<()> {
     print_summary(&stack, &args, &results, elapsed, calls).await
 }
 
-/// Sends the crowd's attempts on a fixed schedule. Buyer `i % buyers` makes attempt `i`; one
-/// attempt in 50 is malformed (quantity 0) to show the gate's 400.
+/// Sends the crowd's attempts on a fixed schedule. Attempt `i` comes from a buyer picked by a
+/// fixed scramble of `i`, so eager buyers click more than once; one attempt in 50 is malformed
+/// (quantity 0) to show the gate's 400.
 async fn crowd(stack: &Arc<Stack>, args: &Args) -> Vec<BuyResult> {
     let interval = Duration::from_secs_f64(1.0 / f64::from(args.rate));
     let slots = Arc::new(Semaphore::new(IN_FLIGHT_MAX));
@@ -83,7 +84,7 @@ async fn crowd(stack: &Arc<Stack>, args: &Args) -> Vec<BuyResult> {
             break;
         };
         let stack = stack.clone();
-        let user = format!("buyer-{}", i % args.buyers);
+        let user = format!("buyer-{}", scramble(i) % args.buyers);
         let quantity = if i % 50 == 49 { 0 } else { 1 };
         tasks.push(tokio::spawn(async move {
             let _permit = permit;
@@ -114,10 +115,15 @@ async fn crowd(stack: &Arc<Stack>, args: &Args) -> Vec<BuyResult> {
     results
 }
 
+/// Knuth's multiplicative hash: spreads attempts over buyers without a random generator.
+fn scramble(i: u32) -> u32 {
+    i.wrapping_mul(2_654_435_761)
+}
+
 fn meaning(outcome: &str) -> &'static str {
     match outcome {
         "won" => "reserved a unit; forwarded to the shop API with its order id",
-        "sold_out" => "no stock left (after the first, answered at the edge, no callout)",
+        "sold_out" => "no stock left; after the last unit went, Envoy answers this itself",
         "duplicate" => "this buyer already holds the per-buyer allowance",
         "limit_reached" => "the quantity would pass the per-buyer limit",
         "rate_limited" => "over the goods' rate limit at the edge; told to retry later",

@@ -1,0 +1,75 @@
+-- A batch of purchase attempts for one goods, decided in arrival order and recorded
+-- atomically. Batching amortises the script call: under load one call serves many buyers.
+-- KEYS: 1 sale hash, 2 users hash, 3 requests hash, 4 reservations hash, 5 outbox stream
+-- ARGV: 1 goods id, then one (user id, quantity, request id) triple per attempt
+-- Reply: one { outcome, order_id or "", remaining (-1 unknown), retry_after_ms } per attempt,
+-- always that shape. Ids are validated by the caller to [A-Za-z0-9_.:-], so "|" separates.
+local goods = ARGV[1]
+local attempts = (#ARGV - 1) / 3
+local replies = {}
+
+local sale = redis.call('HMGET', KEYS[1], 'available', 'limit', 'start_ms', 'end_ms', 'epoch', 'seq')
+if not sale[1] then
+  for i = 1, attempts do replies[i] = { 'unknown_goods', '', -1, 0 } end
+  return replies
+end
+local available = tonumber(sale[1])
+local limit, start_ms, end_ms = tonumber(sale[2]), tonumber(sale[3]), tonumber(sale[4])
+local epoch, seq = sale[5], tonumber(sale[6])
+local granted = 0
+
+-- Server time, so every syncer instance judges the window by one clock.
+local time = redis.call('TIME')
+local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+
+local function decide(user, qty, request_id)
+  -- Idempotency first: a retry gets the answer it got before, even after the sale closed.
+  local prior = redis.call('HGET', KEYS[3], request_id)
+  if prior then
+    local prior_user, prior_qty, prior_order = string.match(prior, '^([^|]*)|(%d+)|(.+)$')
+    if prior_user == user and tonumber(prior_qty) == qty then
+      return { 'won', prior_order, available, 0 }
+    end
+    return { 'request_id_conflict', '', available, 0 }
+  end
+  if now_ms < start_ms then
+    return { 'not_started', '', available, start_ms - now_ms }
+  end
+  if now_ms >= end_ms then
+    return { 'ended', '', available, 0 }
+  end
+  -- The buyer is checked before anything is decremented: a refused buyer costs no stock.
+  local held = tonumber(redis.call('HGET', KEYS[2], user) or '0')
+  if held >= limit then
+    return { 'duplicate', '', available, 0 }
+  end
+  if held + qty > limit then
+    return { 'limit_reached', '', available, 0 }
+  end
+  if available < qty then
+    return { 'sold_out', '', available, 0 }
+  end
+  seq = seq + 1
+  available = available - qty
+  granted = granted + qty
+  local order_id = goods .. '.' .. epoch .. '.' .. seq
+  redis.call('HINCRBY', KEYS[2], user, qty)
+  redis.call('HSET', KEYS[3], request_id, user .. '|' .. qty .. '|' .. order_id)
+  redis.call('HSET', KEYS[4], order_id, user .. '|' .. qty .. '|' .. now_ms)
+  -- The outbox entry is written by the same script: no reservation without its event.
+  redis.call('XADD', KEYS[5], '*',
+    'type', 'reserved', 'order_id', order_id, 'goods_id', goods, 'user_id', user,
+    'quantity', qty, 'request_id', request_id, 'at_ms', now_ms)
+  return { 'won', order_id, available, 0 }
+end
+
+for i = 1, attempts do
+  local base = 2 + (i - 1) * 3
+  replies[i] = decide(ARGV[base], tonumber(ARGV[base + 1]), ARGV[base + 2])
+end
+if granted > 0 then
+  -- available + reserved stays equal to what it was: conservation holds when the script ends.
+  redis.call('HSET', KEYS[1], 'available', available, 'seq', seq)
+  redis.call('HINCRBY', KEYS[1], 'reserved', granted)
+end
+return replies
