@@ -186,17 +186,19 @@ fn render(scenarios: &[Scenario], args: &Args) -> String {
         "{BEGIN}\n## Edge: the filter against Envoy's own baselines\n\n"
     ));
     out.push_str(&format!(
-        "Command: `bash scripts/bench.sh` (runs `target/release/seckill-bench --duration {} --connections {}`).\n\n",
-        args.duration, args.connections
+        "Command: `bash scripts/bench.sh` (runs `target/release/seckill-bench --duration {} --connections {} --rounds {}`).\n\n",
+        args.duration, args.connections, args.rounds
     ));
     out.push_str(&format!(
         "Conditions: this machine ({} cores, shared by everything below), Envoy 1.40 with 1 worker thread, \
-         wrk with 1 thread and {} connections for {} s per scenario after a 2 s warm-up, one stub shop API \
-         (axum) as the upstream of every scenario, the syncer (release build) and a private redis-server \
-         on the same cores. Each request is a POST from a random buyer id.\n\n",
+         wrk with 1 thread and {} connections for {} s per scenario after a 2 s warm-up, {} rounds \
+         interleaving the scenarios with each scenario's median round shown, one stub shop API (axum) as \
+         the upstream of every scenario, the syncer (release build) and a private redis-server on the same \
+         cores. Each request is a POST from a random buyer id; the winner path sells from a stock of 10^9.\n\n",
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
         args.connections,
-        args.duration
+        args.duration,
+        args.rounds
     ));
     out.push_str("| ratio | measured | target |\n|---|---|---|\n");
     out.push_str(&format!(
