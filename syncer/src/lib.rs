@@ -1,19 +1,25 @@
 //! The seckill syncer: the atomic Redis deduct behind the edge filter, the sale admin API and
 //! preheat. `main.rs` only parses flags; everything runs from here.
 
+pub mod crashpoint;
 pub mod db;
 pub mod deduct;
+pub mod events;
 pub mod http;
+pub mod kafka;
 pub mod keys;
 pub mod preheat;
+pub mod reconcile;
+pub mod relay;
 pub mod sale;
+pub mod writer;
 
-use std::future::Future;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use tokio_util::sync::CancellationToken;
 
 use crate::deduct::Deducter;
 use crate::keys::KeySpace;
@@ -51,11 +57,90 @@ pub async fn connect_redis(url: &str) -> anyhow::Result<ConnectionManager> {
         .map_err(|e| anyhow::anyhow!("cannot connect to Redis at {url}: {e}"))
 }
 
-/// Runs the HTTP service until `shutdown` resolves, then drains in-flight requests.
+/// The sync pipeline a `serve --pipeline` process runs beside the HTTP service.
+#[derive(Debug, Clone)]
+pub struct PipelineConfig {
+    pub writer: writer::WriterConfig,
+    pub relay_name: String,
+    /// How often the periodic reconcile refreshes the drift metric.
+    pub reconcile_every: Duration,
+}
+
+/// Runs the outbox relay until `shutdown`.
+pub async fn run_relay(
+    stores: &StoreConfig,
+    kafka: &kafka::KafkaConfig,
+    name: &str,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let relay = relay::Relay {
+        redis: connect_redis(&stores.redis_url).await?,
+        keys: KeySpace::new(stores.key_prefix.clone()),
+        producer: kafka::producer(kafka)?,
+        kafka: kafka.clone(),
+        name: name.to_owned(),
+    };
+    relay.run(shutdown).await;
+    Ok(())
+}
+
+/// Runs the batched MySQL writer until `shutdown`.
+pub async fn run_writer(
+    stores: &StoreConfig,
+    config: &writer::WriterConfig,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let writer = writer::Writer {
+        mysql: db::connect(&stores.mysql_url).await?,
+        producer: kafka::dead_letter_producer(&config.kafka)?,
+        config: config.clone(),
+    };
+    writer.run(shutdown).await
+}
+
+/// Refreshes the drift metrics every `every` until `shutdown`.
+pub async fn run_periodic_reconcile(
+    reconciler: reconcile::Reconciler,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    let mut ticker = tokio::time::interval(every);
+    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            _ = ticker.tick() => {}
+        }
+        match reconciler.report(None).await {
+            Ok(report) => {
+                for goods in &report.goods {
+                    metrics::gauge!("seckill_reconcile_drift", "goods_id" => goods.goods_id.clone())
+                        .set(goods.drift.magnitude() as f64);
+                }
+                metrics::gauge!("seckill_reconcile_settled").set(if report.settled {
+                    1.0
+                } else {
+                    0.0
+                });
+                if report.settled && !report.is_clean() {
+                    tracing::warn!(
+                        drift = report.total_drift(),
+                        "reconcile found drift at rest"
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "periodic reconcile failed"),
+        }
+    }
+}
+
+/// Runs the HTTP service until `shutdown`, then drains in-flight requests. With a pipeline,
+/// the relay, the writer and the periodic reconcile run in the same process and stop in order.
 pub async fn serve(
     config: ServeConfig,
     metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
-    shutdown: impl Future<Output = ()> + Send + 'static,
+    pipeline: Option<PipelineConfig>,
+    shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     if config.secret.is_empty() {
         anyhow::bail!("the shared secret must not be empty");
@@ -63,6 +148,30 @@ pub async fn serve(
     let redis = connect_redis(&config.stores.redis_url).await?;
     let mysql = db::connect(&config.stores.mysql_url).await?;
     let keys = KeySpace::new(config.stores.key_prefix.clone());
+    let mut background = tokio::task::JoinSet::new();
+    if let Some(pipeline) = pipeline {
+        let stores = config.stores.clone();
+        let (kafka, name, token) = (
+            pipeline.writer.kafka.clone(),
+            pipeline.relay_name.clone(),
+            shutdown.clone(),
+        );
+        background.spawn(async move { run_relay(&stores, &kafka, &name, token).await });
+        let stores = config.stores.clone();
+        let (writer, token) = (pipeline.writer.clone(), shutdown.clone());
+        background.spawn(async move { run_writer(&stores, &writer, token).await });
+        let reconciler = reconcile::Reconciler {
+            redis: redis.clone(),
+            keys: keys.clone(),
+            mysql: mysql.clone(),
+            kafka: pipeline.writer.kafka.clone(),
+        };
+        let token = shutdown.clone();
+        background.spawn(async move {
+            run_periodic_reconcile(reconciler, pipeline.reconcile_every, token).await;
+            Ok(())
+        });
+    }
     let state = Arc::new(http::AppState {
         deducter: Deducter::start(redis.clone(), keys.clone()),
         redis,
@@ -75,9 +184,19 @@ pub async fn serve(
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
     tracing::info!(listen = %listener.local_addr()?, "syncer serving");
-    axum::serve(listener, http::router(state))
-        .with_graceful_shutdown(shutdown)
-        .await?;
+    let served = axum::serve(listener, http::router(state))
+        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+        .await;
+    // The HTTP side has stopped taking deducts: now the pipeline finishes its batch.
+    shutdown.cancel();
+    while let Some(joined) = background.join_next().await {
+        match joined {
+            Ok(Ok(())) => {}
+            Ok(Err(e)) => tracing::error!(error = %e, "pipeline task failed"),
+            Err(e) => tracing::error!(error = %e, "pipeline task panicked"),
+        }
+    }
+    served?;
     tracing::info!("syncer stopped");
     Ok(())
 }

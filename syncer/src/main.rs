@@ -2,9 +2,14 @@
 
 use std::net::SocketAddr;
 use std::process::ExitCode;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
-use seckill_syncer::{db, keys::KeySpace, preheat, ServeConfig, StoreConfig};
+use seckill_syncer::kafka::KafkaConfig;
+use seckill_syncer::reconcile::Reconciler;
+use seckill_syncer::writer::WriterConfig;
+use seckill_syncer::{db, keys::KeySpace, preheat, PipelineConfig, ServeConfig, StoreConfig};
+use tokio_util::sync::CancellationToken;
 
 #[derive(Parser)]
 #[command(
@@ -48,6 +53,67 @@ impl StoreArgs {
     }
 }
 
+#[derive(Args, Clone)]
+struct KafkaArgs {
+    /// Kafka bootstrap servers (any Kafka-protocol broker).
+    #[arg(long, env = "SECKILL_KAFKA_BROKERS", default_value = "127.0.0.1:9092")]
+    kafka_brokers: String,
+    /// Topic of sale events, keyed by goods id.
+    #[arg(long, env = "SECKILL_TOPIC", default_value = "seckill.sales")]
+    topic: String,
+    /// Topic for messages the writer cannot parse or apply.
+    #[arg(
+        long,
+        env = "SECKILL_DEAD_LETTER_TOPIC",
+        default_value = "seckill.sales.dead-letter"
+    )]
+    dead_letter_topic: String,
+    /// Consumer group of the MySQL writer.
+    #[arg(
+        long,
+        env = "SECKILL_CONSUMER_GROUP",
+        default_value = "seckill-mysql-writer"
+    )]
+    consumer_group: String,
+}
+
+impl KafkaArgs {
+    fn config(&self) -> KafkaConfig {
+        KafkaConfig {
+            brokers: self.kafka_brokers.clone(),
+            topic: self.topic.clone(),
+            dead_letter_topic: self.dead_letter_topic.clone(),
+            group: self.consumer_group.clone(),
+        }
+    }
+}
+
+#[derive(Args, Clone)]
+struct WriterArgs {
+    #[command(flatten)]
+    kafka: KafkaArgs,
+    /// A batch closes at this many events (1 to 10000)...
+    #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    batch_size: u64,
+    /// ...or this many milliseconds after its first event (1 to 10000).
+    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    batch_wait_ms: u64,
+    /// Partitions of the topic this writer applies, comma-separated (default: all).
+    #[arg(long, value_delimiter = ',')]
+    partitions: Option<Vec<i32>>,
+}
+
+impl WriterArgs {
+    fn config(&self) -> WriterConfig {
+        WriterConfig {
+            kafka: self.kafka.config(),
+            batch_size_max: self.batch_size as usize,
+            batch_wait: Duration::from_millis(self.batch_wait_ms),
+            partitions: self.partitions.clone(),
+        }
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Serve the deduct endpoint, the admin API, /healthz and /metrics.
@@ -60,6 +126,56 @@ enum Command {
         /// Shared secret the filter and admin callers send in x-seckill-secret.
         #[arg(long, env = "SECKILL_SECRET", hide_env_values = true)]
         secret: String,
+        /// Also run the relay, the batched writer and the periodic reconcile in this process.
+        #[arg(long)]
+        pipeline: bool,
+        #[command(flatten)]
+        writer: WriterArgs,
+        /// Name of this relay in the outbox consumer group (keep it stable across restarts).
+        #[arg(long, env = "SECKILL_RELAY_NAME", default_value = "relay-0")]
+        relay_name: String,
+        /// Seconds between periodic reconciles (drift metric), with --pipeline.
+        #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        reconcile_every_s: u64,
+    },
+    /// Relay sale events from the Redis outboxes to Kafka.
+    Relay {
+        #[command(flatten)]
+        stores: StoreArgs,
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        /// Name of this relay in the outbox consumer group (keep it stable across restarts).
+        #[arg(long, env = "SECKILL_RELAY_NAME", default_value = "relay-0")]
+        relay_name: String,
+        /// Serve /metrics on this address.
+        #[arg(long)]
+        metrics_listen: Option<SocketAddr>,
+    },
+    /// Consume sale events from Kafka and write them to MySQL in batches.
+    Write {
+        #[command(flatten)]
+        stores: StoreArgs,
+        #[command(flatten)]
+        writer: WriterArgs,
+        /// Serve /metrics on this address.
+        #[arg(long)]
+        metrics_listen: Option<SocketAddr>,
+    },
+    /// Compare Redis with MySQL and report the drift; exit status 2 when there is drift.
+    Reconcile {
+        #[command(flatten)]
+        stores: StoreArgs,
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        /// Only this goods.
+        #[arg(long)]
+        goods: Option<String>,
+        /// Re-send orders MySQL lacks and recompute MySQL's counters from its order rows.
+        #[arg(long)]
+        repair: bool,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
     },
     /// Create or update the MySQL schema and exit.
     Migrate {
@@ -98,7 +214,7 @@ fn main() -> ExitCode {
         }
     };
     match runtime.block_on(run(cli.command)) {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => code,
         Err(e) => {
             eprintln!("error: {e:#}");
             ExitCode::FAILURE
@@ -106,27 +222,57 @@ fn main() -> ExitCode {
     }
 }
 
-async fn run(command: Command) -> anyhow::Result<()> {
+async fn run(command: Command) -> anyhow::Result<ExitCode> {
+    let shutdown = CancellationToken::new();
+    let token = shutdown.clone();
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        token.cancel();
+    });
     match command {
         Command::Serve {
             stores,
             listen,
             secret,
+            pipeline,
+            writer,
+            relay_name,
+            reconcile_every_s,
         } => {
-            let metrics = metrics_exporter_prometheus::PrometheusBuilder::new()
-                .install_recorder()
-                .map_err(|e| anyhow::anyhow!("cannot install the metrics recorder: {e}"))?;
+            let metrics = install_metrics()?;
             let config = ServeConfig {
                 stores: stores.config(),
                 listen,
                 secret,
             };
-            seckill_syncer::serve(config, Some(metrics), shutdown_signal()).await
+            let pipeline = pipeline.then(|| PipelineConfig {
+                writer: writer.config(),
+                relay_name,
+                reconcile_every: Duration::from_secs(reconcile_every_s),
+            });
+            seckill_syncer::serve(config, Some(metrics), pipeline, shutdown).await?;
+        }
+        Command::Relay {
+            stores,
+            kafka,
+            relay_name,
+            metrics_listen,
+        } => {
+            serve_metrics(metrics_listen, shutdown.clone()).await?;
+            seckill_syncer::run_relay(&stores.config(), &kafka.config(), &relay_name, shutdown)
+                .await?;
+        }
+        Command::Write {
+            stores,
+            writer,
+            metrics_listen,
+        } => {
+            serve_metrics(metrics_listen, shutdown.clone()).await?;
+            seckill_syncer::run_writer(&stores.config(), &writer.config(), shutdown).await?;
         }
         Command::Migrate { stores } => {
             db::connect(&stores.mysql_url).await?;
             println!("schema is up to date");
-            Ok(())
         }
         Command::Preheat {
             stores,
@@ -146,9 +292,109 @@ async fn run(command: Command) -> anyhow::Result<()> {
                 "preheated {goods}: {} units, per-user limit {}, epoch {epoch}",
                 stored.sale.total_stock, stored.sale.per_user_limit
             );
-            Ok(())
+        }
+        Command::Reconcile {
+            stores,
+            kafka,
+            goods,
+            repair,
+            json,
+        } => {
+            let reconciler = Reconciler {
+                redis: seckill_syncer::connect_redis(&stores.redis_url).await?,
+                keys: KeySpace::new(stores.key_prefix.clone()),
+                mysql: db::connect(&stores.mysql_url).await?,
+                kafka: kafka.config(),
+            };
+            let mut report = reconciler.report(goods.as_deref()).await?;
+            if repair {
+                let repaired = reconciler.repair(&report).await?;
+                eprintln!(
+                    "repair: {} orders re-sent through the outbox, counters recomputed for {} goods",
+                    repaired.orders_resent, repaired.counters_recomputed
+                );
+                report = reconciler.report(goods.as_deref()).await?;
+            }
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print_report(&report);
+            }
+            if !report.is_clean() {
+                return Ok(ExitCode::from(2));
+            }
         }
     }
+    Ok(ExitCode::SUCCESS)
+}
+
+fn install_metrics() -> anyhow::Result<metrics_exporter_prometheus::PrometheusHandle> {
+    metrics_exporter_prometheus::PrometheusBuilder::new()
+        .install_recorder()
+        .map_err(|e| anyhow::anyhow!("cannot install the metrics recorder: {e}"))
+}
+
+/// For the relay and the writer run alone: /metrics on its own small listener.
+async fn serve_metrics(
+    listen: Option<SocketAddr>,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let handle = install_metrics()?;
+    let Some(listen) = listen else { return Ok(()) };
+    let listener = tokio::net::TcpListener::bind(listen)
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot listen on {listen}: {e}"))?;
+    let app = axum::Router::new().route(
+        "/metrics",
+        axum::routing::get(move || std::future::ready(handle.render())),
+    );
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app)
+            .with_graceful_shutdown(shutdown.cancelled_owned())
+            .await;
+    });
+    Ok(())
+}
+
+fn print_report(report: &seckill_syncer::reconcile::Report) {
+    println!(
+        "{:<24} {:>28} {:>28} {:>12} {:>18}",
+        "goods", "redis avail/resv/sold", "mysql avail/resv/sold", "in outbox", "drift a/r/s"
+    );
+    for g in &report.goods {
+        let redis = g
+            .redis
+            .map(|r| format!("{}/{}/{}", r.available, r.reserved, r.sold))
+            .unwrap_or_else(|| "-".into());
+        let mysql = g
+            .mysql
+            .map(|m| format!("{}/{}/{}", m.available, m.reserved, m.sold))
+            .unwrap_or_else(|| "-".into());
+        println!(
+            "{:<24} {:>28} {:>28} {:>12} {:>18}",
+            g.goods_id,
+            redis,
+            mysql,
+            g.outbox_events,
+            format!(
+                "{}/{}/{}",
+                g.drift.available, g.drift.reserved, g.drift.sold
+            )
+        );
+    }
+    let lag = report
+        .kafka_lag
+        .map(|l| l.to_string())
+        .unwrap_or_else(|| "unknown".into());
+    println!(
+        "kafka lag: {lag}; {}; total drift {}",
+        if report.settled {
+            "settled (drift is final)"
+        } else {
+            "events in flight (drift may still close)"
+        },
+        report.total_drift()
+    );
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

@@ -3,10 +3,13 @@
 //! Every server runs on a free port and is killed when its handle drops.
 
 pub mod envoy;
+pub mod kafka_broker;
 pub mod mysql_db;
+pub mod pipeline;
 pub mod process;
 pub mod redis_server;
 pub mod shop;
 pub mod stack;
 pub mod syncer;
+pub mod tcp_proxy;
 pub mod wrk;

@@ -59,6 +59,24 @@ impl ChildGuard {
         all[all.len().saturating_sub(lines)..].join("\n")
     }
 
+    /// Asks the process to stop (SIGTERM) and waits for it, up to `deadline`; then kills it.
+    pub fn terminate(&mut self, deadline: std::time::Duration) {
+        if let Some(mut child) = self.child.take() {
+            let _ = Command::new("kill")
+                .args(["-TERM", &child.id().to_string()])
+                .status();
+            let started = Instant::now();
+            while started.elapsed() < deadline {
+                if let Ok(Some(_)) = child.try_wait() {
+                    return;
+                }
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+
     /// Kills the process now (SIGKILL) and waits for it.
     pub fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

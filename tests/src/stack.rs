@@ -92,6 +92,7 @@ impl Stack {
                 mysql_url: &db.url(),
                 key_prefix: &key_prefix,
                 secret: SECRET,
+                kafka: None,
             };
             Some(SyncerProcess::start(&scratch.path, &args).await?)
         };

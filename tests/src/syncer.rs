@@ -7,6 +7,7 @@ use std::time::Duration;
 use crate::process::{free_port, locate, profile_dir, wait_for, ChildGuard};
 
 pub struct SyncerProcess {
+    /// The HTTP port (`serve`) or the metrics port (`relay`, `write`).
     pub port: u16,
     process: ChildGuard,
 }
@@ -16,6 +17,19 @@ pub struct SyncerArgs<'a> {
     pub mysql_url: &'a str,
     pub key_prefix: &'a str,
     pub secret: &'a str,
+    /// Kafka bootstrap address, for the roles that speak Kafka.
+    pub kafka: Option<&'a str>,
+}
+
+/// What the process runs.
+#[derive(Debug, Clone)]
+pub enum Role {
+    /// The HTTP service; with `pipeline`, also the relay, the writer and periodic reconcile.
+    Serve { pipeline: bool },
+    /// The outbox relay alone, under this name in the outbox consumer group.
+    Relay { name: String },
+    /// The batched MySQL writer alone.
+    Write { batch_size: u32, batch_wait_ms: u32 },
 }
 
 pub fn syncer_binary() -> anyhow::Result<std::path::PathBuf> {
@@ -27,11 +41,22 @@ pub fn syncer_binary() -> anyhow::Result<std::path::PathBuf> {
 }
 
 impl SyncerProcess {
+    /// The HTTP service alone.
     pub async fn start(dir: &Path, args: &SyncerArgs<'_>) -> anyhow::Result<Self> {
+        Self::start_role(dir, args, Role::Serve { pipeline: false }, &[]).await
+    }
+
+    /// Starts `role`, with extra environment (say `SECKILL_CRASH_AT`).
+    pub async fn start_role(
+        dir: &Path,
+        args: &SyncerArgs<'_>,
+        role: Role,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let binary = syncer_binary()?;
         let mut last_error = None;
         for _ in 0..3 {
-            match Self::try_start(&binary, dir, args).await {
+            match Self::try_start(&binary, dir, args, &role, env).await {
                 Ok(syncer) => return Ok(syncer),
                 Err(e) => last_error = Some(e),
             }
@@ -39,27 +64,67 @@ impl SyncerProcess {
         Err(last_error.unwrap_or_else(|| anyhow::anyhow!("syncer did not start")))
     }
 
-    async fn try_start(binary: &Path, dir: &Path, args: &SyncerArgs<'_>) -> anyhow::Result<Self> {
+    async fn try_start(
+        binary: &Path,
+        dir: &Path,
+        args: &SyncerArgs<'_>,
+        role: &Role,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let port = free_port()?;
         let mut command = Command::new(binary);
+        let (name, ready_path) = match role {
+            Role::Serve { pipeline } => {
+                command
+                    .arg("serve")
+                    .args(["--listen", &format!("127.0.0.1:{port}")])
+                    .args(["--secret", args.secret]);
+                if *pipeline {
+                    command.args(["--pipeline", "--reconcile-every-s", "1"]);
+                }
+                ("serve", "/healthz")
+            }
+            Role::Relay { name } => {
+                command
+                    .arg("relay")
+                    .args(["--relay-name", name])
+                    .args(["--metrics-listen", &format!("127.0.0.1:{port}")]);
+                ("relay", "/metrics")
+            }
+            Role::Write {
+                batch_size,
+                batch_wait_ms,
+            } => {
+                command
+                    .arg("write")
+                    .args(["--batch-size", &batch_size.to_string()])
+                    .args(["--batch-wait-ms", &batch_wait_ms.to_string()])
+                    .args(["--metrics-listen", &format!("127.0.0.1:{port}")]);
+                ("write", "/metrics")
+            }
+        };
         command
-            .arg("serve")
-            .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--redis-url", args.redis_url])
             .args(["--mysql-url", args.mysql_url])
             .args(["--key-prefix", args.key_prefix])
-            .args(["--secret", args.secret])
             .env("RUST_LOG", "warn,seckill_syncer=info");
-        let mut process = ChildGuard::spawn(
-            "seckill-syncer",
-            command,
-            &dir.join(format!("syncer-{port}.log")),
-        )?;
-        let health = format!("http://127.0.0.1:{port}/healthz");
+        let takes_kafka = !matches!(role, Role::Serve { pipeline: false });
+        if takes_kafka {
+            let kafka = args
+                .kafka
+                .ok_or_else(|| anyhow::anyhow!("{name} needs a Kafka broker"))?;
+            command.args(["--kafka-brokers", kafka]);
+        }
+        for (key, value) in env {
+            command.env(key, value);
+        }
+        let log = dir.join(format!("syncer-{name}-{port}.log"));
+        let mut process = ChildGuard::spawn("seckill-syncer", command, &log)?;
+        let ready = format!("http://127.0.0.1:{port}{ready_path}");
         let client = reqwest::Client::new();
-        wait_for("the syncer's /healthz", Duration::from_secs(30), || {
+        wait_for("the syncer to be ready", Duration::from_secs(30), || {
             let running = process.check_running();
-            let request = client.get(&health).send();
+            let request = client.get(&ready).send();
             async move {
                 running?;
                 Ok(request
@@ -77,16 +142,50 @@ impl SyncerProcess {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// Kills the process now (SIGKILL).
     pub fn kill(&mut self) {
         self.process.kill();
     }
 
-    /// Deduct calls the syncer has answered, by outcome, read from its /metrics.
-    pub async fn deduct_calls(&self) -> anyhow::Result<u64> {
-        let text = reqwest::get(format!("{}/metrics", self.url()))
+    /// Fails if the process has exited.
+    pub fn check_running(&mut self) -> anyhow::Result<()> {
+        self.process.check_running()
+    }
+
+    /// Whether the process has exited (say, at a crash point).
+    pub fn has_exited(&mut self) -> bool {
+        self.process.check_running().is_err()
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.process.pid()
+    }
+
+    /// Sends SIGTERM and waits (bounded) for the process to exit on its own.
+    pub async fn terminate(&mut self, deadline: Duration) -> anyhow::Result<()> {
+        let pid = self.pid().ok_or_else(|| anyhow::anyhow!("not running"))?;
+        let status = Command::new("kill")
+            .args(["-TERM", &pid.to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -TERM {pid} failed");
+        wait_for("the syncer to exit after SIGTERM", deadline, || {
+            let exited = self.has_exited();
+            async move { Ok(exited.then_some(())) }
+        })
+        .await
+    }
+
+    /// The text of its /metrics.
+    pub async fn metrics(&self) -> anyhow::Result<String> {
+        Ok(reqwest::get(format!("{}/metrics", self.url()))
             .await?
             .text()
-            .await?;
+            .await?)
+    }
+
+    /// Deduct calls the syncer has answered, read from its /metrics.
+    pub async fn deduct_calls(&self) -> anyhow::Result<u64> {
+        let text = self.metrics().await?;
         Ok(sum_metric(&text, "seckill_deduct_total")
             + sum_metric(&text, "seckill_deduct_errors_total"))
     }

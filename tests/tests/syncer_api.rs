@@ -30,6 +30,7 @@ impl Fixture {
             mysql_url: &db.url(),
             key_prefix: &prefix,
             secret: SECRET,
+            kafka: None,
         };
         let syncer = SyncerProcess::start(&scratch.path, &args).await.unwrap();
         let http = reqwest::Client::builder()

@@ -1,0 +1,20 @@
+-- Orders as the batched writer records them, one row per order id (the primary key makes a
+-- redelivered event a no-op), and the sale's reserved and sold counters, so that MySQL keeps
+-- total_stock = stock + reserved + sold like Redis does.
+CREATE TABLE IF NOT EXISTS orders (
+    order_id     VARCHAR(128)     NOT NULL PRIMARY KEY,
+    goods_id     VARCHAR(128)     NOT NULL,
+    user_id      VARCHAR(128)     NOT NULL,
+    quantity     INT UNSIGNED     NOT NULL,
+    request_id   VARCHAR(128)     NOT NULL,
+    state        VARCHAR(16)      NOT NULL,
+    reserved_at  DATETIME(3)      NOT NULL,
+    -- When the writer applied the event: reserved_at to written_at is the pipeline's lag.
+    written_at   DATETIME(3)      NOT NULL DEFAULT CURRENT_TIMESTAMP(3),
+    updated_at   DATETIME(3)      NOT NULL DEFAULT CURRENT_TIMESTAMP(3) ON UPDATE CURRENT_TIMESTAMP(3),
+    KEY orders_by_goods (goods_id, state)
+) ENGINE = InnoDB;
+
+ALTER TABLE sales
+    ADD COLUMN IF NOT EXISTS reserved BIGINT NOT NULL DEFAULT 0 AFTER stock,
+    ADD COLUMN IF NOT EXISTS sold     BIGINT NOT NULL DEFAULT 0 AFTER reserved;

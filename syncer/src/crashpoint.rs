@@ -1,0 +1,20 @@
+//! Test hook: `SECKILL_CRASH_AT=<name>` makes the process abort (as a kill -9 would stop it)
+//! the first time it reaches the crash point of that name. The crash tests use it to stop the
+//! relay or the writer at the one moment that matters (after Kafka delivered, before the
+//! outbox ack; after the MySQL commit, before the offset commit), which a kill from outside
+//! can only hit by luck. Unset, it costs one comparison.
+
+use std::sync::OnceLock;
+
+pub const RELAY_AFTER_PUBLISH: &str = "relay-after-publish";
+pub const WRITER_AFTER_DB_COMMIT: &str = "writer-after-db-commit";
+
+static CRASH_AT: OnceLock<Option<String>> = OnceLock::new();
+
+pub fn crashpoint(name: &str) {
+    let armed = CRASH_AT.get_or_init(|| std::env::var("SECKILL_CRASH_AT").ok());
+    if armed.as_deref() == Some(name) {
+        eprintln!("crash point {name} reached: aborting (SECKILL_CRASH_AT)");
+        std::process::abort();
+    }
+}

@@ -1,0 +1,351 @@
+//! The outbox relay: moves sale events from each goods' Redis outbox stream to Kafka.
+//!
+//! It reads with a consumer group, publishes each event keyed by goods id, and only after
+//! Kafka confirmed delivery acknowledges and deletes the stream entries (one MULTI). A crash
+//! between delivery and acknowledgement re-publishes those events on restart; the writer
+//! absorbs the duplicates. While the broker is away the entries wait in the stream (Redis
+//! memory, not ours: the relay holds at most one read batch), and retries back off.
+
+use std::collections::HashSet;
+use std::time::{Duration, Instant};
+
+use rdkafka::message::{Header, OwnedHeaders};
+use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
+use redis::aio::ConnectionManager;
+use redis::streams::{StreamReadOptions, StreamReadReply};
+use redis::AsyncCommands;
+use tokio_util::sync::CancellationToken;
+
+use crate::crashpoint::{crashpoint, RELAY_AFTER_PUBLISH};
+use crate::events::SaleEvent;
+use crate::kafka::KafkaConfig;
+use crate::keys::KeySpace;
+
+/// Consumer group every relay instance joins on every outbox stream.
+pub const GROUP: &str = "relay";
+/// Entries one read takes from one stream: bounds the relay's memory and one publish wave.
+pub const READ_ENTRIES_MAX: usize = 512;
+/// Pause when every stream was empty, so an idle relay costs next to nothing.
+const IDLE_WAIT: Duration = Duration::from_millis(20);
+/// Retry pause after a failure doubles from the first to the last value.
+const BACKOFF_FIRST: Duration = Duration::from_millis(100);
+const BACKOFF_LAST: Duration = Duration::from_secs(5);
+/// Entries another relay instance read but has not acknowledged for this long are taken over.
+const CLAIM_IDLE: Duration = Duration::from_secs(60);
+const CLAIM_EVERY: Duration = Duration::from_secs(30);
+/// Bound on every Redis call of the relay.
+const REDIS_TIMEOUT: Duration = Duration::from_secs(5);
+
+pub struct Relay {
+    pub redis: ConnectionManager,
+    pub keys: KeySpace,
+    pub producer: FutureProducer,
+    pub kafka: KafkaConfig,
+    /// Names this instance in the consumer group: a restarted relay with the same name picks
+    /// up what it had read but not acknowledged.
+    pub name: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+enum RelayError {
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("redis did not answer within {REDIS_TIMEOUT:?}")]
+    RedisTimeout,
+    #[error("{failed} of {total} events were not delivered to Kafka: {first}")]
+    Delivery {
+        failed: usize,
+        total: usize,
+        first: String,
+    },
+}
+
+async fn bounded<T>(
+    call: impl std::future::Future<Output = redis::RedisResult<T>>,
+) -> Result<T, RelayError> {
+    tokio::time::timeout(REDIS_TIMEOUT, call)
+        .await
+        .map_err(|_| RelayError::RedisTimeout)?
+        .map_err(RelayError::from)
+}
+
+impl Relay {
+    /// Relays until `shutdown`, then flushes the producer.
+    pub async fn run(mut self, shutdown: CancellationToken) {
+        tracing::info!(name = %self.name, topic = %self.kafka.topic, "relay started");
+        let mut groups_ready = HashSet::new();
+        let mut backoff = BACKOFF_FIRST;
+        let mut last_claim = Instant::now() - CLAIM_EVERY;
+        let mut last_gauge = Instant::now() - Duration::from_secs(1);
+        while !shutdown.is_cancelled() {
+            let claim = last_claim.elapsed() >= CLAIM_EVERY;
+            if claim {
+                last_claim = Instant::now();
+            }
+            let pause = match self.pass(&mut groups_ready, claim).await {
+                Ok(relayed) => {
+                    backoff = BACKOFF_FIRST;
+                    if relayed == 0 {
+                        IDLE_WAIT
+                    } else {
+                        Duration::ZERO
+                    }
+                }
+                Err(e) => {
+                    metrics::counter!("seckill_relay_errors_total").increment(1);
+                    tracing::warn!(error = %e, retry_in = ?backoff, "relay pass failed; entries stay in the outbox");
+                    if matches!(e, RelayError::Delivery { .. }) {
+                        self.renew_producer();
+                    }
+                    let pause = backoff;
+                    backoff = (backoff * 2).min(BACKOFF_LAST);
+                    pause
+                }
+            };
+            if last_gauge.elapsed() >= Duration::from_secs(1) {
+                last_gauge = Instant::now();
+                if let Ok(length) = self.outbox_length().await {
+                    metrics::gauge!("seckill_outbox_length").set(length as f64);
+                }
+            }
+            if !pause.is_zero() {
+                tokio::select! {
+                    () = shutdown.cancelled() => {}
+                    () = tokio::time::sleep(pause) => {}
+                }
+            }
+        }
+        if let Err(e) = self.producer.flush(Duration::from_secs(10)) {
+            tracing::warn!(error = %e, "producer flush on shutdown failed");
+        }
+        tracing::info!("relay stopped");
+    }
+
+    /// Replaces the producer after failed deliveries (the broker is probably away). The old
+    /// one's queue is purged: what it held is still pending in the outbox and is read again.
+    /// A fresh producer asks the broker for a new producer id when it comes back, which
+    /// Kafka does not need but Tansu 0.6 does: its sqlite storage panics when a producer id
+    /// from before its restart produces to a partition again.
+    fn renew_producer(&mut self) {
+        self.producer
+            .purge(rdkafka::producer::PurgeConfig::default().queue().inflight());
+        match crate::kafka::producer(&self.kafka) {
+            Ok(producer) => self.producer = producer,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot create a new Kafka producer; keeping the old one")
+            }
+        }
+    }
+
+    /// Sum of every goods' outbox length: events not yet confirmed by Kafka.
+    pub async fn outbox_length(&self) -> Result<u64, redis::RedisError> {
+        outbox_length(&self.redis, &self.keys).await
+    }
+
+    /// One pass over every goods' outbox. Returns how many events went to Kafka.
+    async fn pass(
+        &self,
+        groups_ready: &mut HashSet<String>,
+        claim: bool,
+    ) -> Result<usize, RelayError> {
+        let mut conn = self.redis.clone();
+        let goods: Vec<String> = bounded(conn.smembers(self.keys.sales_index())).await?;
+        let mut relayed = 0;
+        let mut first_error = None;
+        for goods_id in goods {
+            let stream = self.keys.goods(&goods_id).outbox;
+            if !groups_ready.contains(&stream) {
+                ensure_group(&mut conn, &stream).await?;
+                groups_ready.insert(stream.clone());
+            }
+            if claim {
+                self.claim_abandoned(&mut conn, &stream).await?;
+            }
+            match self.relay_stream(&mut conn, &stream).await {
+                Ok(n) => relayed += n,
+                // Go on with the other goods: one goods' trouble must not stall the rest.
+                Err(e) => {
+                    first_error.get_or_insert(e);
+                }
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => Ok(relayed),
+        }
+    }
+
+    async fn relay_stream(
+        &self,
+        conn: &mut ConnectionManager,
+        stream: &str,
+    ) -> Result<usize, RelayError> {
+        // Our own pending entries first (read before a crash or a failed delivery), then new.
+        let mut entries = self.read(conn, stream, "0").await?;
+        if entries.is_empty() {
+            entries = self.read(conn, stream, ">").await?;
+        }
+        if entries.is_empty() {
+            return Ok(0);
+        }
+        let total = entries.len();
+        let sends = entries
+            .iter()
+            .map(|(id, fields)| self.publish(stream, id, fields));
+        let results = futures_util::future::join_all(sends).await;
+        crashpoint(RELAY_AFTER_PUBLISH);
+        let mut delivered = Vec::with_capacity(total);
+        let mut first_failure = None;
+        for ((id, _), result) in entries.iter().zip(results) {
+            match result {
+                Ok(()) => delivered.push(id.clone()),
+                Err(e) => {
+                    first_failure.get_or_insert(e);
+                }
+            }
+        }
+        if !delivered.is_empty() {
+            // Acknowledge and delete together: the stream's length stays the backlog.
+            let mut pipe = redis::pipe();
+            pipe.atomic()
+                .xack(stream, GROUP, &delivered)
+                .ignore()
+                .xdel(stream, &delivered)
+                .ignore();
+            bounded(pipe.query_async::<()>(conn)).await?;
+            metrics::counter!("seckill_relay_published_total").increment(delivered.len() as u64);
+        }
+        match first_failure {
+            None => Ok(delivered.len()),
+            Some(first) => Err(RelayError::Delivery {
+                failed: total - delivered.len(),
+                total,
+                first,
+            }),
+        }
+    }
+
+    async fn read(
+        &self,
+        conn: &mut ConnectionManager,
+        stream: &str,
+        from: &str,
+    ) -> Result<Vec<(String, Vec<(String, String)>)>, RelayError> {
+        let options = StreamReadOptions::default()
+            .group(GROUP, &self.name)
+            .count(READ_ENTRIES_MAX);
+        let reply: Option<StreamReadReply> =
+            bounded(conn.xread_options(&[stream], &[from], &options)).await?;
+        let mut entries = Vec::new();
+        for key in reply.map(|r| r.keys).unwrap_or_default() {
+            for entry in key.ids {
+                let fields = entry
+                    .map
+                    .iter()
+                    .filter_map(|(k, v)| {
+                        redis::from_redis_value::<String>(v.clone())
+                            .ok()
+                            .map(|v| (k.clone(), v))
+                    })
+                    .collect();
+                entries.push((entry.id, fields));
+            }
+        }
+        Ok(entries)
+    }
+
+    /// Publishes one outbox entry; a malformed entry goes to the dead-letter topic instead, so
+    /// it is never lost and never blocks the stream.
+    async fn publish(
+        &self,
+        stream: &str,
+        id: &str,
+        fields: &[(String, String)],
+    ) -> Result<(), String> {
+        let (topic, key, payload, headers) = match SaleEvent::from_stream_fields(fields) {
+            Ok(event) => (
+                &self.kafka.topic,
+                event.goods_id().to_owned(),
+                event.to_json(),
+                OwnedHeaders::new(),
+            ),
+            Err(e) => {
+                tracing::error!(stream, id, error = %e, "malformed outbox entry: sent to the dead-letter topic");
+                metrics::counter!("seckill_dead_letters_total", "source" => "outbox").increment(1);
+                let raw = serde_json::to_vec(&fields).unwrap_or_default();
+                let reason = format!("malformed outbox entry {stream} {id}: {e}");
+                let headers = OwnedHeaders::new().insert(Header {
+                    key: "reason",
+                    value: Some(reason.as_bytes()),
+                });
+                (
+                    &self.kafka.dead_letter_topic,
+                    stream.to_owned(),
+                    raw,
+                    headers,
+                )
+            }
+        };
+        let record = FutureRecord::to(topic)
+            .key(&key)
+            .payload(&payload)
+            .headers(headers);
+        self.producer
+            .send(record, Duration::ZERO)
+            .await
+            .map(|_| ())
+            .map_err(|(e, _)| e.to_string())
+    }
+
+    /// Takes over entries another relay instance read long ago and never acknowledged (it
+    /// died and did not come back under its name).
+    async fn claim_abandoned(
+        &self,
+        conn: &mut ConnectionManager,
+        stream: &str,
+    ) -> Result<(), RelayError> {
+        let _: redis::Value = bounded(
+            redis::cmd("XAUTOCLAIM")
+                .arg(stream)
+                .arg(GROUP)
+                .arg(&self.name)
+                .arg(CLAIM_IDLE.as_millis() as u64)
+                .arg("0-0")
+                .arg("COUNT")
+                .arg(READ_ENTRIES_MAX)
+                .arg("JUSTID")
+                .query_async(conn),
+        )
+        .await?;
+        Ok(())
+    }
+}
+
+async fn ensure_group(conn: &mut ConnectionManager, stream: &str) -> Result<(), RelayError> {
+    let created: redis::RedisResult<()> = tokio::time::timeout(
+        REDIS_TIMEOUT,
+        conn.xgroup_create_mkstream(stream, GROUP, "0"),
+    )
+    .await
+    .map_err(|_| RelayError::RedisTimeout)?;
+    match created {
+        Ok(()) => Ok(()),
+        Err(e) if e.code() == Some("BUSYGROUP") => Ok(()),
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// Sum of every goods' outbox length (events Kafka has not confirmed yet).
+pub async fn outbox_length(
+    redis: &ConnectionManager,
+    keys: &KeySpace,
+) -> Result<u64, redis::RedisError> {
+    let mut conn = redis.clone();
+    let goods: Vec<String> = conn.smembers(keys.sales_index()).await?;
+    let mut total = 0;
+    for goods_id in goods {
+        let length: u64 = conn.xlen(keys.goods(&goods_id).outbox).await?;
+        total += length;
+    }
+    Ok(total)
+}

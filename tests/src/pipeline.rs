@@ -1,0 +1,254 @@
+//! The sync pipeline's fixture: a private redis-server, a Tansu broker, a fresh MariaDB
+//! database and the syncer's HTTP service (for deducts and the admin API). Tests add the
+//! relay and the writer as processes of their own, so they can kill them.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use anyhow::Context;
+use redis::AsyncCommands;
+use serde_json::{json, Value};
+use sqlx::Row;
+
+use crate::kafka_broker::KafkaBroker;
+use crate::mysql_db::TestDatabase;
+use crate::process::{unique_suffix, wait_for, Scratch};
+use crate::redis_server::RedisServer;
+use crate::stack::{now_ms, rfc3339, SECRET};
+use crate::syncer::{syncer_binary, Role, SyncerArgs, SyncerProcess};
+
+/// Deduct calls in flight at once while selling.
+const SELL_CONCURRENCY: usize = 64;
+
+pub struct Pipeline {
+    pub api: SyncerProcess,
+    pub broker: KafkaBroker,
+    pub redis: RedisServer,
+    pub db: TestDatabase,
+    pub prefix: String,
+    pub http: reqwest::Client,
+    pub scratch: Scratch,
+}
+
+impl Pipeline {
+    pub async fn start(label: &str) -> anyhow::Result<Pipeline> {
+        let scratch = Scratch::new(&format!("seckill-{label}"))?;
+        let redis = RedisServer::start(&scratch.path).await?;
+        let db = TestDatabase::create(label).await?;
+        let broker = KafkaBroker::start(&scratch.path).await?;
+        let prefix = format!("t{}", unique_suffix());
+        let args = SyncerArgs {
+            redis_url: &redis.url(),
+            mysql_url: &db.url(),
+            key_prefix: &prefix,
+            secret: SECRET,
+            kafka: Some(&broker.bootstrap()),
+        };
+        let api = SyncerProcess::start(&scratch.path, &args).await?;
+        Ok(Pipeline {
+            api,
+            broker,
+            redis,
+            db,
+            prefix,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()?,
+            scratch,
+        })
+    }
+
+    /// Starts a relay or writer process; `mysql_url` overrides the database address (to go
+    /// through a proxy the test can cut).
+    pub async fn spawn(
+        &self,
+        role: Role,
+        mysql_url: Option<&str>,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<SyncerProcess> {
+        let db_url = self.db.url();
+        let args = SyncerArgs {
+            redis_url: &self.redis.url(),
+            mysql_url: mysql_url.unwrap_or(&db_url),
+            key_prefix: &self.prefix,
+            secret: SECRET,
+            kafka: Some(&self.broker.bootstrap()),
+        };
+        SyncerProcess::start_role(&self.scratch.path, &args, role, env).await
+    }
+
+    pub async fn open_sale(
+        &self,
+        goods_id: &str,
+        stock: u64,
+        per_user_limit: u32,
+    ) -> anyhow::Result<()> {
+        let now = now_ms();
+        let response = self
+            .http
+            .put(format!("{}/admin/sales/{goods_id}", self.api.url()))
+            .header(seckill_api::SECRET_HEADER, SECRET)
+            .json(&json!({
+                "total_stock": stock, "per_user_limit": per_user_limit,
+                "starts_at": rfc3339(now - 60_000), "ends_at": rfc3339(now + 3_600_000),
+            }))
+            .send()
+            .await?;
+        anyhow::ensure!(
+            response.status().is_success(),
+            "define: {}",
+            response.text().await?
+        );
+        let response = self
+            .http
+            .post(format!("{}/admin/sales/{goods_id}/preheat", self.api.url()))
+            .header(seckill_api::SECRET_HEADER, SECRET)
+            .send()
+            .await?;
+        anyhow::ensure!(
+            response.status().is_success(),
+            "preheat: {}",
+            response.text().await?
+        );
+        Ok(())
+    }
+
+    /// One purchase through the deduct endpoint; returns the order id if it won.
+    pub async fn buy(
+        &self,
+        goods_id: &str,
+        user: &str,
+        request_id: &str,
+    ) -> anyhow::Result<Option<String>> {
+        let reply: Value = self
+            .http
+            .post(format!("{}{}", self.api.url(), seckill_api::DEDUCT_PATH))
+            .header(seckill_api::SECRET_HEADER, SECRET)
+            .json(&json!({"goods_id": goods_id, "user_id": user, "quantity": 1, "request_id": request_id}))
+            .send()
+            .await?
+            .error_for_status()?
+            .json()
+            .await?;
+        Ok(reply["order_id"].as_str().map(str::to_owned))
+    }
+
+    /// Sells `count` units to distinct users `{tag}-0..count`; returns the order ids.
+    pub async fn sell(
+        self: &Arc<Self>,
+        goods_id: &str,
+        tag: &str,
+        count: usize,
+    ) -> anyhow::Result<Vec<String>> {
+        let slots = Arc::new(tokio::sync::Semaphore::new(SELL_CONCURRENCY));
+        let mut tasks = Vec::with_capacity(count);
+        for i in 0..count {
+            let permit = slots.clone().acquire_owned().await?;
+            let pipeline = self.clone();
+            let goods_id = goods_id.to_owned();
+            let user = format!("{tag}-{i}");
+            tasks.push(tokio::spawn(async move {
+                let _permit = permit;
+                pipeline.buy(&goods_id, &user, &user).await
+            }));
+        }
+        let mut orders = Vec::with_capacity(count);
+        for task in tasks {
+            if let Some(order) = task.await?? {
+                orders.push(order);
+            }
+        }
+        Ok(orders)
+    }
+
+    /// Order rows in MySQL for a goods, and how many distinct order ids they have.
+    pub async fn order_rows(&self, goods_id: &str) -> anyhow::Result<(i64, i64)> {
+        let row =
+            sqlx::query("SELECT COUNT(*), COUNT(DISTINCT order_id) FROM orders WHERE goods_id = ?")
+                .bind(goods_id)
+                .fetch_one(&self.db.pool)
+                .await?;
+        Ok((row.try_get(0)?, row.try_get(1)?))
+    }
+
+    pub async fn order_ids(&self, goods_id: &str) -> anyhow::Result<HashSet<String>> {
+        Ok(
+            sqlx::query("SELECT order_id FROM orders WHERE goods_id = ?")
+                .bind(goods_id)
+                .fetch_all(&self.db.pool)
+                .await?
+                .iter()
+                .filter_map(|row| row.try_get(0).ok())
+                .collect(),
+        )
+    }
+
+    /// MySQL's (stock, reserved, sold) of a sale.
+    pub async fn mysql_stock(&self, goods_id: &str) -> anyhow::Result<(i64, i64, i64)> {
+        let row = sqlx::query("SELECT stock, reserved, sold FROM sales WHERE goods_id = ?")
+            .bind(goods_id)
+            .fetch_one(&self.db.pool)
+            .await?;
+        Ok((row.try_get(0)?, row.try_get(1)?, row.try_get(2)?))
+    }
+
+    /// Redis's (available, reserved, sold) of a sale.
+    pub async fn redis_stock(&self, goods_id: &str) -> anyhow::Result<(i64, i64, i64)> {
+        let mut conn = self.redis.connection().await?;
+        let key = format!("{}:{{{goods_id}}}:sale", self.prefix);
+        let (a, r, s): (i64, i64, i64) = redis::cmd("HMGET")
+            .arg(&key)
+            .arg(&["available", "reserved", "sold"])
+            .query_async(&mut conn)
+            .await?;
+        Ok((a, r, s))
+    }
+
+    pub async fn outbox_len(&self, goods_id: &str) -> anyhow::Result<u64> {
+        let mut conn = self.redis.connection().await?;
+        Ok(conn
+            .xlen(format!("{}:{{{goods_id}}}:outbox", self.prefix))
+            .await?)
+    }
+
+    /// Waits until MySQL holds `rows` orders for the goods.
+    pub async fn wait_for_rows(
+        &self,
+        goods_id: &str,
+        rows: i64,
+        deadline: Duration,
+    ) -> anyhow::Result<()> {
+        wait_for(
+            &format!("{rows} order rows for {goods_id}"),
+            deadline,
+            || async {
+                let (count, _) = self.order_rows(goods_id).await?;
+                anyhow::ensure!(count <= rows, "{count} rows, more than the {rows} sold");
+                Ok((count == rows).then_some(()))
+            },
+        )
+        .await
+    }
+
+    /// Runs `seckill-syncer reconcile --json`; returns its exit code and report.
+    pub fn reconcile(&self, extra: &[&str]) -> anyhow::Result<(i32, Value)> {
+        let output = std::process::Command::new(syncer_binary()?)
+            .arg("reconcile")
+            .args(["--redis-url", &self.redis.url()])
+            .args(["--mysql-url", &self.db.url()])
+            .args(["--key-prefix", &self.prefix])
+            .args(["--kafka-brokers", &self.broker.bootstrap()])
+            .arg("--json")
+            .args(extra)
+            .output()?;
+        let code = output.status.code().unwrap_or(-1);
+        let report = serde_json::from_slice(&output.stdout).with_context(|| {
+            format!(
+                "reconcile printed no report (exit {code}): {}",
+                String::from_utf8_lossy(&output.stderr)
+            )
+        })?;
+        Ok((code, report))
+    }
+}

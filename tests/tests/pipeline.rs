@@ -1,0 +1,351 @@
+//! The sync pipeline end to end against real parts: a private redis-server, a Tansu broker,
+//! a fresh MariaDB database, and the syncer's relay and writer as processes the tests kill.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::message::{Headers, Message};
+use rdkafka::producer::{FutureProducer, FutureRecord};
+use rdkafka::{ClientConfig, Offset, TopicPartitionList};
+use seckill_e2e::kafka_broker::{DEAD_LETTER_TOPIC, TOPIC};
+use seckill_e2e::pipeline::Pipeline;
+use seckill_e2e::process::wait_for;
+use seckill_e2e::syncer::{sum_metric, Role};
+use seckill_e2e::tcp_proxy::TcpProxy;
+
+const DRAIN: Duration = Duration::from_secs(120);
+
+async fn pipeline(label: &str) -> Arc<Pipeline> {
+    Arc::new(
+        Pipeline::start(label)
+            .await
+            .expect("the pipeline fixture starts"),
+    )
+}
+
+fn relay() -> Role {
+    Role::Relay {
+        name: "relay-0".into(),
+    }
+}
+
+fn writer() -> Role {
+    Role::Write {
+        batch_size: 1_000,
+        batch_wait_ms: 100,
+    }
+}
+
+/// After a drain: MySQL has exactly these orders, its counters match Redis, reconcile is clean.
+async fn assert_drained(p: &Pipeline, goods: &str, orders: &[String]) {
+    p.wait_for_rows(goods, orders.len() as i64, DRAIN)
+        .await
+        .unwrap();
+    let (rows, distinct) = p.order_rows(goods).await.unwrap();
+    assert_eq!((rows, distinct), (orders.len() as i64, orders.len() as i64));
+    let in_mysql = p.order_ids(goods).await.unwrap();
+    assert!(
+        orders.iter().all(|o| in_mysql.contains(o)),
+        "every confirmed order is in MySQL"
+    );
+    assert_eq!(
+        p.mysql_stock(goods).await.unwrap(),
+        p.redis_stock(goods).await.unwrap()
+    );
+    assert_eq!(p.outbox_len(goods).await.unwrap(), 0);
+    // The writer commits offsets right after the database: wait for the lag to reach zero.
+    let report = wait_for("reconcile to settle", Duration::from_secs(30), || async {
+        let (code, report) = p.reconcile(&[]).unwrap();
+        Ok((report["settled"] == true).then_some((code, report)))
+    })
+    .await
+    .unwrap();
+    assert_eq!(report.0, 0, "reconcile is clean at rest: {}", report.1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn ten_thousand_sales_become_ten_thousand_rows() {
+    let p = pipeline("tenk").await;
+    p.open_sale("bulk", 10_000, 1).await.unwrap();
+    let _relay = p.spawn(relay(), None, &[]).await.unwrap();
+    let _writer = p.spawn(writer(), None, &[]).await.unwrap();
+    let orders = p.sell("bulk", "u", 10_000).await.unwrap();
+    assert_eq!(orders.len(), 10_000);
+    assert_drained(&p, "bulk", &orders).await;
+    assert_eq!(p.mysql_stock("bulk").await.unwrap(), (0, 10_000, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writer_killed_mid_batch_loses_and_doubles_nothing() {
+    let p = pipeline("writerkill").await;
+    p.open_sale("g", 6_000, 1).await.unwrap();
+    let _relay = p.spawn(relay(), None, &[]).await.unwrap();
+    let orders = p.sell("g", "a", 3_000).await.unwrap();
+
+    // 1. Dies right after its first database commit, before committing the Kafka offsets.
+    let mut first = p
+        .spawn(
+            writer(),
+            None,
+            &[("SECKILL_CRASH_AT", "writer-after-db-commit")],
+        )
+        .await
+        .unwrap();
+    wait_for("the writer to crash at its crash point", DRAIN, || {
+        let exited = first.has_exited();
+        async move { Ok(exited.then_some(())) }
+    })
+    .await
+    .unwrap();
+    let (rows_at_crash, _) = p.order_rows("g").await.unwrap();
+    assert!(rows_at_crash > 0, "the crash came after a database commit");
+
+    // 2. Killed with SIGKILL at an arbitrary moment while it works through small batches.
+    let more = p.sell("g", "b", 3_000).await.unwrap();
+    let mut second = p
+        .spawn(
+            Role::Write {
+                batch_size: 50,
+                batch_wait_ms: 10,
+            },
+            None,
+            &[],
+        )
+        .await
+        .unwrap();
+    wait_for("the writer to make progress", DRAIN, || async {
+        let (rows, _) = p.order_rows("g").await?;
+        Ok((rows > rows_at_crash + 200).then_some(()))
+    })
+    .await
+    .unwrap();
+    second.kill();
+    let (rows_at_kill, _) = p.order_rows("g").await.unwrap();
+    assert!(
+        rows_at_kill < 6_000,
+        "killed mid-stream ({rows_at_kill} rows)"
+    );
+
+    let third = p.spawn(writer(), None, &[]).await.unwrap();
+    let all: Vec<String> = orders.into_iter().chain(more).collect();
+    assert_drained(&p, "g", &all).await;
+    let metrics = third.metrics().await.unwrap();
+    assert!(
+        sum_metric(&metrics, "seckill_writer_duplicates_total") > 0,
+        "redelivered events reached the restarted writer and were absorbed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn relay_killed_after_delivery_before_ack_duplicates_are_absorbed() {
+    let p = pipeline("relaykill").await;
+    p.open_sale("g", 2_000, 1).await.unwrap();
+    let orders = p.sell("g", "u", 2_000).await.unwrap();
+    let writer = p.spawn(writer(), None, &[]).await.unwrap();
+
+    let mut crashing = p
+        .spawn(
+            relay(),
+            None,
+            &[("SECKILL_CRASH_AT", "relay-after-publish")],
+        )
+        .await
+        .unwrap();
+    wait_for("the relay to crash after delivery", DRAIN, || {
+        let exited = crashing.has_exited();
+        async move { Ok(exited.then_some(())) }
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        p.outbox_len("g").await.unwrap(),
+        2_000,
+        "nothing was acknowledged"
+    );
+
+    // Same name: it re-reads what it had read but not acknowledged, and publishes it again.
+    let _relay = p.spawn(relay(), None, &[]).await.unwrap();
+    assert_drained(&p, "g", &orders).await;
+    let metrics = writer.metrics().await.unwrap();
+    assert!(
+        sum_metric(&metrics, "seckill_writer_duplicates_total") > 0,
+        "the republished events reached the writer and were absorbed"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn broker_outage_is_absorbed_by_the_outbox() {
+    let p = pipeline("brokerdown").await;
+    p.open_sale("g", 100_000, 1).await.unwrap();
+    let _relay = p.spawn(relay(), None, &[]).await.unwrap();
+    let _writer = p.spawn(writer(), None, &[]).await.unwrap();
+    let mut orders = p.sell("g", "before", 500).await.unwrap();
+    p.wait_for_rows("g", 500, DRAIN).await.unwrap();
+
+    // The broker is away for at least 20 s while the sale goes on.
+    p.broker.stop();
+    let down_since = Instant::now();
+    let mut round = 0;
+    let mut outbox_peak = 0;
+    while down_since.elapsed() < Duration::from_secs(21) {
+        orders.extend(p.sell("g", &format!("down{round}"), 100).await.unwrap());
+        outbox_peak = outbox_peak.max(p.outbox_len("g").await.unwrap());
+        round += 1;
+    }
+    assert!(
+        outbox_peak >= 1_000,
+        "sales waited in the outbox (peak {outbox_peak})"
+    );
+    let (rows_while_down, _) = p.order_rows("g").await.unwrap();
+    assert!(rows_while_down < orders.len() as i64);
+
+    p.broker.resume().await.unwrap();
+    assert_drained(&p, "g", &orders).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mysql_cut_off_commits_no_offsets_and_recovers() {
+    let p = pipeline("mysqlcut").await;
+    p.open_sale("g", 10_000, 1).await.unwrap();
+    let _relay = p.spawn(relay(), None, &[]).await.unwrap();
+    let proxy = TcpProxy::start("127.0.0.1:3306".parse().unwrap())
+        .await
+        .unwrap();
+    let via_proxy =
+        p.db.url()
+            .replace("127.0.0.1:3306", &proxy.addr.to_string());
+    assert_ne!(via_proxy, p.db.url());
+    let writer = p.spawn(writer(), Some(&via_proxy), &[]).await.unwrap();
+    let mut orders = p.sell("g", "a", 300).await.unwrap();
+    p.wait_for_rows("g", 300, DRAIN).await.unwrap();
+
+    proxy.cut();
+    orders.extend(p.sell("g", "b", 700).await.unwrap());
+    // Every event reaches Kafka, none reaches MySQL, and the writer commits no offsets.
+    wait_for("the events to wait in Kafka", DRAIN, || async {
+        let (_, report) = p.reconcile(&[])?;
+        Ok((p.outbox_len("g").await? == 0 && report["kafka_lag"] == 700).then_some(()))
+    })
+    .await
+    .unwrap();
+    wait_for("the writer to hit the cut", DRAIN, || async {
+        let errors = sum_metric(&writer.metrics().await?, "seckill_writer_errors_total");
+        Ok((errors >= 2).then_some(()))
+    })
+    .await
+    .unwrap();
+    assert_eq!(p.order_rows("g").await.unwrap().0, 300);
+    let (_, report) = p.reconcile(&[]).unwrap();
+    assert_eq!(
+        report["kafka_lag"], 700,
+        "no offsets committed while MySQL is away"
+    );
+
+    proxy.restore();
+    assert_drained(&p, "g", &orders).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unparsable_message_goes_to_dead_letter_and_the_partition_flows() {
+    let p = pipeline("deadletter").await;
+    p.open_sale("g", 1_000, 1).await.unwrap();
+    let writer = p.spawn(writer(), None, &[]).await.unwrap();
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", p.broker.bootstrap())
+        .create()
+        .unwrap();
+    // Same key as the sales, so the same partition: what follows must not be blocked.
+    for payload in [
+        &b"{not json"[..],
+        br#"{"type":"reserved","order_id":"g.1.x","goods_id":"g"}"#,
+    ] {
+        producer
+            .send(
+                FutureRecord::to(TOPIC).key("g").payload(payload),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)
+            .unwrap();
+    }
+    let _relay = p.spawn(relay(), None, &[]).await.unwrap();
+    let orders = p.sell("g", "u", 200).await.unwrap();
+    assert_drained(&p, "g", &orders).await;
+    assert_eq!(
+        sum_metric(
+            &writer.metrics().await.unwrap(),
+            "seckill_dead_letters_total"
+        ),
+        2
+    );
+
+    let letters = read_topic(&p.broker.bootstrap(), DEAD_LETTER_TOPIC, 2);
+    assert_eq!(letters.len(), 2);
+    assert_eq!(letters[0].0, b"{not json");
+    assert!(
+        letters.iter().all(|(_, reason)| !reason.is_empty()),
+        "{letters:?}"
+    );
+    assert!(
+        letters[1].1.contains("missing field"),
+        "the reason says why: {}",
+        letters[1].1
+    );
+}
+
+/// Reads `count` messages (payload, `reason` header) from partition 0 of a topic.
+fn read_topic(bootstrap: &str, topic: &str, count: usize) -> Vec<(Vec<u8>, String)> {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "test-reader")
+        .create()
+        .unwrap();
+    let mut list = TopicPartitionList::new();
+    list.add_partition_offset(topic, 0, Offset::Beginning)
+        .unwrap();
+    consumer.assign(&list).unwrap();
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut messages = Vec::new();
+    while messages.len() < count && Instant::now() < deadline {
+        if let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) {
+            let reason = message
+                .headers()
+                .and_then(|h| h.iter().find(|h| h.key == "reason"))
+                .and_then(|h| h.value)
+                .map(|v| String::from_utf8_lossy(v).into_owned())
+                .unwrap_or_default();
+            messages.push((message.payload().unwrap_or_default().to_vec(), reason));
+        }
+    }
+    messages
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn reconcile_is_zero_at_rest_and_sees_a_tamper() {
+    let p = pipeline("reconcile").await;
+    p.open_sale("g", 500, 1).await.unwrap();
+    let _relay = p.spawn(relay(), None, &[]).await.unwrap();
+    let _writer = p.spawn(writer(), None, &[]).await.unwrap();
+    let orders = p.sell("g", "u", 120).await.unwrap();
+    assert_drained(&p, "g", &orders).await;
+
+    sqlx::query("UPDATE sales SET stock = stock - 3, reserved = reserved + 3 WHERE goods_id = 'g'")
+        .execute(&p.db.pool)
+        .await
+        .unwrap();
+    let (code, report) = p.reconcile(&[]).unwrap();
+    assert_eq!(code, 2, "drift is reported: {report}");
+    let drift = &report["goods"][0]["drift"];
+    assert_eq!(
+        (drift["available"].as_i64(), drift["reserved"].as_i64()),
+        (Some(-3), Some(3))
+    );
+
+    let (code, report) = p.reconcile(&["--repair"]).unwrap();
+    assert_eq!(
+        code, 0,
+        "repair recomputes MySQL's counters from its rows: {report}"
+    );
+    assert_eq!(p.mysql_stock("g").await.unwrap(), (380, 120, 0));
+}
