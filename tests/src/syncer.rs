@@ -161,16 +161,20 @@ impl SyncerProcess {
         self.process.pid()
     }
 
-    /// Sends SIGTERM and waits (bounded) for the process to exit on its own.
-    pub async fn terminate(&mut self, deadline: Duration) -> anyhow::Result<()> {
+    /// Sends SIGTERM and waits (bounded) for the process to exit on its own; returns its
+    /// exit status.
+    pub async fn terminate(
+        &mut self,
+        deadline: Duration,
+    ) -> anyhow::Result<std::process::ExitStatus> {
         let pid = self.pid().ok_or_else(|| anyhow::anyhow!("not running"))?;
         let status = Command::new("kill")
             .args(["-TERM", &pid.to_string()])
             .status()?;
         anyhow::ensure!(status.success(), "kill -TERM {pid} failed");
         wait_for("the syncer to exit after SIGTERM", deadline, || {
-            let exited = self.has_exited();
-            async move { Ok(exited.then_some(())) }
+            let status = self.process.exit_status();
+            async move { Ok(status) }
         })
         .await
     }

@@ -349,3 +349,50 @@ async fn reconcile_is_zero_at_rest_and_sees_a_tamper() {
     );
     assert_eq!(p.mysql_stock("g").await.unwrap(), (380, 120, 0));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn writer_finishes_and_commits_its_batch_on_sigterm() {
+    let p = pipeline("sigterm").await;
+    p.open_sale("g", 5_000, 1).await.unwrap();
+    let orders = p.sell("g", "u", 5_000).await.unwrap();
+    let _relay = p.spawn(relay(), None, &[]).await.unwrap();
+    wait_for("the outbox to drain into Kafka", DRAIN, || async {
+        Ok((p.outbox_len("g").await? == 0).then_some(()))
+    })
+    .await
+    .unwrap();
+    let mut first = p
+        .spawn(
+            Role::Write {
+                batch_size: 100,
+                batch_wait_ms: 10,
+            },
+            None,
+            &[],
+        )
+        .await
+        .unwrap();
+    wait_for("the writer to make progress", DRAIN, || async {
+        Ok((p.order_rows("g").await?.0 >= 500).then_some(()))
+    })
+    .await
+    .unwrap();
+    let status = first.terminate(Duration::from_secs(30)).await.unwrap();
+    assert!(status.success(), "a clean exit on SIGTERM: {status}");
+    let (rows_at_stop, _) = p.order_rows("g").await.unwrap();
+    assert!(
+        rows_at_stop < 5_000,
+        "stopped mid-stream ({rows_at_stop} rows)"
+    );
+
+    let second = p.spawn(writer(), None, &[]).await.unwrap();
+    assert_drained(&p, "g", &orders).await;
+    assert_eq!(
+        sum_metric(
+            &second.metrics().await.unwrap(),
+            "seckill_writer_duplicates_total"
+        ),
+        0,
+        "everything the first writer applied had its offsets committed before it exited"
+    );
+}
