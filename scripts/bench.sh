@@ -1,10 +1,11 @@
 #!/usr/bin/env bash
-# Runs the benchmarks side by side in one run and rewrites their sections of BENCHMARKS.md.
-# Extra arguments go to seckill-bench (try --help).
+# Runs every benchmark of the project in one run and rewrites their sections of BENCHMARKS.md:
+# the edge (seckill-bench) and the sync pipeline (seckill-bench-sync).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 bash scripts/setup.sh
 cargo build -q -p seckill-filter --target wasm32-wasip1 --release --locked
 cargo build -q --release -p seckill-syncer -p seckill-e2e --locked
-exec target/release/seckill-bench "$@"
+target/release/seckill-bench
+target/release/seckill-bench-sync

@@ -307,24 +307,32 @@ impl Writer {
                 }),
             }
         }
-        match apply_events(&self.mysql, &events).await {
+        let parsed: Vec<&SaleEvent> = events.iter().map(|(_, e)| e).collect();
+        match apply_events(&self.mysql, &parsed).await {
             Ok((mut applied, refused)) => {
-                applied.dead_letters = dead.len() + refused.len();
-                dead.extend(refused);
+                for (index, reason) in refused {
+                    dead.push(DeadLetter {
+                        message: events[index].0,
+                        reason,
+                    });
+                }
+                applied.dead_letters = dead.len();
                 Ok((applied, dead))
             }
             Err(sqlx::Error::Database(e)) => {
                 tracing::warn!(error = %e, "MySQL refused the batch; applying its events one by one");
                 let mut applied = Applied::default();
-                for one in &events {
-                    match apply_events(&self.mysql, std::slice::from_ref(one)).await {
+                for (message, event) in &events {
+                    match apply_events(&self.mysql, &[event]).await {
                         Ok((a, refused)) => {
                             applied.new_orders += a.new_orders;
                             applied.duplicates += a.duplicates;
-                            dead.extend(refused);
+                            for (_, reason) in refused {
+                                dead.push(DeadLetter { message, reason });
+                            }
                         }
                         Err(sqlx::Error::Database(e)) => dead.push(DeadLetter {
-                            message: one.0,
+                            message,
                             reason: format!("MySQL refused it: {e}"),
                         }),
                         Err(e) => return Err(e.into()),
@@ -375,53 +383,62 @@ impl Writer {
     }
 }
 
-/// Applies parsed events in one transaction. Returns what was applied and the events refused
-/// for their content (no such sale in MySQL; more than MySQL's stock, which means drift).
-async fn apply_events<'a>(
+/// Applies sale events to MySQL in one transaction: inserts the orders that are really new
+/// and updates each goods' counters once. Returns what was applied and, by index into
+/// `events`, the events refused for their content (no such sale in MySQL; more than MySQL's
+/// stock, which means drift). Public so the benchmark measures exactly the writer's apply.
+pub async fn apply_events(
     mysql: &MySqlPool,
-    events: &[(&'a OwnedMessage, SaleEvent)],
-) -> Result<(Applied, Vec<DeadLetter<'a>>), sqlx::Error> {
-    let mut applied = Applied::default();
-    let mut refused = Vec::new();
-    if events.is_empty() {
-        return Ok((applied, refused));
+    events: &[&SaleEvent],
+) -> Result<(Applied, Vec<(usize, String)>), sqlx::Error> {
+    match apply_fresh(mysql, events).await {
+        Ok(Some(applied)) => return Ok((applied, Vec::new())),
+        // Something in the batch is not plainly new (a redelivery, an unknown goods, stock
+        // MySQL does not have): the careful path sorts it out event by event.
+        Ok(None) | Err(sqlx::Error::Database(_)) => {}
+        Err(e) => return Err(e),
+    }
+    apply_checked(mysql, events).await
+}
+
+/// The common case, in three statements: every event is a new order for a known goods with
+/// stock to cover it. The order id's primary key and the `stock >= 0` check make MySQL refuse
+/// the transaction otherwise (`Err(Database)`), as does a goods without a sale row
+/// (`Ok(None)`); nothing is committed then.
+async fn apply_fresh(
+    mysql: &MySqlPool,
+    events: &[&SaleEvent],
+) -> Result<Option<Applied>, sqlx::Error> {
+    let mut seen = HashSet::with_capacity(events.len());
+    if !events.iter().all(|e| seen.insert(e.order_id())) {
+        return Ok(None);
     }
     let mut tx = mysql.begin().await?;
-    let existing = existing_orders(&mut tx, events).await?;
-    let mut seen = HashSet::new();
-    let mut fresh = Vec::new();
-    for (message, event) in events {
-        if existing.contains(event.order_id()) || !seen.insert(event.order_id()) {
-            applied.duplicates += 1;
-        } else {
-            fresh.push((*message, event));
-        }
-    }
-    let mut stock = sale_stock(&mut tx, &fresh).await?;
+    insert_orders(&mut tx, events).await?;
     let mut taken: HashMap<&str, i64> = HashMap::new();
-    let mut rows = Vec::with_capacity(fresh.len());
-    for (message, event) in fresh {
+    for event in events {
         let SaleEvent::Reserved {
             goods_id, quantity, ..
         } = event;
-        match stock.get_mut(goods_id.as_str()) {
-            None => refused.push(DeadLetter {
-                message,
-                reason: format!("no sale for goods {goods_id} in MySQL"),
-            }),
-            Some(left) if *left < i64::from(*quantity) => refused.push(DeadLetter {
-                message,
-                reason: format!(
-                    "goods {goods_id}: MySQL stock {left} is below {quantity}; reconcile"
-                ),
-            }),
-            Some(left) => {
-                *left -= i64::from(*quantity);
-                *taken.entry(goods_id.as_str()).or_default() += i64::from(*quantity);
-                rows.push(event);
-            }
+        *taken.entry(goods_id.as_str()).or_default() += i64::from(*quantity);
+    }
+    for (goods_id, quantity) in &taken {
+        if update_sale(&mut tx, goods_id, *quantity).await? != 1 {
+            return Ok(None);
         }
     }
+    tx.commit().await?;
+    crashpoint(WRITER_AFTER_DB_COMMIT);
+    Ok(Some(Applied {
+        new_orders: events.len(),
+        ..Applied::default()
+    }))
+}
+
+async fn insert_orders(
+    tx: &mut Transaction<'_, MySql>,
+    rows: &[&SaleEvent],
+) -> Result<(), sqlx::Error> {
     for chunk in rows.chunks(INSERT_ROWS_MAX) {
         let mut insert = QueryBuilder::<MySql>::new(
             "INSERT INTO orders (order_id, goods_id, user_id, quantity, request_id, state, reserved_at) ",
@@ -443,18 +460,74 @@ async fn apply_events<'a>(
                 .push_bind("reserved")
                 .push_bind(timestamp(*at_ms));
         });
-        insert.build().execute(&mut *tx).await?;
+        insert.build().execute(&mut **tx).await?;
     }
+    Ok(())
+}
+
+/// Moves `quantity` units of a goods from MySQL's stock to reserved; returns rows matched.
+async fn update_sale(
+    tx: &mut Transaction<'_, MySql>,
+    goods_id: &str,
+    quantity: i64,
+) -> Result<u64, sqlx::Error> {
+    Ok(sqlx::query(
+        "UPDATE sales SET stock = stock - ?, reserved = reserved + ? WHERE goods_id = ?",
+    )
+    .bind(quantity)
+    .bind(quantity)
+    .bind(goods_id)
+    .execute(&mut **tx)
+    .await?
+    .rows_affected())
+}
+
+/// The careful path: reads which orders MySQL already has and what stock each goods has, and
+/// applies only what is new and covered; the rest is skipped (duplicates) or refused.
+async fn apply_checked(
+    mysql: &MySqlPool,
+    events: &[&SaleEvent],
+) -> Result<(Applied, Vec<(usize, String)>), sqlx::Error> {
+    let mut applied = Applied::default();
+    let mut refused = Vec::new();
+    if events.is_empty() {
+        return Ok((applied, refused));
+    }
+    let mut tx = mysql.begin().await?;
+    let existing = existing_orders(&mut tx, events).await?;
+    let mut seen = HashSet::new();
+    let mut fresh = Vec::new();
+    for (index, event) in events.iter().enumerate() {
+        if existing.contains(event.order_id()) || !seen.insert(event.order_id()) {
+            applied.duplicates += 1;
+        } else {
+            fresh.push((index, *event));
+        }
+    }
+    let mut stock = sale_stock(&mut tx, &fresh).await?;
+    let mut taken: HashMap<&str, i64> = HashMap::new();
+    let mut rows = Vec::with_capacity(fresh.len());
+    for (index, event) in fresh {
+        let SaleEvent::Reserved {
+            goods_id, quantity, ..
+        } = event;
+        match stock.get_mut(goods_id.as_str()) {
+            None => refused.push((index, format!("no sale for goods {goods_id} in MySQL"))),
+            Some(left) if *left < i64::from(*quantity) => refused.push((
+                index,
+                format!("goods {goods_id}: MySQL stock {left} is below {quantity}; reconcile"),
+            )),
+            Some(left) => {
+                *left -= i64::from(*quantity);
+                *taken.entry(goods_id.as_str()).or_default() += i64::from(*quantity);
+                rows.push(event);
+            }
+        }
+    }
+    insert_orders(&mut tx, &rows).await?;
     // One UPDATE per goods per batch, whatever the number of orders.
     for (goods_id, quantity) in &taken {
-        sqlx::query(
-            "UPDATE sales SET stock = stock - ?, reserved = reserved + ? WHERE goods_id = ?",
-        )
-        .bind(quantity)
-        .bind(quantity)
-        .bind(goods_id)
-        .execute(&mut *tx)
-        .await?;
+        update_sale(&mut tx, goods_id, *quantity).await?;
     }
     tx.commit().await?;
     crashpoint(WRITER_AFTER_DB_COMMIT);
@@ -464,14 +537,14 @@ async fn apply_events<'a>(
 
 async fn existing_orders(
     tx: &mut Transaction<'_, MySql>,
-    events: &[(&OwnedMessage, SaleEvent)],
+    events: &[&SaleEvent],
 ) -> Result<HashSet<String>, sqlx::Error> {
     let mut existing = HashSet::new();
     for chunk in events.chunks(INSERT_ROWS_MAX) {
         let mut select =
             QueryBuilder::<MySql>::new("SELECT order_id FROM orders WHERE order_id IN (");
         let mut ids = select.separated(", ");
-        for (_, event) in chunk {
+        for event in chunk {
             ids.push_bind(event.order_id());
         }
         select.push(")");
@@ -485,7 +558,7 @@ async fn existing_orders(
 /// Locks the sale rows the batch touches and returns their stock.
 async fn sale_stock(
     tx: &mut Transaction<'_, MySql>,
-    events: &[(&OwnedMessage, &SaleEvent)],
+    events: &[(usize, &SaleEvent)],
 ) -> Result<HashMap<String, i64>, sqlx::Error> {
     let goods: HashSet<&str> = events.iter().map(|(_, e)| e.goods_id()).collect();
     if goods.is_empty() {

@@ -8,6 +8,7 @@ pub mod mysql_db;
 pub mod pipeline;
 pub mod process;
 pub mod redis_server;
+pub mod report;
 pub mod shop;
 pub mod stack;
 pub mod syncer;

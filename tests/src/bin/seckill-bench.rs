@@ -41,9 +41,6 @@ struct Scenario<'a> {
     rejects: bool,
 }
 
-const BEGIN: &str = "<!-- edge-benchmark:begin -->";
-const END: &str = "<!-- edge-benchmark:end -->";
-
 #[tokio::main(flavor = "multi_thread", worker_threads = 1)]
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
@@ -163,7 +160,7 @@ async fn main() -> anyhow::Result<()> {
     let section = render(&scenarios, &args);
     println!("{section}");
     if args.only.is_empty() {
-        update_file(&args.out, &section)?;
+        seckill_e2e::report::update_section(&args.out, "edge-benchmark", &section)?;
         println!("updated {}", args.out.display());
     }
     Ok(())
@@ -182,9 +179,7 @@ fn render(scenarios: &[Scenario], args: &Args) -> String {
     let native = rate(scenarios, "native local_ratelimit");
     let ratio = |name: &str, base: f64| rate(scenarios, name) / base;
     let mut out = String::new();
-    out.push_str(&format!(
-        "{BEGIN}\n## Edge: the filter against Envoy's own baselines\n\n"
-    ));
+    out.push_str("## Edge: the filter against Envoy's own baselines\n\n");
     out.push_str(&format!(
         "Command: `bash scripts/bench.sh` (runs `target/release/seckill-bench --duration {} --connections {} --rounds {}`).\n\n",
         args.duration, args.connections, args.rounds
@@ -221,24 +216,5 @@ fn render(scenarios: &[Scenario], args: &Args) -> String {
             s.name, s.what, s.report.requests_per_second, s.report.p50_ms, s.report.p99_ms
         ));
     }
-    out.push_str(&format!("\n{END}\n"));
     out
-}
-
-/// Replaces the edge section of the file (or appends it), leaving other sections alone.
-fn update_file(path: &PathBuf, section: &str) -> anyhow::Result<()> {
-    let existing = std::fs::read_to_string(path).unwrap_or_else(|_| "# Benchmarks\n\n".into());
-    let updated = match (existing.find(BEGIN), existing.find(END)) {
-        (Some(begin), Some(end)) if end > begin => {
-            format!(
-                "{}{}{}",
-                &existing[..begin],
-                section.trim_end(),
-                &existing[end + END.len()..]
-            )
-        }
-        _ => format!("{}\n{}", existing.trim_end(), section),
-    };
-    std::fs::write(path, updated)?;
-    Ok(())
 }
