@@ -40,15 +40,18 @@ pub enum Saved {
     Replaced,
 }
 
-/// Creates or replaces a sale definition. Replacing resets MySQL's stock to the new total:
-/// the caller must have checked that the sale is not live.
+/// Creates or replaces a sale definition. Replacing starts a new round: MySQL's counters are
+/// reset to the new total (the caller must have checked that the sale is not live; order rows
+/// of earlier rounds stay, their ids carry the earlier epoch).
 pub async fn save_sale(pool: &MySqlPool, sale: &Sale) -> sqlx::Result<Saved> {
     let result = sqlx::query(
-        "INSERT INTO sales (goods_id, total_stock, stock, per_user_limit, starts_at, ends_at)
-         VALUES (?, ?, ?, ?, ?, ?)
+        "INSERT INTO sales (goods_id, total_stock, stock, per_user_limit, starts_at, ends_at,
+           payment_window_s)
+         VALUES (?, ?, ?, ?, ?, ?, ?)
          ON DUPLICATE KEY UPDATE total_stock = VALUES(total_stock), stock = VALUES(stock),
+           reserved = 0, sold = 0, lapsed = 0,
            per_user_limit = VALUES(per_user_limit), starts_at = VALUES(starts_at),
-           ends_at = VALUES(ends_at)",
+           ends_at = VALUES(ends_at), payment_window_s = VALUES(payment_window_s)",
     )
     .bind(&sale.goods_id)
     .bind(sale.total_stock)
@@ -56,6 +59,7 @@ pub async fn save_sale(pool: &MySqlPool, sale: &Sale) -> sqlx::Result<Saved> {
     .bind(sale.per_user_limit)
     .bind(sale.starts_at.naive_utc())
     .bind(sale.ends_at.naive_utc())
+    .bind(sale.payment_window_s)
     .execute(pool)
     .await?;
     // MySQL counts 1 affected row for an insert and 2 for an update of an existing row.
@@ -77,7 +81,7 @@ pub struct StoredSale {
 
 pub async fn load_sale(pool: &MySqlPool, goods_id: &str) -> sqlx::Result<Option<StoredSale>> {
     let row = sqlx::query(
-        "SELECT goods_id, total_stock, stock, per_user_limit, starts_at, ends_at
+        "SELECT goods_id, total_stock, stock, per_user_limit, starts_at, ends_at, payment_window_s
          FROM sales WHERE goods_id = ?",
     )
     .bind(goods_id)
@@ -92,6 +96,7 @@ pub async fn load_sale(pool: &MySqlPool, goods_id: &str) -> sqlx::Result<Option<
             per_user_limit: row.try_get("per_user_limit")?,
             starts_at: utc(row.try_get("starts_at")?),
             ends_at: utc(row.try_get("ends_at")?),
+            payment_window_s: row.try_get("payment_window_s")?,
         },
         stock: row.try_get("stock")?,
     }))

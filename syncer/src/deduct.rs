@@ -117,6 +117,7 @@ async fn decide_group(
         .key(&goods.requests)
         .key(&goods.reservations)
         .key(&goods.outbox)
+        .key(&goods.expiries)
         .arg(&goods_id);
     for attempt in &group {
         invocation

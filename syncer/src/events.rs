@@ -1,5 +1,6 @@
-//! Sale events: what the deduct script appends to a goods' outbox stream, what the relay
-//! publishes to Kafka (JSON, keyed by goods id) and what the batched writer applies to MySQL.
+//! Sale events: what the deduct and lifecycle scripts append to a goods' outbox stream, what
+//! the relay publishes to Kafka (JSON, keyed by goods id) and what the batched writer applies
+//! to MySQL.
 
 use serde::{Deserialize, Serialize};
 
@@ -17,6 +18,34 @@ pub enum SaleEvent {
         request_id: String,
         at_ms: i64,
     },
+    /// The buyer paid: the reservation's units are sold.
+    Confirmed {
+        order_id: String,
+        goods_id: String,
+        user_id: String,
+        quantity: u32,
+        at_ms: i64,
+    },
+    /// The reservation ended unpaid; its units went back on sale (`returned`) or, the sale
+    /// being closed, lapsed.
+    Released {
+        order_id: String,
+        goods_id: String,
+        user_id: String,
+        quantity: u32,
+        reason: String,
+        returned: bool,
+        at_ms: i64,
+    },
+}
+
+/// What an event does to a sale's four counters (available, reserved, sold, lapsed).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Effect {
+    pub available: i64,
+    pub reserved: i64,
+    pub sold: i64,
+    pub lapsed: i64,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -31,16 +60,69 @@ pub enum EventError {
     Json(String),
 }
 
+/// Release reasons an event may carry.
+pub const RELEASE_REASONS: [&str; 3] = ["cancelled", "expired", "upstream_failed"];
+
 impl SaleEvent {
     pub fn goods_id(&self) -> &str {
         match self {
-            SaleEvent::Reserved { goods_id, .. } => goods_id,
+            SaleEvent::Reserved { goods_id, .. }
+            | SaleEvent::Confirmed { goods_id, .. }
+            | SaleEvent::Released { goods_id, .. } => goods_id,
         }
     }
 
     pub fn order_id(&self) -> &str {
         match self {
-            SaleEvent::Reserved { order_id, .. } => order_id,
+            SaleEvent::Reserved { order_id, .. }
+            | SaleEvent::Confirmed { order_id, .. }
+            | SaleEvent::Released { order_id, .. } => order_id,
+        }
+    }
+
+    pub fn user_id(&self) -> &str {
+        match self {
+            SaleEvent::Reserved { user_id, .. }
+            | SaleEvent::Confirmed { user_id, .. }
+            | SaleEvent::Released { user_id, .. } => user_id,
+        }
+    }
+
+    pub fn quantity(&self) -> u32 {
+        match self {
+            SaleEvent::Reserved { quantity, .. }
+            | SaleEvent::Confirmed { quantity, .. }
+            | SaleEvent::Released { quantity, .. } => *quantity,
+        }
+    }
+
+    /// The counters this event moves units between.
+    pub fn effect(&self) -> Effect {
+        let q = i64::from(self.quantity());
+        let none = Effect::default();
+        match self {
+            SaleEvent::Reserved { .. } => Effect {
+                available: -q,
+                reserved: q,
+                ..none
+            },
+            SaleEvent::Confirmed { .. } => Effect {
+                reserved: -q,
+                sold: q,
+                ..none
+            },
+            SaleEvent::Released { returned: true, .. } => Effect {
+                available: q,
+                reserved: -q,
+                ..none
+            },
+            SaleEvent::Released {
+                returned: false, ..
+            } => Effect {
+                reserved: -q,
+                lapsed: q,
+                ..none
+            },
         }
     }
 
@@ -61,26 +143,50 @@ impl SaleEvent {
                     why: e.to_string(),
                 })
         };
-        match get("type")? {
-            "reserved" => {
-                let event = SaleEvent::Reserved {
-                    order_id: get("order_id")?.to_owned(),
-                    goods_id: get("goods_id")?.to_owned(),
-                    user_id: get("user_id")?.to_owned(),
-                    quantity: u32::try_from(number("quantity")?).map_err(|e| {
-                        EventError::Invalid {
-                            field: "quantity",
-                            why: e.to_string(),
-                        }
-                    })?,
-                    request_id: get("request_id")?.to_owned(),
-                    at_ms: number("at_ms")?,
-                };
-                event.validate()?;
-                Ok(event)
-            }
-            other => Err(EventError::UnknownType(other.to_owned())),
-        }
+        let quantity = || -> Result<u32, EventError> {
+            u32::try_from(number("quantity")?).map_err(|e| EventError::Invalid {
+                field: "quantity",
+                why: e.to_string(),
+            })
+        };
+        let event = match get("type")? {
+            "reserved" => SaleEvent::Reserved {
+                order_id: get("order_id")?.to_owned(),
+                goods_id: get("goods_id")?.to_owned(),
+                user_id: get("user_id")?.to_owned(),
+                quantity: quantity()?,
+                request_id: get("request_id")?.to_owned(),
+                at_ms: number("at_ms")?,
+            },
+            "confirmed" => SaleEvent::Confirmed {
+                order_id: get("order_id")?.to_owned(),
+                goods_id: get("goods_id")?.to_owned(),
+                user_id: get("user_id")?.to_owned(),
+                quantity: quantity()?,
+                at_ms: number("at_ms")?,
+            },
+            "released" => SaleEvent::Released {
+                order_id: get("order_id")?.to_owned(),
+                goods_id: get("goods_id")?.to_owned(),
+                user_id: get("user_id")?.to_owned(),
+                quantity: quantity()?,
+                reason: get("reason")?.to_owned(),
+                returned: match get("returned")? {
+                    "1" => true,
+                    "0" => false,
+                    other => {
+                        return Err(EventError::Invalid {
+                            field: "returned",
+                            why: format!("{other:?} is not 0 or 1"),
+                        })
+                    }
+                },
+                at_ms: number("at_ms")?,
+            },
+            other => return Err(EventError::UnknownType(other.to_owned())),
+        };
+        event.validate()?;
+        Ok(event)
     }
 
     /// Reads a Kafka message value. Anything that fails here goes to the dead-letter topic.
@@ -97,39 +203,37 @@ impl SaleEvent {
     }
 
     fn validate(&self) -> Result<(), EventError> {
-        let id = |field: &'static str, value: &str, len_max: usize| {
-            seckill_api::validate_id(value, len_max).map_err(|e| EventError::Invalid {
-                field,
-                why: e.to_string(),
+        let id = |field: &'static str, value: &str| {
+            seckill_api::validate_id(value, seckill_api::ID_LEN_MAX).map_err(|e| {
+                EventError::Invalid {
+                    field,
+                    why: e.to_string(),
+                }
             })
         };
+        id("order_id", self.order_id())?;
+        id("goods_id", self.goods_id())?;
+        id("user_id", self.user_id())?;
+        let quantity = self.quantity();
+        if quantity == 0 || quantity > seckill_api::QUANTITY_MAX {
+            return Err(EventError::Invalid {
+                field: "quantity",
+                why: format!("must be from 1 to {}", seckill_api::QUANTITY_MAX),
+            });
+        }
         match self {
-            SaleEvent::Reserved {
-                order_id,
-                goods_id,
-                user_id,
-                quantity,
-                request_id,
-                ..
-            } => {
-                id("order_id", order_id, ORDER_ID_LEN_MAX)?;
-                id("goods_id", goods_id, seckill_api::ID_LEN_MAX)?;
-                id("user_id", user_id, seckill_api::ID_LEN_MAX)?;
-                id("request_id", request_id, seckill_api::ID_LEN_MAX)?;
-                if *quantity == 0 || *quantity > seckill_api::QUANTITY_MAX {
-                    return Err(EventError::Invalid {
-                        field: "quantity",
-                        why: format!("must be from 1 to {}", seckill_api::QUANTITY_MAX),
-                    });
-                }
+            SaleEvent::Reserved { request_id, .. } => id("request_id", request_id),
+            SaleEvent::Confirmed { .. } => Ok(()),
+            SaleEvent::Released { reason, .. } if RELEASE_REASONS.contains(&reason.as_str()) => {
                 Ok(())
             }
+            SaleEvent::Released { reason, .. } => Err(EventError::Invalid {
+                field: "reason",
+                why: format!("unknown release reason {reason:?}"),
+            }),
         }
     }
 }
-
-/// Order ids are `goods.epoch.sequence`: a goods id plus two numbers.
-pub const ORDER_ID_LEN_MAX: usize = seckill_api::ID_LEN_MAX;
 
 #[cfg(test)]
 mod tests {
@@ -163,6 +267,58 @@ mod tests {
         assert!(String::from_utf8(json)
             .unwrap()
             .starts_with(r#"{"type":"reserved""#));
+    }
+
+    #[test]
+    fn lifecycle_entries_parse_and_move_units() {
+        let released = SaleEvent::from_stream_fields(&fields(&[
+            ("type", "released"),
+            ("order_id", "g.1.7"),
+            ("goods_id", "g"),
+            ("user_id", "u1"),
+            ("quantity", "2"),
+            ("reason", "expired"),
+            ("returned", "0"),
+            ("at_ms", "1"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            released.effect(),
+            Effect {
+                reserved: -2,
+                lapsed: 2,
+                ..Effect::default()
+            }
+        );
+        assert_eq!(SaleEvent::from_json(&released.to_json()).unwrap(), released);
+        let confirmed = SaleEvent::from_stream_fields(&fields(&[
+            ("type", "confirmed"),
+            ("order_id", "g.1.7"),
+            ("goods_id", "g"),
+            ("user_id", "u1"),
+            ("quantity", "2"),
+            ("at_ms", "1"),
+        ]))
+        .unwrap();
+        assert_eq!(
+            confirmed.effect(),
+            Effect {
+                reserved: -2,
+                sold: 2,
+                ..Effect::default()
+            }
+        );
+        let bad_reason = fields(&[
+            ("type", "released"),
+            ("order_id", "g.1.7"),
+            ("goods_id", "g"),
+            ("user_id", "u1"),
+            ("quantity", "2"),
+            ("reason", "bored"),
+            ("returned", "1"),
+            ("at_ms", "1"),
+        ]);
+        assert!(SaleEvent::from_stream_fields(&bad_reason).is_err());
     }
 
     #[test]

@@ -18,12 +18,14 @@ use sqlx::MySqlPool;
 use crate::db;
 use crate::deduct::{DeductError, Deducter};
 use crate::keys::KeySpace;
+use crate::lifecycle::{Lifecycle, LifecycleError, ReleaseReason, Settlement};
 use crate::preheat::{self, PreheatError};
 use crate::sale::{Sale, SaleSpec};
 
 /// Everything a handler needs; shared behind an `Arc`.
 pub struct AppState {
     pub deducter: Deducter,
+    pub lifecycle: Lifecycle,
     pub redis: ConnectionManager,
     pub keys: KeySpace,
     pub mysql: MySqlPool,
@@ -34,6 +36,9 @@ pub struct AppState {
 pub fn router(state: Arc<AppState>) -> Router {
     let internal = Router::new()
         .route(seckill_api::DEDUCT_PATH, post(deduct))
+        .route("/v1/orders/{order_id}/confirm", post(confirm_order))
+        .route("/v1/orders/{order_id}/cancel", post(cancel_order))
+        .route("/v1/orders/{order_id}/release", post(release_order))
         .route("/admin/sales/{goods_id}", put(define_sale).get(show_sale))
         .route("/admin/sales/{goods_id}/preheat", post(preheat_sale))
         .layer(middleware::from_fn_with_state(
@@ -103,6 +108,16 @@ impl From<PreheatError> for AppError {
     }
 }
 
+impl From<LifecycleError> for AppError {
+    fn from(e: LifecycleError) -> Self {
+        match e {
+            LifecycleError::BadOrderId(m) => AppError::BadRequest(m),
+            LifecycleError::UnknownOrder(_) => AppError::NotFound(e.to_string()),
+            other => AppError::Unavailable(other.to_string()),
+        }
+    }
+}
+
 impl From<sqlx::Error> for AppError {
     fn from(e: sqlx::Error) -> Self {
         AppError::Unavailable(format!("mysql: {e}"))
@@ -152,6 +167,79 @@ async fn deduct(
         }
     }
     Ok(Json(result?))
+}
+
+/// Confirms payment. Repeated calls answer the same; an order already released cannot be
+/// confirmed (409), nor one whose payment window has passed (it is released as expired).
+async fn confirm_order(
+    State(state): State<Arc<AppState>>,
+    Path(order_id): Path<String>,
+) -> Result<Json<Settlement>, AppError> {
+    let settlement = state.lifecycle.confirm(&order_id).await?;
+    count_settlement("confirm", &settlement);
+    if settlement.state != "confirmed" {
+        return Err(AppError::Conflict(format!(
+            "order {order_id} was released ({}); it cannot be confirmed",
+            settlement.reason.as_deref().unwrap_or("unknown reason")
+        )));
+    }
+    Ok(Json(settlement))
+}
+
+/// Cancels a reservation and returns its units. Repeated calls answer the same; a confirmed
+/// order cannot be cancelled here (409: that is a refund, the shop's business).
+async fn cancel_order(
+    State(state): State<Arc<AppState>>,
+    Path(order_id): Path<String>,
+) -> Result<Json<Settlement>, AppError> {
+    release(&state, &order_id, ReleaseReason::Cancelled).await
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReleaseParams {
+    reason: String,
+}
+
+/// Releases a reservation for a stated reason; the filter calls it with `upstream_failed`
+/// when the shop API fails a winner.
+async fn release_order(
+    State(state): State<Arc<AppState>>,
+    Path(order_id): Path<String>,
+    params: Result<Query<ReleaseParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<Settlement>, AppError> {
+    let Query(params) = params.map_err(|e| AppError::BadRequest(e.body_text()))?;
+    let reason = ReleaseReason::parse(&params.reason)
+        .filter(|r| *r != ReleaseReason::Expired)
+        .ok_or_else(|| {
+            AppError::BadRequest("reason must be cancelled or upstream_failed".to_owned())
+        })?;
+    release(&state, &order_id, reason).await
+}
+
+async fn release(
+    state: &AppState,
+    order_id: &str,
+    reason: ReleaseReason,
+) -> Result<Json<Settlement>, AppError> {
+    let settlement = state.lifecycle.release(order_id, reason).await?;
+    count_settlement("release", &settlement);
+    if settlement.state == "confirmed" {
+        return Err(AppError::Conflict(format!(
+            "order {order_id} is confirmed (paid); it cannot be released"
+        )));
+    }
+    Ok(Json(settlement))
+}
+
+fn count_settlement(action: &'static str, settlement: &Settlement) {
+    let result = if settlement.changed {
+        "changed"
+    } else {
+        "repeated"
+    };
+    metrics::counter!("seckill_settlements_total", "action" => action, "result" => result)
+        .increment(1);
 }
 
 fn valid_goods_id(goods_id: &str) -> Result<(), AppError> {

@@ -4,7 +4,8 @@
 /// The keys of one goods' sale.
 #[derive(Debug, Clone)]
 pub struct GoodsKeys {
-    /// Hash: total, available, reserved, sold, limit, start_ms, end_ms, epoch, seq.
+    /// Hash: total, available, reserved, sold, lapsed, limit, start_ms, end_ms, window_ms,
+    /// epoch, seq.
     pub sale: String,
     /// Hash: user id -> units this user holds (reserved or sold).
     pub users: String,
@@ -12,6 +13,11 @@ pub struct GoodsKeys {
     pub requests: String,
     /// Hash: order id -> "user|quantity|reserved_at_ms" of every open reservation.
     pub reservations: String,
+    /// Sorted set: open reservation order ids scored by the end of their payment window.
+    pub expiries: String,
+    /// Hash: order id -> final state ("confirmed", "released:<reason>") of every settled order,
+    /// so repeated confirm and cancel calls get the same answer.
+    pub settled: String,
     /// Stream: the outbox of sale events, appended by the same script that deducts.
     pub outbox: String,
     /// Counter bumped by every preheat; part of each order id so a re-preheated sale never
@@ -43,6 +49,8 @@ impl KeySpace {
             users: format!("{base}:users"),
             requests: format!("{base}:requests"),
             reservations: format!("{base}:reservations"),
+            expiries: format!("{base}:expiries"),
+            settled: format!("{base}:settled"),
             outbox: format!("{base}:outbox"),
             epoch: format!("{base}:epoch"),
         }
@@ -52,6 +60,16 @@ impl KeySpace {
     pub fn sales_index(&self) -> String {
         format!("{}:sales", self.prefix)
     }
+}
+
+/// The goods id inside an order id (`goods.epoch.sequence`; a goods id may contain dots).
+pub fn goods_of_order(order_id: &str) -> Option<&str> {
+    let mut parts = order_id.rsplitn(3, '.');
+    let sequence = parts.next()?;
+    let epoch = parts.next()?;
+    let goods = parts.next()?;
+    let numeric = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
+    (numeric(sequence) && numeric(epoch) && !goods.is_empty()).then_some(goods)
 }
 
 #[cfg(test)]
@@ -66,11 +84,22 @@ mod tests {
             &keys.users,
             &keys.requests,
             &keys.reservations,
+            &keys.expiries,
+            &keys.settled,
             &keys.outbox,
             &keys.epoch,
         ] {
             assert!(key.starts_with("t1:{sku-9}:"), "{key}");
         }
         assert_ne!(keys.sale, KeySpace::new("t2").goods("sku-9").sale);
+    }
+
+    #[test]
+    fn order_ids_name_their_goods() {
+        assert_eq!(goods_of_order("sku-1.3.17"), Some("sku-1"));
+        assert_eq!(goods_of_order("a.b.c.2.5"), Some("a.b.c"));
+        assert_eq!(goods_of_order("sku-1.x.17"), None);
+        assert_eq!(goods_of_order(".1.2"), None);
+        assert_eq!(goods_of_order("17"), None);
     }
 }

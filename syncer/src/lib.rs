@@ -8,6 +8,7 @@ pub mod events;
 pub mod http;
 pub mod kafka;
 pub mod keys;
+pub mod lifecycle;
 pub mod preheat;
 pub mod reconcile;
 pub mod relay;
@@ -43,6 +44,8 @@ pub struct ServeConfig {
     pub stores: StoreConfig,
     pub listen: SocketAddr,
     pub secret: String,
+    /// How often the sweeper releases reservations whose payment window has passed.
+    pub sweep_every: Duration,
 }
 
 pub async fn connect_redis(url: &str) -> anyhow::Result<ConnectionManager> {
@@ -172,8 +175,15 @@ pub async fn serve(
             Ok(())
         });
     }
+    let lifecycle = lifecycle::Lifecycle::new(redis.clone(), keys.clone());
+    let (sweeper, token, every) = (lifecycle.clone(), shutdown.clone(), config.sweep_every);
+    background.spawn(async move {
+        sweeper.run_sweeper(every, token).await;
+        Ok(())
+    });
     let state = Arc::new(http::AppState {
         deducter: Deducter::start(redis.clone(), keys.clone()),
+        lifecycle,
         redis,
         keys,
         mysql,

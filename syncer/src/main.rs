@@ -134,6 +134,9 @@ enum Command {
         /// Name of this relay in the outbox consumer group (keep it stable across restarts).
         #[arg(long, env = "SECKILL_RELAY_NAME", default_value = "relay-0")]
         relay_name: String,
+        /// Milliseconds between sweeps that release reservations whose payment window passed.
+        #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(10..=60_000))]
+        sweep_every_ms: u64,
         /// Seconds between periodic reconciles (drift metric), with --pipeline.
         #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
         reconcile_every_s: u64,
@@ -238,12 +241,14 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             writer,
             relay_name,
             reconcile_every_s,
+            sweep_every_ms,
         } => {
             let metrics = install_metrics()?;
             let config = ServeConfig {
                 stores: stores.config(),
                 listen,
                 secret,
+                sweep_every: Duration::from_millis(sweep_every_ms),
             };
             let pipeline = pipeline.then(|| PipelineConfig {
                 writer: writer.config(),

@@ -39,11 +39,14 @@ pub async fn preheat(
         .key(&goods.requests)
         .key(&goods.reservations)
         .key(&goods.epoch)
+        .key(&goods.expiries)
+        .key(&goods.settled)
         .arg(sale.total_stock)
         .arg(sale.per_user_limit)
         .arg(sale.starts_at.timestamp_millis())
         .arg(sale.ends_at.timestamp_millis())
-        .arg(if force { "1" } else { "0" });
+        .arg(if force { "1" } else { "0" })
+        .arg(u64::from(sale.payment_window_s) * 1000);
     let mut conn = redis.clone();
     let (status, value): (String, i64) =
         tokio::time::timeout(REDIS_ADMIN_TIMEOUT, invocation.invoke_async(&mut conn))
@@ -91,6 +94,8 @@ pub async fn live_stock(
                 "start_ms",
                 "end_ms",
                 "epoch",
+                "lapsed",
+                "window_ms",
             ])
             .query_async(&mut conn),
     )
@@ -110,5 +115,7 @@ pub async fn live_stock(
         start_ms: value(5).unwrap_or(0),
         end_ms: value(6).unwrap_or(0),
         epoch: count(7),
+        lapsed: count(8),
+        window_ms: count(9),
     }))
 }

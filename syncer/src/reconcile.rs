@@ -13,7 +13,7 @@ use redis::AsyncCommands;
 use serde::Serialize;
 use sqlx::{MySqlPool, Row};
 
-use crate::events::SaleEvent;
+use crate::events::{Effect, SaleEvent};
 use crate::kafka::KafkaConfig;
 use crate::keys::KeySpace;
 use crate::preheat::live_stock;
@@ -31,6 +31,7 @@ pub struct StoredStock {
     pub available: i64,
     pub reserved: i64,
     pub sold: i64,
+    pub lapsed: i64,
 }
 
 /// Differences MySQL minus what Redis says MySQL should hold once in-flight events land.
@@ -39,6 +40,7 @@ pub struct Drift {
     pub available: i64,
     pub reserved: i64,
     pub sold: i64,
+    pub lapsed: i64,
 }
 
 impl Drift {
@@ -47,7 +49,7 @@ impl Drift {
     }
 
     pub fn magnitude(&self) -> i64 {
-        self.available.abs() + self.reserved.abs() + self.sold.abs()
+        self.available.abs() + self.reserved.abs() + self.sold.abs() + self.lapsed.abs()
     }
 }
 
@@ -56,13 +58,15 @@ pub struct GoodsReport {
     pub goods_id: String,
     pub redis: Option<LiveStock>,
     pub mysql: Option<StoredStock>,
-    /// Events in the goods' outbox (not yet confirmed by Kafka) and the units they move.
+    /// Events in the goods' outbox (not yet confirmed by Kafka) and what they will do to
+    /// MySQL's counters once applied.
     pub outbox_events: u64,
-    pub outbox_units: i64,
+    #[serde(skip)]
+    pub in_flight: Effect,
     pub drift: Drift,
     /// Redis's own `total = available + reserved + sold`.
     pub redis_conserved: bool,
-    /// MySQL's own `total_stock = stock + reserved + sold`.
+    /// MySQL's own `total_stock = stock + reserved + sold + lapsed`.
     pub mysql_conserved: bool,
 }
 
@@ -87,13 +91,14 @@ impl Report {
     }
 }
 
-/// What MySQL should hold, given Redis and the units still in the outbox (reserved events
-/// move units from available to reserved).
-pub fn drift(redis: &LiveStock, in_flight_units: i64, mysql: &StoredStock) -> Drift {
+/// MySQL minus what it should hold: Redis's counters less the effect of the events still in
+/// the outbox (which MySQL has not seen yet).
+pub fn drift(redis: &LiveStock, in_flight: &Effect, mysql: &StoredStock) -> Drift {
     Drift {
-        available: mysql.available - (redis.available as i64 + in_flight_units),
-        reserved: mysql.reserved - (redis.reserved as i64 - in_flight_units),
-        sold: mysql.sold - redis.sold as i64,
+        available: mysql.available - (redis.available as i64 - in_flight.available),
+        reserved: mysql.reserved - (redis.reserved as i64 - in_flight.reserved),
+        sold: mysql.sold - (redis.sold as i64 - in_flight.sold),
+        lapsed: mysql.lapsed - (redis.lapsed as i64 - in_flight.lapsed),
     }
 }
 
@@ -137,14 +142,15 @@ impl Reconciler {
     async fn goods_report(&self, goods_id: &str) -> anyhow::Result<GoodsReport> {
         let redis = live_stock(&self.redis, &self.keys, goods_id).await?;
         let mysql = stored_stock(&self.mysql, goods_id).await?;
-        let (outbox_events, outbox_units) = self.outbox_in_flight(goods_id).await?;
+        let (outbox_events, in_flight) = self.outbox_in_flight(goods_id).await?;
         let drift = match (&redis, &mysql) {
-            (Some(r), Some(m)) => drift(r, outbox_units, m),
+            (Some(r), Some(m)) => drift(r, &in_flight, m),
             // Defined on one side only: all of the other side's stock is drift.
             (Some(r), None) => Drift {
                 available: -(r.available as i64),
                 reserved: -(r.reserved as i64),
                 sold: -(r.sold as i64),
+                lapsed: -(r.lapsed as i64),
             },
             (None, _) => Drift::default(),
         };
@@ -153,21 +159,21 @@ impl Reconciler {
             redis_conserved: redis.as_ref().is_none_or(LiveStock::is_conserved),
             mysql_conserved: mysql
                 .as_ref()
-                .is_none_or(|m| m.available + m.reserved + m.sold == m.total),
+                .is_none_or(|m| m.available + m.reserved + m.sold + m.lapsed == m.total),
             redis,
             mysql,
             outbox_events,
-            outbox_units,
+            in_flight,
             drift,
         })
     }
 
-    /// Events and units in a goods' outbox: reserved there, not yet in MySQL.
-    async fn outbox_in_flight(&self, goods_id: &str) -> anyhow::Result<(u64, i64)> {
+    /// Events in a goods' outbox and their summed effect: done in Redis, not yet in MySQL.
+    async fn outbox_in_flight(&self, goods_id: &str) -> anyhow::Result<(u64, Effect)> {
         let stream = self.keys.goods(goods_id).outbox;
         let mut conn = self.redis.clone();
         let mut start = "-".to_owned();
-        let (mut events, mut units) = (0u64, 0i64);
+        let (mut events, mut effect) = (0u64, Effect::default());
         loop {
             let page: redis::streams::StreamRangeReply = tokio::time::timeout(
                 REDIS_TIMEOUT,
@@ -188,10 +194,12 @@ impl Reconciler {
                     })
                     .collect();
                 events += 1;
-                if let Ok(SaleEvent::Reserved { quantity, .. }) =
-                    SaleEvent::from_stream_fields(&fields)
-                {
-                    units += i64::from(quantity);
+                if let Ok(event) = SaleEvent::from_stream_fields(&fields) {
+                    let e = event.effect();
+                    effect.available += e.available;
+                    effect.reserved += e.reserved;
+                    effect.sold += e.sold;
+                    effect.lapsed += e.lapsed;
                 }
             }
             if page.ids.len() < OUTBOX_SCAN_PAGE {
@@ -199,7 +207,7 @@ impl Reconciler {
             }
             start = format!("({last}");
         }
-        Ok((events, units))
+        Ok((events, effect))
     }
 }
 
@@ -237,9 +245,14 @@ impl Reconciler {
                                WHERE goods_id = ? AND order_id LIKE ? AND state = 'reserved'),
                    sold = (SELECT COALESCE(SUM(quantity), 0) FROM orders
                            WHERE goods_id = ? AND order_id LIKE ? AND state = 'confirmed'),
-                   stock = CAST(total_stock AS SIGNED) - reserved - sold
+                   lapsed = (SELECT COALESCE(SUM(quantity), 0) FROM orders
+                             WHERE goods_id = ? AND order_id LIKE ? AND state = 'released'
+                               AND NOT stock_returned),
+                   stock = CAST(total_stock AS SIGNED) - reserved - sold - lapsed
                  WHERE goods_id = ?",
             )
+            .bind(&goods.goods_id)
+            .bind(&prefix)
             .bind(&goods.goods_id)
             .bind(&prefix)
             .bind(&goods.goods_id)
@@ -317,7 +330,8 @@ impl Reconciler {
 
 pub async fn stored_stock(mysql: &MySqlPool, goods_id: &str) -> sqlx::Result<Option<StoredStock>> {
     let row = sqlx::query(
-        "SELECT CAST(total_stock AS SIGNED), stock, reserved, sold FROM sales WHERE goods_id = ?",
+        "SELECT CAST(total_stock AS SIGNED), stock, reserved, sold, lapsed FROM sales \
+         WHERE goods_id = ?",
     )
     .bind(goods_id)
     .fetch_optional(mysql)
@@ -328,6 +342,7 @@ pub async fn stored_stock(mysql: &MySqlPool, goods_id: &str) -> sqlx::Result<Opt
             available: row.try_get(1)?,
             reserved: row.try_get(2)?,
             sold: row.try_get(3)?,
+            lapsed: row.try_get(4)?,
         })
     })
     .transpose()
@@ -379,26 +394,37 @@ mod tests {
             start_ms: 0,
             end_ms: 1,
             epoch: 1,
+            lapsed: 0,
+            window_ms: 1,
         }
     }
 
     #[test]
-    fn in_flight_units_are_not_drift() {
-        let redis = live(90, 10, 0);
+    fn in_flight_events_are_not_drift() {
+        let redis = live(90, 8, 2);
+        // MySQL has not seen 3 reservations and 2 confirmations yet.
         let mysql = StoredStock {
             total: 100,
             available: 93,
             reserved: 7,
             sold: 0,
+            lapsed: 0,
         };
-        assert!(drift(&redis, 3, &mysql).is_zero());
-        let d = drift(&redis, 0, &mysql);
+        let in_flight = Effect {
+            available: -3,
+            reserved: 1,
+            sold: 2,
+            lapsed: 0,
+        };
+        assert!(drift(&redis, &in_flight, &mysql).is_zero());
+        let d = drift(&redis, &Effect::default(), &mysql);
         assert_eq!(
             d,
             Drift {
                 available: 3,
-                reserved: -3,
-                sold: 0
+                reserved: -1,
+                sold: -2,
+                lapsed: 0
             }
         );
         assert_eq!(d.magnitude(), 6);

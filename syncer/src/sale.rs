@@ -8,6 +8,16 @@ use serde::{Deserialize, Serialize};
 pub const TOTAL_STOCK_MAX: u64 = 1_000_000_000;
 /// Largest per-user limit; a bigger one is no limit at all and hides a typo.
 pub const PER_USER_LIMIT_MAX: u32 = 1_000_000;
+/// Payment window bounds: a reservation lives this long before it is released.
+pub const PAYMENT_WINDOW_S_MAX: u32 = 86_400;
+pub const PAYMENT_WINDOW_S_DEFAULT: u32 = 900;
+/// Longest goods id a sale may have: its order ids (`goods.epoch.sequence`) must fit the
+/// id bound every other part checks.
+pub const GOODS_ID_LEN_MAX: usize = 64;
+
+fn default_payment_window_s() -> u32 {
+    PAYMENT_WINDOW_S_DEFAULT
+}
 
 /// What the admin API accepts to define a sale.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -17,6 +27,9 @@ pub struct SaleSpec {
     pub per_user_limit: u32,
     pub starts_at: DateTime<Utc>,
     pub ends_at: DateTime<Utc>,
+    /// Seconds a winner has to pay before the reservation is released (default 15 minutes).
+    #[serde(default = "default_payment_window_s")]
+    pub payment_window_s: u32,
 }
 
 /// A defined sale: the spec plus its goods id.
@@ -27,6 +40,7 @@ pub struct Sale {
     pub per_user_limit: u32,
     pub starts_at: DateTime<Utc>,
     pub ends_at: DateTime<Utc>,
+    pub payment_window_s: u32,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -39,12 +53,22 @@ pub enum SaleError {
     PerUserLimit,
     #[error("ends_at must be after starts_at")]
     EmptyWindow,
+    #[error("payment_window_s must be from 1 to {PAYMENT_WINDOW_S_MAX}")]
+    PaymentWindow,
+    #[error("goods_id must be at most {GOODS_ID_LEN_MAX} bytes so that order ids stay short")]
+    GoodsIdTooLong,
 }
 
 impl Sale {
     /// Validates a spec for a goods id; bad input gets a clear error and changes nothing.
     pub fn new(goods_id: &str, spec: SaleSpec) -> Result<Sale, SaleError> {
         seckill_api::validate_id(goods_id, seckill_api::ID_LEN_MAX).map_err(SaleError::GoodsId)?;
+        if goods_id.len() > GOODS_ID_LEN_MAX {
+            return Err(SaleError::GoodsIdTooLong);
+        }
+        if spec.payment_window_s == 0 || spec.payment_window_s > PAYMENT_WINDOW_S_MAX {
+            return Err(SaleError::PaymentWindow);
+        }
         if spec.total_stock > TOTAL_STOCK_MAX {
             return Err(SaleError::StockTooLarge);
         }
@@ -60,12 +84,14 @@ impl Sale {
             per_user_limit: spec.per_user_limit,
             starts_at: spec.starts_at,
             ends_at: spec.ends_at,
+            payment_window_s: spec.payment_window_s,
         })
     }
 }
 
-/// The live counters of a preheated sale in Redis. `total = available + reserved + sold`
-/// holds after every script (promise 3).
+/// The live counters of a preheated sale in Redis. `total = available + reserved + sold +
+/// lapsed` holds after every script (promise 3); `lapsed` counts units whose reservation ended
+/// after the sale closed (never sold, never for sale again) and is 0 while the sale is open.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 pub struct LiveStock {
     pub total: u64,
@@ -76,11 +102,13 @@ pub struct LiveStock {
     pub start_ms: i64,
     pub end_ms: i64,
     pub epoch: u64,
+    pub lapsed: u64,
+    pub window_ms: u64,
 }
 
 impl LiveStock {
     pub fn is_conserved(&self) -> bool {
-        self.available + self.reserved + self.sold == self.total
+        self.available + self.reserved + self.sold + self.lapsed == self.total
     }
 }
 
@@ -94,6 +122,7 @@ mod tests {
             per_user_limit: 1,
             starts_at: "2026-01-01T00:00:00Z".parse().unwrap(),
             ends_at: "2026-01-01T01:00:00Z".parse().unwrap(),
+            payment_window_s: 60,
         }
     }
 
@@ -118,6 +147,13 @@ mod tests {
         let mut s = spec();
         s.ends_at = s.starts_at;
         assert_eq!(Sale::new("g", s), Err(SaleError::EmptyWindow));
+        let mut s = spec();
+        s.payment_window_s = 0;
+        assert_eq!(Sale::new("g", s), Err(SaleError::PaymentWindow));
+        assert_eq!(
+            Sale::new(&"g".repeat(65), spec()),
+            Err(SaleError::GoodsIdTooLong)
+        );
     }
 
     #[test]

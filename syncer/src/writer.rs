@@ -19,7 +19,7 @@ use sqlx::{MySql, MySqlPool, QueryBuilder, Row, Transaction};
 use tokio_util::sync::CancellationToken;
 
 use crate::crashpoint::{crashpoint, WRITER_AFTER_DB_COMMIT};
-use crate::events::SaleEvent;
+use crate::events::{Effect, SaleEvent};
 use crate::kafka::KafkaConfig;
 
 /// Rows per multi-row INSERT: 7 values each stays far below MySQL's 65,535 placeholders.
@@ -59,6 +59,8 @@ struct DeadLetter<'a> {
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Applied {
     pub new_orders: usize,
+    /// Orders moved from reserved to confirmed or released.
+    pub transitions: usize,
     pub duplicates: usize,
     pub dead_letters: usize,
 }
@@ -268,6 +270,8 @@ impl Writer {
                         .record(started.elapsed());
                     metrics::counter!("seckill_writer_orders_total")
                         .increment(applied.new_orders as u64);
+                    metrics::counter!("seckill_writer_transitions_total")
+                        .increment(applied.transitions as u64);
                     metrics::counter!("seckill_writer_duplicates_total")
                         .increment(applied.duplicates as u64);
                     return Some(applied);
@@ -326,6 +330,7 @@ impl Writer {
                     match apply_events(&self.mysql, &[event]).await {
                         Ok((a, refused)) => {
                             applied.new_orders += a.new_orders;
+                            applied.transitions += a.transitions;
                             applied.duplicates += a.duplicates;
                             for (_, reason) in refused {
                                 dead.push(DeadLetter { message, reason });
@@ -383,47 +388,53 @@ impl Writer {
     }
 }
 
-/// Applies sale events to MySQL in one transaction: inserts the orders that are really new
-/// and updates each goods' counters once. Returns what was applied and, by index into
-/// `events`, the events refused for their content (no such sale in MySQL; more than MySQL's
-/// stock, which means drift). Public so the benchmark measures exactly the writer's apply.
+/// Applies sale events to MySQL in one transaction: inserts the orders that are really new,
+/// moves orders along their life (reserved -> confirmed or released), and updates each goods'
+/// counters once. Returns what was applied and, by index into `events`, the events refused for
+/// their content (no such sale or order in MySQL; more units than MySQL's stock, which means
+/// drift; a transition the order cannot make). Public so the benchmark measures exactly the
+/// writer's apply.
 pub async fn apply_events(
     mysql: &MySqlPool,
     events: &[&SaleEvent],
 ) -> Result<(Applied, Vec<(usize, String)>), sqlx::Error> {
+    if events.is_empty() {
+        return Ok((Applied::default(), Vec::new()));
+    }
     match apply_fresh(mysql, events).await {
         Ok(Some(applied)) => return Ok((applied, Vec::new())),
-        // Something in the batch is not plainly new (a redelivery, an unknown goods, stock
-        // MySQL does not have): the careful path sorts it out event by event.
+        // Something in the batch is not a plainly new reservation (a redelivery, a state
+        // change, an unknown goods, stock MySQL does not have): the careful path sorts it out.
         Ok(None) | Err(sqlx::Error::Database(_)) => {}
         Err(e) => return Err(e),
     }
     apply_checked(mysql, events).await
 }
 
-/// The common case, in three statements: every event is a new order for a known goods with
-/// stock to cover it. The order id's primary key and the `stock >= 0` check make MySQL refuse
-/// the transaction otherwise (`Err(Database)`), as does a goods without a sale row
-/// (`Ok(None)`); nothing is committed then.
+/// The common case during a sale, in three statements: every event is a new reservation for a
+/// known goods with stock to cover it. The order id's primary key and the `stock >= 0` check
+/// make MySQL refuse the transaction otherwise (`Err(Database)`), as does a goods without a
+/// sale row (`Ok(None)`); nothing is committed then.
 async fn apply_fresh(
     mysql: &MySqlPool,
     events: &[&SaleEvent],
 ) -> Result<Option<Applied>, sqlx::Error> {
     let mut seen = HashSet::with_capacity(events.len());
-    if !events.iter().all(|e| seen.insert(e.order_id())) {
+    let plain = events
+        .iter()
+        .all(|e| matches!(e, SaleEvent::Reserved { .. }) && seen.insert(e.order_id()));
+    if !plain {
         return Ok(None);
     }
-    let mut tx = mysql.begin().await?;
-    insert_orders(&mut tx, events).await?;
-    let mut taken: HashMap<&str, i64> = HashMap::new();
+    let mut deltas: HashMap<&str, Effect> = HashMap::new();
     for event in events {
-        let SaleEvent::Reserved {
-            goods_id, quantity, ..
-        } = event;
-        *taken.entry(goods_id.as_str()).or_default() += i64::from(*quantity);
+        add(deltas.entry(event.goods_id()).or_default(), event.effect());
     }
-    for (goods_id, quantity) in &taken {
-        if update_sale(&mut tx, goods_id, *quantity).await? != 1 {
+    let rows: Vec<NewOrder> = events.iter().map(|e| NewOrder::reserved(e)).collect();
+    let mut tx = mysql.begin().await?;
+    insert_orders(&mut tx, &rows).await?;
+    for (goods_id, delta) in &deltas {
+        if update_sale(&mut tx, goods_id, delta).await? != 1 {
             return Ok(None);
         }
     }
@@ -435,121 +446,241 @@ async fn apply_fresh(
     }))
 }
 
+fn add(total: &mut Effect, effect: Effect) {
+    total.available += effect.available;
+    total.reserved += effect.reserved;
+    total.sold += effect.sold;
+    total.lapsed += effect.lapsed;
+}
+
+/// An order row as the batch leaves it.
+#[derive(Debug, Clone)]
+struct NewOrder<'a> {
+    reserved: &'a SaleEvent,
+    state: &'static str,
+    reason: Option<&'a str>,
+    returned: Option<bool>,
+}
+
+impl<'a> NewOrder<'a> {
+    fn reserved(event: &'a SaleEvent) -> Self {
+        NewOrder {
+            reserved: event,
+            state: "reserved",
+            reason: None,
+            returned: None,
+        }
+    }
+}
+
 async fn insert_orders(
     tx: &mut Transaction<'_, MySql>,
-    rows: &[&SaleEvent],
+    rows: &[NewOrder<'_>],
 ) -> Result<(), sqlx::Error> {
     for chunk in rows.chunks(INSERT_ROWS_MAX) {
         let mut insert = QueryBuilder::<MySql>::new(
-            "INSERT INTO orders (order_id, goods_id, user_id, quantity, request_id, state, reserved_at) ",
+            "INSERT INTO orders (order_id, goods_id, user_id, quantity, request_id, state, \
+             release_reason, stock_returned, reserved_at) ",
         );
-        insert.push_values(chunk, |mut row, event| {
-            let SaleEvent::Reserved {
-                order_id,
-                goods_id,
-                user_id,
-                quantity,
-                request_id,
-                at_ms,
-            } = event;
-            row.push_bind(order_id)
-                .push_bind(goods_id)
-                .push_bind(user_id)
-                .push_bind(quantity)
+        insert.push_values(chunk, |mut row, order| {
+            let (request_id, at_ms) = match order.reserved {
+                SaleEvent::Reserved {
+                    request_id, at_ms, ..
+                } => (request_id.as_str(), *at_ms),
+                other => ("", event_time(other)),
+            };
+            row.push_bind(order.reserved.order_id())
+                .push_bind(order.reserved.goods_id())
+                .push_bind(order.reserved.user_id())
+                .push_bind(order.reserved.quantity())
                 .push_bind(request_id)
-                .push_bind("reserved")
-                .push_bind(timestamp(*at_ms));
+                .push_bind(order.state)
+                .push_bind(order.reason)
+                .push_bind(order.returned)
+                .push_bind(timestamp(at_ms));
         });
         insert.build().execute(&mut **tx).await?;
     }
     Ok(())
 }
 
-/// Moves `quantity` units of a goods from MySQL's stock to reserved; returns rows matched.
+fn event_time(event: &SaleEvent) -> i64 {
+    match event {
+        SaleEvent::Reserved { at_ms, .. }
+        | SaleEvent::Confirmed { at_ms, .. }
+        | SaleEvent::Released { at_ms, .. } => *at_ms,
+    }
+}
+
+/// Moves a goods' counters by `delta`; returns the rows matched (0: no such sale).
 async fn update_sale(
     tx: &mut Transaction<'_, MySql>,
     goods_id: &str,
-    quantity: i64,
+    delta: &Effect,
 ) -> Result<u64, sqlx::Error> {
     Ok(sqlx::query(
-        "UPDATE sales SET stock = stock - ?, reserved = reserved + ? WHERE goods_id = ?",
+        "UPDATE sales SET stock = stock + ?, reserved = reserved + ?, sold = sold + ?, \
+         lapsed = lapsed + ? WHERE goods_id = ?",
     )
-    .bind(quantity)
-    .bind(quantity)
+    .bind(delta.available)
+    .bind(delta.reserved)
+    .bind(delta.sold)
+    .bind(delta.lapsed)
     .bind(goods_id)
     .execute(&mut **tx)
     .await?
     .rows_affected())
 }
 
-/// The careful path: reads which orders MySQL already has and what stock each goods has, and
-/// applies only what is new and covered; the rest is skipped (duplicates) or refused.
+/// An order's state as MySQL has it, and whether this batch changed it.
+#[derive(Debug, Clone)]
+struct Known {
+    state: String,
+    changed: Option<(&'static str, Option<String>, Option<bool>)>,
+}
+
+/// The careful path: locks the orders and sales the batch touches, walks the events in order
+/// against what MySQL holds, applies only what is new and allowed, and reports the rest.
 async fn apply_checked(
     mysql: &MySqlPool,
     events: &[&SaleEvent],
 ) -> Result<(Applied, Vec<(usize, String)>), sqlx::Error> {
     let mut applied = Applied::default();
     let mut refused = Vec::new();
-    if events.is_empty() {
-        return Ok((applied, refused));
-    }
     let mut tx = mysql.begin().await?;
-    let existing = existing_orders(&mut tx, events).await?;
-    let mut seen = HashSet::new();
-    let mut fresh = Vec::new();
+    let mut known = existing_orders(&mut tx, events).await?;
+    let mut stock = sale_stock(&mut tx, events).await?;
+    let mut deltas: HashMap<&str, Effect> = HashMap::new();
+    let mut inserted: Vec<NewOrder> = Vec::new();
     for (index, event) in events.iter().enumerate() {
-        if existing.contains(event.order_id()) || !seen.insert(event.order_id()) {
-            applied.duplicates += 1;
-        } else {
-            fresh.push((index, *event));
-        }
-    }
-    let mut stock = sale_stock(&mut tx, &fresh).await?;
-    let mut taken: HashMap<&str, i64> = HashMap::new();
-    let mut rows = Vec::with_capacity(fresh.len());
-    for (index, event) in fresh {
-        let SaleEvent::Reserved {
-            goods_id, quantity, ..
-        } = event;
-        match stock.get_mut(goods_id.as_str()) {
-            None => refused.push((index, format!("no sale for goods {goods_id} in MySQL"))),
-            Some(left) if *left < i64::from(*quantity) => refused.push((
-                index,
-                format!("goods {goods_id}: MySQL stock {left} is below {quantity}; reconcile"),
+        let order_id = event.order_id();
+        let goods_id = event.goods_id();
+        let quantity = i64::from(event.quantity());
+        let Some(left) = stock.get_mut(goods_id) else {
+            refused.push((index, format!("no sale for goods {goods_id} in MySQL")));
+            continue;
+        };
+        let current = known.get(order_id).map(|k| k.state.clone());
+        let next: Result<Option<NewState>, String> = match (event, current.as_deref()) {
+            (SaleEvent::Reserved { .. }, Some(_)) => Ok(None),
+            (SaleEvent::Reserved { .. }, None) if *left < quantity => Err(format!(
+                "goods {goods_id}: MySQL stock {left} is below {quantity}; reconcile"
             )),
-            Some(left) => {
-                *left -= i64::from(*quantity);
-                *taken.entry(goods_id.as_str()).or_default() += i64::from(*quantity);
-                rows.push(event);
+            (SaleEvent::Reserved { .. }, None) => Ok(Some(NewState::Inserted)),
+            (SaleEvent::Confirmed { .. }, Some("reserved")) => {
+                Ok(Some(NewState::Changed("confirmed", None, None)))
+            }
+            (SaleEvent::Confirmed { .. }, Some("confirmed")) => Ok(None),
+            (
+                SaleEvent::Released {
+                    reason, returned, ..
+                },
+                Some("reserved"),
+            ) => Ok(Some(NewState::Changed(
+                "released",
+                Some(reason.clone()),
+                Some(*returned),
+            ))),
+            (SaleEvent::Released { .. }, Some("released")) => Ok(None),
+            (_, None) => Err(format!("order {order_id} is not in MySQL")),
+            (_, Some(state)) => Err(format!(
+                "order {order_id} is {state}; it cannot take this event"
+            )),
+        };
+        match next {
+            Err(reason) => refused.push((index, reason)),
+            Ok(None) => applied.duplicates += 1,
+            Ok(Some(change)) => {
+                let effect = event.effect();
+                *left += effect.available;
+                add(deltas.entry(goods_id).or_default(), effect);
+                match change {
+                    NewState::Inserted => {
+                        known.insert(
+                            order_id.to_owned(),
+                            Known {
+                                state: "reserved".into(),
+                                changed: None,
+                            },
+                        );
+                        inserted.push(NewOrder::reserved(event));
+                        applied.new_orders += 1;
+                    }
+                    NewState::Changed(state, reason, returned) => {
+                        // An order inserted by this very batch is written in its final state.
+                        if let Some(row) = inserted
+                            .iter_mut()
+                            .find(|o| o.reserved.order_id() == order_id)
+                        {
+                            row.state = state;
+                            row.reason = match event {
+                                SaleEvent::Released { reason, .. } => Some(reason.as_str()),
+                                _ => None,
+                            };
+                            row.returned = returned;
+                        } else if let Some(k) = known.get_mut(order_id) {
+                            k.changed = Some((state, reason, returned));
+                        }
+                        if let Some(k) = known.get_mut(order_id) {
+                            k.state = state.to_owned();
+                        }
+                        applied.transitions += 1;
+                    }
+                }
             }
         }
     }
-    insert_orders(&mut tx, &rows).await?;
+    insert_orders(&mut tx, &inserted).await?;
+    for (order_id, k) in &known {
+        if let Some((state, reason, returned)) = &k.changed {
+            sqlx::query(
+                "UPDATE orders SET state = ?, release_reason = ?, stock_returned = ? \
+                 WHERE order_id = ?",
+            )
+            .bind(state)
+            .bind(reason)
+            .bind(returned)
+            .bind(order_id)
+            .execute(&mut *tx)
+            .await?;
+        }
+    }
     // One UPDATE per goods per batch, whatever the number of orders.
-    for (goods_id, quantity) in &taken {
-        update_sale(&mut tx, goods_id, *quantity).await?;
+    for (goods_id, delta) in &deltas {
+        update_sale(&mut tx, goods_id, delta).await?;
     }
     tx.commit().await?;
     crashpoint(WRITER_AFTER_DB_COMMIT);
-    applied.new_orders = rows.len();
     Ok((applied, refused))
 }
 
+enum NewState {
+    Inserted,
+    Changed(&'static str, Option<String>, Option<bool>),
+}
+
+/// The orders of the batch MySQL already has, locked, with their state.
 async fn existing_orders(
     tx: &mut Transaction<'_, MySql>,
     events: &[&SaleEvent],
-) -> Result<HashSet<String>, sqlx::Error> {
-    let mut existing = HashSet::new();
+) -> Result<HashMap<String, Known>, sqlx::Error> {
+    let mut existing = HashMap::new();
     for chunk in events.chunks(INSERT_ROWS_MAX) {
         let mut select =
-            QueryBuilder::<MySql>::new("SELECT order_id FROM orders WHERE order_id IN (");
+            QueryBuilder::<MySql>::new("SELECT order_id, state FROM orders WHERE order_id IN (");
         let mut ids = select.separated(", ");
         for event in chunk {
             ids.push_bind(event.order_id());
         }
-        select.push(")");
+        select.push(") FOR UPDATE");
         for row in select.build().fetch_all(&mut **tx).await? {
-            existing.insert(row.try_get::<String, _>(0)?);
+            existing.insert(
+                row.try_get::<String, _>(0)?,
+                Known {
+                    state: row.try_get(1)?,
+                    changed: None,
+                },
+            );
         }
     }
     Ok(existing)
@@ -558,12 +689,9 @@ async fn existing_orders(
 /// Locks the sale rows the batch touches and returns their stock.
 async fn sale_stock(
     tx: &mut Transaction<'_, MySql>,
-    events: &[(usize, &SaleEvent)],
+    events: &[&SaleEvent],
 ) -> Result<HashMap<String, i64>, sqlx::Error> {
-    let goods: HashSet<&str> = events.iter().map(|(_, e)| e.goods_id()).collect();
-    if goods.is_empty() {
-        return Ok(HashMap::new());
-    }
+    let goods: HashSet<&str> = events.iter().map(|e| e.goods_id()).collect();
     let mut select =
         QueryBuilder::<MySql>::new("SELECT goods_id, stock FROM sales WHERE goods_id IN (");
     let mut ids = select.separated(", ");

@@ -1,6 +1,7 @@
 -- A batch of purchase attempts for one goods, decided in arrival order and recorded
 -- atomically. Batching amortises the script call: under load one call serves many buyers.
--- KEYS: 1 sale hash, 2 users hash, 3 requests hash, 4 reservations hash, 5 outbox stream
+-- KEYS: 1 sale hash, 2 users hash, 3 requests hash, 4 reservations hash, 5 outbox stream,
+--       6 expiries sorted set
 -- ARGV: 1 goods id, then one (user id, quantity, request id) triple per attempt
 -- Reply: one { outcome, order_id or "", remaining (-1 unknown), retry_after_ms } per attempt,
 -- always that shape. Ids are validated by the caller to [A-Za-z0-9_.:-], so "|" separates.
@@ -8,14 +9,14 @@ local goods = ARGV[1]
 local attempts = (#ARGV - 1) / 3
 local replies = {}
 
-local sale = redis.call('HMGET', KEYS[1], 'available', 'limit', 'start_ms', 'end_ms', 'epoch', 'seq')
+local sale = redis.call('HMGET', KEYS[1], 'available', 'limit', 'start_ms', 'end_ms', 'epoch', 'seq', 'window_ms')
 if not sale[1] then
   for i = 1, attempts do replies[i] = { 'unknown_goods', '', -1, 0 } end
   return replies
 end
 local available = tonumber(sale[1])
 local limit, start_ms, end_ms = tonumber(sale[2]), tonumber(sale[3]), tonumber(sale[4])
-local epoch, seq = sale[5], tonumber(sale[6])
+local epoch, seq, window_ms = sale[5], tonumber(sale[6]), tonumber(sale[7])
 local granted = 0
 
 -- Server time, so every syncer instance judges the window by one clock.
@@ -56,6 +57,8 @@ local function decide(user, qty, request_id)
   redis.call('HINCRBY', KEYS[2], user, qty)
   redis.call('HSET', KEYS[3], request_id, user .. '|' .. qty .. '|' .. order_id)
   redis.call('HSET', KEYS[4], order_id, user .. '|' .. qty .. '|' .. now_ms)
+  -- The payment window starts now; the sweeper releases the reservation when it ends.
+  redis.call('ZADD', KEYS[6], now_ms + window_ms, order_id)
   -- The outbox entry is written by the same script: no reservation without its event.
   redis.call('XADD', KEYS[5], '*',
     'type', 'reserved', 'order_id', order_id, 'goods_id', goods, 'user_id', user,

@@ -1,6 +1,8 @@
 -- Loads one sale into Redis.
--- KEYS: 1 sale hash, 2 users hash, 3 requests hash, 4 reservations hash, 5 epoch counter
--- ARGV: 1 total stock, 2 per-user limit, 3 start ms, 4 end ms, 5 force ("1" or "0")
+-- KEYS: 1 sale hash, 2 users hash, 3 requests hash, 4 reservations hash, 5 epoch counter,
+--       6 expiries sorted set, 7 settled hash
+-- ARGV: 1 total stock, 2 per-user limit, 3 start ms, 4 end ms, 5 force ("1" or "0"),
+--       6 payment window ms
 -- Reply: { "loaded", epoch } or { "live", end_ms } when a live sale is in the way.
 -- The outbox stream is never touched: it may still hold events on their way to Kafka.
 local existing_end = redis.call('HGET', KEYS[1], 'end_ms')
@@ -11,9 +13,10 @@ if existing_end and ARGV[5] ~= '1' then
     return { 'live', tonumber(existing_end) }
   end
 end
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[6], KEYS[7])
 local epoch = redis.call('INCR', KEYS[5])
 redis.call('HSET', KEYS[1],
-  'total', ARGV[1], 'available', ARGV[1], 'reserved', 0, 'sold', 0,
-  'limit', ARGV[2], 'start_ms', ARGV[3], 'end_ms', ARGV[4], 'epoch', epoch, 'seq', 0)
+  'total', ARGV[1], 'available', ARGV[1], 'reserved', 0, 'sold', 0, 'lapsed', 0,
+  'limit', ARGV[2], 'start_ms', ARGV[3], 'end_ms', ARGV[4], 'window_ms', ARGV[6],
+  'epoch', epoch, 'seq', 0)
 return { 'loaded', epoch }

@@ -1,0 +1,221 @@
+//! The end of a reservation: confirmed (paid) or released (cancelled, expired, upstream
+//! failure), exactly once per order, atomically in Redis, with its event in the outbox.
+
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use redis::AsyncCommands;
+use serde::Serialize;
+use tokio_util::sync::CancellationToken;
+
+use crate::keys::{goods_of_order, KeySpace};
+
+const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
+/// Reservations one sweep call releases at most per goods: bounds how long it blocks Redis.
+pub const SWEEP_BATCH_MAX: usize = 500;
+
+/// Why a reservation was released. The strings appear in events, MySQL and API answers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReleaseReason {
+    /// The buyer (or the shop) cancelled the order.
+    Cancelled,
+    /// The payment window passed.
+    Expired,
+    /// The shop API failed the winner's request (5xx or no response).
+    UpstreamFailed,
+}
+
+impl ReleaseReason {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ReleaseReason::Cancelled => "cancelled",
+            ReleaseReason::Expired => "expired",
+            ReleaseReason::UpstreamFailed => "upstream_failed",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<ReleaseReason> {
+        [
+            ReleaseReason::Cancelled,
+            ReleaseReason::Expired,
+            ReleaseReason::UpstreamFailed,
+        ]
+        .into_iter()
+        .find(|r| r.as_str() == text)
+    }
+}
+
+/// Where an order stands after a confirm or release call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Settlement {
+    pub order_id: String,
+    /// "confirmed" or "released".
+    pub state: String,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// This call settled the order (false: it was settled before, this is the same answer).
+    pub changed: bool,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum LifecycleError {
+    #[error("{0}")]
+    BadOrderId(String),
+    #[error("no reservation or order {0} is known")]
+    UnknownOrder(String),
+    #[error("redis did not answer within {REDIS_TIMEOUT:?}")]
+    Timeout,
+    #[error("redis: {0}")]
+    Redis(#[from] redis::RedisError),
+    #[error("lifecycle script replied {0:?}")]
+    BadScriptReply(String),
+}
+
+#[derive(Clone)]
+pub struct Lifecycle {
+    redis: ConnectionManager,
+    keys: KeySpace,
+    script: redis::Script,
+}
+
+impl Lifecycle {
+    pub fn new(redis: ConnectionManager, keys: KeySpace) -> Self {
+        Self {
+            redis,
+            keys,
+            script: redis::Script::new(include_str!("lua/lifecycle.lua")),
+        }
+    }
+
+    pub async fn confirm(&self, order_id: &str) -> Result<Settlement, LifecycleError> {
+        self.settle(order_id, "confirm", "").await
+    }
+
+    pub async fn release(
+        &self,
+        order_id: &str,
+        reason: ReleaseReason,
+    ) -> Result<Settlement, LifecycleError> {
+        self.settle(order_id, "release", reason.as_str()).await
+    }
+
+    async fn settle(
+        &self,
+        order_id: &str,
+        action: &str,
+        reason: &str,
+    ) -> Result<Settlement, LifecycleError> {
+        seckill_api::validate_id(order_id, seckill_api::ID_LEN_MAX)
+            .map_err(|e| LifecycleError::BadOrderId(format!("order id {e}")))?;
+        let goods_id = goods_of_order(order_id).ok_or_else(|| {
+            LifecycleError::BadOrderId(format!(
+                "{order_id:?} is not an order id (goods.epoch.sequence)"
+            ))
+        })?;
+        let mut invocation = self.invocation(goods_id, action);
+        invocation.arg(order_id).arg(reason);
+        let mut conn = self.redis.clone();
+        let (status, state): (String, String) =
+            tokio::time::timeout(REDIS_TIMEOUT, invocation.invoke_async(&mut conn))
+                .await
+                .map_err(|_| LifecycleError::Timeout)??;
+        let changed = match status.as_str() {
+            "changed" => true,
+            "settled" => false,
+            "unknown" => return Err(LifecycleError::UnknownOrder(order_id.to_owned())),
+            other => return Err(LifecycleError::BadScriptReply(other.to_owned())),
+        };
+        let (state, reason) = match state.split_once(':') {
+            Some((state, reason)) => (state.to_owned(), Some(reason.to_owned())),
+            None => (state, None),
+        };
+        Ok(Settlement {
+            order_id: order_id.to_owned(),
+            state,
+            reason,
+            changed,
+        })
+    }
+
+    /// Releases up to `SWEEP_BATCH_MAX` reservations of one goods whose window has passed.
+    pub async fn sweep_goods(&self, goods_id: &str) -> Result<u64, LifecycleError> {
+        let mut invocation = self.invocation(goods_id, "sweep");
+        invocation.arg(SWEEP_BATCH_MAX);
+        let mut conn = self.redis.clone();
+        let (released,): (u64,) =
+            tokio::time::timeout(REDIS_TIMEOUT, invocation.invoke_async(&mut conn))
+                .await
+                .map_err(|_| LifecycleError::Timeout)??;
+        Ok(released)
+    }
+
+    fn invocation(&self, goods_id: &str, action: &str) -> redis::ScriptInvocation<'_> {
+        let keys = self.keys.goods(goods_id);
+        let mut invocation = self.script.prepare_invoke();
+        invocation
+            .key(keys.sale)
+            .key(keys.users)
+            .key(keys.reservations)
+            .key(keys.expiries)
+            .key(keys.settled)
+            .key(keys.outbox)
+            .arg(goods_id)
+            .arg(action);
+        invocation
+    }
+
+    /// Releases expired reservations of every preheated goods, every `every`, until shutdown.
+    pub async fn run_sweeper(self, every: Duration, shutdown: CancellationToken) {
+        tracing::info!(?every, "sweeper started");
+        let mut ticker = tokio::time::interval(every);
+        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tokio::select! {
+                () = shutdown.cancelled() => break,
+                _ = ticker.tick() => {}
+            }
+            if let Err(e) = self.sweep_all(&shutdown).await {
+                metrics::counter!("seckill_sweeper_errors_total").increment(1);
+                tracing::warn!(error = %e, "sweep failed; retrying next tick");
+            }
+        }
+        tracing::info!("sweeper stopped");
+    }
+
+    async fn sweep_all(&self, shutdown: &CancellationToken) -> Result<(), LifecycleError> {
+        let mut conn = self.redis.clone();
+        let goods: Vec<String> =
+            tokio::time::timeout(REDIS_TIMEOUT, conn.smembers(self.keys.sales_index()))
+                .await
+                .map_err(|_| LifecycleError::Timeout)??;
+        for goods_id in goods {
+            // A full batch means more may be due: go on with this goods, bounded by shutdown.
+            while !shutdown.is_cancelled() {
+                let released = self.sweep_goods(&goods_id).await?;
+                metrics::counter!("seckill_reservations_expired_total").increment(released);
+                if released < SWEEP_BATCH_MAX as u64 {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::ReleaseReason;
+
+    #[test]
+    fn reasons_round_trip() {
+        for reason in [
+            ReleaseReason::Cancelled,
+            ReleaseReason::Expired,
+            ReleaseReason::UpstreamFailed,
+        ] {
+            assert_eq!(ReleaseReason::parse(reason.as_str()), Some(reason));
+        }
+        assert_eq!(ReleaseReason::parse("bored"), None);
+    }
+}
