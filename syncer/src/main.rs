@@ -135,7 +135,7 @@ enum Command {
         #[arg(long, env = "SECKILL_RELAY_NAME", default_value = "relay-0")]
         relay_name: String,
         /// Milliseconds between sweeps that release reservations whose payment window passed.
-        #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(10..=60_000))]
+        #[arg(long, env = "SECKILL_SWEEP_EVERY_MS", default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(10..=60_000))]
         sweep_every_ms: u64,
         /// Seconds between periodic reconciles (drift metric), with --pipeline.
         #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]

@@ -33,6 +33,11 @@ pub struct Pipeline {
 
 impl Pipeline {
     pub async fn start(label: &str) -> anyhow::Result<Pipeline> {
+        Self::start_with(label, &[]).await
+    }
+
+    /// Starts the fixture with extra environment for the HTTP service (say, a faster sweeper).
+    pub async fn start_with(label: &str, env: &[(&str, &str)]) -> anyhow::Result<Pipeline> {
         let scratch = Scratch::new(&format!("seckill-{label}"))?;
         let redis = RedisServer::start(&scratch.path).await?;
         let db = TestDatabase::create(label).await?;
@@ -45,7 +50,9 @@ impl Pipeline {
             secret: SECRET,
             kafka: Some(&broker.bootstrap()),
         };
-        let api = SyncerProcess::start(&scratch.path, &args).await?;
+        let api =
+            SyncerProcess::start_role(&scratch.path, &args, Role::Serve { pipeline: false }, env)
+                .await?;
         Ok(Pipeline {
             api,
             broker,
@@ -85,13 +92,28 @@ impl Pipeline {
         per_user_limit: u32,
     ) -> anyhow::Result<()> {
         let now = now_ms();
+        self.define_sale(goods_id, stock, per_user_limit, now + 3_600_000, 900)
+            .await
+    }
+
+    /// Defines and preheats a sale open from a minute ago until `ends_at_ms`.
+    pub async fn define_sale(
+        &self,
+        goods_id: &str,
+        stock: u64,
+        per_user_limit: u32,
+        ends_at_ms: i64,
+        payment_window_s: u32,
+    ) -> anyhow::Result<()> {
+        let now = now_ms();
         let response = self
             .http
             .put(format!("{}/admin/sales/{goods_id}", self.api.url()))
             .header(seckill_api::SECRET_HEADER, SECRET)
             .json(&json!({
                 "total_stock": stock, "per_user_limit": per_user_limit,
-                "starts_at": rfc3339(now - 60_000), "ends_at": rfc3339(now + 3_600_000),
+                "starts_at": rfc3339(now - 60_000), "ends_at": rfc3339(ends_at_ms),
+                "payment_window_s": payment_window_s,
             }))
             .send()
             .await?;
@@ -160,6 +182,84 @@ impl Pipeline {
             }
         }
         Ok(orders)
+    }
+
+    /// Confirms (`confirm`) or cancels (`cancel`) an order; returns the HTTP status and body.
+    pub async fn settle(&self, order_id: &str, action: &str) -> anyhow::Result<(u16, Value)> {
+        let response = self
+            .http
+            .post(format!("{}/v1/orders/{order_id}/{action}", self.api.url()))
+            .header(seckill_api::SECRET_HEADER, SECRET)
+            .send()
+            .await?;
+        let status = response.status().as_u16();
+        Ok((status, response.json().await?))
+    }
+
+    /// Redis's (available, reserved, sold, lapsed, total) of a sale.
+    pub async fn redis_counters(
+        &self,
+        goods_id: &str,
+    ) -> anyhow::Result<(i64, i64, i64, i64, i64)> {
+        let mut conn = self.redis.connection().await?;
+        let key = format!("{}:{{{goods_id}}}:sale", self.prefix);
+        Ok(redis::cmd("HMGET")
+            .arg(&key)
+            .arg(&["available", "reserved", "sold", "lapsed", "total"])
+            .query_async(&mut conn)
+            .await?)
+    }
+
+    /// MySQL's (stock, reserved, sold, lapsed, total) of a sale.
+    pub async fn mysql_counters(
+        &self,
+        goods_id: &str,
+    ) -> anyhow::Result<(i64, i64, i64, i64, i64)> {
+        let row = sqlx::query(
+            "SELECT stock, reserved, sold, lapsed, CAST(total_stock AS SIGNED) FROM sales WHERE goods_id = ?",
+        )
+        .bind(goods_id)
+        .fetch_one(&self.db.pool)
+        .await?;
+        Ok((
+            row.try_get(0)?,
+            row.try_get(1)?,
+            row.try_get(2)?,
+            row.try_get(3)?,
+            row.try_get(4)?,
+        ))
+    }
+
+    /// Final states of settled orders in Redis: order id -> "confirmed" | "released:<reason>".
+    pub async fn settled_orders(
+        &self,
+        goods_id: &str,
+    ) -> anyhow::Result<std::collections::HashMap<String, String>> {
+        let mut conn = self.redis.connection().await?;
+        Ok(conn
+            .hgetall(format!("{}:{{{goods_id}}}:settled", self.prefix))
+            .await?)
+    }
+
+    /// Order states in MySQL: order id -> (state, release reason).
+    pub async fn mysql_orders(
+        &self,
+        goods_id: &str,
+    ) -> anyhow::Result<std::collections::HashMap<String, (String, Option<String>)>> {
+        Ok(
+            sqlx::query("SELECT order_id, state, release_reason FROM orders WHERE goods_id = ?")
+                .bind(goods_id)
+                .fetch_all(&self.db.pool)
+                .await?
+                .iter()
+                .filter_map(|row| {
+                    Some((
+                        row.try_get(0).ok()?,
+                        (row.try_get(1).ok()?, row.try_get(2).ok()?),
+                    ))
+                })
+                .collect(),
+        )
     }
 
     /// Order rows in MySQL for a goods, and how many distinct order ids they have.
