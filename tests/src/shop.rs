@@ -2,6 +2,7 @@
 //! test can check that only winners got through and what headers they carried.
 
 use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU16, Ordering};
 use std::sync::{Arc, Mutex};
 
 use axum::extract::State;
@@ -27,9 +28,10 @@ impl SeenRequest {
     }
 }
 
-#[derive(Default)]
 struct Recorder {
     seen: Mutex<Vec<SeenRequest>>,
+    /// The status every answer carries (200 unless a test makes the shop fail).
+    status: AtomicU16,
 }
 
 pub struct ShopStub {
@@ -41,7 +43,10 @@ pub struct ShopStub {
 impl ShopStub {
     /// Serves on a port the OS picks; answers every request `200 {"ok":true}`.
     pub async fn start() -> anyhow::Result<Self> {
-        let recorder = Arc::new(Recorder::default());
+        let recorder = Arc::new(Recorder {
+            seen: Mutex::new(Vec::new()),
+            status: AtomicU16::new(200),
+        });
         let app = Router::new().fallback(record).with_state(recorder.clone());
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let addr = listener.local_addr()?;
@@ -58,6 +63,11 @@ impl ShopStub {
             recorder,
             stop: Some(stop),
         })
+    }
+
+    /// Makes every later answer carry this status (say 503, a failing shop).
+    pub fn set_status(&self, status: u16) {
+        self.recorder.status.store(status, Ordering::Relaxed);
     }
 
     pub fn seen(&self) -> Vec<SeenRequest> {
@@ -98,9 +108,15 @@ async fn record(
             gate_headers,
         });
     }
+    let status = StatusCode::from_u16(recorder.status.load(Ordering::Relaxed))
+        .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     (
-        StatusCode::OK,
+        status,
         [("content-type", "application/json")],
-        r#"{"ok":true}"#,
+        if status.is_success() {
+            r#"{"ok":true}"#
+        } else {
+            r#"{"ok":false}"#
+        },
     )
 }

@@ -342,3 +342,51 @@ async fn released_stock_is_sold_again_through_envoy() {
         (Some(0), Some(10))
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_failing_shop_gives_the_winners_stock_back() {
+    let mut options = StackOptions::new("upstream503");
+    options.pipeline = true;
+    let stack = Stack::start(options).await.unwrap();
+    stack.open_sale("g", 10, 1).await.unwrap();
+    stack.shop.set_status(503);
+    for i in 0..5 {
+        let r = stack.buy("g", &format!("u{i}"), 1, &format!("r{i}")).await.unwrap();
+        assert_eq!(r.status, 503, "the buyer sees the shop's failure: {r:?}");
+    }
+    let seen = stack.shop.seen();
+    assert_eq!(seen.len(), 5, "the winners reached the shop");
+    let live = stack.live("g").await.unwrap();
+    assert_eq!(
+        (live["available"].as_u64(), live["reserved"].as_u64()),
+        (Some(10), Some(0)),
+        "every failed winner's unit came back: {live}"
+    );
+    // MySQL shows the orders released with that reason.
+    let order_ids: Vec<String> = seen
+        .iter()
+        .filter_map(|s| s.header("x-seckill-order-id").map(str::to_owned))
+        .collect();
+    wait_for("MySQL to record the releases", DRAIN, || async {
+        let rows: Vec<(String, String, Option<String>)> = sqlx::query_as(
+            "SELECT order_id, state, release_reason FROM orders WHERE goods_id = 'g'",
+        )
+        .fetch_all(&stack.db.pool)
+        .await?;
+        let released = rows
+            .iter()
+            .filter(|(id, state, reason)| {
+                order_ids.contains(id)
+                    && state == "released"
+                    && reason.as_deref() == Some("upstream_failed")
+            })
+            .count();
+        Ok((released == 5).then_some(()))
+    })
+    .await
+    .unwrap();
+    // With the shop healthy again the stock sells normally.
+    stack.shop.set_status(200);
+    let r = stack.buy("g", "u0", 1, "again").await.unwrap();
+    assert_eq!(r.outcome, "won", "the buyer's count was given back too: {r:?}");
+}
