@@ -77,11 +77,18 @@ pub struct StoredSale {
     pub sale: Sale,
     /// Units not yet sold according to MySQL.
     pub stock: i64,
+    pub reserved: i64,
+    pub sold: i64,
+    pub lapsed: i64,
+    /// Order rows MySQL holds for this goods.
+    pub orders: i64,
 }
 
 pub async fn load_sale(pool: &MySqlPool, goods_id: &str) -> sqlx::Result<Option<StoredSale>> {
     let row = sqlx::query(
-        "SELECT goods_id, total_stock, stock, per_user_limit, starts_at, ends_at, payment_window_s
+        "SELECT goods_id, total_stock, stock, per_user_limit, starts_at, ends_at, payment_window_s,
+           reserved, sold, lapsed,
+           (SELECT COUNT(*) FROM orders WHERE orders.goods_id = sales.goods_id) AS orders
          FROM sales WHERE goods_id = ?",
     )
     .bind(goods_id)
@@ -99,5 +106,9 @@ pub async fn load_sale(pool: &MySqlPool, goods_id: &str) -> sqlx::Result<Option<
             payment_window_s: row.try_get("payment_window_s")?,
         },
         stock: row.try_get("stock")?,
+        reserved: row.try_get("reserved")?,
+        sold: row.try_get("sold")?,
+        lapsed: row.try_get("lapsed")?,
+        orders: row.try_get("orders")?,
     }))
 }

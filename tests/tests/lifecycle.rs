@@ -351,7 +351,10 @@ async fn a_failing_shop_gives_the_winners_stock_back() {
     stack.open_sale("g", 10, 1).await.unwrap();
     stack.shop.set_status(503);
     for i in 0..5 {
-        let r = stack.buy("g", &format!("u{i}"), 1, &format!("r{i}")).await.unwrap();
+        let r = stack
+            .buy("g", &format!("u{i}"), 1, &format!("r{i}"))
+            .await
+            .unwrap();
         assert_eq!(r.status, 503, "the buyer sees the shop's failure: {r:?}");
     }
     let seen = stack.shop.seen();
@@ -388,5 +391,8 @@ async fn a_failing_shop_gives_the_winners_stock_back() {
     // With the shop healthy again the stock sells normally.
     stack.shop.set_status(200);
     let r = stack.buy("g", "u0", 1, "again").await.unwrap();
-    assert_eq!(r.outcome, "won", "the buyer's count was given back too: {r:?}");
+    assert_eq!(
+        r.outcome, "won",
+        "the buyer's count was given back too: {r:?}"
+    );
 }

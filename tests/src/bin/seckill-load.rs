@@ -1,0 +1,322 @@
+//! Rehearse a flash sale against any gate: open-loop arrivals, N distinct buyers, a ramp,
+//! HDR latency histograms per outcome, a summary table, optional JSON and SVG chart, and an
+//! optional check of the result against the syncer.
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use indicatif::{ProgressBar, ProgressStyle};
+use seckill_e2e::load::{self, Plan};
+use serde_json::{json, Value};
+
+#[derive(Parser, Clone)]
+#[command(about = "Rehearse a flash sale against a seckill gate and report what happened")]
+struct Args {
+    /// Base URL of the gate (Envoy's listener), e.g. http://127.0.0.1:8080.
+    #[arg(long)]
+    gate: String,
+    /// Goods on sale.
+    #[arg(long)]
+    goods: String,
+    /// Path of the buy endpoint; {goods} is replaced.
+    #[arg(long, default_value = "/seckill/{goods}/buy")]
+    path: String,
+    /// Header carrying the buyer's id.
+    #[arg(long, default_value = "x-user-id")]
+    user_header: String,
+    /// Distinct buyers (requests pick buyers by a fixed scramble, so some click twice).
+    #[arg(long, default_value_t = 10_000)]
+    buyers: u64,
+    /// Units per purchase.
+    #[arg(long, default_value_t = 1)]
+    quantity: u32,
+    /// Target arrival rate, requests per second (open loop).
+    #[arg(long, default_value_t = 1_000.0)]
+    rate: f64,
+    /// Seconds to ramp linearly from 0 to --rate.
+    #[arg(long, default_value_t = 0.0)]
+    ramp_s: f64,
+    /// Seconds to run (ignored when --requests is given).
+    #[arg(long, default_value_t = 10.0)]
+    duration_s: f64,
+    /// Requests to send in all (instead of --duration-s).
+    #[arg(long)]
+    requests: Option<u64>,
+    /// Requests in flight at most (bounds the generator's own memory and sockets).
+    #[arg(long, default_value_t = 1_024)]
+    in_flight: usize,
+    /// Per-request timeout, seconds.
+    #[arg(long, default_value_t = 10.0)]
+    timeout_s: f64,
+    /// Write the summary and per-second timeline as JSON here.
+    #[arg(long)]
+    json: Option<PathBuf>,
+    /// Draw the run as an SVG chart here.
+    #[arg(long)]
+    chart: Option<PathBuf>,
+    /// The syncer's base URL: sample the stock left during the run and check the result.
+    #[arg(long)]
+    syncer: Option<String>,
+    /// The syncer's shared secret (for --syncer).
+    #[arg(long, env = "SECKILL_SECRET", hide_env_values = true)]
+    secret: Option<String>,
+    /// With --syncer: wait up to this many seconds for MySQL to hold every order.
+    #[arg(long, default_value_t = 60.0)]
+    drain_s: f64,
+    /// No progress bar (for logs).
+    #[arg(long)]
+    quiet: bool,
+}
+
+#[tokio::main]
+async fn main() -> std::process::ExitCode {
+    match run(Args::parse()).await {
+        Ok(true) => std::process::ExitCode::SUCCESS,
+        Ok(false) => std::process::ExitCode::from(2),
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<bool> {
+    anyhow::ensure!(args.rate > 0.0, "--rate must be positive");
+    anyhow::ensure!(args.buyers > 0, "--buyers must be positive");
+    anyhow::ensure!(args.in_flight > 0, "--in-flight must be positive");
+    anyhow::ensure!(
+        args.ramp_s >= 0.0 && args.duration_s > 0.0,
+        "--ramp-s and --duration-s must not be negative"
+    );
+    seckill_api::validate_id(&args.goods, seckill_api::ID_LEN_MAX)
+        .map_err(|e| anyhow::anyhow!("--goods {e}"))?;
+    let ramp = Duration::from_secs_f64(args.ramp_s);
+    let requests = args.requests.unwrap_or_else(|| {
+        load::requests_in(Duration::from_secs_f64(args.duration_s), args.rate, ramp)
+    });
+    let plan = Plan {
+        url: format!(
+            "{}{}",
+            args.gate.trim_end_matches('/'),
+            args.path.replace("{goods}", &args.goods)
+        ),
+        user_header: args.user_header.clone(),
+        buyers: args.buyers,
+        quantity: args.quantity,
+        rate: args.rate,
+        ramp,
+        requests,
+        in_flight_max: args.in_flight,
+        timeout: Duration::from_secs_f64(args.timeout_s),
+    };
+    let syncer = match (&args.syncer, &args.secret) {
+        (Some(url), Some(secret)) => Some(Syncer::new(url, secret, &args.goods)?),
+        (Some(_), None) => anyhow::bail!("--syncer needs --secret (or SECKILL_SECRET)"),
+        _ => None,
+    };
+    let before = match &syncer {
+        Some(s) => Some(s.sale().await?),
+        None => None,
+    };
+
+    let bar = if args.quiet {
+        ProgressBar::hidden()
+    } else {
+        ProgressBar::new(requests)
+    };
+    bar.set_style(
+        ProgressStyle::with_template("{elapsed_precise} [{bar:40}] {pos}/{len} sent, {msg}")
+            .unwrap_or_else(|_| ProgressStyle::default_bar()),
+    );
+    let progress_bar = bar.clone();
+    // Stock samples every 250 ms while the run goes, to draw the stock line.
+    let samples: Arc<Mutex<Vec<(Duration, u64)>>> = Arc::default();
+    let sampler = syncer.clone().map(|s| {
+        let samples = samples.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            loop {
+                if let Ok(sale) = s.sale().await {
+                    if let Some(left) = sale["live"]["available"].as_u64() {
+                        if let Ok(mut samples) = samples.lock() {
+                            samples.push((started.elapsed(), left));
+                        }
+                    }
+                }
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        })
+    });
+    let result = load::run(&plan, move |sent, answered| {
+        progress_bar.set_position(sent);
+        progress_bar.set_message(format!("{answered} answered"));
+    })
+    .await?;
+    bar.finish_and_clear();
+    if let Some(sampler) = sampler {
+        sampler.abort();
+    }
+
+    let mut timeline = result.recorder.timeline();
+    if let Ok(samples) = samples.lock() {
+        for second in &mut timeline {
+            second.remaining = samples
+                .iter()
+                .rev()
+                .find(|(at, _)| at.as_secs() <= second.second)
+                .map(|(_, left)| *left);
+        }
+    }
+    print_summary(&args, &plan, &result);
+
+    let mut check = Value::Null;
+    let mut ok = true;
+    if let (Some(syncer), Some(before)) = (&syncer, &before) {
+        let (passed, report) = syncer
+            .check(
+                before,
+                &result.recorder,
+                args.quantity,
+                Duration::from_secs_f64(args.drain_s),
+            )
+            .await?;
+        ok = passed;
+        check = report;
+    }
+    if let Some(path) = &args.json {
+        let report = json!({
+            "plan": {
+                "url": plan.url, "rate": plan.rate, "ramp_s": args.ramp_s, "requests": plan.requests,
+                "buyers": plan.buyers, "quantity": plan.quantity, "in_flight_max": plan.in_flight_max,
+            },
+            "elapsed_s": result.elapsed.as_secs_f64(),
+            "achieved_rate": result.recorder.total() as f64 / result.elapsed.as_secs_f64(),
+            "outcomes": result.recorder.outcomes(),
+            "overall": result.recorder.overall(),
+            "timeline": timeline,
+            "check": check,
+        });
+        std::fs::write(path, serde_json::to_vec_pretty(&report)?)?;
+    }
+    if let Some(path) = &args.chart {
+        let title = format!(
+            "{}: {} requests at {:.0}/s",
+            args.goods, plan.requests, plan.rate
+        );
+        seckill_e2e::chart::render(path, &title, &timeline)?;
+    }
+    Ok(ok)
+}
+
+fn print_summary(args: &Args, plan: &Plan, result: &load::Run) {
+    let total = result.recorder.total();
+    println!(
+        "{} requests to {} in {:.2} s: offered {:.0}/s, answered {:.0}/s; {} buyers",
+        total,
+        plan.url,
+        result.elapsed.as_secs_f64(),
+        plan.rate,
+        total as f64 / result.elapsed.as_secs_f64(),
+        args.buyers
+    );
+    println!(
+        "{:<20} {:>9} {:>7} {:>9} {:>9} {:>9} {:>9} {:>9}",
+        "outcome", "count", "share", "p50 ms", "p90 ms", "p99 ms", "p99.9 ms", "max ms"
+    );
+    let mut rows: Vec<_> = result.recorder.outcomes().into_iter().collect();
+    rows.sort_by_key(|(outcome, s)| (outcome != "won", std::cmp::Reverse(s.count)));
+    rows.push(("all".into(), result.recorder.overall()));
+    for (outcome, s) in rows {
+        println!(
+            "{:<20} {:>9} {:>6.1}% {:>9.2} {:>9.2} {:>9.2} {:>9.2} {:>9.2}",
+            outcome,
+            s.count,
+            100.0 * s.count as f64 / total.max(1) as f64,
+            s.p50_ms,
+            s.p90_ms,
+            s.p99_ms,
+            s.p999_ms,
+            s.max_ms
+        );
+    }
+}
+
+/// The syncer's admin API, to read the sale and check the run against it.
+#[derive(Clone)]
+struct Syncer {
+    url: String,
+    secret: String,
+    goods: String,
+    http: reqwest::Client,
+}
+
+impl Syncer {
+    fn new(url: &str, secret: &str, goods: &str) -> anyhow::Result<Self> {
+        Ok(Self {
+            url: url.trim_end_matches('/').to_owned(),
+            secret: secret.to_owned(),
+            goods: goods.to_owned(),
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(5))
+                .build()?,
+        })
+    }
+
+    async fn sale(&self) -> anyhow::Result<Value> {
+        let response = self
+            .http
+            .get(format!("{}/admin/sales/{}", self.url, self.goods))
+            .header(seckill_api::SECRET_HEADER, &self.secret)
+            .send()
+            .await?;
+        anyhow::ensure!(
+            response.status().is_success(),
+            "the syncer answered {}",
+            response.status()
+        );
+        Ok(response.json().await?)
+    }
+
+    /// Winners counted at the edge must equal the units granted in Redis during the run and,
+    /// once drained, the orders MySQL recorded.
+    async fn check(
+        &self,
+        before: &Value,
+        recorder: &load::Recorder,
+        quantity: u32,
+        drain: Duration,
+    ) -> anyhow::Result<(bool, Value)> {
+        let granted = |sale: &Value| {
+            ["reserved", "sold", "lapsed"]
+                .iter()
+                .map(|k| sale["live"][k].as_i64().unwrap_or(0))
+                .sum::<i64>()
+        };
+        let winners = recorder.count("won") as i64;
+        let after = self.sale().await?;
+        let redis_units = granted(&after) - granted(before);
+        let orders_before = before["definition"]["orders"].as_i64().unwrap_or(0);
+        let deadline = Instant::now() + drain;
+        let mut mysql_orders = after["definition"]["orders"].as_i64().unwrap_or(0) - orders_before;
+        while mysql_orders < winners && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(200)).await;
+            mysql_orders = self.sale().await?["definition"]["orders"]
+                .as_i64()
+                .unwrap_or(0)
+                - orders_before;
+        }
+        let passed = redis_units == winners * i64::from(quantity) && mysql_orders == winners;
+        println!(
+            "check against the syncer: {winners} winners at the edge, {redis_units} units granted in Redis, {mysql_orders} new orders in MySQL: {}",
+            if passed { "OK" } else { "MISMATCH" }
+        );
+        Ok((
+            passed,
+            json!({
+                "winners": winners, "redis_units": redis_units, "mysql_orders": mysql_orders, "passed": passed,
+            }),
+        ))
+    }
+}
