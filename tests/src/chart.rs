@@ -5,7 +5,7 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use crate::load::Second;
+use crate::load::Slice;
 
 const OUTCOME_COLORS: [(&str, RGBColor); 6] = [
     ("won", RGBColor(0x2c, 0xa0, 0x2c)),
@@ -16,8 +16,9 @@ const OUTCOME_COLORS: [(&str, RGBColor); 6] = [
     ("unavailable", RGBColor(0xd6, 0x27, 0x28)),
 ];
 
-pub fn render(path: &Path, title: &str, timeline: &[Second]) -> anyhow::Result<()> {
-    let seconds = timeline.last().map_or(1, |s| s.second + 1) as f64;
+pub fn render(path: &Path, title: &str, timeline: &[Slice]) -> anyhow::Result<()> {
+    let seconds = timeline.last().map_or(1.0, |s| s.start_s + s.width_s);
+    let rate = |s: &Slice, count: u64| count as f64 / s.width_s;
     let root = SVGBackend::new(path, (960, 900)).into_drawing_area();
     root.fill(&WHITE).map_err(err)?;
     let root = root.titled(title, ("sans-serif", 22)).map_err(err)?;
@@ -26,12 +27,13 @@ pub fn render(path: &Path, title: &str, timeline: &[Second]) -> anyhow::Result<(
     // 1. Answers per second by outcome.
     let peak = timeline
         .iter()
-        .flat_map(|s| s.outcomes.values())
-        .copied()
-        .max()
-        .unwrap_or(1) as f64;
+        .flat_map(|s| s.outcomes.values().map(move |c| rate(s, *c)))
+        .fold(1.0, f64::max);
     let mut chart = ChartBuilder::on(&panels[0])
-        .caption("answers per second, by outcome", ("sans-serif", 16))
+        .caption(
+            "answers per second, by outcome (by scheduled send time)",
+            ("sans-serif", 16),
+        )
         .margin(10)
         .x_label_area_size(30)
         .y_label_area_size(60)
@@ -54,12 +56,9 @@ pub fn render(path: &Path, title: &str, timeline: &[Second]) -> anyhow::Result<(
                 let (r, g, b) = Palette99::pick(i).to_rgba().rgb();
                 RGBColor(r, g, b)
             });
-        let points = timeline.iter().map(|s| {
-            (
-                s.second as f64,
-                *s.outcomes.get(*outcome).unwrap_or(&0) as f64,
-            )
-        });
+        let points = timeline
+            .iter()
+            .map(|s| (s.start_s, rate(s, *s.outcomes.get(*outcome).unwrap_or(&0))));
         chart
             .draw_series(LineSeries::new(points, color.stroke_width(2)))
             .map_err(err)?
@@ -79,7 +78,7 @@ pub fn render(path: &Path, title: &str, timeline: &[Second]) -> anyhow::Result<(
     let slowest = timeline.iter().map(|s| s.p99_ms).fold(1.0, f64::max);
     let mut chart = ChartBuilder::on(&panels[1])
         .caption(
-            "latency per second (ms, from the scheduled send time)",
+            "latency p50 and p99 (ms, from the scheduled send time)",
             ("sans-serif", 16),
         )
         .margin(10)
@@ -93,12 +92,12 @@ pub fn render(path: &Path, title: &str, timeline: &[Second]) -> anyhow::Result<(
         .draw()
         .map_err(err)?;
     for (name, color, pick) in [
-        ("p50", BLUE, (|s: &Second| s.p50_ms) as fn(&Second) -> f64),
-        ("p99", RED, |s: &Second| s.p99_ms),
+        ("p50", BLUE, (|s: &Slice| s.p50_ms) as fn(&Slice) -> f64),
+        ("p99", RED, |s: &Slice| s.p99_ms),
     ] {
         chart
             .draw_series(LineSeries::new(
-                timeline.iter().map(|s| (s.second as f64, pick(s))),
+                timeline.iter().map(|s| (s.start_s, pick(s))),
                 color.stroke_width(2),
             ))
             .map_err(err)?
@@ -136,7 +135,7 @@ pub fn render(path: &Path, title: &str, timeline: &[Second]) -> anyhow::Result<(
         .draw_series(LineSeries::new(
             timeline
                 .iter()
-                .filter_map(|s| Some((s.second as f64, s.remaining? as f64))),
+                .filter_map(|s| Some((s.start_s, s.remaining? as f64))),
             BLACK.stroke_width(2),
         ))
         .map_err(err)?;

@@ -96,10 +96,14 @@ pub struct LatencySummary {
     pub max_ms: f64,
 }
 
-/// One second of the run: answers by outcome and latency percentiles of that second.
+/// One slice of the run (by scheduled send time): answers by outcome and the latency
+/// percentiles of that slice.
 #[derive(Debug, Clone, Serialize, Default)]
-pub struct Second {
-    pub second: u64,
+pub struct Slice {
+    /// Start of the slice, seconds from the start of the run.
+    pub start_s: f64,
+    /// Width of the slice, seconds.
+    pub width_s: f64,
     pub outcomes: BTreeMap<String, u64>,
     pub p50_ms: f64,
     pub p99_ms: f64,
@@ -107,21 +111,37 @@ pub struct Second {
     pub remaining: Option<u64>,
 }
 
-/// Everything a run recorded, by outcome and by second.
-#[derive(Default)]
+/// Everything a run recorded, by outcome and by time slice.
 pub struct Recorder {
     by_outcome: BTreeMap<String, Latencies>,
-    by_second: BTreeMap<u64, (BTreeMap<String, u64>, Latencies)>,
+    by_slice: BTreeMap<u64, (BTreeMap<String, u64>, Latencies)>,
+    slice: Duration,
+}
+
+impl Default for Recorder {
+    fn default() -> Self {
+        Self::with_slice(Duration::from_millis(100))
+    }
 }
 
 impl Recorder {
+    /// A recorder whose timeline has slices of this width.
+    pub fn with_slice(slice: Duration) -> Self {
+        Self {
+            by_outcome: BTreeMap::new(),
+            by_slice: BTreeMap::new(),
+            slice: slice.max(Duration::from_millis(1)),
+        }
+    }
+
     /// Records one answer, `latency` counted from its scheduled time, at `offset` into the run.
     pub fn record(&mut self, outcome: &str, latency: Duration, offset: Duration) {
         self.by_outcome
             .entry(outcome.to_owned())
             .or_default()
             .record(latency);
-        let (counts, latencies) = self.by_second.entry(offset.as_secs()).or_default();
+        let index = (offset.as_nanos() / self.slice.as_nanos()) as u64;
+        let (counts, latencies) = self.by_slice.entry(index).or_default();
         *counts.entry(outcome.to_owned()).or_insert(0) += 1;
         latencies.record(latency);
     }
@@ -149,11 +169,13 @@ impl Recorder {
         all.summary()
     }
 
-    pub fn timeline(&self) -> Vec<Second> {
-        self.by_second
+    pub fn timeline(&self) -> Vec<Slice> {
+        let width_s = self.slice.as_secs_f64();
+        self.by_slice
             .iter()
-            .map(|(second, (outcomes, latencies))| Second {
-                second: *second,
+            .map(|(index, (outcomes, latencies))| Slice {
+                start_s: *index as f64 * width_s,
+                width_s,
                 outcomes: outcomes.clone(),
                 p50_ms: latencies.quantile_ms(0.5),
                 p99_ms: latencies.quantile_ms(0.99),
@@ -329,7 +351,7 @@ mod tests {
 
     #[test]
     fn histograms_report_quantiles_per_outcome_and_second() {
-        let mut recorder = Recorder::default();
+        let mut recorder = Recorder::with_slice(Duration::from_secs(1));
         for ms in 1..=100u64 {
             recorder.record(
                 "won",

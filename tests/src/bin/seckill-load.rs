@@ -165,7 +165,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             second.remaining = samples
                 .iter()
                 .rev()
-                .find(|(at, _)| at.as_secs() <= second.second)
+                .find(|(at, _)| at.as_secs_f64() <= second.start_s + second.width_s)
                 .map(|(_, left)| *left);
         }
     }
