@@ -143,6 +143,9 @@ pub struct Config {
     pub rate_limit: RateLimits,
     /// How long a sold-out answer is served locally; zero disables the cache.
     pub sold_out_cache: Duration,
+    /// When the shop API answers a winner with a 5xx (or cannot be reached), give the
+    /// reservation back through the syncer before passing the answer on.
+    pub release_on_upstream_failure: bool,
 }
 
 // --- raw shapes: every field kept as a JSON value so each is read with its own path ---
@@ -159,6 +162,7 @@ struct RawConfig {
     deduct: Value,
     rate_limit: Value,
     sold_out_cache_ms: Option<Value>,
+    release_on_upstream_failure: Option<Value>,
 }
 
 #[derive(Deserialize)]
@@ -282,6 +286,12 @@ impl Config {
             ));
         }
 
+        let release_on_upstream_failure: bool = read_or(
+            "release_on_upstream_failure",
+            raw.release_on_upstream_failure,
+            true,
+        )?;
+
         Ok(Config {
             route,
             goods_id,
@@ -292,6 +302,7 @@ impl Config {
             deduct,
             rate_limit,
             sold_out_cache: Duration::from_millis(sold_out_cache_ms),
+            release_on_upstream_failure,
         })
     }
 }
@@ -1012,6 +1023,22 @@ mod tests {
         );
         let e = error_of(|v| v["deduct"]["secret"] = json!(""));
         assert_eq!(e.to_string(), "deduct.secret: must not be empty");
+    }
+
+    #[test]
+    fn release_on_upstream_failure_defaults_on_and_must_be_a_bool() {
+        let c = Config::from_json(Some(minimal().to_string().as_bytes())).unwrap();
+        assert!(c.release_on_upstream_failure);
+        let mut v = minimal();
+        v["release_on_upstream_failure"] = json!(false);
+        let c = Config::from_json(Some(v.to_string().as_bytes())).unwrap();
+        assert!(!c.release_on_upstream_failure);
+        v["release_on_upstream_failure"] = json!("yes");
+        let e = Config::from_json(Some(v.to_string().as_bytes())).unwrap_err();
+        assert!(
+            e.to_string().starts_with("release_on_upstream_failure"),
+            "{e}"
+        );
     }
 
     #[test]

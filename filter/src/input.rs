@@ -2,7 +2,9 @@
 //! is wrong and why. Decides first whether the request is a sale request at all.
 //!
 //! Pure code: it works on the header list the host hands over (names lower-case, values as
-//! raw bytes, pseudo-headers `:method` and `:path` included), unit-tested natively.
+//! raw bytes, pseudo-headers `:method` and `:path` included), unit-tested natively. The filter
+//! reads that list in place from the host's serialized map ([`parse_header_map`]) rather than
+//! copying every name and value.
 
 use std::fmt;
 
@@ -11,8 +13,62 @@ use seckill_api::{validate_id, DeductRequest, IdError};
 use crate::config::{Config, QuantityRule, Source};
 use crate::route;
 
-/// The request headers as the host gives them: (lower-case name, raw value).
-pub type Headers = [(String, Vec<u8>)];
+/// One request header as the host gives it: lower-case name and raw value.
+pub trait HeaderPair {
+    fn name(&self) -> &[u8];
+    fn value(&self) -> &[u8];
+}
+
+/// A header read in place from the host's serialized map.
+impl HeaderPair for (&[u8], &[u8]) {
+    fn name(&self) -> &[u8] {
+        self.0
+    }
+
+    fn value(&self) -> &[u8] {
+        self.1
+    }
+}
+
+/// A header as the SDK's copying accessor returns it.
+impl HeaderPair for (String, Vec<u8>) {
+    fn name(&self) -> &[u8] {
+        self.0.as_bytes()
+    }
+
+    fn value(&self) -> &[u8] {
+        &self.1
+    }
+}
+
+/// Reads a header map as the host serializes it (proxy-wasm ABI 0.2.x: a u32 count; then per
+/// header a u32 name length and a u32 value length; then per header the name, a NUL, the
+/// value, a NUL; all little-endian), borrowing every name and value from `bytes`. None when
+/// the buffer does not hold what its lengths say.
+pub fn parse_header_map(bytes: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
+    let word = |at: usize| -> Option<usize> {
+        let raw = bytes.get(at..at.checked_add(4)?)?;
+        usize::try_from(u32::from_le_bytes(raw.try_into().ok()?)).ok()
+    };
+    let count = word(0)?;
+    // Each header takes at least 10 bytes (two lengths, two NULs): refuse a count the buffer
+    // cannot hold before reserving room for it.
+    if count > bytes.len() / 10 {
+        return None;
+    }
+    let mut headers = Vec::with_capacity(count);
+    let mut data = 4 + count * 8;
+    for i in 0..count {
+        let name_len = word(4 + i * 8)?;
+        let value_len = word(8 + i * 8)?;
+        let name = bytes.get(data..data.checked_add(name_len)?)?;
+        data += name_len + 1;
+        let value = bytes.get(data..data.checked_add(value_len)?)?;
+        data += value_len + 1;
+        headers.push((name, value));
+    }
+    Some(headers)
+}
 
 /// A sale request whose inputs all passed validation: exactly the body of the deduct call.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -57,9 +113,9 @@ impl fmt::Display for BadInput {
 
 /// Whether a header is one only the gate may set (`x-seckill-*`, any case). Every such
 /// request header is stripped before anything else happens.
-pub fn is_gate_header(name: &str) -> bool {
+pub fn is_gate_header(name: impl AsRef<[u8]>) -> bool {
     let prefix = seckill_api::GATE_HEADER_PREFIX.as_bytes();
-    name.as_bytes()
+    name.as_ref()
         .get(..prefix.len())
         .is_some_and(|start| start.eq_ignore_ascii_case(prefix))
 }
@@ -74,10 +130,11 @@ pub enum Classified {
 }
 
 /// Decides whether the request is a sale request and, if so, extracts and checks its inputs.
-pub fn classify(config: &Config, headers: &Headers) -> Classified {
+pub fn classify<H: HeaderPair>(config: &Config, headers: &[H]) -> Classified {
     // Pseudo-headers are single by construction in Envoy; take the first of each.
-    let method = headers.iter().find(|(n, _)| n == ":method").map(|(_, v)| v);
-    let path = headers.iter().find(|(n, _)| n == ":path").map(|(_, v)| v);
+    let first = |name: &[u8]| headers.iter().find(|h| h.name() == name).map(|h| h.value());
+    let method = first(b":method");
+    let path = first(b":path");
     let (Some(method), Some(path)) = (method, path) else {
         return Classified::NotSale;
     };
@@ -101,8 +158,8 @@ pub fn classify(config: &Config, headers: &Headers) -> Classified {
 }
 
 /// The parts of a matched sale request the sources read from.
-struct Request<'a> {
-    headers: &'a Headers,
+struct Request<'a, H> {
+    headers: &'a [H],
     captures: &'a [&'a str],
     query: Option<&'a str>,
 }
@@ -114,7 +171,7 @@ enum Raw<'a> {
     Owned(String),
 }
 
-fn extract(config: &Config, request: &Request<'_>) -> Result<Purchase, BadInput> {
+fn extract<H: HeaderPair>(config: &Config, request: &Request<'_, H>) -> Result<Purchase, BadInput> {
     let goods_id = read_id("goods id", &config.goods_id, request, config.id_len_max)?;
     let user_id = read_id("user id", &config.user_id, request, config.id_len_max)?;
     let quantity = read_quantity(&config.quantity, request)?;
@@ -135,7 +192,11 @@ fn bad(field: &str, source: &Source, problem: impl fmt::Display) -> BadInput {
     }
 }
 
-fn read_raw<'a>(field: &str, source: &Source, request: &Request<'a>) -> Result<Raw<'a>, BadInput> {
+fn read_raw<'a, H: HeaderPair>(
+    field: &str,
+    source: &Source,
+    request: &Request<'a, H>,
+) -> Result<Raw<'a>, BadInput> {
     match source {
         Source::Header(name) => {
             // Gate headers were stripped before this runs; ignore them here as well so a
@@ -146,8 +207,8 @@ fn read_raw<'a>(field: &str, source: &Source, request: &Request<'a>) -> Result<R
             let mut values = request
                 .headers
                 .iter()
-                .filter(|(n, _)| n == name)
-                .map(|(_, v)| v.as_slice());
+                .filter(|h| h.name() == name.as_bytes())
+                .map(|h| h.value());
             match (values.next(), values.next()) {
                 (None, _) => Ok(Raw::Missing),
                 (Some(value), None) => Ok(Raw::Value(value)),
@@ -169,10 +230,10 @@ fn read_raw<'a>(field: &str, source: &Source, request: &Request<'a>) -> Result<R
     }
 }
 
-fn read_id(
+fn read_id<H: HeaderPair>(
     field: &str,
     source: &Source,
-    request: &Request<'_>,
+    request: &Request<'_, H>,
     len_max: usize,
 ) -> Result<String, BadInput> {
     let text = match read_raw(field, source, request)? {
@@ -187,7 +248,10 @@ fn read_id(
     Ok(text)
 }
 
-fn read_quantity(rule: &QuantityRule, request: &Request<'_>) -> Result<u32, BadInput> {
+fn read_quantity<H: HeaderPair>(
+    rule: &QuantityRule,
+    request: &Request<'_, H>,
+) -> Result<u32, BadInput> {
     let Some(source) = &rule.source else {
         return Ok(rule.default);
     };
@@ -255,6 +319,75 @@ mod tests {
         ];
         list.extend(extra.iter().map(|(n, v)| (n.to_string(), v.to_vec())));
         list
+    }
+
+    /// The host's serialization of a header map (as the SDK and Envoy write it).
+    fn serialize_map(pairs: &[(&str, &[u8])]) -> Vec<u8> {
+        let mut bytes = (pairs.len() as u32).to_le_bytes().to_vec();
+        for (name, value) in pairs {
+            bytes.extend_from_slice(&(name.len() as u32).to_le_bytes());
+            bytes.extend_from_slice(&(value.len() as u32).to_le_bytes());
+        }
+        for (name, value) in pairs {
+            bytes.extend_from_slice(name.as_bytes());
+            bytes.push(0);
+            bytes.extend_from_slice(value);
+            bytes.push(0);
+        }
+        bytes
+    }
+
+    #[test]
+    fn header_maps_are_read_in_place() {
+        let pairs: [(&str, &[u8]); 4] = [
+            (":method", b"POST"),
+            (":path", b"/seckill/sku-1/buy?qty=2"),
+            ("x-empty", b""),
+            ("x-user-id", b"u\xff\x00-1"),
+        ];
+        let bytes = serialize_map(&pairs);
+        let parsed = parse_header_map(&bytes).unwrap();
+        let expected: Vec<(&[u8], &[u8])> = pairs.iter().map(|(n, v)| (n.as_bytes(), *v)).collect();
+        assert_eq!(parsed, expected);
+        assert_eq!(parse_header_map(&serialize_map(&[])), Some(vec![]));
+        // The same purchase as from the SDK's copies.
+        let owned: Vec<(String, Vec<u8>)> = [
+            (":method", "POST"),
+            (":path", "/seckill/sku-1/buy?qty=2"),
+            ("x-user-id", "u-1"),
+            ("x-request-id", "r-1"),
+        ]
+        .iter()
+        .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+        .collect();
+        let borrowed: Vec<(&str, &[u8])> = owned
+            .iter()
+            .map(|(n, v)| (n.as_str(), v.as_slice()))
+            .collect();
+        let bytes = serialize_map(&borrowed);
+        let view = parse_header_map(&bytes).unwrap();
+        assert!(matches!(
+            classify(&config(), &view),
+            Classified::Sale(Ok(_))
+        ));
+        assert_eq!(classify(&config(), &view), classify(&config(), &owned));
+    }
+
+    #[test]
+    fn malformed_header_maps_are_refused() {
+        let bytes = serialize_map(&[(":method", b"POST"), ("x-user-id", b"u-1")]);
+        // Cut anywhere before the last value ends: refused, never a panic.
+        for len in 0..bytes.len() - 1 {
+            assert_eq!(parse_header_map(&bytes[..len]), None, "{len} bytes");
+        }
+        // A count the buffer cannot hold.
+        let mut huge = bytes.clone();
+        huge[..4].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(parse_header_map(&huge), None);
+        // A length running past the end.
+        let mut long = bytes.clone();
+        long[4..8].copy_from_slice(&u32::MAX.to_le_bytes());
+        assert_eq!(parse_header_map(&long), None);
     }
 
     fn good_extra() -> Vec<(&'static str, &'static [u8])> {
@@ -325,7 +458,8 @@ mod tests {
             Classified::Sale(Ok(_))
         ));
         // Without pseudo-headers nothing matches (and nothing panics).
-        assert_eq!(classify(&c, &[]), Classified::NotSale);
+        let none: [(String, Vec<u8>); 0] = [];
+        assert_eq!(classify(&c, &none), Classified::NotSale);
         let bad_path = vec![
             (":method".to_string(), b"POST".to_vec()),
             (":path".to_string(), vec![b'/', 0xff]),

@@ -9,6 +9,7 @@
 pub mod config;
 pub mod gcra;
 pub mod input;
+pub mod local;
 pub mod reply;
 pub mod route;
 pub mod shared;
@@ -20,6 +21,22 @@ pub mod stat_names {
     pub const SOLD_OUT_CACHE_HIT: &str = "seckill.soldout_cache.hit";
     pub const PASSTHROUGH: &str = "seckill.passthrough";
     pub const HEADERS_STRIPPED: &str = "seckill.headers_stripped";
+    pub const RELEASE_SENT: &str = "seckill.release.sent";
+    pub const RELEASE_FAILED: &str = "seckill.release.failed";
+}
+
+/// The syncer path that gives a failed winner's reservation back, or `None` for an order id
+/// that has no business in a path (the syncer only issues `[A-Za-z0-9._:-]`).
+pub fn release_path(order_id: &str) -> Option<String> {
+    let safe = |b: u8| b.is_ascii_alphanumeric() || matches!(b, b'.' | b'_' | b':' | b'-');
+    (!order_id.is_empty() && order_id.bytes().all(safe))
+        .then(|| format!("/v1/orders/{order_id}/release?reason=upstream_failed"))
+}
+
+/// Whether the shop API's answer to a winner means the sale did not happen there: a 5xx,
+/// including Envoy's own 503/504 when the shop cannot be reached or times out.
+pub fn upstream_failed(status: &[u8]) -> bool {
+    status.len() == 3 && status[0] == b'5' && status.iter().all(u8::is_ascii_digit)
 }
 
 /// Prefix of the one log line a refused configuration produces.
@@ -27,6 +44,7 @@ pub const BAD_CONFIG_LOG_PREFIX: &str = "seckill-filter: bad plugin configuratio
 
 #[cfg(target_arch = "wasm32")]
 mod host {
+    use std::cell::RefCell;
     use std::rc::Rc;
     use std::time::{Duration, UNIX_EPOCH};
 
@@ -37,9 +55,10 @@ mod host {
 
     use crate::config::{Config, FailureMode};
     use crate::input::{self, is_gate_header, Classified, Purchase};
+    use crate::local::SoldOutMemory;
     use crate::reply::{self, CalloutFailure, GateOutcome, LocalReply, Verdict, Winner};
-    use crate::shared::{self, HostStore, RateLimited};
-    use crate::{stat_names, BAD_CONFIG_LOG_PREFIX};
+    use crate::shared::{self, Admission, HostStore, RateLimited};
+    use crate::{release_path, stat_names, upstream_failed, BAD_CONFIG_LOG_PREFIX};
 
     proxy_wasm::main! {{
         // Info: per-request debug lines would cost a host call each even when Envoy drops them.
@@ -55,6 +74,8 @@ mod host {
         sold_out_cache_hit: u32,
         passthrough: u32,
         headers_stripped: u32,
+        release_sent: u32,
+        release_failed: u32,
     }
 
     impl Stats {
@@ -71,6 +92,8 @@ mod host {
                 sold_out_cache_hit: counter(stat_names::SOLD_OUT_CACHE_HIT)?,
                 passthrough: counter(stat_names::PASSTHROUGH)?,
                 headers_stripped: counter(stat_names::HEADERS_STRIPPED)?,
+                release_sent: counter(stat_names::RELEASE_SENT)?,
+                release_failed: counter(stat_names::RELEASE_FAILED)?,
             })
         }
 
@@ -94,6 +117,8 @@ mod host {
     struct SeckillRoot {
         /// Set by a successful `on_configure`; Envoy creates no request context before that.
         shared: Option<(Rc<Config>, Rc<Stats>)>,
+        /// This worker's copy of the sold-out marks it wrote or read (see `local.rs`).
+        sold_out_memory: Rc<RefCell<SoldOutMemory>>,
     }
 
     impl Context for SeckillRoot {}
@@ -117,6 +142,8 @@ mod host {
                 }
             };
             self.shared = Some((Rc::new(config), Rc::new(stats)));
+            // Marks remembered under an earlier configuration may have a longer window.
+            self.sold_out_memory = Rc::default();
             true
         }
 
@@ -129,6 +156,7 @@ mod host {
             Some(Box::new(SaleRequest {
                 config: Rc::clone(config),
                 stats: Rc::clone(stats),
+                sold_out_memory: Rc::clone(&self.sold_out_memory),
                 state: State::Started,
             }))
         }
@@ -148,6 +176,8 @@ mod host {
         AwaitingDeduct { token: u32, purchase: Purchase },
         /// Forwarded to the shop API as a winner with this order id.
         ForwardedWinner { order_id: String },
+        /// The shop failed the winner; its response waits while the reservation is given back.
+        ReleasingWinner { token: u32, order_id: String },
         /// Forwarded without a decision (failure mode open).
         ForwardedFailedOpen,
         /// The gate answered locally.
@@ -157,6 +187,7 @@ mod host {
     struct SaleRequest {
         config: Rc<Config>,
         stats: Rc<Stats>,
+        sold_out_memory: Rc<RefCell<SoldOutMemory>>,
         state: State,
     }
 
@@ -169,6 +200,14 @@ mod host {
             _num_trailers: usize,
         ) {
             let state = std::mem::replace(&mut self.state, State::Answered);
+            if let State::ReleasingWinner { token, order_id } = state {
+                if token == token_id {
+                    self.finish_release(&order_id, num_headers);
+                } else {
+                    self.state = State::ReleasingWinner { token, order_id };
+                }
+                return;
+            }
             let State::AwaitingDeduct { token, purchase } = state else {
                 self.state = state;
                 warn!("seckill-filter: ignoring a deduct response (token {token_id}) nobody waits for");
@@ -211,9 +250,19 @@ mod host {
 
     impl HttpContext for SaleRequest {
         fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-            // Read through the bytes API: the String one panics on a non-UTF-8 value, which a
-            // client controls.
-            let headers = self.get_http_request_headers_bytes();
+            // Read the host's serialized map in place: no copy of every name and value (and
+            // no UTF-8 assumption about values, which a client controls).
+            let map = match abi::request_header_map() {
+                Ok(map) => map,
+                Err(status) => {
+                    error!("seckill-filter: cannot read the request headers: status {status}");
+                    return self.answer(reply::unavailable());
+                }
+            };
+            let Some(headers) = input::parse_header_map(&map) else {
+                error!("seckill-filter: the host's request header map is malformed");
+                return self.answer(reply::unavailable());
+            };
             self.strip_gate_headers(&headers);
             match input::classify(&self.config, &headers) {
                 Classified::NotSale => {
@@ -242,6 +291,15 @@ mod host {
             _num_headers: usize,
             _end_of_stream: bool,
         ) -> Action {
+            if let State::ForwardedWinner { order_id } = &self.state {
+                let status = self.get_http_response_header_bytes(":status");
+                if self.config.release_on_upstream_failure
+                    && status.as_deref().is_some_and(upstream_failed)
+                {
+                    let order_id = order_id.clone();
+                    return self.release_failed_winner(order_id);
+                }
+            }
             match &self.state {
                 State::ForwardedWinner { order_id } => {
                     self.set_http_response_header(
@@ -263,20 +321,68 @@ mod host {
     }
 
     impl SaleRequest {
-        /// Removes every `x-seckill-*` request header: only the gate may set them.
-        fn strip_gate_headers(&self, headers: &[(String, Vec<u8>)]) {
-            let mut stripped: Vec<&str> = Vec::new();
-            let mut count = 0;
-            for (name, _) in headers {
-                if is_gate_header(name) {
-                    count += 1;
-                    if !stripped.contains(&name.as_str()) {
-                        stripped.push(name);
-                    }
+        /// The shop failed a winner: ask the syncer to give the reservation back before the
+        /// buyer sees the failure. If the call cannot be made, the sweeper releases the
+        /// reservation when its payment window ends.
+        fn release_failed_winner(&mut self, order_id: String) -> Action {
+            self.set_http_response_header(reply::OUTCOME_HEADER, Some("upstream_failed"));
+            self.set_http_response_header(seckill_api::ORDER_ID_HEADER, Some(&order_id));
+            let Some(path) = release_path(&order_id) else {
+                warn!("seckill-filter: not releasing order {order_id:?}: not a path-safe id");
+                Stats::bump(self.stats.release_failed);
+                return Action::Continue;
+            };
+            let config = Rc::clone(&self.config);
+            let deduct = &config.deduct;
+            let headers = vec![
+                (":method", "POST"),
+                (":path", path.as_str()),
+                (":authority", deduct.authority.as_str()),
+                (seckill_api::SECRET_HEADER, deduct.secret.as_str()),
+            ];
+            match self.dispatch_http_call(&deduct.cluster, headers, None, vec![], deduct.timeout) {
+                Ok(token) => {
+                    Stats::bump(self.stats.release_sent);
+                    self.state = State::ReleasingWinner { token, order_id };
+                    Action::Pause
+                }
+                Err(status) => {
+                    warn!("seckill-filter: cannot call the syncer to release order {order_id}: {status:?}; the sweeper will");
+                    Stats::bump(self.stats.release_failed);
+                    self.state = State::Answered;
+                    Action::Continue
                 }
             }
-            for name in &stripped {
-                self.remove_http_request_header(name);
+        }
+
+        fn finish_release(&mut self, order_id: &str, num_headers: usize) {
+            let status = if num_headers == 0 {
+                None
+            } else {
+                self.get_http_call_response_header_bytes(":status")
+            };
+            if status.as_deref() != Some(b"200".as_slice()) {
+                Stats::bump(self.stats.release_failed);
+                warn!(
+                    "seckill-filter: releasing order {order_id} after a shop failure answered {:?}; the sweeper will release it when its window ends",
+                    status.map(|s| String::from_utf8_lossy(&s).into_owned())
+                );
+            }
+            self.state = State::Answered;
+            self.resume_http_response();
+        }
+
+        /// Removes every `x-seckill-*` request header: only the gate may set them. Only names
+        /// actually present cost a host call, each name once (that removes every copy).
+        fn strip_gate_headers(&self, headers: &[(&[u8], &[u8])]) {
+            let mut count = 0;
+            for (i, (name, _)) in headers.iter().enumerate() {
+                if is_gate_header(name) {
+                    count += 1;
+                    if !headers[..i].iter().any(|(seen, _)| seen == name) {
+                        abi::remove_request_header(name);
+                    }
+                }
             }
             if count > 0 {
                 Stats::add(self.stats.headers_stripped, count);
@@ -286,34 +392,42 @@ mod host {
         /// Remembers, for every worker of this Envoy, that the goods has nothing left.
         fn cache_sold_out(&self, purchase: &Purchase) {
             if !self.config.sold_out_cache.is_zero() {
-                let expiry_ns =
-                    now_ns(self).saturating_add(duration_ns(self.config.sold_out_cache));
-                shared::cache_sold_out(&HostStore, purchase.goods_id(), expiry_ns);
+                let now = now_ns(self);
+                let until_ns = now.saturating_add(duration_ns(self.config.sold_out_cache));
+                shared::cache_sold_out(&HostStore, purchase.goods_id(), until_ns);
+                self.sold_out_memory
+                    .borrow_mut()
+                    .remember(purchase.goods_id(), until_ns, now);
             }
         }
 
-        /// Sold-out cache, rate limit, then the deduct call.
+        /// Sold-out cache (this worker's memory, then shared data), rate limit, then the
+        /// deduct call.
         fn gate(&mut self, purchase: Purchase) -> Action {
             let now = now_ns(self);
-            if !self.config.sold_out_cache.is_zero()
-                && shared::sold_out_cached(&HostStore, purchase.goods_id(), now)
-            {
-                Stats::bump(self.stats.sold_out_cache_hit);
-                return self.answer(reply::sold_out_cached(purchase.goods_id()));
+            let goods_id = purchase.goods_id();
+            let marks = !self.config.sold_out_cache.is_zero();
+            if marks && self.sold_out_memory.borrow_mut().is_sold_out(goods_id, now) {
+                return self.answer_sold_out_cached(goods_id);
             }
-            match shared::check_rate_limit(
-                &HostStore,
-                &self.config.rate_limit,
-                purchase.goods_id(),
-                now,
-            ) {
-                RateLimited::Allowed => {}
-                RateLimited::Limited { retry_after_ns }
-                | RateLimited::Contended { retry_after_ns } => {
-                    return self.answer(reply::rate_limited(retry_after_ns));
+            match shared::admit(&HostStore, &self.config.rate_limit, goods_id, now, marks) {
+                Admission::SoldOut { until_ns } => {
+                    self.sold_out_memory
+                        .borrow_mut()
+                        .remember(goods_id, until_ns, now);
+                    self.answer_sold_out_cached(goods_id)
                 }
+                Admission::Rate(RateLimited::Allowed) => self.call_deduct(purchase),
+                Admission::Rate(
+                    RateLimited::Limited { retry_after_ns }
+                    | RateLimited::Contended { retry_after_ns },
+                ) => self.answer(reply::rate_limited(retry_after_ns)),
             }
-            self.call_deduct(purchase)
+        }
+
+        fn answer_sold_out_cached(&mut self, goods_id: &str) -> Action {
+            Stats::bump(self.stats.sold_out_cache_hit);
+            self.answer(reply::sold_out_cached(goods_id))
         }
 
         fn call_deduct(&mut self, purchase: Purchase) -> Action {
@@ -414,7 +528,7 @@ mod host {
             let headers: Vec<(&str, &str)> = reply
                 .headers
                 .iter()
-                .map(|(name, value)| (*name, value.as_str()))
+                .map(|(name, value)| (*name, value.as_ref()))
                 .collect();
             self.send_http_response(reply.status, headers, Some(reply.body.as_bytes()));
             self.state = State::Answered;
@@ -426,6 +540,54 @@ mod host {
                 State::AwaitingDeduct { .. } => Action::Pause,
                 _ => Action::Continue,
             }
+        }
+    }
+
+    /// The host calls used without the SDK's wrappers, which copy every header name and value
+    /// into its own `String` and `Vec` (see `input::parse_header_map`).
+    mod abi {
+        // Same symbols and ABI as the SDK's declarations; statuses are read as plain numbers.
+        #[link(wasm_import_module = "env")]
+        extern "C" {
+            fn proxy_get_header_map_pairs(
+                map_type: u32,
+                return_map_data: *mut *mut u8,
+                return_map_size: *mut usize,
+            ) -> u32;
+            fn proxy_remove_header_map_value(
+                map_type: u32,
+                key_data: *const u8,
+                key_size: usize,
+            ) -> u32;
+        }
+
+        const HTTP_REQUEST_HEADERS: u32 = proxy_wasm::types::MapType::HttpRequestHeaders as u32;
+        const OK: u32 = proxy_wasm::types::Status::Ok as u32;
+
+        /// The request headers as the host serializes them; `Err` carries the host's status.
+        pub fn request_header_map() -> Result<Vec<u8>, u32> {
+            let mut data: *mut u8 = std::ptr::null_mut();
+            let mut size: usize = 0;
+            // SAFETY: the host writes the address and size of a buffer it allocated through
+            // this module's `proxy_on_memory_allocate` (the SDK's: a leaked `Vec<u8>` of
+            // capacity `size`), which becomes ours, exactly as in the SDK's `get_map_bytes`.
+            let status =
+                unsafe { proxy_get_header_map_pairs(HTTP_REQUEST_HEADERS, &mut data, &mut size) };
+            match status {
+                OK if data.is_null() => Ok(Vec::new()),
+                // SAFETY: see above.
+                OK => Ok(unsafe { Vec::from_raw_parts(data, size, size) }),
+                status => Err(status),
+            }
+        }
+
+        /// Removes every copy of a request header (a lost removal is not worth failing over;
+        /// the host only refuses when the request is gone).
+        pub fn remove_request_header(name: &[u8]) {
+            // SAFETY: the host only reads `name.len()` bytes at `name.as_ptr()`.
+            let _ = unsafe {
+                proxy_remove_header_map_value(HTTP_REQUEST_HEADERS, name.as_ptr(), name.len())
+            };
         }
     }
 
@@ -441,7 +603,7 @@ mod host {
             let headers: Vec<(&str, &str)> = reply
                 .headers
                 .iter()
-                .map(|(name, value)| (*name, value.as_str()))
+                .map(|(name, value)| (*name, value.as_ref()))
                 .collect();
             self.send_http_response(reply.status, headers, Some(reply.body.as_bytes()));
             Action::Pause
@@ -457,5 +619,23 @@ mod host {
 
     fn duration_ns(duration: Duration) -> u64 {
         u64::try_from(duration.as_nanos()).unwrap_or(u64::MAX)
+    }
+}
+
+#[cfg(test)]
+mod release_tests {
+    #[test]
+    fn failed_winners_are_released_by_order_id() {
+        assert_eq!(
+            super::release_path("sku-1.2.3").as_deref(),
+            Some("/v1/orders/sku-1.2.3/release?reason=upstream_failed")
+        );
+        assert_eq!(super::release_path("a/../b"), None);
+        assert_eq!(super::release_path(""), None);
+        assert!(super::upstream_failed(b"503"));
+        assert!(super::upstream_failed(b"500"));
+        assert!(!super::upstream_failed(b"200"));
+        assert!(!super::upstream_failed(b"409"));
+        assert!(!super::upstream_failed(b"5xx"));
     }
 }

@@ -3,7 +3,8 @@
 //!
 //! Pure code: no host calls, unit-tested natively.
 
-use std::fmt;
+use std::borrow::Cow;
+use std::fmt::{self, Write as _};
 
 use serde::Serialize;
 
@@ -83,20 +84,22 @@ impl GateOutcome {
 pub struct LocalReply {
     pub outcome: GateOutcome,
     pub status: u32,
-    pub headers: Vec<(&'static str, String)>,
+    pub headers: Vec<(&'static str, Cow<'static, str>)>,
     pub body: String,
 }
 
 impl LocalReply {
     fn new(outcome: GateOutcome, status: u32, body: String, retry_after_ms: Option<u64>) -> Self {
-        let mut headers = vec![
-            ("content-type", "application/json".to_string()),
+        let mut headers = Vec::with_capacity(4);
+        headers.extend([
+            ("content-type", Cow::Borrowed("application/json")),
             // Decisions are per buyer and per moment: no cache may keep them.
-            ("cache-control", "no-store".to_string()),
-            (OUTCOME_HEADER, outcome.as_str().to_string()),
-        ];
+            ("cache-control", Cow::Borrowed("no-store")),
+            (OUTCOME_HEADER, Cow::Borrowed(outcome.as_str())),
+        ]);
         if let Some(ms) = retry_after_ms {
-            headers.push(("retry-after", gcra::retry_after_seconds(ms).to_string()));
+            let seconds = gcra::retry_after_seconds(ms).to_string();
+            headers.push(("retry-after", Cow::Owned(seconds)));
         }
         LocalReply {
             outcome,
@@ -119,12 +122,36 @@ struct OutcomeBody<'a> {
     retry_after_ms: Option<u64>,
 }
 
-/// Error body with a retry hint (the shared `ErrorReply` plus `retry_after_ms`).
+/// Error body with a retry hint (the shared `ErrorReply` plus `retry_after_ms`). Only the
+/// tests serialise it: [`rate_limited`] writes the same bytes directly.
+#[cfg(test)]
 #[derive(Serialize)]
 struct RetryErrorBody {
     #[serde(flatten)]
     error: ErrorReply,
     retry_after_ms: u64,
+}
+
+/// Appends `text` as a JSON string, escaped exactly as `serde_json` does (the two hot replies
+/// below are written by hand; everything else goes through serde).
+fn push_json_str(out: &mut String, text: &str) {
+    out.push('"');
+    for c in text.chars() {
+        match c {
+            '"' => out.push_str("\\\""),
+            '\\' => out.push_str("\\\\"),
+            '\n' => out.push_str("\\n"),
+            '\r' => out.push_str("\\r"),
+            '\t' => out.push_str("\\t"),
+            '\u{8}' => out.push_str("\\b"),
+            '\u{c}' => out.push_str("\\f"),
+            c if c < ' ' => {
+                let _ = write!(out, "\\u{:04x}", u32::from(c));
+            }
+            c => out.push(c),
+        }
+    }
+    out.push('"');
 }
 
 /// Serialising these plain structs cannot fail; should it ever, a fixed body beats a panic.
@@ -151,15 +178,10 @@ pub fn rate_limited(retry_after_ns: u64) -> LocalReply {
     let outcome = GateOutcome::RateLimited;
     // At least 1 ms, so the hint never says "retry now" to a refused request.
     let retry_after_ms = gcra::retry_after_ms(retry_after_ns).max(1);
-    let body = to_json(&RetryErrorBody {
-        error: ErrorReply {
-            error: outcome.as_str().to_string(),
-            message: format!(
-                "too many purchase attempts for this goods right now; retry after {retry_after_ms} ms"
-            ),
-        },
-        retry_after_ms,
-    });
+    // The shape of `RetryErrorBody`, written directly: this is a hot path.
+    let body = format!(
+        "{{\"error\":\"rate_limited\",\"message\":\"too many purchase attempts for this goods right now; retry after {retry_after_ms} ms\",\"retry_after_ms\":{retry_after_ms}}}"
+    );
     LocalReply::new(outcome, 429, body, Some(retry_after_ms))
 }
 
@@ -180,17 +202,18 @@ pub fn unavailable() -> LocalReply {
 
 /// 409 from the local sold-out cache, without asking the stock service.
 pub fn sold_out_cached(goods_id: &str) -> LocalReply {
-    let body = OutcomeBody {
-        outcome: Outcome::SoldOut,
-        goods_id,
-        message: "sorry, this item is sold out".to_string(),
-        remaining: Some(0),
-        retry_after_ms: None,
-    };
+    // The shape of `OutcomeBody` for a sold-out with nothing left, written directly: this is
+    // the hot path of a sold-out goods.
+    const HEAD: &str = r#"{"outcome":"sold_out","goods_id":"#;
+    const TAIL: &str = r#","message":"sorry, this item is sold out","remaining":0}"#;
+    let mut body = String::with_capacity(HEAD.len() + goods_id.len() + 2 + TAIL.len());
+    body.push_str(HEAD);
+    push_json_str(&mut body, goods_id);
+    body.push_str(TAIL);
     LocalReply::new(
         GateOutcome::Decided(Outcome::SoldOut),
         Outcome::SoldOut.http_status(),
-        to_json(&body),
+        body,
         None,
     )
 }
@@ -432,7 +455,7 @@ mod tests {
             .headers
             .iter()
             .find(|(n, _)| *n == name)
-            .map(|(_, v)| v.as_str())
+            .map(|(_, v)| v.as_ref())
     }
 
     fn answer(verdict: Result<Verdict, CalloutFailure>) -> (LocalReply, bool) {
@@ -492,6 +515,41 @@ mod tests {
             assert_eq!(header(r, OUTCOME_HEADER), Some(r.outcome.as_str()));
             // Bodies are JSON objects.
             assert!(body(r).is_object(), "{}", r.body);
+        }
+    }
+
+    #[test]
+    fn hand_written_bodies_match_serde() {
+        for goods_id in [
+            "sku-1",
+            "",
+            "a\"b\\c/d",
+            "tab\tnl\ncr\r\u{8}\u{c}\u{0}\u{1f}\u{7f}",
+            "caf\u{e9} \u{1f600}",
+        ] {
+            let serde_body = to_json(&OutcomeBody {
+                outcome: Outcome::SoldOut,
+                goods_id,
+                message: "sorry, this item is sold out".to_string(),
+                remaining: Some(0),
+                retry_after_ms: None,
+            });
+            let r = sold_out_cached(goods_id);
+            assert_eq!(r.body, serde_body, "{goods_id:?}");
+            assert_eq!(body(&r)["goods_id"], goods_id);
+        }
+        for retry_after_ns in [0, 1, 999_999, 1_000_001, 1_500_000_000, u64::MAX] {
+            let retry_after_ms = gcra::retry_after_ms(retry_after_ns).max(1);
+            let serde_body = to_json(&RetryErrorBody {
+                error: ErrorReply {
+                    error: "rate_limited".to_string(),
+                    message: format!(
+                        "too many purchase attempts for this goods right now; retry after {retry_after_ms} ms"
+                    ),
+                },
+                retry_after_ms,
+            });
+            assert_eq!(rate_limited(retry_after_ns).body, serde_body);
         }
     }
 
