@@ -19,6 +19,7 @@ command -v redis-server >/dev/null || missing+=(redis-server)
 command -v mariadbd >/dev/null || [ -x /usr/sbin/mariadbd ] || missing+=(mariadb-server)
 command -v mariadb >/dev/null || missing+=(mariadb-client)
 command -v wrk >/dev/null || missing+=(wrk)
+command -v redis-benchmark >/dev/null || missing+=(redis-tools)
 command -v cc >/dev/null || missing+=(build-essential)
 command -v pkg-config >/dev/null || missing+=(pkg-config)
 # librdkafka (bundled by the rdkafka crate) builds with make and links zlib.
