@@ -137,6 +137,14 @@ pub async fn run_periodic_reconcile(
     }
 }
 
+/// Logs a pipeline task's failure when it happens (not only at shutdown) and passes it on.
+fn logged(task: &str, result: anyhow::Result<()>) -> anyhow::Result<()> {
+    if let Err(e) = &result {
+        tracing::error!(task, error = %e, "pipeline task stopped");
+    }
+    result
+}
+
 /// Runs the HTTP service until `shutdown`, then drains in-flight requests. With a pipeline,
 /// the relay, the writer and the periodic reconcile run in the same process and stop in order.
 pub async fn serve(
@@ -159,10 +167,12 @@ pub async fn serve(
             pipeline.relay_name.clone(),
             shutdown.clone(),
         );
-        background.spawn(async move { run_relay(&stores, &kafka, &name, token).await });
+        background
+            .spawn(async move { logged("relay", run_relay(&stores, &kafka, &name, token).await) });
         let stores = config.stores.clone();
         let (writer, token) = (pipeline.writer.clone(), shutdown.clone());
-        background.spawn(async move { run_writer(&stores, &writer, token).await });
+        background
+            .spawn(async move { logged("writer", run_writer(&stores, &writer, token).await) });
         let reconciler = reconcile::Reconciler {
             redis: redis.clone(),
             keys: keys.clone(),
@@ -202,7 +212,7 @@ pub async fn serve(
     while let Some(joined) = background.join_next().await {
         match joined {
             Ok(Ok(())) => {}
-            Ok(Err(e)) => tracing::error!(error = %e, "pipeline task failed"),
+            Ok(Err(_)) => {} // logged when it happened
             Err(e) => tracing::error!(error = %e, "pipeline task panicked"),
         }
     }

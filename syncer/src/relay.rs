@@ -341,10 +341,16 @@ pub async fn outbox_length(
     keys: &KeySpace,
 ) -> Result<u64, redis::RedisError> {
     let mut conn = redis.clone();
-    let goods: Vec<String> = conn.smembers(keys.sales_index()).await?;
+    let timed_out = || redis::RedisError::from((redis::ErrorKind::Io, "outbox length timed out"));
+    let goods: Vec<String> = tokio::time::timeout(REDIS_TIMEOUT, conn.smembers(keys.sales_index()))
+        .await
+        .map_err(|_| timed_out())??;
     let mut total = 0;
     for goods_id in goods {
-        let length: u64 = conn.xlen(keys.goods(&goods_id).outbox).await?;
+        let length: u64 =
+            tokio::time::timeout(REDIS_TIMEOUT, conn.xlen(keys.goods(&goods_id).outbox))
+                .await
+                .map_err(|_| timed_out())??;
         total += length;
     }
     Ok(total)
