@@ -70,6 +70,7 @@ async fn main() -> anyhow::Result<()> {
 
     print_summary(&stack, &args, &results, elapsed, calls).await?;
     follow_mysql(&stack, started).await?;
+    settle_some(&stack).await?;
     sampler.abort();
     Ok(())
 }
@@ -177,7 +178,7 @@ async fn follow_mysql(stack: &Stack, sale_started: Instant) -> anyhow::Result<()
         String::from_utf8_lossy(&output.stderr)
     );
     println!(
-        "OK: Redis and MySQL agree; every sale confirmed at the edge is in MySQL exactly once."
+        "OK: Redis and MySQL agree; every unit won at the edge is in MySQL exactly once."
     );
     Ok(())
 }
@@ -318,5 +319,75 @@ async fn print_summary(
             seen.len(),
             order_ids.len()
         )
+    }
+}
+
+/// After the sale: most winners pay, some cancel, the rest are still inside their payment
+/// window. Shows the lifecycle reaching MySQL, with stock conserved on both sides.
+async fn settle_some(stack: &Stack) -> anyhow::Result<()> {
+    let orders: Vec<String> = stack
+        .shop
+        .seen()
+        .iter()
+        .filter_map(|s| s.header("x-seckill-order-id").map(str::to_owned))
+        .collect();
+    let syncer = stack.syncer()?.url();
+    let (mut confirmed, mut cancelled) = (0, 0);
+    for (i, order) in orders.iter().enumerate() {
+        // 7 in 10 pay, 1 in 10 cancels, 2 in 10 have not decided yet.
+        let action = match i % 10 {
+            0..=6 => "confirm",
+            7 => "cancel",
+            _ => continue,
+        };
+        let response = stack
+            .http
+            .post(format!("{syncer}/v1/orders/{order}/{action}"))
+            .header(seckill_api::SECRET_HEADER, seckill_e2e::stack::SECRET)
+            .send()
+            .await?;
+        anyhow::ensure!(
+            response.status().is_success(),
+            "{action} {order}: {}",
+            response.status()
+        );
+        if action == "confirm" {
+            confirmed += 1;
+        } else {
+            cancelled += 1;
+        }
+    }
+    let live = stack.live(GOODS).await?;
+    println!(
+        "\nAfter the sale: {confirmed} winners paid (confirm), {cancelled} cancelled (their units are on sale again), \
+         the rest are inside their {} s payment window (the sweeper releases them when it ends).",
+        live["window_ms"].as_u64().unwrap_or(0) / 1000
+    );
+    println!(
+        "Redis: total {} = available {} + reserved {} + sold {}.",
+        live["total"], live["available"], live["reserved"], live["sold"]
+    );
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let (stock, reserved, sold): (i64, i64, i64) =
+            sqlx::query_as("SELECT stock, reserved, sold FROM sales WHERE goods_id = ?")
+                .bind(GOODS)
+                .fetch_one(&stack.db.pool)
+                .await?;
+        if (stock, reserved, sold)
+            == (
+                live["available"].as_i64().unwrap_or(-1),
+                live["reserved"].as_i64().unwrap_or(-1),
+                live["sold"].as_i64().unwrap_or(-1),
+            )
+        {
+            println!("MySQL:  total {} = available {stock} + reserved {reserved} + sold {sold} (orders confirmed and released by the same pipeline).", live["total"]);
+            return Ok(());
+        }
+        anyhow::ensure!(
+            Instant::now() < deadline,
+            "MySQL did not follow the lifecycle within 60 s"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
