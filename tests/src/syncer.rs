@@ -152,11 +152,6 @@ impl SyncerProcess {
         self.process.check_running()
     }
 
-    /// Whether the process has exited (say, at a crash point).
-    pub fn has_exited(&mut self) -> bool {
-        self.process.check_running().is_err()
-    }
-
     pub fn pid(&self) -> Option<u32> {
         self.process.pid()
     }
@@ -172,7 +167,17 @@ impl SyncerProcess {
             .args(["-TERM", &pid.to_string()])
             .status()?;
         anyhow::ensure!(status.success(), "kill -TERM {pid} failed");
-        wait_for("the syncer to exit after SIGTERM", deadline, || {
+        self.wait_exit("the syncer to exit after SIGTERM", deadline)
+            .await
+    }
+
+    /// Waits (bounded) for the process to exit by itself; returns its exit status.
+    pub async fn wait_exit(
+        &mut self,
+        what: &str,
+        deadline: Duration,
+    ) -> anyhow::Result<std::process::ExitStatus> {
+        wait_for(what, deadline, || {
             let status = self.process.exit_status();
             async move { Ok(status) }
         })

@@ -37,6 +37,19 @@ fn writer() -> Role {
     }
 }
 
+/// Starts `role` armed to abort at `crash_point` and waits until it has.
+async fn run_until_crash(p: &Pipeline, role: Role, crash_point: &str) {
+    let mut process = p
+        .spawn(role, None, &[("SECKILL_CRASH_AT", crash_point)])
+        .await
+        .unwrap();
+    let status = process
+        .wait_exit(&format!("the crash point {crash_point}"), DRAIN)
+        .await
+        .unwrap();
+    assert!(!status.success(), "it aborted at the crash point: {status}");
+}
+
 /// After a drain: MySQL has exactly these orders, its counters match Redis, reconcile is clean.
 async fn assert_drained(p: &Pipeline, goods: &str, orders: &[String]) {
     p.wait_for_rows(goods, orders.len() as i64, DRAIN)
@@ -84,20 +97,7 @@ async fn writer_killed_mid_batch_loses_and_doubles_nothing() {
     let orders = p.sell("g", "a", 3_000).await.unwrap();
 
     // 1. Dies right after its first database commit, before committing the Kafka offsets.
-    let mut first = p
-        .spawn(
-            writer(),
-            None,
-            &[("SECKILL_CRASH_AT", "writer-after-db-commit")],
-        )
-        .await
-        .unwrap();
-    wait_for("the writer to crash at its crash point", DRAIN, || {
-        let exited = first.has_exited();
-        async move { Ok(exited.then_some(())) }
-    })
-    .await
-    .unwrap();
+    run_until_crash(&p, writer(), "writer-after-db-commit").await;
     let (rows_at_crash, _) = p.order_rows("g").await.unwrap();
     assert!(rows_at_crash > 0, "the crash came after a database commit");
 
@@ -147,20 +147,7 @@ async fn relay_killed_after_delivery_before_ack_duplicates_are_absorbed() {
     let orders = p.sell("g", "u", 2_000).await.unwrap();
     let writer = p.spawn(writer(), None, &[]).await.unwrap();
 
-    let mut crashing = p
-        .spawn(
-            relay(),
-            None,
-            &[("SECKILL_CRASH_AT", "relay-after-publish")],
-        )
-        .await
-        .unwrap();
-    wait_for("the relay to crash after delivery", DRAIN, || {
-        let exited = crashing.has_exited();
-        async move { Ok(exited.then_some(())) }
-    })
-    .await
-    .unwrap();
+    run_until_crash(&p, relay(), "relay-after-publish").await;
     assert_eq!(
         p.outbox_len("g").await.unwrap(),
         2_000,

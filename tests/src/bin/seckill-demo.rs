@@ -177,9 +177,7 @@ async fn follow_mysql(stack: &Stack, sale_started: Instant) -> anyhow::Result<()
         "reconcile found drift: {}",
         String::from_utf8_lossy(&output.stderr)
     );
-    println!(
-        "OK: Redis and MySQL agree; every unit won at the edge is in MySQL exactly once."
-    );
+    println!("OK: Redis and MySQL agree; every unit won at the edge is in MySQL exactly once.");
     Ok(())
 }
 
