@@ -2,6 +2,7 @@
 //! a fresh MariaDB database, the syncer binary, a stub shop API and Envoy with the wasm filter.
 //! Every server runs on a free port and is killed when its handle drops.
 
+pub mod admin;
 pub mod chart;
 pub mod envoy;
 pub mod kafka_broker;

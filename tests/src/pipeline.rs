@@ -11,11 +11,12 @@ use redis::AsyncCommands;
 use serde_json::{json, Value};
 use sqlx::Row;
 
+use crate::admin::Admin;
 use crate::kafka_broker::KafkaBroker;
 use crate::mysql_db::TestDatabase;
 use crate::process::{unique_suffix, wait_for, Scratch};
 use crate::redis_server::RedisServer;
-use crate::stack::{now_ms, rfc3339, SECRET};
+use crate::stack::{now_ms, SECRET};
 use crate::syncer::{syncer_binary, Role, SyncerArgs, SyncerProcess};
 
 /// Deduct calls in flight at once while selling.
@@ -105,35 +106,18 @@ impl Pipeline {
         ends_at_ms: i64,
         payment_window_s: u32,
     ) -> anyhow::Result<()> {
-        let now = now_ms();
-        let response = self
-            .http
-            .put(format!("{}/admin/sales/{goods_id}", self.api.url()))
-            .header(seckill_api::SECRET_HEADER, SECRET)
-            .json(&json!({
-                "total_stock": stock, "per_user_limit": per_user_limit,
-                "starts_at": rfc3339(now - 60_000), "ends_at": rfc3339(ends_at_ms),
-                "payment_window_s": payment_window_s,
-            }))
-            .send()
+        let admin = self.admin();
+        let window = (now_ms() - 60_000, ends_at_ms);
+        admin
+            .define_sale(goods_id, stock, per_user_limit, window, payment_window_s)
             .await?;
-        anyhow::ensure!(
-            response.status().is_success(),
-            "define: {}",
-            response.text().await?
-        );
-        let response = self
-            .http
-            .post(format!("{}/admin/sales/{goods_id}/preheat", self.api.url()))
-            .header(seckill_api::SECRET_HEADER, SECRET)
-            .send()
-            .await?;
-        anyhow::ensure!(
-            response.status().is_success(),
-            "preheat: {}",
-            response.text().await?
-        );
+        admin.preheat(goods_id, false).await?;
         Ok(())
+    }
+
+    /// The syncer's authenticated API.
+    pub fn admin(&self) -> Admin<'_> {
+        Admin::new(&self.http, self.api.url())
     }
 
     /// One purchase through the deduct endpoint; returns the order id if it won.
@@ -186,14 +170,7 @@ impl Pipeline {
 
     /// Confirms (`confirm`) or cancels (`cancel`) an order; returns the HTTP status and body.
     pub async fn settle(&self, order_id: &str, action: &str) -> anyhow::Result<(u16, Value)> {
-        let response = self
-            .http
-            .post(format!("{}/v1/orders/{order_id}/{action}", self.api.url()))
-            .header(seckill_api::SECRET_HEADER, SECRET)
-            .send()
-            .await?;
-        let status = response.status().as_u16();
-        Ok((status, response.json().await?))
+        self.admin().settle(order_id, action).await
     }
 
     /// Redis's (available, reserved, sold, lapsed, total) of a sale.

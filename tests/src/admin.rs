@@ -1,0 +1,87 @@
+//! The syncer's authenticated API as the harness uses it: define and preheat sales, read
+//! them, confirm and cancel orders.
+
+use serde_json::{json, Value};
+
+use crate::stack::{rfc3339, SECRET};
+
+pub struct Admin<'a> {
+    http: &'a reqwest::Client,
+    base: String,
+}
+
+impl<'a> Admin<'a> {
+    pub fn new(http: &'a reqwest::Client, base: String) -> Self {
+        Self { http, base }
+    }
+
+    pub async fn define_sale(
+        &self,
+        goods_id: &str,
+        stock: u64,
+        per_user_limit: u32,
+        (starts_at_ms, ends_at_ms): (i64, i64),
+        payment_window_s: u32,
+    ) -> anyhow::Result<()> {
+        let response = self
+            .http
+            .put(format!("{}/admin/sales/{goods_id}", self.base))
+            .header(seckill_api::SECRET_HEADER, SECRET)
+            .json(&json!({
+                "total_stock": stock,
+                "per_user_limit": per_user_limit,
+                "starts_at": rfc3339(starts_at_ms),
+                "ends_at": rfc3339(ends_at_ms),
+                "payment_window_s": payment_window_s,
+            }))
+            .send()
+            .await?;
+        let status = response.status();
+        anyhow::ensure!(
+            status.is_success(),
+            "define sale: {status} {}",
+            response.text().await?
+        );
+        Ok(())
+    }
+
+    pub async fn preheat(&self, goods_id: &str, force: bool) -> anyhow::Result<Value> {
+        let response = self
+            .http
+            .post(format!(
+                "{}/admin/sales/{goods_id}/preheat?force={force}",
+                self.base
+            ))
+            .header(seckill_api::SECRET_HEADER, SECRET)
+            .send()
+            .await?;
+        let status = response.status();
+        let body: Value = response.json().await?;
+        anyhow::ensure!(status.is_success(), "preheat: {status} {body}");
+        Ok(body)
+    }
+
+    /// The sale's definition (MySQL) and live counters (Redis).
+    pub async fn sale(&self, goods_id: &str) -> anyhow::Result<Value> {
+        Ok(self
+            .http
+            .get(format!("{}/admin/sales/{goods_id}", self.base))
+            .header(seckill_api::SECRET_HEADER, SECRET)
+            .send()
+            .await?
+            .json()
+            .await?)
+    }
+
+    /// Confirms (`confirm`) or cancels (`cancel`) an order; returns the status and body.
+    pub async fn settle(&self, order_id: &str, action: &str) -> anyhow::Result<(u16, Value)> {
+        let response = self
+            .http
+            .post(format!("{}/v1/orders/{order_id}/{action}", self.base))
+            .header(seckill_api::SECRET_HEADER, SECRET)
+            .send()
+            .await?;
+        let status = response.status().as_u16();
+        Ok((status, response.json().await?))
+    }
+}
