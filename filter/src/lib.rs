@@ -2,9 +2,10 @@
 //! of stock. See README.md for the configuration and the per-request order.
 //!
 //! The decisions live in pure modules that unit-test natively (`config`, `route`, `input`,
-//! `gcra`, `reply`, and the CAS loops of `shared`); this file holds the Envoy side: the root
-//! context (configuration, stats) and the per-request state machine. The host side only
-//! compiles for wasm32, because the SDK's host imports cannot link into a native binary.
+//! `gcra`, `reply`, `local`, and the CAS loops of `shared`); this file holds the Envoy side:
+//! the root context (configuration, stats, the worker's memory) and the per-request state
+//! machine. The host side only compiles for wasm32, because the SDK's host imports cannot
+//! link into a native binary.
 
 pub mod config;
 pub mod gcra;
@@ -55,7 +56,7 @@ mod host {
 
     use crate::config::{Config, FailureMode};
     use crate::input::{self, is_gate_header, Classified, Purchase};
-    use crate::local::SoldOutMemory;
+    use crate::local::LocalMemory;
     use crate::reply::{self, CalloutFailure, GateOutcome, LocalReply, Verdict, Winner};
     use crate::shared::{self, Admission, HostStore, RateLimited};
     use crate::{release_path, stat_names, upstream_failed, BAD_CONFIG_LOG_PREFIX};
@@ -117,8 +118,8 @@ mod host {
     struct SeckillRoot {
         /// Set by a successful `on_configure`; Envoy creates no request context before that.
         shared: Option<(Rc<Config>, Rc<Stats>)>,
-        /// This worker's copy of the sold-out marks it wrote or read (see `local.rs`).
-        sold_out_memory: Rc<RefCell<SoldOutMemory>>,
+        /// This worker's memory of sold-out marks and rate-limit refusals (see `local.rs`).
+        memory: Rc<RefCell<LocalMemory>>,
     }
 
     impl Context for SeckillRoot {}
@@ -142,8 +143,9 @@ mod host {
                 }
             };
             self.shared = Some((Rc::new(config), Rc::new(stats)));
-            // Marks remembered under an earlier configuration may have a longer window.
-            self.sold_out_memory = Rc::default();
+            // What was remembered under an earlier configuration (other rates, another
+            // sold-out window) does not hold under this one.
+            self.memory = Rc::default();
             true
         }
 
@@ -156,7 +158,7 @@ mod host {
             Some(Box::new(SaleRequest {
                 config: Rc::clone(config),
                 stats: Rc::clone(stats),
-                sold_out_memory: Rc::clone(&self.sold_out_memory),
+                memory: Rc::clone(&self.memory),
                 state: State::Started,
             }))
         }
@@ -187,7 +189,7 @@ mod host {
     struct SaleRequest {
         config: Rc<Config>,
         stats: Rc<Stats>,
-        sold_out_memory: Rc<RefCell<SoldOutMemory>>,
+        memory: Rc<RefCell<LocalMemory>>,
         state: State,
     }
 
@@ -394,28 +396,27 @@ mod host {
             if !self.config.sold_out_cache.is_zero() {
                 let now = now_ns(self);
                 let until_ns = now.saturating_add(duration_ns(self.config.sold_out_cache));
-                shared::cache_sold_out(&HostStore, purchase.goods_id(), until_ns);
-                self.sold_out_memory
-                    .borrow_mut()
-                    .remember(purchase.goods_id(), until_ns, now);
+                let mut memory = self.memory.borrow_mut();
+                shared::mark_sold_out(&HostStore, &mut memory, purchase.goods_id(), until_ns, now);
             }
         }
 
-        /// Sold-out cache (this worker's memory, then shared data), rate limit, then the
-        /// deduct call.
+        /// Sold-out cache, rate limit (this worker's memory first, then shared data), then
+        /// the deduct call.
         fn gate(&mut self, purchase: Purchase) -> Action {
             let now = now_ns(self);
-            let goods_id = purchase.goods_id();
-            let marks = !self.config.sold_out_cache.is_zero();
-            if marks && self.sold_out_memory.borrow_mut().is_sold_out(goods_id, now) {
-                return self.answer_sold_out_cached(goods_id);
-            }
-            match shared::admit(&HostStore, &self.config.rate_limit, goods_id, now, marks) {
-                Admission::SoldOut { until_ns } => {
-                    self.sold_out_memory
-                        .borrow_mut()
-                        .remember(goods_id, until_ns, now);
-                    self.answer_sold_out_cached(goods_id)
+            let admission = shared::admit(
+                &HostStore,
+                &mut self.memory.borrow_mut(),
+                &self.config.rate_limit,
+                purchase.goods_id(),
+                now,
+                !self.config.sold_out_cache.is_zero(),
+            );
+            match admission {
+                Admission::SoldOut => {
+                    Stats::bump(self.stats.sold_out_cache_hit);
+                    self.answer(reply::sold_out_cached(purchase.goods_id()))
                 }
                 Admission::Rate(RateLimited::Allowed) => self.call_deduct(purchase),
                 Admission::Rate(
@@ -423,11 +424,6 @@ mod host {
                     | RateLimited::Contended { retry_after_ns },
                 ) => self.answer(reply::rate_limited(retry_after_ns)),
             }
-        }
-
-        fn answer_sold_out_cached(&mut self, goods_id: &str) -> Action {
-            Stats::bump(self.stats.sold_out_cache_hit);
-            self.answer(reply::sold_out_cached(goods_id))
         }
 
         fn call_deduct(&mut self, purchase: Purchase) -> Action {

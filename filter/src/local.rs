@@ -1,87 +1,159 @@
-//! The worker's own memory of sold-out marks, consulted before shared data so a sold-out
-//! goods costs no shared-data call at all on a warm worker.
+//! The worker's own memory of answers that cannot change for a while, consulted before shared
+//! data so that the two local-reject paths cost no shared-data value on a warm worker:
+//!
+//! - **sold-out marks** this worker wrote to shared data or read from it, each until the
+//!   exact expiry it was given (an entry never outlives the `sold_out_cache_ms` window of the
+//!   mark it copies);
+//! - **rate-limit denials** of goods with their own bucket, until the moment the same request
+//!   would pass. A denial writes nothing, and while it holds no worker with the same rate can
+//!   be admitted (GCRA: the TAT it read stays too far ahead until then), so the bucket cannot
+//!   change before that moment: every answer from this memory is the one shared data would
+//!   give, `Retry-After` included.
 //!
 //! Each worker thread runs its own copy of the VM, so this memory is per worker (and per
-//! plugin configuration: it lives in the root context). It only ever holds marks this worker
-//! wrote to shared data or read from it, each with the exact expiry it was given: an entry
-//! never outlives the `sold_out_cache_ms` window of the mark it copies. A mark another worker
-//! writes later only reaches this worker through shared data, as before.
+//! plugin configuration: it lives in the root context). An entry also lapses when the clock
+//! reads earlier than when it was remembered (a wall-clock step back): shared data decides
+//! again, as it always did.
 //!
 //! Pure code: no host calls, unit-tested natively.
 
 use std::collections::HashMap;
 
-/// Marks remembered per worker at most. Marks exist only for goods the stock service called
-/// sold out or ended, which are real goods, so this is rarely reached; when it is, expired
-/// marks go first, then the ones expiring soonest (a forgotten mark costs a shared-data read).
-pub const SOLD_OUT_MEMORY_MAX: usize = 1024;
+/// Entries remembered per kind and worker at most. Sold-out marks exist only for real goods
+/// (the stock service called them sold out or ended) and denials only for goods with their
+/// own bucket, so this is rarely reached; when it is, lapsed entries go first, then the ones
+/// ending soonest (a forgotten entry only costs a shared-data read).
+pub const MEMORY_ENTRIES_MAX: usize = 1024;
 
-/// Goods id → end of its sold-out mark (ns since the epoch).
-#[derive(Debug, Clone)]
-pub struct SoldOutMemory {
-    until: HashMap<String, u64>,
-    capacity: usize,
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+struct Entry {
+    /// When it was remembered (this worker's clock).
+    since_ns: u64,
+    /// When it stops holding.
+    until_ns: u64,
 }
 
-impl Default for SoldOutMemory {
-    fn default() -> Self {
-        SoldOutMemory::new(SOLD_OUT_MEMORY_MAX)
+impl Entry {
+    fn holds_at(self, now_ns: u64) -> bool {
+        self.since_ns <= now_ns && now_ns < self.until_ns
     }
 }
 
-impl SoldOutMemory {
-    pub fn new(capacity: usize) -> Self {
-        SoldOutMemory {
-            until: HashMap::new(),
+/// Goods id → an answer holding from `since_ns` until `until_ns`, bounded.
+#[derive(Debug, Clone)]
+struct Expiring {
+    entries: HashMap<String, Entry>,
+    capacity: usize,
+}
+
+impl Expiring {
+    fn new(capacity: usize) -> Self {
+        Expiring {
+            entries: HashMap::new(),
             capacity,
         }
     }
 
-    /// Whether a remembered mark for the goods is still fresh at `now_ns`; an expired one is
+    /// The end of the entry for `goods_id`, if it holds at `now_ns`; a lapsed one is
     /// forgotten.
-    pub fn is_sold_out(&mut self, goods_id: &str, now_ns: u64) -> bool {
-        match self.until.get(goods_id) {
-            Some(&until_ns) if now_ns < until_ns => true,
-            Some(_) => {
-                self.until.remove(goods_id);
-                false
-            }
-            None => false,
+    fn get(&mut self, goods_id: &str, now_ns: u64) -> Option<u64> {
+        let entry = *self.entries.get(goods_id)?;
+        if entry.holds_at(now_ns) {
+            return Some(entry.until_ns);
         }
+        self.entries.remove(goods_id);
+        None
     }
 
-    /// Remembers a mark until `until_ns` (replacing any earlier one for the goods, as the
-    /// last write to shared data wins). A mark already expired is not remembered.
-    pub fn remember(&mut self, goods_id: &str, until_ns: u64, now_ns: u64) {
+    /// Remembers an answer for `goods_id` from `now_ns` until `until_ns`, replacing any
+    /// earlier one. One already over is not remembered.
+    fn insert(&mut self, goods_id: &str, until_ns: u64, now_ns: u64) {
         if now_ns >= until_ns || self.capacity == 0 {
             return;
         }
-        if let Some(slot) = self.until.get_mut(goods_id) {
-            *slot = until_ns;
+        let entry = Entry {
+            since_ns: now_ns,
+            until_ns,
+        };
+        if let Some(slot) = self.entries.get_mut(goods_id) {
+            *slot = entry;
             return;
         }
-        if self.until.len() >= self.capacity {
-            self.until.retain(|_, until| now_ns < *until);
+        if self.entries.len() >= self.capacity {
+            self.entries.retain(|_, entry| entry.holds_at(now_ns));
         }
-        if self.until.len() >= self.capacity {
+        if self.entries.len() >= self.capacity {
             let soonest = self
-                .until
+                .entries
                 .iter()
-                .min_by_key(|(_, until)| **until)
+                .min_by_key(|(_, entry)| entry.until_ns)
                 .map(|(goods, _)| goods.clone());
             if let Some(goods) = soonest {
-                self.until.remove(&goods);
+                self.entries.remove(&goods);
             }
         }
-        self.until.insert(goods_id.to_string(), until_ns);
+        self.entries.insert(goods_id.to_string(), entry);
     }
 
+    fn len(&self) -> usize {
+        self.entries.len()
+    }
+}
+
+/// One worker's memory of sold-out marks and rate-limit denials.
+#[derive(Debug, Clone)]
+pub struct LocalMemory {
+    sold_out: Expiring,
+    denied: Expiring,
+}
+
+impl Default for LocalMemory {
+    fn default() -> Self {
+        LocalMemory::new(MEMORY_ENTRIES_MAX)
+    }
+}
+
+impl LocalMemory {
+    /// A memory of at most `capacity` entries of each kind (0: remembers nothing).
+    pub fn new(capacity: usize) -> Self {
+        LocalMemory {
+            sold_out: Expiring::new(capacity),
+            denied: Expiring::new(capacity),
+        }
+    }
+
+    /// Whether a remembered sold-out mark for the goods holds at `now_ns`.
+    pub fn sold_out(&mut self, goods_id: &str, now_ns: u64) -> bool {
+        self.sold_out.get(goods_id, now_ns).is_some()
+    }
+
+    /// Remembers a sold-out mark that shared data holds until `until_ns` (the last write
+    /// wins, as in shared data).
+    pub fn remember_sold_out(&mut self, goods_id: &str, until_ns: u64, now_ns: u64) {
+        self.sold_out.insert(goods_id, until_ns, now_ns);
+    }
+
+    /// If a remembered denial holds at `now_ns`: how long until the request would pass.
+    pub fn denied(&mut self, goods_id: &str, now_ns: u64) -> Option<u64> {
+        self.denied
+            .get(goods_id, now_ns)
+            .map(|until_ns| until_ns - now_ns)
+    }
+
+    /// Remembers that the goods' own bucket refuses every request until
+    /// `now_ns + retry_after_ns`.
+    pub fn remember_denial(&mut self, goods_id: &str, retry_after_ns: u64, now_ns: u64) {
+        self.denied
+            .insert(goods_id, now_ns.saturating_add(retry_after_ns), now_ns);
+    }
+
+    /// Entries remembered (both kinds).
     pub fn len(&self) -> usize {
-        self.until.len()
+        self.sold_out.len() + self.denied.len()
     }
 
     pub fn is_empty(&self) -> bool {
-        self.until.is_empty()
+        self.len() == 0
     }
 }
 
@@ -94,67 +166,104 @@ mod tests {
 
     #[test]
     fn a_mark_holds_exactly_until_its_expiry() {
-        let mut memory = SoldOutMemory::default();
-        assert!(!memory.is_sold_out("a", T0));
-        memory.remember("a", T0 + SECOND, T0);
-        assert!(memory.is_sold_out("a", T0));
-        assert!(memory.is_sold_out("a", T0 + SECOND - 1));
-        assert!(!memory.is_sold_out("b", T0));
-        assert!(!memory.is_sold_out("a", T0 + SECOND));
-        // Forgotten once seen expired.
+        let mut memory = LocalMemory::default();
+        assert!(!memory.sold_out("a", T0));
+        memory.remember_sold_out("a", T0 + SECOND, T0);
+        assert!(memory.sold_out("a", T0));
+        assert!(memory.sold_out("a", T0 + SECOND - 1));
+        assert!(!memory.sold_out("b", T0));
+        assert!(!memory.sold_out("a", T0 + SECOND));
+        // Forgotten once seen lapsed.
         assert!(memory.is_empty());
-        assert!(!memory.is_sold_out("a", T0));
+        assert!(!memory.sold_out("a", T0));
     }
 
     #[test]
-    fn expired_marks_are_not_remembered() {
-        let mut memory = SoldOutMemory::default();
-        memory.remember("a", T0, T0);
-        memory.remember("b", T0 - 1, T0);
+    fn a_denial_counts_down_to_its_end() {
+        let mut memory = LocalMemory::default();
+        assert_eq!(memory.denied("a", T0), None);
+        memory.remember_denial("a", 3 * SECOND, T0);
+        assert_eq!(memory.denied("a", T0), Some(3 * SECOND));
+        assert_eq!(memory.denied("a", T0 + SECOND), Some(2 * SECOND));
+        assert_eq!(memory.denied("a", T0 + 3 * SECOND - 1), Some(1));
+        // Kinds are apart.
+        assert!(!memory.sold_out("a", T0));
+        assert_eq!(memory.denied("b", T0), None);
+        assert_eq!(memory.denied("a", T0 + 3 * SECOND), None);
         assert!(memory.is_empty());
-        let mut off = SoldOutMemory::new(0);
-        off.remember("a", T0 + SECOND, T0);
-        assert!(!off.is_sold_out("a", T0));
+        // No overflow at the end of time.
+        memory.remember_denial("a", u64::MAX, T0);
+        assert_eq!(memory.denied("a", T0), Some(u64::MAX - T0));
     }
 
     #[test]
-    fn a_newer_mark_replaces_the_old_one() {
-        let mut memory = SoldOutMemory::default();
-        memory.remember("a", T0 + SECOND, T0);
-        memory.remember("a", T0 + 3 * SECOND, T0 + SECOND / 2);
-        assert!(memory.is_sold_out("a", T0 + 2 * SECOND));
+    fn a_clock_step_back_lapses_entries() {
+        let mut memory = LocalMemory::default();
+        memory.remember_denial("a", 10 * SECOND, T0);
+        memory.remember_sold_out("b", T0 + 10 * SECOND, T0);
+        // Earlier than remembered: shared data decides again.
+        assert_eq!(memory.denied("a", T0 - 1), None);
+        assert!(!memory.sold_out("b", T0 - 1));
+        assert!(memory.is_empty());
+    }
+
+    #[test]
+    fn lapsed_answers_are_not_remembered() {
+        let mut memory = LocalMemory::default();
+        memory.remember_sold_out("a", T0, T0);
+        memory.remember_sold_out("b", T0 - 1, T0);
+        memory.remember_denial("c", 0, T0);
+        assert!(memory.is_empty());
+        let mut off = LocalMemory::new(0);
+        off.remember_sold_out("a", T0 + SECOND, T0);
+        off.remember_denial("a", SECOND, T0);
+        assert!(!off.sold_out("a", T0));
+        assert_eq!(off.denied("a", T0), None);
+    }
+
+    #[test]
+    fn a_newer_answer_replaces_the_old_one() {
+        let mut memory = LocalMemory::default();
+        memory.remember_sold_out("a", T0 + SECOND, T0);
+        memory.remember_sold_out("a", T0 + 3 * SECOND, T0 + SECOND / 2);
+        assert!(memory.sold_out("a", T0 + 2 * SECOND));
         // Last write wins, like shared data: a shorter mark shortens it.
-        memory.remember("a", T0 + 2 * SECOND, T0 + SECOND);
-        assert!(!memory.is_sold_out("a", T0 + 2 * SECOND));
-        assert!(memory.is_empty());
+        memory.remember_sold_out("a", T0 + 2 * SECOND, T0 + SECOND);
+        assert!(!memory.sold_out("a", T0 + 2 * SECOND));
+        memory.remember_denial("a", 5 * SECOND, T0);
+        memory.remember_denial("a", SECOND, T0 + SECOND);
+        assert_eq!(memory.denied("a", T0 + SECOND), Some(SECOND));
+        assert_eq!(memory.denied("a", T0 + 2 * SECOND), None);
     }
 
     #[test]
     fn the_memory_is_bounded() {
-        let mut memory = SoldOutMemory::new(3);
-        memory.remember("a", T0 + 10 * SECOND, T0);
-        memory.remember("b", T0 + SECOND, T0);
-        memory.remember("c", T0 + 20 * SECOND, T0);
-        // Full of fresh marks: the one expiring first makes room.
-        memory.remember("d", T0 + 30 * SECOND, T0);
+        let mut memory = LocalMemory::new(3);
+        memory.remember_sold_out("a", T0 + 10 * SECOND, T0);
+        memory.remember_sold_out("b", T0 + SECOND, T0);
+        memory.remember_sold_out("c", T0 + 20 * SECOND, T0);
+        // Full of holding marks: the one ending first makes room.
+        memory.remember_sold_out("d", T0 + 30 * SECOND, T0);
         assert_eq!(memory.len(), 3);
-        assert!(!memory.is_sold_out("b", T0));
+        assert!(!memory.sold_out("b", T0));
         for goods in ["a", "c", "d"] {
-            assert!(memory.is_sold_out(goods, T0), "{goods}");
+            assert!(memory.sold_out(goods, T0), "{goods}");
         }
-        // Expired marks go before fresh ones, all at once.
-        memory.remember("e", T0 + 40 * SECOND, T0 + 15 * SECOND);
+        // Lapsed marks go before holding ones, all at once.
+        memory.remember_sold_out("e", T0 + 40 * SECOND, T0 + 15 * SECOND);
         assert_eq!(memory.len(), 3);
         for goods in ["c", "d", "e"] {
-            assert!(memory.is_sold_out(goods, T0 + 15 * SECOND), "{goods}");
+            assert!(memory.sold_out(goods, T0 + 15 * SECOND), "{goods}");
         }
         // Updating a remembered goods needs no room.
-        memory.remember("c", T0 + 50 * SECOND, T0 + 15 * SECOND);
+        memory.remember_sold_out("c", T0 + 50 * SECOND, T0 + 15 * SECOND);
         assert_eq!(memory.len(), 3);
-        assert!(memory.is_sold_out("c", T0 + 45 * SECOND));
+        assert!(memory.sold_out("c", T0 + 45 * SECOND));
         for i in 0..100 {
-            memory.remember(&format!("g{i}"), T0 + 60 * SECOND, T0 + 15 * SECOND);
+            memory.remember_sold_out(&format!("g{i}"), T0 + 60 * SECOND, T0 + 15 * SECOND);
+            memory.remember_denial(&format!("g{i}"), 60 * SECOND, T0 + 15 * SECOND);
         }
-        assert_eq!(memory.len(), 3);
+        // Each kind has its own bound.
+        assert_eq!(memory.len(), 6);
     }
 }

@@ -1,39 +1,40 @@
-//! Shared-data helpers: the per-goods record (rate limit and sold-out mark), kept in Envoy's
-//! shared data so every worker thread of one Envoy instance sees the same state.
+//! Shared-data helpers: the per-goods rate limit and the sold-out cache, kept in Envoy's
+//! shared data so every worker thread of one Envoy instance sees the same state, and
+//! [`admit`], which puts them together with the worker's own memory ([`LocalMemory`]).
 //!
 //! The logic is written against [`SharedStore`] so the compare-and-swap loops unit-test
 //! natively with a fake store; [`HostStore`] (wasm only) is the real one.
 //!
 //! Keys (scoped by Envoy to the filter's `vm_id`):
-//! - `seckill.g.<goods>`: the goods' [`Record`], 16 bytes: GCRA TAT, then the expiry of a
-//!   sold-out mark (both u64 ns since the epoch, little-endian; 0 = none). One read answers
-//!   both "is it sold out?" and "is it over its rate?".
-//! - `seckill.g.~overflow`: the bucket shared by goods seen after the tracking limit (its
-//!   sold-out field is never set: it would mark every overflow goods sold out).
-//! - `seckill.g.~tracked`: u64 count of goods with their own record.
-//! - `seckill.soldout.<goods>`: u64 expiry of a sold-out mark for a goods without its own
-//!   record (one riding the overflow bucket); read only when the goods has no record.
+//! - `seckill.rl.<goods>`: GCRA state, one u64 TAT (ns, little-endian).
+//! - `seckill.rl.~overflow`: the bucket shared by goods seen after the tracking limit.
+//! - `seckill.rl.tracked`: u64 count of goods with their own bucket.
+//! - `seckill.soldout.<goods>`: u64 expiry (ns since the epoch) of a sold-out answer.
 //!
-//! `~` cannot appear in a goods id (see `seckill_api::validate_id`), so no goods collides
-//! with the overflow bucket or the counter.
+//! The sold-out mark has a key of its own rather than sharing a record with the bucket: a
+//! goods that is not sold out then costs a shared-data *miss* (cheap: the host copies nothing
+//! into the VM), and a worker may answer a refused bucket from its memory without missing a
+//! mark another worker just wrote (see `local.rs`).
 //!
-//! Shared data never expires, so everything a client can name is bounded: own records by
-//! `tracked_goods_max`; separate sold-out keys exist only for goods the stock service called
-//! sold out or ended, which are real goods.
+//! Shared data never expires, so everything a client can name is bounded: own buckets by
+//! `tracked_goods_max`; sold-out entries exist only for goods the stock service called sold
+//! out or ended, which are real goods.
 
 use crate::config::RateLimits;
 use crate::gcra::{self, Decision, Rate};
+use crate::local::LocalMemory;
 
 /// Most compare-and-swap attempts per update. Contention on one key is between worker
 /// threads only; sixteen lost races in a row means the goods is hot enough that refusing is
 /// the right answer.
 pub const CAS_ATTEMPTS_MAX: usize = 16;
 
-const GOODS_PREFIX: &str = "seckill.g.";
-/// The bucket every goods past `tracked_goods_max` shares.
-pub const OVERFLOW_KEY: &str = "seckill.g.~overflow";
-/// Count of goods with their own record.
-pub const TRACKED_KEY: &str = "seckill.g.~tracked";
+const RATE_LIMIT_PREFIX: &str = "seckill.rl.";
+/// `~` cannot appear in a goods id (see `seckill_api::validate_id`), so no goods collides.
+pub const OVERFLOW_KEY: &str = "seckill.rl.~overflow";
+/// Count of goods with their own bucket. A goods literally named `tracked` would share this
+/// key, so [`rate_limit_key`] moves that one elsewhere.
+pub const TRACKED_KEY: &str = "seckill.rl.tracked";
 const SOLD_OUT_PREFIX: &str = "seckill.soldout.";
 
 /// Why a write to shared data did not happen.
@@ -53,71 +54,18 @@ pub trait SharedStore {
     fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SetError>;
 }
 
-/// Key of a goods' own record. Goods ids are validated (`A-Z a-z 0-9 _ - . :`) before they
+/// Key of a goods' own bucket. Goods ids are validated (`A-Z a-z 0-9 _ - . :`) before they
 /// get here.
-pub fn goods_key(goods_id: &str) -> String {
-    let mut key = String::with_capacity(GOODS_PREFIX.len() + goods_id.len());
-    key.push_str(GOODS_PREFIX);
-    key.push_str(goods_id);
-    key
+pub fn rate_limit_key(goods_id: &str) -> String {
+    // The goods `tracked` would collide with the counter: give it a key no other id can have.
+    if goods_id == "tracked" {
+        return format!("{RATE_LIMIT_PREFIX}~goods.tracked");
+    }
+    format!("{RATE_LIMIT_PREFIX}{goods_id}")
 }
 
-/// Key of the sold-out mark of a goods without its own record.
 pub fn sold_out_key(goods_id: &str) -> String {
     format!("{SOLD_OUT_PREFIX}{goods_id}")
-}
-
-/// What shared data holds for one goods (or for the overflow bucket).
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
-pub struct Record {
-    /// GCRA theoretical arrival time; 0: a fresh bucket.
-    pub tat_ns: u64,
-    /// Until when a sold-out answer holds; 0 (or anything past): not sold out.
-    pub sold_out_until_ns: u64,
-}
-
-impl Record {
-    pub const LEN: usize = 16;
-
-    pub fn encode(self) -> [u8; Record::LEN] {
-        let mut bytes = [0; Record::LEN];
-        bytes[..8].copy_from_slice(&gcra::encode(self.tat_ns));
-        bytes[8..].copy_from_slice(&gcra::encode(self.sold_out_until_ns));
-        bytes
-    }
-
-    /// Anything that is not exactly 16 bytes is not ours to trust: None.
-    pub fn decode(bytes: &[u8]) -> Option<Record> {
-        let bytes = <&[u8; Record::LEN]>::try_from(bytes).ok()?;
-        let (tat, sold_out) = bytes.split_at(8);
-        Some(Record {
-            tat_ns: gcra::decode(tat)?,
-            sold_out_until_ns: gcra::decode(sold_out)?,
-        })
-    }
-
-    /// Reads a stored value; a garbled one counts as a fresh record (bucket restarted, no
-    /// mark).
-    fn read(value: Option<&[u8]>) -> Option<Record> {
-        value.map(|bytes| Record::decode(bytes).unwrap_or_default())
-    }
-
-    fn tat(self) -> Option<u64> {
-        (self.tat_ns != 0).then_some(self.tat_ns)
-    }
-
-    /// The expiry of a sold-out mark still fresh at `now_ns`.
-    pub fn sold_out_at(self, now_ns: u64) -> Option<u64> {
-        (now_ns < self.sold_out_until_ns).then_some(self.sold_out_until_ns)
-    }
-}
-
-/// A read of one key: the record (None: absent) and its CAS token.
-type Seen = (Option<Record>, Option<u32>);
-
-fn read_record(store: &impl SharedStore, key: &str) -> Seen {
-    let (value, cas) = store.get(key);
-    (Record::read(value.as_deref()), cas)
 }
 
 /// What the rate limiter says about one request.
@@ -134,56 +82,98 @@ pub enum RateLimited {
     },
 }
 
-/// What shared data says about one sale request, in the order the gate asks: sold out
-/// first, then the rate limit.
+/// Which bucket answered.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Bucket {
+    /// The goods' own (configured or tracked).
+    Own,
+    /// The one all goods past the tracking limit share.
+    Overflow,
+}
+
+/// What the gate should do with a valid sale request before asking the stock service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admission {
-    /// A fresh sold-out mark, good until this moment. No token was spent.
-    SoldOut { until_ns: u64 },
-    /// No fresh mark (or marks not asked for); the rate limiter's answer.
+    /// A fresh sold-out mark (from this worker's memory or from shared data): 409.
+    SoldOut,
+    /// No fresh mark (or marks not asked for): the rate limiter's answer.
     Rate(RateLimited),
 }
 
-/// The shared-data half of the gate: reads the goods' record once, answers from its
-/// sold-out mark when `check_sold_out` and the mark is fresh, else spends one token of the
-/// goods' bucket (its own, or the overflow bucket's).
+/// The gate's steps 4 and 5 for one request, in that order: the sold-out cache (when
+/// `check_sold_out`), then the goods' rate limit. The worker's `memory` answers first where
+/// it holds; every answer it gives is the one shared data would give (see `local.rs`). What
+/// shared data says is remembered: fresh marks, and refusals of a goods' own bucket.
 pub fn admit(
     store: &impl SharedStore,
+    memory: &mut LocalMemory,
     limits: &RateLimits,
     goods_id: &str,
     now_ns: u64,
     check_sold_out: bool,
 ) -> Admission {
-    let key = goods_key(goods_id);
-    let seen = read_record(store, &key);
-    if let (Some(record), _) = seen {
-        // Tracked (or configured) goods: the record answers both questions.
-        if check_sold_out {
-            if let Some(until_ns) = record.sold_out_at(now_ns) {
-                return Admission::SoldOut { until_ns };
-            }
-        }
-        let rate = limits
-            .goods
-            .get(goods_id)
-            .copied()
-            .unwrap_or(limits.default);
-        return Admission::Rate(take_token_seen(store, &key, rate, now_ns, seen));
-    }
-    // No record: a goods never seen yet, or one riding the overflow bucket, whose sold-out
-    // mark (if any) has a key of its own.
     if check_sold_out {
-        if let Some(until_ns) = untracked_sold_out(store, goods_id, now_ns) {
-            return Admission::SoldOut { until_ns };
+        if memory.sold_out(goods_id, now_ns) {
+            return Admission::SoldOut;
+        }
+        if let Some(until_ns) = sold_out_until(store, goods_id, now_ns) {
+            memory.remember_sold_out(goods_id, until_ns, now_ns);
+            return Admission::SoldOut;
         }
     }
+    if let Some(retry_after_ns) = memory.denied(goods_id, now_ns) {
+        return Admission::Rate(RateLimited::Limited { retry_after_ns });
+    }
+    let (answer, bucket) = check_rate_limit(store, limits, goods_id, now_ns);
+    // A refusal of the goods' own bucket holds until the retry moment (nobody can take a
+    // token before then). The overflow bucket's are not kept: its goods ids are whatever
+    // clients send.
+    if let (RateLimited::Limited { retry_after_ns }, Bucket::Own) = (answer, bucket) {
+        memory.remember_denial(goods_id, retry_after_ns, now_ns);
+    }
+    Admission::Rate(answer)
+}
+
+/// Marks the goods sold out until `until_ns`, for every worker (shared data) and in this
+/// worker's memory.
+pub fn mark_sold_out(
+    store: &impl SharedStore,
+    memory: &mut LocalMemory,
+    goods_id: &str,
+    until_ns: u64,
+    now_ns: u64,
+) {
+    cache_sold_out(store, goods_id, until_ns);
+    memory.remember_sold_out(goods_id, until_ns, now_ns);
+}
+
+/// A read of one key: value and CAS token.
+type Seen = (Option<Vec<u8>>, Option<u32>);
+
+/// Spends one token of the goods' bucket, if there is one; says which bucket answered.
+pub fn check_rate_limit(
+    store: &impl SharedStore,
+    limits: &RateLimits,
+    goods_id: &str,
+    now_ns: u64,
+) -> (RateLimited, Bucket) {
+    // Configured goods always have their own bucket; other goods theirs while fewer than
+    // `tracked_goods_max` are tracked, else the shared overflow bucket. One read of the
+    // goods' key serves both as "is it tracked?" and as the first compare-and-swap attempt.
+    let key = rate_limit_key(goods_id);
+    let seen = store.get(&key);
     if let Some(rate) = limits.goods.get(goods_id) {
-        return Admission::Rate(take_token_seen(store, &key, *rate, now_ns, seen));
+        return (
+            take_token_seen(store, &key, *rate, now_ns, seen),
+            Bucket::Own,
+        );
     }
-    if reserve_tracking_slot(store, limits.tracked_goods_max) {
-        return Admission::Rate(take_token_seen(store, &key, limits.default, now_ns, seen));
+    if seen.0.is_some() || reserve_tracking_slot(store, limits.tracked_goods_max) {
+        let answer = take_token_seen(store, &key, limits.default, now_ns, seen);
+        return (answer, Bucket::Own);
     }
-    Admission::Rate(take_token(store, OVERFLOW_KEY, limits.default, now_ns))
+    let answer = take_token(store, OVERFLOW_KEY, limits.default, now_ns);
+    (answer, Bucket::Overflow)
 }
 
 /// Counts one more tracked goods if the limit allows. Two threads meeting a new goods at the
@@ -206,9 +196,9 @@ fn reserve_tracking_slot(store: &impl SharedStore, tracked_goods_max: u64) -> bo
 }
 
 /// One GCRA step on `key` with compare-and-swap, deciding inside the loop: a denial writes
-/// nothing and returns at once. The record's sold-out mark is written back unchanged.
+/// nothing and returns at once.
 pub fn take_token(store: &impl SharedStore, key: &str, rate: Rate, now_ns: u64) -> RateLimited {
-    let seen = read_record(store, key);
+    let seen = store.get(key);
     take_token_seen(store, key, rate, now_ns, seen)
 }
 
@@ -218,24 +208,20 @@ fn take_token_seen(
     key: &str,
     rate: Rate,
     now_ns: u64,
-    mut seen: Seen,
+    seen: Seen,
 ) -> RateLimited {
-    for attempt in 0..CAS_ATTEMPTS_MAX {
-        if attempt > 0 {
-            seen = read_record(store, key);
-        }
-        let (record, cas) = seen;
-        let record = record.unwrap_or_default();
-        match gcra::decide(record.tat(), now_ns, rate) {
+    let mut first = Some(seen);
+    for _ in 0..CAS_ATTEMPTS_MAX {
+        let (value, cas) = first.take().unwrap_or_else(|| store.get(key));
+        // A value of the wrong size is not ours to trust: start the bucket afresh.
+        let tat = value.as_deref().and_then(gcra::decode);
+        match gcra::decide(tat, now_ns, rate) {
             Decision::Deny { retry_after_ns } => return RateLimited::Limited { retry_after_ns },
-            Decision::Allow { tat_ns } => {
-                let updated = Record { tat_ns, ..record };
-                match store.set(key, &updated.encode(), cas) {
-                    Ok(()) => return RateLimited::Allowed,
-                    Err(SetError::CasMismatch) => continue,
-                    Err(SetError::Failed) => break,
-                }
-            }
+            Decision::Allow { tat_ns } => match store.set(key, &gcra::encode(tat_ns), cas) {
+                Ok(()) => return RateLimited::Allowed,
+                Err(SetError::CasMismatch) => continue,
+                Err(SetError::Failed) => break,
+            },
         }
     }
     RateLimited::Contended {
@@ -243,8 +229,8 @@ fn take_token_seen(
     }
 }
 
-/// The fresh sold-out mark of a goods without its own record.
-fn untracked_sold_out(store: &impl SharedStore, goods_id: &str, now_ns: u64) -> Option<u64> {
+/// The expiry of a fresh sold-out answer cached for the goods, if any.
+pub fn sold_out_until(store: &impl SharedStore, goods_id: &str, now_ns: u64) -> Option<u64> {
     let (value, _) = store.get(&sold_out_key(goods_id));
     value
         .as_deref()
@@ -252,29 +238,11 @@ fn untracked_sold_out(store: &impl SharedStore, goods_id: &str, now_ns: u64) -> 
         .filter(|until_ns| now_ns < *until_ns)
 }
 
-/// Marks the goods sold out until `until_ns`, for every worker. A goods with its own record
-/// gets the mark in it, by compare-and-swap so its rate-limit state survives (last writer
-/// wins: every writer writes "sold out until about now + ttl"). A goods without a record
-/// rides the overflow bucket, whose record other goods share, so its mark gets a key of its
-/// own. Losing every race costs one more callout, nothing else.
-pub fn cache_sold_out(store: &impl SharedStore, goods_id: &str, until_ns: u64) {
-    let key = goods_key(goods_id);
-    for _ in 0..CAS_ATTEMPTS_MAX {
-        let (record, cas) = read_record(store, &key);
-        let Some(record) = record else {
-            let _ = store.set(&sold_out_key(goods_id), &gcra::encode(until_ns), None);
-            return;
-        };
-        let marked = Record {
-            sold_out_until_ns: until_ns,
-            ..record
-        };
-        match store.set(&key, &marked.encode(), cas) {
-            Ok(()) => return,
-            Err(SetError::CasMismatch) => continue,
-            Err(SetError::Failed) => return,
-        }
-    }
+/// Caches a sold-out answer until `expiry_ns`. A plain write: the last writer wins, and every
+/// writer writes "sold out until about now + ttl", so no compare-and-swap is needed.
+pub fn cache_sold_out(store: &impl SharedStore, goods_id: &str, expiry_ns: u64) {
+    // Losing this write costs one more callout, nothing else.
+    let _ = store.set(&sold_out_key(goods_id), &gcra::encode(expiry_ns), None);
 }
 
 /// The real shared data of the Envoy instance.
@@ -315,28 +283,8 @@ mod tests {
         data: RefCell<HashMap<String, (Vec<u8>, u32)>>,
         next_cas: Cell<u32>,
         lose_races: Cell<usize>,
-        /// Written behind our back just before our next write (which then loses its race).
-        interloper: RefCell<Option<Vec<u8>>>,
         reads: Cell<usize>,
         writes: Cell<usize>,
-    }
-
-    impl FakeStore {
-        fn record(&self, key: &str) -> Option<Record> {
-            self.data
-                .borrow()
-                .get(key)
-                .and_then(|(value, _)| Record::decode(value))
-        }
-
-        /// Someone else writes `key` (bumping its CAS token).
-        fn write_behind_our_back(&self, key: &str, value: &[u8]) {
-            let cas_now = self.next_cas.get() + 1;
-            self.next_cas.set(cas_now);
-            self.data
-                .borrow_mut()
-                .insert(key.to_string(), (value.to_vec(), cas_now));
-        }
     }
 
     impl SharedStore for FakeStore {
@@ -349,14 +297,14 @@ mod tests {
         }
 
         fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SetError> {
-            if let Some(theirs) = self.interloper.borrow_mut().take() {
-                self.write_behind_our_back(key, &theirs);
-            }
             if self.lose_races.get() > 0 {
                 self.lose_races.set(self.lose_races.get() - 1);
-                // Someone else wrote meanwhile (the same value, so only the token changes).
-                let current = self.data.borrow().get(key).map(|(v, _)| v.clone());
-                self.write_behind_our_back(key, &current.unwrap_or_else(|| value.to_vec()));
+                // Someone else wrote meanwhile.
+                let cas_now = self.next_cas.get() + 1;
+                self.next_cas.set(cas_now);
+                let mut data = self.data.borrow_mut();
+                let entry = data.entry(key.to_string()).or_insert((value.to_vec(), 0));
+                entry.1 = cas_now;
                 return Err(SetError::CasMismatch);
             }
             let mut data = self.data.borrow_mut();
@@ -383,15 +331,8 @@ mod tests {
         }
     }
 
-    fn rate(store: &FakeStore, limits: &RateLimits, goods: &str, now: u64) -> RateLimited {
-        match admit(store, limits, goods, now, true) {
-            Admission::Rate(answer) => answer,
-            other => panic!("unexpected {other:?}"),
-        }
-    }
-
     fn allowed(store: &FakeStore, limits: &RateLimits, goods: &str, now: u64) -> bool {
-        match rate(store, limits, goods, now) {
+        match check_rate_limit(store, limits, goods, now).0 {
             RateLimited::Allowed => true,
             RateLimited::Limited { .. } => false,
             RateLimited::Contended { .. } => panic!("unexpected contention"),
@@ -400,26 +341,6 @@ mod tests {
 
     fn tracked(store: &FakeStore) -> Option<u64> {
         store.get(TRACKED_KEY).0.as_deref().and_then(gcra::decode)
-    }
-
-    #[test]
-    fn record_encoding() {
-        let record = Record {
-            tat_ns: 0x0102_0304_0506_0708,
-            sold_out_until_ns: 42,
-        };
-        let bytes = record.encode();
-        // TAT first, then the sold-out expiry, both little-endian.
-        assert_eq!(&bytes[..8], &[8, 7, 6, 5, 4, 3, 2, 1]);
-        assert_eq!(&bytes[8..], &[42, 0, 0, 0, 0, 0, 0, 0]);
-        assert_eq!(Record::decode(&bytes), Some(record));
-        assert_eq!(Record::decode(&[0; 16]), Some(Record::default()));
-        for len in [0, 8, 15, 17, 24] {
-            assert_eq!(Record::decode(&vec![1; len]), None, "{len} bytes");
-        }
-        assert_eq!(record.sold_out_at(41), Some(42));
-        assert_eq!(record.sold_out_at(42), None);
-        assert_eq!(Record::default().sold_out_at(0), None);
     }
 
     #[test]
@@ -436,17 +357,16 @@ mod tests {
         }
         assert!(!allowed(&store, &limits, "vip", T0));
         assert_eq!(
-            rate(&store, &limits, "a", T0),
-            RateLimited::Limited {
-                retry_after_ns: SECOND
-            }
+            check_rate_limit(&store, &limits, "a", T0),
+            (
+                RateLimited::Limited {
+                    retry_after_ns: SECOND
+                },
+                Bucket::Own
+            )
         );
         // Configured goods do not count as tracked.
         assert_eq!(tracked(&store), Some(2));
-        // A goods named like the counter cannot touch it.
-        assert!(allowed(&store, &limits, "tracked", T0));
-        assert_eq!(tracked(&store), Some(3));
-        assert!(store.record(&goods_key("tracked")).is_some());
     }
 
     #[test]
@@ -455,14 +375,11 @@ mod tests {
         let limits = limits(10);
         for goods in ["a", "vip"] {
             assert!(allowed(&store, &limits, goods, T0));
-            let reads = store.reads.get();
-            // Allowed (read + CAS write), then denied (read only), marks checked as well.
-            assert!(allowed(&store, &limits, goods, T0));
-            assert_eq!(store.reads.get(), reads + 1, "{goods}");
-            for _ in 0..3 {
-                let _ = rate(&store, &limits, goods, T0);
+            for _ in 0..4 {
+                let reads = store.reads.get();
+                let _ = check_rate_limit(&store, &limits, goods, T0);
+                assert_eq!(store.reads.get(), reads + 1, "{goods}");
             }
-            assert_eq!(store.reads.get(), reads + 4, "{goods}");
         }
     }
 
@@ -475,174 +392,21 @@ mod tests {
         // Two goods tracked: "c" and "d" share one bucket of the default rate (burst 2).
         assert!(allowed(&store, &limits, "c", T0));
         assert!(allowed(&store, &limits, "d", T0));
-        assert!(!allowed(&store, &limits, "e", T0));
-        assert!(store.get(&goods_key("c")).0.is_none());
+        assert_eq!(
+            check_rate_limit(&store, &limits, "e", T0),
+            (
+                RateLimited::Limited {
+                    retry_after_ns: SECOND
+                },
+                Bucket::Overflow
+            )
+        );
+        assert!(store.get(&rate_limit_key("c")).0.is_none());
         assert!(store.get(OVERFLOW_KEY).0.is_some());
         // Tracked goods keep their own bucket; configured ones always have theirs.
         assert!(allowed(&store, &limits, "a", T0));
         assert!(allowed(&store, &limits, "vip", T0));
         assert_eq!(tracked(&store), Some(2));
-    }
-
-    #[test]
-    fn sold_out_marks_live_in_the_record_and_expire() {
-        let store = FakeStore::default();
-        let limits = limits(10);
-        assert!(allowed(&store, &limits, "a", T0));
-        let tat = store.record(&goods_key("a")).unwrap().tat_ns;
-        cache_sold_out(&store, "a", T0 + SECOND);
-        // The mark kept the bucket's state, and no separate key was written.
-        assert_eq!(
-            store.record(&goods_key("a")),
-            Some(Record {
-                tat_ns: tat,
-                sold_out_until_ns: T0 + SECOND
-            })
-        );
-        assert!(store.get(&sold_out_key("a")).0.is_none());
-        let writes = store.writes.get();
-        for now in [T0, T0 + SECOND - 1] {
-            assert_eq!(
-                admit(&store, &limits, "a", now, true),
-                Admission::SoldOut {
-                    until_ns: T0 + SECOND
-                }
-            );
-        }
-        // A sold-out answer spends no token.
-        assert_eq!(store.writes.get(), writes);
-        assert_eq!(store.record(&goods_key("a")).unwrap().tat_ns, tat);
-        // Expired: back to the rate limit.
-        assert!(allowed(&store, &limits, "a", T0 + SECOND));
-        // Other goods are not marked.
-        assert!(allowed(&store, &limits, "b", T0));
-    }
-
-    #[test]
-    fn rate_limit_updates_keep_the_mark() {
-        let store = FakeStore::default();
-        let limits = limits(10);
-        assert!(allowed(&store, &limits, "vip", T0));
-        cache_sold_out(&store, "vip", T0 + 10 * SECOND);
-        // With marks ignored (cache disabled) the bucket still works, and its writes keep the
-        // mark for whoever does read it.
-        assert_eq!(
-            admit(&store, &limits, "vip", T0, false),
-            Admission::Rate(RateLimited::Allowed)
-        );
-        let record = store.record(&goods_key("vip")).unwrap();
-        assert_eq!(record.sold_out_until_ns, T0 + 10 * SECOND);
-        assert_eq!(record.tat_ns, T0 + 2 * SECOND);
-        // Even through lost races.
-        store.lose_races.set(3);
-        assert_eq!(
-            admit(&store, &limits, "vip", T0, false),
-            Admission::Rate(RateLimited::Allowed)
-        );
-        let record = store.record(&goods_key("vip")).unwrap();
-        assert_eq!(record.sold_out_until_ns, T0 + 10 * SECOND);
-        assert_eq!(record.tat_ns, T0 + 3 * SECOND);
-    }
-
-    #[test]
-    fn marking_keeps_a_token_taken_meanwhile() {
-        let store = FakeStore::default();
-        let limits = limits(10);
-        assert!(allowed(&store, &limits, "a", T0));
-        let key = goods_key("a");
-        // Another worker takes a token between our read and our write: our write fails, and
-        // the retry must not roll its TAT back.
-        let theirs = Record {
-            tat_ns: T0 + 5 * SECOND,
-            sold_out_until_ns: 0,
-        };
-        *store.interloper.borrow_mut() = Some(theirs.encode().to_vec());
-        cache_sold_out(&store, "a", T0 + SECOND);
-        assert_eq!(
-            store.record(&key),
-            Some(Record {
-                tat_ns: T0 + 5 * SECOND,
-                sold_out_until_ns: T0 + SECOND
-            })
-        );
-        // Sixteen lost races: the mark is dropped (one more callout), nothing else changes.
-        store.lose_races.set(CAS_ATTEMPTS_MAX);
-        cache_sold_out(&store, "a", T0 + 9 * SECOND);
-        assert_eq!(store.record(&key).unwrap().sold_out_until_ns, T0 + SECOND);
-        // Fifteen are retried; the last writer wins.
-        store.lose_races.set(CAS_ATTEMPTS_MAX - 1);
-        cache_sold_out(&store, "a", T0 + 3 * SECOND);
-        assert_eq!(
-            store.record(&key).unwrap().sold_out_until_ns,
-            T0 + 3 * SECOND
-        );
-    }
-
-    #[test]
-    fn a_token_keeps_a_mark_set_meanwhile() {
-        let store = FakeStore::default();
-        let limits = limits(10);
-        assert!(allowed(&store, &limits, "vip", T0));
-        let key = goods_key("vip");
-        // Another worker marks the goods sold out between our read and our write.
-        let theirs = Record {
-            sold_out_until_ns: T0 + 10 * SECOND,
-            ..store.record(&key).unwrap()
-        };
-        *store.interloper.borrow_mut() = Some(theirs.encode().to_vec());
-        assert_eq!(
-            admit(&store, &limits, "vip", T0, true),
-            Admission::Rate(RateLimited::Allowed)
-        );
-        assert_eq!(
-            store.record(&key),
-            Some(Record {
-                tat_ns: T0 + 2 * SECOND,
-                sold_out_until_ns: T0 + 10 * SECOND
-            })
-        );
-    }
-
-    #[test]
-    fn overflow_goods_keep_their_marks_apart() {
-        let store = FakeStore::default();
-        let limits = limits(1);
-        assert!(allowed(&store, &limits, "a", T0));
-        // "c" and "d" ride the overflow bucket.
-        assert!(allowed(&store, &limits, "c", T0));
-        cache_sold_out(&store, "c", T0 + SECOND);
-        assert_eq!(store.record(OVERFLOW_KEY).unwrap().sold_out_until_ns, 0);
-        assert!(store.get(&goods_key("c")).0.is_none());
-        assert_eq!(
-            admit(&store, &limits, "c", T0, true),
-            Admission::SoldOut {
-                until_ns: T0 + SECOND
-            }
-        );
-        // The mark is c's alone; d still gets the overflow bucket's answer.
-        assert!(allowed(&store, &limits, "d", T0));
-        assert!(!allowed(&store, &limits, "d", T0));
-        // Ignored when marks are not asked for, and gone once expired.
-        assert!(matches!(
-            admit(&store, &limits, "c", T0, false),
-            Admission::Rate(_)
-        ));
-        assert!(matches!(
-            admit(&store, &limits, "c", T0 + SECOND, true),
-            Admission::Rate(_)
-        ));
-    }
-
-    #[test]
-    fn marks_are_ignored_when_not_asked_for() {
-        let store = FakeStore::default();
-        let limits = limits(10);
-        assert!(allowed(&store, &limits, "a", T0));
-        cache_sold_out(&store, "a", T0 + SECOND);
-        assert_eq!(
-            admit(&store, &limits, "a", T0, false),
-            Admission::Rate(RateLimited::Allowed)
-        );
     }
 
     #[test]
@@ -679,22 +443,234 @@ mod tests {
         store.set("k", b"junk", None).unwrap();
         let rate = Rate::new(1.0, 1).unwrap();
         assert_eq!(take_token(&store, "k", rate, T0), RateLimited::Allowed);
+    }
+
+    #[test]
+    fn sold_out_cache_expires() {
+        let store = FakeStore::default();
+        assert_eq!(sold_out_until(&store, "a", T0), None);
+        cache_sold_out(&store, "a", T0 + SECOND);
+        assert_eq!(sold_out_until(&store, "a", T0), Some(T0 + SECOND));
         assert_eq!(
-            store.record("k"),
-            Some(Record {
-                tat_ns: T0 + SECOND,
-                sold_out_until_ns: 0
-            })
+            sold_out_until(&store, "a", T0 + SECOND - 1),
+            Some(T0 + SECOND)
         );
-        // An old 8-byte value is garbage too.
-        store.set("k", &gcra::encode(u64::MAX), None).unwrap();
-        assert_eq!(take_token(&store, "k", rate, T0), RateLimited::Allowed);
+        assert_eq!(sold_out_until(&store, "a", T0 + SECOND), None);
+        assert_eq!(sold_out_until(&store, "b", T0), None);
     }
 
     #[test]
     fn keys() {
-        assert_eq!(goods_key("sku-1"), "seckill.g.sku-1");
-        assert_ne!(goods_key("tracked"), TRACKED_KEY);
+        assert_eq!(rate_limit_key("sku-1"), "seckill.rl.sku-1");
+        assert_ne!(rate_limit_key("tracked"), TRACKED_KEY);
         assert_eq!(sold_out_key("sku-1"), "seckill.soldout.sku-1");
+    }
+
+    #[test]
+    fn a_remembered_mark_costs_no_read() {
+        let store = FakeStore::default();
+        let limits = limits(10);
+        let mut writer = LocalMemory::default();
+        let mut reader = LocalMemory::default();
+        mark_sold_out(&store, &mut writer, "a", T0 + SECOND, T0);
+        let reads = store.reads.get();
+        assert_eq!(
+            admit(&store, &mut writer, &limits, "a", T0, true),
+            Admission::SoldOut
+        );
+        assert_eq!(store.reads.get(), reads);
+        // Another worker reads it from shared data once, then remembers it.
+        assert_eq!(
+            admit(&store, &mut reader, &limits, "a", T0, true),
+            Admission::SoldOut
+        );
+        assert_eq!(store.reads.get(), reads + 1);
+        assert_eq!(
+            admit(&store, &mut reader, &limits, "a", T0 + SECOND - 1, true),
+            Admission::SoldOut
+        );
+        assert_eq!(store.reads.get(), reads + 1);
+        // Never past the mark's expiry; nor when marks are not asked for.
+        for memory in [&mut writer, &mut reader] {
+            assert_eq!(
+                admit(&store, memory, &limits, "a", T0 + SECOND, true),
+                Admission::Rate(RateLimited::Allowed)
+            );
+        }
+        let mut other = LocalMemory::default();
+        mark_sold_out(&store, &mut other, "b", T0 + SECOND, T0);
+        assert_eq!(
+            admit(&store, &mut other, &limits, "b", T0, false),
+            Admission::Rate(RateLimited::Allowed)
+        );
+    }
+
+    #[test]
+    fn a_remembered_denial_costs_no_bucket_read() {
+        let store = FakeStore::default();
+        let limits = limits(10);
+        let mut memory = LocalMemory::default();
+        for _ in 0..3 {
+            assert_eq!(
+                admit(&store, &mut memory, &limits, "vip", T0, true),
+                Admission::Rate(RateLimited::Allowed)
+            );
+        }
+        let limited = |retry_after_ns| Admission::Rate(RateLimited::Limited { retry_after_ns });
+        assert_eq!(
+            admit(&store, &mut memory, &limits, "vip", T0, true),
+            limited(SECOND)
+        );
+        // From now on: only the sold-out key is read (absent: the host copies nothing), and
+        // with marks off, nothing at all.
+        let reads = store.reads.get();
+        assert_eq!(
+            admit(&store, &mut memory, &limits, "vip", T0 + SECOND / 4, true),
+            limited(3 * SECOND / 4)
+        );
+        assert_eq!(store.reads.get(), reads + 1);
+        assert_eq!(
+            admit(&store, &mut memory, &limits, "vip", T0 + SECOND / 2, false),
+            limited(SECOND / 2)
+        );
+        assert_eq!(store.reads.get(), reads + 1);
+        // A mark another worker writes meanwhile is seen at once: sold out comes first.
+        let mut other = LocalMemory::default();
+        mark_sold_out(&store, &mut other, "vip", T0 + 2 * SECOND, T0);
+        assert_eq!(
+            admit(&store, &mut memory, &limits, "vip", T0 + SECOND / 2, true),
+            Admission::SoldOut
+        );
+        // At the retry moment the bucket decides again.
+        assert_eq!(
+            admit(&store, &mut memory, &limits, "vip", T0 + SECOND, false),
+            Admission::Rate(RateLimited::Allowed)
+        );
+    }
+
+    #[test]
+    fn overflow_refusals_are_not_remembered() {
+        let store = FakeStore::default();
+        let limits = limits(0);
+        let mut memory = LocalMemory::default();
+        for goods in ["x", "y"] {
+            assert_eq!(
+                admit(&store, &mut memory, &limits, goods, T0, true),
+                Admission::Rate(RateLimited::Allowed)
+            );
+        }
+        assert!(matches!(
+            admit(&store, &mut memory, &limits, "z", T0, true),
+            Admission::Rate(RateLimited::Limited { .. })
+        ));
+        assert!(memory.is_empty());
+    }
+
+    /// xorshift64: a fixed, dependency-free sequence.
+    struct Dice(u64);
+
+    impl Dice {
+        fn roll(&mut self, sides: u64) -> u64 {
+            self.0 ^= self.0 << 13;
+            self.0 ^= self.0 >> 7;
+            self.0 ^= self.0 << 17;
+            self.0 % sides
+        }
+    }
+
+    /// Whatever the interleaving of workers, requests and sold-out marks (all with one
+    /// configuration's `sold_out_cache_ms`), workers with a memory answer exactly as workers
+    /// reading shared data every time (a memory of capacity 0 remembers nothing), Retry-After
+    /// included.
+    #[test]
+    fn memory_answers_as_shared_data_would() {
+        const WORKERS: usize = 3;
+        for seed in 1..=40u64 {
+            let check_sold_out = seed % 4 != 0;
+            let limits = limits(2);
+            let goods = ["a", "b", "c", "d", "vip"];
+            let cached = FakeStore::default();
+            let reference = FakeStore::default();
+            let mut memories: Vec<LocalMemory> =
+                (0..WORKERS).map(|_| LocalMemory::default()).collect();
+            let mut forgetful: Vec<LocalMemory> =
+                (0..WORKERS).map(|_| LocalMemory::new(0)).collect();
+            let mut dice = Dice(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15));
+            let mut now = T0;
+            let ttl = (seed % 5 + 1) * SECOND / 2;
+            let mut remembered = 0;
+            for step in 0..2_000 {
+                // Time only moves forward, by nothing up to 1.5 s (mostly by little: a
+                // crowd).
+                now += match dice.roll(32) {
+                    0..=15 => 0,
+                    16..=29 => dice.roll(SECOND / 100),
+                    30 => dice.roll(SECOND / 2),
+                    _ => dice.roll(3 * SECOND / 2),
+                };
+                let worker = dice.roll(WORKERS as u64) as usize;
+                let goods_id = goods[dice.roll(goods.len() as u64) as usize];
+                if dice.roll(25) == 0 {
+                    // A deduct answer on this worker: sold out for `sold_out_cache_ms`.
+                    let until = now + ttl;
+                    mark_sold_out(&cached, &mut memories[worker], goods_id, until, now);
+                    mark_sold_out(&reference, &mut forgetful[worker], goods_id, until, now);
+                    continue;
+                }
+                let got = admit(
+                    &cached,
+                    &mut memories[worker],
+                    &limits,
+                    goods_id,
+                    now,
+                    check_sold_out,
+                );
+                let want = admit(
+                    &reference,
+                    &mut forgetful[worker],
+                    &limits,
+                    goods_id,
+                    now,
+                    check_sold_out,
+                );
+                assert_eq!(got, want, "seed {seed}, step {step}, {goods_id} at {now}");
+                remembered += memories[worker].len();
+            }
+            assert!(remembered > 0, "seed {seed}: the memory was never used");
+            // ...and it answered: fewer reads than going to shared data every time.
+            assert!(
+                cached.reads.get() * 10 < reference.reads.get() * 9,
+                "seed {seed}: {} reads with memory, {} without",
+                cached.reads.get(),
+                reference.reads.get()
+            );
+            assert!(forgetful.iter().all(LocalMemory::is_empty));
+        }
+    }
+
+    #[test]
+    fn a_clock_step_back_lets_shared_data_decide() {
+        let store = FakeStore::default();
+        let limits = limits(10);
+        let mut memory = LocalMemory::default();
+        // Burst 1 at one request per 1000 s.
+        let slow = RateLimits {
+            default: Rate::new(0.001, 1).unwrap(),
+            ..limits
+        };
+        assert_eq!(
+            admit(&store, &mut memory, &slow, "a", T0, false),
+            Admission::Rate(RateLimited::Allowed)
+        );
+        assert!(matches!(
+            admit(&store, &mut memory, &slow, "a", T0 + SECOND, false),
+            Admission::Rate(RateLimited::Limited { .. })
+        ));
+        // The clock steps back 10 s: the remembered denial lapses and the bucket restarts,
+        // as documented for a step of more than 1 s.
+        assert_eq!(
+            admit(&store, &mut memory, &slow, "a", T0 - 9 * SECOND, false),
+            Admission::Rate(RateLimited::Allowed)
+        );
     }
 }

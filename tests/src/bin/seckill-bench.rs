@@ -98,7 +98,7 @@ async fn main() -> anyhow::Result<()> {
         ),
         (
             "filter: rate limited",
-            "per-goods GCRA in shared data rejects (429)",
+            "per-goods GCRA rejects (429): shared data, then the worker's memory of the denial",
             format!("{gate}/seckill/slow/buy"),
             true,
         ),
