@@ -109,6 +109,7 @@ impl Relay {
                 }
             }
             if !pause.is_zero() {
+                // Idle wait or retry backoff, both bounded; shutdown cuts it short.
                 tokio::select! {
                     () = shutdown.cancelled() => {}
                     () = tokio::time::sleep(pause) => {}

@@ -175,6 +175,7 @@ impl Writer {
                     tracing::warn!(%topic, error = %e, "cannot read topic metadata; retrying")
                 }
             }
+            // The topic may not exist yet: retry with a bounded backoff, shutdown cuts it short.
             tokio::select! {
                 () = shutdown.cancelled() => return Ok(None),
                 () = tokio::time::sleep(backoff) => {}
@@ -281,6 +282,7 @@ impl Writer {
                     tracing::warn!(error = %e, retry_in = ?backoff, events = batch.len(), "batch not applied; offsets not committed");
                 }
             }
+            // MySQL or Kafka is away: retry with a bounded backoff, shutdown cuts it short.
             tokio::select! {
                 () = shutdown.cancelled() => return None,
                 () = tokio::time::sleep(backoff) => {}

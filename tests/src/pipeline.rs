@@ -308,6 +308,21 @@ impl Pipeline {
         .await
     }
 
+    /// Waits until MySQL holds at least `rows` orders for the goods (a writer making progress).
+    pub async fn wait_for_rows_at_least(
+        &self,
+        goods_id: &str,
+        rows: i64,
+        deadline: Duration,
+    ) -> anyhow::Result<()> {
+        wait_for(
+            &format!("at least {rows} order rows for {goods_id}"),
+            deadline,
+            || async { Ok((self.order_rows(goods_id).await?.0 >= rows).then_some(())) },
+        )
+        .await
+    }
+
     /// Runs `seckill-syncer reconcile --json`; returns its exit code and report.
     pub fn reconcile(&self, extra: &[&str]) -> anyhow::Result<(i32, Value)> {
         let output = std::process::Command::new(syncer_binary()?)

@@ -114,12 +114,9 @@ async fn writer_killed_mid_batch_loses_and_doubles_nothing() {
         )
         .await
         .unwrap();
-    wait_for("the writer to make progress", DRAIN, || async {
-        let (rows, _) = p.order_rows("g").await?;
-        Ok((rows > rows_at_crash + 200).then_some(()))
-    })
-    .await
-    .unwrap();
+    p.wait_for_rows_at_least("g", rows_at_crash + 201, DRAIN)
+        .await
+        .unwrap();
     let redelivered = sum_metric(
         &second.metrics().await.unwrap(),
         "seckill_writer_duplicates_total",
@@ -362,11 +359,7 @@ async fn writer_finishes_and_commits_its_batch_on_sigterm() {
         )
         .await
         .unwrap();
-    wait_for("the writer to make progress", DRAIN, || async {
-        Ok((p.order_rows("g").await?.0 >= 500).then_some(()))
-    })
-    .await
-    .unwrap();
+    p.wait_for_rows_at_least("g", 500, DRAIN).await.unwrap();
     let status = first.terminate(Duration::from_secs(30)).await.unwrap();
     assert!(status.success(), "a clean exit on SIGTERM: {status}");
     let (rows_at_stop, _) = p.order_rows("g").await.unwrap();

@@ -196,6 +196,7 @@ async fn end_to_end_sale(args: &Args) -> anyhow::Result<SaleFigures> {
                         s.push((started.elapsed(), left, rows));
                     }
                 }
+                // The sampling interval of the stock line and of MySQL catching up.
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         })
@@ -212,6 +213,7 @@ async fn end_to_end_sale(args: &Args) -> anyhow::Result<SaleFigures> {
         if caught_up {
             break;
         }
+        // Poll the sampler's result, bounded by the deadline above.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     sampler.abort();

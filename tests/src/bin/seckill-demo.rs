@@ -141,6 +141,7 @@ async fn follow_mysql(stack: &Stack, sale_started: Instant) -> anyhow::Result<()
             Instant::now() < deadline,
             "MySQL did not catch up within 60 s"
         );
+        // Poll with the 60 s deadline above.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     let (stock, reserved, sold): (i64, i64, i64) =
@@ -386,6 +387,7 @@ async fn settle_some(stack: &Stack) -> anyhow::Result<()> {
             Instant::now() < deadline,
             "MySQL did not follow the lifecycle within 60 s"
         );
+        // Poll with the 60 s deadline above.
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }

@@ -145,6 +145,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
                         }
                     }
                 }
+                // The stock line's sampling interval; the task is aborted when the run ends.
                 tokio::time::sleep(Duration::from_millis(250)).await;
             }
         })
@@ -301,6 +302,7 @@ impl Syncer {
         let deadline = Instant::now() + drain;
         let mut mysql_orders = after["definition"]["orders"].as_i64().unwrap_or(0) - orders_before;
         while mysql_orders < winners && Instant::now() < deadline {
+            // Poll MySQL, bounded by --drain-s.
             tokio::time::sleep(Duration::from_millis(200)).await;
             mysql_orders = self.sale().await?["definition"]["orders"]
                 .as_i64()
