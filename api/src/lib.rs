@@ -5,6 +5,11 @@ use serde::{Deserialize, Serialize};
 
 /// Path of the syncer's deduct endpoint.
 pub const DEDUCT_PATH: &str = "/v1/deduct";
+/// Path of the batch form of the deduct endpoint: several attempts in one call, decided in
+/// order, one reply each. The filter uses it so that one callout serves many buyers.
+pub const DEDUCT_BATCH_PATH: &str = "/v1/deduct/batch";
+/// Most attempts one batch call may carry (both sides enforce it).
+pub const BATCH_ATTEMPTS_MAX: usize = 128;
 /// Header carrying the shared secret on every internal call (filter to syncer, admin API).
 pub const SECRET_HEADER: &str = "x-seckill-secret";
 /// Prefix of every header the gate sets; clients may never supply one (promise 5).
@@ -50,6 +55,28 @@ pub struct DeductReply {
     /// For `not_started`: milliseconds until the sale opens.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_after_ms: Option<u64>,
+}
+
+/// Several purchase attempts in one call to [`DEDUCT_BATCH_PATH`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DeductBatchRequest {
+    pub attempts: Vec<DeductRequest>,
+}
+
+/// The answer to a [`DeductBatchRequest`]: exactly one item per attempt, in the same order.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DeductBatchReply {
+    pub replies: Vec<BatchItem>,
+}
+
+/// One attempt's answer inside a batch: decided like a single deduct, or refused on its own
+/// (bad input, a store fault) without failing the other attempts.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(untagged)]
+pub enum BatchItem {
+    Decided(DeductReply),
+    Refused(ErrorReply),
 }
 
 /// Body of every error answer, from the syncer and from the filter alike.
@@ -187,6 +214,31 @@ mod tests {
             validate_id(&long, usize::MAX),
             Err(IdError::TooLong { .. })
         ));
+    }
+
+    #[test]
+    fn batch_items_read_back_as_what_they_were() {
+        let reply = DeductBatchReply {
+            replies: vec![
+                BatchItem::Decided(DeductReply {
+                    outcome: Outcome::Won,
+                    order_id: Some("g.1.1".into()),
+                    remaining: Some(9),
+                    retry_after_ms: None,
+                }),
+                BatchItem::Refused(ErrorReply {
+                    error: "bad_request".into(),
+                    message: "quantity must be from 1 to 1000".into(),
+                }),
+            ],
+        };
+        let json = serde_json::to_string(&reply).unwrap();
+        assert_eq!(
+            serde_json::from_str::<DeductBatchReply>(&json).unwrap(),
+            reply
+        );
+        // An item that is neither shape is an error, not a silent default.
+        assert!(serde_json::from_str::<DeductBatchReply>(r#"{"replies":[{"x":1}]}"#).is_err());
     }
 
     #[test]

@@ -5,13 +5,16 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use axum::extract::{Path, Query, Request, State};
-use axum::http::{HeaderMap, StatusCode};
+use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use redis::aio::ConnectionManager;
-use seckill_api::{DeductReply, DeductRequest, ErrorReply, SECRET_HEADER};
+use seckill_api::{
+    BatchItem, DeductBatchReply, DeductBatchRequest, DeductReply, DeductRequest, ErrorReply,
+    SECRET_HEADER,
+};
 use serde::Deserialize;
 use sqlx::MySqlPool;
 
@@ -36,6 +39,7 @@ pub struct AppState {
 pub fn router(state: Arc<AppState>) -> Router {
     let internal = Router::new()
         .route(seckill_api::DEDUCT_PATH, post(deduct))
+        .route(seckill_api::DEDUCT_BATCH_PATH, post(deduct_batch))
         .route("/v1/orders/{order_id}/confirm", post(confirm_order))
         .route("/v1/orders/{order_id}/cancel", post(cancel_order))
         .route("/v1/orders/{order_id}/release", post(release_order))
@@ -62,8 +66,9 @@ pub enum AppError {
     Unavailable(String),
 }
 
-impl IntoResponse for AppError {
-    fn into_response(self) -> Response {
+impl AppError {
+    /// The status and body a client sees (logged here for store faults).
+    fn into_error_reply(self) -> (StatusCode, ErrorReply) {
         let (status, error, message) = match self {
             AppError::BadRequest(m) => (StatusCode::BAD_REQUEST, "bad_request", m),
             AppError::Unauthorized => (
@@ -86,6 +91,13 @@ impl IntoResponse for AppError {
             error: error.to_owned(),
             message,
         };
+        (status, body)
+    }
+}
+
+impl IntoResponse for AppError {
+    fn into_response(self) -> Response {
+        let (status, body) = self.into_error_reply();
         (status, Json(body)).into_response()
     }
 }
@@ -126,11 +138,12 @@ impl From<sqlx::Error> for AppError {
 
 async fn require_secret(
     State(state): State<Arc<AppState>>,
-    headers: HeaderMap,
     request: Request,
     next: Next,
 ) -> Response {
-    let given = headers
+    // Read in place: a `HeaderMap` extractor would copy every header of every deduct.
+    let given = request
+        .headers()
         .get(SECRET_HEADER)
         .map(|v| v.as_bytes())
         .unwrap_or_default();
@@ -151,6 +164,39 @@ async fn deduct(
     body: Result<Json<DeductRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<DeductReply>, AppError> {
     let Json(request) = body.map_err(|e| AppError::BadRequest(e.body_text()))?;
+    Ok(Json(decide(&state, request).await?))
+}
+
+/// Several attempts in one call (the filter sends every buyer that arrived while its last
+/// call was out). Each attempt is decided as if it came alone; one attempt's bad input or
+/// store fault is its own answer and does not fail the others.
+async fn deduct_batch(
+    State(state): State<Arc<AppState>>,
+    body: Result<Json<DeductBatchRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<DeductBatchReply>, AppError> {
+    let Json(batch) = body.map_err(|e| AppError::BadRequest(e.body_text()))?;
+    let count = batch.attempts.len();
+    if count == 0 || count > seckill_api::BATCH_ATTEMPTS_MAX {
+        return Err(AppError::BadRequest(format!(
+            "a batch carries from 1 to {} attempts, not {count}",
+            seckill_api::BATCH_ATTEMPTS_MAX
+        )));
+    }
+    // Every attempt joins the deduct queue at once, so they share script calls.
+    let decisions = batch.attempts.into_iter().map(|a| decide(&state, a));
+    let replies = futures_util::future::join_all(decisions)
+        .await
+        .into_iter()
+        .map(|result| match result {
+            Ok(reply) => BatchItem::Decided(reply),
+            Err(e) => BatchItem::Refused(AppError::from(e).into_error_reply().1),
+        })
+        .collect();
+    Ok(Json(DeductBatchReply { replies }))
+}
+
+/// One attempt through the batcher, counted in the deduct metrics.
+async fn decide(state: &AppState, request: DeductRequest) -> Result<DeductReply, DeductError> {
     let started = Instant::now();
     let result = state.deducter.deduct(request).await;
     metrics::histogram!("seckill_deduct_duration_seconds").record(started.elapsed());
@@ -166,7 +212,7 @@ async fn deduct(
             metrics::counter!("seckill_deduct_errors_total", "kind" => kind).increment(1)
         }
     }
-    Ok(Json(result?))
+    result
 }
 
 /// Confirms payment. Repeated calls answer the same; an order already released cannot be
