@@ -7,6 +7,7 @@
 //! machine. The host side only compiles for wasm32, because the SDK's host imports cannot
 //! link into a native binary.
 
+pub mod batch;
 pub mod config;
 pub mod gcra;
 pub mod input;
@@ -17,7 +18,11 @@ pub mod shared;
 
 /// Names of the counters besides the per-outcome ones (`seckill.outcome.<name>`).
 pub mod stat_names {
+    /// Deduct calls dispatched (each carries a batch of attempts).
     pub const CALLOUT_SENT: &str = "seckill.callout.sent";
+    /// Purchase attempts those calls carried.
+    pub const CALLOUT_ATTEMPTS: &str = "seckill.callout.attempts";
+    /// Attempts that got no usable answer (then the failure mode decides).
     pub const CALLOUT_FAILED: &str = "seckill.callout.failed";
     pub const SOLD_OUT_CACHE_HIT: &str = "seckill.soldout_cache.hit";
     pub const PASSTHROUGH: &str = "seckill.passthrough";
@@ -54,6 +59,7 @@ mod host {
     use proxy_wasm::traits::{Context, HttpContext, RootContext};
     use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType, Status};
 
+    use crate::batch::{self, Batcher, Decided, Enqueued, Ticket, Waiter};
     use crate::config::{Config, FailureMode};
     use crate::input::{self, is_gate_header, Classified, Purchase};
     use crate::local::LocalMemory;
@@ -64,13 +70,20 @@ mod host {
     proxy_wasm::main! {{
         // Info: per-request debug lines would cost a host call each even when Envoy drops them.
         proxy_wasm::set_log_level(LogLevel::Info);
-        proxy_wasm::set_root_context(|_| -> Box<dyn RootContext> { Box::new(SeckillRoot::default()) });
+        proxy_wasm::set_root_context(|context_id| -> Box<dyn RootContext> {
+            Box::new(SeckillRoot::new(context_id))
+        });
     }}
+
+    /// How often the root looks at its batcher unprompted: a bound on how long a request can
+    /// wait should a wake-up ever be lost.
+    const TICK: Duration = Duration::from_secs(1);
 
     /// Counter ids, defined once per root context.
     struct Stats {
         outcomes: [u32; GateOutcome::ALL.len()],
         callout_sent: u32,
+        callout_attempts: u32,
         callout_failed: u32,
         sold_out_cache_hit: u32,
         passthrough: u32,
@@ -89,6 +102,7 @@ mod host {
             Ok(Stats {
                 outcomes,
                 callout_sent: counter(stat_names::CALLOUT_SENT)?,
+                callout_attempts: counter(stat_names::CALLOUT_ATTEMPTS)?,
                 callout_failed: counter(stat_names::CALLOUT_FAILED)?,
                 sold_out_cache_hit: counter(stat_names::SOLD_OUT_CACHE_HIT)?,
                 passthrough: counter(stat_names::PASSTHROUGH)?,
@@ -114,15 +128,305 @@ mod host {
         }
     }
 
-    #[derive(Default)]
-    struct SeckillRoot {
-        /// Set by a successful `on_configure`; Envoy creates no request context before that.
-        shared: Option<(Rc<Config>, Rc<Stats>)>,
+    /// What the root and every request of one worker share.
+    struct Worker {
+        config: Rc<Config>,
+        stats: Rc<Stats>,
         /// This worker's memory of sold-out marks and rate-limit refusals (see `local.rs`).
         memory: Rc<RefCell<LocalMemory>>,
+        /// Requests waiting for a decision and the callouts carrying them (see `batch.rs`).
+        batcher: Rc<RefCell<Batcher>>,
+        /// The shared queue whose `on_queue_ready` wakes this worker's root.
+        wake_queue: u32,
     }
 
-    impl Context for SeckillRoot {}
+    impl Worker {
+        fn share(&self) -> Worker {
+            Worker {
+                config: Rc::clone(&self.config),
+                stats: Rc::clone(&self.stats),
+                memory: Rc::clone(&self.memory),
+                batcher: Rc::clone(&self.batcher),
+                wake_queue: self.wake_queue,
+            }
+        }
+
+        /// Remembers, for every worker of this Envoy, that the goods has nothing left.
+        fn cache_sold_out(&self, purchase: &Purchase) {
+            if !self.config.sold_out_cache.is_zero() {
+                let now = now_ns();
+                let until_ns = now.saturating_add(duration_ns(self.config.sold_out_cache));
+                let mut memory = self.memory.borrow_mut();
+                shared::mark_sold_out(&HostStore, &mut memory, purchase.goods_id(), until_ns, now);
+            }
+        }
+
+        /// Carries out the stock service's verdict on the request that is the effective
+        /// context, except resuming it: the caller resumes on `Won` and `FailedOpen`.
+        fn carry_out(
+            &self,
+            purchase: &Purchase,
+            verdict: Result<Verdict, CalloutFailure>,
+            log_failure: bool,
+        ) -> Decided {
+            match verdict {
+                Ok(Verdict::Forward(winner)) => {
+                    // The last unit just went: the next buyer need not ask the syncer.
+                    if winner.remaining == Some(0) {
+                        self.cache_sold_out(purchase);
+                    }
+                    self.forward_winner(purchase, winner)
+                }
+                Ok(Verdict::Answer {
+                    reply,
+                    cache_sold_out,
+                }) => {
+                    if cache_sold_out {
+                        self.cache_sold_out(purchase);
+                    }
+                    self.answer(reply)
+                }
+                Err(failure) => self.fail(purchase, &failure, log_failure),
+            }
+        }
+
+        fn forward_winner(&self, purchase: &Purchase, winner: Winner) -> Decided {
+            for (name, value) in reply::winner_request_headers(purchase, &winner) {
+                abi::set_request_header(name, &value);
+            }
+            self.stats
+                .outcome(GateOutcome::Decided(seckill_api::Outcome::Won));
+            Decided::Won {
+                order_id: winner.order_id,
+            }
+        }
+
+        /// No usable answer from the stock service: refuse (closed) or forward unmarked
+        /// (open).
+        fn fail(&self, purchase: &Purchase, failure: &CalloutFailure, log: bool) -> Decided {
+            Stats::bump(self.stats.callout_failed);
+            let deduct = &self.config.deduct;
+            if log {
+                warn!(
+                    "seckill-filter: deduct call to cluster {:?} for goods {} (request id {}) {failure}; failure mode {}",
+                    deduct.cluster,
+                    purchase.goods_id(),
+                    purchase.request_id(),
+                    failure_mode_words(deduct.failure_mode)
+                );
+            }
+            match deduct.failure_mode {
+                FailureMode::Closed => self.answer(reply::unavailable()),
+                FailureMode::Open => {
+                    abi::set_request_header(
+                        seckill_api::GATE_STATUS_HEADER,
+                        reply::FAILED_OPEN_VALUE,
+                    );
+                    self.stats.outcome(GateOutcome::FailedOpen);
+                    Decided::FailedOpen
+                }
+            }
+        }
+
+        /// Sends a local reply; the request goes no further.
+        fn answer(&self, reply: LocalReply) -> Decided {
+            self.stats.outcome(reply.outcome);
+            send_local_reply(&reply);
+            Decided::Answered
+        }
+    }
+
+    fn failure_mode_words(mode: FailureMode) -> &'static str {
+        match mode {
+            FailureMode::Closed => "closed: answering 503",
+            FailureMode::Open => "open: forwarding without an order id",
+        }
+    }
+
+    fn send_local_reply(reply: &LocalReply) {
+        let headers: Vec<(&str, &str)> = reply
+            .headers
+            .iter()
+            .map(|(name, value)| (*name, value.as_ref()))
+            .collect();
+        // Envoy defers the local reply until the VM call returns and always answers Ok.
+        let _ = hostcalls::send_http_response(reply.status, headers, Some(reply.body.as_bytes()));
+    }
+
+    struct SeckillRoot {
+        context_id: u32,
+        /// Set by a successful `on_configure`; Envoy creates no request context before that.
+        worker: Option<Worker>,
+        /// Kept across reconfigurations: requests may be waiting in it.
+        batcher: Rc<RefCell<Batcher>>,
+        wake_queue: Option<u32>,
+    }
+
+    impl SeckillRoot {
+        fn new(context_id: u32) -> Self {
+            SeckillRoot {
+                context_id,
+                worker: None,
+                batcher: Rc::default(),
+                wake_queue: None,
+            }
+        }
+
+        /// A queue name no other worker of this Envoy uses (see `shared::claim_worker_number`).
+        fn register_wake_queue(&mut self) -> Result<u32, String> {
+            if let Some(queue) = self.wake_queue {
+                return Ok(queue);
+            }
+            let number = shared::claim_worker_number(&HostStore)
+                .ok_or("could not claim a worker number in shared data")?;
+            let name = format!("seckill.batch.wake.{number}");
+            let queue = hostcalls::register_shared_queue(&name)
+                .map_err(|status| format!("could not register shared queue {name}: {status:?}"))?;
+            self.wake_queue = Some(queue);
+            Ok(queue)
+        }
+
+        /// Sends every batch that may leave now and fails requests that waited too long.
+        /// Runs as the root (the effective context), so the callouts are the root's.
+        fn pump(&self) {
+            let Some(worker) = &self.worker else { return };
+            let deduct = &worker.config.deduct;
+            // Bounded: each pass either sends a batch (at most CALLOUTS_IN_FLIGHT_MAX can be
+            // out) or fails one, and the queue holds at most WAITING_MAX requests.
+            loop {
+                let now = now_ns();
+                let next = self
+                    .batcher
+                    .borrow_mut()
+                    .next_batch(now, duration_ns(deduct.timeout));
+                if !next.expired.is_empty() {
+                    let waited_ms = next
+                        .expired
+                        .first()
+                        .map(|w| now.saturating_sub(w.queued_ns) / 1_000_000)
+                        .unwrap_or(0);
+                    let failure = CalloutFailure::Waited(waited_ms);
+                    warn!(
+                        "seckill-filter: {} deduct attempts {failure}; failure mode {}",
+                        next.expired.len(),
+                        failure_mode_words(deduct.failure_mode)
+                    );
+                    self.settle(worker, next.expired, |_| Err(failure.clone()));
+                }
+                if next.batch.is_empty() {
+                    return;
+                }
+                let sent = batch::batch_body(&next.batch)
+                    .map_err(|e| CalloutFailure::Dispatch(e.to_string()))
+                    .and_then(|body| {
+                        let headers = vec![
+                            (":method", "POST"),
+                            (":path", seckill_api::DEDUCT_BATCH_PATH),
+                            (":authority", deduct.authority.as_str()),
+                            ("content-type", "application/json"),
+                            (seckill_api::SECRET_HEADER, deduct.secret.as_str()),
+                        ];
+                        hostcalls::dispatch_http_call(
+                            &deduct.cluster,
+                            headers,
+                            Some(&body),
+                            vec![],
+                            deduct.timeout,
+                        )
+                        .map_err(|status| {
+                            CalloutFailure::Dispatch(format!(
+                                "{status:?}; is cluster {:?} defined?",
+                                deduct.cluster
+                            ))
+                        })
+                    });
+                match sent {
+                    Ok(token) => {
+                        Stats::bump(worker.stats.callout_sent);
+                        Stats::add(worker.stats.callout_attempts, next.batch.len());
+                        self.batcher.borrow_mut().sent(token, next.batch);
+                    }
+                    Err(failure) => {
+                        warn!(
+                            "seckill-filter: deduct call to cluster {:?} for {} attempts {failure}; failure mode {}",
+                            deduct.cluster,
+                            next.batch.len(),
+                            failure_mode_words(deduct.failure_mode)
+                        );
+                        self.settle(worker, next.batch, |_| Err(failure.clone()));
+                    }
+                }
+            }
+        }
+
+        /// Carries out a verdict for each waiting request, acting as that request, then acts
+        /// as the root again. A request that has ended meanwhile is skipped.
+        fn settle(
+            &self,
+            worker: &Worker,
+            waiters: Vec<Waiter>,
+            mut verdict: impl FnMut(&Waiter) -> Result<Verdict, CalloutFailure>,
+        ) {
+            for waiter in waiters {
+                if !abi::set_effective_context(waiter.context_id) {
+                    continue;
+                }
+                let decided = worker.carry_out(&waiter.purchase, verdict(&waiter), false);
+                if matches!(decided, Decided::Won { .. } | Decided::FailedOpen) {
+                    abi::continue_request();
+                }
+                *waiter.ticket.borrow_mut() = Some(decided);
+            }
+            abi::set_effective_context(self.context_id);
+        }
+    }
+
+    impl Context for SeckillRoot {
+        fn on_http_call_response(
+            &mut self,
+            token_id: u32,
+            num_headers: usize,
+            body_size: usize,
+            _num_trailers: usize,
+        ) {
+            let Some(waiters) = self.batcher.borrow_mut().answered(token_id) else {
+                warn!("seckill-filter: ignoring a deduct response (token {token_id}) nobody waits for");
+                return;
+            };
+            if let Some(worker) = &self.worker {
+                match read_batch_response(num_headers, body_size, waiters.len()) {
+                    Ok(items) => {
+                        let mut items = items.into_iter();
+                        self.settle(worker, waiters, |waiter| {
+                            // `read_batch_response` checked there is one item per waiter.
+                            let item = items.next().ok_or(CalloutFailure::NoResponse)?;
+                            let verdict = reply::item_verdict(&waiter.purchase, item);
+                            if let Err(failure) = &verdict {
+                                warn!(
+                                    "seckill-filter: deduct for goods {} (request id {}) {failure}; failure mode {}",
+                                    waiter.purchase.goods_id(),
+                                    waiter.purchase.request_id(),
+                                    failure_mode_words(worker.config.deduct.failure_mode)
+                                );
+                            }
+                            verdict
+                        });
+                    }
+                    Err(failure) => {
+                        warn!(
+                            "seckill-filter: deduct call to cluster {:?} for {} attempts {failure}; failure mode {}",
+                            worker.config.deduct.cluster,
+                            waiters.len(),
+                            failure_mode_words(worker.config.deduct.failure_mode)
+                        );
+                        self.settle(worker, waiters, |_| Err(failure.clone()));
+                    }
+                }
+            }
+            // Whoever arrived while this call was out leaves now.
+            self.pump();
+        }
+    }
 
     impl RootContext for SeckillRoot {
         fn on_configure(&mut self, _plugin_configuration_size: usize) -> bool {
@@ -142,23 +446,56 @@ mod host {
                     return false;
                 }
             };
-            self.shared = Some((Rc::new(config), Rc::new(stats)));
-            // What was remembered under an earlier configuration (other rates, another
-            // sold-out window) does not hold under this one.
-            self.memory = Rc::default();
+            let wake_queue = match self.register_wake_queue() {
+                Ok(queue) => queue,
+                Err(why) => {
+                    error!("seckill-filter: {why}");
+                    return false;
+                }
+            };
+            if let Err(status) = hostcalls::set_tick_period(TICK) {
+                error!("seckill-filter: could not set the tick period: {status:?}");
+                return false;
+            }
+            self.worker = Some(Worker {
+                config: Rc::new(config),
+                stats: Rc::new(stats),
+                // What was remembered under an earlier configuration (other rates, another
+                // sold-out window) does not hold under this one.
+                memory: Rc::default(),
+                batcher: Rc::clone(&self.batcher),
+                wake_queue,
+            });
             true
         }
 
-        fn create_http_context(&self, _context_id: u32) -> Option<Box<dyn HttpContext>> {
+        fn on_queue_ready(&mut self, queue_id: u32) {
+            // Empty the queue (its entries only say "wake up"); bounded, as every enqueue
+            // matches a request that waits.
+            for _ in 0..=batch::WAITING_MAX {
+                match hostcalls::dequeue_shared_queue(queue_id) {
+                    Ok(Some(_)) => continue,
+                    _ => break,
+                }
+            }
+            self.batcher.borrow_mut().woken();
+            self.pump();
+        }
+
+        fn on_tick(&mut self) {
+            self.batcher.borrow_mut().woken();
+            self.pump();
+        }
+
+        fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
             // Returning None would make the SDK panic; without a configuration (which Envoy
             // does not allow to happen) answer 503 rather than let sales through ungated.
-            let Some((config, stats)) = &self.shared else {
+            let Some(worker) = &self.worker else {
                 return Some(Box::new(Unconfigured));
             };
             Some(Box::new(SaleRequest {
-                config: Rc::clone(config),
-                stats: Rc::clone(stats),
-                memory: Rc::clone(&self.memory),
+                context_id,
+                worker: worker.share(),
                 state: State::Started,
             }))
         }
@@ -168,14 +505,43 @@ mod host {
         }
     }
 
+    /// Reads the root's current callout response (the effective context is the root).
+    fn read_batch_response(
+        num_headers: usize,
+        body_size: usize,
+        sent: usize,
+    ) -> Result<Vec<seckill_api::BatchItem>, CalloutFailure> {
+        // Envoy reports a timeout or a failed connection as a response without headers.
+        if num_headers == 0 {
+            return Err(CalloutFailure::NoResponse);
+        }
+        if body_size > reply::BATCH_REPLY_BYTES_MAX {
+            return Err(CalloutFailure::TooLarge(body_size));
+        }
+        let status = hostcalls::get_map_value_bytes(
+            proxy_wasm::types::MapType::HttpCallResponseHeaders,
+            ":status",
+        )
+        .ok()
+        .flatten();
+        let body = hostcalls::get_buffer(
+            proxy_wasm::types::BufferType::HttpCallResponseBody,
+            0,
+            body_size,
+        )
+        .ok()
+        .flatten();
+        reply::read_batch_response(status.as_deref(), body.as_deref(), sent)
+    }
+
     /// Where one request stands.
     enum State {
         /// Headers not seen yet.
         Started,
         /// Not a sale request: passed on untouched (but stripped of gate headers).
         Passthrough,
-        /// Waiting for the deduct call with this token; the request is paused.
-        AwaitingDeduct { token: u32, purchase: Purchase },
+        /// Waiting for its batch's answer; the root leaves the decision in the ticket.
+        Waiting { ticket: Ticket },
         /// Forwarded to the shop API as a winner with this order id.
         ForwardedWinner { order_id: String },
         /// The shop failed the winner; its response waits while the reservation is given back.
@@ -187,10 +553,22 @@ mod host {
     }
 
     struct SaleRequest {
-        config: Rc<Config>,
-        stats: Rc<Stats>,
-        memory: Rc<RefCell<LocalMemory>>,
+        context_id: u32,
+        worker: Worker,
         state: State,
+    }
+
+    impl Drop for SaleRequest {
+        fn drop(&mut self) {
+            // Ended (client gone) while waiting: the root must not act on it any more.
+            if let State::Waiting { ticket } = &self.state {
+                if ticket.borrow().is_none() {
+                    if let Ok(mut batcher) = self.worker.batcher.try_borrow_mut() {
+                        batcher.forget(self.context_id);
+                    }
+                }
+            }
+        }
     }
 
     impl Context for SaleRequest {
@@ -198,53 +576,19 @@ mod host {
             &mut self,
             token_id: u32,
             num_headers: usize,
-            body_size: usize,
+            _body_size: usize,
             _num_trailers: usize,
         ) {
-            let state = std::mem::replace(&mut self.state, State::Answered);
-            if let State::ReleasingWinner { token, order_id } = state {
-                if token == token_id {
+            // A request's own callouts are only ever releases; deducts belong to the root.
+            match std::mem::replace(&mut self.state, State::Answered) {
+                State::ReleasingWinner { token, order_id } if token == token_id => {
                     self.finish_release(&order_id, num_headers);
-                } else {
-                    self.state = State::ReleasingWinner { token, order_id };
                 }
-                return;
-            }
-            let State::AwaitingDeduct { token, purchase } = state else {
-                self.state = state;
-                warn!("seckill-filter: ignoring a deduct response (token {token_id}) nobody waits for");
-                return;
-            };
-            if token != token_id {
-                warn!("seckill-filter: ignoring a deduct response with token {token_id}, waiting for {token}");
-                self.state = State::AwaitingDeduct { token, purchase };
-                return;
-            }
-            let verdict = self
-                .read_deduct_response(num_headers, body_size)
-                .and_then(|answer| reply::verdict(&purchase, answer));
-            match verdict {
-                Ok(Verdict::Forward(winner)) => {
-                    // The last unit just went: the next buyer need not ask the syncer.
-                    if winner.remaining == Some(0) {
-                        self.cache_sold_out(&purchase);
-                    }
-                    self.forward_winner(&purchase, winner);
-                    self.resume_http_request();
-                }
-                Ok(Verdict::Answer {
-                    reply,
-                    cache_sold_out,
-                }) => {
-                    if cache_sold_out {
-                        self.cache_sold_out(&purchase);
-                    }
-                    self.answer(reply);
-                }
-                Err(failure) => {
-                    if self.fail(&purchase, &failure) == Action::Continue {
-                        self.resume_http_request();
-                    }
+                state => {
+                    warn!(
+                        "seckill-filter: ignoring a response (token {token_id}) nobody waits for"
+                    );
+                    self.state = state;
                 }
             }
         }
@@ -266,9 +610,9 @@ mod host {
                 return self.answer(reply::unavailable());
             };
             self.strip_gate_headers(&headers);
-            match input::classify(&self.config, &headers) {
+            match input::classify(&self.worker.config, &headers) {
                 Classified::NotSale => {
-                    Stats::bump(self.stats.passthrough);
+                    Stats::bump(self.worker.stats.passthrough);
                     self.state = State::Passthrough;
                     Action::Continue
                 }
@@ -277,7 +621,7 @@ mod host {
             }
         }
 
-        // While the deduct call is out, body and trailers must not resume the request: Envoy
+        // While the decision is out, body and trailers must not resume the request: Envoy
         // treats Continue from a data callback as "go on", which would forward the request
         // before the decision. Pause buffers them (within Envoy's buffer limits).
         fn on_http_request_body(&mut self, _body_size: usize, _end_of_stream: bool) -> Action {
@@ -293,9 +637,17 @@ mod host {
             _num_headers: usize,
             _end_of_stream: bool,
         ) -> Action {
+            if let State::Waiting { ticket } = &self.state {
+                let decided = ticket.borrow_mut().take();
+                self.state = match decided {
+                    Some(Decided::Won { order_id }) => State::ForwardedWinner { order_id },
+                    Some(Decided::FailedOpen) => State::ForwardedFailedOpen,
+                    Some(Decided::Answered) | None => State::Answered,
+                };
+            }
             if let State::ForwardedWinner { order_id } = &self.state {
                 let status = self.get_http_response_header_bytes(":status");
-                if self.config.release_on_upstream_failure
+                if self.worker.config.release_on_upstream_failure
                     && status.as_deref().is_some_and(upstream_failed)
                 {
                     let order_id = order_id.clone();
@@ -329,12 +681,13 @@ mod host {
         fn release_failed_winner(&mut self, order_id: String) -> Action {
             self.set_http_response_header(reply::OUTCOME_HEADER, Some("upstream_failed"));
             self.set_http_response_header(seckill_api::ORDER_ID_HEADER, Some(&order_id));
+            let stats = Rc::clone(&self.worker.stats);
             let Some(path) = release_path(&order_id) else {
                 warn!("seckill-filter: not releasing order {order_id:?}: not a path-safe id");
-                Stats::bump(self.stats.release_failed);
+                Stats::bump(stats.release_failed);
                 return Action::Continue;
             };
-            let config = Rc::clone(&self.config);
+            let config = Rc::clone(&self.worker.config);
             let deduct = &config.deduct;
             let headers = vec![
                 (":method", "POST"),
@@ -344,13 +697,13 @@ mod host {
             ];
             match self.dispatch_http_call(&deduct.cluster, headers, None, vec![], deduct.timeout) {
                 Ok(token) => {
-                    Stats::bump(self.stats.release_sent);
+                    Stats::bump(stats.release_sent);
                     self.state = State::ReleasingWinner { token, order_id };
                     Action::Pause
                 }
                 Err(status) => {
                     warn!("seckill-filter: cannot call the syncer to release order {order_id}: {status:?}; the sweeper will");
-                    Stats::bump(self.stats.release_failed);
+                    Stats::bump(stats.release_failed);
                     self.state = State::Answered;
                     Action::Continue
                 }
@@ -364,7 +717,7 @@ mod host {
                 self.get_http_call_response_header_bytes(":status")
             };
             if status.as_deref() != Some(b"200".as_slice()) {
-                Stats::bump(self.stats.release_failed);
+                Stats::bump(self.worker.stats.release_failed);
                 warn!(
                     "seckill-filter: releasing order {order_id} after a shop failure answered {:?}; the sweeper will release it when its window ends",
                     status.map(|s| String::from_utf8_lossy(&s).into_owned())
@@ -387,38 +740,29 @@ mod host {
                 }
             }
             if count > 0 {
-                Stats::add(self.stats.headers_stripped, count);
-            }
-        }
-
-        /// Remembers, for every worker of this Envoy, that the goods has nothing left.
-        fn cache_sold_out(&self, purchase: &Purchase) {
-            if !self.config.sold_out_cache.is_zero() {
-                let now = now_ns(self);
-                let until_ns = now.saturating_add(duration_ns(self.config.sold_out_cache));
-                let mut memory = self.memory.borrow_mut();
-                shared::mark_sold_out(&HostStore, &mut memory, purchase.goods_id(), until_ns, now);
+                Stats::add(self.worker.stats.headers_stripped, count);
             }
         }
 
         /// Sold-out cache, rate limit (this worker's memory first, then shared data), then
         /// the deduct call.
         fn gate(&mut self, purchase: Purchase) -> Action {
-            let now = now_ns(self);
+            let now = now_ns();
+            let worker = &self.worker;
             let admission = shared::admit(
                 &HostStore,
-                &mut self.memory.borrow_mut(),
-                &self.config.rate_limit,
+                &mut worker.memory.borrow_mut(),
+                &worker.config.rate_limit,
                 purchase.goods_id(),
                 now,
-                !self.config.sold_out_cache.is_zero(),
+                !worker.config.sold_out_cache.is_zero(),
             );
             match admission {
                 Admission::SoldOut => {
-                    Stats::bump(self.stats.sold_out_cache_hit);
+                    Stats::bump(worker.stats.sold_out_cache_hit);
                     self.answer(reply::sold_out_cached(purchase.goods_id()))
                 }
-                Admission::Rate(RateLimited::Allowed) => self.call_deduct(purchase),
+                Admission::Rate(RateLimited::Allowed) => self.wait_for_deduct(purchase, now),
                 Admission::Rate(
                     RateLimited::Limited { retry_after_ns }
                     | RateLimited::Contended { retry_after_ns },
@@ -426,121 +770,75 @@ mod host {
             }
         }
 
-        fn call_deduct(&mut self, purchase: Purchase) -> Action {
-            let config = Rc::clone(&self.config);
-            let deduct = &config.deduct;
-            let body = match serde_json::to_vec(purchase.deduct_request()) {
-                Ok(body) => body,
-                Err(e) => return self.fail(&purchase, &CalloutFailure::Dispatch(e.to_string())),
+        /// Joins this worker's next deduct batch and pauses until the root settles it.
+        fn wait_for_deduct(&mut self, purchase: Purchase, now: u64) -> Action {
+            let ticket = Ticket::default();
+            let waiter = Waiter {
+                context_id: self.context_id,
+                purchase,
+                queued_ns: now,
+                ticket: Rc::clone(&ticket),
             };
-            let headers = vec![
-                (":method", "POST"),
-                (":path", seckill_api::DEDUCT_PATH),
-                (":authority", deduct.authority.as_str()),
-                ("content-type", "application/json"),
-                (seckill_api::SECRET_HEADER, deduct.secret.as_str()),
-            ];
-            match self.dispatch_http_call(
-                &deduct.cluster,
-                headers,
-                Some(&body),
-                vec![],
-                deduct.timeout,
-            ) {
-                Ok(token) => {
-                    Stats::bump(self.stats.callout_sent);
-                    self.state = State::AwaitingDeduct { token, purchase };
-                    Action::Pause
+            let enqueued = self.worker.batcher.borrow_mut().enqueue(waiter);
+            match enqueued {
+                Enqueued::Full(waiter) => {
+                    return self.fail_here(&waiter.purchase, &CalloutFailure::Overloaded);
                 }
-                Err(status) => {
-                    let why = format!("{status:?}; is cluster {:?} defined?", deduct.cluster);
-                    self.fail(&purchase, &CalloutFailure::Dispatch(why))
+                Enqueued::WakeRoot => {
+                    if let Err(status) =
+                        hostcalls::enqueue_shared_queue(self.worker.wake_queue, Some(b"1"))
+                    {
+                        let mut batcher = self.worker.batcher.borrow_mut();
+                        batcher.woken();
+                        let waiter = batcher.withdraw(self.context_id);
+                        drop(batcher);
+                        let failure = CalloutFailure::Dispatch(format!(
+                            "could not wake the worker's batcher: {status:?}"
+                        ));
+                        if let Some(waiter) = waiter {
+                            return self.fail_here(&waiter.purchase, &failure);
+                        }
+                    }
                 }
+                Enqueued::Queued => {}
             }
+            self.state = State::Waiting { ticket };
+            Action::Pause
         }
 
-        fn read_deduct_response(
-            &self,
-            num_headers: usize,
-            body_size: usize,
-        ) -> Result<seckill_api::DeductReply, CalloutFailure> {
-            // Envoy reports a timeout or a failed connection as a response without headers.
-            if num_headers == 0 {
-                return Err(CalloutFailure::NoResponse);
-            }
-            if body_size > reply::DEDUCT_REPLY_BYTES_MAX {
-                return Err(CalloutFailure::TooLarge(body_size));
-            }
-            let status = self.get_http_call_response_header_bytes(":status");
-            let body = self.get_http_call_response_body(0, body_size);
-            reply::read_deduct_response(status.as_deref(), body.as_deref())
-        }
-
-        fn forward_winner(&mut self, purchase: &Purchase, winner: Winner) {
-            for (name, value) in reply::winner_request_headers(purchase, &winner) {
-                self.set_http_request_header(name, Some(&value));
-            }
-            self.stats
-                .outcome(GateOutcome::Decided(seckill_api::Outcome::Won));
-            self.state = State::ForwardedWinner {
-                order_id: winner.order_id,
-            };
-        }
-
-        /// No usable answer from the stock service: log it, then refuse (closed) or forward
-        /// unmarked (open). Returns what `on_http_request_headers` should return; after a
-        /// callout the caller resumes on Continue.
-        fn fail(&mut self, purchase: &Purchase, failure: &CalloutFailure) -> Action {
-            Stats::bump(self.stats.callout_failed);
-            let config = Rc::clone(&self.config);
-            let deduct = &config.deduct;
-            warn!(
-                "seckill-filter: deduct call to cluster {:?} for goods {} (request id {}) {failure}; failure mode {}",
-                deduct.cluster,
-                purchase.goods_id(),
-                purchase.request_id(),
-                match deduct.failure_mode {
-                    FailureMode::Closed => "closed: answering 503",
-                    FailureMode::Open => "open: forwarding without an order id",
-                }
-            );
-            match deduct.failure_mode {
-                FailureMode::Closed => self.answer(reply::unavailable()),
-                FailureMode::Open => {
-                    self.set_http_request_header(
-                        seckill_api::GATE_STATUS_HEADER,
-                        Some(reply::FAILED_OPEN_VALUE),
-                    );
-                    self.stats.outcome(GateOutcome::FailedOpen);
+        /// A failure decided in this request's own callback.
+        fn fail_here(&mut self, purchase: &Purchase, failure: &CalloutFailure) -> Action {
+            match self.worker.fail(purchase, failure, true) {
+                Decided::FailedOpen => {
                     self.state = State::ForwardedFailedOpen;
                     Action::Continue
+                }
+                _ => {
+                    self.state = State::Answered;
+                    Action::Pause
                 }
             }
         }
 
         /// Sends a local reply; the request goes no further.
         fn answer(&mut self, reply: LocalReply) -> Action {
-            self.stats.outcome(reply.outcome);
-            let headers: Vec<(&str, &str)> = reply
-                .headers
-                .iter()
-                .map(|(name, value)| (*name, value.as_ref()))
-                .collect();
-            self.send_http_response(reply.status, headers, Some(reply.body.as_bytes()));
+            self.worker.answer(reply);
             self.state = State::Answered;
             Action::Pause
         }
 
         fn hold_while_deciding(&self) -> Action {
-            match self.state {
-                State::AwaitingDeduct { .. } => Action::Pause,
+            match &self.state {
+                State::Waiting { ticket } if ticket.borrow().is_none() => Action::Pause,
                 _ => Action::Continue,
             }
         }
     }
 
-    /// The host calls used without the SDK's wrappers, which copy every header name and value
-    /// into its own `String` and `Vec` (see `input::parse_header_map`).
+    /// The host calls used without the SDK's wrappers: reading headers in place (the SDK
+    /// copies every name and value into its own `String` and `Vec`, see
+    /// `input::parse_header_map`), and the calls the root makes on behalf of a request, where
+    /// the SDK would trap on a status it does not expect.
     mod abi {
         // Same symbols and ABI as the SDK's declarations; statuses are read as plain numbers.
         #[link(wasm_import_module = "env")]
@@ -555,9 +853,19 @@ mod host {
                 key_data: *const u8,
                 key_size: usize,
             ) -> u32;
+            fn proxy_replace_header_map_value(
+                map_type: u32,
+                key_data: *const u8,
+                key_size: usize,
+                value_data: *const u8,
+                value_size: usize,
+            ) -> u32;
+            fn proxy_continue_stream(stream_type: u32) -> u32;
+            fn proxy_set_effective_context(context_id: u32) -> u32;
         }
 
         const HTTP_REQUEST_HEADERS: u32 = proxy_wasm::types::MapType::HttpRequestHeaders as u32;
+        const HTTP_REQUEST: u32 = proxy_wasm::types::StreamType::HttpRequest as u32;
         const OK: u32 = proxy_wasm::types::Status::Ok as u32;
 
         /// The request headers as the host serializes them; `Err` carries the host's status.
@@ -585,6 +893,33 @@ mod host {
                 proxy_remove_header_map_value(HTTP_REQUEST_HEADERS, name.as_ptr(), name.len())
             };
         }
+
+        /// Sets a request header of the effective context (refused only if it is gone).
+        pub fn set_request_header(name: &str, value: &str) {
+            // SAFETY: the host only reads the given lengths at the given addresses.
+            let _ = unsafe {
+                proxy_replace_header_map_value(
+                    HTTP_REQUEST_HEADERS,
+                    name.as_ptr(),
+                    name.len(),
+                    value.as_ptr(),
+                    value.len(),
+                )
+            };
+        }
+
+        /// Resumes the effective context's paused request (Envoy defers it until the VM
+        /// call returns).
+        pub fn continue_request() {
+            // SAFETY: no memory is passed.
+            let _ = unsafe { proxy_continue_stream(HTTP_REQUEST) };
+        }
+
+        /// Makes later host calls act on this context; false if it no longer exists.
+        pub fn set_effective_context(context_id: u32) -> bool {
+            // SAFETY: no memory is passed.
+            unsafe { proxy_set_effective_context(context_id) == OK }
+        }
     }
 
     /// Stand-in for a request context when no configuration was accepted (Envoy does not
@@ -595,20 +930,14 @@ mod host {
 
     impl HttpContext for Unconfigured {
         fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-            let reply = reply::unavailable();
-            let headers: Vec<(&str, &str)> = reply
-                .headers
-                .iter()
-                .map(|(name, value)| (*name, value.as_ref()))
-                .collect();
-            self.send_http_response(reply.status, headers, Some(reply.body.as_bytes()));
+            send_local_reply(&reply::unavailable());
             Action::Pause
         }
     }
 
-    /// Wall-clock time from the host, in ns since the epoch (0 if before it; never panics).
-    fn now_ns(context: &dyn Context) -> u64 {
-        let now = context.get_current_time();
+    /// Wall-clock time from the host, in ns since the epoch (0 if unavailable; never panics).
+    fn now_ns() -> u64 {
+        let now = hostcalls::get_current_time().unwrap_or(UNIX_EPOCH);
         let since_epoch = now.duration_since(UNIX_EPOCH).unwrap_or(Duration::ZERO);
         duration_ns(since_epoch)
     }

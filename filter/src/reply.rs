@@ -8,7 +8,7 @@ use std::fmt::{self, Write as _};
 
 use serde::Serialize;
 
-use seckill_api::{DeductReply, ErrorReply, Outcome};
+use seckill_api::{BatchItem, DeductBatchReply, DeductReply, ErrorReply, Outcome};
 
 use crate::gcra;
 use crate::input::Purchase;
@@ -17,9 +17,9 @@ use crate::input::Purchase;
 pub const OUTCOME_HEADER: &str = "x-seckill-outcome";
 /// Value of `GATE_STATUS_HEADER` on a request forwarded without a decision.
 pub const FAILED_OPEN_VALUE: &str = "failed-open";
-/// Largest deduct reply body read. A real one is under 200 bytes; anything near this is not
-/// the syncer talking.
-pub const DEDUCT_REPLY_BYTES_MAX: usize = 16 * 1024;
+/// Largest batch deduct reply body read: a full batch of replies with room to spare (one
+/// reply is under 200 bytes); anything near this is not the syncer talking.
+pub const BATCH_REPLY_BYTES_MAX: usize = seckill_api::BATCH_ATTEMPTS_MAX * 1024;
 /// Longest order id forwarded in a header (same bound as every other id).
 const ORDER_ID_LEN_MAX: usize = seckill_api::ID_LEN_MAX;
 
@@ -273,13 +273,22 @@ pub enum CalloutFailure {
     NoResponse,
     /// The response had a status other than 200 (or none readable).
     Status(String),
-    /// The body was larger than [`DEDUCT_REPLY_BYTES_MAX`].
+    /// The body was larger than [`BATCH_REPLY_BYTES_MAX`].
     TooLarge(usize),
     /// The body was not a `DeductReply`.
     BadBody(String),
     /// `won` without a usable order id: forwarding it would break "every forwarded request
     /// carries a real order id".
     BadOrderId,
+    /// A batch reply with a different number of answers than attempts sent: none of them
+    /// can be matched to its buyer with confidence.
+    Miscounted { sent: usize, answered: usize },
+    /// The syncer refused this attempt on its own (its error and message).
+    Refused(String),
+    /// This worker already has the most requests waiting for a decision it may hold.
+    Overloaded,
+    /// Waited this many ms without a deduct call slot (earlier calls did not come back).
+    Waited(u64),
 }
 
 impl fmt::Display for CalloutFailure {
@@ -301,11 +310,27 @@ impl fmt::Display for CalloutFailure {
             },
             CalloutFailure::TooLarge(size) => write!(
                 f,
-                "answered with a {size}-byte body (more than {DEDUCT_REPLY_BYTES_MAX})"
+                "answered with a {size}-byte body (more than {BATCH_REPLY_BYTES_MAX})"
             ),
             CalloutFailure::BadBody(why) => write!(f, "answered with an unreadable body: {why}"),
             CalloutFailure::BadOrderId => {
                 write!(f, "answered won without a usable order id")
+            }
+            CalloutFailure::Miscounted { sent, answered } => write!(
+                f,
+                "answered {answered} attempts of a batch of {sent}; none can be trusted"
+            ),
+            CalloutFailure::Refused(why) => write!(f, "refused this attempt: {why}"),
+            CalloutFailure::Overloaded => write!(
+                f,
+                "was not made: {} requests already wait on this worker",
+                crate::batch::WAITING_MAX
+            ),
+            CalloutFailure::Waited(ms) => {
+                write!(
+                    f,
+                    "was not made: waited {ms} ms for earlier calls to return"
+                )
             }
         }
     }
@@ -329,12 +354,13 @@ pub enum Verdict {
     },
 }
 
-/// Reads the deduct call's response: `status` is the `:status` header (None: absent), `body`
-/// the whole body. Only a 200 with a well-formed `DeductReply` is an answer.
-pub fn read_deduct_response(
+/// Reads a batch deduct call's response: a 200 whose body is a `DeductBatchReply` with exactly
+/// `sent` answers, in the order the attempts were sent.
+pub fn read_batch_response(
     status: Option<&[u8]>,
     body: Option<&[u8]>,
-) -> Result<DeductReply, CalloutFailure> {
+    sent: usize,
+) -> Result<Vec<BatchItem>, CalloutFailure> {
     let status = status.map(String::from_utf8_lossy);
     match status.as_deref() {
         Some("200") => {}
@@ -342,10 +368,39 @@ pub fn read_deduct_response(
         None => return Err(CalloutFailure::Status("(missing)".to_string())),
     }
     let body = body.unwrap_or_default();
-    if body.len() > DEDUCT_REPLY_BYTES_MAX {
+    if body.len() > BATCH_REPLY_BYTES_MAX {
         return Err(CalloutFailure::TooLarge(body.len()));
     }
-    serde_json::from_slice(body).map_err(|e| CalloutFailure::BadBody(e.to_string()))
+    let reply: DeductBatchReply =
+        serde_json::from_slice(body).map_err(|e| CalloutFailure::BadBody(e.to_string()))?;
+    if reply.replies.len() != sent {
+        return Err(CalloutFailure::Miscounted {
+            sent,
+            answered: reply.replies.len(),
+        });
+    }
+    Ok(reply.replies)
+}
+
+/// What to do with one buyer's answer inside a batch reply.
+pub fn item_verdict(purchase: &Purchase, item: BatchItem) -> Result<Verdict, CalloutFailure> {
+    match item {
+        BatchItem::Decided(reply) => verdict(purchase, reply),
+        BatchItem::Refused(refusal) => Err(CalloutFailure::Refused(format!(
+            "{}: {}",
+            printable(&refusal.error),
+            refusal
+                .message
+                .chars()
+                .take(200)
+                .map(|c| if c.is_ascii_graphic() || c == ' ' {
+                    c
+                } else {
+                    '?'
+                })
+                .collect::<String>()
+        ))),
+    }
 }
 
 /// Keeps a host-supplied value safe for a log line.
@@ -697,51 +752,72 @@ mod tests {
     }
 
     #[test]
-    fn deduct_responses_are_read_strictly() {
-        let ok = br#"{"outcome":"won","order_id":"o-1","remaining":3}"#;
-        let r = read_deduct_response(Some(b"200"), Some(ok)).unwrap();
-        assert_eq!(r.outcome, Outcome::Won);
-        assert_eq!(r.order_id.as_deref(), Some("o-1"));
-        // Fields the syncer may add later are tolerated.
-        let extra = br#"{"outcome":"sold_out","remaining":0,"shard":3}"#;
+    fn batch_responses_are_read_strictly() {
+        let ok = br#"{"replies":[{"outcome":"won","order_id":"o-1","remaining":3},{"error":"bad_request","message":"quantity must be from 1 to 1000"}]}"#;
+        let items = read_batch_response(Some(b"200"), Some(ok), 2).unwrap();
         assert_eq!(
-            read_deduct_response(Some(b"200"), Some(extra))
-                .unwrap()
-                .outcome,
-            Outcome::SoldOut
+            item_verdict(&purchase(), items[0].clone()),
+            Ok(Verdict::Forward(Winner {
+                order_id: "o-1".into(),
+                remaining: Some(3)
+            }))
         );
         assert_eq!(
-            read_deduct_response(Some(b"500"), Some(ok)),
+            item_verdict(&purchase(), items[1].clone()),
+            Err(CalloutFailure::Refused(
+                "bad_request: quantity must be from 1 to 1000".into()
+            ))
+        );
+        // Fields the syncer may add later are tolerated.
+        let extra = br#"{"replies":[{"outcome":"sold_out","remaining":0,"shard":3}],"took_ms":1}"#;
+        assert!(matches!(
+            &read_batch_response(Some(b"200"), Some(extra), 1).unwrap()[0],
+            BatchItem::Decided(r) if r.outcome == Outcome::SoldOut
+        ));
+        // One answer too few or too many: nobody's answer can be trusted.
+        assert_eq!(
+            read_batch_response(Some(b"200"), Some(ok), 3),
+            Err(CalloutFailure::Miscounted {
+                sent: 3,
+                answered: 2
+            })
+        );
+        assert_eq!(
+            read_batch_response(Some(b"500"), Some(ok), 2),
             Err(CalloutFailure::Status("500".into()))
         );
         assert_eq!(
-            read_deduct_response(None, Some(ok)),
+            read_batch_response(None, Some(ok), 2),
             Err(CalloutFailure::Status("(missing)".into()))
         );
-        assert!(matches!(
-            read_deduct_response(Some(b"200"), None),
-            Err(CalloutFailure::BadBody(_))
-        ));
-        assert!(matches!(
-            read_deduct_response(Some(b"200"), Some(b"{\"outcome\":\"winner\"}")),
-            Err(CalloutFailure::BadBody(_))
-        ));
-        assert!(matches!(
-            read_deduct_response(Some(b"200"), Some(b"<html>")),
-            Err(CalloutFailure::BadBody(_))
-        ));
-        let big = vec![b' '; DEDUCT_REPLY_BYTES_MAX + 1];
+        for bad in [
+            &b""[..],
+            b"{\"replies\":[{\"outcome\":\"winner\"}]}",
+            b"<html>",
+            b"{\"outcome\":\"won\",\"order_id\":\"o\"}",
+        ] {
+            assert!(
+                matches!(
+                    read_batch_response(Some(b"200"), Some(bad), 1),
+                    Err(CalloutFailure::BadBody(_))
+                ),
+                "{}",
+                String::from_utf8_lossy(bad)
+            );
+        }
+        let big = vec![b' '; BATCH_REPLY_BYTES_MAX + 1];
         assert_eq!(
-            read_deduct_response(Some(b"200"), Some(&big)),
-            Err(CalloutFailure::TooLarge(DEDUCT_REPLY_BYTES_MAX + 1))
+            read_batch_response(Some(b"200"), Some(&big), 1),
+            Err(CalloutFailure::TooLarge(BATCH_REPLY_BYTES_MAX + 1))
         );
         assert_eq!(
-            read_deduct_response(Some(b"2\n0"), None),
+            read_batch_response(Some(b"2\n0"), None, 1),
             Err(CalloutFailure::Status("2?0".into()))
         );
         // Every failure has a log sentence.
         assert!(CalloutFailure::NoResponse
             .to_string()
             .contains("no response"));
+        assert!(CalloutFailure::Waited(1500).to_string().contains("1500 ms"));
     }
 }

@@ -245,6 +245,27 @@ pub fn cache_sold_out(store: &impl SharedStore, goods_id: &str, expiry_ns: u64) 
     let _ = store.set(&sold_out_key(goods_id), &gcra::encode(expiry_ns), None);
 }
 
+/// Key of the count of root contexts that took a batch wake-up queue (see `batch.rs`).
+pub const WORKER_SEQ_KEY: &str = "seckill.batch.workers";
+
+/// A number no other root context of this Envoy has taken, so each worker's wake-up queue
+/// gets a name of its own (Envoy hands a queue name registered twice to the last
+/// registrant, which would wake the wrong worker). `None` if the counter cannot be claimed
+/// within [`CAS_ATTEMPTS_MAX`] races.
+pub fn claim_worker_number(store: &impl SharedStore) -> Option<u64> {
+    for _ in 0..CAS_ATTEMPTS_MAX {
+        let (value, cas) = store.get(WORKER_SEQ_KEY);
+        let taken = value.as_deref().and_then(gcra::decode).unwrap_or(0);
+        let mine = taken.checked_add(1)?;
+        match store.set(WORKER_SEQ_KEY, &gcra::encode(mine), cas) {
+            Ok(()) => return Some(mine),
+            Err(SetError::CasMismatch) => continue,
+            Err(SetError::Failed) => return None,
+        }
+    }
+    None
+}
+
 /// The real shared data of the Envoy instance.
 #[cfg(target_arch = "wasm32")]
 pub struct HostStore;
@@ -672,5 +693,17 @@ mod tests {
             admit(&store, &mut memory, &slow, "a", T0 - 9 * SECOND, false),
             Admission::Rate(RateLimited::Allowed)
         );
+    }
+
+    #[test]
+    fn every_worker_claims_a_different_number() {
+        let store = FakeStore::default();
+        let numbers: Vec<_> = (0..5).map(|_| claim_worker_number(&store)).collect();
+        assert_eq!(numbers, vec![Some(1), Some(2), Some(3), Some(4), Some(5)]);
+        // A few lost races are retried, not turned into a duplicate.
+        store.lose_races.set(3);
+        assert_eq!(claim_worker_number(&store), Some(6));
+        store.lose_races.set(CAS_ATTEMPTS_MAX);
+        assert_eq!(claim_worker_number(&store), None);
     }
 }
