@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod chart;
+pub mod deduct_stub;
 pub mod envoy;
 pub mod kafka_broker;
 pub mod load;

@@ -70,6 +70,8 @@ pub struct Stack {
     pub db: TestDatabase,
     pub key_prefix: String,
     pub http: reqwest::Client,
+    /// What `envoy/local.yaml` was filled in with, for starting a variant of the gate.
+    envoy_values: HashMap<&'static str, String>,
     pub scratch: Scratch,
 }
 
@@ -128,9 +130,11 @@ impl Stack {
                 serde_json::to_string(&options.plugin_config.to_string())?,
             ),
         ]);
-        let envoy = Envoy::start(&scratch.path, "local.yaml", values, options.workers).await?;
+        let envoy =
+            Envoy::start(&scratch.path, "local.yaml", values.clone(), options.workers).await?;
         Ok(Stack {
             envoy,
+            envoy_values: values,
             syncer,
             shop,
             broker,
@@ -142,6 +146,12 @@ impl Stack {
                 .build()?,
             scratch,
         })
+    }
+
+    /// The placeholders `envoy/local.yaml` was filled in with (ports, wasm path, plugin
+    /// configuration), to start another Envoy like the stack's with one of them changed.
+    pub fn envoy_values(&self) -> HashMap<&'static str, String> {
+        self.envoy_values.clone()
     }
 
     pub fn syncer(&self) -> anyhow::Result<&SyncerProcess> {

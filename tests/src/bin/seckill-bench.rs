@@ -7,6 +7,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use seckill_e2e::deduct_stub::DeductStub;
 use seckill_e2e::envoy::Envoy;
 use seckill_e2e::stack::{Stack, StackOptions};
 use seckill_e2e::wrk::{self, WrkReport};
@@ -71,6 +72,14 @@ async fn main() -> anyhow::Result<()> {
     let plain = baseline("bench-plain.yaml").await?;
     let native = baseline("bench-native-ratelimit.yaml").await?;
     let gate = stack.envoy.url();
+    // The same filter and configuration, but its callouts go to a stub that says "won" at
+    // once: what the edge costs apart from the stock service.
+    let stub = DeductStub::start().await?;
+    let stub_gate = {
+        let mut values = stack.envoy_values();
+        values.insert("SYNCER_PORT", stub.addr.port().to_string());
+        Envoy::start(&stack.scratch.path, "local.yaml", values, 1).await?
+    };
     let plans = [
         (
             "plain proxy",
@@ -88,6 +97,12 @@ async fn main() -> anyhow::Result<()> {
             "filter: winner",
             "callout to the syncer, Lua deduct in Redis, forwarded to the shop",
             format!("{gate}/seckill/win/buy"),
+            false,
+        ),
+        (
+            "filter: winner, stub deduct",
+            "as the winner path, but the callout goes to a stub that answers \"won\" at once (no syncer, no Redis)",
+            format!("{}/seckill/win/buy", stub_gate.url()),
             false,
         ),
         (
