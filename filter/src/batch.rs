@@ -55,6 +55,9 @@ pub struct Waiter {
     /// When it started waiting (ns since the epoch, host clock).
     pub queued_ns: u64,
     pub ticket: Ticket,
+    /// The request ended while its batch was out: its answer is read (answers pair with
+    /// attempts by position) but not acted on.
+    pub gone: bool,
 }
 
 /// What became of a request handed to [`Batcher::enqueue`].
@@ -141,12 +144,15 @@ impl Batcher {
     }
 
     /// A request ended before its decision: it must not be acted on any more. If its batch
-    /// is already out, the syncer still decides it; a unit it won is released when its
-    /// payment window ends, as for any buyer who never pays.
+    /// is already out, it stays in the batch marked gone (the answer still pairs with it);
+    /// the syncer decides it anyway, and a unit it won is released when its payment window
+    /// ends, as for any buyer who never pays.
     pub fn forget(&mut self, context_id: u32) {
         self.queue.retain(|w| w.context_id != context_id);
-        for batch in self.in_flight.values_mut() {
-            batch.retain(|w| w.context_id != context_id);
+        for waiter in self.in_flight.values_mut().flatten() {
+            if waiter.context_id == context_id {
+                waiter.gone = true;
+            }
         }
     }
 
@@ -215,6 +221,7 @@ mod tests {
             purchase: purchase(&format!("u{id}")),
             queued_ns: at,
             ticket: Ticket::default(),
+            gone: false,
         }
     }
 
@@ -302,8 +309,15 @@ mod tests {
         b.enqueue(waiter(3, 0));
         b.forget(2);
         b.forget(3);
-        assert_eq!(ids(&b.answered(5).unwrap()), vec![1]);
-        assert_eq!(b.waiting(), 0);
+        let answered = b.answered(5).unwrap();
+        assert_eq!(ids(&answered), vec![1, 2], "answers still pair by position");
+        let gone: Vec<bool> = answered.iter().map(|w| w.gone).collect();
+        assert_eq!(gone, vec![false, true]);
+        assert_eq!(
+            b.waiting(),
+            0,
+            "a request not yet sent is dropped from the queue"
+        );
     }
 
     #[test]

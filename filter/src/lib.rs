@@ -311,7 +311,7 @@ mod host {
                         next.expired.len(),
                         failure_mode_words(deduct.failure_mode)
                     );
-                    self.settle(worker, next.expired, |_| Err(failure.clone()));
+                    self.settle_all(worker, next.expired, &failure);
                 }
                 if next.batch.is_empty() {
                     return;
@@ -353,7 +353,7 @@ mod host {
                             next.batch.len(),
                             failure_mode_words(deduct.failure_mode)
                         );
-                        self.settle(worker, next.batch, |_| Err(failure.clone()));
+                        self.settle_all(worker, next.batch, &failure);
                     }
                 }
             }
@@ -364,20 +364,27 @@ mod host {
         fn settle(
             &self,
             worker: &Worker,
-            waiters: Vec<Waiter>,
-            mut verdict: impl FnMut(&Waiter) -> Result<Verdict, CalloutFailure>,
+            settled: impl IntoIterator<Item = (Waiter, Result<Verdict, CalloutFailure>)>,
         ) {
-            for waiter in waiters {
-                if !abi::set_effective_context(waiter.context_id) {
+            for (waiter, verdict) in settled {
+                if waiter.gone || !abi::set_effective_context(waiter.context_id) {
                     continue;
                 }
-                let decided = worker.carry_out(&waiter.purchase, verdict(&waiter), false);
+                let decided = worker.carry_out(&waiter.purchase, verdict, false);
                 if matches!(decided, Decided::Won { .. } | Decided::FailedOpen) {
                     abi::continue_request();
                 }
                 *waiter.ticket.borrow_mut() = Some(decided);
             }
             abi::set_effective_context(self.context_id);
+        }
+
+        /// Settles every waiter with the same failure.
+        fn settle_all(&self, worker: &Worker, waiters: Vec<Waiter>, failure: &CalloutFailure) {
+            self.settle(
+                worker,
+                waiters.into_iter().map(|w| (w, Err(failure.clone()))),
+            );
         }
     }
 
@@ -396,10 +403,9 @@ mod host {
             if let Some(worker) = &self.worker {
                 match read_batch_response(num_headers, body_size, waiters.len()) {
                     Ok(items) => {
-                        let mut items = items.into_iter();
-                        self.settle(worker, waiters, |waiter| {
-                            // `read_batch_response` checked there is one item per waiter.
-                            let item = items.next().ok_or(CalloutFailure::NoResponse)?;
+                        // `read_batch_response` checked there is one item per waiter; they
+                        // pair by position.
+                        let settled = waiters.into_iter().zip(items).map(|(waiter, item)| {
                             let verdict = reply::item_verdict(&waiter.purchase, item);
                             if let Err(failure) = &verdict {
                                 warn!(
@@ -409,8 +415,9 @@ mod host {
                                     failure_mode_words(worker.config.deduct.failure_mode)
                                 );
                             }
-                            verdict
+                            (waiter, verdict)
                         });
+                        self.settle(worker, settled);
                     }
                     Err(failure) => {
                         warn!(
@@ -419,7 +426,7 @@ mod host {
                             waiters.len(),
                             failure_mode_words(worker.config.deduct.failure_mode)
                         );
-                        self.settle(worker, waiters, |_| Err(failure.clone()));
+                        self.settle_all(worker, waiters, &failure);
                     }
                 }
             }
@@ -778,6 +785,7 @@ mod host {
                 purchase,
                 queued_ns: now,
                 ticket: Rc::clone(&ticket),
+                gone: false,
             };
             let enqueued = self.worker.batcher.borrow_mut().enqueue(waiter);
             match enqueued {

@@ -8,6 +8,8 @@ use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use redis::AsyncCommands;
+use seckill_e2e::deduct_stub::DeductStub;
+use seckill_e2e::envoy::Envoy;
 use seckill_e2e::stack::{default_plugin_config, now_ms, send, Stack, StackOptions};
 use serde_json::json;
 
@@ -91,6 +93,17 @@ async fn no_oversell_under_a_concurrent_crowd() {
     let mut redis = stack.redis().await.unwrap();
     let outbox_len: u64 = redis.xlen(stack.goods_key("hot", "outbox")).await.unwrap();
     assert_eq!(outbox_len, 100);
+
+    // Every attempt the filter sent reached the syncer, and buyers shared callouts: with
+    // at most two calls out, a crowd cannot get one call each.
+    let attempts = stack.envoy.stat("seckill_callout_attempts").await.unwrap();
+    let calls = stack.envoy.stat("seckill_callout_sent").await.unwrap();
+    assert_eq!(
+        attempts,
+        stack.syncer().unwrap().deduct_calls().await.unwrap()
+    );
+    assert!(attempts >= 100, "{attempts}");
+    assert!(calls < attempts, "{calls} calls for {attempts} attempts");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -531,6 +544,74 @@ async fn deduct_endpoint_down_forwards_in_open_mode() {
         None,
         "no order id was granted"
     );
+}
+
+/// Buyers share deduct calls; one who gives up while the shared call is out must not cost
+/// the others their answers. The stock service here is a stub that holds its answers, so
+/// the test decides when the call comes back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn buyers_who_leave_mid_batch_do_not_strand_the_others() {
+    let stack = stack("leavers").await;
+    let stub = DeductStub::start_held().await.unwrap();
+    let mut values = stack.envoy_values();
+    values.insert("SYNCER_PORT", stub.addr.port().to_string());
+    let gate = Envoy::start(&stack.scratch.path, "local.yaml", values, 1)
+        .await
+        .unwrap();
+    let buy = |i: usize, timeout: Duration| {
+        let request = reqwest::Client::builder()
+            .timeout(timeout)
+            .build()
+            .unwrap()
+            .post(format!("{}/seckill/hot/buy", gate.url()))
+            .header("x-user-id", format!("u{i}"))
+            .header("x-request-id", format!("r{i}"));
+        tokio::spawn(send(request))
+    };
+    // Interleaved: leavers give up after 300 ms, stayers wait.
+    let mut leavers = Vec::new();
+    let mut stayers = Vec::new();
+    for i in 0..20 {
+        if i % 2 == 0 {
+            leavers.push(buy(i, Duration::from_millis(300)));
+        } else {
+            stayers.push(buy(i, Duration::from_secs(30)));
+        }
+    }
+    for leaver in leavers {
+        assert!(leaver.await.unwrap().is_err(), "a leaver timed out");
+    }
+    assert!(stub.attempts() >= 1, "a batch is out and held");
+    stub.release();
+    let mut order_ids = HashSet::new();
+    for stayer in stayers {
+        let r = stayer.await.unwrap().unwrap();
+        assert_eq!((r.status, r.outcome.as_str()), (200, "won"), "{r:?}");
+    }
+    let seen = stack.shop.seen();
+    for s in &seen {
+        order_ids.insert(s.header("x-seckill-order-id").unwrap().to_owned());
+    }
+    assert_eq!(seen.len(), 10, "only the buyers who stayed reach the shop");
+    assert_eq!(order_ids.len(), 10);
+    let users: HashSet<&str> = seen
+        .iter()
+        .map(|s| s.header("x-seckill-user-id").unwrap())
+        .collect();
+    assert!(
+        users
+            .iter()
+            .all(|u| u[1..].parse::<usize>().unwrap() % 2 == 1),
+        "{users:?}"
+    );
+    // The worker's batcher is idle and healthy afterwards.
+    let after = reqwest::Client::new()
+        .post(format!("{}/seckill/hot/buy", gate.url()))
+        .header("x-user-id", "late")
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(after.status(), 200);
 }
 
 #[test]

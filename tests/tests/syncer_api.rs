@@ -313,3 +313,72 @@ async fn bad_sale_definitions_are_refused() {
         .await;
     assert_eq!(status, 404, "nothing was defined");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn batch_deduct_answers_each_attempt_in_order() {
+    let f = Fixture::start("batch").await;
+    f.define("g", 2, 1).await;
+    f.call(
+        reqwest::Method::POST,
+        "/admin/sales/g/preheat",
+        Some(SECRET),
+        None,
+    )
+    .await;
+    let batch = |attempts: Vec<Value>, secret: Option<&'static str>| {
+        f.call(
+            reqwest::Method::POST,
+            seckill_api::DEDUCT_BATCH_PATH,
+            secret,
+            Some(json!({ "attempts": attempts })),
+        )
+    };
+
+    // Without the secret, or with a batch of the wrong size, nothing is decided.
+    let keys_before = f.redis_keys().await;
+    let (status, _) = batch(vec![purchase("a", "ra")], None).await;
+    assert_eq!(status, 401);
+    let (status, reply) = batch(vec![], Some(SECRET)).await;
+    assert_eq!(
+        (status, reply["error"].as_str()),
+        (400, Some("bad_request"))
+    );
+    let too_many = (0..=seckill_api::BATCH_ATTEMPTS_MAX)
+        .map(|i| purchase(&format!("u{i}"), &format!("r{i}")))
+        .collect();
+    let (status, _) = batch(too_many, Some(SECRET)).await;
+    assert_eq!(status, 400);
+    assert_eq!(f.redis_keys().await, keys_before);
+
+    // In order: a winner, a bad attempt refused on its own, a duplicate, the last unit,
+    // a buyer who finds it sold out, and a retry that gets its first answer again.
+    let (status, reply) = batch(
+        vec![
+            purchase("a", "ra"),
+            json!({"goods_id": "g", "user_id": "b", "quantity": 0, "request_id": "rb"}),
+            purchase("a", "ra2"),
+            purchase("c", "rc"),
+            purchase("d", "rd"),
+            purchase("a", "ra"),
+        ],
+        Some(SECRET),
+    )
+    .await;
+    assert_eq!(status, 200, "{reply}");
+    let replies = reply["replies"].as_array().unwrap();
+    let outcomes: Vec<&str> = replies
+        .iter()
+        .map(|r| r["outcome"].as_str().or(r["error"].as_str()).unwrap())
+        .collect();
+    assert_eq!(
+        outcomes,
+        ["won", "bad_request", "duplicate", "won", "sold_out", "won"]
+    );
+    assert_eq!(replies[5]["order_id"], replies[0]["order_id"]);
+    assert_ne!(replies[3]["order_id"], replies[0]["order_id"]);
+    let (_, sale) = f
+        .call(reqwest::Method::GET, "/admin/sales/g", Some(SECRET), None)
+        .await;
+    assert_eq!(sale["live"]["available"], 0);
+    assert_eq!(sale["live"]["reserved"], 2);
+}
