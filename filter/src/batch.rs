@@ -159,10 +159,6 @@ impl Batcher {
     pub fn waiting(&self) -> usize {
         self.queue.len()
     }
-
-    pub fn callouts_in_flight(&self) -> usize {
-        self.in_flight.len()
-    }
 }
 
 /// The callout body for a batch (a `seckill_api::DeductBatchRequest`), written without

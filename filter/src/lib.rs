@@ -306,11 +306,6 @@ mod host {
                         .map(|w| now.saturating_sub(w.queued_ns) / 1_000_000)
                         .unwrap_or(0);
                     let failure = CalloutFailure::Waited(waited_ms);
-                    warn!(
-                        "seckill-filter: {} deduct attempts {failure}; failure mode {}",
-                        next.expired.len(),
-                        failure_mode_words(deduct.failure_mode)
-                    );
                     self.settle_all(worker, next.expired, &failure);
                 }
                 if next.batch.is_empty() {
@@ -346,15 +341,7 @@ mod host {
                         Stats::add(worker.stats.callout_attempts, next.batch.len());
                         self.batcher.borrow_mut().sent(token, next.batch);
                     }
-                    Err(failure) => {
-                        warn!(
-                            "seckill-filter: deduct call to cluster {:?} for {} attempts {failure}; failure mode {}",
-                            deduct.cluster,
-                            next.batch.len(),
-                            failure_mode_words(deduct.failure_mode)
-                        );
-                        self.settle_all(worker, next.batch, &failure);
-                    }
+                    Err(failure) => self.settle_all(worker, next.batch, &failure),
                 }
             }
         }
@@ -365,12 +352,13 @@ mod host {
             &self,
             worker: &Worker,
             settled: impl IntoIterator<Item = (Waiter, Result<Verdict, CalloutFailure>)>,
+            log_each_failure: bool,
         ) {
             for (waiter, verdict) in settled {
                 if waiter.gone || !abi::set_effective_context(waiter.context_id) {
                     continue;
                 }
-                let decided = worker.carry_out(&waiter.purchase, verdict, false);
+                let decided = worker.carry_out(&waiter.purchase, verdict, log_each_failure);
                 if matches!(decided, Decided::Won { .. } | Decided::FailedOpen) {
                     abi::continue_request();
                 }
@@ -379,12 +367,17 @@ mod host {
             abi::set_effective_context(self.context_id);
         }
 
-        /// Settles every waiter with the same failure.
+        /// Settles every waiter with the same failure, logged once for all of them.
         fn settle_all(&self, worker: &Worker, waiters: Vec<Waiter>, failure: &CalloutFailure) {
-            self.settle(
-                worker,
-                waiters.into_iter().map(|w| (w, Err(failure.clone()))),
+            let deduct = &worker.config.deduct;
+            warn!(
+                "seckill-filter: deduct call to cluster {:?} for {} attempts {failure}; failure mode {}",
+                deduct.cluster,
+                waiters.len(),
+                failure_mode_words(deduct.failure_mode)
             );
+            let settled = waiters.into_iter().map(|w| (w, Err(failure.clone())));
+            self.settle(worker, settled, false);
         }
     }
 
@@ -404,30 +397,14 @@ mod host {
                 match read_batch_response(num_headers, body_size, waiters.len()) {
                     Ok(items) => {
                         // `read_batch_response` checked there is one item per waiter; they
-                        // pair by position.
+                        // pair by position. An attempt refused on its own is logged on its own.
                         let settled = waiters.into_iter().zip(items).map(|(waiter, item)| {
                             let verdict = reply::item_verdict(&waiter.purchase, item);
-                            if let Err(failure) = &verdict {
-                                warn!(
-                                    "seckill-filter: deduct for goods {} (request id {}) {failure}; failure mode {}",
-                                    waiter.purchase.goods_id(),
-                                    waiter.purchase.request_id(),
-                                    failure_mode_words(worker.config.deduct.failure_mode)
-                                );
-                            }
                             (waiter, verdict)
                         });
-                        self.settle(worker, settled);
+                        self.settle(worker, settled, true);
                     }
-                    Err(failure) => {
-                        warn!(
-                            "seckill-filter: deduct call to cluster {:?} for {} attempts {failure}; failure mode {}",
-                            worker.config.deduct.cluster,
-                            waiters.len(),
-                            failure_mode_words(worker.config.deduct.failure_mode)
-                        );
-                        self.settle_all(worker, waiters, &failure);
-                    }
+                    Err(failure) => self.settle_all(worker, waiters, &failure),
                 }
             }
             // Whoever arrived while this call was out leaves now.
