@@ -11,30 +11,31 @@ use axum::extract::State;
 use axum::routing::post;
 use axum::{Json, Router};
 use seckill_api::{BatchItem, DeductBatchReply, DeductBatchRequest, DeductReply, Outcome};
-use tokio::sync::{oneshot, watch};
+use tokio::sync::watch;
+
+use crate::served::Served;
 
 pub struct DeductStub {
     pub addr: SocketAddr,
     state: Arc<StubState>,
-    stop: Option<oneshot::Sender<()>>,
+    _served: Served,
 }
 
 struct StubState {
     orders: AtomicU64,
     /// Attempts received (answered or held).
     attempts: AtomicU64,
-    /// While false, batch answers wait.
+    /// While false, answers wait.
     open: watch::Sender<bool>,
 }
 
 impl DeductStub {
-    /// Serves HTTP/1 and HTTP/2 (prior knowledge, as Envoy's syncer cluster speaks it) on a
-    /// port the OS picks; every deduct wins a fresh order id.
+    /// Answers every batch deduct at once; every attempt wins a fresh order id.
     pub async fn start() -> anyhow::Result<Self> {
         Self::serve(true).await
     }
 
-    /// Like `start`, but every batch answer waits until [`DeductStub::release`].
+    /// Like `start`, but every answer waits until [`DeductStub::release`].
     pub async fn start_held() -> anyhow::Result<Self> {
         Self::serve(false).await
     }
@@ -55,39 +56,17 @@ impl DeductStub {
             attempts: AtomicU64::new(0),
             open: watch::Sender::new(open),
         });
+        // Only the batch endpoint: it is the one the filter calls.
         let app = Router::new()
-            .route(seckill_api::DEDUCT_PATH, post(win))
             .route(seckill_api::DEDUCT_BATCH_PATH, post(win_all))
             .with_state(state.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async {
-                    let _ = stopped.await;
-                })
-                .await;
-        });
+        let served = Served::start(app).await?;
         Ok(Self {
-            addr,
+            addr: served.addr,
             state,
-            stop: Some(stop),
+            _served: served,
         })
     }
-}
-
-impl Drop for DeductStub {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
-    }
-}
-
-async fn win(State(state): State<Arc<StubState>>) -> Json<DeductReply> {
-    state.attempts.fetch_add(1, Ordering::Relaxed);
-    Json(won(&state.orders))
 }
 
 async fn win_all(

@@ -13,6 +13,7 @@ pub mod pipeline;
 pub mod process;
 pub mod redis_server;
 pub mod report;
+pub mod served;
 pub mod shop;
 pub mod stack;
 pub mod syncer;

@@ -9,7 +9,8 @@ use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode, Uri};
 use axum::response::IntoResponse;
 use axum::Router;
-use tokio::sync::oneshot;
+
+use crate::served::Served;
 
 /// One request as the shop saw it.
 #[derive(Debug, Clone)]
@@ -37,7 +38,7 @@ struct Recorder {
 pub struct ShopStub {
     pub addr: SocketAddr,
     recorder: Arc<Recorder>,
-    stop: Option<oneshot::Sender<()>>,
+    _served: Served,
 }
 
 impl ShopStub {
@@ -48,20 +49,11 @@ impl ShopStub {
             status: AtomicU16::new(200),
         });
         let app = Router::new().fallback(record).with_state(recorder.clone());
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-        let addr = listener.local_addr()?;
-        let (stop, stopped) = oneshot::channel::<()>();
-        tokio::spawn(async move {
-            let _ = axum::serve(listener, app)
-                .with_graceful_shutdown(async {
-                    let _ = stopped.await;
-                })
-                .await;
-        });
+        let served = Served::start(app).await?;
         Ok(Self {
-            addr,
+            addr: served.addr,
             recorder,
-            stop: Some(stop),
+            _served: served,
         })
     }
 
@@ -76,14 +68,6 @@ impl ShopStub {
             .lock()
             .map(|seen| seen.clone())
             .unwrap_or_default()
-    }
-}
-
-impl Drop for ShopStub {
-    fn drop(&mut self) {
-        if let Some(stop) = self.stop.take() {
-            let _ = stop.send(());
-        }
     }
 }
 
