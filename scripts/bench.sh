@@ -7,7 +7,7 @@ set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 bash scripts/setup.sh
-cargo build -q -p seckill-filter --target wasm32-wasip1 --release --locked
+cargo build -q -p seckill-filter -p seckill-bench-reject-only --target wasm32-wasip1 --release --locked
 cargo build -q --release -p seckill-syncer -p seckill-e2e --locked
 target/release/seckill-bench
 target/release/seckill-bench-sync

@@ -10,7 +10,7 @@ bash scripts/setup.sh
 echo "== format and lints"
 cargo fmt --all -- --check
 cargo clippy --workspace --all-targets --locked -- -D warnings
-cargo clippy -p seckill-filter --target wasm32-wasip1 --locked -- -D warnings
+cargo clippy -p seckill-filter -p seckill-bench-reject-only --target wasm32-wasip1 --locked -- -D warnings
 
 echo "== build (the end-to-end tests run these binaries)"
 cargo build -p seckill-filter --target wasm32-wasip1 --release --locked

@@ -37,7 +37,10 @@ struct Args {
 struct Scenario<'a> {
     name: &'a str,
     what: &'a str,
+    /// The median round (by requests/s), shown in the table of absolute figures.
     report: WrkReport,
+    /// Requests/s of every round, in round order: ratios pair scenarios round by round.
+    per_round: Vec<f64>,
     /// Whether the answers are meant to be rejections (non-2xx) or forwards (2xx).
     rejects: bool,
 }
@@ -80,18 +83,21 @@ async fn main() -> anyhow::Result<()> {
         values.insert("SYNCER_PORT", stub.addr.port().to_string());
         Envoy::start(&stack.scratch.path, "local.yaml", values, 1).await?
     };
+    // The floor for any wasm rejection: a filter that only answers 429, in the same Envoy
+    // set-up as the gate (V8, one VM per worker).
+    let reject_only = {
+        let mut values = stack.envoy_values();
+        values.insert("WASM_PATH", reject_only_wasm()?.display().to_string());
+        Envoy::start(&stack.scratch.path, "local.yaml", values, 1).await?
+    };
     let plans = [
+        // Each filter path next to its baseline: ratios pair runs of the same round, so the
+        // closer in time, the less the machine's drift enters them.
         (
             "plain proxy",
             "Envoy router only, to the stub shop",
             format!("{}/seckill/win/buy", plain.url()),
             false,
-        ),
-        (
-            "native local_ratelimit",
-            "Envoy's own filter rejecting every request (429)",
-            format!("{}/seckill/win/buy", native.url()),
-            true,
         ),
         (
             "filter: winner",
@@ -104,6 +110,18 @@ async fn main() -> anyhow::Result<()> {
             "as the winner path, but the callout goes to a stub that answers \"won\" at once (no syncer, no Redis)",
             format!("{}/seckill/win/buy", stub_gate.url()),
             false,
+        ),
+        (
+            "native local_ratelimit",
+            "Envoy's own filter rejecting every request (429)",
+            format!("{}/seckill/win/buy", native.url()),
+            true,
+        ),
+        (
+            "wasm reject-only",
+            "a proxy-wasm filter that does nothing but answer 429 (bench/reject-only): the floor for a wasm rejection",
+            format!("{}/seckill/win/buy", reject_only.url()),
+            true,
         ),
         (
             "filter: sold out",
@@ -148,12 +166,14 @@ async fn main() -> anyhow::Result<()> {
     }
     let mut scenarios = Vec::new();
     for ((name, what, _, rejects), mut reports) in selected.into_iter().zip(rounds) {
+        let per_round = reports.iter().map(|r| r.requests_per_second).collect();
         reports.sort_by(|a, b| a.requests_per_second.total_cmp(&b.requests_per_second));
         let report = reports[reports.len() / 2];
         scenarios.push(Scenario {
             name,
             what,
             report,
+            per_round,
             rejects: *rejects,
         });
     }
@@ -181,18 +201,31 @@ async fn main() -> anyhow::Result<()> {
     Ok(())
 }
 
-fn rate(scenarios: &[Scenario], name: &str) -> f64 {
-    scenarios
+/// The median over rounds of `name`'s rate divided by `base`'s rate in the same round. The
+/// machine's speed drifts between rounds; within one round the two ran a few seconds apart.
+fn paired_ratio(scenarios: &[Scenario], name: &str, base: &str) -> f64 {
+    let rounds = |name: &str| {
+        scenarios
+            .iter()
+            .find(|s| s.name == name)
+            .map(|s| s.per_round.clone())
+            .unwrap_or_default()
+    };
+    let mut ratios: Vec<f64> = rounds(name)
         .iter()
-        .find(|s| s.name == name)
-        .map(|s| s.report.requests_per_second)
-        .unwrap_or(f64::NAN)
+        .zip(rounds(base))
+        .map(|(rate, base)| rate / base)
+        .collect();
+    if ratios.is_empty() {
+        return f64::NAN;
+    }
+    ratios.sort_by(f64::total_cmp);
+    ratios[ratios.len() / 2]
 }
 
 fn render(scenarios: &[Scenario], args: &Args) -> String {
-    let plain = rate(scenarios, "plain proxy");
-    let native = rate(scenarios, "native local_ratelimit");
-    let ratio = |name: &str, base: f64| rate(scenarios, name) / base;
+    let ratio = |name: &str, base: &str| paired_ratio(scenarios, name, base);
+    let (plain, native, floor) = ("plain proxy", "native local_ratelimit", "wasm reject-only");
     let mut out = String::new();
     out.push_str("## Edge: the filter against Envoy's own baselines\n\n");
     out.push_str(&format!(
@@ -202,7 +235,7 @@ fn render(scenarios: &[Scenario], args: &Args) -> String {
     out.push_str(&format!(
         "Conditions: this machine ({} cores, shared by everything below), Envoy 1.40 with 1 worker thread, \
          wrk with 1 thread and {} connections for {} s per scenario after a 2 s warm-up, {} rounds \
-         interleaving the scenarios with each scenario's median round shown, one stub shop API (axum) as \
+         interleaving the scenarios (each ratio is the median over rounds of the two scenarios' ratio within one round; the absolute figures are each scenario's median round), one stub shop API (axum) as \
          the upstream of every scenario, the syncer (release build) and a private redis-server on the same \
          cores. Each request is a POST from a random buyer id; the winner path sells from a stock of 10^9.\n\n",
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0),
@@ -210,19 +243,56 @@ fn render(scenarios: &[Scenario], args: &Args) -> String {
         args.duration,
         args.rounds
     ));
+    // (label, scenario, baseline, target); a row with a target shows its figure in bold.
+    let rows = [
+        (
+            "sold-out path / native local_ratelimit",
+            "filter: sold out",
+            native,
+            Some("at least 0.7x"),
+        ),
+        (
+            "rate-limited path / native local_ratelimit",
+            "filter: rate limited",
+            native,
+            Some("at least 0.7x"),
+        ),
+        (
+            "wasm reject-only / native local_ratelimit",
+            floor,
+            native,
+            None,
+        ),
+        (
+            "sold-out path / wasm reject-only",
+            "filter: sold out",
+            floor,
+            None,
+        ),
+        (
+            "rate-limited path / wasm reject-only",
+            "filter: rate limited",
+            floor,
+            None,
+        ),
+        (
+            "winner path / plain proxy",
+            "filter: winner",
+            plain,
+            Some("at least 0.4x"),
+        ),
+    ];
     out.push_str("| ratio | measured | target |\n|---|---|---|\n");
-    out.push_str(&format!(
-        "| sold-out path / native local_ratelimit | **{:.2}x** | at least 0.7x |\n",
-        ratio("filter: sold out", native)
-    ));
-    out.push_str(&format!(
-        "| rate-limited path / native local_ratelimit | **{:.2}x** | at least 0.7x |\n",
-        ratio("filter: rate limited", native)
-    ));
-    out.push_str(&format!(
-        "| winner path / plain proxy | **{:.2}x** | at least 0.4x |\n\n",
-        ratio("filter: winner", plain)
-    ));
+    for (label, name, base, target) in rows {
+        let measured = ratio(name, base);
+        out.push_str(&match target {
+            Some(target) => format!("| {label} | **{measured:.2}x** | {target} |\n"),
+            None => format!(
+                "| {label} | {measured:.2}x | reference: the floor for any wasm rejection |\n"
+            ),
+        });
+    }
+    out.push('\n');
     out.push_str("Absolute figures, this machine, this run:\n\n");
     out.push_str("| scenario | what happens | requests/s | p50 | p99 |\n|---|---|---|---|---|\n");
     for s in scenarios {
@@ -232,4 +302,14 @@ fn render(scenarios: &[Scenario], args: &Args) -> String {
         ));
     }
     out
+}
+
+/// The reject-only baseline filter (`bench/reject-only`), built by `scripts/bench.sh`.
+fn reject_only_wasm() -> anyhow::Result<PathBuf> {
+    seckill_e2e::process::locate(
+        "SECKILL_REJECT_ONLY_WASM",
+        seckill_e2e::process::workspace_root()
+            .join("target/wasm32-wasip1/release/seckill_bench_reject_only.wasm"),
+        "build it with `cargo build -p seckill-bench-reject-only --target wasm32-wasip1 --release`",
+    )
 }
