@@ -87,6 +87,24 @@ impl Fixture {
         .await
     }
 
+    /// Defines a sale open from a second ago for an hour, and preheats it.
+    async fn open(&self, goods: &str, stock: u64, limit: u32) {
+        assert_eq!(
+            self.define(goods, stock, limit).await.0,
+            201,
+            "define {goods}"
+        );
+        let (status, body) = self
+            .call(
+                reqwest::Method::POST,
+                &format!("/admin/sales/{goods}/preheat"),
+                Some(SECRET),
+                None,
+            )
+            .await;
+        assert_eq!(status, 200, "preheat {goods}: {body}");
+    }
+
     async fn deduct(&self, body: Value) -> (u16, Value) {
         self.call(
             reqwest::Method::POST,
@@ -154,14 +172,7 @@ async fn internal_endpoints_require_the_shared_secret() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn deduct_refuses_bad_input_and_changes_nothing() {
     let f = Fixture::start("deductinput").await;
-    f.define("g", 5, 1).await;
-    f.call(
-        reqwest::Method::POST,
-        "/admin/sales/g/preheat",
-        Some(SECRET),
-        None,
-    )
-    .await;
+    f.open("g", 5, 1).await;
     let keys_before = f.redis_keys().await;
     for body in [
         json!({"goods_id": "g", "user_id": "u", "quantity": 0, "request_id": "r"}),
@@ -186,14 +197,7 @@ async fn deduct_refuses_bad_input_and_changes_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_outcome_has_one_reply_shape() {
     let f = Fixture::start("shape").await;
-    f.define("g", 1, 1).await;
-    f.call(
-        reqwest::Method::POST,
-        "/admin/sales/g/preheat",
-        Some(SECRET),
-        None,
-    )
-    .await;
+    f.open("g", 1, 1).await;
     let (status, won) = f.deduct(purchase("a", "ra")).await;
     assert_eq!(status, 200);
     assert_eq!(won["outcome"], "won");
@@ -317,14 +321,7 @@ async fn bad_sale_definitions_are_refused() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn batch_deduct_answers_each_attempt_in_order() {
     let f = Fixture::start("batch").await;
-    f.define("g", 2, 1).await;
-    f.call(
-        reqwest::Method::POST,
-        "/admin/sales/g/preheat",
-        Some(SECRET),
-        None,
-    )
-    .await;
+    f.open("g", 2, 1).await;
     let batch = |attempts: Vec<Value>, secret: Option<&'static str>| {
         f.call(
             reqwest::Method::POST,
