@@ -181,38 +181,26 @@ pub fn batch_body(batch: &[Waiter]) -> Result<Vec<u8>, serde_json::Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
-    use crate::input::{classify, Classified};
+    use crate::input::sale_for_test;
     use seckill_api::DeductBatchRequest;
     use serde_json::json;
 
     fn purchase(user: &str) -> Purchase {
-        let config = Config::from_json(Some(
-            json!({
-                "route": {"path_template": "/seckill/{goods_id}/buy"},
-                "goods_id": {"path": "goods_id"},
-                "user_id": {"header": "x-user-id"},
-                "request_id": {"header": "x-request-id"},
-                "deduct": {"cluster": "syncer", "secret": "s"},
-                "rate_limit": {"default": {"per_second": 10.0, "burst": 10}}
-            })
-            .to_string()
-            .as_bytes(),
-        ))
-        .unwrap();
-        let headers: Vec<(String, Vec<u8>)> = [
+        let config = json!({
+            "route": {"path_template": "/seckill/{goods_id}/buy"},
+            "goods_id": {"path": "goods_id"},
+            "user_id": {"header": "x-user-id"},
+            "request_id": {"header": "x-request-id"},
+            "deduct": {"cluster": "syncer", "secret": "s"},
+            "rate_limit": {"default": {"per_second": 10.0, "burst": 10}}
+        });
+        let headers = [
             (":method", "POST"),
             (":path", "/seckill/g1/buy"),
             ("x-user-id", user),
             ("x-request-id", "r1"),
-        ]
-        .iter()
-        .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
-        .collect();
-        match classify(&config, &headers) {
-            Classified::Sale(Ok(p)) => p,
-            other => panic!("not a sale: {other:?}"),
-        }
+        ];
+        sale_for_test(&config, &headers)
     }
 
     fn waiter(id: u32, at: u64) -> Waiter {

@@ -293,6 +293,21 @@ pub fn parse_quantity(text: &str, max: u32) -> Result<u32, String> {
     u32::try_from(value).map_err(|_| format!("must be at most {max}"))
 }
 
+/// Test fixture for the modules whose tests need a validated purchase: classifies these
+/// headers under this plugin configuration, and panics unless they make a valid sale.
+#[cfg(test)]
+pub(crate) fn sale_for_test(config: &serde_json::Value, headers: &[(&str, &str)]) -> Purchase {
+    let config = Config::from_json(Some(config.to_string().as_bytes())).expect("a valid config");
+    let headers: Vec<(String, Vec<u8>)> = headers
+        .iter()
+        .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
+        .collect();
+    match classify(&config, &headers) {
+        Classified::Sale(Ok(p)) => p,
+        other => panic!("not a valid sale: {other:?}"),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -463,12 +463,11 @@ pub fn winner_request_headers(purchase: &Purchase, winner: &Winner) -> Vec<(&'st
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::config::Config;
-    use crate::input::{classify, Classified};
+    use crate::input::sale_for_test;
     use serde_json::{json, Value};
 
     fn purchase() -> Purchase {
-        let value = json!({
+        let config = json!({
             "route": {"path_template": "/seckill/{goods_id}/buy"},
             "goods_id": {"path": "goods_id"},
             "user_id": {"header": "x-user-id"},
@@ -476,20 +475,13 @@ mod tests {
             "deduct": {"cluster": "c", "secret": "s"},
             "rate_limit": {"default": {"per_second": 10, "burst": 1}}
         });
-        let config = Config::from_json(Some(value.to_string().as_bytes())).unwrap();
-        let headers: Vec<(String, Vec<u8>)> = [
+        let headers = [
             (":method", "POST"),
             (":path", "/seckill/sku-1/buy?qty=2"),
             ("x-user-id", "u-1"),
             ("x-request-id", "r-1"),
-        ]
-        .iter()
-        .map(|(n, v)| (n.to_string(), v.as_bytes().to_vec()))
-        .collect();
-        match classify(&config, &headers) {
-            Classified::Sale(Ok(p)) => p,
-            other => panic!("{other:?}"),
-        }
+        ];
+        sale_for_test(&config, &headers)
     }
 
     fn reply(outcome: Outcome) -> DeductReply {
