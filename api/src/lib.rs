@@ -10,6 +10,12 @@ pub const DEDUCT_PATH: &str = "/v1/deduct";
 pub const DEDUCT_BATCH_PATH: &str = "/v1/deduct/batch";
 /// Most attempts one batch call may carry (both sides enforce it).
 pub const BATCH_ATTEMPTS_MAX: usize = 128;
+/// Path where the gate claims the reservations it delivered (see [`ClaimRequest`]).
+pub const CLAIM_PATH: &str = "/v1/claims";
+/// Most order ids one claim call may carry (both sides enforce it).
+pub const CLAIMS_PER_CALL_MAX: usize = 1_024;
+/// Longest wait for a decision a caller may announce in `timeout_ms`.
+pub const DEDUCT_TIMEOUT_MS_MAX: u64 = 10_000;
 /// Header carrying the shared secret on every internal call (filter to syncer, admin API).
 pub const SECRET_HEADER: &str = "x-seckill-secret";
 /// Prefix of every header the gate sets; clients may never supply one (promise 5).
@@ -55,6 +61,22 @@ pub struct DeductReply {
     /// For `not_started`: milliseconds until the sale opens.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_after_ms: Option<u64>,
+    /// For `released`: why the order this request id made was released.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+}
+
+impl DeductReply {
+    /// A reply with only an outcome and the units left.
+    pub fn new(outcome: Outcome, remaining: Option<u64>) -> DeductReply {
+        DeductReply {
+            outcome,
+            order_id: None,
+            remaining,
+            retry_after_ms: None,
+            reason: None,
+        }
+    }
 }
 
 /// Several purchase attempts in one call to [`DEDUCT_BATCH_PATH`].
@@ -62,6 +84,34 @@ pub struct DeductReply {
 #[serde(deny_unknown_fields)]
 pub struct DeductBatchRequest {
     pub attempts: Vec<DeductRequest>,
+    /// How long the caller waits for this answer, in ms. The syncer decides nothing after
+    /// that: an answer nobody waits for must not grant a unit (at most
+    /// [`DEDUCT_TIMEOUT_MS_MAX`]; absent: the syncer's own bound).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub timeout_ms: Option<u64>,
+}
+
+/// The gate tells the syncer which reservations it delivered (forwarded to the shop). A
+/// reservation made through the batch endpoint that nobody claims within the syncer's claim
+/// window was never delivered (the gate gave up waiting, or the buyer left) and is released
+/// as `unclaimed`, long before its payment window ends.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ClaimRequest {
+    /// 1 to [`CLAIMS_PER_CALL_MAX`] order ids.
+    pub order_ids: Vec<String>,
+}
+
+/// The answer to a [`ClaimRequest`].
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClaimReply {
+    /// Reservations this call claimed (a repeated claim of a claimed one is not counted).
+    pub claimed: u64,
+    /// Order ids whose reservation had already ended (released, confirmed, or unknown).
+    pub late: u64,
+    /// Order ids that could not be claimed now (a store fault): the gate claims them again.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub failed: Vec<String>,
 }
 
 /// The answer to a [`DeductBatchRequest`]: exactly one item per attempt, in the same order.
@@ -107,10 +157,15 @@ pub enum Outcome {
     UnknownGoods,
     /// The request id was already used for a different purchase.
     RequestIdConflict,
+    /// This request id won an order that has since been released (cancelled, expired): the
+    /// order is dead and is never forwarded again. A new purchase needs a new request id.
+    Released,
+    /// This request id won an order that has since been paid: the purchase is complete.
+    Confirmed,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 8] = [
+    pub const ALL: [Outcome; 10] = [
         Outcome::Won,
         Outcome::SoldOut,
         Outcome::LimitReached,
@@ -119,6 +174,8 @@ impl Outcome {
         Outcome::Ended,
         Outcome::UnknownGoods,
         Outcome::RequestIdConflict,
+        Outcome::Released,
+        Outcome::Confirmed,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -131,6 +188,8 @@ impl Outcome {
             Outcome::Ended => "ended",
             Outcome::UnknownGoods => "unknown_goods",
             Outcome::RequestIdConflict => "request_id_conflict",
+            Outcome::Released => "released",
+            Outcome::Confirmed => "confirmed",
         }
     }
 
@@ -143,7 +202,7 @@ impl Outcome {
         match self {
             Outcome::Won => 200,
             Outcome::SoldOut | Outcome::LimitReached | Outcome::Duplicate => 409,
-            Outcome::RequestIdConflict => 409,
+            Outcome::RequestIdConflict | Outcome::Released | Outcome::Confirmed => 409,
             Outcome::NotStarted | Outcome::Ended => 403,
             Outcome::UnknownGoods => 404,
         }
@@ -221,10 +280,8 @@ mod tests {
         let reply = DeductBatchReply {
             replies: vec![
                 BatchItem::Decided(DeductReply {
-                    outcome: Outcome::Won,
                     order_id: Some("g.1.1".into()),
-                    remaining: Some(9),
-                    retry_after_ms: None,
+                    ..DeductReply::new(Outcome::Won, Some(9))
                 }),
                 BatchItem::Refused(ErrorReply {
                     error: "bad_request".into(),
@@ -243,12 +300,7 @@ mod tests {
 
     #[test]
     fn reply_omits_absent_fields() {
-        let reply = DeductReply {
-            outcome: Outcome::SoldOut,
-            order_id: None,
-            remaining: Some(0),
-            retry_after_ms: None,
-        };
+        let reply = DeductReply::new(Outcome::SoldOut, Some(0));
         let json = serde_json::to_string(&reply).unwrap();
         assert_eq!(json, r#"{"outcome":"sold_out","remaining":0}"#);
         let back: DeductReply = serde_json::from_str(&json).unwrap();

@@ -166,14 +166,17 @@ impl Batcher {
 }
 
 /// The callout body for a batch (a `seckill_api::DeductBatchRequest`), written without
-/// copying each attempt.
-pub fn batch_body(batch: &[Waiter]) -> Result<Vec<u8>, serde_json::Error> {
+/// copying each attempt. `timeout_ms`: how long the gate waits for the answer; the syncer
+/// decides nothing after that, so no unit is granted to a buyer the gate stopped waiting for.
+pub fn batch_body(batch: &[Waiter], timeout_ms: u64) -> Result<Vec<u8>, serde_json::Error> {
     #[derive(serde::Serialize)]
     struct Body<'a> {
         attempts: Vec<&'a seckill_api::DeductRequest>,
+        timeout_ms: u64,
     }
     let body = Body {
         attempts: batch.iter().map(|w| w.purchase.deduct_request()).collect(),
+        timeout_ms,
     };
     serde_json::to_vec(&body)
 }
@@ -314,8 +317,9 @@ mod tests {
     #[test]
     fn the_body_is_what_the_syncer_reads() {
         let batch = vec![waiter(1, 0), waiter(2, 0)];
-        let body = batch_body(&batch).unwrap();
+        let body = batch_body(&batch, 300).unwrap();
         let read: DeductBatchRequest = serde_json::from_slice(&body).unwrap();
+        assert_eq!(read.timeout_ms, Some(300));
         assert_eq!(read.attempts.len(), 2);
         assert_eq!(read.attempts[1].user_id, "u2");
         assert_eq!(&read.attempts[0], batch[0].purchase.deduct_request());

@@ -29,6 +29,14 @@ const REQUEST_ID_HEADER_DEFAULT: &str = "x-request-id";
 /// too long.
 pub const SOLD_OUT_CACHE_MS_MAX: u64 = 3_600_000;
 const SOLD_OUT_CACHE_MS_DEFAULT: u64 = 1_000;
+/// How long a worker answers `unknown_goods` itself after the stock service said so. Short:
+/// a sale preheated a moment later opens to this worker's buyers within it.
+const UNKNOWN_GOODS_CACHE_MS_DEFAULT: u64 = 1_000;
+/// The bucket of goods the stock service has not confirmed yet (default 100/s, burst 100):
+/// it bounds the callouts that goods ids nobody sells can cause, and is wide enough for the
+/// first requests of a real goods, whose first answer gives it a bucket of its own.
+const UNCONFIRMED_PER_SECOND_DEFAULT: f64 = 100.0;
+const UNCONFIRMED_BURST_DEFAULT: u64 = 100;
 const TRACKED_GOODS_MAX_DEFAULT: u64 = 10_000;
 /// Most goods ids with their own rate-limit bucket. Each costs one shared-data entry of
 /// about 40 bytes per Envoy instance; a million is 40 MB, more is a mistake.
@@ -123,10 +131,16 @@ pub struct Deduct {
 
 #[derive(Debug, Clone)]
 pub struct RateLimits {
+    /// The rate of every goods with a bucket of its own but no override.
     pub default: Rate,
     /// Per-goods overrides. These goods always get their own bucket; they do not count
     /// against `tracked_goods_max` (the operator chose them, clients did not).
     pub goods: HashMap<String, Rate>,
+    /// The one bucket shared by every goods the stock service has not yet confirmed to exist
+    /// (and by confirmed goods past `tracked_goods_max`): a client inventing goods ids gets
+    /// at most this many callouts, and never a bucket of its own.
+    pub unconfirmed: Rate,
+    /// Most confirmed goods with a bucket of their own (configured goods not counted).
     pub tracked_goods_max: u64,
 }
 
@@ -143,6 +157,8 @@ pub struct Config {
     pub rate_limit: RateLimits,
     /// How long a sold-out answer is served locally; zero disables the cache.
     pub sold_out_cache: Duration,
+    /// How long a worker answers `unknown_goods` itself; zero disables it.
+    pub unknown_goods_cache: Duration,
     /// When the shop API answers a winner with a 5xx (or cannot be reached), give the
     /// reservation back through the syncer before passing the answer on.
     pub release_on_upstream_failure: bool,
@@ -162,6 +178,7 @@ struct RawConfig {
     deduct: Value,
     rate_limit: Value,
     sold_out_cache_ms: Option<Value>,
+    unknown_goods_cache_ms: Option<Value>,
     release_on_upstream_failure: Option<Value>,
 }
 
@@ -195,6 +212,7 @@ struct RawDeduct {
 struct RawRateLimit {
     default: Value,
     goods: Option<Value>,
+    unconfirmed: Option<Value>,
     tracked_goods_max: Option<Value>,
 }
 
@@ -286,6 +304,20 @@ impl Config {
             ));
         }
 
+        let unknown_goods_cache_ms: u64 = read_or(
+            "unknown_goods_cache_ms",
+            raw.unknown_goods_cache_ms,
+            UNKNOWN_GOODS_CACHE_MS_DEFAULT,
+        )?;
+        if unknown_goods_cache_ms > SOLD_OUT_CACHE_MS_MAX {
+            return Err(ConfigError::new(
+                "unknown_goods_cache_ms",
+                format!(
+                    "must be at most {SOLD_OUT_CACHE_MS_MAX} (one hour; 0 disables the cache), got {unknown_goods_cache_ms}"
+                ),
+            ));
+        }
+
         let release_on_upstream_failure: bool = read_or(
             "release_on_upstream_failure",
             raw.release_on_upstream_failure,
@@ -302,6 +334,7 @@ impl Config {
             deduct,
             rate_limit,
             sold_out_cache: Duration::from_millis(sold_out_cache_ms),
+            unknown_goods_cache: Duration::from_millis(unknown_goods_cache_ms),
             release_on_upstream_failure,
         })
     }
@@ -536,6 +569,13 @@ fn compile_rate_limit(value: Value, id_len_max: usize) -> Result<RateLimits, Con
         }
         goods.insert(goods_id, compile_rate(&field, value)?);
     }
+    let unconfirmed = match raw.unconfirmed {
+        None | Some(Value::Null) => {
+            Rate::new(UNCONFIRMED_PER_SECOND_DEFAULT, UNCONFIRMED_BURST_DEFAULT)
+                .map_err(|e| ConfigError::new("rate_limit.unconfirmed", e))?
+        }
+        Some(value) => compile_rate("rate_limit.unconfirmed", value)?,
+    };
     let tracked_goods_max: u64 = read_or(
         "rate_limit.tracked_goods_max",
         raw.tracked_goods_max,
@@ -550,6 +590,7 @@ fn compile_rate_limit(value: Value, id_len_max: usize) -> Result<RateLimits, Con
     Ok(RateLimits {
         default,
         goods,
+        unconfirmed,
         tracked_goods_max,
     })
 }

@@ -111,22 +111,31 @@ impl fmt::Display for BadInput {
     }
 }
 
-/// Whether a header is one only the gate may set (`x-seckill-*`, any case). Every such
+/// Whether a header is one only the gate may set (`x-seckill-*`, any case, and with `_` for
+/// any `-`: many servers read `x_seckill_order_id` as `x-seckill-order-id`). Every such
 /// request header is stripped before anything else happens.
 pub fn is_gate_header(name: impl AsRef<[u8]>) -> bool {
     let prefix = seckill_api::GATE_HEADER_PREFIX.as_bytes();
-    name.as_ref()
-        .get(..prefix.len())
-        .is_some_and(|start| start.eq_ignore_ascii_case(prefix))
+    name.as_ref().get(..prefix.len()).is_some_and(|start| {
+        start
+            .iter()
+            .zip(prefix)
+            .all(|(b, p)| b.eq_ignore_ascii_case(p) || (*p == b'-' && *b == b'_'))
+    })
 }
 
 /// What the filter should do with a request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Classified {
-    /// Method or path do not match the sale route: pass it on untouched.
+    /// The path is not (and does not resemble) the sale route: pass it on untouched.
     NotSale,
     /// A sale request, valid or not.
     Sale(Result<Purchase, BadInput>),
+    /// The sale route, with a method it does not take: 405, never passed on.
+    WrongMethod,
+    /// Not the sale route, but a path a lenient shop would route to the same handler
+    /// (see [`route::PathTemplate::resembles`]): 400, never passed on.
+    NearMiss,
 }
 
 /// Decides whether the request is a sale request and, if so, extracts and checks its inputs.
@@ -138,17 +147,23 @@ pub fn classify<H: HeaderPair>(config: &Config, headers: &[H]) -> Classified {
     let (Some(method), Some(path)) = (method, path) else {
         return Classified::NotSale;
     };
-    if !config.route.methods.iter().any(|m| m.as_bytes() == method) {
-        return Classified::NotSale;
-    }
     // Envoy only admits visible ASCII in :path; anything else cannot be the sale route.
     let Ok(path) = std::str::from_utf8(path) else {
         return Classified::NotSale;
     };
     let (path, query) = route::split_path(path);
-    let Some(captures) = config.route.template.matches(path) else {
+    // A fragment never reaches a server; should one arrive, it is not part of the path.
+    let path = path.split('#').next().unwrap_or_default();
+    let template = &config.route.template;
+    let Some(captures) = template.matches(path) else {
+        if template.resembles(path) {
+            return Classified::NearMiss;
+        }
         return Classified::NotSale;
     };
+    if !config.route.methods.iter().any(|m| m.as_bytes() == method) {
+        return Classified::WrongMethod;
+    }
     let request = Request {
         headers,
         captures: &captures,
@@ -455,18 +470,42 @@ mod tests {
     fn not_sale_requests() {
         let c = config();
         for (method, path) in [
-            ("GET", "/seckill/sku-1/buy"),
-            ("post", "/seckill/sku-1/buy"),
             ("POST", "/seckill/sku-1"),
             ("POST", "/seckill//buy"),
             ("POST", "/other"),
-            ("POST", "/seckill/sku-1/buy/"),
+            ("GET", "/other"),
+            ("POST", "/seckill/sku-1/buy/more"),
         ] {
             assert_eq!(
                 classify(&c, &headers(method, path, &good_extra())),
                 Classified::NotSale,
                 "{method} {path}"
             );
+        }
+        // The sale route with another method: refused, never passed on.
+        for method in ["GET", "HEAD", "DELETE", "post", "OPTIONS"] {
+            assert_eq!(
+                classify(&c, &headers(method, "/seckill/sku-1/buy", &good_extra())),
+                Classified::WrongMethod,
+                "{method}"
+            );
+        }
+        // Paths a lenient shop would route to the sale handler: refused, whatever the method.
+        for path in [
+            "/seckill/sku-1/buy/",
+            "//seckill/sku-1/buy",
+            "/SECKILL/sku-1/BUY",
+            "/seckill/sku-1/buy;x=1",
+            "/seckill/sku-1/%62uy?qty=1",
+            "/seckill/x/../sku-1/buy",
+        ] {
+            for method in ["POST", "GET"] {
+                assert_eq!(
+                    classify(&c, &headers(method, path, &good_extra())),
+                    Classified::NearMiss,
+                    "{method} {path}"
+                );
+            }
         }
         assert!(matches!(
             classify(&c, &headers("PUT", "/seckill/sku-1/buy", &good_extra())),
@@ -685,7 +724,10 @@ mod tests {
         assert!(is_gate_header("x-seckill-order-id"));
         assert!(is_gate_header("X-Seckill-Order-Id"));
         assert!(is_gate_header("x-seckill-"));
+        assert!(is_gate_header("x_seckill_order_id"));
+        assert!(is_gate_header("X_Seckill-order-id"));
         assert!(!is_gate_header("x-seckill"));
+        assert!(!is_gate_header("x.seckill.order"));
         assert!(!is_gate_header("x-seckil-order-id"));
         assert!(!is_gate_header("x-user-id"));
         assert!(!is_gate_header(""));

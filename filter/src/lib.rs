@@ -8,6 +8,7 @@
 //! link into a native binary.
 
 pub mod batch;
+pub mod claims;
 pub mod config;
 pub mod gcra;
 pub mod input;
@@ -29,6 +30,18 @@ pub mod stat_names {
     pub const HEADERS_STRIPPED: &str = "seckill.headers_stripped";
     pub const RELEASE_SENT: &str = "seckill.release.sent";
     pub const RELEASE_FAILED: &str = "seckill.release.failed";
+    /// Forwarded winners whose shop answer leaves it unknown whether the order was created
+    /// (a timeout, a reset after the request was sent): the reservation is kept.
+    pub const UPSTREAM_UNKNOWN: &str = "seckill.upstream.unknown";
+    /// Requests answered `unknown_goods` from this worker's memory.
+    pub const UNKNOWN_GOODS_CACHE_HIT: &str = "seckill.unknown_goods_cache.hit";
+    /// Claim calls sent, and order ids they carried.
+    pub const CLAIM_SENT: &str = "seckill.claim.sent";
+    pub const CLAIM_IDS: &str = "seckill.claim.ids";
+    /// Claim calls that failed as a whole (their ids are claimed again on the next tick).
+    pub const CLAIM_FAILED: &str = "seckill.claim.failed";
+    /// Order ids dropped unclaimed because too many waited (see `claims.rs`).
+    pub const CLAIM_DROPPED: &str = "seckill.claim.dropped";
 }
 
 /// The syncer path that gives a failed winner's reservation back, or `None` for an order id
@@ -39,10 +52,53 @@ pub fn release_path(order_id: &str) -> Option<String> {
         .then(|| format!("/v1/orders/{order_id}/release?reason=upstream_failed"))
 }
 
-/// Whether the shop API's answer to a winner means the sale did not happen there: a 5xx,
-/// including Envoy's own 503/504 when the shop cannot be reached or times out.
-pub fn upstream_failed(status: &[u8]) -> bool {
-    status.len() == 3 && status[0] == b'5' && status.iter().all(u8::is_ascii_digit)
+/// What the shop's answer to a forwarded winner says about the order it was asked to create.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ShopAnswer {
+    /// The shop answered (anything but a 5xx): the order is the shop's to confirm or cancel.
+    Answered,
+    /// Definitely not created: the shop said so with a 5xx other than 504, or the request
+    /// never reached it (no connection, no healthy host, circuit breaker). Release at once.
+    NotCreated,
+    /// Maybe created: a timeout (Envoy's 504, or a 504 from anyone), a reset or a closed
+    /// connection after the request was sent, or nothing readable. Keep the reservation: the
+    /// shop may hold the order; it ends by confirm, cancel or its payment window.
+    Unknown,
+}
+
+/// Reads the shop's `:status` and Envoy's `response.code_details` for a forwarded winner.
+/// Only a definite "not created" may release: releasing an order the shop did create puts
+/// its units on sale a second time.
+pub fn shop_answer(status: &[u8], code_details: Option<&[u8]>) -> ShopAnswer {
+    let server_error =
+        status.len() == 3 && status[0] == b'5' && status.iter().all(u8::is_ascii_digit);
+    if !server_error {
+        return ShopAnswer::Answered;
+    }
+    let Some(details) = code_details else {
+        return ShopAnswer::Unknown;
+    };
+    let contains = |needle: &[u8]| details.windows(needle.len()).any(|w| w == needle);
+    if details == b"via_upstream" {
+        // The shop's own answer. A 504 is a gateway's timeout (a proxy in front of the shop):
+        // the shop may have gone on and created the order.
+        return if status == b"504" {
+            ShopAnswer::Unknown
+        } else {
+            ShopAnswer::NotCreated
+        };
+    }
+    // Envoy's own answer: only reasons that mean the request never left Envoy.
+    let never_sent = contains(b"connection_failure")
+        || details == b"no_healthy_upstream"
+        || contains(b"{overflow}")
+        || details == b"cluster_not_found"
+        || details == b"maintenance_mode";
+    if never_sent {
+        ShopAnswer::NotCreated
+    } else {
+        ShopAnswer::Unknown
+    }
 }
 
 /// Prefix of the one log line a refused configuration produces.
@@ -60,12 +116,13 @@ mod host {
     use proxy_wasm::types::{Action, ContextType, LogLevel, MetricType, Status};
 
     use crate::batch::{self, Batcher, Decided, Enqueued, Ticket, Waiter};
+    use crate::claims::{self, Claims};
     use crate::config::{Config, FailureMode};
     use crate::input::{self, is_gate_header, Classified, Purchase};
     use crate::local::LocalMemory;
-    use crate::reply::{self, CalloutFailure, GateOutcome, LocalReply, Verdict, Winner};
+    use crate::reply::{self, CalloutFailure, GateOutcome, LocalReply, Remember, Verdict, Winner};
     use crate::shared::{self, Admission, HostStore, RateLimited};
-    use crate::{release_path, stat_names, upstream_failed, BAD_CONFIG_LOG_PREFIX};
+    use crate::{release_path, shop_answer, stat_names, ShopAnswer, BAD_CONFIG_LOG_PREFIX};
 
     proxy_wasm::main! {{
         // Info: per-request debug lines would cost a host call each even when Envoy drops them.
@@ -90,6 +147,12 @@ mod host {
         headers_stripped: u32,
         release_sent: u32,
         release_failed: u32,
+        upstream_unknown: u32,
+        unknown_goods_cache_hit: u32,
+        claim_sent: u32,
+        claim_ids: u32,
+        claim_failed: u32,
+        claim_dropped: u32,
     }
 
     impl Stats {
@@ -109,6 +172,12 @@ mod host {
                 headers_stripped: counter(stat_names::HEADERS_STRIPPED)?,
                 release_sent: counter(stat_names::RELEASE_SENT)?,
                 release_failed: counter(stat_names::RELEASE_FAILED)?,
+                upstream_unknown: counter(stat_names::UPSTREAM_UNKNOWN)?,
+                unknown_goods_cache_hit: counter(stat_names::UNKNOWN_GOODS_CACHE_HIT)?,
+                claim_sent: counter(stat_names::CLAIM_SENT)?,
+                claim_ids: counter(stat_names::CLAIM_IDS)?,
+                claim_failed: counter(stat_names::CLAIM_FAILED)?,
+                claim_dropped: counter(stat_names::CLAIM_DROPPED)?,
             })
         }
 
@@ -136,6 +205,8 @@ mod host {
         memory: Rc<RefCell<LocalMemory>>,
         /// Requests waiting for a decision and the callouts carrying them (see `batch.rs`).
         batcher: Rc<RefCell<Batcher>>,
+        /// Order ids of forwarded winners, waiting to be claimed (see `claims.rs`).
+        claims: Rc<RefCell<Claims>>,
         /// The shared queue whose `on_queue_ready` wakes this worker's root.
         wake_queue: u32,
     }
@@ -147,6 +218,7 @@ mod host {
                 stats: Rc::clone(&self.stats),
                 memory: Rc::clone(&self.memory),
                 batcher: Rc::clone(&self.batcher),
+                claims: Rc::clone(&self.claims),
                 wake_queue: self.wake_queue,
             }
         }
@@ -169,6 +241,12 @@ mod host {
             verdict: Result<Verdict, CalloutFailure>,
             log_failure: bool,
         ) -> Decided {
+            if let Ok(verdict) = &verdict {
+                if verdict.confirms_goods() {
+                    let limits = &self.config.rate_limit;
+                    shared::confirm_goods(&HostStore, limits, purchase.goods_id());
+                }
+            }
             match verdict {
                 Ok(Verdict::Forward(winner)) => {
                     // The last unit just went: the next buyer need not ask the syncer.
@@ -177,12 +255,11 @@ mod host {
                     }
                     self.forward_winner(purchase, winner)
                 }
-                Ok(Verdict::Answer {
-                    reply,
-                    cache_sold_out,
-                }) => {
-                    if cache_sold_out {
-                        self.cache_sold_out(purchase);
+                Ok(Verdict::Answer { reply, remember }) => {
+                    match remember {
+                        Remember::SoldOut => self.cache_sold_out(purchase),
+                        Remember::UnknownGoods => self.cache_unknown(purchase),
+                        Remember::Nothing => {}
                     }
                     self.answer(reply)
                 }
@@ -190,10 +267,23 @@ mod host {
             }
         }
 
+        /// Remembers, in this worker only, that the stock service sells no such goods.
+        fn cache_unknown(&self, purchase: &Purchase) {
+            if !self.config.unknown_goods_cache.is_zero() {
+                let now = now_ns();
+                let until_ns = now.saturating_add(duration_ns(self.config.unknown_goods_cache));
+                let mut memory = self.memory.borrow_mut();
+                memory.remember_unknown(purchase.goods_id(), until_ns, now);
+            }
+        }
+
         fn forward_winner(&self, purchase: &Purchase, winner: Winner) -> Decided {
             for (name, value) in reply::winner_request_headers(purchase, &winner) {
                 abi::set_request_header(name, &value);
             }
+            // Delivered: claim the reservation on the next tick, so it lives for its payment
+            // window rather than the claim window.
+            self.claims.borrow_mut().add(winner.order_id.clone());
             self.stats
                 .outcome(GateOutcome::Decided(seckill_api::Outcome::Won));
             Decided::Won {
@@ -216,7 +306,7 @@ mod host {
                 );
             }
             match deduct.failure_mode {
-                FailureMode::Closed => self.answer(reply::unavailable()),
+                FailureMode::Closed => self.answer(reply::unavailable(Some(purchase.request_id()))),
                 FailureMode::Open => {
                     abi::set_request_header(
                         seckill_api::GATE_STATUS_HEADER,
@@ -259,6 +349,8 @@ mod host {
         worker: Option<Worker>,
         /// Kept across reconfigurations: requests may be waiting in it.
         batcher: Rc<RefCell<Batcher>>,
+        /// Kept across reconfigurations: forwarded winners wait in it to be claimed.
+        claims: Rc<RefCell<Claims>>,
         wake_queue: Option<u32>,
     }
 
@@ -268,6 +360,7 @@ mod host {
                 context_id,
                 worker: None,
                 batcher: Rc::default(),
+                claims: Rc::default(),
                 wake_queue: None,
             }
         }
@@ -311,7 +404,8 @@ mod host {
                 if next.batch.is_empty() {
                     return;
                 }
-                let sent = batch::batch_body(&next.batch)
+                let timeout_ms = u64::try_from(deduct.timeout.as_millis()).unwrap_or(u64::MAX);
+                let sent = batch::batch_body(&next.batch, timeout_ms)
                     .map_err(|e| CalloutFailure::Dispatch(e.to_string()))
                     .and_then(|body| {
                         let headers = vec![
@@ -367,6 +461,84 @@ mod host {
             abi::set_effective_context(self.context_id);
         }
 
+        /// Sends the forwarded winners' order ids to the syncer (one claim call out at a time).
+        fn send_claims(&self) {
+            let Some(worker) = &self.worker else { return };
+            let dropped = self.claims.borrow_mut().take_dropped();
+            if dropped > 0 {
+                Stats::add(worker.stats.claim_dropped, dropped as usize);
+                warn!("seckill-filter: dropped {dropped} unsent claims (too many waited); those reservations are released when the claim window ends");
+            }
+            let Some(ids) = self.claims.borrow_mut().next_call() else {
+                return;
+            };
+            let deduct = &worker.config.deduct;
+            let dispatched = claims::claim_body(&ids)
+                .map_err(|e| e.to_string())
+                .and_then(|body| {
+                    let headers = vec![
+                        (":method", "POST"),
+                        (":path", seckill_api::CLAIM_PATH),
+                        (":authority", deduct.authority.as_str()),
+                        ("content-type", "application/json"),
+                        (seckill_api::SECRET_HEADER, deduct.secret.as_str()),
+                    ];
+                    hostcalls::dispatch_http_call(
+                        &deduct.cluster,
+                        headers,
+                        Some(&body),
+                        vec![],
+                        deduct.timeout,
+                    )
+                    .map_err(|status| format!("{status:?}"))
+                });
+            match dispatched {
+                Ok(token) => {
+                    Stats::bump(worker.stats.claim_sent);
+                    Stats::add(worker.stats.claim_ids, ids.len());
+                    self.claims.borrow_mut().sent(token, ids);
+                }
+                Err(why) => {
+                    Stats::bump(worker.stats.claim_failed);
+                    warn!(
+                        "seckill-filter: could not send {} claims ({why}); next tick",
+                        ids.len()
+                    );
+                    self.claims.borrow_mut().not_sent(ids);
+                }
+            }
+        }
+
+        /// The claim call came back: what failed is claimed again on the next tick.
+        fn finish_claims(&self, token_id: u32, num_headers: usize, body_size: usize) {
+            let (status, body) = if num_headers == 0 || body_size > reply::BATCH_REPLY_BYTES_MAX {
+                (None, None)
+            } else {
+                let status = hostcalls::get_map_value_bytes(
+                    proxy_wasm::types::MapType::HttpCallResponseHeaders,
+                    ":status",
+                )
+                .ok()
+                .flatten();
+                let body = hostcalls::get_buffer(
+                    proxy_wasm::types::BufferType::HttpCallResponseBody,
+                    0,
+                    body_size,
+                )
+                .ok()
+                .flatten();
+                (status, body)
+            };
+            let retry = claims::read_claim_response(status.as_deref(), body.as_deref());
+            if retry == claims::Retry::All {
+                if let Some(worker) = &self.worker {
+                    Stats::bump(worker.stats.claim_failed);
+                }
+                warn!("seckill-filter: a claim call failed; its claims are sent again next tick");
+            }
+            self.claims.borrow_mut().answered(token_id, retry);
+        }
+
         /// Settles every waiter with the same failure, logged once for all of them.
         fn settle_all(&self, worker: &Worker, waiters: Vec<Waiter>, failure: &CalloutFailure) {
             let deduct = &worker.config.deduct;
@@ -389,6 +561,10 @@ mod host {
             body_size: usize,
             _num_trailers: usize,
         ) {
+            if self.claims.borrow().owns(token_id) {
+                self.finish_claims(token_id, num_headers, body_size);
+                return;
+            }
             let Some(waiters) = self.batcher.borrow_mut().answered(token_id) else {
                 warn!("seckill-filter: ignoring a deduct response (token {token_id}) nobody waits for");
                 return;
@@ -448,6 +624,7 @@ mod host {
                 // sold-out window) does not hold under this one.
                 memory: Rc::default(),
                 batcher: Rc::clone(&self.batcher),
+                claims: Rc::clone(&self.claims),
                 wake_queue,
             });
             true
@@ -469,6 +646,7 @@ mod host {
         fn on_tick(&mut self) {
             self.batcher.borrow_mut().woken();
             self.pump();
+            self.send_claims();
         }
 
         fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {
@@ -586,12 +764,12 @@ mod host {
                 Ok(map) => map,
                 Err(status) => {
                     error!("seckill-filter: cannot read the request headers: status {status}");
-                    return self.answer(reply::unavailable());
+                    return self.answer(reply::unavailable(None));
                 }
             };
             let Some(headers) = input::parse_header_map(&map) else {
                 error!("seckill-filter: the host's request header map is malformed");
-                return self.answer(reply::unavailable());
+                return self.answer(reply::unavailable(None));
             };
             self.strip_gate_headers(&headers);
             match input::classify(&self.worker.config, &headers) {
@@ -602,6 +780,14 @@ mod host {
                 }
                 Classified::Sale(Err(bad)) => self.answer(reply::bad_request(&bad.message)),
                 Classified::Sale(Ok(purchase)) => self.gate(purchase),
+                Classified::WrongMethod => {
+                    let methods = &self.worker.config.route.methods;
+                    self.answer(reply::method_not_allowed(methods))
+                }
+                Classified::NearMiss => {
+                    let template = self.worker.config.route.template.as_str();
+                    self.answer(reply::not_the_sale_path(template))
+                }
             }
         }
 
@@ -629,21 +815,34 @@ mod host {
                     Some(Decided::Answered) | None => State::Answered,
                 };
             }
+            let mut outcome = GateOutcome::Decided(seckill_api::Outcome::Won).as_str();
             if let State::ForwardedWinner { order_id } = &self.state {
-                let status = self.get_http_response_header_bytes(":status");
-                if self.worker.config.release_on_upstream_failure
-                    && status.as_deref().is_some_and(upstream_failed)
-                {
-                    let order_id = order_id.clone();
-                    return self.release_failed_winner(order_id);
+                let status = hostcalls::get_map_value_bytes(
+                    proxy_wasm::types::MapType::HttpResponseHeaders,
+                    ":status",
+                )
+                .ok()
+                .flatten()
+                .unwrap_or_default();
+                let details = hostcalls::get_property(vec!["response", "code_details"])
+                    .ok()
+                    .flatten();
+                match shop_answer(&status, details.as_deref()) {
+                    ShopAnswer::NotCreated if self.worker.config.release_on_upstream_failure => {
+                        let order_id = order_id.clone();
+                        return self.release_failed_winner(order_id);
+                    }
+                    ShopAnswer::Unknown => {
+                        // The shop may have the order: keep the reservation, and say so.
+                        Stats::bump(self.worker.stats.upstream_unknown);
+                        outcome = "upstream_unknown";
+                    }
+                    ShopAnswer::NotCreated | ShopAnswer::Answered => {}
                 }
             }
             match &self.state {
                 State::ForwardedWinner { order_id } => {
-                    self.set_http_response_header(
-                        reply::OUTCOME_HEADER,
-                        Some(GateOutcome::Decided(seckill_api::Outcome::Won).as_str()),
-                    );
+                    self.set_http_response_header(reply::OUTCOME_HEADER, Some(outcome));
                     self.set_http_response_header(seckill_api::ORDER_ID_HEADER, Some(order_id));
                 }
                 State::ForwardedFailedOpen => {
@@ -742,6 +941,10 @@ mod host {
                 !worker.config.sold_out_cache.is_zero(),
             );
             match admission {
+                Admission::UnknownGoods => {
+                    Stats::bump(worker.stats.unknown_goods_cache_hit);
+                    self.answer(reply::unknown_goods_cached(purchase.goods_id()))
+                }
                 Admission::SoldOut => {
                     Stats::bump(worker.stats.sold_out_cache_hit);
                     self.answer(reply::sold_out_cached(purchase.goods_id()))
@@ -915,7 +1118,7 @@ mod host {
 
     impl HttpContext for Unconfigured {
         fn on_http_request_headers(&mut self, _num_headers: usize, _end_of_stream: bool) -> Action {
-            send_local_reply(&reply::unavailable());
+            send_local_reply(&reply::unavailable(None));
             Action::Pause
         }
     }
@@ -934,6 +1137,8 @@ mod host {
 
 #[cfg(test)]
 mod release_tests {
+    use super::{shop_answer, ShopAnswer};
+
     #[test]
     fn failed_winners_are_released_by_order_id() {
         assert_eq!(
@@ -942,10 +1147,44 @@ mod release_tests {
         );
         assert_eq!(super::release_path("a/../b"), None);
         assert_eq!(super::release_path(""), None);
-        assert!(super::upstream_failed(b"503"));
-        assert!(super::upstream_failed(b"500"));
-        assert!(!super::upstream_failed(b"200"));
-        assert!(!super::upstream_failed(b"409"));
-        assert!(!super::upstream_failed(b"5xx"));
+    }
+
+    #[test]
+    fn only_a_definite_failure_releases() {
+        let upstream = Some(&b"via_upstream"[..]);
+        for status in [&b"200"[..], b"201", b"302", b"409", b"5xx", b"50"] {
+            assert_eq!(shop_answer(status, upstream), ShopAnswer::Answered);
+            assert_eq!(shop_answer(status, None), ShopAnswer::Answered);
+        }
+        // The shop's own 5xx: not created (its contract), except a gateway's 504.
+        for status in [&b"500"[..], b"501", b"502", b"503"] {
+            assert_eq!(shop_answer(status, upstream), ShopAnswer::NotCreated);
+        }
+        assert_eq!(shop_answer(b"504", upstream), ShopAnswer::Unknown);
+        // Envoy's own answers: released only when the request never left Envoy.
+        for details in [
+            &b"upstream_reset_before_response_started{remote_connection_failure|delayed_connect_error:_111}"[..],
+            b"upstream_reset_before_response_started{connection_failure}",
+            b"upstream_reset_before_response_started{local_connection_failure}",
+            b"no_healthy_upstream",
+            b"upstream_reset_before_response_started{overflow}",
+            b"cluster_not_found",
+        ] {
+            assert_eq!(shop_answer(b"503", Some(details)), ShopAnswer::NotCreated);
+        }
+        for details in [
+            &b"upstream_response_timeout"[..],
+            b"upstream_per_try_timeout",
+            b"upstream_reset_before_response_started{remote_reset}",
+            b"upstream_reset_before_response_started{connection_termination}",
+            b"upstream_reset_before_response_started{local_reset}",
+            b"something_new",
+            b"",
+        ] {
+            assert_eq!(shop_answer(b"504", Some(details)), ShopAnswer::Unknown);
+            assert_eq!(shop_answer(b"503", Some(details)), ShopAnswer::Unknown);
+        }
+        // Nothing readable: never release on a guess.
+        assert_eq!(shop_answer(b"503", None), ShopAnswer::Unknown);
     }
 }

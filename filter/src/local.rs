@@ -4,6 +4,10 @@
 //! - **sold-out marks** this worker wrote to shared data or read from it, each until the
 //!   exact expiry it was given (an entry never outlives the `sold_out_cache_ms` window of the
 //!   mark it copies);
+//! - **unknown goods**: goods ids the stock service said it does not sell, for
+//!   `unknown_goods_cache_ms`. This one lives in the worker only, never in shared data
+//!   (which never forgets): the ids are whatever clients send, so the bound below is what
+//!   keeps them from costing memory;
 //! - **rate-limit denials** of goods with their own bucket, until the moment the same request
 //!   would pass. A denial writes nothing, and while it holds no worker with the same rate can
 //!   be admitted (GCRA: the TAT it read stays too far ahead until then), so the bucket cannot
@@ -104,6 +108,7 @@ impl Expiring {
 #[derive(Debug, Clone)]
 pub struct LocalMemory {
     sold_out: Expiring,
+    unknown: Expiring,
     denied: Expiring,
 }
 
@@ -118,6 +123,7 @@ impl LocalMemory {
     pub fn new(capacity: usize) -> Self {
         LocalMemory {
             sold_out: Expiring::new(capacity),
+            unknown: Expiring::new(capacity),
             denied: Expiring::new(capacity),
         }
     }
@@ -131,6 +137,17 @@ impl LocalMemory {
     /// wins, as in shared data).
     pub fn remember_sold_out(&mut self, goods_id: &str, until_ns: u64, now_ns: u64) {
         self.sold_out.insert(goods_id, until_ns, now_ns);
+    }
+
+    /// Whether the stock service said, until a moment that has not come, that it sells no
+    /// such goods.
+    pub fn unknown(&mut self, goods_id: &str, now_ns: u64) -> bool {
+        self.unknown.get(goods_id, now_ns).is_some()
+    }
+
+    /// Remembers an `unknown_goods` answer until `until_ns`.
+    pub fn remember_unknown(&mut self, goods_id: &str, until_ns: u64, now_ns: u64) {
+        self.unknown.insert(goods_id, until_ns, now_ns);
     }
 
     /// If a remembered denial holds at `now_ns`: how long until the request would pass.
@@ -149,7 +166,7 @@ impl LocalMemory {
 
     /// Entries remembered (both kinds).
     pub fn len(&self) -> usize {
-        self.sold_out.len() + self.denied.len()
+        self.sold_out.len() + self.unknown.len() + self.denied.len()
     }
 
     pub fn is_empty(&self) -> bool {

@@ -31,8 +31,11 @@ pub enum GateOutcome {
     Decided(Outcome),
     /// Over the per-goods request rate: 429.
     RateLimited,
-    /// Bad goods id, user id, quantity or request id: 400.
+    /// Bad goods id, user id, quantity or request id, or a path that only resembles the sale
+    /// route: 400.
     BadRequest,
+    /// The sale route with a method it does not take: 405.
+    MethodNotAllowed,
     /// The stock service did not answer usably and failure mode is closed: 503.
     Unavailable,
     /// The stock service did not answer usably and failure mode is open: forwarded unmarked.
@@ -40,7 +43,7 @@ pub enum GateOutcome {
 }
 
 impl GateOutcome {
-    pub const ALL: [GateOutcome; 12] = [
+    pub const ALL: [GateOutcome; 15] = [
         GateOutcome::Decided(Outcome::Won),
         GateOutcome::Decided(Outcome::SoldOut),
         GateOutcome::Decided(Outcome::LimitReached),
@@ -49,8 +52,11 @@ impl GateOutcome {
         GateOutcome::Decided(Outcome::Ended),
         GateOutcome::Decided(Outcome::UnknownGoods),
         GateOutcome::Decided(Outcome::RequestIdConflict),
+        GateOutcome::Decided(Outcome::Released),
+        GateOutcome::Decided(Outcome::Confirmed),
         GateOutcome::RateLimited,
         GateOutcome::BadRequest,
+        GateOutcome::MethodNotAllowed,
         GateOutcome::Unavailable,
         GateOutcome::FailedOpen,
     ];
@@ -60,6 +66,7 @@ impl GateOutcome {
             GateOutcome::Decided(outcome) => outcome.as_str(),
             GateOutcome::RateLimited => "rate_limited",
             GateOutcome::BadRequest => "bad_request",
+            GateOutcome::MethodNotAllowed => "method_not_allowed",
             GateOutcome::Unavailable => "unavailable",
             GateOutcome::FailedOpen => "failed_open",
         }
@@ -116,6 +123,12 @@ struct OutcomeBody<'a> {
     outcome: Outcome,
     goods_id: &'a str,
     message: String,
+    /// For `released` and `confirmed`: the order this request id made before.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    order_id: Option<&'a str>,
+    /// For `released`: why it was released.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    reason: Option<&'a str>,
     #[serde(skip_serializing_if = "Option::is_none")]
     remaining: Option<u64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -185,19 +198,57 @@ pub fn rate_limited(retry_after_ns: u64) -> LocalReply {
     LocalReply::new(outcome, 429, body, Some(retry_after_ms))
 }
 
+/// Body of a 503 that names the request id to retry with.
+#[derive(Serialize)]
+struct UnavailableBody<'a> {
+    error: &'static str,
+    message: &'static str,
+    request_id: &'a str,
+}
+
 /// 503 when the stock service gave no usable answer and failure mode is closed. The message
-/// is fixed: the buyer learns nothing about the internals.
-pub fn unavailable() -> LocalReply {
+/// is fixed: the buyer learns nothing about the internals. With the buyer's request id, the
+/// answer says to retry with it: the attempt may have been decided after the gate stopped
+/// waiting, and a retry with the same id is answered from that decision (a unit won is
+/// then delivered, never won twice).
+pub fn unavailable(request_id: Option<&str>) -> LocalReply {
     let outcome = GateOutcome::Unavailable;
-    LocalReply::new(
-        outcome,
-        503,
-        error_body(
+    let body = match request_id {
+        Some(request_id) => to_json(&UnavailableBody {
+            error: "unavailable",
+            message: "the stock service did not answer in time; retry with the same request id",
+            request_id,
+        }),
+        None => error_body(
             outcome,
             "the stock service did not answer in time; try again",
         ),
-        None,
-    )
+    };
+    LocalReply::new(outcome, 503, body, None)
+}
+
+/// 405 for the sale route with a method it does not take; `allow` lists the ones it does.
+pub fn method_not_allowed(methods: &[String]) -> LocalReply {
+    let outcome = GateOutcome::MethodNotAllowed;
+    let allow = methods.join(", ");
+    let message = format!("the sale route takes {allow} only");
+    let mut reply = LocalReply::new(outcome, 405, error_body(outcome, &message), None);
+    reply.headers.push(("allow", Cow::Owned(allow)));
+    reply
+}
+
+/// 400 for a path that is not the sale route but would reach the same handler at many shops
+/// (another case, a trailing slash, `;` parameters, percent-encoding, dot segments): it
+/// must not reach the shop ungated, and the gate does not guess which goods it meant.
+pub fn not_the_sale_path(template: &str) -> LocalReply {
+    bad_request(&format!(
+        "the path resembles the sale route but is not it; send exactly {template}"
+    ))
+}
+
+/// 404 from this worker's memory of an `unknown_goods` answer, without asking again.
+pub fn unknown_goods_cached(goods_id: &str) -> LocalReply {
+    decided(goods_id, &DeductReply::new(Outcome::UnknownGoods, None))
 }
 
 /// 409 from the local sold-out cache, without asking the stock service.
@@ -240,6 +291,16 @@ fn human_message(reply: &DeductReply) -> String {
         Outcome::RequestIdConflict => {
             "this request id was already used for a different purchase".to_string()
         }
+        Outcome::Released => match reply.reason.as_deref() {
+            Some(reason) => format!(
+                "the order this request id won was released ({reason}); it is no longer valid. A new purchase needs a new request id"
+            ),
+            None => "the order this request id won was released; it is no longer valid. A new purchase needs a new request id".to_string(),
+        },
+        Outcome::Confirmed => {
+            "the order this request id won is already paid; this purchase is complete"
+                .to_string()
+        }
     }
 }
 
@@ -249,10 +310,16 @@ fn decided(goods_id: &str, reply: &DeductReply) -> LocalReply {
         Outcome::NotStarted => reply.retry_after_ms,
         _ => None,
     };
+    let names_order = matches!(reply.outcome, Outcome::Released | Outcome::Confirmed);
     let body = OutcomeBody {
         outcome: reply.outcome,
         goods_id,
         message: human_message(reply),
+        order_id: reply.order_id.as_deref().filter(|_| names_order),
+        reason: reply
+            .reason
+            .as_deref()
+            .filter(|_| reply.outcome == Outcome::Released),
         remaining: reply.remaining,
         retry_after_ms,
     };
@@ -343,15 +410,35 @@ pub struct Winner {
     pub remaining: Option<u64>,
 }
 
+/// What an answer teaches the worker about the goods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Remember {
+    Nothing,
+    /// Sold out (or its sale ended): cache it for every worker.
+    SoldOut,
+    /// The stock service sells no such goods: cache it in this worker.
+    UnknownGoods,
+}
+
 /// What to do with a sale request once the stock service answered.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Verdict {
     Forward(Winner),
     Answer {
         reply: LocalReply,
-        /// Remember locally that the goods is sold out (or its sale ended).
-        cache_sold_out: bool,
+        remember: Remember,
     },
+}
+
+impl Verdict {
+    /// Whether the answer shows the stock service sells this goods (anything but
+    /// `unknown_goods`).
+    pub fn confirms_goods(&self) -> bool {
+        match self {
+            Verdict::Forward(_) => true,
+            Verdict::Answer { remember, .. } => *remember != Remember::UnknownGoods,
+        }
+    }
 }
 
 /// Reads a batch deduct call's response: a 200 whose body is a `DeductBatchReply` with exactly
@@ -428,15 +515,16 @@ pub fn verdict(purchase: &Purchase, reply: DeductReply) -> Result<Verdict, Callo
             remaining: reply.remaining,
         }));
     }
-    let cache_sold_out = match reply.outcome {
+    let remember = match reply.outcome {
         // Sold out for this quantity but units left: a smaller order may still win.
-        Outcome::SoldOut => reply.remaining == Some(0),
-        Outcome::Ended => true,
-        _ => false,
+        Outcome::SoldOut if reply.remaining == Some(0) => Remember::SoldOut,
+        Outcome::Ended => Remember::SoldOut,
+        Outcome::UnknownGoods => Remember::UnknownGoods,
+        _ => Remember::Nothing,
     };
     Ok(Verdict::Answer {
         reply: decided(purchase.goods_id(), &reply),
-        cache_sold_out,
+        remember,
     })
 }
 
@@ -485,12 +573,7 @@ mod tests {
     }
 
     fn reply(outcome: Outcome) -> DeductReply {
-        DeductReply {
-            outcome,
-            order_id: None,
-            remaining: None,
-            retry_after_ms: None,
-        }
+        DeductReply::new(outcome, None)
     }
 
     fn body(reply: &LocalReply) -> Value {
@@ -507,10 +590,7 @@ mod tests {
 
     fn answer(verdict: Result<Verdict, CalloutFailure>) -> (LocalReply, bool) {
         match verdict {
-            Ok(Verdict::Answer {
-                reply,
-                cache_sold_out,
-            }) => (reply, cache_sold_out),
+            Ok(Verdict::Answer { reply, remember }) => (reply, remember == Remember::SoldOut),
             other => panic!("expected a local answer, got {other:?}"),
         }
     }
@@ -529,8 +609,11 @@ mod tests {
                 "ended",
                 "unknown_goods",
                 "request_id_conflict",
+                "released",
+                "confirmed",
                 "rate_limited",
                 "bad_request",
+                "method_not_allowed",
                 "unavailable",
                 "failed_open"
             ]
@@ -550,8 +633,12 @@ mod tests {
         let mut replies = vec![
             bad_request("user id (header x-user-id) is missing"),
             rate_limited(1),
-            unavailable(),
+            unavailable(None),
+            unavailable(Some("r-1")),
             sold_out_cached("sku-1"),
+            unknown_goods_cached("sku-1"),
+            method_not_allowed(&["POST".to_string()]),
+            not_the_sale_path("/seckill/{goods_id}/buy"),
         ];
         for outcome in Outcome::ALL.into_iter().filter(|o| *o != Outcome::Won) {
             replies.push(answer(verdict(&p, reply(outcome))).0);
@@ -578,6 +665,8 @@ mod tests {
                 outcome: Outcome::SoldOut,
                 goods_id,
                 message: "sorry, this item is sold out".to_string(),
+                order_id: None,
+                reason: None,
                 remaining: Some(0),
                 retry_after_ms: None,
             });
@@ -608,13 +697,31 @@ mod tests {
             body(&r),
             json!({"error": "bad_request", "message": "quantity (query parameter qty) must be at most 5"})
         );
-        let r = unavailable();
+        let r = unavailable(None);
         assert_eq!(r.status, 503);
         assert_eq!(
             body(&r),
             json!({"error": "unavailable", "message": "the stock service did not answer in time; try again"})
         );
         assert_eq!(header(&r, "retry-after"), None);
+        // With the buyer's request id, the answer says to retry with it.
+        let r = unavailable(Some("r-9"));
+        assert_eq!(r.status, 503);
+        assert_eq!(body(&r)["request_id"], "r-9");
+        assert!(body(&r)["message"]
+            .as_str()
+            .unwrap()
+            .contains("same request id"));
+        let r = method_not_allowed(&["POST".to_string(), "PUT".to_string()]);
+        assert_eq!(r.status, 405);
+        assert_eq!(header(&r, "allow"), Some("POST, PUT"));
+        assert_eq!(body(&r)["error"], "method_not_allowed");
+        let r = not_the_sale_path("/seckill/{goods_id}/buy");
+        assert_eq!((r.status, r.outcome), (400, GateOutcome::BadRequest));
+        assert!(body(&r)["message"]
+            .as_str()
+            .unwrap()
+            .contains("/seckill/{goods_id}/buy"));
         let r = rate_limited(1_500_000_000);
         assert_eq!(r.status, 429);
         assert_eq!(header(&r, "retry-after"), Some("2"));
@@ -635,6 +742,8 @@ mod tests {
             (Outcome::LimitReached, 409),
             (Outcome::Duplicate, 409),
             (Outcome::RequestIdConflict, 409),
+            (Outcome::Released, 409),
+            (Outcome::Confirmed, 409),
             (Outcome::NotStarted, 403),
             (Outcome::Ended, 403),
             (Outcome::UnknownGoods, 404),
@@ -682,13 +791,75 @@ mod tests {
             Outcome::NotStarted,
             Outcome::UnknownGoods,
             Outcome::RequestIdConflict,
+            Outcome::Released,
+            Outcome::Confirmed,
         ] {
             assert!(!answer(verdict(&p, reply(outcome))).1, "{outcome:?}");
         }
+        // Unknown goods are remembered by the worker, and are the one answer that does not
+        // confirm the goods exists.
+        let unknown = verdict(&p, reply(Outcome::UnknownGoods)).unwrap();
+        assert!(matches!(
+            unknown,
+            Verdict::Answer {
+                remember: Remember::UnknownGoods,
+                ..
+            }
+        ));
+        assert!(!unknown.confirms_goods());
+        for outcome in Outcome::ALL
+            .into_iter()
+            .filter(|o| !matches!(o, Outcome::UnknownGoods | Outcome::Won))
+        {
+            assert!(verdict(&p, reply(outcome)).unwrap().confirms_goods());
+        }
+        let cached = unknown_goods_cached("sku-1");
+        assert_eq!(
+            (cached.status, body(&cached)["outcome"].clone()),
+            (404, json!("unknown_goods"))
+        );
         let cached = sold_out_cached("sku-1");
         assert_eq!(cached.status, 409);
         assert_eq!(body(&cached)["outcome"], "sold_out");
         assert_eq!(header(&cached, OUTCOME_HEADER), Some("sold_out"));
+    }
+
+    #[test]
+    fn a_dead_order_is_named_with_its_reason() {
+        let p = purchase();
+        let released = DeductReply {
+            order_id: Some("sku-1.1.4".into()),
+            reason: Some("cancelled".into()),
+            ..reply(Outcome::Released)
+        };
+        let (r, _) = answer(verdict(&p, released));
+        assert_eq!(r.status, 409);
+        let b = body(&r);
+        assert_eq!(
+            (
+                b["outcome"].clone(),
+                b["order_id"].clone(),
+                b["reason"].clone()
+            ),
+            (json!("released"), json!("sku-1.1.4"), json!("cancelled"))
+        );
+        assert!(b["message"].as_str().unwrap().contains("new request id"));
+        let paid = DeductReply {
+            order_id: Some("sku-1.1.5".into()),
+            ..reply(Outcome::Confirmed)
+        };
+        let b = body(&answer(verdict(&p, paid)).0);
+        assert_eq!(
+            (b["outcome"].clone(), b["order_id"].clone()),
+            (json!("confirmed"), json!("sku-1.1.5"))
+        );
+        assert!(b.get("reason").is_none());
+        // No other outcome shows an order id.
+        let odd = DeductReply {
+            order_id: Some("sku-1.1.6".into()),
+            ..reply(Outcome::SoldOut)
+        };
+        assert!(body(&answer(verdict(&p, odd)).0).get("order_id").is_none());
     }
 
     #[test]

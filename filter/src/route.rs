@@ -18,6 +18,8 @@ enum Segment {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PathTemplate {
     segments: Vec<Segment>,
+    /// The template as configured, for messages.
+    text: String,
 }
 
 impl PathTemplate {
@@ -53,7 +55,47 @@ impl PathTemplate {
             }
             seen.push(name);
         }
-        Ok(PathTemplate { segments })
+        Ok(PathTemplate {
+            segments,
+            text: text.to_string(),
+        })
+    }
+
+    /// The template as configured.
+    pub fn as_str(&self) -> &str {
+        &self.text
+    }
+
+    /// Whether a path that does not [`match`](PathTemplate::matches) would still reach the
+    /// sale handler at a lenient server: literals in another case, `;` path parameters,
+    /// percent-encoded characters, empty, `.` and `..` segments, a trailing slash,
+    /// backslashes. Such a path is neither the sale route nor safe to pass on ungated.
+    pub fn resembles(&self, path: &str) -> bool {
+        let decoded = decode_leniently(path);
+        let mut parts: Vec<&[u8]> = Vec::new();
+        for part in decoded.split(|b| *b == b'/' || *b == b'\\') {
+            let part = part.split(|b| *b == b';').next().unwrap_or_default();
+            match part {
+                b"" | b"." => {}
+                b".." => {
+                    parts.pop();
+                }
+                _ => parts.push(part),
+            }
+            // Deeper than the template can ever be, even after `..`: cannot resemble it.
+            if parts.len() > TEMPLATE_SEGMENTS_MAX * 2 {
+                return false;
+            }
+        }
+        parts.len() == self.segments.len()
+            && self
+                .segments
+                .iter()
+                .zip(&parts)
+                .all(|(segment, part)| match segment {
+                    Segment::Literal(literal) => literal.as_bytes().eq_ignore_ascii_case(part),
+                    Segment::Variable(_) => true,
+                })
     }
 
     /// Position of a variable among the template's variables (the index into the captures
@@ -183,6 +225,34 @@ pub fn query_param(query: &str, name: &str) -> Result<Option<String>, QueryError
     Ok(found)
 }
 
+/// Decodes every valid `%XX` escape, keeping anything else as it is (a path is only being
+/// compared, never used).
+fn decode_leniently(text: &str) -> Vec<u8> {
+    let bytes = text.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let escape = (bytes[i] == b'%')
+            .then(|| {
+                let high = hex_value(*bytes.get(i + 1)?)?;
+                let low = hex_value(*bytes.get(i + 2)?)?;
+                Some(high << 4 | low)
+            })
+            .flatten();
+        match escape {
+            Some(byte) => {
+                out.push(byte);
+                i += 3;
+            }
+            None => {
+                out.push(bytes[i]);
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
 /// Decodes `%XX` escapes and `+` (space, as in HTML forms).
 fn percent_decode(text: &str) -> Result<String, QueryError> {
     let bytes = text.as_bytes();
@@ -254,6 +324,49 @@ mod tests {
         assert_eq!(t.matches("/"), None);
         // No decoding: the encoded value reaches id validation as it is.
         assert_eq!(t.matches("/seckill/a%2Fb/buy"), Some(vec!["a%2Fb"]));
+    }
+
+    #[test]
+    fn near_misses_resemble_the_template() {
+        let t = template("/seckill/{goods_id}/buy");
+        for near in [
+            "/seckill/g/buy/",
+            "//seckill/g/buy",
+            "/seckill//g/buy",
+            "/seckill/x/../g/buy",
+            "/seckill/./g/buy",
+            "/seckill/g/%62uy",
+            "/%73eckill/g/buy",
+            "/SECKILL/g/BUY",
+            "/Seckill/g/Buy",
+            "/seckill/g/buy;x=1",
+            "/seckill;a/g/buy",
+            "/seckill\\g\\buy",
+            "/seckill/g/buy%2F",
+            "/seckill/g%2Fbuy",
+        ] {
+            assert_eq!(t.matches(near), None, "{near}");
+            assert!(t.resembles(near), "{near} should resemble the sale route");
+        }
+        for other in [
+            "/seckill/g",
+            "/seckill/g/sell",
+            "/seckill/g/buy/x",
+            "/other",
+            "/",
+            "",
+            "/seckill/g/buyx",
+            "/seckill/g/../buy",
+            "/seckill/g/%zz",
+        ] {
+            assert!(
+                !t.resembles(other),
+                "{other} should not resemble the sale route"
+            );
+        }
+        let deep = "/a".repeat(10_000);
+        assert!(!t.resembles(&deep));
+        assert_eq!(t.as_str(), "/seckill/{goods_id}/buy");
     }
 
     #[test]

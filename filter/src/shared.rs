@@ -7,8 +7,9 @@
 //!
 //! Keys (scoped by Envoy to the filter's `vm_id`):
 //! - `seckill.rl.<goods>`: GCRA state, one u64 TAT (ns, little-endian).
-//! - `seckill.rl.~overflow`: the bucket shared by goods seen after the tracking limit.
-//! - `seckill.rl.tracked`: u64 count of goods with their own bucket.
+//! - `seckill.rl.~overflow`: the bucket shared by goods the stock service has not confirmed
+//!   (and by confirmed goods past the tracking limit).
+//! - `seckill.rl.tracked`: u64 count of confirmed goods with their own bucket.
 //! - `seckill.soldout.<goods>`: u64 expiry (ns since the epoch) of a sold-out answer.
 //!
 //! The sold-out mark has a key of its own rather than sharing a record with the bucket: a
@@ -16,9 +17,10 @@
 //! into the VM), and a worker may answer a refused bucket from its memory without missing a
 //! mark another worker just wrote (see `local.rs`).
 //!
-//! Shared data never expires, so everything a client can name is bounded: own buckets by
-//! `tracked_goods_max`; sold-out entries exist only for goods the stock service called sold
-//! out or ended, which are real goods.
+//! Shared data never expires, so nothing a client can name gets a key: own buckets exist only
+//! for configured goods and goods the stock service confirmed (bounded by
+//! `tracked_goods_max`); sold-out entries only for goods the stock service called sold out or
+//! ended, which are real goods.
 
 use crate::config::RateLimits;
 use crate::gcra::{self, Decision, Rate};
@@ -87,21 +89,24 @@ pub enum RateLimited {
 pub enum Bucket {
     /// The goods' own (configured or tracked).
     Own,
-    /// The one all goods past the tracking limit share.
+    /// The one all unconfirmed goods (and those past the tracking limit) share.
     Overflow,
 }
 
 /// What the gate should do with a valid sale request before asking the stock service.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Admission {
+    /// The stock service said a moment ago that it sells no such goods (this worker's
+    /// memory): 404.
+    UnknownGoods,
     /// A fresh sold-out mark (from this worker's memory or from shared data): 409.
     SoldOut,
     /// No fresh mark (or marks not asked for): the rate limiter's answer.
     Rate(RateLimited),
 }
 
-/// The gate's steps 4 and 5 for one request, in that order: the sold-out cache (when
-/// `check_sold_out`), then the goods' rate limit. The worker's `memory` answers first where
+/// The gate's steps 4 and 5 for one request, in that order: the unknown-goods and sold-out
+/// caches (the latter when `check_sold_out`), then the goods' rate limit. The worker's `memory` answers first where
 /// it holds; every answer it gives is the one shared data would give (see `local.rs`). What
 /// shared data says is remembered: fresh marks, and refusals of a goods' own bucket.
 pub fn admit(
@@ -112,6 +117,9 @@ pub fn admit(
     now_ns: u64,
     check_sold_out: bool,
 ) -> Admission {
+    if memory.unknown(goods_id, now_ns) {
+        return Admission::UnknownGoods;
+    }
     if check_sold_out {
         if memory.sold_out(goods_id, now_ns) {
             return Admission::SoldOut;
@@ -150,16 +158,17 @@ pub fn mark_sold_out(
 /// A read of one key: value and CAS token.
 type Seen = (Option<Vec<u8>>, Option<u32>);
 
-/// Spends one token of the goods' bucket, if there is one; says which bucket answered.
+/// Spends one token of the goods' bucket; says which bucket answered.
 pub fn check_rate_limit(
     store: &impl SharedStore,
     limits: &RateLimits,
     goods_id: &str,
     now_ns: u64,
 ) -> (RateLimited, Bucket) {
-    // Configured goods always have their own bucket; other goods theirs while fewer than
-    // `tracked_goods_max` are tracked, else the shared overflow bucket. One read of the
-    // goods' key serves both as "is it tracked?" and as the first compare-and-swap attempt.
+    // Configured goods always have their own bucket; other goods once the stock service has
+    // confirmed they exist (see `confirm_goods`); the rest share the unconfirmed bucket. One
+    // read of the goods' key serves both as "is it confirmed?" and as the first
+    // compare-and-swap attempt.
     let key = rate_limit_key(goods_id);
     let seen = store.get(&key);
     if let Some(rate) = limits.goods.get(goods_id) {
@@ -168,17 +177,34 @@ pub fn check_rate_limit(
             Bucket::Own,
         );
     }
-    if seen.0.is_some() || reserve_tracking_slot(store, limits.tracked_goods_max) {
+    if seen.0.is_some() {
         let answer = take_token_seen(store, &key, limits.default, now_ns, seen);
         return (answer, Bucket::Own);
     }
-    let answer = take_token(store, OVERFLOW_KEY, limits.default, now_ns);
+    let answer = take_token(store, OVERFLOW_KEY, limits.unconfirmed, now_ns);
     (answer, Bucket::Overflow)
 }
 
-/// Counts one more tracked goods if the limit allows. Two threads meeting a new goods at the
-/// same moment may both count it: the count then overstates, which only errs towards the
-/// overflow bucket, never past the memory bound.
+/// The stock service answered for this goods as a goods it sells (anything but
+/// `unknown_goods`): from now on it has a bucket of its own, while fewer than
+/// `tracked_goods_max` goods have one. Goods ids that nobody sells never get here, so a
+/// client inventing ids cannot use up the slots of real goods.
+pub fn confirm_goods(store: &impl SharedStore, limits: &RateLimits, goods_id: &str) {
+    if limits.goods.contains_key(goods_id) {
+        return;
+    }
+    let key = rate_limit_key(goods_id);
+    if store.get(&key).0.is_some() || !reserve_tracking_slot(store, limits.tracked_goods_max) {
+        return;
+    }
+    // A fresh bucket (TAT 0: a full burst). Two workers confirming the same goods at once
+    // may both write it, costing at most one more burst, once.
+    let _ = store.set(&key, &gcra::encode(0), None);
+}
+
+/// Counts one more tracked goods if the limit allows. Two threads confirming a new goods at
+/// the same moment may both count it: the count then overstates, which only errs towards the
+/// unconfirmed bucket, never past the memory bound.
 fn reserve_tracking_slot(store: &impl SharedStore, tracked_goods_max: u64) -> bool {
     for _ in 0..CAS_ATTEMPTS_MAX {
         let (value, cas) = store.get(TRACKED_KEY);
@@ -348,6 +374,7 @@ mod tests {
         RateLimits {
             default: Rate::new(1.0, 2).unwrap(),
             goods,
+            unconfirmed: Rate::new(1.0, 2).unwrap(),
             tracked_goods_max,
         }
     }
@@ -368,6 +395,9 @@ mod tests {
     fn each_goods_has_its_own_budget() {
         let store = FakeStore::default();
         let limits = limits(10);
+        for goods in ["a", "b", "vip"] {
+            confirm_goods(&store, &limits, goods);
+        }
         assert!(allowed(&store, &limits, "a", T0));
         assert!(allowed(&store, &limits, "a", T0));
         assert!(!allowed(&store, &limits, "a", T0));
@@ -394,6 +424,7 @@ mod tests {
     fn a_known_goods_costs_one_read() {
         let store = FakeStore::default();
         let limits = limits(10);
+        confirm_goods(&store, &limits, "a");
         for goods in ["a", "vip"] {
             assert!(allowed(&store, &limits, goods, T0));
             for _ in 0..4 {
@@ -405,16 +436,36 @@ mod tests {
     }
 
     #[test]
-    fn goods_past_the_tracking_limit_share_the_overflow_bucket() {
+    fn unconfirmed_goods_share_one_bucket_and_never_take_a_slot() {
         let store = FakeStore::default();
         let limits = limits(2);
+        // A client inventing goods ids: all of them share the unconfirmed bucket (burst 2),
+        // however many, and none gets a key of its own or a tracking slot.
+        assert!(allowed(&store, &limits, "junk-1", T0));
+        assert!(allowed(&store, &limits, "junk-2", T0));
+        for i in 3..1_000 {
+            assert_eq!(
+                check_rate_limit(&store, &limits, &format!("junk-{i}"), T0).1,
+                Bucket::Overflow
+            );
+            assert!(!allowed(&store, &limits, &format!("junk-{i}"), T0));
+        }
+        assert_eq!(tracked(&store), None);
+        assert!(store.get(&rate_limit_key("junk-1")).0.is_none());
+        // A configured goods keeps its own budget all through.
+        for _ in 0..3 {
+            assert!(allowed(&store, &limits, "vip", T0));
+        }
+        // Confirmed goods get their own bucket, up to the tracking limit.
+        for goods in ["a", "b", "c"] {
+            confirm_goods(&store, &limits, goods);
+        }
+        assert_eq!(tracked(&store), Some(2));
         assert!(allowed(&store, &limits, "a", T0));
         assert!(allowed(&store, &limits, "b", T0));
-        // Two goods tracked: "c" and "d" share one bucket of the default rate (burst 2).
-        assert!(allowed(&store, &limits, "c", T0));
-        assert!(allowed(&store, &limits, "d", T0));
+        assert_eq!(check_rate_limit(&store, &limits, "a", T0).1, Bucket::Own);
         assert_eq!(
-            check_rate_limit(&store, &limits, "e", T0),
+            check_rate_limit(&store, &limits, "c", T0),
             (
                 RateLimited::Limited {
                     retry_after_ns: SECOND
@@ -422,12 +473,28 @@ mod tests {
                 Bucket::Overflow
             )
         );
-        assert!(store.get(&rate_limit_key("c")).0.is_none());
-        assert!(store.get(OVERFLOW_KEY).0.is_some());
-        // Tracked goods keep their own bucket; configured ones always have theirs.
-        assert!(allowed(&store, &limits, "a", T0));
-        assert!(allowed(&store, &limits, "vip", T0));
+        // Confirming again changes nothing; configured goods take no slot.
+        confirm_goods(&store, &limits, "a");
+        confirm_goods(&store, &limits, "vip");
         assert_eq!(tracked(&store), Some(2));
+    }
+
+    #[test]
+    fn an_unknown_goods_answer_is_remembered_by_the_worker() {
+        let store = FakeStore::default();
+        let limits = limits(10);
+        let mut memory = LocalMemory::default();
+        memory.remember_unknown("junk", T0 + SECOND, T0);
+        let reads = store.reads.get();
+        assert_eq!(
+            admit(&store, &mut memory, &limits, "junk", T0, true),
+            Admission::UnknownGoods
+        );
+        assert_eq!(store.reads.get(), reads, "answered without shared data");
+        assert_eq!(
+            admit(&store, &mut memory, &limits, "junk", T0 + SECOND, true),
+            Admission::Rate(RateLimited::Allowed)
+        );
     }
 
     #[test]
@@ -493,6 +560,8 @@ mod tests {
         let limits = limits(10);
         let mut writer = LocalMemory::default();
         let mut reader = LocalMemory::default();
+        confirm_goods(&store, &limits, "a");
+        confirm_goods(&store, &limits, "b");
         mark_sold_out(&store, &mut writer, "a", T0 + SECOND, T0);
         let reads = store.reads.get();
         assert_eq!(
@@ -612,6 +681,10 @@ mod tests {
             let goods = ["a", "b", "c", "d", "vip"];
             let cached = FakeStore::default();
             let reference = FakeStore::default();
+            for store in [&cached, &reference] {
+                confirm_goods(store, &limits, "a");
+                confirm_goods(store, &limits, "b");
+            }
             let mut memories: Vec<LocalMemory> =
                 (0..WORKERS).map(|_| LocalMemory::default()).collect();
             let mut forgetful: Vec<LocalMemory> =
@@ -679,6 +752,7 @@ mod tests {
             default: Rate::new(0.001, 1).unwrap(),
             ..limits
         };
+        confirm_goods(&store, &slow, "a");
         assert_eq!(
             admit(&store, &mut memory, &slow, "a", T0, false),
             Admission::Rate(RateLimited::Allowed)

@@ -4,7 +4,7 @@
 //! on purpose: under light load every batch holds one attempt.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use redis::aio::ConnectionManager;
 use seckill_api::{DeductReply, DeductRequest, Outcome};
@@ -21,12 +21,26 @@ pub const BATCH_ATTEMPTS_MAX: usize = 128;
 /// queueing without bound.
 pub const QUEUE_ATTEMPTS_MAX: usize = 16_384;
 
+/// How the answer to an attempt reaches its buyer, which decides how long its reservation
+/// waits for a claim.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Delivery {
+    /// The answer is the delivery (the single deduct endpoint): the reservation lives for its
+    /// payment window at once.
+    Direct,
+    /// The gate forwards the winner and claims the reservation afterwards (the batch
+    /// endpoint): unclaimed, it lives for the claim window only.
+    Claimed,
+}
+
 #[derive(Debug, Clone, thiserror::Error)]
 pub enum DeductError {
     #[error("{0}")]
     BadRequest(String),
     #[error("redis did not answer within {REDIS_CALL_TIMEOUT:?}")]
     Timeout,
+    #[error("the caller's deadline passed before the attempt was decided; nothing was changed")]
+    TooLate,
     #[error("more than {QUEUE_ATTEMPTS_MAX} attempts are waiting; shedding load")]
     Overloaded,
     #[error("redis error: {0}")]
@@ -39,6 +53,9 @@ pub enum DeductError {
 
 struct Attempt {
     request: DeductRequest,
+    delivery: Delivery,
+    /// After this the caller no longer waits: the attempt must not be decided.
+    deadline: Instant,
     reply: oneshot::Sender<Result<DeductReply, DeductError>>,
 }
 
@@ -48,20 +65,49 @@ pub struct Deducter {
     queue: mpsc::Sender<Attempt>,
 }
 
+/// What one script call needs besides its attempts.
+#[derive(Clone)]
+struct Batching {
+    redis: ConnectionManager,
+    keys: KeySpace,
+    script: redis::Script,
+    claim_window: Duration,
+}
+
 impl Deducter {
-    /// Starts the batcher task; it ends when every handle is dropped.
-    pub fn start(redis: ConnectionManager, keys: KeySpace) -> Self {
+    /// Starts the batcher task; it ends when every handle is dropped. Reservations delivered
+    /// through a claim wait `claim_window` for it.
+    pub fn start(redis: ConnectionManager, keys: KeySpace, claim_window: Duration) -> Self {
         let (queue, attempts) = mpsc::channel(QUEUE_ATTEMPTS_MAX);
-        let script = redis::Script::new(include_str!("lua/deduct_batch.lua"));
-        tokio::spawn(run_batches(attempts, redis, keys, script));
+        let batching = Batching {
+            redis,
+            keys,
+            script: redis::Script::new(include_str!("lua/deduct_batch.lua")),
+            claim_window,
+        };
+        tokio::spawn(run_batches(attempts, batching));
         Self { queue }
     }
 
-    pub async fn deduct(&self, request: DeductRequest) -> Result<DeductReply, DeductError> {
+    /// Decides one attempt. `timeout` is how long the caller waits for the answer (capped by
+    /// [`REDIS_CALL_TIMEOUT`]): past it, the attempt is refused unchanged, also inside Redis.
+    pub async fn deduct(
+        &self,
+        request: DeductRequest,
+        delivery: Delivery,
+        timeout: Option<Duration>,
+    ) -> Result<DeductReply, DeductError> {
         validate(&request)?;
+        let budget = timeout.map_or(REDIS_CALL_TIMEOUT, |t| t.min(REDIS_CALL_TIMEOUT));
+        let deadline = Instant::now() + budget;
         let (reply, answer) = oneshot::channel();
         self.queue
-            .try_send(Attempt { request, reply })
+            .try_send(Attempt {
+                request,
+                delivery,
+                deadline,
+                reply,
+            })
             .map_err(|e| match e {
                 mpsc::error::TrySendError::Full(_) => DeductError::Overloaded,
                 mpsc::error::TrySendError::Closed(_) => DeductError::Stopped,
@@ -78,39 +124,59 @@ impl Deducter {
 
 /// Takes whatever attempts are queued (up to a batch), decides them with one script call per
 /// goods, answers each, and repeats. One batch at a time: while it is out, the next forms.
-async fn run_batches(
-    mut attempts: mpsc::Receiver<Attempt>,
-    redis: ConnectionManager,
-    keys: KeySpace,
-    script: redis::Script,
-) {
+async fn run_batches(mut attempts: mpsc::Receiver<Attempt>, batching: Batching) {
     let mut batch = Vec::with_capacity(BATCH_ATTEMPTS_MAX);
     while attempts.recv_many(&mut batch, BATCH_ATTEMPTS_MAX).await > 0 {
-        let mut by_goods: HashMap<String, Vec<Attempt>> = HashMap::new();
+        let now = Instant::now();
+        let mut by_goods: HashMap<(String, Delivery), Vec<Attempt>> = HashMap::new();
         for attempt in batch.drain(..) {
+            // Waited in the queue past its caller's patience: answer without asking Redis.
+            if attempt.deadline <= now {
+                let _ = attempt.reply.send(Err(DeductError::TooLate));
+                continue;
+            }
             by_goods
-                .entry(attempt.request.goods_id.clone())
+                .entry((attempt.request.goods_id.clone(), attempt.delivery))
                 .or_default()
                 .push(attempt);
         }
         metrics::histogram!("seckill_deduct_batch_attempts")
             .record(by_goods.values().map(Vec::len).sum::<usize>() as f64);
-        let calls = by_goods
-            .into_iter()
-            .map(|(goods_id, group)| decide_group(&redis, &keys, &script, goods_id, group));
+        let calls = by_goods.into_iter().map(|((goods_id, delivery), group)| {
+            decide_group(&batching, goods_id, delivery, group)
+        });
         futures_util::future::join_all(calls).await;
     }
 }
 
+/// Milliseconds since the epoch at `deadline`, by this host's wall clock; the script compares
+/// it with Redis's clock (the two are assumed NTP-close, as the sale window already is).
+fn epoch_ms_at(deadline: Instant) -> u64 {
+    let wall = SystemTime::now() + deadline.saturating_duration_since(Instant::now());
+    wall.duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
+
 async fn decide_group(
-    redis: &ConnectionManager,
-    keys: &KeySpace,
-    script: &redis::Script,
+    batching: &Batching,
     goods_id: String,
+    delivery: Delivery,
     group: Vec<Attempt>,
 ) {
-    let goods = keys.goods(&goods_id);
-    let mut invocation = script.prepare_invoke();
+    let goods = batching.keys.goods(&goods_id);
+    // The call must not decide anything after the most impatient of its callers gave up.
+    let deadline = group
+        .iter()
+        .map(|a| a.deadline)
+        .min()
+        .unwrap_or_else(Instant::now);
+    let claim_window_ms = match delivery {
+        Delivery::Direct => 0,
+        Delivery::Claimed => u64::try_from(batching.claim_window.as_millis())
+            .unwrap_or(u64::MAX)
+            .max(1),
+    };
+    let mut invocation = batching.script.prepare_invoke();
     invocation
         .key(&goods.sale)
         .key(&goods.users)
@@ -118,16 +184,21 @@ async fn decide_group(
         .key(&goods.reservations)
         .key(&goods.outbox)
         .key(&goods.expiries)
-        .arg(&goods_id);
+        .key(&goods.unclaimed)
+        .key(&goods.settled)
+        .arg(&goods_id)
+        .arg(epoch_ms_at(deadline))
+        .arg(claim_window_ms);
     for attempt in &group {
         invocation
             .arg(&attempt.request.user_id)
             .arg(attempt.request.quantity)
             .arg(&attempt.request.request_id);
     }
-    let mut conn = redis.clone();
-    let result: Result<Vec<(String, String, i64, i64)>, DeductError> =
-        match tokio::time::timeout(REDIS_CALL_TIMEOUT, invocation.invoke_async(&mut conn)).await {
+    let mut conn = batching.redis.clone();
+    let wait = deadline.saturating_duration_since(Instant::now());
+    let result: Result<Vec<ScriptReply>, DeductError> =
+        match tokio::time::timeout(wait, invocation.invoke_async(&mut conn)).await {
             Err(_) => Err(DeductError::Timeout),
             Ok(Err(e)) => Err(DeductError::Redis(e.to_string())),
             Ok(Ok(replies)) => Ok(replies),
@@ -178,22 +249,39 @@ fn validate(request: &DeductRequest) -> Result<(), DeductError> {
     Ok(())
 }
 
-/// Maps the script's one reply shape `{outcome, order_id, remaining, retry_after_ms}`.
+/// The script's one reply shape: `{outcome, order_id, remaining, retry_after_ms, reason}`.
+type ScriptReply = (String, String, i64, i64, String);
+
+/// Maps one script reply to the wire reply (or to `TooLate`: nothing was decided).
 fn parse_reply(
-    (outcome, order_id, remaining, retry_after_ms): (String, String, i64, i64),
+    (outcome, order_id, remaining, retry_after_ms, reason): ScriptReply,
 ) -> Result<DeductReply, DeductError> {
+    if outcome == "too_late" {
+        return Err(DeductError::TooLate);
+    }
     let outcome = Outcome::parse(&outcome)
         .ok_or_else(|| DeductError::BadScriptReply(format!("unknown outcome {outcome:?}")))?;
-    let order_id = match outcome {
-        Outcome::Won if !order_id.is_empty() => Some(order_id),
-        Outcome::Won => return Err(DeductError::BadScriptReply("won without order id".into())),
-        _ => None,
+    // Won, released and confirmed name the order; nothing else does.
+    let names_order = matches!(
+        outcome,
+        Outcome::Won | Outcome::Released | Outcome::Confirmed
+    );
+    let order_id = match (names_order, order_id.is_empty()) {
+        (true, false) => Some(order_id),
+        (true, true) => {
+            return Err(DeductError::BadScriptReply(format!(
+                "{} without order id",
+                outcome.as_str()
+            )))
+        }
+        (false, _) => None,
     };
     Ok(DeductReply {
         outcome,
         order_id,
         remaining: u64::try_from(remaining).ok(),
         retry_after_ms: (outcome == Outcome::NotStarted).then_some(retry_after_ms.max(0) as u64),
+        reason: (outcome == Outcome::Released && !reason.is_empty()).then_some(reason),
     })
 }
 
@@ -226,16 +314,39 @@ mod tests {
         );
     }
 
+    fn script(outcome: &str, order: &str, remaining: i64, retry: i64, reason: &str) -> ScriptReply {
+        (
+            outcome.into(),
+            order.into(),
+            remaining,
+            retry,
+            reason.into(),
+        )
+    }
+
     #[test]
     fn script_replies_map_to_one_shape() {
-        let won = parse_reply(("won".into(), "sku-1.1.7".into(), 93, 0)).unwrap();
+        let won = parse_reply(script("won", "sku-1.1.7", 93, 0, "")).unwrap();
         assert_eq!(won.order_id.as_deref(), Some("sku-1.1.7"));
         assert_eq!(won.remaining, Some(93));
-        let unknown = parse_reply(("unknown_goods".into(), String::new(), -1, 0)).unwrap();
+        assert_eq!(won.reason, None);
+        let unknown = parse_reply(script("unknown_goods", "", -1, 0, "")).unwrap();
         assert_eq!(unknown.remaining, None);
-        let early = parse_reply(("not_started".into(), String::new(), 5, 1500)).unwrap();
+        let early = parse_reply(script("not_started", "", 5, 1500, "")).unwrap();
         assert_eq!(early.retry_after_ms, Some(1500));
-        assert!(parse_reply(("won".into(), String::new(), 1, 0)).is_err());
-        assert!(parse_reply(("maybe".into(), String::new(), 1, 0)).is_err());
+        let released = parse_reply(script("released", "g.1.2", 4, 0, "cancelled")).unwrap();
+        assert_eq!(
+            (released.order_id.as_deref(), released.reason.as_deref()),
+            (Some("g.1.2"), Some("cancelled"))
+        );
+        let paid = parse_reply(script("confirmed", "g.1.3", 4, 0, "")).unwrap();
+        assert_eq!(paid.order_id.as_deref(), Some("g.1.3"));
+        assert!(matches!(
+            parse_reply(script("too_late", "", -1, 0, "")),
+            Err(DeductError::TooLate)
+        ));
+        assert!(parse_reply(script("won", "", 1, 0, "")).is_err());
+        assert!(parse_reply(script("released", "", 1, 0, "cancelled")).is_err());
+        assert!(parse_reply(script("maybe", "", 1, 0, "")).is_err());
     }
 }

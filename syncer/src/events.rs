@@ -61,7 +61,7 @@ pub enum EventError {
 }
 
 /// Release reasons an event may carry.
-pub const RELEASE_REASONS: [&str; 3] = ["cancelled", "expired", "upstream_failed"];
+pub const RELEASE_REASONS: [&str; 4] = ["cancelled", "expired", "upstream_failed", "unclaimed"];
 
 impl SaleEvent {
     pub fn goods_id(&self) -> &str {

@@ -2,7 +2,7 @@
 //! metrics. `router(state)` builds it without a socket so tests can drive it directly.
 
 use std::sync::Arc;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use axum::extract::{Path, Query, Request, State};
 use axum::http::StatusCode;
@@ -12,14 +12,14 @@ use axum::routing::{get, post, put};
 use axum::{Json, Router};
 use redis::aio::ConnectionManager;
 use seckill_api::{
-    BatchItem, DeductBatchReply, DeductBatchRequest, DeductReply, DeductRequest, ErrorReply,
-    SECRET_HEADER,
+    BatchItem, ClaimReply, ClaimRequest, DeductBatchReply, DeductBatchRequest, DeductReply,
+    DeductRequest, ErrorReply, SECRET_HEADER,
 };
 use serde::Deserialize;
 use sqlx::MySqlPool;
 
 use crate::db;
-use crate::deduct::{DeductError, Deducter};
+use crate::deduct::{DeductError, Deducter, Delivery};
 use crate::keys::KeySpace;
 use crate::lifecycle::{Lifecycle, LifecycleError, ReleaseReason, Settlement};
 use crate::preheat::{self, PreheatError};
@@ -40,6 +40,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     let internal = Router::new()
         .route(seckill_api::DEDUCT_PATH, post(deduct))
         .route(seckill_api::DEDUCT_BATCH_PATH, post(deduct_batch))
+        .route(seckill_api::CLAIM_PATH, post(claim))
         .route("/v1/orders/{order_id}/confirm", post(confirm_order))
         .route("/v1/orders/{order_id}/cancel", post(cancel_order))
         .route("/v1/orders/{order_id}/release", post(release_order))
@@ -164,7 +165,7 @@ async fn deduct(
     body: Result<Json<DeductRequest>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Json<DeductReply>, AppError> {
     let Json(request) = body.map_err(|e| AppError::BadRequest(e.body_text()))?;
-    Ok(Json(decide(&state, request).await?))
+    Ok(Json(decide(&state, request, Delivery::Direct, None).await?))
 }
 
 /// Several attempts in one call (the filter sends every buyer that arrived while its last
@@ -182,8 +183,21 @@ async fn deduct_batch(
             seckill_api::BATCH_ATTEMPTS_MAX
         )));
     }
-    // Every attempt joins the deduct queue at once, so they share script calls.
-    let decisions = batch.attempts.into_iter().map(|a| decide(&state, a));
+    let timeout = match batch.timeout_ms {
+        Some(ms) if ms == 0 || ms > seckill_api::DEDUCT_TIMEOUT_MS_MAX => {
+            return Err(AppError::BadRequest(format!(
+                "timeout_ms must be from 1 to {}, not {ms}",
+                seckill_api::DEDUCT_TIMEOUT_MS_MAX
+            )))
+        }
+        ms => ms.map(Duration::from_millis),
+    };
+    // Every attempt joins the deduct queue at once, so they share script calls. The gate
+    // forwards its winners and claims them afterwards.
+    let decisions = batch
+        .attempts
+        .into_iter()
+        .map(|a| decide(&state, a, Delivery::Claimed, timeout));
     let replies = futures_util::future::join_all(decisions)
         .await
         .into_iter()
@@ -195,10 +209,42 @@ async fn deduct_batch(
     Ok(Json(DeductBatchReply { replies }))
 }
 
+/// The gate claims the reservations it delivered to the shop; the rest are released when the
+/// claim window ends. A claim for an order that has ended is counted `late` and changes
+/// nothing; one the store could not take now is listed in `failed` for the gate to retry.
+async fn claim(
+    State(state): State<Arc<AppState>>,
+    body: Result<Json<ClaimRequest>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<ClaimReply>, AppError> {
+    let Json(request) = body.map_err(|e| AppError::BadRequest(e.body_text()))?;
+    let count = request.order_ids.len();
+    if count == 0 || count > seckill_api::CLAIMS_PER_CALL_MAX {
+        return Err(AppError::BadRequest(format!(
+            "a claim carries from 1 to {} order ids, not {count}",
+            seckill_api::CLAIMS_PER_CALL_MAX
+        )));
+    }
+    let outcome = state.lifecycle.claim(&request.order_ids).await;
+    metrics::counter!("seckill_claims_total", "result" => "claimed").increment(outcome.claimed);
+    metrics::counter!("seckill_claims_total", "result" => "late").increment(outcome.late);
+    metrics::counter!("seckill_claims_total", "result" => "failed")
+        .increment(outcome.failed.len() as u64);
+    Ok(Json(ClaimReply {
+        claimed: outcome.claimed,
+        late: outcome.late,
+        failed: outcome.failed,
+    }))
+}
+
 /// One attempt through the batcher, counted in the deduct metrics.
-async fn decide(state: &AppState, request: DeductRequest) -> Result<DeductReply, DeductError> {
+async fn decide(
+    state: &AppState,
+    request: DeductRequest,
+    delivery: Delivery,
+    timeout: Option<Duration>,
+) -> Result<DeductReply, DeductError> {
     let started = Instant::now();
-    let result = state.deducter.deduct(request).await;
+    let result = state.deducter.deduct(request, delivery, timeout).await;
     metrics::histogram!("seckill_deduct_duration_seconds").record(started.elapsed());
     match &result {
         Ok(reply) => metrics::counter!("seckill_deduct_total", "outcome" => reply.outcome.as_str())
@@ -207,6 +253,7 @@ async fn decide(state: &AppState, request: DeductRequest) -> Result<DeductReply,
             let kind = match e {
                 DeductError::BadRequest(_) => "bad_request",
                 DeductError::Overloaded => "overloaded",
+                DeductError::TooLate => "too_late",
                 _ => "redis",
             };
             metrics::counter!("seckill_deduct_errors_total", "kind" => kind).increment(1)

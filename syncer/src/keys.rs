@@ -15,6 +15,9 @@ pub struct GoodsKeys {
     pub reservations: String,
     /// Sorted set: open reservation order ids scored by the end of their payment window.
     pub expiries: String,
+    /// Set: order ids of open reservations the gate has not claimed yet (not known to have
+    /// reached the shop). They live for the claim window only.
+    pub unclaimed: String,
     /// Hash: order id -> final state ("confirmed", "released:<reason>") of every settled order,
     /// so repeated confirm and cancel calls get the same answer.
     pub settled: String,
@@ -50,6 +53,7 @@ impl KeySpace {
             requests: format!("{base}:requests"),
             reservations: format!("{base}:reservations"),
             expiries: format!("{base}:expiries"),
+            unclaimed: format!("{base}:unclaimed"),
             settled: format!("{base}:settled"),
             outbox: format!("{base}:outbox"),
             epoch: format!("{base}:epoch"),
@@ -85,6 +89,7 @@ mod tests {
             &keys.requests,
             &keys.reservations,
             &keys.expiries,
+            &keys.unclaimed,
             &keys.settled,
             &keys.outbox,
             &keys.epoch,

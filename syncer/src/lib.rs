@@ -46,6 +46,8 @@ pub struct ServeConfig {
     pub secret: String,
     /// How often the sweeper releases reservations whose payment window has passed.
     pub sweep_every: Duration,
+    /// How long a reservation made through the batch endpoint waits for the gate's claim.
+    pub claim_window: Duration,
 }
 
 pub async fn connect_redis(url: &str) -> anyhow::Result<ConnectionManager> {
@@ -192,7 +194,7 @@ pub async fn serve(
         Ok(())
     });
     let state = Arc::new(http::AppState {
-        deducter: Deducter::start(redis.clone(), keys.clone()),
+        deducter: Deducter::start(redis.clone(), keys.clone(), config.claim_window),
         lifecycle,
         redis,
         keys,

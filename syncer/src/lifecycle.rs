@@ -1,6 +1,7 @@
 //! The end of a reservation: confirmed (paid) or released (cancelled, expired, upstream
 //! failure), exactly once per order, atomically in Redis, with its event in the outbox.
 
+use std::collections::HashMap;
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
@@ -24,26 +25,40 @@ pub enum ReleaseReason {
     Expired,
     /// The shop API failed the winner's request (5xx or no response).
     UpstreamFailed,
+    /// The gate never claimed the reservation within the claim window: it never reached the
+    /// shop (the gate gave up waiting for the deduct answer, or the buyer left).
+    Unclaimed,
 }
 
 impl ReleaseReason {
+    pub const ALL: [ReleaseReason; 4] = [
+        ReleaseReason::Cancelled,
+        ReleaseReason::Expired,
+        ReleaseReason::UpstreamFailed,
+        ReleaseReason::Unclaimed,
+    ];
+
     pub fn as_str(self) -> &'static str {
         match self {
             ReleaseReason::Cancelled => "cancelled",
             ReleaseReason::Expired => "expired",
             ReleaseReason::UpstreamFailed => "upstream_failed",
+            ReleaseReason::Unclaimed => "unclaimed",
         }
     }
 
     pub fn parse(text: &str) -> Option<ReleaseReason> {
-        [
-            ReleaseReason::Cancelled,
-            ReleaseReason::Expired,
-            ReleaseReason::UpstreamFailed,
-        ]
-        .into_iter()
-        .find(|r| r.as_str() == text)
+        ReleaseReason::ALL.into_iter().find(|r| r.as_str() == text)
     }
+}
+
+/// What a claim call did.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ClaimOutcome {
+    pub claimed: u64,
+    pub late: u64,
+    /// Could not be claimed now (store fault).
+    pub failed: Vec<String>,
 }
 
 /// Where an order stands after a confirm or release call.
@@ -138,6 +153,44 @@ impl Lifecycle {
         })
     }
 
+    /// Claims reservations the gate delivered: each then lives for its sale's payment window
+    /// instead of the claim window. Order ids are grouped by goods, one script call each.
+    pub async fn claim(&self, order_ids: &[String]) -> ClaimOutcome {
+        let mut outcome = ClaimOutcome::default();
+        let mut by_goods: HashMap<&str, Vec<&String>> = HashMap::new();
+        for order_id in order_ids {
+            let valid = seckill_api::validate_id(order_id, seckill_api::ID_LEN_MAX).is_ok();
+            match goods_of_order(order_id).filter(|_| valid) {
+                Some(goods_id) => by_goods.entry(goods_id).or_default().push(order_id),
+                // Not an order id the syncer could have issued: nothing to claim.
+                None => outcome.late += 1,
+            }
+        }
+        for (goods_id, ids) in by_goods {
+            let mut invocation = self.invocation(goods_id, "claim");
+            for id in &ids {
+                invocation.arg(id.as_str());
+            }
+            let mut conn = self.redis.clone();
+            let result: Result<(u64, u64), LifecycleError> =
+                tokio::time::timeout(REDIS_TIMEOUT, invocation.invoke_async(&mut conn))
+                    .await
+                    .map_err(|_| LifecycleError::Timeout)
+                    .and_then(|r| r.map_err(LifecycleError::from));
+            match result {
+                Ok((claimed, late)) => {
+                    outcome.claimed += claimed;
+                    outcome.late += late;
+                }
+                Err(e) => {
+                    tracing::warn!(goods_id, error = %e, "claiming reservations failed; the gate retries");
+                    outcome.failed.extend(ids.into_iter().cloned());
+                }
+            }
+        }
+        outcome
+    }
+
     /// Releases up to `SWEEP_BATCH_MAX` reservations of one goods whose window has passed.
     pub async fn sweep_goods(&self, goods_id: &str) -> Result<u64, LifecycleError> {
         let mut invocation = self.invocation(goods_id, "sweep");
@@ -160,6 +213,7 @@ impl Lifecycle {
             .key(keys.expiries)
             .key(keys.settled)
             .key(keys.outbox)
+            .key(keys.unclaimed)
             .arg(goods_id)
             .arg(action);
         invocation
@@ -209,11 +263,7 @@ mod tests {
 
     #[test]
     fn reasons_round_trip() {
-        for reason in [
-            ReleaseReason::Cancelled,
-            ReleaseReason::Expired,
-            ReleaseReason::UpstreamFailed,
-        ] {
+        for reason in ReleaseReason::ALL {
             assert_eq!(ReleaseReason::parse(reason.as_str()), Some(reason));
         }
         assert_eq!(ReleaseReason::parse("bored"), None);

@@ -137,6 +137,11 @@ enum Command {
         /// Milliseconds between sweeps that release reservations whose payment window passed.
         #[arg(long, env = "SECKILL_SWEEP_EVERY_MS", default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(10..=60_000))]
         sweep_every_ms: u64,
+        /// Milliseconds a reservation made through the batch endpoint (the gate's) waits for
+        /// the gate's claim that it reached the shop; unclaimed, it is released then
+        /// (reason "unclaimed") instead of at the end of its payment window.
+        #[arg(long, env = "SECKILL_CLAIM_WINDOW_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1_000..=3_600_000))]
+        claim_window_ms: u64,
         /// Seconds between periodic reconciles (drift metric), with --pipeline.
         #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
         reconcile_every_s: u64,
@@ -242,6 +247,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             relay_name,
             reconcile_every_s,
             sweep_every_ms,
+            claim_window_ms,
         } => {
             let metrics = install_metrics()?;
             let config = ServeConfig {
@@ -249,6 +255,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 listen,
                 secret,
                 sweep_every: Duration::from_millis(sweep_every_ms),
+                claim_window: Duration::from_millis(claim_window_ms),
             };
             let pipeline = pipeline.then(|| PipelineConfig {
                 writer: writer.config(),

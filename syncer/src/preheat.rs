@@ -41,6 +41,7 @@ pub async fn preheat(
         .key(&goods.epoch)
         .key(&goods.expiries)
         .key(&goods.settled)
+        .key(&goods.unclaimed)
         .arg(sale.total_stock)
         .arg(sale.per_user_limit)
         .arg(sale.starts_at.timestamp_millis())

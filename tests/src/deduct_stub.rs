@@ -10,7 +10,9 @@ use std::sync::Arc;
 use axum::extract::State;
 use axum::routing::post;
 use axum::{Json, Router};
-use seckill_api::{BatchItem, DeductBatchReply, DeductBatchRequest, DeductReply, Outcome};
+use seckill_api::{
+    BatchItem, ClaimReply, ClaimRequest, DeductBatchReply, DeductBatchRequest, DeductReply, Outcome,
+};
 use tokio::sync::watch;
 
 use crate::served::Served;
@@ -59,6 +61,7 @@ impl DeductStub {
         // Only the batch endpoint: it is the one the filter calls.
         let app = Router::new()
             .route(seckill_api::DEDUCT_BATCH_PATH, post(win_all))
+            .route(seckill_api::CLAIM_PATH, post(claim_all))
             .with_state(state.clone());
         let served = Served::start(app).await?;
         Ok(Self {
@@ -90,9 +93,16 @@ async fn win_all(
 fn won(orders: &AtomicU64) -> DeductReply {
     let seq = orders.fetch_add(1, Ordering::Relaxed) + 1;
     DeductReply {
-        outcome: Outcome::Won,
         order_id: Some(format!("stub.1.{seq}")),
-        remaining: Some(999_999_999),
-        retry_after_ms: None,
+        ..DeductReply::new(Outcome::Won, Some(999_999_999))
     }
+}
+
+/// Every claim is taken (the stub keeps no reservations to release).
+async fn claim_all(Json(claim): Json<ClaimRequest>) -> Json<ClaimReply> {
+    Json(ClaimReply {
+        claimed: claim.order_ids.len() as u64,
+        late: 0,
+        failed: Vec::new(),
+    })
 }

@@ -1,17 +1,32 @@
 -- A batch of purchase attempts for one goods, decided in arrival order and recorded
 -- atomically. Batching amortises the script call: under load one call serves many buyers.
 -- KEYS: 1 sale hash, 2 users hash, 3 requests hash, 4 reservations hash, 5 outbox stream,
---       6 expiries sorted set
--- ARGV: 1 goods id, then one (user id, quantity, request id) triple per attempt
--- Reply: one { outcome, order_id or "", remaining (-1 unknown), retry_after_ms } per attempt,
--- always that shape. Ids are validated by the caller to [A-Za-z0-9_.:-], so "|" separates.
+--       6 expiries sorted set, 7 unclaimed set, 8 settled hash
+-- ARGV: 1 goods id, 2 deadline (ms since the epoch, by Redis's clock), 3 claim window ms
+--       (0: the reservation is delivered by this very answer and needs no claim), then one
+--       (user id, quantity, request id) triple per attempt
+-- Reply: one { outcome, order_id or "", remaining (-1 unknown), retry_after_ms, reason or "" }
+-- per attempt, always that shape. Ids are validated by the caller to [A-Za-z0-9_.:-], so "|"
+-- separates.
 local goods = ARGV[1]
-local attempts = (#ARGV - 1) / 3
+local deadline_ms, claim_ms = tonumber(ARGV[2]), tonumber(ARGV[3])
+local attempts = (#ARGV - 3) / 3
 local replies = {}
+
+-- Server time, so every syncer instance judges the window by one clock.
+local time = redis.call('TIME')
+local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+
+-- The caller has stopped waiting (Redis stalled, or the call queued too long): an answer now
+-- would reach nobody, so nothing is decided and nothing changes. Checked first of all.
+if now_ms > deadline_ms then
+  for i = 1, attempts do replies[i] = { 'too_late', '', -1, 0, '' } end
+  return replies
+end
 
 local sale = redis.call('HMGET', KEYS[1], 'available', 'limit', 'start_ms', 'end_ms', 'epoch', 'seq', 'window_ms')
 if not sale[1] then
-  for i = 1, attempts do replies[i] = { 'unknown_goods', '', -1, 0 } end
+  for i = 1, attempts do replies[i] = { 'unknown_goods', '', -1, 0, '' } end
   return replies
 end
 local available = tonumber(sale[1])
@@ -19,36 +34,54 @@ local limit, start_ms, end_ms = tonumber(sale[2]), tonumber(sale[3]), tonumber(s
 local epoch, seq, window_ms = sale[5], tonumber(sale[6]), tonumber(sale[7])
 local granted = 0
 
--- Server time, so every syncer instance judges the window by one clock.
-local time = redis.call('TIME')
-local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+-- What a request id that won before gets now. An order id is handed out again only while its
+-- reservation is live; a dead order is never forwarded again. Returns nil when the request
+-- is to be decided afresh: its order was never delivered (the shop failed it, or nobody
+-- claimed it), so the buyer never had it and a retry is a new attempt with a new order id.
+local function repeat_answer(prior_order)
+  if redis.call('HEXISTS', KEYS[4], prior_order) == 1 then
+    return { 'won', prior_order, available, 0, '' }
+  end
+  local final = redis.call('HGET', KEYS[8], prior_order)
+  if final == 'confirmed' then
+    return { 'confirmed', prior_order, available, 0, '' }
+  end
+  local reason = final and string.match(final, '^released:(.+)$') or 'ended'
+  if reason == 'upstream_failed' or reason == 'unclaimed' then
+    return nil
+  end
+  return { 'released', prior_order, available, 0, reason }
+end
 
 local function decide(user, qty, request_id)
   -- Idempotency first: a retry gets the answer it got before, even after the sale closed.
   local prior = redis.call('HGET', KEYS[3], request_id)
   if prior then
     local prior_user, prior_qty, prior_order = string.match(prior, '^([^|]*)|(%d+)|(.+)$')
-    if prior_user == user and tonumber(prior_qty) == qty then
-      return { 'won', prior_order, available, 0 }
+    if prior_user ~= user or tonumber(prior_qty) ~= qty then
+      return { 'request_id_conflict', '', available, 0, '' }
     end
-    return { 'request_id_conflict', '', available, 0 }
+    local answer = repeat_answer(prior_order)
+    if answer then
+      return answer
+    end
   end
   if now_ms < start_ms then
-    return { 'not_started', '', available, start_ms - now_ms }
+    return { 'not_started', '', available, start_ms - now_ms, '' }
   end
   if now_ms >= end_ms then
-    return { 'ended', '', available, 0 }
+    return { 'ended', '', available, 0, '' }
   end
   -- The buyer is checked before anything is decremented: a refused buyer costs no stock.
   local held = tonumber(redis.call('HGET', KEYS[2], user) or '0')
   if held >= limit then
-    return { 'duplicate', '', available, 0 }
+    return { 'duplicate', '', available, 0, '' }
   end
   if held + qty > limit then
-    return { 'limit_reached', '', available, 0 }
+    return { 'limit_reached', '', available, 0, '' }
   end
   if available < qty then
-    return { 'sold_out', '', available, 0 }
+    return { 'sold_out', '', available, 0, '' }
   end
   seq = seq + 1
   available = available - qty
@@ -57,17 +90,25 @@ local function decide(user, qty, request_id)
   redis.call('HINCRBY', KEYS[2], user, qty)
   redis.call('HSET', KEYS[3], request_id, user .. '|' .. qty .. '|' .. order_id)
   redis.call('HSET', KEYS[4], order_id, user .. '|' .. qty .. '|' .. now_ms)
-  -- The payment window starts now; the sweeper releases the reservation when it ends.
-  redis.call('ZADD', KEYS[6], now_ms + window_ms, order_id)
+  -- Until the gate claims it (it reached the shop), the reservation lives only for the claim
+  -- window; then the payment window. The sweeper releases it when its time is up.
+  local lives_ms = window_ms
+  if claim_ms > 0 and claim_ms < window_ms then
+    lives_ms = claim_ms
+  end
+  if claim_ms > 0 then
+    redis.call('SADD', KEYS[7], order_id)
+  end
+  redis.call('ZADD', KEYS[6], now_ms + lives_ms, order_id)
   -- The outbox entry is written by the same script: no reservation without its event.
   redis.call('XADD', KEYS[5], '*',
     'type', 'reserved', 'order_id', order_id, 'goods_id', goods, 'user_id', user,
     'quantity', qty, 'request_id', request_id, 'at_ms', now_ms)
-  return { 'won', order_id, available, 0 }
+  return { 'won', order_id, available, 0, '' }
 end
 
 for i = 1, attempts do
-  local base = 2 + (i - 1) * 3
+  local base = 4 + (i - 1) * 3
   replies[i] = decide(ARGV[base], tonumber(ARGV[base + 1]), ARGV[base + 2])
 end
 if granted > 0 then

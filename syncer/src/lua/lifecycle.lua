@@ -1,12 +1,15 @@
 -- Ends reservations, each exactly once: confirm (paid), release (cancelled, upstream failed),
--- or sweep (release every reservation whose payment window has passed, reason "expired").
+-- or sweep (release every reservation whose time is up: reason "unclaimed" if the gate never
+-- claimed it within the claim window, else "expired"); and claim (the gate delivered these
+-- reservations: each now lives for its payment window).
 -- KEYS: 1 sale hash, 2 users hash, 3 reservations hash, 4 expiries sorted set,
---       5 settled hash, 6 outbox stream
--- ARGV: 1 goods id, 2 action ("confirm" | "release" | "sweep"),
---       3 order id (confirm, release) or batch size (sweep), 4 release reason (release)
+--       5 settled hash, 6 outbox stream, 7 unclaimed set
+-- ARGV: 1 goods id, 2 action ("confirm" | "release" | "sweep" | "claim"),
+--       3 order id (confirm, release) or batch size (sweep) or first order id (claim),
+--       4 release reason (release) or further order ids (claim)
 -- Reply: confirm/release { status, state } with status "changed" (this call settled it),
 --        "settled" (it was settled before; state says how) or "unknown";
---        sweep { released count }.
+--        sweep { released count }; claim { claimed count, late count }.
 local goods, action = ARGV[1], ARGV[2]
 local time = redis.call('TIME')
 local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
@@ -19,6 +22,7 @@ local function release(order_id, record, reason)
   qty = tonumber(qty)
   redis.call('HDEL', KEYS[3], order_id)
   redis.call('ZREM', KEYS[4], order_id)
+  redis.call('SREM', KEYS[7], order_id)
   redis.call('HSET', KEYS[5], order_id, 'released:' .. reason)
   local sale = redis.call('HMGET', KEYS[1], 'epoch', 'end_ms', 'reserved')
   local order_epoch = string.match(order_id, '%.(%d+)%.%d+$')
@@ -42,13 +46,39 @@ local function release(order_id, record, reason)
   return 'released:' .. reason
 end
 
+-- Why a reservation whose time is up ends: the gate never delivered it, or nobody paid.
+local function lapse_reason(order_id)
+  if redis.call('SISMEMBER', KEYS[7], order_id) == 1 then
+    return 'unclaimed'
+  end
+  return 'expired'
+end
+
+if action == 'claim' then
+  local window_ms = tonumber(redis.call('HGET', KEYS[1], 'window_ms') or '0')
+  local claimed, late = 0, 0
+  for i = 3, #ARGV do
+    local order_id = ARGV[i]
+    local record = redis.call('HGET', KEYS[3], order_id)
+    if not record then
+      late = late + 1
+    elseif redis.call('SREM', KEYS[7], order_id) == 1 then
+      -- From now on it lives for the payment window counted from when it was reserved.
+      local reserved_at = tonumber(string.match(record, '|(%d+)$'))
+      redis.call('ZADD', KEYS[4], 'XX', reserved_at + window_ms, order_id)
+      claimed = claimed + 1
+    end
+  end
+  return { claimed, late }
+end
+
 if action == 'sweep' then
   local due = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now_ms, 'LIMIT', 0, tonumber(ARGV[3]))
   local released = 0
   for _, order_id in ipairs(due) do
     local record = redis.call('HGET', KEYS[3], order_id)
     if record then
-      release(order_id, record, 'expired')
+      release(order_id, record, lapse_reason(order_id))
       released = released + 1
     else
       redis.call('ZREM', KEYS[4], order_id)
@@ -71,12 +101,13 @@ if action == 'confirm' then
   local expires = redis.call('ZSCORE', KEYS[4], order_id)
   if expires and now_ms >= tonumber(expires) then
     -- Paid too late: the window is exact, whether or not the sweeper got there first.
-    return { 'settled', release(order_id, record, 'expired') }
+    return { 'settled', release(order_id, record, lapse_reason(order_id)) }
   end
   local user, qty = string.match(record, '^([^|]*)|(%d+)|')
   qty = tonumber(qty)
   redis.call('HDEL', KEYS[3], order_id)
   redis.call('ZREM', KEYS[4], order_id)
+  redis.call('SREM', KEYS[7], order_id)
   redis.call('HSET', KEYS[5], order_id, 'confirmed')
   local sale = redis.call('HMGET', KEYS[1], 'epoch', 'reserved')
   if sale[1] and sale[1] == string.match(order_id, '%.(%d+)%.%d+$') and tonumber(sale[2]) >= qty then

@@ -1,0 +1,233 @@
+//! Claims: the gate tells the syncer which reservations it delivered to the shop.
+//!
+//! Why: the gate can stop waiting for a deduct answer (its timeout, a stalled Redis) while the
+//! syncer still decides the attempt, or the buyer can leave before the answer comes. Such a
+//! reservation reached nobody. The syncer keeps a reservation made through the batch
+//! endpoint for a short claim window only; the gate claims each winner it forwarded, and the
+//! claim extends the reservation to its payment window. An unclaimed reservation is released
+//! as `unclaimed` when the claim window ends, so a lost answer strands a unit for seconds,
+//! not for the payment window (and a retry with the same request id in the meantime is
+//! answered `won` with that order, which is then delivered and claimed).
+//!
+//! Each worker collects the order ids it forwarded and sends them on its root's tick (about
+//! once a second), at most one claim call out at a time. A call that fails puts its ids
+//! back; ids the syncer reports `failed` come back too. Bounded: at most
+//! [`PENDING_CLAIMS_MAX`] ids wait; past that the oldest are dropped and counted (their
+//! reservations are then released when the claim window ends, which the shop learns from a
+//! `409` on confirm).
+//!
+//! Pure code: the host calls live in the host module; this is the bookkeeping.
+
+use std::collections::VecDeque;
+
+use seckill_api::CLAIMS_PER_CALL_MAX;
+
+/// Order ids one worker keeps waiting to be claimed at most. A tick sends up to
+/// [`CLAIMS_PER_CALL_MAX`]; this holds several ticks' worth of winners at any rate a worker
+/// can forward them.
+pub const PENDING_CLAIMS_MAX: usize = 16 * CLAIMS_PER_CALL_MAX;
+
+/// One worker's claims: waiting, and the one call out.
+#[derive(Debug, Default)]
+pub struct Claims {
+    pending: VecDeque<String>,
+    in_flight: Option<(u32, Vec<String>)>,
+    dropped: u64,
+}
+
+impl Claims {
+    /// Remembers a forwarded winner's order id; drops the oldest waiting one if full.
+    pub fn add(&mut self, order_id: String) {
+        if self.pending.len() >= PENDING_CLAIMS_MAX {
+            self.pending.pop_front();
+            self.dropped += 1;
+        }
+        self.pending.push_back(order_id);
+    }
+
+    /// The ids for the next claim call, if one may go now (none out, some waiting).
+    pub fn next_call(&mut self) -> Option<Vec<String>> {
+        if self.in_flight.is_some() || self.pending.is_empty() {
+            return None;
+        }
+        let count = self.pending.len().min(CLAIMS_PER_CALL_MAX);
+        Some(self.pending.drain(..count).collect())
+    }
+
+    /// The call carrying `ids` went out with this token.
+    pub fn sent(&mut self, token: u32, ids: Vec<String>) {
+        self.in_flight = Some((token, ids));
+    }
+
+    /// The call could not be dispatched: its ids wait for the next tick.
+    pub fn not_sent(&mut self, ids: Vec<String>) {
+        self.put_back(ids);
+    }
+
+    /// Whether this token is the claim call's (the root's other callouts are deducts).
+    pub fn owns(&self, token: u32) -> bool {
+        self.in_flight.as_ref().is_some_and(|(t, _)| *t == token)
+    }
+
+    /// The claim call came back. `retry`: the ids to claim again (all of them when the call
+    /// failed, the ones the syncer listed as `failed` otherwise).
+    pub fn answered(&mut self, token: u32, retry: Retry) {
+        let Some((sent_token, ids)) = self.in_flight.take() else {
+            return;
+        };
+        if sent_token != token {
+            self.in_flight = Some((sent_token, ids));
+            return;
+        }
+        match retry {
+            Retry::All => self.put_back(ids),
+            Retry::These(failed) => {
+                // Only ids this call carried: the syncer's list is not trusted further.
+                let again = failed.into_iter().filter(|id| ids.contains(id)).collect();
+                self.put_back(again);
+            }
+        }
+    }
+
+    /// Ids back at the front, oldest first, within the bound.
+    fn put_back(&mut self, ids: Vec<String>) {
+        for id in ids.into_iter().rev() {
+            if self.pending.len() >= PENDING_CLAIMS_MAX {
+                self.dropped += 1;
+                continue;
+            }
+            self.pending.push_front(id);
+        }
+    }
+
+    /// Ids waiting (not counting the call out).
+    pub fn waiting(&self) -> usize {
+        self.pending.len()
+    }
+
+    /// Ids dropped so far because the queue was full; reading resets the count.
+    pub fn take_dropped(&mut self) -> u64 {
+        std::mem::take(&mut self.dropped)
+    }
+}
+
+/// What to claim again after a claim call.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Retry {
+    All,
+    These(Vec<String>),
+}
+
+/// The claim call's body (a `seckill_api::ClaimRequest`).
+pub fn claim_body(ids: &[String]) -> Result<Vec<u8>, serde_json::Error> {
+    #[derive(serde::Serialize)]
+    struct Body<'a> {
+        order_ids: &'a [String],
+    }
+    serde_json::to_vec(&Body { order_ids: ids })
+}
+
+/// Reads the claim call's response: on a 200 with a `ClaimReply`, the ids it could not
+/// claim; anything else means nothing is known to be claimed.
+pub fn read_claim_response(status: Option<&[u8]>, body: Option<&[u8]>) -> Retry {
+    if status != Some(b"200".as_slice()) {
+        return Retry::All;
+    }
+    match body.map(serde_json::from_slice::<seckill_api::ClaimReply>) {
+        Some(Ok(reply)) => Retry::These(reply.failed),
+        _ => Retry::All,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use seckill_api::ClaimRequest;
+
+    fn ids(range: std::ops::Range<usize>) -> Vec<String> {
+        range.map(|i| format!("g.1.{i}")).collect()
+    }
+
+    #[test]
+    fn one_call_at_a_time_with_a_bounded_load() {
+        let mut claims = Claims::default();
+        assert_eq!(claims.next_call(), None);
+        for id in ids(0..CLAIMS_PER_CALL_MAX + 5) {
+            claims.add(id);
+        }
+        let first = claims.next_call().unwrap();
+        assert_eq!(first, ids(0..CLAIMS_PER_CALL_MAX));
+        claims.sent(7, first);
+        assert!(claims.owns(7));
+        assert!(!claims.owns(8));
+        // While it is out, no second call.
+        assert_eq!(claims.next_call(), None);
+        claims.answered(7, Retry::These(vec![]));
+        assert!(!claims.owns(7));
+        assert_eq!(
+            claims.next_call().unwrap(),
+            ids(CLAIMS_PER_CALL_MAX..CLAIMS_PER_CALL_MAX + 5)
+        );
+    }
+
+    #[test]
+    fn failed_calls_and_failed_ids_come_back_first() {
+        let mut claims = Claims::default();
+        for id in ids(0..3) {
+            claims.add(id);
+        }
+        let call = claims.next_call().unwrap();
+        claims.sent(1, call);
+        claims.add("g.1.9".into());
+        claims.answered(1, Retry::All);
+        assert_eq!(
+            claims.next_call().unwrap(),
+            vec!["g.1.0", "g.1.1", "g.1.2", "g.1.9"]
+        );
+        claims.sent(2, ids(0..3));
+        // An answer for another token changes nothing.
+        claims.answered(3, Retry::All);
+        assert!(claims.owns(2));
+        // Only ids the call carried are retried, whatever the syncer lists.
+        claims.answered(2, Retry::These(vec!["g.1.1".into(), "x.1.1".into()]));
+        assert_eq!(claims.next_call().unwrap(), vec!["g.1.1"]);
+        claims.not_sent(vec!["g.1.1".into()]);
+        assert_eq!(claims.waiting(), 1);
+    }
+
+    #[test]
+    fn the_oldest_are_dropped_past_the_bound() {
+        let mut claims = Claims::default();
+        for id in ids(0..PENDING_CLAIMS_MAX + 3) {
+            claims.add(id);
+        }
+        assert_eq!(claims.waiting(), PENDING_CLAIMS_MAX);
+        assert_eq!(claims.take_dropped(), 3);
+        assert_eq!(claims.take_dropped(), 0);
+        assert_eq!(claims.next_call().unwrap()[0], "g.1.3");
+    }
+
+    #[test]
+    fn the_wire_shapes_match_the_api() {
+        let body = claim_body(&ids(0..2)).unwrap();
+        let request: ClaimRequest = serde_json::from_slice(&body).unwrap();
+        assert_eq!(request.order_ids, ids(0..2));
+        assert_eq!(
+            read_claim_response(
+                Some(b"200"),
+                Some(br#"{"claimed":1,"late":0,"failed":["g.1.1"]}"#)
+            ),
+            Retry::These(vec!["g.1.1".into()])
+        );
+        assert_eq!(
+            read_claim_response(Some(b"200"), Some(br#"{"claimed":2,"late":0}"#)),
+            Retry::These(vec![])
+        );
+        assert_eq!(read_claim_response(Some(b"503"), None), Retry::All);
+        assert_eq!(read_claim_response(None, None), Retry::All);
+        assert_eq!(
+            read_claim_response(Some(b"200"), Some(b"<html>")),
+            Retry::All
+        );
+    }
+}
