@@ -70,4 +70,24 @@ impl RedisServer {
     pub fn kill(&mut self) {
         self.process.kill();
     }
+
+    /// Freezes the server (SIGSTOP) as a stalled host would: connections stay open and
+    /// commands queue up unanswered until [`RedisServer::resume`].
+    pub fn pause(&self) -> anyhow::Result<()> {
+        self.signal("STOP")
+    }
+
+    /// Lets a paused server go on (SIGCONT); it then runs what queued up meanwhile.
+    pub fn resume(&self) -> anyhow::Result<()> {
+        self.signal("CONT")
+    }
+
+    fn signal(&self, name: &str) -> anyhow::Result<()> {
+        let pid = self.process.pid().context("redis-server is not running")?;
+        let status = Command::new("kill")
+            .args([format!("-{name}"), pid.to_string()])
+            .status()?;
+        anyhow::ensure!(status.success(), "kill -{name} {pid} failed");
+        Ok(())
+    }
 }

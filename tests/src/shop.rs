@@ -2,11 +2,12 @@
 //! test can check that only winners got through and what headers they carried.
 
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicU16, Ordering};
+use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use axum::extract::State;
-use axum::http::{HeaderMap, StatusCode, Uri};
+use axum::http::{HeaderMap, Method, StatusCode, Uri};
 use axum::response::IntoResponse;
 use axum::Router;
 
@@ -15,7 +16,10 @@ use crate::served::Served;
 /// One request as the shop saw it.
 #[derive(Debug, Clone)]
 pub struct SeenRequest {
+    pub method: String,
     pub path: String,
+    /// The status the shop answered with.
+    pub status: u16,
     /// Every `x-seckill-*` header, name and value.
     pub gate_headers: Vec<(String, String)>,
 }
@@ -33,6 +37,8 @@ struct Recorder {
     seen: Mutex<Vec<SeenRequest>>,
     /// The status every answer carries (200 unless a test makes the shop fail).
     status: AtomicU16,
+    /// How long the shop takes to answer, in ms (0 unless a test makes it slow).
+    delay_ms: AtomicU64,
 }
 
 pub struct ShopStub {
@@ -47,6 +53,7 @@ impl ShopStub {
         let recorder = Arc::new(Recorder {
             seen: Mutex::new(Vec::new()),
             status: AtomicU16::new(200),
+            delay_ms: AtomicU64::new(0),
         });
         let app = Router::new().fallback(record).with_state(recorder.clone());
         let served = Served::start(app).await?;
@@ -62,6 +69,22 @@ impl ShopStub {
         self.recorder.status.store(status, Ordering::Relaxed);
     }
 
+    /// Makes every later answer wait this long (a shop slower than the route timeout). The
+    /// request is recorded when it arrives, before the wait.
+    pub fn set_delay(&self, delay: Duration) {
+        let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
+        self.recorder.delay_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Order ids the shop answered with a 2xx, in arrival order (repeats included).
+    pub fn accepted_order_ids(&self) -> Vec<String> {
+        self.seen()
+            .into_iter()
+            .filter(|r| (200..300).contains(&r.status))
+            .filter_map(|r| r.header(seckill_api::ORDER_ID_HEADER).map(str::to_owned))
+            .collect()
+    }
+
     pub fn seen(&self) -> Vec<SeenRequest> {
         self.recorder
             .seen
@@ -73,9 +96,12 @@ impl ShopStub {
 
 async fn record(
     State(recorder): State<Arc<Recorder>>,
+    method: Method,
     uri: Uri,
     headers: HeaderMap,
 ) -> impl IntoResponse {
+    let status = StatusCode::from_u16(recorder.status.load(Ordering::Relaxed))
+        .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
     let gate_headers = headers
         .iter()
         .filter(|(name, _)| name.as_str().starts_with(seckill_api::GATE_HEADER_PREFIX))
@@ -88,12 +114,16 @@ async fn record(
         .collect();
     if let Ok(mut seen) = recorder.seen.lock() {
         seen.push(SeenRequest {
+            method: method.to_string(),
             path: uri.path().to_owned(),
+            status: status.as_u16(),
             gate_headers,
         });
     }
-    let status = StatusCode::from_u16(recorder.status.load(Ordering::Relaxed))
-        .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
+    let delay_ms = recorder.delay_ms.load(Ordering::Relaxed);
+    if delay_ms > 0 {
+        tokio::time::sleep(Duration::from_millis(delay_ms)).await;
+    }
     (
         status,
         [("content-type", "application/json")],

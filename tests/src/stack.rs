@@ -45,6 +45,10 @@ pub struct StackOptions {
     /// Also start a Kafka broker and run the syncer with its pipeline (relay, writer,
     /// periodic reconcile), so sales flow on to MySQL.
     pub pipeline: bool,
+    /// Extra environment for the syncer (say `SECKILL_CLAIM_WINDOW_MS`).
+    pub syncer_env: Vec<(&'static str, String)>,
+    /// Envoy's route timeout for the shop, in ms.
+    pub shop_timeout_ms: u64,
 }
 
 impl StackOptions {
@@ -56,6 +60,8 @@ impl StackOptions {
             without_syncer: false,
             kept_database: None,
             pipeline: false,
+            syncer_env: Vec::new(),
+            shop_timeout_ms: 5_000,
         }
     }
 }
@@ -113,7 +119,12 @@ impl Stack {
             let role = Role::Serve {
                 pipeline: options.pipeline,
             };
-            Some(SyncerProcess::start_role(&scratch.path, &args, role, &[]).await?)
+            let env: Vec<(&str, &str)> = options
+                .syncer_env
+                .iter()
+                .map(|(k, v)| (*k, v.as_str()))
+                .collect();
+            Some(SyncerProcess::start_role(&scratch.path, &args, role, &env).await?)
         };
         let syncer_port = match &syncer {
             Some(s) => s.port,
@@ -122,6 +133,10 @@ impl Stack {
         let shop = ShopStub::start().await?;
         let values = HashMap::from([
             ("SHOP_PORT", shop.addr.port().to_string()),
+            (
+                "SHOP_TIMEOUT",
+                format!("{}s", options.shop_timeout_ms as f64 / 1000.0),
+            ),
             ("SYNCER_PORT", syncer_port.to_string()),
             ("WASM_PATH", filter_wasm()?.display().to_string()),
             (

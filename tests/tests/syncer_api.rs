@@ -21,6 +21,11 @@ struct Fixture {
 
 impl Fixture {
     async fn start(label: &str) -> Fixture {
+        Fixture::start_with(label, &[]).await
+    }
+
+    /// With extra environment for the syncer (say a short claim window).
+    async fn start_with(label: &str, env: &[(&str, &str)]) -> Fixture {
         let scratch = Scratch::new(label).unwrap();
         let redis = RedisServer::start(&scratch.path).await.unwrap();
         let db = TestDatabase::create(label).await.unwrap();
@@ -32,7 +37,10 @@ impl Fixture {
             secret: SECRET,
             kafka: None,
         };
-        let syncer = SyncerProcess::start(&scratch.path, &args).await.unwrap();
+        let role = seckill_e2e::syncer::Role::Serve { pipeline: false };
+        let syncer = SyncerProcess::start_role(&scratch.path, &args, role, env)
+            .await
+            .unwrap();
         let http = reqwest::Client::builder()
             .timeout(Duration::from_secs(10))
             .build()
@@ -124,6 +132,62 @@ impl Fixture {
             .unwrap();
         keys.sort();
         keys
+    }
+}
+
+impl Fixture {
+    async fn batch(&self, attempts: Vec<Value>) -> Vec<Value> {
+        let (status, reply) = self
+            .call(
+                reqwest::Method::POST,
+                seckill_api::DEDUCT_BATCH_PATH,
+                Some(SECRET),
+                Some(json!({ "attempts": attempts })),
+            )
+            .await;
+        assert_eq!(status, 200, "{reply}");
+        reply["replies"].as_array().unwrap().clone()
+    }
+
+    async fn order(&self, order_id: &str, action: &str) -> (u16, Value) {
+        self.call(
+            reqwest::Method::POST,
+            &format!("/v1/orders/{order_id}/{action}"),
+            Some(SECRET),
+            None,
+        )
+        .await
+    }
+
+    async fn claim(&self, order_ids: &[&str]) -> (u16, Value) {
+        self.call(
+            reqwest::Method::POST,
+            seckill_api::CLAIM_PATH,
+            Some(SECRET),
+            Some(json!({ "order_ids": order_ids })),
+        )
+        .await
+    }
+
+    async fn live(&self, goods: &str) -> Value {
+        let path = format!("/admin/sales/{goods}");
+        let (_, sale) = self
+            .call(reqwest::Method::GET, &path, Some(SECRET), None)
+            .await;
+        sale["live"].clone()
+    }
+
+    async fn redis_hash(
+        &self,
+        goods: &str,
+        suffix: &str,
+    ) -> std::collections::HashMap<String, String> {
+        let mut conn = self.redis.connection().await.unwrap();
+        redis::cmd("HGETALL")
+            .arg(format!("{}:{{{goods}}}:{suffix}", self.prefix))
+            .query_async(&mut conn)
+            .await
+            .unwrap()
     }
 }
 
@@ -378,4 +442,224 @@ async fn batch_deduct_answers_each_attempt_in_order() {
         .await;
     assert_eq!(sale["live"]["available"], 0);
     assert_eq!(sale["live"]["reserved"], 2);
+}
+
+/// A retry of a request id after each way its order can end: an order id is handed out again
+/// only while its reservation is live; a cancelled or expired one is answered `released`
+/// (never forwarded again), a paid one `confirmed`, and one the shop failed is decided afresh
+/// with a new order id. The per-user count follows.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_retry_never_revives_an_ended_order() {
+    let f = Fixture::start("retry-ended").await;
+    f.open("g", 4, 1).await;
+    let won = |reply: &Value| -> String {
+        assert_eq!(reply["outcome"], "won", "{reply}");
+        reply["order_id"].as_str().unwrap().to_owned()
+    };
+
+    // Live: the same order again.
+    let (_, first) = f.deduct(purchase("a", "ra")).await;
+    let order_a = won(&first);
+    let (_, again) = f.deduct(purchase("a", "ra")).await;
+    assert_eq!(won(&again), order_a);
+
+    // Cancelled: released, with the order and the reason; the unit is back.
+    assert_eq!(f.order(&order_a, "cancel").await.0, 200);
+    let (status, after_cancel) = f.deduct(purchase("a", "ra")).await;
+    assert_eq!(status, 200);
+    assert_eq!(
+        (
+            after_cancel["outcome"].as_str(),
+            after_cancel["order_id"].as_str(),
+            after_cancel["reason"].as_str()
+        ),
+        (Some("released"), Some(order_a.as_str()), Some("cancelled")),
+        "{after_cancel}"
+    );
+    assert_eq!(f.live("g").await["available"], 4);
+
+    // Paid: confirmed, nothing more is sold.
+    let (_, b) = f.deduct(purchase("b", "rb")).await;
+    let order_b = won(&b);
+    assert_eq!(f.order(&order_b, "confirm").await.0, 200);
+    let (_, after_confirm) = f.deduct(purchase("b", "rb")).await;
+    assert_eq!(after_confirm["outcome"], "confirmed", "{after_confirm}");
+    assert_eq!(after_confirm["order_id"], order_b.as_str());
+
+    // The shop failed it: a fresh attempt, with a new order id, counted once for the buyer.
+    let (_, c) = f.deduct(purchase("c", "rc")).await;
+    let order_c = won(&c);
+    let (status, _) = f.order(&order_c, "release?reason=upstream_failed").await;
+    assert_eq!(status, 200);
+    let (_, fresh) = f.deduct(purchase("c", "rc")).await;
+    let order_c2 = won(&fresh);
+    assert_ne!(
+        order_c2, order_c,
+        "a released order id is never handed out again"
+    );
+    let (_, repeat) = f.deduct(purchase("c", "rc")).await;
+    assert_eq!(
+        won(&repeat),
+        order_c2,
+        "the new order is now the request's answer"
+    );
+    let (_, limit) = f.deduct(purchase("c", "rc-other")).await;
+    assert_eq!(limit["outcome"], "duplicate", "one unit per buyer: {limit}");
+
+    // Redis agrees: 1 sold (b), 1 reserved (c's new order), 2 available.
+    let live = f.live("g").await;
+    assert_eq!(
+        (
+            live["available"].as_u64(),
+            live["reserved"].as_u64(),
+            live["sold"].as_u64()
+        ),
+        (Some(2), Some(1), Some(1)),
+        "{live}"
+    );
+    let reservations = f.redis_hash("g", "reservations").await;
+    assert_eq!(reservations.keys().collect::<Vec<_>>(), vec![&order_c2]);
+}
+
+/// A script call that arrives after its caller stopped waiting decides nothing: every
+/// attempt is refused and no key changes, whatever the attempts would have won.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_deduct_past_its_deadline_changes_nothing() {
+    let f = Fixture::start("deadline").await;
+    f.open("g", 5, 1).await;
+    let keys = |suffix: &str| format!("{}:{{g}}:{suffix}", f.prefix);
+    let snapshot = |conn: redis::aio::MultiplexedConnection| async move {
+        let mut conn = conn;
+        let mut dump = Vec::new();
+        for suffix in [
+            "sale",
+            "users",
+            "requests",
+            "reservations",
+            "outbox",
+            "expiries",
+            "unclaimed",
+        ] {
+            let value: Option<Vec<u8>> = redis::cmd("DUMP")
+                .arg(keys(suffix))
+                .query_async(&mut conn)
+                .await
+                .unwrap();
+            dump.push(value);
+        }
+        dump
+    };
+    let conn = f.redis.connection().await.unwrap();
+    let before = snapshot(conn.clone()).await;
+    let script = redis::Script::new(include_str!("../../syncer/src/lua/deduct_batch.lua"));
+    let mut invocation = script.prepare_invoke();
+    for suffix in [
+        "sale",
+        "users",
+        "requests",
+        "reservations",
+        "outbox",
+        "expiries",
+        "unclaimed",
+        "settled",
+    ] {
+        invocation.key(keys(suffix));
+    }
+    // A deadline one second ago, by Redis's own clock.
+    let mut clock = conn.clone();
+    let (seconds, _micros): (u64, u64) = redis::cmd("TIME").query_async(&mut clock).await.unwrap();
+    invocation.arg("g").arg((seconds - 1) * 1000).arg(30_000);
+    for i in 0..3 {
+        invocation.arg(format!("u{i}")).arg(1).arg(format!("r{i}"));
+    }
+    let mut call = conn.clone();
+    let replies: Vec<(String, String, i64, i64, String)> =
+        invocation.invoke_async(&mut call).await.unwrap();
+    assert_eq!(replies.len(), 3);
+    assert!(replies.iter().all(|r| r.0 == "too_late"), "{replies:?}");
+    assert_eq!(snapshot(conn).await, before, "nothing changed");
+    // The same attempts with time to spare are decided.
+    let (_, reply) = f.deduct(purchase("u0", "r0")).await;
+    assert_eq!(reply["outcome"], "won");
+}
+
+/// Reservations made through the batch endpoint (the gate's) live for the claim window
+/// unless claimed: an unclaimed one is released as `unclaimed` and its unit sells again; a
+/// claimed one lives on; a late claim changes nothing; a retry of the unclaimed request id
+/// is a fresh attempt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unclaimed_reservations_return_after_the_claim_window() {
+    let f = Fixture::start_with(
+        "claims",
+        &[
+            ("SECKILL_CLAIM_WINDOW_MS", "1000"),
+            ("SECKILL_SWEEP_EVERY_MS", "50"),
+        ],
+    )
+    .await;
+    f.open("g", 3, 1).await;
+    let replies = f
+        .batch(vec![
+            purchase("a", "ra"),
+            purchase("b", "rb"),
+            purchase("c", "rc"),
+        ])
+        .await;
+    let orders: Vec<String> = replies
+        .iter()
+        .map(|r| r["order_id"].as_str().unwrap().to_owned())
+        .collect();
+    assert_eq!(f.live("g").await["available"], 0);
+
+    // Claim a's order (twice: the second counts nothing) and something that is no order.
+    let (status, reply) = f.claim(&[&orders[0], &orders[0], "junk", "x.y.z"]).await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(
+        (reply["claimed"].as_u64(), reply["late"].as_u64()),
+        (Some(1), Some(2))
+    );
+
+    // b and c were never claimed: released when the window ends.
+    seckill_e2e::process::wait_for(
+        "the unclaimed to be released",
+        Duration::from_secs(20),
+        || async {
+            let settled = f.redis_hash("g", "settled").await;
+            let released = orders[1..]
+                .iter()
+                .all(|o| settled.get(o).map(String::as_str) == Some("released:unclaimed"));
+            Ok(released.then_some(()))
+        },
+    )
+    .await
+    .unwrap();
+    let live = f.live("g").await;
+    assert_eq!(
+        (live["available"].as_u64(), live["reserved"].as_u64()),
+        (Some(2), Some(1)),
+        "{live}"
+    );
+    let reservations = f.redis_hash("g", "reservations").await;
+    assert_eq!(reservations.keys().collect::<Vec<_>>(), vec![&orders[0]]);
+
+    // A late claim changes nothing.
+    let (_, reply) = f.claim(&[&orders[1]]).await;
+    assert_eq!(
+        (reply["claimed"].as_u64(), reply["late"].as_u64()),
+        (Some(0), Some(1))
+    );
+    assert_eq!(f.live("g").await["available"], 2);
+
+    // b retries: its answer never reached it, so it gets a fresh attempt and a new order.
+    let retry = f.batch(vec![purchase("b", "rb")]).await;
+    assert_eq!(retry[0]["outcome"], "won", "{retry:?}");
+    assert_ne!(retry[0]["order_id"].as_str(), Some(orders[1].as_str()));
+
+    // Bad claims are refused whole.
+    assert_eq!(f.claim(&[]).await.0, 400);
+    let too_many: Vec<String> = (0..=seckill_api::CLAIMS_PER_CALL_MAX)
+        .map(|i| format!("g.1.{i}"))
+        .collect();
+    let refs: Vec<&str> = too_many.iter().map(String::as_str).collect();
+    assert_eq!(f.claim(&refs).await.0, 400);
 }
