@@ -39,8 +39,11 @@ pub const WAITING_MAX: usize = 4_096;
 /// reads it when the shop's answer (or the local reply) comes back through it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decided {
-    /// Forwarded to the shop API with this order id.
-    Won { order_id: String },
+    /// Forwarded to the shop API with this order id (for this request id).
+    Won {
+        order_id: String,
+        request_id: String,
+    },
     /// Forwarded without a decision (failure mode open).
     FailedOpen,
     /// Answered locally (a loser, or failure mode closed).

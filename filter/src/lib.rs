@@ -288,6 +288,17 @@ mod host {
                 .outcome(GateOutcome::Decided(seckill_api::Outcome::Won));
             Decided::Won {
                 order_id: winner.order_id,
+                request_id: purchase.request_id().to_string(),
+            }
+        }
+
+        /// This worker told the buyer to retry with this request id: its retry skips the
+        /// sold-out marks for a while (see `local.rs`).
+        fn expect_retry(&self, request_id: &str) {
+            let now = now_ns();
+            let until_ns = now.saturating_add(crate::local::RETRY_REMEMBERED_NS);
+            if let Ok(mut memory) = self.memory.try_borrow_mut() {
+                memory.remember_retry(request_id, until_ns, now);
             }
         }
 
@@ -295,6 +306,7 @@ mod host {
         /// (open).
         fn fail(&self, purchase: &Purchase, failure: &CalloutFailure, log: bool) -> Decided {
             Stats::bump(self.stats.callout_failed);
+            self.expect_retry(purchase.request_id());
             let deduct = &self.config.deduct;
             if log {
                 warn!(
@@ -705,7 +717,10 @@ mod host {
         /// Waiting for its batch's answer; the root leaves the decision in the ticket.
         Waiting { ticket: Ticket },
         /// Forwarded to the shop API as a winner with this order id.
-        ForwardedWinner { order_id: String },
+        ForwardedWinner {
+            order_id: String,
+            request_id: String,
+        },
         /// The shop failed the winner; its response waits while the reservation is given back.
         ReleasingWinner { token: u32, order_id: String },
         /// Forwarded without a decision (failure mode open).
@@ -810,13 +825,23 @@ mod host {
             if let State::Waiting { ticket } = &self.state {
                 let decided = ticket.borrow_mut().take();
                 self.state = match decided {
-                    Some(Decided::Won { order_id }) => State::ForwardedWinner { order_id },
+                    Some(Decided::Won {
+                        order_id,
+                        request_id,
+                    }) => State::ForwardedWinner {
+                        order_id,
+                        request_id,
+                    },
                     Some(Decided::FailedOpen) => State::ForwardedFailedOpen,
                     Some(Decided::Answered) | None => State::Answered,
                 };
             }
             let mut outcome = GateOutcome::Decided(seckill_api::Outcome::Won).as_str();
-            if let State::ForwardedWinner { order_id } = &self.state {
+            if let State::ForwardedWinner {
+                order_id,
+                request_id,
+            } = &self.state
+            {
                 let status = hostcalls::get_map_value_bytes(
                     proxy_wasm::types::MapType::HttpResponseHeaders,
                     ":status",
@@ -836,12 +861,13 @@ mod host {
                         // The shop may have the order: keep the reservation, and say so.
                         Stats::bump(self.worker.stats.upstream_unknown);
                         outcome = "upstream_unknown";
+                        self.worker.expect_retry(request_id);
                     }
                     ShopAnswer::NotCreated | ShopAnswer::Answered => {}
                 }
             }
             match &self.state {
-                State::ForwardedWinner { order_id } => {
+                State::ForwardedWinner { order_id, .. } => {
                     self.set_http_response_header(reply::OUTCOME_HEADER, Some(outcome));
                     self.set_http_response_header(seckill_api::ORDER_ID_HEADER, Some(order_id));
                 }
@@ -932,14 +958,20 @@ mod host {
         fn gate(&mut self, purchase: Purchase) -> Action {
             let now = now_ns();
             let worker = &self.worker;
+            let mut memory = worker.memory.borrow_mut();
+            // A retry this worker asked for (its answer may be waiting in the syncer) is
+            // decided by the syncer, not by a sold-out mark.
+            let check_sold_out = !worker.config.sold_out_cache.is_zero()
+                && !memory.expects_retry(purchase.request_id(), now);
             let admission = shared::admit(
                 &HostStore,
-                &mut worker.memory.borrow_mut(),
+                &mut memory,
                 &worker.config.rate_limit,
                 purchase.goods_id(),
                 now,
-                !worker.config.sold_out_cache.is_zero(),
+                check_sold_out,
             );
+            drop(memory);
             match admission {
                 Admission::UnknownGoods => {
                     Stats::bump(worker.stats.unknown_goods_cache_hit);

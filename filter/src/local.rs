@@ -8,6 +8,14 @@
 //!   `unknown_goods_cache_ms`. This one lives in the worker only, never in shared data
 //!   (which never forgets): the ids are whatever clients send, so the bound below is what
 //!   keeps them from costing memory;
+//! - **expected retries**: request ids this worker told to retry (a 503 because the deduct
+//!   answer did not come in time, or a shop that timed out), for [`RETRY_REMEMBERED_NS`].
+//!   Their retry skips the sold-out marks and asks the syncer, which answers from the
+//!   idempotency record: a unit won while the gate was not listening is delivered, not
+//!   hidden behind "sold out" (the last unit is often the one that marks the goods sold
+//!   out). Per worker: a retry on the same connection lands here; one that lands on
+//!   another worker or Envoy gets the sold-out answer, and its unit returns when the claim
+//!   window ends (README, "Decided: the sold-out cache and retries");
 //! - **rate-limit denials** of goods with their own bucket, until the moment the same request
 //!   would pass. A denial writes nothing, and while it holds no worker with the same rate can
 //!   be admitted (GCRA: the TAT it read stays too far ahead until then), so the bucket cannot
@@ -28,6 +36,9 @@ use std::collections::HashMap;
 /// own bucket, so this is rarely reached; when it is, lapsed entries go first, then the ones
 /// ending soonest (a forgotten entry only costs a shared-data read).
 pub const MEMORY_ENTRIES_MAX: usize = 1024;
+/// How long a worker remembers a request id it told to retry: long enough for an app's retry
+/// with backoff, short next to a payment window.
+pub const RETRY_REMEMBERED_NS: u64 = 60 * 1_000_000_000;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 struct Entry {
@@ -109,6 +120,7 @@ impl Expiring {
 pub struct LocalMemory {
     sold_out: Expiring,
     unknown: Expiring,
+    retrying: Expiring,
     denied: Expiring,
 }
 
@@ -124,6 +136,7 @@ impl LocalMemory {
         LocalMemory {
             sold_out: Expiring::new(capacity),
             unknown: Expiring::new(capacity),
+            retrying: Expiring::new(capacity),
             denied: Expiring::new(capacity),
         }
     }
@@ -150,6 +163,17 @@ impl LocalMemory {
         self.unknown.insert(goods_id, until_ns, now_ns);
     }
 
+    /// Whether this worker told the request id to retry, until a moment that has not come.
+    /// Free while nobody was told to retry (the common case under a sold-out flood).
+    pub fn expects_retry(&mut self, request_id: &str, now_ns: u64) -> bool {
+        self.retrying.len() > 0 && self.retrying.get(request_id, now_ns).is_some()
+    }
+
+    /// Remembers that the request id was told to retry, until `until_ns`.
+    pub fn remember_retry(&mut self, request_id: &str, until_ns: u64, now_ns: u64) {
+        self.retrying.insert(request_id, until_ns, now_ns);
+    }
+
     /// If a remembered denial holds at `now_ns`: how long until the request would pass.
     pub fn denied(&mut self, goods_id: &str, now_ns: u64) -> Option<u64> {
         self.denied
@@ -164,9 +188,9 @@ impl LocalMemory {
             .insert(goods_id, now_ns.saturating_add(retry_after_ns), now_ns);
     }
 
-    /// Entries remembered (both kinds).
+    /// Entries remembered (every kind).
     pub fn len(&self) -> usize {
-        self.sold_out.len() + self.unknown.len() + self.denied.len()
+        self.sold_out.len() + self.unknown.len() + self.retrying.len() + self.denied.len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -193,6 +217,21 @@ mod tests {
         // Forgotten once seen lapsed.
         assert!(memory.is_empty());
         assert!(!memory.sold_out("a", T0));
+    }
+
+    #[test]
+    fn a_retry_is_expected_until_its_time() {
+        let mut memory = LocalMemory::default();
+        assert!(!memory.expects_retry("r1", T0));
+        memory.remember_retry("r1", T0 + SECOND, T0);
+        assert!(memory.expects_retry("r1", T0 + SECOND - 1));
+        assert!(!memory.expects_retry("r2", T0));
+        assert!(!memory.expects_retry("r1", T0 + SECOND));
+        // Bounded, whatever the number of request ids.
+        for i in 0..10 * MEMORY_ENTRIES_MAX {
+            memory.remember_retry(&format!("r{i}"), T0 + 2 * SECOND, T0);
+        }
+        assert!(memory.len() <= MEMORY_ENTRIES_MAX);
     }
 
     #[test]
