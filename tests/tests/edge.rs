@@ -644,3 +644,175 @@ fn production_envoy_config_validates_with_the_filter() {
         "{output}"
     );
 }
+
+/// One raw HTTP/1.1 request, exactly as written (an HTTP client would clean the path up):
+/// the status, the `x-seckill-outcome` header and the body.
+async fn raw_request(
+    url: &str,
+    method: &str,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> (u16, Option<String>, String) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    // Every reply read here carries a content-length (no chunked bodies).
+    let address = url.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    let mut request = format!(
+        "{method} {path} HTTP/1.1\r\nhost: shop\r\ncontent-length: 0\r\nconnection: close\r\n"
+    );
+    for (name, value) in headers {
+        request.push_str(&format!("{name}: {value}\r\n"));
+    }
+    request.push_str("\r\n");
+    stream.write_all(request.as_bytes()).await.unwrap();
+    // Read the head, then as much body as it announces: Envoy keeps a closing connection
+    // open for a while (delayed close), so reading to the end would wait for that.
+    let mut response = Vec::new();
+    let mut chunk = [0u8; 4096];
+    let read = async {
+        loop {
+            let text = String::from_utf8_lossy(&response).into_owned();
+            if let Some((head, body)) = text.split_once("\r\n\r\n") {
+                let length = head
+                    .lines()
+                    .find_map(|line| {
+                        let (name, value) = line.split_once(':')?;
+                        name.eq_ignore_ascii_case("content-length")
+                            .then(|| value.trim().parse::<usize>().ok())?
+                    })
+                    .unwrap_or(0);
+                if method == "HEAD" || body.len() >= length {
+                    return;
+                }
+            }
+            let got = stream.read(&mut chunk).await.unwrap();
+            if got == 0 {
+                return;
+            }
+            response.extend_from_slice(&chunk[..got]);
+        }
+    };
+    tokio::time::timeout(Duration::from_secs(10), read)
+        .await
+        .expect("Envoy answers");
+    let text = String::from_utf8_lossy(&response).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let status = head
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(0);
+    let outcome = head.lines().find_map(|line| {
+        let (name, value) = line.split_once(':')?;
+        name.eq_ignore_ascii_case("x-seckill-outcome")
+            .then(|| value.trim().to_owned())
+    });
+    (status, outcome, body.to_owned())
+}
+
+/// Near misses of the sale route (other methods, another case, a trailing slash, `;`
+/// parameters, percent-encoding, dot segments, doubled slashes, encoded slashes) and headers
+/// that some servers read as the gate's (`x_seckill_order_id`): nothing reaches the shop
+/// without a real, live order id. The gate's own refusals are JSON; Envoy refuses what it
+/// cannot parse safely (encoded slashes, underscores in header names) before the gate runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn near_misses_never_reach_the_shop_ungated() {
+    let stack = stack("near-miss").await;
+    stack.open_sale("g", 1_000, 1_000).await.unwrap();
+    let url = stack.envoy.url();
+    let mut n = 0;
+    let mut buyer = || {
+        n += 1;
+        (format!("u{n}"), format!("r{n}"))
+    };
+    let mut gate_refused = Vec::new();
+    for method in ["GET", "PUT", "HEAD", "DELETE", "PATCH", "OPTIONS", "POST"] {
+        for path in [
+            "/seckill/g/buy",
+            "/seckill/g/buy/",
+            "//seckill/g/buy",
+            "/seckill//g/buy",
+            "/seckill/x/../g/buy",
+            "/seckill/./g/buy",
+            "/seckill/g/%62uy",
+            "/%73eckill/g/buy",
+            "/SECKILL/g/BUY",
+            "/Seckill/g/buy",
+            "/seckill/g/buy;x=1",
+            "/seckill/g;x=1/buy",
+            "/seckill/g/buy?qty=1#frag",
+            "/seckill/g%2Fbuy",
+            "/seckill/g/buy%2F",
+            "/seckill/g%5Cbuy",
+        ] {
+            let (user, request) = buyer();
+            let headers = [
+                ("x-user-id", user.as_str()),
+                ("x-request-id", request.as_str()),
+            ];
+            let (status, outcome, body) = raw_request(&url, method, path, &headers).await;
+            let what = format!("{method} {path}: {status} {outcome:?} {body}");
+            if (200..300).contains(&status) {
+                // Only a real sale request wins, and then with an order id (checked below).
+                assert_eq!(
+                    (method, outcome.as_deref()),
+                    ("POST", Some("won")),
+                    "{what}"
+                );
+                continue;
+            }
+            assert!((400..500).contains(&status), "{what}");
+            if let Some(outcome) = outcome {
+                gate_refused.push(outcome.clone());
+                if method != "HEAD" {
+                    let json: serde_json::Value = serde_json::from_str(&body)
+                        .unwrap_or_else(|e| panic!("{what}: not JSON ({e})"));
+                    assert!(
+                        json.get("error").is_some() || json.get("outcome").is_some(),
+                        "{what}"
+                    );
+                }
+            }
+        }
+    }
+    // Forged gate headers spelled with underscores, on the sale route and elsewhere.
+    for path in ["/seckill/g/buy", "/catalog"] {
+        let (user, request) = buyer();
+        let headers = [
+            ("x-user-id", user.as_str()),
+            ("x-request-id", request.as_str()),
+            ("x_seckill_order_id", "forged"),
+        ];
+        let (status, _, body) = raw_request(&url, "POST", path, &headers).await;
+        assert_eq!(status, 400, "POST {path} with x_seckill_order_id: {body}");
+    }
+    assert!(
+        gate_refused.iter().any(|o| o == "method_not_allowed"),
+        "{gate_refused:?}"
+    );
+    assert!(
+        gate_refused.iter().any(|o| o == "bad_request"),
+        "{gate_refused:?}"
+    );
+
+    // Everything the shop saw is a sale request with a live order id of its own.
+    let seen = stack.shop.seen();
+    assert!(!seen.is_empty(), "the real sale requests went through");
+    let mut conn = stack.redis().await.unwrap();
+    let live: std::collections::HashMap<String, String> = conn
+        .hgetall(stack.goods_key("g", "reservations"))
+        .await
+        .unwrap();
+    let mut orders = HashSet::new();
+    for request in &seen {
+        assert_eq!(
+            (request.method.as_str(), request.path.as_str()),
+            ("POST", "/seckill/g/buy"),
+            "{request:?}"
+        );
+        let order = request.header("x-seckill-order-id").expect("an order id");
+        assert!(live.contains_key(order), "{order} is live");
+        assert!(orders.insert(order.to_owned()), "{order} arrived once");
+        assert!(request.header("x_seckill_order_id").is_none());
+    }
+}

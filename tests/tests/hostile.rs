@@ -478,7 +478,11 @@ async fn junk_goods_ids_cost_bounded_callouts_and_throttle_no_real_goods() {
     }
     // "early" is confirmed (bought once) before the flood: it takes one of the two slots.
     assert_eq!(
-        stack.buy("early", "u", 1, "early-first").await.unwrap().outcome,
+        stack
+            .buy("early", "u", 1, "early-first")
+            .await
+            .unwrap()
+            .outcome,
         "won"
     );
     let unknown_before = unknown_goods_decisions(&stack).await;
