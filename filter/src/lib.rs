@@ -420,26 +420,14 @@ mod host {
                 let sent = batch::batch_body(&next.batch, timeout_ms)
                     .map_err(|e| CalloutFailure::Dispatch(e.to_string()))
                     .and_then(|body| {
-                        let headers = vec![
-                            (":method", "POST"),
-                            (":path", seckill_api::DEDUCT_BATCH_PATH),
-                            (":authority", deduct.authority.as_str()),
-                            ("content-type", "application/json"),
-                            (seckill_api::SECRET_HEADER, deduct.secret.as_str()),
-                        ];
-                        hostcalls::dispatch_http_call(
-                            &deduct.cluster,
-                            headers,
-                            Some(&body),
-                            vec![],
-                            deduct.timeout,
+                        post_to_syncer(deduct, seckill_api::DEDUCT_BATCH_PATH, &body).map_err(
+                            |status| {
+                                CalloutFailure::Dispatch(format!(
+                                    "{status:?}; is cluster {:?} defined?",
+                                    deduct.cluster
+                                ))
+                            },
                         )
-                        .map_err(|status| {
-                            CalloutFailure::Dispatch(format!(
-                                "{status:?}; is cluster {:?} defined?",
-                                deduct.cluster
-                            ))
-                        })
                     });
                 match sent {
                     Ok(token) => {
@@ -488,21 +476,8 @@ mod host {
             let dispatched = claims::claim_body(&ids)
                 .map_err(|e| e.to_string())
                 .and_then(|body| {
-                    let headers = vec![
-                        (":method", "POST"),
-                        (":path", seckill_api::CLAIM_PATH),
-                        (":authority", deduct.authority.as_str()),
-                        ("content-type", "application/json"),
-                        (seckill_api::SECRET_HEADER, deduct.secret.as_str()),
-                    ];
-                    hostcalls::dispatch_http_call(
-                        &deduct.cluster,
-                        headers,
-                        Some(&body),
-                        vec![],
-                        deduct.timeout,
-                    )
-                    .map_err(|status| format!("{status:?}"))
+                    post_to_syncer(deduct, seckill_api::CLAIM_PATH, &body)
+                        .map_err(|status| format!("{status:?}"))
                 });
             match dispatched {
                 Ok(token) => {
@@ -526,20 +501,7 @@ mod host {
             let (status, body) = if num_headers == 0 || body_size > reply::BATCH_REPLY_BYTES_MAX {
                 (None, None)
             } else {
-                let status = hostcalls::get_map_value_bytes(
-                    proxy_wasm::types::MapType::HttpCallResponseHeaders,
-                    ":status",
-                )
-                .ok()
-                .flatten();
-                let body = hostcalls::get_buffer(
-                    proxy_wasm::types::BufferType::HttpCallResponseBody,
-                    0,
-                    body_size,
-                )
-                .ok()
-                .flatten();
-                (status, body)
+                call_response(body_size)
             };
             let retry = claims::read_claim_response(status.as_deref(), body.as_deref());
             if retry == claims::Retry::All {
@@ -692,6 +654,12 @@ mod host {
         if body_size > reply::BATCH_REPLY_BYTES_MAX {
             return Err(CalloutFailure::TooLarge(body_size));
         }
+        let (status, body) = call_response(body_size);
+        reply::read_batch_response(status.as_deref(), body.as_deref(), sent)
+    }
+
+    /// The current callout response's `:status` and body (`None` where unreadable).
+    fn call_response(body_size: usize) -> (Option<Vec<u8>>, Option<Vec<u8>>) {
         let status = hostcalls::get_map_value_bytes(
             proxy_wasm::types::MapType::HttpCallResponseHeaders,
             ":status",
@@ -705,7 +673,23 @@ mod host {
         )
         .ok()
         .flatten();
-        reply::read_batch_response(status.as_deref(), body.as_deref(), sent)
+        (status, body)
+    }
+
+    /// POSTs a JSON body to the syncer as the effective context; the callout's token.
+    fn post_to_syncer(
+        deduct: &crate::config::Deduct,
+        path: &str,
+        body: &[u8],
+    ) -> Result<u32, Status> {
+        let headers = vec![
+            (":method", "POST"),
+            (":path", path),
+            (":authority", deduct.authority.as_str()),
+            ("content-type", "application/json"),
+            (seckill_api::SECRET_HEADER, deduct.secret.as_str()),
+        ];
+        hostcalls::dispatch_http_call(&deduct.cluster, headers, Some(body), vec![], deduct.timeout)
     }
 
     /// Where one request stands.

@@ -525,21 +525,24 @@ async fn a_retry_never_revives_an_ended_order() {
 /// attempt is refused and no key changes, whatever the attempts would have won.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deduct_past_its_deadline_changes_nothing() {
+    // The deduct script's keys, in its order (see its header).
+    const DEDUCT_KEYS: [&str; 8] = [
+        "sale",
+        "users",
+        "requests",
+        "reservations",
+        "outbox",
+        "expiries",
+        "unclaimed",
+        "settled",
+    ];
     let f = Fixture::start("deadline").await;
     f.open("g", 5, 1).await;
     let keys = |suffix: &str| format!("{}:{{g}}:{suffix}", f.prefix);
     let snapshot = |conn: redis::aio::MultiplexedConnection| async move {
         let mut conn = conn;
         let mut dump = Vec::new();
-        for suffix in [
-            "sale",
-            "users",
-            "requests",
-            "reservations",
-            "outbox",
-            "expiries",
-            "unclaimed",
-        ] {
+        for suffix in DEDUCT_KEYS {
             let value: Option<Vec<u8>> = redis::cmd("DUMP")
                 .arg(keys(suffix))
                 .query_async(&mut conn)
@@ -553,16 +556,7 @@ async fn a_deduct_past_its_deadline_changes_nothing() {
     let before = snapshot(conn.clone()).await;
     let script = redis::Script::new(include_str!("../../syncer/src/lua/deduct_batch.lua"));
     let mut invocation = script.prepare_invoke();
-    for suffix in [
-        "sale",
-        "users",
-        "requests",
-        "reservations",
-        "outbox",
-        "expiries",
-        "unclaimed",
-        "settled",
-    ] {
+    for suffix in DEDUCT_KEYS {
         invocation.key(keys(suffix));
     }
     // A deadline one second ago, by Redis's own clock.
