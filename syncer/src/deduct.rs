@@ -82,7 +82,7 @@ impl Deducter {
         let batching = Batching {
             redis,
             keys,
-            script: redis::Script::new(include_str!("lua/deduct_batch.lua")),
+            script: redis::Script::new(crate::keys::DEDUCT_SCRIPT),
             claim_window,
         };
         tokio::spawn(run_batches(attempts, batching));
@@ -177,15 +177,10 @@ async fn decide_group(
             .max(1),
     };
     let mut invocation = batching.script.prepare_invoke();
+    for key in goods.deduct_script_keys() {
+        invocation.key(key);
+    }
     invocation
-        .key(&goods.sale)
-        .key(&goods.users)
-        .key(&goods.requests)
-        .key(&goods.reservations)
-        .key(&goods.outbox)
-        .key(&goods.expiries)
-        .key(&goods.unclaimed)
-        .key(&goods.settled)
         .arg(&goods_id)
         .arg(epoch_ms_at(deadline))
         .arg(claim_window_ms);

@@ -28,6 +28,26 @@ pub struct GoodsKeys {
     pub epoch: String,
 }
 
+impl GoodsKeys {
+    /// The deduct script's KEYS, in its order (see the header of `lua/deduct_batch.lua`).
+    /// Written once here: the syncer, the tests and the benchmark all call the script.
+    pub fn deduct_script_keys(&self) -> [&str; 8] {
+        [
+            &self.sale,
+            &self.users,
+            &self.requests,
+            &self.reservations,
+            &self.outbox,
+            &self.expiries,
+            &self.unclaimed,
+            &self.settled,
+        ]
+    }
+}
+
+/// The deduct script's source, for callers outside the syncer (a benchmark, a test).
+pub const DEDUCT_SCRIPT: &str = include_str!("lua/deduct_batch.lua");
+
 /// Key names under one prefix, so tests and tenants can share a Redis without colliding.
 #[derive(Debug, Clone)]
 pub struct KeySpace {

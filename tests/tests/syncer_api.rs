@@ -525,26 +525,20 @@ async fn a_retry_never_revives_an_ended_order() {
 /// attempt is refused and no key changes, whatever the attempts would have won.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_deduct_past_its_deadline_changes_nothing() {
-    // The deduct script's keys, in its order (see its header).
-    const DEDUCT_KEYS: [&str; 8] = [
-        "sale",
-        "users",
-        "requests",
-        "reservations",
-        "outbox",
-        "expiries",
-        "unclaimed",
-        "settled",
-    ];
     let f = Fixture::start("deadline").await;
     f.open("g", 5, 1).await;
-    let keys = |suffix: &str| format!("{}:{{g}}:{suffix}", f.prefix);
-    let snapshot = |conn: redis::aio::MultiplexedConnection| async move {
+    let goods = seckill_syncer::keys::KeySpace::new(f.prefix.clone()).goods("g");
+    let keys: Vec<String> = goods
+        .deduct_script_keys()
+        .iter()
+        .map(|k| k.to_string())
+        .collect();
+    let snapshot = |conn: redis::aio::MultiplexedConnection| async {
         let mut conn = conn;
         let mut dump = Vec::new();
-        for suffix in DEDUCT_KEYS {
+        for key in &keys {
             let value: Option<Vec<u8>> = redis::cmd("DUMP")
-                .arg(keys(suffix))
+                .arg(key)
                 .query_async(&mut conn)
                 .await
                 .unwrap();
@@ -554,10 +548,10 @@ async fn a_deduct_past_its_deadline_changes_nothing() {
     };
     let conn = f.redis.connection().await.unwrap();
     let before = snapshot(conn.clone()).await;
-    let script = redis::Script::new(include_str!("../../syncer/src/lua/deduct_batch.lua"));
+    let script = redis::Script::new(seckill_syncer::keys::DEDUCT_SCRIPT);
     let mut invocation = script.prepare_invoke();
-    for suffix in DEDUCT_KEYS {
-        invocation.key(keys(suffix));
+    for key in &keys {
+        invocation.key(key);
     }
     // A deadline one second ago, by Redis's own clock.
     let mut clock = conn.clone();

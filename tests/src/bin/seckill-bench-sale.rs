@@ -101,27 +101,20 @@ async fn deduct_against_redis(args: &Args) -> anyhow::Result<DeductFigures> {
         endpoint.non_2xx
     );
 
-    // redis-benchmark: the same script (one attempt per call), on the same Redis, same goods.
-    let lua = std::fs::read_to_string(
-        seckill_e2e::process::workspace_root().join("syncer/src/lua/deduct_batch.lua"),
-    )?;
+    // redis-benchmark: the same script (one attempt per call), on the same Redis, same goods,
+    // as the gate calls it (reservations wait for a claim), with a deadline that never comes.
     let mut conn = stack.redis().await?;
     let sha: String = redis::cmd("SCRIPT")
         .arg("LOAD")
-        .arg(&lua)
+        .arg(seckill_syncer::keys::DEDUCT_SCRIPT)
         .query_async(&mut conn)
         .await?;
-    let keys: Vec<String> = [
-        "sale",
-        "users",
-        "requests",
-        "reservations",
-        "outbox",
-        "expiries",
-    ]
-    .iter()
-    .map(|k| stack.goods_key("bench", k))
-    .collect();
+    let goods = seckill_syncer::keys::KeySpace::new(stack.key_prefix.clone()).goods("bench");
+    let keys: Vec<String> = goods
+        .deduct_script_keys()
+        .iter()
+        .map(|k| k.to_string())
+        .collect();
     let output = Command::new("redis-benchmark")
         .args(["-h", "127.0.0.1", "-p", &stack.redis.port.to_string()])
         .args([
@@ -131,9 +124,10 @@ async fn deduct_against_redis(args: &Args) -> anyhow::Result<DeductFigures> {
             &args.redis_requests.to_string(),
         ])
         .args(["-r", "1000000000", "-q", "--csv"])
-        .args(["EVALSHA", &sha, "6"])
+        .args(["EVALSHA", &sha, &keys.len().to_string()])
         .args(&keys)
-        .args(["bench", "u__rand_int__", "1", "r__rand_int__"])
+        .args(["bench", "99999999999999", "30000"])
+        .args(["u__rand_int__", "1", "r__rand_int__"])
         .output()?;
     let text = String::from_utf8_lossy(&output.stdout);
     anyhow::ensure!(output.status.success(), "redis-benchmark failed: {text}");
