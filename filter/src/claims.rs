@@ -9,9 +9,11 @@
 //! not for the payment window (and a retry with the same request id in the meantime is
 //! answered `won` with that order, which is then delivered and claimed).
 //!
-//! Each worker collects the order ids it forwarded and sends them on its root's tick (about
-//! once a second), at most one claim call out at a time. A call that fails puts its ids
-//! back; ids the syncer reports `failed` come back too. Bounded: at most
+//! Each worker collects the order ids it forwarded. A full call's worth
+//! ([`CLAIMS_PER_CALL_MAX`]) leaves as soon as it is there; the rest leave on the root's tick
+//! (about once a second). At most [`CLAIM_CALLS_IN_FLIGHT_MAX`] claim calls are out at once,
+//! so claims keep up with any rate a worker can forward winners at. A call that fails puts
+//! its ids back; ids the syncer reports `failed` come back too. Bounded: at most
 //! [`PENDING_CLAIMS_MAX`] ids wait; past that the oldest are dropped and counted (their
 //! reservations are then released when the claim window ends, which the shop learns from a
 //! `409` on confirm).
@@ -26,12 +28,16 @@ use seckill_api::CLAIMS_PER_CALL_MAX;
 /// [`CLAIMS_PER_CALL_MAX`]; this holds several ticks' worth of winners at any rate a worker
 /// can forward them.
 pub const PENDING_CLAIMS_MAX: usize = 16 * CLAIMS_PER_CALL_MAX;
+/// Claim calls one worker keeps out at once: several full calls can travel while the syncer
+/// works through one (each claims up to [`CLAIMS_PER_CALL_MAX`] reservations in a script call
+/// per goods).
+pub const CLAIM_CALLS_IN_FLIGHT_MAX: usize = 4;
 
-/// One worker's claims: waiting, and the one call out.
+/// One worker's claims: waiting, and the calls out.
 #[derive(Debug, Default)]
 pub struct Claims {
     pending: VecDeque<String>,
-    in_flight: Option<(u32, Vec<String>)>,
+    in_flight: Vec<(u32, Vec<String>)>,
     dropped: u64,
 }
 
@@ -45,9 +51,12 @@ impl Claims {
         self.pending.push_back(order_id);
     }
 
-    /// The ids for the next claim call, if one may go now (none out, some waiting).
-    pub fn next_call(&mut self) -> Option<Vec<String>> {
-        if self.in_flight.is_some() || self.pending.is_empty() {
+    /// The ids for the next claim call, if one may go now: a call slot is free and there is
+    /// a full call's worth waiting, or (`flush`, on the tick) anything at all.
+    pub fn next_call(&mut self, flush: bool) -> Option<Vec<String>> {
+        let enough =
+            self.pending.len() >= CLAIMS_PER_CALL_MAX || (flush && !self.pending.is_empty());
+        if self.in_flight.len() >= CLAIM_CALLS_IN_FLIGHT_MAX || !enough {
             return None;
         }
         let count = self.pending.len().min(CLAIMS_PER_CALL_MAX);
@@ -56,7 +65,7 @@ impl Claims {
 
     /// The call carrying `ids` went out with this token.
     pub fn sent(&mut self, token: u32, ids: Vec<String>) {
-        self.in_flight = Some((token, ids));
+        self.in_flight.push((token, ids));
     }
 
     /// The call could not be dispatched: its ids wait for the next tick.
@@ -66,19 +75,16 @@ impl Claims {
 
     /// Whether this token is the claim call's (the root's other callouts are deducts).
     pub fn owns(&self, token: u32) -> bool {
-        self.in_flight.as_ref().is_some_and(|(t, _)| *t == token)
+        self.in_flight.iter().any(|(t, _)| *t == token)
     }
 
     /// The claim call came back. `retry`: the ids to claim again (all of them when the call
     /// failed, the ones the syncer listed as `failed` otherwise).
     pub fn answered(&mut self, token: u32, retry: Retry) {
-        let Some((sent_token, ids)) = self.in_flight.take() else {
+        let Some(position) = self.in_flight.iter().position(|(t, _)| *t == token) else {
             return;
         };
-        if sent_token != token {
-            self.in_flight = Some((sent_token, ids));
-            return;
-        }
+        let (_, ids) = self.in_flight.swap_remove(position);
         match retry {
             Retry::All => self.put_back(ids),
             Retry::These(failed) => {
@@ -149,25 +155,40 @@ mod tests {
     }
 
     #[test]
-    fn one_call_at_a_time_with_a_bounded_load() {
+    fn full_calls_leave_at_once_the_rest_on_the_tick() {
         let mut claims = Claims::default();
-        assert_eq!(claims.next_call(), None);
+        assert_eq!(claims.next_call(true), None);
         for id in ids(0..CLAIMS_PER_CALL_MAX + 5) {
             claims.add(id);
         }
-        let first = claims.next_call().unwrap();
+        let first = claims.next_call(false).unwrap();
         assert_eq!(first, ids(0..CLAIMS_PER_CALL_MAX));
         claims.sent(7, first);
         assert!(claims.owns(7));
         assert!(!claims.owns(8));
-        // While it is out, no second call.
-        assert_eq!(claims.next_call(), None);
+        // Five waiting: not a full call, so only the tick sends them.
+        assert_eq!(claims.next_call(false), None);
+        let rest = claims.next_call(true).unwrap();
+        assert_eq!(rest, ids(CLAIMS_PER_CALL_MAX..CLAIMS_PER_CALL_MAX + 5));
+        claims.sent(8, rest);
         claims.answered(7, Retry::These(vec![]));
         assert!(!claims.owns(7));
-        assert_eq!(
-            claims.next_call().unwrap(),
-            ids(CLAIMS_PER_CALL_MAX..CLAIMS_PER_CALL_MAX + 5)
-        );
+        assert!(claims.owns(8));
+    }
+
+    #[test]
+    fn a_bounded_number_of_calls_is_out() {
+        let mut claims = Claims::default();
+        for id in ids(0..(CLAIM_CALLS_IN_FLIGHT_MAX + 1) * CLAIMS_PER_CALL_MAX) {
+            claims.add(id);
+        }
+        for token in 0..CLAIM_CALLS_IN_FLIGHT_MAX as u32 {
+            let call = claims.next_call(false).unwrap();
+            claims.sent(token, call);
+        }
+        assert_eq!(claims.next_call(true), None, "every slot is taken");
+        claims.answered(2, Retry::These(vec![]));
+        assert_eq!(claims.next_call(false).unwrap().len(), CLAIMS_PER_CALL_MAX);
     }
 
     #[test]
@@ -176,12 +197,12 @@ mod tests {
         for id in ids(0..3) {
             claims.add(id);
         }
-        let call = claims.next_call().unwrap();
+        let call = claims.next_call(true).unwrap();
         claims.sent(1, call);
         claims.add("g.1.9".into());
         claims.answered(1, Retry::All);
         assert_eq!(
-            claims.next_call().unwrap(),
+            claims.next_call(true).unwrap(),
             vec!["g.1.0", "g.1.1", "g.1.2", "g.1.9"]
         );
         claims.sent(2, ids(0..3));
@@ -190,7 +211,7 @@ mod tests {
         assert!(claims.owns(2));
         // Only ids the call carried are retried, whatever the syncer lists.
         claims.answered(2, Retry::These(vec!["g.1.1".into(), "x.1.1".into()]));
-        assert_eq!(claims.next_call().unwrap(), vec!["g.1.1"]);
+        assert_eq!(claims.next_call(true).unwrap(), vec!["g.1.1"]);
         claims.not_sent(vec!["g.1.1".into()]);
         assert_eq!(claims.waiting(), 1);
     }
@@ -204,7 +225,7 @@ mod tests {
         assert_eq!(claims.waiting(), PENDING_CLAIMS_MAX);
         assert_eq!(claims.take_dropped(), 3);
         assert_eq!(claims.take_dropped(), 0);
-        assert_eq!(claims.next_call().unwrap()[0], "g.1.3");
+        assert_eq!(claims.next_call(true).unwrap()[0], "g.1.3");
     }
 
     #[test]

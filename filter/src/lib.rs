@@ -298,7 +298,7 @@ mod host {
             let now = now_ns();
             let until_ns = now.saturating_add(crate::local::RETRY_REMEMBERED_NS);
             if let Ok(mut memory) = self.memory.try_borrow_mut() {
-                memory.remember_retry(request_id, until_ns, now);
+                memory.remember_retry(request_id, until_ns);
             }
         }
 
@@ -461,16 +461,26 @@ mod host {
             abi::set_effective_context(self.context_id);
         }
 
-        /// Sends the forwarded winners' order ids to the syncer (one claim call out at a time).
-        fn send_claims(&self) {
+        /// Sends the forwarded winners' order ids to the syncer: full calls at once, the rest
+        /// when `flush` (the tick). Bounded by the claim calls a worker may keep out.
+        fn send_claims(&self, flush: bool) {
             let Some(worker) = &self.worker else { return };
             let dropped = self.claims.borrow_mut().take_dropped();
             if dropped > 0 {
                 Stats::add(worker.stats.claim_dropped, dropped as usize);
                 warn!("seckill-filter: dropped {dropped} unsent claims (too many waited); those reservations are released when the claim window ends");
             }
-            let Some(ids) = self.claims.borrow_mut().next_call() else {
-                return;
+            for _ in 0..claims::CLAIM_CALLS_IN_FLIGHT_MAX {
+                if !self.send_one_claim_call(worker, flush) {
+                    return;
+                }
+            }
+        }
+
+        /// Sends one claim call if one may go; false when none went.
+        fn send_one_claim_call(&self, worker: &Worker, flush: bool) -> bool {
+            let Some(ids) = self.claims.borrow_mut().next_call(flush) else {
+                return false;
             };
             let deduct = &worker.config.deduct;
             let dispatched = claims::claim_body(&ids)
@@ -484,6 +494,7 @@ mod host {
                     Stats::bump(worker.stats.claim_sent);
                     Stats::add(worker.stats.claim_ids, ids.len());
                     self.claims.borrow_mut().sent(token, ids);
+                    true
                 }
                 Err(why) => {
                     Stats::bump(worker.stats.claim_failed);
@@ -492,6 +503,7 @@ mod host {
                         ids.len()
                     );
                     self.claims.borrow_mut().not_sent(ids);
+                    false
                 }
             }
         }
@@ -557,8 +569,10 @@ mod host {
                     Err(failure) => self.settle_all(worker, waiters, &failure),
                 }
             }
-            // Whoever arrived while this call was out leaves now.
+            // Whoever arrived while this call was out leaves now, and so do full claim calls
+            // of the winners it forwarded.
             self.pump();
+            self.send_claims(false);
         }
     }
 
@@ -620,7 +634,7 @@ mod host {
         fn on_tick(&mut self) {
             self.batcher.borrow_mut().woken();
             self.pump();
-            self.send_claims();
+            self.send_claims(true);
         }
 
         fn create_http_context(&self, context_id: u32) -> Option<Box<dyn HttpContext>> {

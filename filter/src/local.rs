@@ -29,7 +29,7 @@
 //!
 //! Pure code: no host calls, unit-tested natively.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 
 /// Entries remembered per kind and worker at most. Sold-out marks exist only for real goods
 /// (the stock service called them sold out or ended) and denials only for goods with their
@@ -115,12 +115,62 @@ impl Expiring {
     }
 }
 
+/// Request ids told to retry, each for the same time ([`RETRY_REMEMBERED_NS`]), so the oldest
+/// is also the first to lapse: a FIFO of at most `capacity` ids, O(1) to add and to look up
+/// however many arrive (a 503 storm while the stock service is down tells every buyer to
+/// retry).
+#[derive(Debug, Clone)]
+struct RetryMemory {
+    until: HashMap<String, u64>,
+    order: VecDeque<String>,
+    capacity: usize,
+}
+
+impl RetryMemory {
+    fn new(capacity: usize) -> Self {
+        RetryMemory {
+            until: HashMap::new(),
+            order: VecDeque::new(),
+            capacity,
+        }
+    }
+
+    fn holds(&self, request_id: &str, now_ns: u64) -> bool {
+        !self.until.is_empty()
+            && self
+                .until
+                .get(request_id)
+                .is_some_and(|until_ns| now_ns < *until_ns)
+    }
+
+    fn insert(&mut self, request_id: &str, until_ns: u64) {
+        if self.capacity == 0 {
+            return;
+        }
+        if let Some(slot) = self.until.get_mut(request_id) {
+            *slot = until_ns;
+            return;
+        }
+        if self.order.len() >= self.capacity {
+            if let Some(oldest) = self.order.pop_front() {
+                self.until.remove(&oldest);
+            }
+        }
+        self.until.insert(request_id.to_string(), until_ns);
+        self.order.push_back(request_id.to_string());
+    }
+
+    fn len(&self) -> usize {
+        self.until.len()
+    }
+}
+
 /// One worker's memory of sold-out marks and rate-limit denials.
 #[derive(Debug, Clone)]
 pub struct LocalMemory {
     sold_out: Expiring,
     unknown: Expiring,
-    retrying: Expiring,
+    retrying: RetryMemory,
     denied: Expiring,
 }
 
@@ -136,7 +186,7 @@ impl LocalMemory {
         LocalMemory {
             sold_out: Expiring::new(capacity),
             unknown: Expiring::new(capacity),
-            retrying: Expiring::new(capacity),
+            retrying: RetryMemory::new(capacity),
             denied: Expiring::new(capacity),
         }
     }
@@ -165,13 +215,13 @@ impl LocalMemory {
 
     /// Whether this worker told the request id to retry, until a moment that has not come.
     /// Free while nobody was told to retry (the common case under a sold-out flood).
-    pub fn expects_retry(&mut self, request_id: &str, now_ns: u64) -> bool {
-        self.retrying.len() > 0 && self.retrying.get(request_id, now_ns).is_some()
+    pub fn expects_retry(&self, request_id: &str, now_ns: u64) -> bool {
+        self.retrying.holds(request_id, now_ns)
     }
 
     /// Remembers that the request id was told to retry, until `until_ns`.
-    pub fn remember_retry(&mut self, request_id: &str, until_ns: u64, now_ns: u64) {
-        self.retrying.insert(request_id, until_ns, now_ns);
+    pub fn remember_retry(&mut self, request_id: &str, until_ns: u64) {
+        self.retrying.insert(request_id, until_ns);
     }
 
     /// If a remembered denial holds at `now_ns`: how long until the request would pass.
@@ -223,15 +273,17 @@ mod tests {
     fn a_retry_is_expected_until_its_time() {
         let mut memory = LocalMemory::default();
         assert!(!memory.expects_retry("r1", T0));
-        memory.remember_retry("r1", T0 + SECOND, T0);
+        memory.remember_retry("r1", T0 + SECOND);
         assert!(memory.expects_retry("r1", T0 + SECOND - 1));
         assert!(!memory.expects_retry("r2", T0));
         assert!(!memory.expects_retry("r1", T0 + SECOND));
-        // Bounded, whatever the number of request ids.
+        // Bounded, whatever the number of request ids: the oldest go first.
         for i in 0..10 * MEMORY_ENTRIES_MAX {
-            memory.remember_retry(&format!("r{i}"), T0 + 2 * SECOND, T0);
+            memory.remember_retry(&format!("r{i}"), T0 + 2 * SECOND);
         }
-        assert!(memory.len() <= MEMORY_ENTRIES_MAX);
+        assert_eq!(memory.len(), MEMORY_ENTRIES_MAX);
+        assert!(!memory.expects_retry("r0", T0));
+        assert!(memory.expects_retry(&format!("r{}", 10 * MEMORY_ENTRIES_MAX - 1), T0));
     }
 
     #[test]
