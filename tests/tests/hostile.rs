@@ -576,3 +576,51 @@ async fn unknown_goods_decisions(stack: &Stack) -> u64 {
     let text = stack.syncer().unwrap().metrics().await.unwrap();
     seckill_e2e::syncer::sum_metric(&text, "seckill_deduct_total{outcome=\"unknown_goods\"}")
 }
+
+/// Winners arrive faster than one claim call a second could carry (1,024): every one of
+/// them is claimed within a short claim window, none is released as unclaimed while the
+/// shop holds its order.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_burst_of_winners_is_claimed_in_time() {
+    const WINNERS: usize = 8_000;
+    let mut options = StackOptions::new("claim-burst");
+    options.syncer_env = vec![
+        ("SECKILL_CLAIM_WINDOW_MS", "2000".into()),
+        ("SECKILL_SWEEP_EVERY_MS", "50".into()),
+    ];
+    let stack = Arc::new(Stack::start(options).await.unwrap());
+    stack.open_sale("g", WINNERS as u64, 1).await.unwrap();
+    let mut answers = futures::stream::iter(0..WINNERS)
+        .map(|i| {
+            let stack = stack.clone();
+            async move { stack.buy("g", &format!("b{i}"), 1, &format!("r{i}")).await }
+        })
+        .buffer_unordered(64);
+    let mut won = 0;
+    while let Some(answer) = answers.next().await {
+        won += usize::from(answer.unwrap().outcome == "won");
+    }
+    assert_eq!(won, WINNERS);
+    // Every reservation leaves the unclaimed set, claimed or (the failure) released.
+    wait_for(
+        "every reservation to be claimed or released",
+        SETTLE,
+        || async {
+            let mut conn = stack.redis().await?;
+            let unclaimed: u64 = conn.scard(stack.goods_key("g", "unclaimed")).await?;
+            Ok((unclaimed == 0).then_some(()))
+        },
+    )
+    .await
+    .unwrap();
+    let mut conn = stack.redis().await.unwrap();
+    let settled: HashMap<String, String> =
+        conn.hgetall(stack.goods_key("g", "settled")).await.unwrap();
+    assert!(
+        settled.is_empty(),
+        "released while the shop held them: {}",
+        settled.len()
+    );
+    assert_eq!(live_orders(&stack, "g").await.len(), WINNERS);
+    assert_eq!(accepted(&stack, "g").len(), WINNERS);
+}
