@@ -59,6 +59,8 @@ pub struct Waiter {
     /// The request's context id: the root acts on the request through it.
     pub context_id: u32,
     pub purchase: Purchase,
+    /// Admitted through the unconfirmed bucket: the answer may confirm the goods.
+    pub probe: bool,
     /// When it started waiting (ns since the epoch, host clock).
     pub queued_ns: u64,
     pub ticket: Ticket,
@@ -213,6 +215,7 @@ mod tests {
         Waiter {
             context_id: id,
             purchase: purchase(&format!("u{id}")),
+            probe: false,
             queued_ns: at,
             ticket: Ticket::default(),
             gone: false,

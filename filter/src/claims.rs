@@ -28,6 +28,10 @@ use seckill_api::CLAIMS_PER_CALL_MAX;
 /// [`CLAIMS_PER_CALL_MAX`]; this holds several ticks' worth of winners at any rate a worker
 /// can forward them.
 pub const PENDING_CLAIMS_MAX: usize = 16 * CLAIMS_PER_CALL_MAX;
+/// How long a claim call may take. Claims are on no buyer's path, so a slow syncer gets time
+/// to take them rather than have them sent again (the claim window, 30 s by default, is far
+/// longer); the request-path `deduct.timeout_ms` would give up on them under load.
+pub const CLAIM_CALL_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
 /// Claim calls one worker keeps out at once: several full calls can travel while the syncer
 /// works through one (each claims up to [`CLAIMS_PER_CALL_MAX`] reservations in a script call
 /// per goods).

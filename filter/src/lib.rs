@@ -237,12 +237,14 @@ mod host {
         /// context, except resuming it: the caller resumes on `Won` and `FailedOpen`.
         fn carry_out(
             &self,
-            purchase: &Purchase,
+            waiter: &Waiter,
             verdict: Result<Verdict, CalloutFailure>,
             log_failure: bool,
         ) -> Decided {
+            let purchase = &waiter.purchase;
             if let Ok(verdict) = &verdict {
-                if verdict.confirms_goods() {
+                // Only a goods without a bucket of its own needs confirming.
+                if waiter.probe && verdict.confirms_goods() {
                     let limits = &self.config.rate_limit;
                     shared::confirm_goods(&HostStore, limits, purchase.goods_id());
                 }
@@ -420,14 +422,18 @@ mod host {
                 let sent = batch::batch_body(&next.batch, timeout_ms)
                     .map_err(|e| CalloutFailure::Dispatch(e.to_string()))
                     .and_then(|body| {
-                        post_to_syncer(deduct, seckill_api::DEDUCT_BATCH_PATH, &body).map_err(
-                            |status| {
-                                CalloutFailure::Dispatch(format!(
-                                    "{status:?}; is cluster {:?} defined?",
-                                    deduct.cluster
-                                ))
-                            },
+                        post_to_syncer(
+                            deduct,
+                            seckill_api::DEDUCT_BATCH_PATH,
+                            &body,
+                            deduct.timeout,
                         )
+                        .map_err(|status| {
+                            CalloutFailure::Dispatch(format!(
+                                "{status:?}; is cluster {:?} defined?",
+                                deduct.cluster
+                            ))
+                        })
                     });
                 match sent {
                     Ok(token) => {
@@ -452,7 +458,7 @@ mod host {
                 if waiter.gone || !abi::set_effective_context(waiter.context_id) {
                     continue;
                 }
-                let decided = worker.carry_out(&waiter.purchase, verdict, log_each_failure);
+                let decided = worker.carry_out(&waiter, verdict, log_each_failure);
                 if matches!(decided, Decided::Won { .. } | Decided::FailedOpen) {
                     abi::continue_request();
                 }
@@ -486,8 +492,13 @@ mod host {
             let dispatched = claims::claim_body(&ids)
                 .map_err(|e| e.to_string())
                 .and_then(|body| {
-                    post_to_syncer(deduct, seckill_api::CLAIM_PATH, &body)
-                        .map_err(|status| format!("{status:?}"))
+                    post_to_syncer(
+                        deduct,
+                        seckill_api::CLAIM_PATH,
+                        &body,
+                        claims::CLAIM_CALL_TIMEOUT,
+                    )
+                    .map_err(|status| format!("{status:?}"))
                 });
             match dispatched {
                 Ok(token) => {
@@ -695,6 +706,7 @@ mod host {
         deduct: &crate::config::Deduct,
         path: &str,
         body: &[u8],
+        timeout: Duration,
     ) -> Result<u32, Status> {
         let headers = vec![
             (":method", "POST"),
@@ -703,7 +715,7 @@ mod host {
             ("content-type", "application/json"),
             (seckill_api::SECRET_HEADER, deduct.secret.as_str()),
         ];
-        hostcalls::dispatch_http_call(&deduct.cluster, headers, Some(body), vec![], deduct.timeout)
+        hostcalls::dispatch_http_call(&deduct.cluster, headers, Some(body), vec![], timeout)
     }
 
     /// Where one request stands.
@@ -847,9 +859,14 @@ mod host {
                 .ok()
                 .flatten()
                 .unwrap_or_default();
-                let details = hostcalls::get_property(vec!["response", "code_details"])
-                    .ok()
-                    .flatten();
+                // Only a 5xx needs Envoy's account of where it came from.
+                let details = if status.first() == Some(&b'5') {
+                    hostcalls::get_property(vec!["response", "code_details"])
+                        .ok()
+                        .flatten()
+                } else {
+                    None
+                };
                 match shop_answer(&status, details.as_deref()) {
                     ShopAnswer::NotCreated if self.worker.config.release_on_upstream_failure => {
                         let order_id = order_id.clone();
@@ -979,7 +996,8 @@ mod host {
                     Stats::bump(worker.stats.sold_out_cache_hit);
                     self.answer(reply::sold_out_cached(purchase.goods_id()))
                 }
-                Admission::Rate(RateLimited::Allowed) => self.wait_for_deduct(purchase, now),
+                Admission::Rate(RateLimited::Allowed) => self.wait_for_deduct(purchase, now, false),
+                Admission::Probe => self.wait_for_deduct(purchase, now, true),
                 Admission::Rate(
                     RateLimited::Limited { retry_after_ns }
                     | RateLimited::Contended { retry_after_ns },
@@ -988,11 +1006,12 @@ mod host {
         }
 
         /// Joins this worker's next deduct batch and pauses until the root settles it.
-        fn wait_for_deduct(&mut self, purchase: Purchase, now: u64) -> Action {
+        fn wait_for_deduct(&mut self, purchase: Purchase, now: u64, probe: bool) -> Action {
             let ticket = Ticket::default();
             let waiter = Waiter {
                 context_id: self.context_id,
                 purchase,
+                probe,
                 queued_ns: now,
                 ticket: Rc::clone(&ticket),
                 gone: false,

@@ -103,6 +103,9 @@ pub enum Admission {
     SoldOut,
     /// No fresh mark (or marks not asked for): the rate limiter's answer.
     Rate(RateLimited),
+    /// Allowed through the unconfirmed bucket: the goods has no bucket of its own yet, and
+    /// the stock service's answer may confirm it (see [`confirm_goods`]).
+    Probe,
 }
 
 /// The gate's steps 4 and 5 for one request, in that order: the unknown-goods and sold-out
@@ -133,6 +136,9 @@ pub fn admit(
         return Admission::Rate(RateLimited::Limited { retry_after_ns });
     }
     let (answer, bucket) = check_rate_limit(store, limits, goods_id, now_ns);
+    if let (RateLimited::Allowed, Bucket::Overflow) = (answer, bucket) {
+        return Admission::Probe;
+    }
     // A refusal of the goods' own bucket holds until the retry moment (nobody can take a
     // token before then). The overflow bucket's are not kept: its goods ids are whatever
     // clients send.
@@ -491,9 +497,10 @@ mod tests {
             Admission::UnknownGoods
         );
         assert_eq!(store.reads.get(), reads, "answered without shared data");
+        // Then the syncer is asked again, through the unconfirmed bucket.
         assert_eq!(
             admit(&store, &mut memory, &limits, "junk", T0 + SECOND, true),
-            Admission::Rate(RateLimited::Allowed)
+            Admission::Probe
         );
     }
 
@@ -646,7 +653,7 @@ mod tests {
         for goods in ["x", "y"] {
             assert_eq!(
                 admit(&store, &mut memory, &limits, goods, T0, true),
-                Admission::Rate(RateLimited::Allowed)
+                Admission::Probe
             );
         }
         assert!(matches!(

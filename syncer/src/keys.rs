@@ -15,8 +15,8 @@ pub struct GoodsKeys {
     pub reservations: String,
     /// Sorted set: open reservation order ids scored by the end of their payment window.
     pub expiries: String,
-    /// Set: order ids of open reservations the gate has not claimed yet (not known to have
-    /// reached the shop). They live for the claim window only.
+    /// Sorted set: open reservations the gate has not claimed yet (not known to have reached
+    /// the shop), scored by the end of their claim window; a claim removes the entry.
     pub unclaimed: String,
     /// Hash: order id -> final state ("confirmed", "released:<reason>") of every settled order,
     /// so repeated confirm and cancel calls get the same answer.

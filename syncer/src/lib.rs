@@ -189,8 +189,9 @@ pub async fn serve(
     }
     let lifecycle = lifecycle::Lifecycle::new(redis.clone(), keys.clone());
     let (sweeper, token, every) = (lifecycle.clone(), shutdown.clone(), config.sweep_every);
+    let claim_window = config.claim_window;
     background.spawn(async move {
-        sweeper.run_sweeper(every, token).await;
+        sweeper.run_sweeper(every, claim_window, token).await;
         Ok(())
     });
     let state = Arc::new(http::AppState {

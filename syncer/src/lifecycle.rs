@@ -52,6 +52,26 @@ impl ReleaseReason {
     }
 }
 
+/// How the sweeper treats unclaimed reservations. Claims cannot land while Redis stands
+/// still or no sweeper runs; when sweeps resume after a gap longer than `stall`, the gate
+/// gets a whole `claim_window` from then before any reservation counts as unclaimed, so a
+/// Redis stall does not release the orders the gate delivered just before it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct SweepRules {
+    pub claim_window: Duration,
+    pub stall: Duration,
+}
+
+impl SweepRules {
+    /// A stall is a gap of three sweep intervals, and at least 2 s.
+    pub fn new(sweep_every: Duration, claim_window: Duration) -> SweepRules {
+        SweepRules {
+            claim_window,
+            stall: (3 * sweep_every).max(Duration::from_secs(2)),
+        }
+    }
+}
+
 /// What a claim call did.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct ClaimOutcome {
@@ -191,10 +211,19 @@ impl Lifecycle {
         outcome
     }
 
-    /// Releases up to `SWEEP_BATCH_MAX` reservations of one goods whose window has passed.
-    pub async fn sweep_goods(&self, goods_id: &str) -> Result<u64, LifecycleError> {
+    /// Releases up to `SWEEP_BATCH_MAX` reservations of one goods whose window has passed
+    /// (see [`SweepRules`] for the unclaimed ones).
+    pub async fn sweep_goods(
+        &self,
+        goods_id: &str,
+        rules: &SweepRules,
+    ) -> Result<u64, LifecycleError> {
+        let ms = |d: Duration| u64::try_from(d.as_millis()).unwrap_or(u64::MAX);
         let mut invocation = self.invocation(goods_id, "sweep");
-        invocation.arg(SWEEP_BATCH_MAX);
+        invocation
+            .arg(SWEEP_BATCH_MAX)
+            .arg(ms(rules.claim_window))
+            .arg(ms(rules.stall));
         let mut conn = self.redis.clone();
         let (released,): (u64,) =
             tokio::time::timeout(REDIS_TIMEOUT, invocation.invoke_async(&mut conn))
@@ -220,8 +249,14 @@ impl Lifecycle {
     }
 
     /// Releases expired reservations of every preheated goods, every `every`, until shutdown.
-    pub async fn run_sweeper(self, every: Duration, shutdown: CancellationToken) {
+    pub async fn run_sweeper(
+        self,
+        every: Duration,
+        claim_window: Duration,
+        shutdown: CancellationToken,
+    ) {
         tracing::info!(?every, "sweeper started");
+        let rules = SweepRules::new(every, claim_window);
         let mut ticker = tokio::time::interval(every);
         ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         loop {
@@ -229,7 +264,7 @@ impl Lifecycle {
                 () = shutdown.cancelled() => break,
                 _ = ticker.tick() => {}
             }
-            if let Err(e) = self.sweep_all(&shutdown).await {
+            if let Err(e) = self.sweep_all(&rules, &shutdown).await {
                 metrics::counter!("seckill_sweeper_errors_total").increment(1);
                 tracing::warn!(error = %e, "sweep failed; retrying next tick");
             }
@@ -237,7 +272,11 @@ impl Lifecycle {
         tracing::info!("sweeper stopped");
     }
 
-    async fn sweep_all(&self, shutdown: &CancellationToken) -> Result<(), LifecycleError> {
+    async fn sweep_all(
+        &self,
+        rules: &SweepRules,
+        shutdown: &CancellationToken,
+    ) -> Result<(), LifecycleError> {
         let mut conn = self.redis.clone();
         let goods: Vec<String> =
             tokio::time::timeout(REDIS_TIMEOUT, conn.smembers(self.keys.sales_index()))
@@ -246,7 +285,7 @@ impl Lifecycle {
         for goods_id in goods {
             // A full batch means more may be due: go on with this goods, bounded by shutdown.
             while !shutdown.is_cancelled() {
-                let released = self.sweep_goods(&goods_id).await?;
+                let released = self.sweep_goods(&goods_id, rules).await?;
                 metrics::counter!("seckill_reservations_expired_total").increment(released);
                 if released < SWEEP_BATCH_MAX as u64 {
                     break;

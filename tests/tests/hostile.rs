@@ -310,7 +310,7 @@ async fn a_redis_stall_strands_no_unit_and_grants_nothing_late() {
     options.plugin_config["deduct"]["timeout_ms"] = json!(500);
     options.plugin_config["sold_out_cache_ms"] = json!(0);
     options.syncer_env = vec![
-        ("SECKILL_CLAIM_WINDOW_MS", "4000".into()),
+        ("SECKILL_CLAIM_WINDOW_MS", "5000".into()),
         ("SECKILL_SWEEP_EVERY_MS", "50".into()),
     ];
     let stack = Arc::new(Stack::start(options).await.unwrap());
@@ -427,11 +427,22 @@ async fn a_redis_stall_strands_no_unit_and_grants_nothing_late() {
 
     // Within the claim window every unit is either held by a buyer told `won` or back.
     let winner_orders: HashSet<String> = stack.shop.accepted_order_ids().into_iter().collect();
-    wait_for("unheard reservations to come back", SETTLE, || async {
+    let settled_in_time = wait_for("unheard reservations to come back", SETTLE, || async {
         Ok((live_orders(&stack, "g").await == winner_orders).then_some(()))
     })
-    .await
-    .unwrap();
+    .await;
+    if let Err(e) = settled_in_time {
+        let live = live_orders(&stack, "g").await;
+        let mut conn = stack.redis().await.unwrap();
+        let settled: HashMap<String, String> =
+            conn.hgetall(stack.goods_key("g", "settled")).await.unwrap();
+        let unheard: Vec<_> = live.difference(&winner_orders).collect();
+        let lost: Vec<_> = winner_orders
+            .difference(&live)
+            .map(|o| (o, settled.get(o)))
+            .collect();
+        panic!("{e}: live but never told won: {unheard:?}; told won but not live: {lost:?}");
+    }
     assert_eq!(
         winner_orders.len(),
         winners.len(),
@@ -607,7 +618,7 @@ async fn a_burst_of_winners_is_claimed_in_time() {
         SETTLE,
         || async {
             let mut conn = stack.redis().await?;
-            let unclaimed: u64 = conn.scard(stack.goods_key("g", "unclaimed")).await?;
+            let unclaimed: u64 = conn.zcard(stack.goods_key("g", "unclaimed")).await?;
             Ok((unclaimed == 0).then_some(()))
         },
     )

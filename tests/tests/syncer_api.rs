@@ -651,3 +651,71 @@ async fn unclaimed_reservations_return_after_the_claim_window() {
     let refs: Vec<&str> = too_many.iter().map(String::as_str).collect();
     assert_eq!(f.claim(&refs).await.0, 400);
 }
+
+/// Claims cannot land while Redis stands still. A reservation made just before a stall
+/// longer than its claim window is not released when Redis resumes: the gate gets a whole
+/// claim window from then to claim it. One nobody claims is released after that.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_redis_stall_does_not_cost_the_gate_its_claims() {
+    let f = Fixture::start_with(
+        "claim-stall",
+        &[
+            ("SECKILL_CLAIM_WINDOW_MS", "1000"),
+            ("SECKILL_SWEEP_EVERY_MS", "50"),
+        ],
+    )
+    .await;
+    f.open("g", 2, 1).await;
+    let replies = f
+        .batch(vec![purchase("a", "ra"), purchase("b", "rb")])
+        .await;
+    let orders: Vec<String> = replies
+        .iter()
+        .map(|r| r["order_id"].as_str().unwrap().to_owned())
+        .collect();
+    // Redis stands still for 3 s, three claim windows (the fault under test, so its length
+    // is fixed); the sweeper's calls queue up meanwhile and run the moment it resumes.
+    f.redis.pause().unwrap();
+    tokio::time::sleep_until(tokio::time::Instant::now() + Duration::from_secs(3)).await;
+    f.redis.resume().unwrap();
+
+    // The gate's claim for a arrives after the sweeps that queued up: still in time.
+    seckill_e2e::process::wait_for(
+        "the syncer to sweep again",
+        Duration::from_secs(20),
+        || async {
+            let mut conn = f.redis.connection().await?;
+            let swept: Option<i64> = redis::cmd("HGET")
+                .arg(format!("{}:{{g}}:sale", f.prefix))
+                .arg("swept_ms")
+                .query_async(&mut conn)
+                .await?;
+            Ok(swept
+                .filter(|ms| *ms > seckill_e2e::stack::now_ms() - 500)
+                .map(|_| ()))
+        },
+    )
+    .await
+    .unwrap();
+    let (status, reply) = f.claim(&[&orders[0]]).await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(
+        (reply["claimed"].as_u64(), reply["late"].as_u64()),
+        (Some(1), Some(0)),
+        "the claim found its reservation: {reply} (settled: {:?}, sale: {:?})",
+        f.redis_hash("g", "settled").await,
+        f.redis_hash("g", "sale").await
+    );
+    // b is never claimed: released a claim window after the stall.
+    seckill_e2e::process::wait_for("b to be released", Duration::from_secs(20), || async {
+        let settled = f.redis_hash("g", "settled").await;
+        Ok(
+            (settled.get(&orders[1]).map(String::as_str) == Some("released:unclaimed"))
+                .then_some(()),
+        )
+    })
+    .await
+    .unwrap();
+    let reservations = f.redis_hash("g", "reservations").await;
+    assert_eq!(reservations.keys().collect::<Vec<_>>(), vec![&orders[0]]);
+}

@@ -1,7 +1,7 @@
 -- A batch of purchase attempts for one goods, decided in arrival order and recorded
 -- atomically. Batching amortises the script call: under load one call serves many buyers.
 -- KEYS: 1 sale hash, 2 users hash, 3 requests hash, 4 reservations hash, 5 outbox stream,
---       6 expiries sorted set, 7 unclaimed set, 8 settled hash
+--       6 expiries sorted set, 7 unclaimed sorted set (claim deadlines), 8 settled hash
 -- ARGV: 1 goods id, 2 deadline (ms since the epoch, by Redis's clock), 3 claim window ms
 --       (0: the reservation is delivered by this very answer and needs no claim), then one
 --       (user id, quantity, request id) triple per attempt
@@ -90,16 +90,12 @@ local function decide(user, qty, request_id)
   redis.call('HINCRBY', KEYS[2], user, qty)
   redis.call('HSET', KEYS[3], request_id, user .. '|' .. qty .. '|' .. order_id)
   redis.call('HSET', KEYS[4], order_id, user .. '|' .. qty .. '|' .. now_ms)
-  -- Until the gate claims it (it reached the shop), the reservation lives only for the claim
-  -- window; then the payment window. The sweeper releases it when its time is up.
-  local lives_ms = window_ms
-  if claim_ms > 0 and claim_ms < window_ms then
-    lives_ms = claim_ms
-  end
+  -- It lives for the payment window; and until the gate claims it (it reached the shop),
+  -- only for the claim window. The sweeper releases it when either is up.
+  redis.call('ZADD', KEYS[6], now_ms + window_ms, order_id)
   if claim_ms > 0 then
-    redis.call('SADD', KEYS[7], order_id)
+    redis.call('ZADD', KEYS[7], now_ms + claim_ms, order_id)
   end
-  redis.call('ZADD', KEYS[6], now_ms + lives_ms, order_id)
   -- The outbox entry is written by the same script: no reservation without its event.
   redis.call('XADD', KEYS[5], '*',
     'type', 'reserved', 'order_id', order_id, 'goods_id', goods, 'user_id', user,

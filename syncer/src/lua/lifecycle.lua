@@ -3,10 +3,12 @@
 -- claimed it within the claim window, else "expired"); and claim (the gate delivered these
 -- reservations: each now lives for its payment window).
 -- KEYS: 1 sale hash, 2 users hash, 3 reservations hash, 4 expiries sorted set,
---       5 settled hash, 6 outbox stream, 7 unclaimed set
+--       5 settled hash, 6 outbox stream, 7 unclaimed sorted set (claim deadlines)
 -- ARGV: 1 goods id, 2 action ("confirm" | "release" | "sweep" | "claim"),
 --       3 order id (confirm, release) or batch size (sweep) or first order id (claim),
---       4 release reason (release) or further order ids (claim)
+--       4 release reason (release) or claim window ms (sweep) or further order ids (claim),
+--       5 stall ms (sweep): a gap between sweeps longer than this means nothing ran
+-- The sale hash also keeps the sweeper's `swept_ms` and `claims_from_ms` (below).
 -- Reply: confirm/release { status, state } with status "changed" (this call settled it),
 --        "settled" (it was settled before; state says how) or "unknown";
 --        sweep { released count }; claim { claimed count, late count }.
@@ -22,7 +24,7 @@ local function release(order_id, record, reason)
   qty = tonumber(qty)
   redis.call('HDEL', KEYS[3], order_id)
   redis.call('ZREM', KEYS[4], order_id)
-  redis.call('SREM', KEYS[7], order_id)
+  redis.call('ZREM', KEYS[7], order_id)
   redis.call('HSET', KEYS[5], order_id, 'released:' .. reason)
   local sale = redis.call('HMGET', KEYS[1], 'epoch', 'end_ms', 'reserved')
   local order_epoch = string.match(order_id, '%.(%d+)%.%d+$')
@@ -46,42 +48,55 @@ local function release(order_id, record, reason)
   return 'released:' .. reason
 end
 
--- Why a reservation whose time is up ends: the gate never delivered it, or nobody paid.
-local function lapse_reason(order_id)
-  if redis.call('SISMEMBER', KEYS[7], order_id) == 1 then
-    return 'unclaimed'
-  end
-  return 'expired'
-end
-
 if action == 'claim' then
-  local window_ms = tonumber(redis.call('HGET', KEYS[1], 'window_ms') or '0')
+  -- One ZREM per claim: the reservation's payment window was set when it was made.
   local claimed, late = 0, 0
   for i = 3, #ARGV do
     local order_id = ARGV[i]
-    local record = redis.call('HGET', KEYS[3], order_id)
-    if not record then
-      late = late + 1
-    elseif redis.call('SREM', KEYS[7], order_id) == 1 then
-      -- From now on it lives for the payment window counted from when it was reserved.
-      local reserved_at = tonumber(string.match(record, '|(%d+)$'))
-      redis.call('ZADD', KEYS[4], 'XX', reserved_at + window_ms, order_id)
+    if redis.call('ZREM', KEYS[7], order_id) == 1 then
       claimed = claimed + 1
+    elseif redis.call('HEXISTS', KEYS[3], order_id) == 0 then
+      late = late + 1
     end
   end
   return { claimed, late }
 end
 
 if action == 'sweep' then
-  local due = redis.call('ZRANGEBYSCORE', KEYS[4], '-inf', now_ms, 'LIMIT', 0, tonumber(ARGV[3]))
+  local limit, claim_ms, stall_ms = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+  -- Claims cannot land while Redis stands still or no sweeper runs. After such a gap the gate
+  -- gets a whole claim window from now before anything counts as unclaimed: the orders it
+  -- delivered just before the gap must not be released for a claim that could not arrive.
+  local claims_from = 0
+  if redis.call('EXISTS', KEYS[1]) == 1 then
+    local state = redis.call('HMGET', KEYS[1], 'swept_ms', 'claims_from_ms')
+    claims_from = tonumber(state[2] or '0')
+    if state[1] and now_ms - tonumber(state[1]) > stall_ms then
+      claims_from = now_ms + claim_ms
+      redis.call('HSET', KEYS[1], 'claims_from_ms', claims_from)
+    end
+    redis.call('HSET', KEYS[1], 'swept_ms', now_ms)
+  end
+  local due_sets = { { KEYS[4], 'expired' } }
+  if now_ms >= claims_from then
+    -- Unclaimed first: their window is the shorter.
+    table.insert(due_sets, 1, { KEYS[7], 'unclaimed' })
+  end
+  -- At most ARGV[3] in all.
   local released = 0
-  for _, order_id in ipairs(due) do
-    local record = redis.call('HGET', KEYS[3], order_id)
-    if record then
-      release(order_id, record, lapse_reason(order_id))
-      released = released + 1
-    else
-      redis.call('ZREM', KEYS[4], order_id)
+  for _, due_set in ipairs(due_sets) do
+    local due = redis.call('ZRANGEBYSCORE', due_set[1], '-inf', now_ms, 'LIMIT', 0, limit - released)
+    for _, order_id in ipairs(due) do
+      local record = redis.call('HGET', KEYS[3], order_id)
+      if record then
+        release(order_id, record, due_set[2])
+        released = released + 1
+      else
+        redis.call('ZREM', due_set[1], order_id)
+      end
+    end
+    if released >= limit then
+      break
     end
   end
   return { released }
@@ -98,16 +113,17 @@ if not record then
 end
 
 if action == 'confirm' then
+  -- A confirm proves the shop has the order, claimed or not: only the payment window counts.
   local expires = redis.call('ZSCORE', KEYS[4], order_id)
   if expires and now_ms >= tonumber(expires) then
     -- Paid too late: the window is exact, whether or not the sweeper got there first.
-    return { 'settled', release(order_id, record, lapse_reason(order_id)) }
+    return { 'settled', release(order_id, record, 'expired') }
   end
   local user, qty = string.match(record, '^([^|]*)|(%d+)|')
   qty = tonumber(qty)
   redis.call('HDEL', KEYS[3], order_id)
   redis.call('ZREM', KEYS[4], order_id)
-  redis.call('SREM', KEYS[7], order_id)
+  redis.call('ZREM', KEYS[7], order_id)
   redis.call('HSET', KEYS[5], order_id, 'confirmed')
   local sale = redis.call('HMGET', KEYS[1], 'epoch', 'reserved')
   if sale[1] and sale[1] == string.match(order_id, '%.(%d+)%.%d+$') and tonumber(sale[2]) >= qty then

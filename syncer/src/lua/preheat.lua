@@ -1,6 +1,6 @@
 -- Loads one sale into Redis.
 -- KEYS: 1 sale hash, 2 users hash, 3 requests hash, 4 reservations hash, 5 epoch counter,
---       6 expiries sorted set, 7 settled hash, 8 unclaimed set
+--       6 expiries sorted set, 7 settled hash, 8 unclaimed sorted set
 -- ARGV: 1 total stock, 2 per-user limit, 3 start ms, 4 end ms, 5 force ("1" or "0"),
 --       6 payment window ms
 -- Reply: { "loaded", epoch } or { "live", end_ms } when a live sale is in the way.
@@ -15,8 +15,12 @@ if existing_end and ARGV[5] ~= '1' then
 end
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[6], KEYS[7], KEYS[8])
 local epoch = redis.call('INCR', KEYS[5])
+local time = redis.call('TIME')
+local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+-- swept_ms: the sweeper measures stalls from here (see lifecycle.lua), even before its
+-- first sweep of this sale.
 redis.call('HSET', KEYS[1],
   'total', ARGV[1], 'available', ARGV[1], 'reserved', 0, 'sold', 0, 'lapsed', 0,
   'limit', ARGV[2], 'start_ms', ARGV[3], 'end_ms', ARGV[4], 'window_ms', ARGV[6],
-  'epoch', epoch, 'seq', 0)
+  'epoch', epoch, 'seq', 0, 'swept_ms', now_ms)
 return { 'loaded', epoch }
