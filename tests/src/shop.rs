@@ -120,6 +120,8 @@ async fn record(
             gate_headers,
         });
     }
+    // A slow shop is the fault under test (slower than Envoy's route timeout), not a wait
+    // for anything to be ready.
     let delay_ms = recorder.delay_ms.load(Ordering::Relaxed);
     if delay_ms > 0 {
         tokio::time::sleep(Duration::from_millis(delay_ms)).await;
