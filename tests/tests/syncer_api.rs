@@ -191,6 +191,20 @@ impl Fixture {
     }
 }
 
+/// A one-second claim window, swept every 50 ms: claims that matter within a test's time.
+const SHORT_CLAIM_WINDOW: &[(&str, &str)] = &[
+    ("SECKILL_CLAIM_WINDOW_MS", "1000"),
+    ("SECKILL_SWEEP_EVERY_MS", "50"),
+];
+
+/// The order ids of a batch's replies, in order (every reply must be a win).
+fn order_ids(replies: &[Value]) -> Vec<String> {
+    replies
+        .iter()
+        .map(|r| r["order_id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
 fn purchase(user: &str, request: &str) -> Value {
     json!({"goods_id": "g", "user_id": user, "quantity": 1, "request_id": request})
 }
@@ -577,14 +591,7 @@ async fn a_deduct_past_its_deadline_changes_nothing() {
 /// is a fresh attempt.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn unclaimed_reservations_return_after_the_claim_window() {
-    let f = Fixture::start_with(
-        "claims",
-        &[
-            ("SECKILL_CLAIM_WINDOW_MS", "1000"),
-            ("SECKILL_SWEEP_EVERY_MS", "50"),
-        ],
-    )
-    .await;
+    let f = Fixture::start_with("claims", SHORT_CLAIM_WINDOW).await;
     f.open("g", 3, 1).await;
     let replies = f
         .batch(vec![
@@ -593,10 +600,7 @@ async fn unclaimed_reservations_return_after_the_claim_window() {
             purchase("c", "rc"),
         ])
         .await;
-    let orders: Vec<String> = replies
-        .iter()
-        .map(|r| r["order_id"].as_str().unwrap().to_owned())
-        .collect();
+    let orders = order_ids(&replies);
     assert_eq!(f.live("g").await["available"], 0);
 
     // Claim a's order (twice: the second counts nothing) and something that is no order.
@@ -657,22 +661,12 @@ async fn unclaimed_reservations_return_after_the_claim_window() {
 /// claim window from then to claim it. One nobody claims is released after that.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_redis_stall_does_not_cost_the_gate_its_claims() {
-    let f = Fixture::start_with(
-        "claim-stall",
-        &[
-            ("SECKILL_CLAIM_WINDOW_MS", "1000"),
-            ("SECKILL_SWEEP_EVERY_MS", "50"),
-        ],
-    )
-    .await;
+    let f = Fixture::start_with("claim-stall", SHORT_CLAIM_WINDOW).await;
     f.open("g", 2, 1).await;
     let replies = f
         .batch(vec![purchase("a", "ra"), purchase("b", "rb")])
         .await;
-    let orders: Vec<String> = replies
-        .iter()
-        .map(|r| r["order_id"].as_str().unwrap().to_owned())
-        .collect();
+    let orders = order_ids(&replies);
     // Redis stands still for 3 s, three claim windows (the fault under test, so its length
     // is fixed); the sweeper's calls queue up meanwhile and run the moment it resumes.
     f.redis.pause().unwrap();
