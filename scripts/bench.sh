@@ -8,7 +8,7 @@ ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
 bash scripts/setup.sh
 cargo build -q -p seckill-filter -p seckill-bench-reject-only --target wasm32-wasip1 --release --locked
-cargo build -q --release -p seckill-syncer -p seckill-e2e --locked
+cargo build -q --release -p seckill-syncer -p seckill-bench --locked
 target/release/seckill-bench
 target/release/seckill-bench-sync
 target/release/seckill-bench-sale

@@ -7,5 +7,5 @@ cd "$ROOT"
 bash scripts/setup.sh
 echo "[demo] building the filter (wasm) and the syncer (release)..."
 cargo build -q -p seckill-filter --target wasm32-wasip1 --release --locked
-cargo build -q --release -p seckill-syncer -p seckill-e2e --locked
+cargo build -q --release -p seckill-syncer -p seckill-demo -p seckill-load --locked
 exec target/release/seckill-demo "$@"

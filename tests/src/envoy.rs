@@ -1,4 +1,5 @@
-//! Real Envoy with the real filter, started from `envoy/*.yaml` templates.
+//! Real Envoy with the real filter, started from YAML templates (`envoy/local.yaml`, the
+//! benchmarks' baselines under `bench/envoy/`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -8,6 +9,9 @@ use std::time::Duration;
 use anyhow::{bail, Context};
 
 use crate::process::{locate, wait_for, workspace_root, ChildGuard};
+
+/// The gate's own template: the demo, the tests and the benchmarks fill it in.
+pub const LOCAL_TEMPLATE: &str = "envoy/local.yaml";
 
 pub fn envoy_binary() -> anyhow::Result<PathBuf> {
     locate(
@@ -46,7 +50,8 @@ pub struct Envoy {
 }
 
 impl Envoy {
-    /// Starts Envoy from `template` (a file under `envoy/`) with `values` filled in; the admin
+    /// Starts Envoy from `template` (a path relative to the workspace root, e.g.
+    /// [`LOCAL_TEMPLATE`]) with `values` filled in; the admin
     /// and listener ports are taken from the OS (port 0) and read back from the admin API.
     pub async fn start(
         dir: &Path,
@@ -54,7 +59,7 @@ impl Envoy {
         mut values: HashMap<&'static str, String>,
         workers: u32,
     ) -> anyhow::Result<Self> {
-        let template_path = workspace_root().join("envoy").join(template);
+        let template_path = workspace_root().join(template);
         let template_text = std::fs::read_to_string(&template_path)
             .with_context(|| format!("cannot read {}", template_path.display()))?;
         values.entry("ADMIN_PORT").or_insert_with(|| "0".into());

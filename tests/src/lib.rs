@@ -3,19 +3,15 @@
 //! Every server runs on a free port and is killed when its handle drops.
 
 pub mod admin;
-pub mod chart;
 pub mod deduct_stub;
 pub mod envoy;
 pub mod kafka_broker;
-pub mod load;
 pub mod mysql_db;
 pub mod pipeline;
 pub mod process;
 pub mod redis_server;
-pub mod report;
 pub mod served;
 pub mod shop;
 pub mod stack;
 pub mod syncer;
 pub mod tcp_proxy;
-pub mod wrk;

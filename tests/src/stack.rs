@@ -7,7 +7,7 @@ use std::time::Duration;
 use anyhow::Context;
 use serde_json::{json, Value};
 
-use crate::envoy::{filter_wasm, Envoy};
+use crate::envoy::{filter_wasm, Envoy, LOCAL_TEMPLATE};
 use crate::kafka_broker::KafkaBroker;
 use crate::mysql_db::TestDatabase;
 use crate::process::{free_port, unique_suffix, Scratch};
@@ -145,8 +145,13 @@ impl Stack {
                 serde_json::to_string(&options.plugin_config.to_string())?,
             ),
         ]);
-        let envoy =
-            Envoy::start(&scratch.path, "local.yaml", values.clone(), options.workers).await?;
+        let envoy = Envoy::start(
+            &scratch.path,
+            LOCAL_TEMPLATE,
+            values.clone(),
+            options.workers,
+        )
+        .await?;
         Ok(Stack {
             envoy,
             envoy_values: values,

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use futures::future::join_all;
 use redis::AsyncCommands;
 use seckill_e2e::deduct_stub::DeductStub;
-use seckill_e2e::envoy::Envoy;
+use seckill_e2e::envoy::{Envoy, LOCAL_TEMPLATE};
 use seckill_e2e::stack::{default_plugin_config, now_ms, send, Stack, StackOptions};
 use serde_json::json;
 
@@ -555,7 +555,7 @@ async fn buyers_who_leave_mid_batch_do_not_strand_the_others() {
     let stub = DeductStub::start_held().await.unwrap();
     let mut values = stack.envoy_values();
     values.insert("SYNCER_PORT", stub.addr.port().to_string());
-    let gate = Envoy::start(&stack.scratch.path, "local.yaml", values, 1)
+    let gate = Envoy::start(&stack.scratch.path, LOCAL_TEMPLATE, values, 1)
         .await
         .unwrap();
     let buy = |i: usize, timeout: Duration| {

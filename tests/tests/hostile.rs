@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use futures::future::join_all;
 use futures::StreamExt;
 use redis::AsyncCommands;
-use seckill_e2e::envoy::Envoy;
+use seckill_e2e::envoy::{Envoy, LOCAL_TEMPLATE};
 use seckill_e2e::process::{free_port, wait_for};
 use seckill_e2e::stack::{now_ms, send, BuyResult, Stack, StackOptions};
 use serde_json::json;
@@ -276,7 +276,7 @@ async fn a_timeout_is_not_a_failure_but_no_connection_is() {
     stack.open_sale("h", 1, 1).await.unwrap();
     let mut values = stack.envoy_values();
     values.insert("SHOP_PORT", free_port().unwrap().to_string());
-    let gone = Envoy::start(&stack.scratch.path, "local.yaml", values, 1)
+    let gone = Envoy::start(&stack.scratch.path, LOCAL_TEMPLATE, values, 1)
         .await
         .unwrap();
     let request = stack

@@ -1,7 +1,7 @@
 //! The edge benchmark's floor for a wasm rejection: a proxy-wasm filter that answers every
 //! request with a 429 and does nothing else (no header read, no clock, no stats). The
 //! seckill filter's reject paths are measured against it and against Envoy's native
-//! `local_ratelimit`, in the same run (see `tests/src/bin/seckill-bench.rs`).
+//! `local_ratelimit`, in the same run (see `bench/src/bin/seckill-bench.rs`).
 //!
 //! Built only for wasm32: the native workspace build compiles it to an empty library.
 

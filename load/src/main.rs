@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use clap::Parser;
 use indicatif::{ProgressBar, ProgressStyle};
-use seckill_e2e::load::{self, Plan};
+use seckill_load::{self as load, Plan};
 use serde_json::{json, Value};
 
 #[derive(Parser, Clone)]
@@ -206,7 +206,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
             "{}: {} requests at {:.0}/s",
             args.goods, plan.requests, plan.rate
         );
-        seckill_e2e::chart::render(path, &title, &timeline)?;
+        load::chart::render(path, &title, &timeline)?;
     }
     Ok(ok)
 }

@@ -5,7 +5,7 @@ use std::path::Path;
 
 use plotters::prelude::*;
 
-use crate::load::Slice;
+use crate::Slice;
 
 const OUTCOME_COLORS: [(&str, RGBColor); 6] = [
     ("won", RGBColor(0x2c, 0xa0, 0x2c)),

@@ -33,7 +33,8 @@ mod tests {
 
     #[test]
     fn sections_are_replaced_in_place() {
-        let dir = std::env::temp_dir().join(format!("report-{}", crate::process::unique_suffix()));
+        let dir =
+            std::env::temp_dir().join(format!("report-{}", seckill_e2e::process::unique_suffix()));
         std::fs::create_dir_all(&dir).unwrap();
         let path = dir.join("B.md");
         update_section(&path, "a", "one").unwrap();

@@ -7,10 +7,10 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use seckill_bench::wrk::{self, WrkReport};
 use seckill_e2e::deduct_stub::DeductStub;
-use seckill_e2e::envoy::Envoy;
+use seckill_e2e::envoy::{Envoy, LOCAL_TEMPLATE};
 use seckill_e2e::stack::{Stack, StackOptions};
-use seckill_e2e::wrk::{self, WrkReport};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -72,8 +72,8 @@ async fn main() -> anyhow::Result<()> {
         let values = HashMap::from([("SHOP_PORT", shop_port.clone())]);
         Envoy::start(&stack.scratch.path, template, values, 1)
     };
-    let plain = baseline("bench-plain.yaml").await?;
-    let native = baseline("bench-native-ratelimit.yaml").await?;
+    let plain = baseline("bench/envoy/plain.yaml").await?;
+    let native = baseline("bench/envoy/native-ratelimit.yaml").await?;
     let gate = stack.envoy.url();
     // The same filter and configuration, but its callouts go to a stub that says "won" at
     // once: what the edge costs apart from the stock service.
@@ -81,14 +81,14 @@ async fn main() -> anyhow::Result<()> {
     let stub_gate = {
         let mut values = stack.envoy_values();
         values.insert("SYNCER_PORT", stub.addr.port().to_string());
-        Envoy::start(&stack.scratch.path, "local.yaml", values, 1).await?
+        Envoy::start(&stack.scratch.path, LOCAL_TEMPLATE, values, 1).await?
     };
     // The floor for any wasm rejection: a filter that only answers 429, in the same Envoy
     // set-up as the gate (V8, one VM per worker).
     let reject_only = {
         let mut values = stack.envoy_values();
         values.insert("WASM_PATH", reject_only_wasm()?.display().to_string());
-        Envoy::start(&stack.scratch.path, "local.yaml", values, 1).await?
+        Envoy::start(&stack.scratch.path, LOCAL_TEMPLATE, values, 1).await?
     };
     let plans = [
         // Each filter path next to its baseline: ratios pair runs of the same round, so the
@@ -195,7 +195,7 @@ async fn main() -> anyhow::Result<()> {
     let section = render(&scenarios, &args);
     println!("{section}");
     if args.only.is_empty() {
-        seckill_e2e::report::update_section(&args.out, "edge-benchmark", &section)?;
+        seckill_bench::report::update_section(&args.out, "edge-benchmark", &section)?;
         println!("updated {}", args.out.display());
     }
     Ok(())

@@ -7,10 +7,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use seckill_bench::report::{quantile, update_section};
 use seckill_e2e::mysql_db::TestDatabase;
 use seckill_e2e::pipeline::Pipeline;
 use seckill_e2e::process::wait_for;
-use seckill_e2e::report::{quantile, update_section};
 use seckill_e2e::syncer::Role;
 use seckill_syncer::events::SaleEvent;
 use sqlx::mysql::MySqlPoolOptions;

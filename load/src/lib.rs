@@ -3,6 +3,8 @@
 //! time, so a slow gate cannot hide its slowness by slowing the load: no coordinated
 //! omission), HDR latency histograms per outcome, and a per-second timeline.
 
+pub mod chart;
+
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};

@@ -8,10 +8,10 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use seckill_e2e::load::{self, LatencySummary, Plan};
-use seckill_e2e::report::update_section;
+use seckill_bench::report::update_section;
+use seckill_bench::wrk;
 use seckill_e2e::stack::{Stack, StackOptions, SECRET};
-use seckill_e2e::wrk;
+use seckill_load::{self as load, LatencySummary, Plan};
 use serde_json::json;
 
 #[derive(Parser)]
@@ -235,7 +235,7 @@ async fn end_to_end_sale(args: &Args) -> anyhow::Result<SaleFigures> {
         "{} buyers for {} units at {:.0} requests/s offered (Envoy {workers} workers)",
         args.buyers, args.units, args.rate
     );
-    seckill_e2e::chart::render(&args.chart, &title, &timeline)?;
+    load::chart::render(&args.chart, &title, &timeline)?;
     std::fs::write(
         args.chart.with_extension("json"),
         serde_json::to_vec_pretty(
