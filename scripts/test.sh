@@ -15,6 +15,9 @@ cargo clippy -p seckill-filter -p seckill-bench-reject-only --target wasm32-wasi
 echo "== build (the end-to-end tests run these binaries)"
 cargo build -p seckill-filter --target wasm32-wasip1 --release --locked
 cargo build --workspace --locked
+# What a user installs must build on its own: a workspace build unifies features across crates
+# and can hide one a crate forgot to ask for (seckill-load once relied on the syncer's clap env).
+cargo check -p seckill-load --locked
 
 echo "== tests"
 cargo test --workspace --locked -- "$@"
