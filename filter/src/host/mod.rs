@@ -25,6 +25,12 @@ mod sdk;
 mod stats;
 mod worker;
 
+#[cfg(test)]
+mod fake;
+#[cfg(test)]
+mod request_tests;
+#[cfg(test)]
+mod root_tests;
 
 pub use request::{Flow, SaleRequest};
 pub use root::Root;
