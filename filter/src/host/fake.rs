@@ -78,6 +78,8 @@ pub(crate) struct State {
     code_details: RefCell<HashMap<u32, String>>,
     /// `:status` and body of the callout answer being delivered.
     call_response: RefCell<(Option<String>, Vec<u8>)>,
+    /// Every host operation called, by name, in order (what a path costs in host calls).
+    trace: RefCell<Vec<&'static str>>,
 }
 
 #[derive(Clone, Default)]
@@ -152,6 +154,15 @@ impl FakeHost {
         keys
     }
 
+    fn trace(&self, operation: &'static str) {
+        self.0.trace.borrow_mut().push(operation);
+    }
+
+    /// The host operations called since the last look.
+    pub(crate) fn take_trace(&self) -> Vec<&'static str> {
+        std::mem::take(&mut self.0.trace.borrow_mut())
+    }
+
     fn record(&self, call: Call) {
         self.0.calls.borrow_mut().push(call);
     }
@@ -179,6 +190,7 @@ impl FakeHost {
 
 impl SharedStore for FakeHost {
     fn get(&self, key: &str) -> Result<Seen, HostStatus> {
+        self.trace("shared_get");
         self.check(Op::SharedGet)?;
         Ok(match self.0.shared.borrow().get(key) {
             Some((value, cas)) => (Some(value.clone()), Some(*cas)),
@@ -187,6 +199,7 @@ impl SharedStore for FakeHost {
     }
 
     fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SetError> {
+        self.trace("shared_set");
         let mut shared = self.0.shared.borrow_mut();
         if let (Some(cas), Some((_, current))) = (cas, shared.get(key)) {
             if cas != *current {
@@ -202,25 +215,30 @@ impl SharedStore for FakeHost {
 
 impl Host for FakeHost {
     fn current_time_ns(&self) -> Result<u64, HostStatus> {
+        self.trace("current_time_ns");
         self.check(Op::Time)?;
         Ok(self.0.now_ns.get())
     }
 
     fn log(&self, level: LogLevel, message: &str) -> Result<(), HostStatus> {
+        self.trace("log");
         self.0.logs.borrow_mut().push((level, message.to_string()));
         Ok(())
     }
 
     fn plugin_configuration(&self) -> Result<Option<Vec<u8>>, HostStatus> {
+        self.trace("plugin_configuration");
         self.check(Op::PluginConfiguration)?;
         Ok(self.0.config.borrow().clone())
     }
 
     fn set_tick_period(&self, _period: Duration) -> Result<(), HostStatus> {
+        self.trace("set_tick_period");
         self.check(Op::TickPeriod)
     }
 
     fn define_counter(&self, name: &str) -> Result<u32, HostStatus> {
+        self.trace("define_counter");
         self.check(Op::DefineCounter)?;
         let mut counters = self.0.counters.borrow_mut();
         if let Some(id) = counters.iter().position(|(n, _)| n == name) {
@@ -231,6 +249,7 @@ impl Host for FakeHost {
     }
 
     fn increment_counter(&self, counter: u32, offset: i64) -> Result<(), HostStatus> {
+        self.trace("increment_counter");
         let mut counters = self.0.counters.borrow_mut();
         let entry = counters.get_mut(counter as usize).ok_or(HostStatus(1))?;
         entry.1 += offset;
@@ -238,6 +257,7 @@ impl Host for FakeHost {
     }
 
     fn register_shared_queue(&self, name: &str) -> Result<u32, HostStatus> {
+        self.trace("register_shared_queue");
         self.check(Op::RegisterQueue)?;
         let mut queues = self.0.queues.borrow_mut();
         queues.push((name.to_string(), VecDeque::new()));
@@ -245,6 +265,7 @@ impl Host for FakeHost {
     }
 
     fn enqueue_shared_queue(&self, queue: u32, value: &[u8]) -> Result<(), HostStatus> {
+        self.trace("enqueue_shared_queue");
         self.check(Op::Enqueue)?;
         let mut queues = self.0.queues.borrow_mut();
         let (_, entries) = queues.get_mut(queue as usize).ok_or(HostStatus(1))?;
@@ -253,6 +274,7 @@ impl Host for FakeHost {
     }
 
     fn dequeue_shared_queue(&self, queue: u32) -> Result<Option<Vec<u8>>, HostStatus> {
+        self.trace("dequeue_shared_queue");
         let mut queues = self.0.queues.borrow_mut();
         let (_, entries) = queues.get_mut(queue as usize).ok_or(HostStatus(1))?;
         Ok(entries.pop_front())
@@ -265,6 +287,7 @@ impl Host for FakeHost {
         body: Option<&[u8]>,
         timeout: Duration,
     ) -> Result<u32, HostStatus> {
+        self.trace("dispatch_http_call");
         self.check(Op::Dispatch)?;
         let token = 100 + self.0.next_token.get();
         self.0.next_token.set(self.0.next_token.get() + 1);
@@ -280,6 +303,7 @@ impl Host for FakeHost {
     }
 
     fn http_call_response_header(&self, name: &str) -> Result<Option<Vec<u8>>, HostStatus> {
+        self.trace("http_call_response_header");
         let response = self.0.call_response.borrow();
         Ok((name == ":status")
             .then(|| response.0.clone().map(String::into_bytes))
@@ -287,11 +311,13 @@ impl Host for FakeHost {
     }
 
     fn http_call_response_body(&self, max_size: usize) -> Result<Option<Vec<u8>>, HostStatus> {
+        self.trace("http_call_response_body");
         let body = &self.0.call_response.borrow().1;
         Ok(Some(body[..body.len().min(max_size)].to_vec()))
     }
 
     fn set_effective_context(&self, context_id: u32) -> Result<(), HostStatus> {
+        self.trace("set_effective_context");
         if self.0.ended.borrow().contains(&context_id) {
             return Err(REFUSED);
         }
@@ -300,6 +326,7 @@ impl Host for FakeHost {
     }
 
     fn request_header_map(&self) -> Result<Vec<u8>, HostStatus> {
+        self.trace("request_header_map");
         self.check(Op::RequestHeaderMap)?;
         let headers = self.request_headers(self.effective());
         let pairs = headers.iter().map(|(n, v)| (n.as_bytes(), v.as_bytes()));
@@ -307,6 +334,7 @@ impl Host for FakeHost {
     }
 
     fn remove_request_header(&self, name: &[u8]) -> Result<(), HostStatus> {
+        self.trace("remove_request_header");
         FakeHost::with_headers(&self.0.request_headers, self.effective(), |headers| {
             headers.retain(|(n, _)| n.as_bytes() != name);
         });
@@ -314,11 +342,13 @@ impl Host for FakeHost {
     }
 
     fn set_request_header(&self, name: &str, value: &str) -> Result<(), HostStatus> {
+        self.trace("set_request_header");
         FakeHost::replace(&self.0.request_headers, self.effective(), name, value);
         Ok(())
     }
 
     fn continue_request(&self) -> Result<(), HostStatus> {
+        self.trace("continue_request");
         self.record(Call::ContinueRequest {
             context: self.effective(),
         });
@@ -326,6 +356,7 @@ impl Host for FakeHost {
     }
 
     fn send_local_reply(&self, reply: &LocalReply) -> Result<(), HostStatus> {
+        self.trace("send_local_reply");
         self.check(Op::SendLocalReply)?;
         let headers = reply.headers.iter().map(|(n, v)| (*n, v.as_ref()));
         self.record(Call::Reply {
@@ -338,17 +369,20 @@ impl Host for FakeHost {
     }
 
     fn response_header(&self, name: &str) -> Result<Option<Vec<u8>>, HostStatus> {
+        self.trace("response_header");
         let headers = self.response_headers(self.effective());
         let value = headers.into_iter().find(|(n, _)| n == name);
         Ok(value.map(|(_, v)| v.into_bytes()))
     }
 
     fn set_response_header(&self, name: &str, value: &str) -> Result<(), HostStatus> {
+        self.trace("set_response_header");
         FakeHost::replace(&self.0.response_headers, self.effective(), name, value);
         Ok(())
     }
 
     fn continue_response(&self) -> Result<(), HostStatus> {
+        self.trace("continue_response");
         self.record(Call::ContinueResponse {
             context: self.effective(),
         });
@@ -356,6 +390,7 @@ impl Host for FakeHost {
     }
 
     fn property(&self, path: &[&str]) -> Result<Option<Vec<u8>>, HostStatus> {
+        self.trace("property");
         if path != ["response", "code_details"] {
             return Ok(None);
         }

@@ -401,3 +401,39 @@ fn a_local_reply_the_host_refuses_ends_nothing_else() {
     assert!(gate.host.calls().is_empty());
     assert_eq!(gate.host.counter("seckill.outcome.bad_request"), 1);
 }
+
+/// The reject paths are the hot path of a sale. On a warm worker a sold-out goods costs the
+/// header read, the clock, two counters and the reply; a rate-limited one the read of its
+/// (absent) sold-out key instead of the cache-hit counter. Not one host call more.
+#[test]
+fn the_reject_paths_cost_no_more_host_calls_than_they_must() {
+    let mut gate = Gate::new(|c| {
+        c["rate_limit"]["goods"]["slow"] = json!({"per_second": 1, "burst": 1});
+    });
+    let _sold_out = gate.decide(10, "hot", lost("sold_out", Some(0)));
+    let (_first, _) = gate.buy(11, "slow", "ann");
+    let (_refused, _) = gate.buy(12, "slow", "bob");
+    gate.host.take_trace();
+
+    let (_cached, _) = gate.buy(13, "hot", "cy");
+    let sold_out = [
+        "request_header_map",
+        "current_time_ns",
+        "increment_counter",
+        "increment_counter",
+        "send_local_reply",
+    ];
+    assert_eq!(gate.host.take_trace(), sold_out);
+
+    let (_limited, _) = gate.buy(14, "slow", "dee");
+    let rate_limited = [
+        "request_header_map",
+        "current_time_ns",
+        "shared_get",
+        "increment_counter",
+        "send_local_reply",
+    ];
+    assert_eq!(gate.host.take_trace(), rate_limited);
+    let replies: Vec<(u32, u32)> = gate.replies().iter().map(|r| (r.0, r.1)).collect();
+    assert_eq!(replies, [(10, 409), (12, 429), (13, 409), (14, 429)]);
+}
