@@ -14,7 +14,7 @@
 //! the root through a shared queue; the root then dispatches, and dispatches the next batch
 //! from each answer while requests keep arriving.
 //!
-//! Pure code: the host calls live in `lib.rs`; this is the bookkeeping, unit-tested natively.
+//! Pure code: the host calls live in `host/root.rs`; this is the bookkeeping, unit-tested natively.
 
 use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};

@@ -2,9 +2,14 @@
 //! and validated once in `on_configure` and compiled into an immutable [`Config`] that every
 //! request context shares.
 //!
-//! Every section is read field by field so each error names the exact field
-//! (`rate_limit.default.per_second: ...`); serde alone would only give a line and column.
-//! Unknown fields are refused everywhere: a typo must not silently fall back to a default.
+//! The document is read into typed structs (`Raw*` below) through `serde_path_to_error`, so a
+//! wrong type, a missing field or an unknown one is refused with its exact path
+//! (`rate_limit.default.per_second: invalid type: ...`); serde alone would only give a line
+//! and column. Unknown fields are refused everywhere (`deny_unknown_fields`): a typo must not
+//! silently fall back to a default. `null` counts as absent (every optional field is an
+//! `Option`). What serde cannot express (ranges, header-safe text, a path source naming a
+//! variable of the route, bounds that depend on another field) is checked after, in field
+//! order, each error naming its field the same way.
 //!
 //! Pure code: no host calls, unit-tested natively.
 
@@ -12,7 +17,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::fmt;
 use std::time::Duration;
 
-use serde::de::DeserializeOwned;
+use serde::de::{self, Deserializer, IgnoredAny, MapAccess, Visitor};
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -22,7 +27,7 @@ use crate::route::PathTemplate;
 /// Longest accepted `deduct.timeout_ms`: a buyer waits no longer than this for a decision.
 pub const TIMEOUT_MS_MAX: u64 = 10_000;
 const TIMEOUT_MS_DEFAULT: u64 = 500;
-const ID_LEN_MAX_DEFAULT: usize = 64;
+const ID_LEN_MAX_DEFAULT: u64 = 64;
 const AUTHORITY_DEFAULT: &str = "seckill-syncer";
 const REQUEST_ID_HEADER_DEFAULT: &str = "x-request-id";
 /// Longest sold-out cache life: one hour. Past that a restocked goods would stay "sold out"
@@ -75,6 +80,21 @@ impl fmt::Display for ConfigError {
 
 impl std::error::Error for ConfigError {}
 
+/// A type error, a missing or an unknown field, at the path where serde met it.
+impl From<serde_path_to_error::Error<serde_json::Error>> for ConfigError {
+    fn from(error: serde_path_to_error::Error<serde_json::Error>) -> ConfigError {
+        // The document itself has the empty path (the crate would print it as ".").
+        let field = match error.path().iter().next() {
+            None => String::new(),
+            Some(_) => error.path().to_string(),
+        };
+        ConfigError {
+            field,
+            problem: error.into_inner().to_string(),
+        }
+    }
+}
+
 /// Where a value comes from in the buyer's request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Source {
@@ -112,7 +132,8 @@ pub struct QuantityRule {
     pub max: u32,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
 pub enum FailureMode {
     /// No answer from the stock service: refuse the purchase (503).
     Closed,
@@ -164,78 +185,115 @@ pub struct Config {
     pub release_on_upstream_failure: bool,
 }
 
-// --- raw shapes: every field kept as a JSON value so each is read with its own path ---
+// --- the document as written: types checked by serde, values checked by `compile` ---
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawConfig {
-    route: Value,
-    goods_id: Value,
-    user_id: Value,
-    quantity: Option<Value>,
-    request_id: Option<Value>,
-    id_len_max: Option<Value>,
-    deduct: Value,
-    rate_limit: Value,
-    sold_out_cache_ms: Option<Value>,
-    unknown_goods_cache_ms: Option<Value>,
-    release_on_upstream_failure: Option<Value>,
+    route: RawRoute,
+    goods_id: RawSource,
+    user_id: RawSource,
+    quantity: Option<RawQuantity>,
+    request_id: Option<RawSource>,
+    id_len_max: Option<u64>,
+    deduct: RawDeduct,
+    rate_limit: RawRateLimit,
+    sold_out_cache_ms: Option<u64>,
+    unknown_goods_cache_ms: Option<u64>,
+    release_on_upstream_failure: Option<bool>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRoute {
-    methods: Option<Value>,
-    path_template: Value,
+    methods: Option<Vec<String>>,
+    path_template: String,
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, Default)]
 #[serde(deny_unknown_fields)]
 struct RawQuantity {
-    source: Option<Value>,
-    default: Option<Value>,
-    max: Option<Value>,
+    source: Option<RawSource>,
+    default: Option<u64>,
+    max: Option<u64>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawDeduct {
-    cluster: Value,
-    authority: Option<Value>,
-    timeout_ms: Option<Value>,
-    secret: Value,
-    failure_mode: Option<Value>,
+    cluster: String,
+    authority: Option<String>,
+    timeout_ms: Option<u64>,
+    secret: String,
+    failure_mode: Option<FailureMode>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRateLimit {
-    default: Value,
-    goods: Option<Value>,
-    unconfirmed: Option<Value>,
-    tracked_goods_max: Option<Value>,
+    default: RawRate,
+    goods: Option<BTreeMap<String, RawRate>>,
+    unconfirmed: Option<RawRate>,
+    tracked_goods_max: Option<u64>,
 }
 
 #[derive(Deserialize)]
 #[serde(deny_unknown_fields)]
 struct RawRate {
-    per_second: Value,
-    burst: Value,
+    per_second: f64,
+    burst: u64,
 }
 
-/// Reads one JSON value as `T`, naming `field` in the error.
-fn read<T: DeserializeOwned>(field: &str, value: Value) -> Result<T, ConfigError> {
-    serde_json::from_value(value).map_err(|e| ConfigError::new(field, e.to_string()))
+/// A source as written. Not a derived enum: serde's own messages for a map with no key or
+/// two keys, or for a bare string, would not say what a source looks like.
+enum RawSource {
+    Header(String),
+    Query(String),
+    Path(String),
 }
 
-fn read_or<T: DeserializeOwned>(
-    field: &str,
-    value: Option<Value>,
-    default: T,
-) -> Result<T, ConfigError> {
-    match value {
-        None | Some(Value::Null) => Ok(default),
-        Some(value) => read(field, value),
+const SOURCE_SHAPE: &str =
+    "exactly one of {\"header\": NAME}, {\"query\": NAME}, {\"path\": VARIABLE}";
+
+impl<'de> Deserialize<'de> for RawSource {
+    fn deserialize<D: Deserializer<'de>>(deserializer: D) -> Result<RawSource, D::Error> {
+        deserializer.deserialize_map(SourceVisitor)
+    }
+}
+
+struct SourceVisitor;
+
+impl<'de> Visitor<'de> for SourceVisitor {
+    type Value = RawSource;
+
+    fn expecting(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(SOURCE_SHAPE)
+    }
+
+    fn visit_map<A: MapAccess<'de>>(self, mut map: A) -> Result<RawSource, A::Error> {
+        let shape = || de::Error::custom(format_args!("must be {SOURCE_SHAPE}"));
+        // Checked before any value is read, so `{"header": 5, "query": "u"}` is refused for
+        // its shape rather than for the type of its first value.
+        if map.size_hint().is_some_and(|len| len != 1) {
+            return Err(shape());
+        }
+        let Some(kind) = map.next_key::<String>()? else {
+            return Err(shape());
+        };
+        let source = match kind.as_str() {
+            "header" => RawSource::Header(map.next_value()?),
+            "query" => RawSource::Query(map.next_value()?),
+            "path" => RawSource::Path(map.next_value()?),
+            other => {
+                return Err(de::Error::custom(format_args!(
+                    "unknown source `{other}`: must be {SOURCE_SHAPE}"
+                )))
+            }
+        };
+        if map.next_key::<IgnoredAny>()?.is_some() {
+            return Err(shape());
+        }
+        Ok(source)
     }
 }
 
@@ -251,6 +309,8 @@ impl Config {
                 ))
             }
         };
+        // Syntax first, whose errors need a line and column; the typed pass then reads the
+        // parsed value, whose errors need a path instead (and carry no position noise).
         let document: Value = serde_json::from_slice(bytes)
             .map_err(|e| ConfigError::new("", format!("not valid JSON: {e}")))?;
         if !document.is_object() {
@@ -259,7 +319,7 @@ impl Config {
                 "the configuration must be a JSON object",
             ));
         }
-        let raw: RawConfig = read("", document)?;
+        let raw: RawConfig = serde_path_to_error::deserialize(document)?;
         Config::compile(raw)
     }
 
@@ -268,12 +328,12 @@ impl Config {
         let goods_id = compile_source("goods_id", raw.goods_id, &route.template)?;
         let user_id = compile_source("user_id", raw.user_id, &route.template)?;
         let request_id = match raw.request_id {
-            None | Some(Value::Null) => Source::Header(REQUEST_ID_HEADER_DEFAULT.to_string()),
-            Some(value) => compile_source("request_id", value, &route.template)?,
+            None => Source::Header(REQUEST_ID_HEADER_DEFAULT.to_string()),
+            Some(source) => compile_source("request_id", source, &route.template)?,
         };
-        let quantity = compile_quantity(raw.quantity, &route.template)?;
+        let quantity = compile_quantity(raw.quantity.unwrap_or_default(), &route.template)?;
 
-        let id_len_max: u64 = read_or("id_len_max", raw.id_len_max, ID_LEN_MAX_DEFAULT as u64)?;
+        let id_len_max = raw.id_len_max.unwrap_or(ID_LEN_MAX_DEFAULT);
         let id_len_max = usize::try_from(id_len_max)
             .ok()
             .filter(|len| (1..=seckill_api::ID_LEN_MAX).contains(len))
@@ -289,39 +349,15 @@ impl Config {
 
         let deduct = compile_deduct(raw.deduct)?;
         let rate_limit = compile_rate_limit(raw.rate_limit, id_len_max)?;
-
-        let sold_out_cache_ms: u64 = read_or(
+        let sold_out_cache = cache_life(
             "sold_out_cache_ms",
             raw.sold_out_cache_ms,
             SOLD_OUT_CACHE_MS_DEFAULT,
         )?;
-        if sold_out_cache_ms > SOLD_OUT_CACHE_MS_MAX {
-            return Err(ConfigError::new(
-                "sold_out_cache_ms",
-                format!(
-                    "must be at most {SOLD_OUT_CACHE_MS_MAX} (one hour; 0 disables the cache), got {sold_out_cache_ms}"
-                ),
-            ));
-        }
-
-        let unknown_goods_cache_ms: u64 = read_or(
+        let unknown_goods_cache = cache_life(
             "unknown_goods_cache_ms",
             raw.unknown_goods_cache_ms,
             UNKNOWN_GOODS_CACHE_MS_DEFAULT,
-        )?;
-        if unknown_goods_cache_ms > SOLD_OUT_CACHE_MS_MAX {
-            return Err(ConfigError::new(
-                "unknown_goods_cache_ms",
-                format!(
-                    "must be at most {SOLD_OUT_CACHE_MS_MAX} (one hour; 0 disables the cache), got {unknown_goods_cache_ms}"
-                ),
-            ));
-        }
-
-        let release_on_upstream_failure: bool = read_or(
-            "release_on_upstream_failure",
-            raw.release_on_upstream_failure,
-            true,
         )?;
 
         Ok(Config {
@@ -333,16 +369,29 @@ impl Config {
             id_len_max,
             deduct,
             rate_limit,
-            sold_out_cache: Duration::from_millis(sold_out_cache_ms),
-            unknown_goods_cache: Duration::from_millis(unknown_goods_cache_ms),
-            release_on_upstream_failure,
+            sold_out_cache,
+            unknown_goods_cache,
+            release_on_upstream_failure: raw.release_on_upstream_failure.unwrap_or(true),
         })
     }
 }
 
-fn compile_route(value: Value) -> Result<Route, ConfigError> {
-    let raw: RawRoute = read("route", value)?;
-    let methods: Vec<String> = read_or("route.methods", raw.methods, vec!["POST".to_string()])?;
+/// A cache's life in ms: 0 disables it, at most an hour.
+fn cache_life(field: &str, ms: Option<u64>, default_ms: u64) -> Result<Duration, ConfigError> {
+    let ms = ms.unwrap_or(default_ms);
+    if ms > SOLD_OUT_CACHE_MS_MAX {
+        return Err(ConfigError::new(
+            field,
+            format!(
+                "must be at most {SOLD_OUT_CACHE_MS_MAX} (one hour; 0 disables the cache), got {ms}"
+            ),
+        ));
+    }
+    Ok(Duration::from_millis(ms))
+}
+
+fn compile_route(raw: RawRoute) -> Result<Route, ConfigError> {
+    let methods = raw.methods.unwrap_or_else(|| vec!["POST".to_string()]);
     if methods.is_empty() {
         return Err(ConfigError::new(
             "route.methods",
@@ -363,45 +412,29 @@ fn compile_route(value: Value) -> Result<Route, ConfigError> {
             ));
         }
     }
-    let text: String = read("route.path_template", raw.path_template)?;
-    let template =
-        PathTemplate::parse(&text).map_err(|e| ConfigError::new("route.path_template", e))?;
+    let template = PathTemplate::parse(&raw.path_template)
+        .map_err(|e| ConfigError::new("route.path_template", e))?;
     Ok(Route { methods, template })
 }
 
 fn compile_source(
     field: &str,
-    value: Value,
+    raw: RawSource,
     template: &PathTemplate,
 ) -> Result<Source, ConfigError> {
-    const SHAPE: &str =
-        "must be exactly one of {\"header\": NAME}, {\"query\": NAME}, {\"path\": VARIABLE}";
-    let Value::Object(map) = value else {
-        return Err(ConfigError::new(field, SHAPE));
-    };
-    if map.len() != 1 {
-        return Err(ConfigError::new(field, SHAPE));
-    }
-    let Some((kind, name)) = map.into_iter().next() else {
-        return Err(ConfigError::new(field, SHAPE));
+    let (kind, name) = match raw {
+        RawSource::Header(name) => ("header", name),
+        RawSource::Query(name) => ("query", name),
+        RawSource::Path(name) => ("path", name),
     };
     let path = format!("{field}.{kind}");
-    let name: String = match kind.as_str() {
-        "header" | "query" | "path" => read(&path, name)?,
-        other => {
-            return Err(ConfigError::new(
-                field,
-                format!("unknown source `{other}`: {SHAPE}"),
-            ))
-        }
-    };
     if name.is_empty() || name.len() > SOURCE_NAME_LEN_MAX {
         return Err(ConfigError::new(
             &path,
             format!("must be a name of 1 to {SOURCE_NAME_LEN_MAX} bytes"),
         ));
     }
-    match kind.as_str() {
+    match kind {
         "header" => {
             let name = name.to_ascii_lowercase();
             if !name.bytes().all(is_token_byte) {
@@ -438,22 +471,14 @@ fn is_token_byte(b: u8) -> bool {
 }
 
 fn compile_quantity(
-    value: Option<Value>,
+    raw: RawQuantity,
     template: &PathTemplate,
 ) -> Result<QuantityRule, ConfigError> {
-    let raw: RawQuantity = match value {
-        None | Some(Value::Null) => RawQuantity {
-            source: None,
-            default: None,
-            max: None,
-        },
-        Some(value) => read("quantity", value)?,
-    };
     let source = match raw.source {
-        None | Some(Value::Null) => None,
-        Some(value) => Some(compile_source("quantity.source", value, template)?),
+        None => None,
+        Some(source) => Some(compile_source("quantity.source", source, template)?),
     };
-    let max: u64 = read_or("quantity.max", raw.max, 1)?;
+    let max = raw.max.unwrap_or(1);
     let max_limit = seckill_api::QUANTITY_MAX;
     let max = u32::try_from(max)
         .ok()
@@ -464,7 +489,7 @@ fn compile_quantity(
                 format!("must be from 1 to {max_limit} (got {max})"),
             )
         })?;
-    let default: u64 = read_or("quantity.default", raw.default, 1)?;
+    let default = raw.default.unwrap_or(1);
     let default = u32::try_from(default)
         .ok()
         .filter(|default| (1..=max).contains(default))
@@ -501,64 +526,39 @@ fn header_safe(field: &str, text: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
-fn compile_deduct(value: Value) -> Result<Deduct, ConfigError> {
-    let raw: RawDeduct = read("deduct", value)?;
-    let cluster: String = read("deduct.cluster", raw.cluster)?;
-    header_safe("deduct.cluster", &cluster)?;
-    let authority: String = read_or(
-        "deduct.authority",
-        raw.authority,
-        AUTHORITY_DEFAULT.to_string(),
-    )?;
+fn compile_deduct(raw: RawDeduct) -> Result<Deduct, ConfigError> {
+    header_safe("deduct.cluster", &raw.cluster)?;
+    let authority = raw
+        .authority
+        .unwrap_or_else(|| AUTHORITY_DEFAULT.to_string());
     header_safe("deduct.authority", &authority)?;
-    let timeout_ms: u64 = read_or("deduct.timeout_ms", raw.timeout_ms, TIMEOUT_MS_DEFAULT)?;
+    let timeout_ms = raw.timeout_ms.unwrap_or(TIMEOUT_MS_DEFAULT);
     if !(1..=TIMEOUT_MS_MAX).contains(&timeout_ms) {
         return Err(ConfigError::new(
             "deduct.timeout_ms",
             format!("must be from 1 to {TIMEOUT_MS_MAX} (got {timeout_ms})"),
         ));
     }
-    let secret: String = read("deduct.secret", raw.secret)?;
-    header_safe("deduct.secret", &secret)?;
-    let failure_mode: String = read_or(
-        "deduct.failure_mode",
-        raw.failure_mode,
-        "closed".to_string(),
-    )?;
-    let failure_mode = match failure_mode.as_str() {
-        "closed" => FailureMode::Closed,
-        "open" => FailureMode::Open,
-        other => {
-            return Err(ConfigError::new(
-                "deduct.failure_mode",
-                format!("must be \"closed\" or \"open\" (got {other:?})"),
-            ))
-        }
-    };
+    header_safe("deduct.secret", &raw.secret)?;
     Ok(Deduct {
-        cluster,
+        cluster: raw.cluster,
         authority,
         timeout: Duration::from_millis(timeout_ms),
-        secret,
-        failure_mode,
+        secret: raw.secret,
+        failure_mode: raw.failure_mode.unwrap_or(FailureMode::Closed),
     })
 }
 
-fn compile_rate(field: &str, value: Value) -> Result<Rate, ConfigError> {
-    let raw: RawRate = read(field, value)?;
-    let per_second: f64 = read(&format!("{field}.per_second"), raw.per_second)?;
-    let burst: u64 = read(&format!("{field}.burst"), raw.burst)?;
+fn compile_rate(field: &str, raw: &RawRate) -> Result<Rate, ConfigError> {
     // Rate::new names which of the two is wrong in its message.
-    Rate::new(per_second, burst).map_err(|e| ConfigError::new(field, e))
+    Rate::new(raw.per_second, raw.burst).map_err(|e| ConfigError::new(field, e))
 }
 
-fn compile_rate_limit(value: Value, id_len_max: usize) -> Result<RateLimits, ConfigError> {
-    let raw: RawRateLimit = read("rate_limit", value)?;
-    let default = compile_rate("rate_limit.default", raw.default)?;
-    let raw_goods: BTreeMap<String, Value> =
-        read_or("rate_limit.goods", raw.goods, BTreeMap::new())?;
+fn compile_rate_limit(raw: RawRateLimit, id_len_max: usize) -> Result<RateLimits, ConfigError> {
+    let default = compile_rate("rate_limit.default", &raw.default)?;
+    let raw_goods = raw.goods.unwrap_or_default();
     let mut goods = HashMap::with_capacity(raw_goods.len());
-    for (goods_id, value) in raw_goods {
+    for (goods_id, rate) in raw_goods {
         let field = format!("rate_limit.goods.{goods_id}");
         // An id no request can carry would be an override that never applies.
         if let Err(e) = seckill_api::validate_id(&goods_id, id_len_max) {
@@ -567,20 +567,18 @@ fn compile_rate_limit(value: Value, id_len_max: usize) -> Result<RateLimits, Con
                 format!("the goods id {e} (no request could carry it)"),
             ));
         }
-        goods.insert(goods_id, compile_rate(&field, value)?);
+        let rate = compile_rate(&field, &rate)?;
+        goods.insert(goods_id, rate);
     }
-    let unconfirmed = match raw.unconfirmed {
-        None | Some(Value::Null) => {
-            Rate::new(UNCONFIRMED_PER_SECOND_DEFAULT, UNCONFIRMED_BURST_DEFAULT)
-                .map_err(|e| ConfigError::new("rate_limit.unconfirmed", e))?
-        }
-        Some(value) => compile_rate("rate_limit.unconfirmed", value)?,
+    let unconfirmed_default = RawRate {
+        per_second: UNCONFIRMED_PER_SECOND_DEFAULT,
+        burst: UNCONFIRMED_BURST_DEFAULT,
     };
-    let tracked_goods_max: u64 = read_or(
-        "rate_limit.tracked_goods_max",
-        raw.tracked_goods_max,
-        TRACKED_GOODS_MAX_DEFAULT,
+    let unconfirmed = compile_rate(
+        "rate_limit.unconfirmed",
+        raw.unconfirmed.as_ref().unwrap_or(&unconfirmed_default),
     )?;
+    let tracked_goods_max = raw.tracked_goods_max.unwrap_or(TRACKED_GOODS_MAX_DEFAULT);
     if !(1..=TRACKED_GOODS_MAX_LIMIT).contains(&tracked_goods_max) {
         return Err(ConfigError::new(
             "rate_limit.tracked_goods_max",
@@ -768,36 +766,37 @@ mod tests {
         );
     }
 
+    /// An unknown field is named by its own path, the section it is in first.
     #[test]
     fn unknown_fields_are_refused_in_every_section() {
         assert_error(
             |v| v["route"]["paths"] = json!([]),
-            "route",
+            "route.paths",
             "unknown field `paths`",
         );
         assert_error(
             |v| v["quantity"]["min"] = json!(1),
-            "quantity",
+            "quantity.min",
             "unknown field `min`",
         );
         assert_error(
             |v| v["deduct"]["cluser"] = json!("x"),
-            "deduct",
+            "deduct.cluser",
             "unknown field `cluser`",
         );
         assert_error(
             |v| v["rate_limit"]["per_second"] = json!(1),
-            "rate_limit",
+            "rate_limit.per_second",
             "unknown field `per_second`",
         );
         assert_error(
             |v| v["rate_limit"]["default"]["rate"] = json!(1),
-            "rate_limit.default",
+            "rate_limit.default.rate",
             "unknown field `rate`",
         );
         assert_error(
             |v| v["rate_limit"]["goods"]["sku-1"]["x"] = json!(1),
-            "rate_limit.goods.sku-1",
+            "rate_limit.goods.sku-1.x",
             "unknown field `x`",
         );
     }
@@ -990,7 +989,7 @@ mod tests {
         assert_error(
             |v| v["deduct"]["failure_mode"] = json!("ajar"),
             "deduct.failure_mode",
-            "\"closed\" or \"open\"",
+            "unknown variant `ajar`, expected `closed` or `open`",
         );
     }
 
@@ -1092,5 +1091,82 @@ mod tests {
         let mut v = example();
         v["sold_out_cache_ms"] = json!(3_600_000);
         assert!(parse(&v).is_ok());
+    }
+
+    #[test]
+    fn errors_name_the_exact_path() {
+        let e = error_of(|v| v["colour"] = json!("red"));
+        assert_eq!(e.field, "colour");
+        assert!(
+            e.problem
+                .starts_with("unknown field `colour`, expected one of `route`"),
+            "{e}"
+        );
+        assert_error(
+            |v| v["route"]["methods"] = json!(["POST", 5]),
+            "route.methods[1]",
+            "invalid type: integer `5`, expected a string",
+        );
+        assert_error(
+            |v| v["rate_limit"]["goods"]["sku-1"]["burst"] = json!("ten"),
+            "rate_limit.goods.sku-1.burst",
+            "expected u64",
+        );
+        assert_error(
+            |v| v["quantity"]["source"] = json!({"query": ["qty"]}),
+            "quantity.source.query",
+            "expected a string",
+        );
+        assert_error(|v| v["route"] = json!(null), "route", "invalid type: null");
+    }
+
+    #[test]
+    fn a_source_is_refused_for_its_shape_before_its_values() {
+        // Two keys: the shape is wrong whatever the first value is.
+        assert_error(
+            |v| v["user_id"] = json!({"header": 5, "query": "u"}),
+            "user_id",
+            "must be exactly one of",
+        );
+        assert_error(
+            |v| v["user_id"] = json!(null),
+            "user_id",
+            "invalid type: null, expected exactly one of",
+        );
+        assert_error(
+            |v| v["user_id"] = json!(["x-user-id"]),
+            "user_id",
+            "expected exactly one of",
+        );
+    }
+
+    #[test]
+    fn null_counts_as_absent() {
+        let mut v = minimal();
+        for field in [
+            "quantity",
+            "request_id",
+            "id_len_max",
+            "sold_out_cache_ms",
+            "unknown_goods_cache_ms",
+            "release_on_upstream_failure",
+        ] {
+            v[field] = Value::Null;
+        }
+        v["route"]["methods"] = Value::Null;
+        v["deduct"]["authority"] = Value::Null;
+        v["deduct"]["failure_mode"] = Value::Null;
+        v["rate_limit"]["goods"] = Value::Null;
+        v["rate_limit"]["unconfirmed"] = Value::Null;
+        let c = parse(&v).unwrap();
+        assert_eq!(c.route.methods, ["POST"]);
+        assert_eq!(c.request_id, Source::Header("x-request-id".into()));
+        assert_eq!(c.quantity.max, 1);
+        assert_eq!(c.id_len_max, 64);
+        assert_eq!(c.deduct.authority, "seckill-syncer");
+        assert_eq!(c.deduct.failure_mode, FailureMode::Closed);
+        assert_eq!(c.rate_limit.unconfirmed, Rate::new(100.0, 100).unwrap());
+        assert_eq!(c.unknown_goods_cache, Duration::from_millis(1000));
+        assert!(c.release_on_upstream_failure);
     }
 }

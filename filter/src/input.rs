@@ -70,6 +70,34 @@ pub fn parse_header_map(bytes: &[u8]) -> Option<Vec<(&[u8], &[u8])>> {
     Some(headers)
 }
 
+/// Writes a header map in the layout [`parse_header_map`] reads (the host reads local-reply
+/// headers in it), in one allocation of the exact size.
+pub fn serialize_header_map<'a, I>(pairs: I) -> Vec<u8>
+where
+    I: IntoIterator<Item = (&'a [u8], &'a [u8])>,
+    I::IntoIter: Clone,
+{
+    // Lengths the layout cannot hold do not occur: header names and values are far shorter.
+    let word = |len: usize| u32::try_from(len).unwrap_or(u32::MAX).to_le_bytes();
+    let pairs = pairs.into_iter();
+    let (count, size) = pairs.clone().fold((0, 4), |(count, size), (name, value)| {
+        (count + 1, size + 10 + name.len() + value.len())
+    });
+    let mut bytes = Vec::with_capacity(size);
+    bytes.extend_from_slice(&word(count));
+    for (name, value) in pairs.clone() {
+        bytes.extend_from_slice(&word(name.len()));
+        bytes.extend_from_slice(&word(value.len()));
+    }
+    for (name, value) in pairs {
+        bytes.extend_from_slice(name);
+        bytes.push(0);
+        bytes.extend_from_slice(value);
+        bytes.push(0);
+    }
+    bytes
+}
+
 /// A sale request whose inputs all passed validation: exactly the body of the deduct call.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Purchase {
@@ -351,20 +379,8 @@ mod tests {
         list
     }
 
-    /// The host's serialization of a header map (as the SDK and Envoy write it).
     fn serialize_map(pairs: &[(&str, &[u8])]) -> Vec<u8> {
-        let mut bytes = (pairs.len() as u32).to_le_bytes().to_vec();
-        for (name, value) in pairs {
-            bytes.extend_from_slice(&(name.len() as u32).to_le_bytes());
-            bytes.extend_from_slice(&(value.len() as u32).to_le_bytes());
-        }
-        for (name, value) in pairs {
-            bytes.extend_from_slice(name.as_bytes());
-            bytes.push(0);
-            bytes.extend_from_slice(value);
-            bytes.push(0);
-        }
-        bytes
+        serialize_header_map(pairs.iter().map(|(name, value)| (name.as_bytes(), *value)))
     }
 
     #[test]
@@ -401,6 +417,23 @@ mod tests {
             Classified::Sale(Ok(_))
         ));
         assert_eq!(classify(&config(), &view), classify(&config(), &owned));
+    }
+
+    #[test]
+    fn header_maps_are_written_as_the_host_reads_them() {
+        // proxy-wasm ABI 0.2.x: count, then (name length, value length) per header, then
+        // name NUL value NUL per header; little-endian u32s.
+        let bytes = serialize_header_map([(&b"ab"[..], &b"xyz"[..]), (b"c", b"")]);
+        let expected: &[u8] = &[
+            2, 0, 0, 0, 2, 0, 0, 0, 3, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, b'a', b'b', 0, b'x', b'y',
+            b'z', 0, b'c', 0, 0,
+        ];
+        assert_eq!(bytes, expected);
+        assert_eq!(
+            bytes.capacity(),
+            bytes.len(),
+            "one allocation of the exact size"
+        );
     }
 
     #[test]

@@ -3,7 +3,7 @@
 //! [`admit`], which puts them together with the worker's own memory ([`LocalMemory`]).
 //!
 //! The logic is written against [`SharedStore`] so the compare-and-swap loops unit-test
-//! natively with a fake store; [`HostStore`] (wasm only) is the real one.
+//! natively with a fake store; the real one is the host's shared data (`host::abi::RealHost`).
 //!
 //! Keys (scoped by Envoy to the filter's `vm_id`):
 //! - `seckill.rl.<goods>`: GCRA state, one u64 TAT (ns, little-endian).
@@ -24,6 +24,7 @@
 
 use crate::config::RateLimits;
 use crate::gcra::{self, Decision, Rate};
+use crate::host::HostStatus;
 use crate::local::LocalMemory;
 
 /// Most compare-and-swap attempts per update. Contention on one key is between worker
@@ -48,12 +49,24 @@ pub enum SetError {
     Failed,
 }
 
-/// The shared-data calls the helpers need.
+/// A read of one key: value and CAS token.
+pub type Seen = (Option<Vec<u8>>, Option<u32>);
+
+/// The shared-data calls the helpers need (part of [`Host`](crate::host::Host)).
 pub trait SharedStore {
-    /// Value and CAS token of a key; `(None, None)` when absent.
-    fn get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>);
+    /// Value and CAS token of a key; `(None, None)` when absent; `Err` when the host refused
+    /// the read.
+    fn get(&self, key: &str) -> Result<Seen, HostStatus>;
     /// Writes a key; with `cas`, only if nobody wrote it since that token was read.
     fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SetError>;
+}
+
+/// A read whose refusal counts as absence. Envoy only answers a read with the value or
+/// "not found"; should it ever refuse one, acting as for a key nobody wrote (a fresh bucket,
+/// no sold-out mark) costs at most a burst or a callout, where trapping would fail every
+/// request of the worker.
+fn read(store: &impl SharedStore, key: &str) -> Seen {
+    store.get(key).unwrap_or((None, None))
 }
 
 /// Key of a goods' own bucket. Goods ids are validated (`A-Z a-z 0-9 _ - . :`) before they
@@ -161,9 +174,6 @@ pub fn mark_sold_out(
     memory.remember_sold_out(goods_id, until_ns, now_ns);
 }
 
-/// A read of one key: value and CAS token.
-type Seen = (Option<Vec<u8>>, Option<u32>);
-
 /// Spends one token of the goods' bucket; says which bucket answered.
 pub fn check_rate_limit(
     store: &impl SharedStore,
@@ -176,7 +186,7 @@ pub fn check_rate_limit(
     // read of the goods' key serves both as "is it confirmed?" and as the first
     // compare-and-swap attempt.
     let key = rate_limit_key(goods_id);
-    let seen = store.get(&key);
+    let seen = read(store, &key);
     if let Some(rate) = limits.goods.get(goods_id) {
         return (
             take_token_seen(store, &key, *rate, now_ns, seen),
@@ -200,7 +210,7 @@ pub fn confirm_goods(store: &impl SharedStore, limits: &RateLimits, goods_id: &s
         return;
     }
     let key = rate_limit_key(goods_id);
-    if store.get(&key).0.is_some() || !reserve_tracking_slot(store, limits.tracked_goods_max) {
+    if read(store, &key).0.is_some() || !reserve_tracking_slot(store, limits.tracked_goods_max) {
         return;
     }
     // A fresh bucket (TAT 0: a full burst). Two workers confirming the same goods at once
@@ -213,7 +223,7 @@ pub fn confirm_goods(store: &impl SharedStore, limits: &RateLimits, goods_id: &s
 /// unconfirmed bucket, never past the memory bound.
 fn reserve_tracking_slot(store: &impl SharedStore, tracked_goods_max: u64) -> bool {
     for _ in 0..CAS_ATTEMPTS_MAX {
-        let (value, cas) = store.get(TRACKED_KEY);
+        let (value, cas) = read(store, TRACKED_KEY);
         let tracked = value.as_deref().and_then(gcra::decode).unwrap_or(0);
         if tracked >= tracked_goods_max {
             return false;
@@ -230,7 +240,7 @@ fn reserve_tracking_slot(store: &impl SharedStore, tracked_goods_max: u64) -> bo
 /// One GCRA step on `key` with compare-and-swap, deciding inside the loop: a denial writes
 /// nothing and returns at once.
 pub fn take_token(store: &impl SharedStore, key: &str, rate: Rate, now_ns: u64) -> RateLimited {
-    let seen = store.get(key);
+    let seen = read(store, key);
     take_token_seen(store, key, rate, now_ns, seen)
 }
 
@@ -244,7 +254,7 @@ fn take_token_seen(
 ) -> RateLimited {
     let mut first = Some(seen);
     for _ in 0..CAS_ATTEMPTS_MAX {
-        let (value, cas) = first.take().unwrap_or_else(|| store.get(key));
+        let (value, cas) = first.take().unwrap_or_else(|| read(store, key));
         // A value of the wrong size is not ours to trust: start the bucket afresh.
         let tat = value.as_deref().and_then(gcra::decode);
         match gcra::decide(tat, now_ns, rate) {
@@ -263,7 +273,7 @@ fn take_token_seen(
 
 /// The expiry of a fresh sold-out answer cached for the goods, if any.
 pub fn sold_out_until(store: &impl SharedStore, goods_id: &str, now_ns: u64) -> Option<u64> {
-    let (value, _) = store.get(&sold_out_key(goods_id));
+    let (value, _) = read(store, &sold_out_key(goods_id));
     value
         .as_deref()
         .and_then(gcra::decode)
@@ -286,7 +296,7 @@ pub const WORKER_SEQ_KEY: &str = "seckill.batch.workers";
 /// within [`CAS_ATTEMPTS_MAX`] races.
 pub fn claim_worker_number(store: &impl SharedStore) -> Option<u64> {
     for _ in 0..CAS_ATTEMPTS_MAX {
-        let (value, cas) = store.get(WORKER_SEQ_KEY);
+        let (value, cas) = read(store, WORKER_SEQ_KEY);
         let taken = value.as_deref().and_then(gcra::decode).unwrap_or(0);
         let mine = taken.checked_add(1)?;
         match store.set(WORKER_SEQ_KEY, &gcra::encode(mine), cas) {
@@ -296,27 +306,6 @@ pub fn claim_worker_number(store: &impl SharedStore) -> Option<u64> {
         }
     }
     None
-}
-
-/// The real shared data of the Envoy instance.
-#[cfg(target_arch = "wasm32")]
-pub struct HostStore;
-
-#[cfg(target_arch = "wasm32")]
-impl SharedStore for HostStore {
-    fn get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
-        // The SDK maps "not found" to (None, None) and only returns Ok; treat any error as
-        // absent rather than trap.
-        proxy_wasm::hostcalls::get_shared_data(key).unwrap_or((None, None))
-    }
-
-    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SetError> {
-        match proxy_wasm::hostcalls::set_shared_data(key, Some(value), cas) {
-            Ok(()) => Ok(()),
-            Err(proxy_wasm::types::Status::CasMismatch) => Err(SetError::CasMismatch),
-            Err(_) => Err(SetError::Failed),
-        }
-    }
 }
 
 #[cfg(test)]
@@ -341,12 +330,12 @@ mod tests {
     }
 
     impl SharedStore for FakeStore {
-        fn get(&self, key: &str) -> (Option<Vec<u8>>, Option<u32>) {
+        fn get(&self, key: &str) -> Result<Seen, HostStatus> {
             self.reads.set(self.reads.get() + 1);
-            match self.data.borrow().get(key) {
+            Ok(match self.data.borrow().get(key) {
                 Some((value, cas)) => (Some(value.clone()), Some(*cas)),
                 None => (None, None),
-            }
+            })
         }
 
         fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SetError> {
@@ -394,7 +383,7 @@ mod tests {
     }
 
     fn tracked(store: &FakeStore) -> Option<u64> {
-        store.get(TRACKED_KEY).0.as_deref().and_then(gcra::decode)
+        read(store, TRACKED_KEY).0.as_deref().and_then(gcra::decode)
     }
 
     #[test]
@@ -457,7 +446,7 @@ mod tests {
             assert!(!allowed(&store, &limits, &format!("junk-{i}"), T0));
         }
         assert_eq!(tracked(&store), None);
-        assert!(store.get(&rate_limit_key("junk-1")).0.is_none());
+        assert!(read(&store, &rate_limit_key("junk-1")).0.is_none());
         // A configured goods keeps its own budget all through.
         for _ in 0..3 {
             assert!(allowed(&store, &limits, "vip", T0));

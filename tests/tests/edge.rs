@@ -94,8 +94,9 @@ async fn no_oversell_under_a_concurrent_crowd() {
     let outbox_len: u64 = redis.xlen(stack.goods_key("hot", "outbox")).await.unwrap();
     assert_eq!(outbox_len, 100);
 
-    // Every attempt the filter sent reached the syncer, and buyers shared callouts: with
-    // at most two calls out, a crowd cannot get one call each.
+    // Every attempt the filter sent reached the syncer, and buyers shared callouts: a worker
+    // keeps at most 8 deduct calls out (`batch::CALLOUTS_IN_FLIGHT_MAX`), so a crowd of
+    // 2,000 cannot get one call each.
     let attempts = stack.envoy.stat("seckill_callout_attempts").await.unwrap();
     let calls = stack.envoy.stat("seckill_callout_sent").await.unwrap();
     assert_eq!(

@@ -1,0 +1,376 @@
+//! One sale request, as a small state machine: headers → a local reply, or a wait for its
+//! batch's deduct answer (which the root settles) → forwarded winner → the shop's answer,
+//! which may give the reservation back.
+
+use std::rc::Rc;
+
+use super::worker::Worker;
+use super::{error, warn, Host};
+use crate::batch::{Decided, Enqueued, Ticket, Waiter};
+use crate::input::{self, is_gate_header, Classified, Purchase};
+use crate::reply::{self, CalloutFailure, GateOutcome, LocalReply};
+use crate::shared::{self, Admission, RateLimited};
+use crate::{release_path, shop_answer, ShopAnswer};
+
+/// What a request callback tells Envoy (the SDK's `Action`, without the SDK).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Flow {
+    /// Go on with the request or response.
+    Continue,
+    /// Hold it: the filter answers, resumes or lets a local reply replace it later.
+    Pause,
+}
+
+/// Where one request stands.
+enum State {
+    /// Headers not seen yet.
+    Started,
+    /// Not a sale request: passed on untouched (but stripped of gate headers).
+    Passthrough,
+    /// Waiting for its batch's answer; the root leaves the decision in the ticket.
+    Waiting { ticket: Ticket },
+    /// Forwarded to the shop API as a winner with this order id.
+    ForwardedWinner {
+        order_id: String,
+        request_id: String,
+    },
+    /// The shop failed the winner; its response waits while the reservation is given back.
+    ReleasingWinner { token: u32, order_id: String },
+    /// Forwarded without a decision (failure mode open).
+    ForwardedFailedOpen,
+    /// The gate answered locally.
+    Answered,
+}
+
+pub struct SaleRequest<H: Host> {
+    context_id: u32,
+    worker: Worker<H>,
+    state: State,
+}
+
+impl<H: Host> Drop for SaleRequest<H> {
+    fn drop(&mut self) {
+        // Ended (client gone) while waiting: the root must not act on it any more.
+        if let State::Waiting { ticket } = &self.state {
+            if ticket.borrow().is_none() {
+                if let Ok(mut batcher) = self.worker.batcher.try_borrow_mut() {
+                    batcher.forget(self.context_id);
+                }
+            }
+        }
+    }
+}
+
+impl<H: Host> SaleRequest<H> {
+    pub(crate) fn new(context_id: u32, worker: Worker<H>) -> Self {
+        SaleRequest {
+            context_id,
+            worker,
+            state: State::Started,
+        }
+    }
+
+    /// `on_http_request_headers`: strip the gate's headers, then classify and gate.
+    pub fn on_request_headers(&mut self) -> Flow {
+        // Read the host's serialized map in place: no copy of every name and value (and
+        // no UTF-8 assumption about values, which a client controls).
+        let map = match self.worker.host.request_header_map() {
+            Ok(map) => map,
+            Err(status) => {
+                error(
+                    &self.worker.host,
+                    format_args!("seckill-filter: cannot read the request headers: {status}"),
+                );
+                return self.answer(reply::unavailable(None));
+            }
+        };
+        let Some(headers) = input::parse_header_map(&map) else {
+            error(
+                &self.worker.host,
+                format_args!("seckill-filter: the host's request header map is malformed"),
+            );
+            return self.answer(reply::unavailable(None));
+        };
+        self.strip_gate_headers(&headers);
+        match input::classify(&self.worker.config, &headers) {
+            Classified::NotSale => {
+                self.worker.bump(self.worker.stats.passthrough);
+                self.state = State::Passthrough;
+                Flow::Continue
+            }
+            Classified::Sale(Err(bad)) => self.answer(reply::bad_request(&bad.message)),
+            Classified::Sale(Ok(purchase)) => self.gate(purchase),
+            Classified::WrongMethod => {
+                let methods = &self.worker.config.route.methods;
+                self.answer(reply::method_not_allowed(methods))
+            }
+            Classified::NearMiss => {
+                let template = self.worker.config.route.template.as_str();
+                self.answer(reply::not_the_sale_path(template))
+            }
+        }
+    }
+
+    /// `on_http_request_body` and `on_http_request_trailers`. While the decision is out,
+    /// they must not resume the request: Envoy treats Continue from a data callback as "go
+    /// on", which would forward the request before the decision. Pause buffers them (within
+    /// Envoy's buffer limits).
+    pub fn on_request_data(&self) -> Flow {
+        match &self.state {
+            State::Waiting { ticket } if ticket.borrow().is_none() => Flow::Pause,
+            _ => Flow::Continue,
+        }
+    }
+
+    /// `on_http_response_headers`: marks the response with how the gate decided; a winner
+    /// the shop definitely did not serve has its reservation released first.
+    pub fn on_response_headers(&mut self) -> Flow {
+        if let State::Waiting { ticket } = &self.state {
+            let decided = ticket.borrow_mut().take();
+            self.state = match decided {
+                Some(Decided::Won {
+                    order_id,
+                    request_id,
+                }) => State::ForwardedWinner {
+                    order_id,
+                    request_id,
+                },
+                Some(Decided::FailedOpen) => State::ForwardedFailedOpen,
+                Some(Decided::Answered) | None => State::Answered,
+            };
+        }
+        let host = &self.worker.host;
+        let mut outcome = GateOutcome::Decided(seckill_api::Outcome::Won).as_str();
+        if let State::ForwardedWinner {
+            order_id,
+            request_id,
+        } = &self.state
+        {
+            let status = host.response_header(":status").ok().flatten();
+            let status = status.unwrap_or_default();
+            // Only a 5xx needs Envoy's account of where it came from.
+            let details = if status.first() == Some(&b'5') {
+                host.property(&["response", "code_details"]).ok().flatten()
+            } else {
+                None
+            };
+            match shop_answer(&status, details.as_deref()) {
+                ShopAnswer::NotCreated if self.worker.config.release_on_upstream_failure => {
+                    let order_id = order_id.clone();
+                    return self.release_failed_winner(order_id);
+                }
+                ShopAnswer::Unknown => {
+                    // The shop may have the order: keep the reservation, and say so.
+                    self.worker.bump(self.worker.stats.upstream_unknown);
+                    outcome = "upstream_unknown";
+                    self.worker.expect_retry(request_id);
+                }
+                ShopAnswer::NotCreated | ShopAnswer::Answered => {}
+            }
+        }
+        // A header the host refuses belongs to a response that is gone.
+        match &self.state {
+            State::ForwardedWinner { order_id, .. } => {
+                let _ = host.set_response_header(reply::OUTCOME_HEADER, outcome);
+                let _ = host.set_response_header(seckill_api::ORDER_ID_HEADER, order_id);
+            }
+            State::ForwardedFailedOpen => {
+                let failed_open = GateOutcome::FailedOpen.as_str();
+                let _ = host.set_response_header(reply::OUTCOME_HEADER, failed_open);
+            }
+            _ => {}
+        }
+        Flow::Continue
+    }
+
+    /// `on_http_call_response`: a request's own callouts are only ever releases; deducts
+    /// belong to the root.
+    pub fn release_answered(&mut self, token_id: u32, num_headers: usize) {
+        match std::mem::replace(&mut self.state, State::Answered) {
+            State::ReleasingWinner { token, order_id } if token == token_id => {
+                self.finish_release(&order_id, num_headers);
+            }
+            state => {
+                warn(
+                    &self.worker.host,
+                    format_args!(
+                        "seckill-filter: ignoring a response (token {token_id}) nobody waits for"
+                    ),
+                );
+                self.state = state;
+            }
+        }
+    }
+
+    /// The shop failed a winner: ask the syncer to give the reservation back before the
+    /// buyer sees the failure. If the call cannot be made, the sweeper releases the
+    /// reservation when its payment window ends.
+    fn release_failed_winner(&mut self, order_id: String) -> Flow {
+        let host = &self.worker.host;
+        // A header the host refuses belongs to a response that is gone.
+        let _ = host.set_response_header(reply::OUTCOME_HEADER, "upstream_failed");
+        let _ = host.set_response_header(seckill_api::ORDER_ID_HEADER, &order_id);
+        let stats = Rc::clone(&self.worker.stats);
+        let Some(path) = release_path(&order_id) else {
+            warn(
+                host,
+                format_args!(
+                    "seckill-filter: not releasing order {order_id:?}: not a path-safe id"
+                ),
+            );
+            self.worker.bump(stats.release_failed);
+            return Flow::Continue;
+        };
+        let timeout = self.worker.config.deduct.timeout;
+        match self.worker.post_to_syncer(&path, None, timeout) {
+            Ok(token) => {
+                self.worker.bump(stats.release_sent);
+                self.state = State::ReleasingWinner { token, order_id };
+                Flow::Pause
+            }
+            Err(status) => {
+                warn(
+                    host,
+                    format_args!("seckill-filter: cannot call the syncer to release order {order_id}: {status}; the sweeper will"),
+                );
+                self.worker.bump(stats.release_failed);
+                self.state = State::Answered;
+                Flow::Continue
+            }
+        }
+    }
+
+    fn finish_release(&mut self, order_id: &str, num_headers: usize) {
+        let host = &self.worker.host;
+        let status = if num_headers == 0 {
+            None
+        } else {
+            host.http_call_response_header(":status").ok().flatten()
+        };
+        if status.as_deref() != Some(b"200".as_slice()) {
+            self.worker.bump(self.worker.stats.release_failed);
+            warn(
+                host,
+                format_args!(
+                    "seckill-filter: releasing order {order_id} after a shop failure answered {:?}; the sweeper will release it when its window ends",
+                    status.map(|s| String::from_utf8_lossy(&s).into_owned())
+                ),
+            );
+        }
+        self.state = State::Answered;
+        // Refused only when the response is gone: nobody is left to pass it to.
+        let _ = host.continue_response();
+    }
+
+    /// Removes every `x-seckill-*` request header: only the gate may set them. Only names
+    /// actually present cost a host call, each name once (that removes every copy).
+    fn strip_gate_headers(&self, headers: &[(&[u8], &[u8])]) {
+        let mut count = 0;
+        for (i, (name, _)) in headers.iter().enumerate() {
+            if is_gate_header(name) {
+                count += 1;
+                if !headers[..i].iter().any(|(seen, _)| seen == name) {
+                    // Refused only when the request is gone, which then reaches nobody.
+                    let _ = self.worker.host.remove_request_header(name);
+                }
+            }
+        }
+        if count > 0 {
+            self.worker.add(self.worker.stats.headers_stripped, count);
+        }
+    }
+
+    /// Sold-out cache, rate limit (this worker's memory first, then shared data), then
+    /// the deduct call.
+    fn gate(&mut self, purchase: Purchase) -> Flow {
+        let worker = &self.worker;
+        let now = worker.now_ns();
+        let mut memory = worker.memory.borrow_mut();
+        // A retry this worker asked for (its answer may be waiting in the syncer) is
+        // decided by the syncer, not by a sold-out mark.
+        let check_sold_out = !worker.config.sold_out_cache.is_zero()
+            && !memory.expects_retry(purchase.request_id(), now);
+        let admission = shared::admit(
+            &worker.host,
+            &mut memory,
+            &worker.config.rate_limit,
+            purchase.goods_id(),
+            now,
+            check_sold_out,
+        );
+        drop(memory);
+        match admission {
+            Admission::UnknownGoods => {
+                worker.bump(worker.stats.unknown_goods_cache_hit);
+                self.answer(reply::unknown_goods_cached(purchase.goods_id()))
+            }
+            Admission::SoldOut => {
+                worker.bump(worker.stats.sold_out_cache_hit);
+                self.answer(reply::sold_out_cached(purchase.goods_id()))
+            }
+            Admission::Rate(RateLimited::Allowed) => self.wait_for_deduct(purchase, now, false),
+            Admission::Probe => self.wait_for_deduct(purchase, now, true),
+            Admission::Rate(
+                RateLimited::Limited { retry_after_ns } | RateLimited::Contended { retry_after_ns },
+            ) => self.answer(reply::rate_limited(retry_after_ns)),
+        }
+    }
+
+    /// Joins this worker's next deduct batch and pauses until the root settles it.
+    fn wait_for_deduct(&mut self, purchase: Purchase, now: u64, probe: bool) -> Flow {
+        let ticket = Ticket::default();
+        let waiter = Waiter {
+            context_id: self.context_id,
+            purchase,
+            probe,
+            queued_ns: now,
+            ticket: Rc::clone(&ticket),
+            gone: false,
+        };
+        let enqueued = self.worker.batcher.borrow_mut().enqueue(waiter);
+        match enqueued {
+            Enqueued::Full(waiter) => {
+                return self.fail_here(&waiter.purchase, &CalloutFailure::Overloaded);
+            }
+            Enqueued::WakeRoot => {
+                let worker = &self.worker;
+                if let Err(status) = worker.host.enqueue_shared_queue(worker.wake_queue, b"1") {
+                    let mut batcher = worker.batcher.borrow_mut();
+                    batcher.woken();
+                    let waiter = batcher.withdraw(self.context_id);
+                    drop(batcher);
+                    let failure = CalloutFailure::Dispatch(format!(
+                        "could not wake the worker's batcher: {status}"
+                    ));
+                    if let Some(waiter) = waiter {
+                        return self.fail_here(&waiter.purchase, &failure);
+                    }
+                }
+            }
+            Enqueued::Queued => {}
+        }
+        self.state = State::Waiting { ticket };
+        Flow::Pause
+    }
+
+    /// A failure decided in this request's own callback.
+    fn fail_here(&mut self, purchase: &Purchase, failure: &CalloutFailure) -> Flow {
+        match self.worker.fail(purchase, failure, true) {
+            Decided::FailedOpen => {
+                self.state = State::ForwardedFailedOpen;
+                Flow::Continue
+            }
+            _ => {
+                self.state = State::Answered;
+                Flow::Pause
+            }
+        }
+    }
+
+    /// Sends a local reply; the request goes no further.
+    fn answer(&mut self, reply: LocalReply) -> Flow {
+        self.worker.answer(reply);
+        self.state = State::Answered;
+        Flow::Pause
+    }
+}
