@@ -4,6 +4,8 @@
 
 use serde::{Deserialize, Serialize};
 
+use crate::order::ReleaseReason;
+
 /// One event of an order's life. Every event names its order, so applying an event twice is
 /// detectable (promise 4).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -59,9 +61,6 @@ pub enum EventError {
     #[error("not a sale event: {0}")]
     Json(String),
 }
-
-/// Release reasons an event may carry.
-pub const RELEASE_REASONS: [&str; 4] = ["cancelled", "expired", "upstream_failed", "unclaimed"];
 
 impl SaleEvent {
     pub fn goods_id(&self) -> &str {
@@ -224,9 +223,7 @@ impl SaleEvent {
         match self {
             SaleEvent::Reserved { request_id, .. } => id("request_id", request_id),
             SaleEvent::Confirmed { .. } => Ok(()),
-            SaleEvent::Released { reason, .. } if RELEASE_REASONS.contains(&reason.as_str()) => {
-                Ok(())
-            }
+            SaleEvent::Released { reason, .. } if ReleaseReason::parse(reason).is_some() => Ok(()),
             SaleEvent::Released { reason, .. } => Err(EventError::Invalid {
                 field: "reason",
                 why: format!("unknown release reason {reason:?}"),

@@ -9,6 +9,7 @@ pub mod http;
 pub mod kafka;
 pub mod keys;
 pub mod lifecycle;
+pub mod order;
 pub mod preheat;
 pub mod reconcile;
 pub mod relay;

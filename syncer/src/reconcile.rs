@@ -16,6 +16,7 @@ use sqlx::{MySqlPool, Row};
 use crate::events::{Effect, SaleEvent};
 use crate::kafka::KafkaConfig;
 use crate::keys::KeySpace;
+use crate::order::OrderState;
 use crate::preheat::live_stock;
 use crate::sale::LiveStock;
 
@@ -242,21 +243,24 @@ impl Reconciler {
             sqlx::query(
                 "UPDATE sales SET
                    reserved = (SELECT COALESCE(SUM(quantity), 0) FROM orders
-                               WHERE goods_id = ? AND order_id LIKE ? AND state = 'reserved'),
+                               WHERE goods_id = ? AND order_id LIKE ? AND state = ?),
                    sold = (SELECT COALESCE(SUM(quantity), 0) FROM orders
-                           WHERE goods_id = ? AND order_id LIKE ? AND state = 'confirmed'),
+                           WHERE goods_id = ? AND order_id LIKE ? AND state = ?),
                    lapsed = (SELECT COALESCE(SUM(quantity), 0) FROM orders
-                             WHERE goods_id = ? AND order_id LIKE ? AND state = 'released'
+                             WHERE goods_id = ? AND order_id LIKE ? AND state = ?
                                AND NOT stock_returned),
                    stock = CAST(total_stock AS SIGNED) - reserved - sold - lapsed
                  WHERE goods_id = ?",
             )
             .bind(&goods.goods_id)
             .bind(&prefix)
+            .bind(OrderState::Reserved.as_str())
             .bind(&goods.goods_id)
             .bind(&prefix)
+            .bind(OrderState::Confirmed.as_str())
             .bind(&goods.goods_id)
             .bind(&prefix)
+            .bind(OrderState::Released.as_str())
             .bind(&goods.goods_id)
             .execute(&self.mysql)
             .await?;
