@@ -14,6 +14,7 @@ pub mod preheat;
 pub mod reconcile;
 pub mod relay;
 pub mod sale;
+pub mod scripts;
 pub mod writer;
 
 use std::net::SocketAddr;

@@ -84,7 +84,7 @@ impl Lifecycle {
         Self {
             redis,
             keys,
-            script: redis::Script::new(include_str!("lua/lifecycle.lua")),
+            script: redis::Script::new(crate::scripts::LIFECYCLE),
         }
     }
 
@@ -196,17 +196,9 @@ impl Lifecycle {
 
     fn invocation(&self, goods_id: &str, action: &str) -> redis::ScriptInvocation<'_> {
         let keys = self.keys.goods(goods_id);
-        let mut invocation = self.script.prepare_invoke();
-        invocation
-            .key(keys.sale)
-            .key(keys.users)
-            .key(keys.reservations)
-            .key(keys.expiries)
-            .key(keys.settled)
-            .key(keys.outbox)
-            .key(keys.unclaimed)
-            .arg(goods_id)
-            .arg(action);
+        let mut invocation =
+            crate::scripts::invocation(&self.script, &keys.lifecycle_script_keys());
+        invocation.arg(goods_id).arg(action);
         invocation
     }
 

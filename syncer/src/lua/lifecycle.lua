@@ -12,16 +12,15 @@
 -- Reply: confirm/release { status, state } with status "changed" (this call settled it),
 --        "settled" (it was settled before; state says how) or "unknown";
 --        sweep { released count }; claim { claimed count, late count }.
+-- Uses the prelude (common.lua): clock_ms, parse_record.
 local goods, action = ARGV[1], ARGV[2]
-local time = redis.call('TIME')
-local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local now_ms = clock_ms()
 
 -- Ends one open reservation as released. Units go back to available stock only while the
 -- sale this order belongs to is still open: never after it closed (they lapse instead: no
 -- stock comes back to life), never into another epoch's counters, never recreating keys.
 local function release(order_id, record, reason)
-  local user, qty = string.match(record, '^([^|]*)|(%d+)|')
-  qty = tonumber(qty)
+  local user, qty = parse_record(record)
   redis.call('HDEL', KEYS[3], order_id)
   redis.call('ZREM', KEYS[4], order_id)
   redis.call('ZREM', KEYS[7], order_id)
@@ -119,8 +118,7 @@ if action == 'confirm' then
     -- Paid too late: the window is exact, whether or not the sweeper got there first.
     return { 'settled', release(order_id, record, 'expired') }
   end
-  local user, qty = string.match(record, '^([^|]*)|(%d+)|')
-  qty = tonumber(qty)
+  local user, qty = parse_record(record)
   redis.call('HDEL', KEYS[3], order_id)
   redis.call('ZREM', KEYS[4], order_id)
   redis.call('ZREM', KEYS[7], order_id)

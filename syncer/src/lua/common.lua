@@ -1,0 +1,24 @@
+-- Shared by every script: `scripts.rs` puts this prelude in front of each one at load time,
+-- so the clock and the record format are written once.
+
+-- Server time in ms since the epoch, so every syncer instance judges windows by one clock.
+local function clock_ms()
+  local time = redis.call('TIME')
+  return tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+end
+
+-- A record "user|quantity|rest": a requests entry (rest: the order id) or a reservations
+-- entry (rest: reserved-at ms). Ids are validated by the caller to [A-Za-z0-9_.:-], so "|"
+-- separates. Returns nil when the record is not of that shape.
+local function parse_record(record)
+  local user, quantity, rest = string.match(record, '^([^|]*)|(%d+)|(.+)$')
+  if not user then
+    return nil
+  end
+  return user, tonumber(quantity), rest
+end
+
+local function make_record(user, quantity, rest)
+  return user .. '|' .. quantity .. '|' .. rest
+end
+
