@@ -489,7 +489,7 @@ async fn insert_orders(
                 SaleEvent::Reserved {
                     request_id, at_ms, ..
                 } => (request_id.as_str(), *at_ms),
-                other => ("", event_time(other)),
+                other => ("", other.at_ms()),
             };
             row.push_bind(order.reserved.order_id())
                 .push_bind(order.reserved.goods_id())
@@ -504,14 +504,6 @@ async fn insert_orders(
         insert.build().execute(&mut **tx).await?;
     }
     Ok(())
-}
-
-fn event_time(event: &SaleEvent) -> i64 {
-    match event {
-        SaleEvent::Reserved { at_ms, .. }
-        | SaleEvent::Confirmed { at_ms, .. }
-        | SaleEvent::Released { at_ms, .. } => *at_ms,
-    }
 }
 
 /// Moves a goods' counters by `delta`; returns the rows matched (0: no such sale).
@@ -573,17 +565,15 @@ async fn apply_checked(
                 Ok(Some(NewState::Changed("confirmed", None, None)))
             }
             (SaleEvent::Confirmed { .. }, Some("confirmed")) => Ok(None),
-            (
-                SaleEvent::Released {
-                    reason, returned, ..
-                },
-                Some("reserved"),
-            ) => Ok(Some(NewState::Changed(
-                "released",
-                Some(reason.clone()),
-                Some(*returned),
-            ))),
-            (SaleEvent::Released { .. }, Some("released")) => Ok(None),
+            (SaleEvent::Released { .. } | SaleEvent::Lapsed { .. }, Some("reserved")) => {
+                let release = event.release();
+                Ok(Some(NewState::Changed(
+                    "released",
+                    release.map(|(reason, _)| reason.as_str().to_owned()),
+                    release.map(|(_, returned)| returned),
+                )))
+            }
+            (SaleEvent::Released { .. } | SaleEvent::Lapsed { .. }, Some("released")) => Ok(None),
             (_, None) => Err(format!("order {order_id} is not in MySQL")),
             (_, Some(state)) => Err(format!(
                 "order {order_id} is {state}; it cannot take this event"
@@ -615,10 +605,7 @@ async fn apply_checked(
                             .find(|o| o.reserved.order_id() == order_id)
                         {
                             row.state = state;
-                            row.reason = match event {
-                                SaleEvent::Released { reason, .. } => Some(reason.as_str()),
-                                _ => None,
-                            };
+                            row.reason = event.release().map(|(reason, _)| reason.as_str());
                             row.returned = returned;
                         } else if let Some(k) = known.get_mut(order_id) {
                             k.changed = Some((state, reason, returned));

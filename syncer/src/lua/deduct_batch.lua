@@ -7,7 +7,7 @@
 --       (user id, quantity, request id) triple per attempt
 -- Reply: one { outcome, order_id or "", remaining (-1 unknown), retry_after_ms, reason or "" }
 -- per attempt, always that shape. Uses the prelude (common.lua): clock_ms, parse_record,
--- make_record.
+-- make_record, append_event.
 local goods = ARGV[1]
 local deadline_ms, claim_ms = tonumber(ARGV[2]), tonumber(ARGV[3])
 local attempts = (#ARGV - 3) / 3
@@ -95,9 +95,9 @@ local function decide(user, qty, request_id)
     redis.call('ZADD', KEYS[7], now_ms + claim_ms, order_id)
   end
   -- The outbox entry is written by the same script: no reservation without its event.
-  redis.call('XADD', KEYS[5], '*',
-    'type', 'reserved', 'order_id', order_id, 'goods_id', goods, 'user_id', user,
-    'quantity', qty, 'request_id', request_id, 'at_ms', now_ms)
+  append_event(KEYS[5], {
+    type = 'reserved', order_id = order_id, goods_id = goods, user_id = user,
+    quantity = qty, request_id = request_id, at_ms = now_ms })
   return { 'won', order_id, available, 0, '' }
 end
 
