@@ -1,6 +1,10 @@
 -- Orders as the batched writer records them, one row per order id (the primary key makes a
 -- redelivered event a no-op), and the sale's reserved and sold counters, so that MySQL keeps
 -- total_stock = stock + reserved + sold like Redis does.
+-- Portable SQL (MariaDB and MySQL 8): sqlx runs each migration exactly once, so a plain
+-- ADD COLUMN is safe. Edited before the first release to drop MariaDB-only IF NOT EXISTS;
+-- sqlx's checksum then refuses a database that applied the old text ("previously applied but
+-- has been modified"): recreate such a database (the demo recreates seckill_demo each run).
 CREATE TABLE IF NOT EXISTS orders (
     order_id     VARCHAR(128)     NOT NULL PRIMARY KEY,
     goods_id     VARCHAR(128)     NOT NULL,
@@ -17,5 +21,5 @@ CREATE TABLE IF NOT EXISTS orders (
 ) ENGINE = InnoDB;
 
 ALTER TABLE sales
-    ADD COLUMN IF NOT EXISTS reserved BIGINT NOT NULL DEFAULT 0 AFTER stock,
-    ADD COLUMN IF NOT EXISTS sold     BIGINT NOT NULL DEFAULT 0 AFTER reserved;
+    ADD COLUMN reserved BIGINT NOT NULL DEFAULT 0 AFTER stock,
+    ADD COLUMN sold     BIGINT NOT NULL DEFAULT 0 AFTER reserved;

@@ -44,24 +44,28 @@ pub enum Saved {
 /// reset to the new total (the caller must have checked that the sale is not live; order rows
 /// of earlier rounds stay, their ids carry the earlier epoch).
 pub async fn save_sale(pool: &MySqlPool, sale: &Sale) -> sqlx::Result<Saved> {
-    let result = sqlx::query(
+    // The new values are bound twice rather than read back with VALUES(col), which MySQL
+    // deprecates (8.0.20), or with a row alias, which MariaDB lacks: one text for both.
+    let mut query = sqlx::query(
         "INSERT INTO sales (goods_id, total_stock, stock, per_user_limit, starts_at, ends_at,
            payment_window_s)
          VALUES (?, ?, ?, ?, ?, ?, ?)
-         ON DUPLICATE KEY UPDATE total_stock = VALUES(total_stock), stock = VALUES(stock),
-           reserved = 0, sold = 0, lapsed = 0,
-           per_user_limit = VALUES(per_user_limit), starts_at = VALUES(starts_at),
-           ends_at = VALUES(ends_at), payment_window_s = VALUES(payment_window_s)",
+         ON DUPLICATE KEY UPDATE total_stock = ?, stock = ?, per_user_limit = ?,
+           starts_at = ?, ends_at = ?, payment_window_s = ?,
+           reserved = 0, sold = 0, lapsed = 0",
     )
-    .bind(&sale.goods_id)
-    .bind(sale.total_stock)
-    .bind(sale.total_stock as i64)
-    .bind(sale.per_user_limit)
-    .bind(sale.starts_at.naive_utc())
-    .bind(sale.ends_at.naive_utc())
-    .bind(sale.payment_window_s)
-    .execute(pool)
-    .await?;
+    .bind(&sale.goods_id);
+    // Once for VALUES, once for the UPDATE, in the same column order.
+    for _ in 0..2 {
+        query = query
+            .bind(sale.total_stock)
+            .bind(sale.total_stock as i64)
+            .bind(sale.per_user_limit)
+            .bind(sale.starts_at.naive_utc())
+            .bind(sale.ends_at.naive_utc())
+            .bind(sale.payment_window_s);
+    }
+    let result = query.execute(pool).await?;
     // MySQL counts 1 affected row for an insert and 2 for an update of an existing row.
     Ok(if result.rows_affected() == 1 {
         Saved::Created

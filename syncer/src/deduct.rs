@@ -82,7 +82,7 @@ impl Deducter {
         let batching = Batching {
             redis,
             keys,
-            script: redis::Script::new(crate::keys::DEDUCT_SCRIPT),
+            script: redis::Script::new(crate::scripts::DEDUCT),
             claim_window,
         };
         tokio::spawn(run_batches(attempts, batching));
@@ -176,10 +176,7 @@ async fn decide_group(
             .unwrap_or(u64::MAX)
             .max(1),
     };
-    let mut invocation = batching.script.prepare_invoke();
-    for key in goods.deduct_script_keys() {
-        invocation.key(key);
-    }
+    let mut invocation = crate::scripts::invocation(&batching.script, &goods.deduct_script_keys());
     invocation
         .arg(&goods_id)
         .arg(epoch_ms_at(deadline))

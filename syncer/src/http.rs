@@ -21,7 +21,8 @@ use sqlx::MySqlPool;
 use crate::db;
 use crate::deduct::{DeductError, Deducter, Delivery};
 use crate::keys::KeySpace;
-use crate::lifecycle::{Lifecycle, LifecycleError, ReleaseReason, Settlement};
+use crate::lifecycle::{Lifecycle, LifecycleError, Settlement};
+use crate::order::{OrderState, ReleaseReason};
 use crate::preheat::{self, PreheatError};
 use crate::sale::{Sale, SaleSpec};
 
@@ -270,10 +271,12 @@ async fn confirm_order(
 ) -> Result<Json<Settlement>, AppError> {
     let settlement = state.lifecycle.confirm(&order_id).await?;
     count_settlement("confirm", &settlement);
-    if settlement.state != "confirmed" {
+    if settlement.state != OrderState::Confirmed {
         return Err(AppError::Conflict(format!(
             "order {order_id} was released ({}); it cannot be confirmed",
-            settlement.reason.as_deref().unwrap_or("unknown reason")
+            settlement
+                .reason
+                .map_or("unknown reason", ReleaseReason::as_str)
         )));
     }
     Ok(Json(settlement))
@@ -317,7 +320,7 @@ async fn release(
 ) -> Result<Json<Settlement>, AppError> {
     let settlement = state.lifecycle.release(order_id, reason).await?;
     count_settlement("release", &settlement);
-    if settlement.state == "confirmed" {
+    if settlement.state == OrderState::Confirmed {
         return Err(AppError::Conflict(format!(
             "order {order_id} is confirmed (paid); it cannot be released"
         )));

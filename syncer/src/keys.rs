@@ -9,9 +9,11 @@ pub struct GoodsKeys {
     pub sale: String,
     /// Hash: user id -> units this user holds (reserved or sold).
     pub users: String,
-    /// Hash: request id -> "user|quantity|order_id" of every request that won (idempotency).
+    /// Hash: request id -> "user|quantity|order_id" of every request that won (idempotency);
+    /// see [`Record`].
     pub requests: String,
-    /// Hash: order id -> "user|quantity|reserved_at_ms" of every open reservation.
+    /// Hash: order id -> "user|quantity|reserved_at_ms" of every open reservation; see
+    /// [`Record`].
     pub reservations: String,
     /// Sorted set: open reservation order ids scored by the end of their payment window.
     pub expiries: String,
@@ -28,9 +30,10 @@ pub struct GoodsKeys {
     pub epoch: String,
 }
 
+/// Each script's KEYS, in the order of its header: written once here for every caller (the
+/// syncer, the tests, the benchmark).
 impl GoodsKeys {
-    /// The deduct script's KEYS, in its order (see the header of `lua/deduct_batch.lua`).
-    /// Written once here: the syncer, the tests and the benchmark all call the script.
+    /// `lua/deduct_batch.lua`.
     pub fn deduct_script_keys(&self) -> [&str; 8] {
         [
             &self.sale,
@@ -43,10 +46,61 @@ impl GoodsKeys {
             &self.settled,
         ]
     }
+
+    /// `lua/lifecycle.lua`.
+    pub fn lifecycle_script_keys(&self) -> [&str; 7] {
+        [
+            &self.sale,
+            &self.users,
+            &self.reservations,
+            &self.expiries,
+            &self.settled,
+            &self.outbox,
+            &self.unclaimed,
+        ]
+    }
+
+    /// `lua/preheat.lua`.
+    pub fn preheat_script_keys(&self) -> [&str; 8] {
+        [
+            &self.sale,
+            &self.users,
+            &self.requests,
+            &self.reservations,
+            &self.epoch,
+            &self.expiries,
+            &self.settled,
+            &self.unclaimed,
+        ]
+    }
 }
 
-/// The deduct script's source, for callers outside the syncer (a benchmark, a test).
-pub const DEDUCT_SCRIPT: &str = include_str!("lua/deduct_batch.lua");
+/// A record of the requests or reservations hash, `user|quantity|rest`, as `parse_record` in
+/// `lua/common.lua` reads it: `rest` is the order id (requests) or the reserved-at ms
+/// (reservations).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Record<'a> {
+    pub user_id: &'a str,
+    pub quantity: u32,
+    pub rest: &'a str,
+}
+
+impl<'a> Record<'a> {
+    /// None when the text is not of that shape.
+    pub fn parse(text: &'a str) -> Option<Record<'a>> {
+        let mut parts = text.splitn(3, '|');
+        let (user_id, quantity, rest) = (parts.next()?, parts.next()?, parts.next()?);
+        let digits = !quantity.is_empty() && quantity.bytes().all(|b| b.is_ascii_digit());
+        if !digits || rest.is_empty() {
+            return None;
+        }
+        Some(Record {
+            user_id,
+            quantity: quantity.parse().ok()?,
+            rest,
+        })
+    }
+}
 
 /// Key names under one prefix, so tests and tenants can share a Redis without colliding.
 #[derive(Debug, Clone)]
@@ -117,6 +171,34 @@ mod tests {
             assert!(key.starts_with("t1:{sku-9}:"), "{key}");
         }
         assert_ne!(keys.sale, KeySpace::new("t2").goods("sku-9").sale);
+    }
+
+    #[test]
+    fn records_read_as_the_scripts_write_them() {
+        let record = Record::parse("u:1|3|g.1.7").unwrap();
+        assert_eq!(
+            (record.user_id, record.quantity, record.rest),
+            ("u:1", 3, "g.1.7")
+        );
+        assert_eq!(Record::parse("u|2|1764518400123").unwrap().quantity, 2);
+        for bad in ["u|x|g.1.1", "u|1|", "u|1", "u", "u||g.1.1", "u|-1|g.1.1"] {
+            assert_eq!(Record::parse(bad), None, "{bad}");
+        }
+    }
+
+    #[test]
+    fn script_key_lists_name_keys_of_one_goods() {
+        let keys = KeySpace::new("t1").goods("sku-9");
+        let lists: [&[&str]; 3] = [
+            &keys.deduct_script_keys(),
+            &keys.lifecycle_script_keys(),
+            &keys.preheat_script_keys(),
+        ];
+        for list in lists {
+            let distinct: std::collections::HashSet<&&str> = list.iter().collect();
+            assert_eq!(distinct.len(), list.len());
+            assert!(list.iter().all(|k| k.starts_with("t1:{sku-9}:")));
+        }
     }
 
     #[test]

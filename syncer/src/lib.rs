@@ -9,10 +9,12 @@ pub mod http;
 pub mod kafka;
 pub mod keys;
 pub mod lifecycle;
+pub mod order;
 pub mod preheat;
 pub mod reconcile;
 pub mod relay;
 pub mod sale;
+pub mod scripts;
 pub mod writer;
 
 use std::net::SocketAddr;

@@ -10,47 +10,11 @@ use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
 use crate::keys::{goods_of_order, KeySpace};
+use crate::order::{OrderState, ReleaseReason};
 
 const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
 /// Reservations one sweep call releases at most per goods: bounds how long it blocks Redis.
 pub const SWEEP_BATCH_MAX: usize = 500;
-
-/// Why a reservation was released. The strings appear in events, MySQL and API answers.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "snake_case")]
-pub enum ReleaseReason {
-    /// The buyer (or the shop) cancelled the order.
-    Cancelled,
-    /// The payment window passed.
-    Expired,
-    /// The shop API failed the winner's request (5xx or no response).
-    UpstreamFailed,
-    /// The gate never claimed the reservation within the claim window: it never reached the
-    /// shop (the gate gave up waiting for the deduct answer, or the buyer left).
-    Unclaimed,
-}
-
-impl ReleaseReason {
-    pub const ALL: [ReleaseReason; 4] = [
-        ReleaseReason::Cancelled,
-        ReleaseReason::Expired,
-        ReleaseReason::UpstreamFailed,
-        ReleaseReason::Unclaimed,
-    ];
-
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ReleaseReason::Cancelled => "cancelled",
-            ReleaseReason::Expired => "expired",
-            ReleaseReason::UpstreamFailed => "upstream_failed",
-            ReleaseReason::Unclaimed => "unclaimed",
-        }
-    }
-
-    pub fn parse(text: &str) -> Option<ReleaseReason> {
-        ReleaseReason::ALL.into_iter().find(|r| r.as_str() == text)
-    }
-}
 
 /// How the sweeper treats unclaimed reservations. Claims cannot land while Redis stands
 /// still or no sweeper runs; when sweeps resume after a gap longer than `stall`, the gate
@@ -85,10 +49,11 @@ pub struct ClaimOutcome {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Settlement {
     pub order_id: String,
-    /// "confirmed" or "released".
-    pub state: String,
+    /// Confirmed or released.
+    pub state: OrderState,
+    /// Why it was released.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub reason: Option<String>,
+    pub reason: Option<ReleaseReason>,
     /// This call settled the order (false: it was settled before, this is the same answer).
     pub changed: bool,
 }
@@ -119,7 +84,7 @@ impl Lifecycle {
         Self {
             redis,
             keys,
-            script: redis::Script::new(include_str!("lua/lifecycle.lua")),
+            script: redis::Script::new(crate::scripts::LIFECYCLE),
         }
     }
 
@@ -161,10 +126,7 @@ impl Lifecycle {
             "unknown" => return Err(LifecycleError::UnknownOrder(order_id.to_owned())),
             other => return Err(LifecycleError::BadScriptReply(other.to_owned())),
         };
-        let (state, reason) = match state.split_once(':') {
-            Some((state, reason)) => (state.to_owned(), Some(reason.to_owned())),
-            None => (state, None),
-        };
+        let (state, reason) = parse_final(&state).ok_or(LifecycleError::BadScriptReply(state))?;
         Ok(Settlement {
             order_id: order_id.to_owned(),
             state,
@@ -234,17 +196,9 @@ impl Lifecycle {
 
     fn invocation(&self, goods_id: &str, action: &str) -> redis::ScriptInvocation<'_> {
         let keys = self.keys.goods(goods_id);
-        let mut invocation = self.script.prepare_invoke();
-        invocation
-            .key(keys.sale)
-            .key(keys.users)
-            .key(keys.reservations)
-            .key(keys.expiries)
-            .key(keys.settled)
-            .key(keys.outbox)
-            .key(keys.unclaimed)
-            .arg(goods_id)
-            .arg(action);
+        let mut invocation =
+            crate::scripts::invocation(&self.script, &keys.lifecycle_script_keys());
+        invocation.arg(goods_id).arg(action);
         invocation
     }
 
@@ -296,15 +250,35 @@ impl Lifecycle {
     }
 }
 
+/// Reads how the settled hash says an order ended: "confirmed" or "released:<reason>".
+fn parse_final(text: &str) -> Option<(OrderState, Option<ReleaseReason>)> {
+    match text.split_once(':') {
+        Some(("released", reason)) => {
+            Some((OrderState::Released, Some(ReleaseReason::parse(reason)?)))
+        }
+        None if text == OrderState::Confirmed.as_str() => Some((OrderState::Confirmed, None)),
+        _ => None,
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::ReleaseReason;
+    use super::*;
 
     #[test]
-    fn reasons_round_trip() {
+    fn final_states_read_as_the_script_writes_them() {
+        assert_eq!(
+            parse_final("confirmed"),
+            Some((OrderState::Confirmed, None))
+        );
         for reason in ReleaseReason::ALL {
-            assert_eq!(ReleaseReason::parse(reason.as_str()), Some(reason));
+            assert_eq!(
+                parse_final(&format!("released:{reason}")),
+                Some((OrderState::Released, Some(*reason)))
+            );
         }
-        assert_eq!(ReleaseReason::parse("bored"), None);
+        for bad in ["released", "released:bored", "reserved", "confirmed:x", ""] {
+            assert_eq!(parse_final(bad), None, "{bad}");
+        }
     }
 }

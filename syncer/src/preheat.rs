@@ -31,17 +31,9 @@ pub async fn preheat(
     force: bool,
 ) -> Result<u64, PreheatError> {
     let goods = keys.goods(&sale.goods_id);
-    let script = redis::Script::new(include_str!("lua/preheat.lua"));
-    let mut invocation = script.prepare_invoke();
+    let script = redis::Script::new(crate::scripts::PREHEAT);
+    let mut invocation = crate::scripts::invocation(&script, &goods.preheat_script_keys());
     invocation
-        .key(&goods.sale)
-        .key(&goods.users)
-        .key(&goods.requests)
-        .key(&goods.reservations)
-        .key(&goods.epoch)
-        .key(&goods.expiries)
-        .key(&goods.settled)
-        .key(&goods.unclaimed)
         .arg(sale.total_stock)
         .arg(sale.per_user_limit)
         .arg(sale.starts_at.timestamp_millis())

@@ -13,9 +13,10 @@ use redis::AsyncCommands;
 use serde::Serialize;
 use sqlx::{MySqlPool, Row};
 
-use crate::events::{Effect, SaleEvent};
+use crate::events::{Effect, SaleEvent, OUTBOX_FIELD};
 use crate::kafka::KafkaConfig;
-use crate::keys::KeySpace;
+use crate::keys::{KeySpace, Record};
+use crate::order::OrderState;
 use crate::preheat::live_stock;
 use crate::sale::LiveStock;
 
@@ -183,26 +184,16 @@ impl Reconciler {
             let Some(last) = page.ids.last().map(|e| e.id.clone()) else {
                 break;
             };
-            for entry in &page.ids {
-                let fields: Vec<(String, String)> = entry
-                    .map
-                    .iter()
-                    .filter_map(|(k, v)| {
-                        redis::from_redis_value::<String>(v.clone())
-                            .ok()
-                            .map(|v| (k.clone(), v))
-                    })
-                    .collect();
+            let full = page.ids.len() >= OUTBOX_SCAN_PAGE;
+            for entry in page.ids {
                 events += 1;
-                if let Ok(event) = SaleEvent::from_stream_fields(&fields) {
-                    let e = event.effect();
-                    effect.available += e.available;
-                    effect.reserved += e.reserved;
-                    effect.sold += e.sold;
-                    effect.lapsed += e.lapsed;
+                // An entry the writer will not apply (it becomes a dead letter) moves nothing.
+                let event = crate::relay::outbox_event(entry).ok();
+                if let Some(Ok(event)) = event.as_deref().map(SaleEvent::from_json) {
+                    effect += event.effect();
                 }
             }
-            if page.ids.len() < OUTBOX_SCAN_PAGE {
+            if !full {
                 break;
             }
             start = format!("({last}");
@@ -242,21 +233,24 @@ impl Reconciler {
             sqlx::query(
                 "UPDATE sales SET
                    reserved = (SELECT COALESCE(SUM(quantity), 0) FROM orders
-                               WHERE goods_id = ? AND order_id LIKE ? AND state = 'reserved'),
+                               WHERE goods_id = ? AND order_id LIKE ? AND state = ?),
                    sold = (SELECT COALESCE(SUM(quantity), 0) FROM orders
-                           WHERE goods_id = ? AND order_id LIKE ? AND state = 'confirmed'),
+                           WHERE goods_id = ? AND order_id LIKE ? AND state = ?),
                    lapsed = (SELECT COALESCE(SUM(quantity), 0) FROM orders
-                             WHERE goods_id = ? AND order_id LIKE ? AND state = 'released'
+                             WHERE goods_id = ? AND order_id LIKE ? AND state = ?
                                AND NOT stock_returned),
                    stock = CAST(total_stock AS SIGNED) - reserved - sold - lapsed
                  WHERE goods_id = ?",
             )
             .bind(&goods.goods_id)
             .bind(&prefix)
+            .bind(OrderState::Reserved.as_str())
             .bind(&goods.goods_id)
             .bind(&prefix)
+            .bind(OrderState::Confirmed.as_str())
             .bind(&goods.goods_id)
             .bind(&prefix)
+            .bind(OrderState::Released.as_str())
             .bind(&goods.goods_id)
             .execute(&self.mysql)
             .await?;
@@ -272,15 +266,13 @@ impl Reconciler {
             tokio::time::timeout(REDIS_TIMEOUT, conn.hgetall(&keys.requests)).await??;
         let mut resent = 0;
         for chunk in granted.chunks(1_000) {
-            let mut parsed = Vec::with_capacity(chunk.len());
-            for (request_id, record) in chunk {
-                let mut parts = record.splitn(3, '|');
-                if let (Some(user), Some(qty), Some(order)) =
-                    (parts.next(), parts.next(), parts.next())
-                {
-                    parsed.push((request_id.as_str(), user, qty, order));
-                }
-            }
+            // A request's record names its order: `user|quantity|order_id`.
+            let parsed: Vec<(&str, Record)> = chunk
+                .iter()
+                .filter_map(|(request_id, record)| {
+                    Some((request_id.as_str(), Record::parse(record)?))
+                })
+                .collect();
             if parsed.is_empty() {
                 continue;
             }
@@ -288,8 +280,8 @@ impl Reconciler {
                 "SELECT order_id FROM orders WHERE order_id IN (",
             );
             let mut ids = select.separated(", ");
-            for (_, _, _, order) in &parsed {
-                ids.push_bind(*order);
+            for (_, record) in &parsed {
+                ids.push_bind(record.rest);
             }
             select.push(")");
             let present: BTreeSet<String> = select
@@ -299,26 +291,21 @@ impl Reconciler {
                 .iter()
                 .filter_map(|row| row.try_get(0).ok())
                 .collect();
-            for (request_id, user, qty, order) in parsed {
-                if present.contains(order) {
+            for (request_id, record) in parsed {
+                if present.contains(record.rest) {
                     continue;
                 }
-                let at_ms = chrono::Utc::now().timestamp_millis();
+                let event = SaleEvent::Reserved {
+                    order_id: record.rest.to_owned(),
+                    goods_id: goods_id.to_owned(),
+                    user_id: record.user_id.to_owned(),
+                    quantity: record.quantity,
+                    request_id: request_id.to_owned(),
+                    at_ms: chrono::Utc::now().timestamp_millis(),
+                };
                 let _: String = tokio::time::timeout(
                     REDIS_TIMEOUT,
-                    conn.xadd(
-                        &keys.outbox,
-                        "*",
-                        &[
-                            ("type", "reserved"),
-                            ("order_id", order),
-                            ("goods_id", goods_id),
-                            ("user_id", user),
-                            ("quantity", qty),
-                            ("request_id", request_id),
-                            ("at_ms", &at_ms.to_string()),
-                        ],
-                    ),
+                    conn.xadd(&keys.outbox, "*", &[(OUTBOX_FIELD, event.to_json())]),
                 )
                 .await??;
                 resent += 1;

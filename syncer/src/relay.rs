@@ -12,12 +12,12 @@ use std::time::{Duration, Instant};
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
 use redis::aio::ConnectionManager;
-use redis::streams::{StreamReadOptions, StreamReadReply};
+use redis::streams::{StreamId, StreamReadOptions, StreamReadReply};
 use redis::AsyncCommands;
 use tokio_util::sync::CancellationToken;
 
 use crate::crashpoint::{crashpoint, RELAY_AFTER_PUBLISH};
-use crate::events::SaleEvent;
+use crate::events::OUTBOX_FIELD;
 use crate::kafka::KafkaConfig;
 use crate::keys::KeySpace;
 
@@ -162,7 +162,7 @@ impl Relay {
             if claim {
                 self.claim_abandoned(&mut conn, &stream).await?;
             }
-            match self.relay_stream(&mut conn, &stream).await {
+            match self.relay_stream(&mut conn, &goods_id, &stream).await {
                 Ok(n) => relayed += n,
                 // Go on with the other goods: one goods' trouble must not stall the rest.
                 Err(e) => {
@@ -179,6 +179,7 @@ impl Relay {
     async fn relay_stream(
         &self,
         conn: &mut ConnectionManager,
+        goods_id: &str,
         stream: &str,
     ) -> Result<usize, RelayError> {
         // Our own pending entries first (read before a crash or a failed delivery), then new.
@@ -192,7 +193,7 @@ impl Relay {
         let total = entries.len();
         let sends = entries
             .iter()
-            .map(|(id, fields)| self.publish(stream, id, fields));
+            .map(|(id, event)| self.publish(goods_id, stream, id, event));
         let results = futures_util::future::join_all(sends).await;
         crashpoint(RELAY_AFTER_PUBLISH);
         let mut delivered = Vec::with_capacity(total);
@@ -231,7 +232,7 @@ impl Relay {
         conn: &mut ConnectionManager,
         stream: &str,
         from: &str,
-    ) -> Result<Vec<(String, Vec<(String, String)>)>, RelayError> {
+    ) -> Result<Vec<(String, OutboxEvent)>, RelayError> {
         let options = StreamReadOptions::default()
             .group(GROUP, &self.name)
             .count(READ_ENTRIES_MAX);
@@ -239,57 +240,46 @@ impl Relay {
             bounded(conn.xread_options(&[stream], &[from], &options)).await?;
         let mut entries = Vec::new();
         for key in reply.map(|r| r.keys).unwrap_or_default() {
-            for entry in key.ids {
-                let fields = entry
-                    .map
-                    .iter()
-                    .filter_map(|(k, v)| {
-                        redis::from_redis_value::<String>(v.clone())
-                            .ok()
-                            .map(|v| (k.clone(), v))
-                    })
-                    .collect();
-                entries.push((entry.id, fields));
+            for mut entry in key.ids {
+                let id = std::mem::take(&mut entry.id);
+                entries.push((id, outbox_event(entry)));
             }
         }
         Ok(entries)
     }
 
-    /// Publishes one outbox entry; a malformed entry goes to the dead-letter topic instead, so
-    /// it is never lost and never blocks the stream.
+    /// Publishes one outbox entry's event as the script wrote it, keyed by its goods (the
+    /// writer decodes and checks it; what it cannot read becomes a dead letter there). An
+    /// entry without an event goes to the dead-letter topic here, so it is never lost and
+    /// never blocks the stream.
     async fn publish(
         &self,
+        goods_id: &str,
         stream: &str,
         id: &str,
-        fields: &[(String, String)],
+        event: &OutboxEvent,
     ) -> Result<(), String> {
-        let (topic, key, payload, headers) = match SaleEvent::from_stream_fields(fields) {
-            Ok(event) => (
-                &self.kafka.topic,
-                event.goods_id().to_owned(),
-                event.to_json(),
-                OwnedHeaders::new(),
-            ),
-            Err(e) => {
-                tracing::error!(stream, id, error = %e, "malformed outbox entry: sent to the dead-letter topic");
+        let (topic, key, payload, headers) = match event {
+            Ok(bytes) => (&self.kafka.topic, goods_id, bytes, OwnedHeaders::new()),
+            Err(raw) => {
+                tracing::error!(
+                    stream,
+                    id,
+                    "outbox entry without an event: sent to the dead-letter topic"
+                );
                 metrics::counter!("seckill_dead_letters_total", "source" => "outbox").increment(1);
-                let raw = serde_json::to_vec(&fields).unwrap_or_default();
-                let reason = format!("malformed outbox entry {stream} {id}: {e}");
+                let reason =
+                    format!("malformed outbox entry {stream} {id}: no field {OUTBOX_FIELD}");
                 let headers = OwnedHeaders::new().insert(Header {
                     key: "reason",
                     value: Some(reason.as_bytes()),
                 });
-                (
-                    &self.kafka.dead_letter_topic,
-                    stream.to_owned(),
-                    raw,
-                    headers,
-                )
+                (&self.kafka.dead_letter_topic, stream, raw, headers)
             }
         };
         let record = FutureRecord::to(topic)
-            .key(&key)
-            .payload(&payload)
+            .key(key)
+            .payload(payload)
             .headers(headers);
         self.producer
             .send(record, Duration::ZERO)
@@ -319,6 +309,32 @@ impl Relay {
         )
         .await?;
         Ok(())
+    }
+}
+
+/// An outbox entry's event: the JSON bytes of its [`OUTBOX_FIELD`], or, when it has none, all
+/// its fields as JSON for the dead letter.
+pub(crate) type OutboxEvent = Result<Vec<u8>, Vec<u8>>;
+
+/// Takes the event out of an outbox entry without copying it.
+pub(crate) fn outbox_event(mut entry: StreamId) -> OutboxEvent {
+    match entry.map.remove(OUTBOX_FIELD) {
+        Some(redis::Value::BulkString(bytes)) => Ok(bytes),
+        other => {
+            if let Some(value) = other {
+                entry.map.insert(OUTBOX_FIELD.to_owned(), value);
+            }
+            let fields: Vec<(&String, String)> = entry
+                .map
+                .iter()
+                .filter_map(|(k, v)| {
+                    redis::from_redis_value_ref::<String>(v)
+                        .ok()
+                        .map(|v| (k, v))
+                })
+                .collect();
+            Err(serde_json::to_vec(&fields).unwrap_or_default())
+        }
     }
 }
 

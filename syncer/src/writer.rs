@@ -1,12 +1,19 @@
 //! The batched MySQL writer: consumes sale events from Kafka and applies them to MySQL.
 //!
+//! This module is the consuming side: partition assignment, batches, offsets, dead letters.
 //! A batch closes at `batch_size_max` events or `batch_wait` after its first event. It is
-//! applied in one transaction that inserts the orders that are really new (the order id is the
-//! primary key, so a redelivered event changes nothing) and updates each goods' counters once
-//! with the aggregated quantity. Kafka offsets are committed only after the database commit.
-//! Messages that cannot be parsed or applied go to the dead-letter topic with the reason.
+//! applied in one transaction (`writer/apply.rs`) that inserts the orders that are really new
+//! (the order id is the primary key, so a redelivered event changes nothing) and updates each
+//! goods' counters once with the aggregated quantity; `writer/transition.rs` decides what each
+//! event does. Kafka offsets are committed only after the database commit. Messages that
+//! cannot be parsed or applied go to the dead-letter topic with the reason.
 
-use std::collections::{HashMap, HashSet};
+mod apply;
+mod transition;
+
+pub use apply::{apply_events, Applied};
+
+use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -15,15 +22,12 @@ use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
 use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{Offset, TopicPartitionList};
-use sqlx::{MySql, MySqlPool, QueryBuilder, Row, Transaction};
+use sqlx::MySqlPool;
 use tokio_util::sync::CancellationToken;
 
-use crate::crashpoint::{crashpoint, WRITER_AFTER_DB_COMMIT};
-use crate::events::{Effect, SaleEvent};
+use crate::events::SaleEvent;
 use crate::kafka::KafkaConfig;
 
-/// Rows per multi-row INSERT: 7 values each stays far below MySQL's 65,535 placeholders.
-const INSERT_ROWS_MAX: usize = 1_000;
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_LAST: Duration = Duration::from_secs(5);
 /// Bound on Kafka's blocking calls (commit, watermarks).
@@ -53,16 +57,6 @@ pub struct Writer {
 struct DeadLetter<'a> {
     message: &'a OwnedMessage,
     reason: String,
-}
-
-/// What one batch did.
-#[derive(Debug, Default, PartialEq, Eq)]
-pub struct Applied {
-    pub new_orders: usize,
-    /// Orders moved from reserved to confirmed or released.
-    pub transitions: usize,
-    pub duplicates: usize,
-    pub dead_letters: usize,
 }
 
 pub fn consumer(config: &KafkaConfig) -> anyhow::Result<StreamConsumer> {
@@ -388,330 +382,6 @@ impl Writer {
         }
         Ok(())
     }
-}
-
-/// Applies sale events to MySQL in one transaction: inserts the orders that are really new,
-/// moves orders along their life (reserved -> confirmed or released), and updates each goods'
-/// counters once. Returns what was applied and, by index into `events`, the events refused for
-/// their content (no such sale or order in MySQL; more units than MySQL's stock, which means
-/// drift; a transition the order cannot make). Public so the benchmark measures exactly the
-/// writer's apply.
-pub async fn apply_events(
-    mysql: &MySqlPool,
-    events: &[&SaleEvent],
-) -> Result<(Applied, Vec<(usize, String)>), sqlx::Error> {
-    if events.is_empty() {
-        return Ok((Applied::default(), Vec::new()));
-    }
-    match apply_fresh(mysql, events).await {
-        Ok(Some(applied)) => return Ok((applied, Vec::new())),
-        // Something in the batch is not a plainly new reservation (a redelivery, a state
-        // change, an unknown goods, stock MySQL does not have): the careful path sorts it out.
-        Ok(None) | Err(sqlx::Error::Database(_)) => {}
-        Err(e) => return Err(e),
-    }
-    apply_checked(mysql, events).await
-}
-
-/// The common case during a sale, in three statements: every event is a new reservation for a
-/// known goods with stock to cover it. The order id's primary key and the `stock >= 0` check
-/// make MySQL refuse the transaction otherwise (`Err(Database)`), as does a goods without a
-/// sale row (`Ok(None)`); nothing is committed then.
-async fn apply_fresh(
-    mysql: &MySqlPool,
-    events: &[&SaleEvent],
-) -> Result<Option<Applied>, sqlx::Error> {
-    let mut seen = HashSet::with_capacity(events.len());
-    let plain = events
-        .iter()
-        .all(|e| matches!(e, SaleEvent::Reserved { .. }) && seen.insert(e.order_id()));
-    if !plain {
-        return Ok(None);
-    }
-    let mut deltas: HashMap<&str, Effect> = HashMap::new();
-    for event in events {
-        add(deltas.entry(event.goods_id()).or_default(), event.effect());
-    }
-    let rows: Vec<NewOrder> = events.iter().map(|e| NewOrder::reserved(e)).collect();
-    let mut tx = mysql.begin().await?;
-    insert_orders(&mut tx, &rows).await?;
-    for (goods_id, delta) in &deltas {
-        if update_sale(&mut tx, goods_id, delta).await? != 1 {
-            return Ok(None);
-        }
-    }
-    tx.commit().await?;
-    crashpoint(WRITER_AFTER_DB_COMMIT);
-    Ok(Some(Applied {
-        new_orders: events.len(),
-        ..Applied::default()
-    }))
-}
-
-fn add(total: &mut Effect, effect: Effect) {
-    total.available += effect.available;
-    total.reserved += effect.reserved;
-    total.sold += effect.sold;
-    total.lapsed += effect.lapsed;
-}
-
-/// An order row as the batch leaves it.
-#[derive(Debug, Clone)]
-struct NewOrder<'a> {
-    reserved: &'a SaleEvent,
-    state: &'static str,
-    reason: Option<&'a str>,
-    returned: Option<bool>,
-}
-
-impl<'a> NewOrder<'a> {
-    fn reserved(event: &'a SaleEvent) -> Self {
-        NewOrder {
-            reserved: event,
-            state: "reserved",
-            reason: None,
-            returned: None,
-        }
-    }
-}
-
-async fn insert_orders(
-    tx: &mut Transaction<'_, MySql>,
-    rows: &[NewOrder<'_>],
-) -> Result<(), sqlx::Error> {
-    for chunk in rows.chunks(INSERT_ROWS_MAX) {
-        let mut insert = QueryBuilder::<MySql>::new(
-            "INSERT INTO orders (order_id, goods_id, user_id, quantity, request_id, state, \
-             release_reason, stock_returned, reserved_at) ",
-        );
-        insert.push_values(chunk, |mut row, order| {
-            let (request_id, at_ms) = match order.reserved {
-                SaleEvent::Reserved {
-                    request_id, at_ms, ..
-                } => (request_id.as_str(), *at_ms),
-                other => ("", event_time(other)),
-            };
-            row.push_bind(order.reserved.order_id())
-                .push_bind(order.reserved.goods_id())
-                .push_bind(order.reserved.user_id())
-                .push_bind(order.reserved.quantity())
-                .push_bind(request_id)
-                .push_bind(order.state)
-                .push_bind(order.reason)
-                .push_bind(order.returned)
-                .push_bind(timestamp(at_ms));
-        });
-        insert.build().execute(&mut **tx).await?;
-    }
-    Ok(())
-}
-
-fn event_time(event: &SaleEvent) -> i64 {
-    match event {
-        SaleEvent::Reserved { at_ms, .. }
-        | SaleEvent::Confirmed { at_ms, .. }
-        | SaleEvent::Released { at_ms, .. } => *at_ms,
-    }
-}
-
-/// Moves a goods' counters by `delta`; returns the rows matched (0: no such sale).
-async fn update_sale(
-    tx: &mut Transaction<'_, MySql>,
-    goods_id: &str,
-    delta: &Effect,
-) -> Result<u64, sqlx::Error> {
-    Ok(sqlx::query(
-        "UPDATE sales SET stock = stock + ?, reserved = reserved + ?, sold = sold + ?, \
-         lapsed = lapsed + ? WHERE goods_id = ?",
-    )
-    .bind(delta.available)
-    .bind(delta.reserved)
-    .bind(delta.sold)
-    .bind(delta.lapsed)
-    .bind(goods_id)
-    .execute(&mut **tx)
-    .await?
-    .rows_affected())
-}
-
-/// An order's state as MySQL has it, and whether this batch changed it.
-#[derive(Debug, Clone)]
-struct Known {
-    state: String,
-    changed: Option<(&'static str, Option<String>, Option<bool>)>,
-}
-
-/// The careful path: locks the orders and sales the batch touches, walks the events in order
-/// against what MySQL holds, applies only what is new and allowed, and reports the rest.
-async fn apply_checked(
-    mysql: &MySqlPool,
-    events: &[&SaleEvent],
-) -> Result<(Applied, Vec<(usize, String)>), sqlx::Error> {
-    let mut applied = Applied::default();
-    let mut refused = Vec::new();
-    let mut tx = mysql.begin().await?;
-    let mut known = existing_orders(&mut tx, events).await?;
-    let mut stock = sale_stock(&mut tx, events).await?;
-    let mut deltas: HashMap<&str, Effect> = HashMap::new();
-    let mut inserted: Vec<NewOrder> = Vec::new();
-    for (index, event) in events.iter().enumerate() {
-        let order_id = event.order_id();
-        let goods_id = event.goods_id();
-        let quantity = i64::from(event.quantity());
-        let Some(left) = stock.get_mut(goods_id) else {
-            refused.push((index, format!("no sale for goods {goods_id} in MySQL")));
-            continue;
-        };
-        let current = known.get(order_id).map(|k| k.state.clone());
-        let next: Result<Option<NewState>, String> = match (event, current.as_deref()) {
-            (SaleEvent::Reserved { .. }, Some(_)) => Ok(None),
-            (SaleEvent::Reserved { .. }, None) if *left < quantity => Err(format!(
-                "goods {goods_id}: MySQL stock {left} is below {quantity}; reconcile"
-            )),
-            (SaleEvent::Reserved { .. }, None) => Ok(Some(NewState::Inserted)),
-            (SaleEvent::Confirmed { .. }, Some("reserved")) => {
-                Ok(Some(NewState::Changed("confirmed", None, None)))
-            }
-            (SaleEvent::Confirmed { .. }, Some("confirmed")) => Ok(None),
-            (
-                SaleEvent::Released {
-                    reason, returned, ..
-                },
-                Some("reserved"),
-            ) => Ok(Some(NewState::Changed(
-                "released",
-                Some(reason.clone()),
-                Some(*returned),
-            ))),
-            (SaleEvent::Released { .. }, Some("released")) => Ok(None),
-            (_, None) => Err(format!("order {order_id} is not in MySQL")),
-            (_, Some(state)) => Err(format!(
-                "order {order_id} is {state}; it cannot take this event"
-            )),
-        };
-        match next {
-            Err(reason) => refused.push((index, reason)),
-            Ok(None) => applied.duplicates += 1,
-            Ok(Some(change)) => {
-                let effect = event.effect();
-                *left += effect.available;
-                add(deltas.entry(goods_id).or_default(), effect);
-                match change {
-                    NewState::Inserted => {
-                        known.insert(
-                            order_id.to_owned(),
-                            Known {
-                                state: "reserved".into(),
-                                changed: None,
-                            },
-                        );
-                        inserted.push(NewOrder::reserved(event));
-                        applied.new_orders += 1;
-                    }
-                    NewState::Changed(state, reason, returned) => {
-                        // An order inserted by this very batch is written in its final state.
-                        if let Some(row) = inserted
-                            .iter_mut()
-                            .find(|o| o.reserved.order_id() == order_id)
-                        {
-                            row.state = state;
-                            row.reason = match event {
-                                SaleEvent::Released { reason, .. } => Some(reason.as_str()),
-                                _ => None,
-                            };
-                            row.returned = returned;
-                        } else if let Some(k) = known.get_mut(order_id) {
-                            k.changed = Some((state, reason, returned));
-                        }
-                        if let Some(k) = known.get_mut(order_id) {
-                            k.state = state.to_owned();
-                        }
-                        applied.transitions += 1;
-                    }
-                }
-            }
-        }
-    }
-    insert_orders(&mut tx, &inserted).await?;
-    for (order_id, k) in &known {
-        if let Some((state, reason, returned)) = &k.changed {
-            sqlx::query(
-                "UPDATE orders SET state = ?, release_reason = ?, stock_returned = ? \
-                 WHERE order_id = ?",
-            )
-            .bind(state)
-            .bind(reason)
-            .bind(returned)
-            .bind(order_id)
-            .execute(&mut *tx)
-            .await?;
-        }
-    }
-    // One UPDATE per goods per batch, whatever the number of orders.
-    for (goods_id, delta) in &deltas {
-        update_sale(&mut tx, goods_id, delta).await?;
-    }
-    tx.commit().await?;
-    crashpoint(WRITER_AFTER_DB_COMMIT);
-    Ok((applied, refused))
-}
-
-enum NewState {
-    Inserted,
-    Changed(&'static str, Option<String>, Option<bool>),
-}
-
-/// The orders of the batch MySQL already has, locked, with their state.
-async fn existing_orders(
-    tx: &mut Transaction<'_, MySql>,
-    events: &[&SaleEvent],
-) -> Result<HashMap<String, Known>, sqlx::Error> {
-    let mut existing = HashMap::new();
-    for chunk in events.chunks(INSERT_ROWS_MAX) {
-        let mut select =
-            QueryBuilder::<MySql>::new("SELECT order_id, state FROM orders WHERE order_id IN (");
-        let mut ids = select.separated(", ");
-        for event in chunk {
-            ids.push_bind(event.order_id());
-        }
-        select.push(") FOR UPDATE");
-        for row in select.build().fetch_all(&mut **tx).await? {
-            existing.insert(
-                row.try_get::<String, _>(0)?,
-                Known {
-                    state: row.try_get(1)?,
-                    changed: None,
-                },
-            );
-        }
-    }
-    Ok(existing)
-}
-
-/// Locks the sale rows the batch touches and returns their stock.
-async fn sale_stock(
-    tx: &mut Transaction<'_, MySql>,
-    events: &[&SaleEvent],
-) -> Result<HashMap<String, i64>, sqlx::Error> {
-    let goods: HashSet<&str> = events.iter().map(|e| e.goods_id()).collect();
-    let mut select =
-        QueryBuilder::<MySql>::new("SELECT goods_id, stock FROM sales WHERE goods_id IN (");
-    let mut ids = select.separated(", ");
-    for goods_id in &goods {
-        ids.push_bind(*goods_id);
-    }
-    select.push(") ORDER BY goods_id FOR UPDATE");
-    let mut stock = HashMap::new();
-    for row in select.build().fetch_all(&mut **tx).await? {
-        stock.insert(row.try_get::<String, _>(0)?, row.try_get::<i64, _>(1)?);
-    }
-    Ok(stock)
-}
-
-fn timestamp(at_ms: i64) -> chrono::NaiveDateTime {
-    chrono::DateTime::from_timestamp_millis(at_ms)
-        .unwrap_or_default()
-        .naive_utc()
 }
 
 /// Commits, per partition, the offset after the last message of the batch.

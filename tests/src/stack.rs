@@ -263,6 +263,8 @@ impl Stack {
     }
 
     /// A digest of every key under this stack's prefix, to prove a request changed nothing.
+    /// A sale hash is compared field by field without `swept_ms`: the sweeper stamps it on
+    /// every sweep (each second), whatever requests arrive.
     pub async fn redis_snapshot(&self) -> anyhow::Result<Vec<(String, String)>> {
         let mut conn = self.redis().await?;
         let mut keys: Vec<String> = redis::cmd("KEYS")
@@ -272,8 +274,20 @@ impl Stack {
         keys.sort();
         let mut snapshot = Vec::with_capacity(keys.len());
         for key in keys {
-            let dump: Option<Vec<u8>> = redis::cmd("DUMP").arg(&key).query_async(&mut conn).await?;
-            snapshot.push((key, format!("{:x?}", dump.unwrap_or_default())));
+            let digest = if key.ends_with("}:sale") {
+                let mut fields: Vec<(String, String)> = redis::cmd("HGETALL")
+                    .arg(&key)
+                    .query_async(&mut conn)
+                    .await?;
+                fields.retain(|(field, _)| field != "swept_ms");
+                fields.sort();
+                format!("{fields:?}")
+            } else {
+                let dump: Option<Vec<u8>> =
+                    redis::cmd("DUMP").arg(&key).query_async(&mut conn).await?;
+                format!("{:x?}", dump.unwrap_or_default())
+            };
+            snapshot.push((key, digest));
         }
         Ok(snapshot)
     }

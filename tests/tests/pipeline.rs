@@ -206,6 +206,14 @@ async fn mysql_cut_off_commits_no_offsets_and_recovers() {
     let writer = p.spawn(writer(), Some(&via_proxy), &[]).await.unwrap();
     let mut orders = p.sell("g", "a", 300).await.unwrap();
     p.wait_for_rows("g", 300, DRAIN).await.unwrap();
+    // The rows are visible once MySQL committed, the offsets once the writer heard so: a cut
+    // in between would swallow the acknowledgement and leave these 300 uncommitted too.
+    wait_for("the first offsets to be committed", DRAIN, || async {
+        let (_, report) = p.reconcile(&[])?;
+        Ok((report["kafka_lag"] == 0).then_some(()))
+    })
+    .await
+    .unwrap();
 
     proxy.cut();
     orders.extend(p.sell("g", "b", 700).await.unwrap());

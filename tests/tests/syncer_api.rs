@@ -562,7 +562,7 @@ async fn a_deduct_past_its_deadline_changes_nothing() {
     };
     let conn = f.redis.connection().await.unwrap();
     let before = snapshot(conn.clone()).await;
-    let script = redis::Script::new(seckill_syncer::keys::DEDUCT_SCRIPT);
+    let script = redis::Script::new(seckill_syncer::scripts::DEDUCT);
     let mut invocation = script.prepare_invoke();
     for key in &keys {
         invocation.key(key);

@@ -106,7 +106,7 @@ async fn deduct_against_redis(args: &Args) -> anyhow::Result<DeductFigures> {
     let mut conn = stack.redis().await?;
     let sha: String = redis::cmd("SCRIPT")
         .arg("LOAD")
-        .arg(seckill_syncer::keys::DEDUCT_SCRIPT)
+        .arg(seckill_syncer::scripts::DEDUCT)
         .query_async(&mut conn)
         .await?;
     let goods = seckill_syncer::keys::KeySpace::new(stack.key_prefix.clone()).goods("bench");

@@ -6,16 +6,14 @@
 --       (0: the reservation is delivered by this very answer and needs no claim), then one
 --       (user id, quantity, request id) triple per attempt
 -- Reply: one { outcome, order_id or "", remaining (-1 unknown), retry_after_ms, reason or "" }
--- per attempt, always that shape. Ids are validated by the caller to [A-Za-z0-9_.:-], so "|"
--- separates.
+-- per attempt, always that shape. Uses the prelude (common.lua): clock_ms, parse_record,
+-- make_record, append_event.
 local goods = ARGV[1]
 local deadline_ms, claim_ms = tonumber(ARGV[2]), tonumber(ARGV[3])
 local attempts = (#ARGV - 3) / 3
 local replies = {}
 
--- Server time, so every syncer instance judges the window by one clock.
-local time = redis.call('TIME')
-local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local now_ms = clock_ms()
 
 -- The caller has stopped waiting (Redis stalled, or the call queued too long): an answer now
 -- would reach nobody, so nothing is decided and nothing changes. Checked first of all.
@@ -57,8 +55,8 @@ local function decide(user, qty, request_id)
   -- Idempotency first: a retry gets the answer it got before, even after the sale closed.
   local prior = redis.call('HGET', KEYS[3], request_id)
   if prior then
-    local prior_user, prior_qty, prior_order = string.match(prior, '^([^|]*)|(%d+)|(.+)$')
-    if prior_user ~= user or tonumber(prior_qty) ~= qty then
+    local prior_user, prior_qty, prior_order = parse_record(prior)
+    if prior_user ~= user or prior_qty ~= qty then
       return { 'request_id_conflict', '', available, 0, '' }
     end
     local answer = repeat_answer(prior_order)
@@ -88,8 +86,8 @@ local function decide(user, qty, request_id)
   granted = granted + qty
   local order_id = goods .. '.' .. epoch .. '.' .. seq
   redis.call('HINCRBY', KEYS[2], user, qty)
-  redis.call('HSET', KEYS[3], request_id, user .. '|' .. qty .. '|' .. order_id)
-  redis.call('HSET', KEYS[4], order_id, user .. '|' .. qty .. '|' .. now_ms)
+  redis.call('HSET', KEYS[3], request_id, make_record(user, qty, order_id))
+  redis.call('HSET', KEYS[4], order_id, make_record(user, qty, now_ms))
   -- It lives for the payment window; and until the gate claims it (it reached the shop),
   -- only for the claim window. The sweeper releases it when either is up.
   redis.call('ZADD', KEYS[6], now_ms + window_ms, order_id)
@@ -97,9 +95,9 @@ local function decide(user, qty, request_id)
     redis.call('ZADD', KEYS[7], now_ms + claim_ms, order_id)
   end
   -- The outbox entry is written by the same script: no reservation without its event.
-  redis.call('XADD', KEYS[5], '*',
-    'type', 'reserved', 'order_id', order_id, 'goods_id', goods, 'user_id', user,
-    'quantity', qty, 'request_id', request_id, 'at_ms', now_ms)
+  append_event(KEYS[5], {
+    type = 'reserved', order_id = order_id, goods_id = goods, user_id = user,
+    quantity = qty, request_id = request_id, at_ms = now_ms })
   return { 'won', order_id, available, 0, '' }
 end
 

@@ -12,28 +12,28 @@
 -- Reply: confirm/release { status, state } with status "changed" (this call settled it),
 --        "settled" (it was settled before; state says how) or "unknown";
 --        sweep { released count }; claim { claimed count, late count }.
+-- Uses the prelude (common.lua): clock_ms, parse_record, append_event.
 local goods, action = ARGV[1], ARGV[2]
-local time = redis.call('TIME')
-local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
+local now_ms = clock_ms()
 
 -- Ends one open reservation as released. Units go back to available stock only while the
 -- sale this order belongs to is still open: never after it closed (they lapse instead: no
 -- stock comes back to life), never into another epoch's counters, never recreating keys.
+-- The event says which: "released" (back on sale) or "lapsed" (anything not given back).
 local function release(order_id, record, reason)
-  local user, qty = string.match(record, '^([^|]*)|(%d+)|')
-  qty = tonumber(qty)
+  local user, qty = parse_record(record)
   redis.call('HDEL', KEYS[3], order_id)
   redis.call('ZREM', KEYS[4], order_id)
   redis.call('ZREM', KEYS[7], order_id)
   redis.call('HSET', KEYS[5], order_id, 'released:' .. reason)
   local sale = redis.call('HMGET', KEYS[1], 'epoch', 'end_ms', 'reserved')
   local order_epoch = string.match(order_id, '%.(%d+)%.%d+$')
-  local returned = '0'
+  local event_type = 'lapsed'
   if sale[1] and sale[1] == order_epoch and tonumber(sale[3]) >= qty then
     redis.call('HINCRBY', KEYS[1], 'reserved', -qty)
     if now_ms < tonumber(sale[2]) then
       redis.call('HINCRBY', KEYS[1], 'available', qty)
-      returned = '1'
+      event_type = 'released'
     else
       redis.call('HINCRBY', KEYS[1], 'lapsed', qty)
     end
@@ -42,9 +42,9 @@ local function release(order_id, record, reason)
       redis.call('HDEL', KEYS[2], user)
     end
   end
-  redis.call('XADD', KEYS[6], '*',
-    'type', 'released', 'order_id', order_id, 'goods_id', goods, 'user_id', user,
-    'quantity', qty, 'reason', reason, 'returned', returned, 'at_ms', now_ms)
+  append_event(KEYS[6], {
+    type = event_type, order_id = order_id, goods_id = goods, user_id = user,
+    quantity = qty, reason = reason, at_ms = now_ms })
   return 'released:' .. reason
 end
 
@@ -119,8 +119,7 @@ if action == 'confirm' then
     -- Paid too late: the window is exact, whether or not the sweeper got there first.
     return { 'settled', release(order_id, record, 'expired') }
   end
-  local user, qty = string.match(record, '^([^|]*)|(%d+)|')
-  qty = tonumber(qty)
+  local user, qty = parse_record(record)
   redis.call('HDEL', KEYS[3], order_id)
   redis.call('ZREM', KEYS[4], order_id)
   redis.call('ZREM', KEYS[7], order_id)
@@ -130,9 +129,9 @@ if action == 'confirm' then
     redis.call('HINCRBY', KEYS[1], 'reserved', -qty)
     redis.call('HINCRBY', KEYS[1], 'sold', qty)
   end
-  redis.call('XADD', KEYS[6], '*',
-    'type', 'confirmed', 'order_id', order_id, 'goods_id', goods, 'user_id', user,
-    'quantity', qty, 'at_ms', now_ms)
+  append_event(KEYS[6], {
+    type = 'confirmed', order_id = order_id, goods_id = goods, user_id = user,
+    quantity = qty, at_ms = now_ms })
   return { 'changed', 'confirmed' }
 end
 

@@ -5,18 +5,16 @@
 --       6 payment window ms
 -- Reply: { "loaded", epoch } or { "live", end_ms } when a live sale is in the way.
 -- The outbox stream is never touched: it may still hold events on their way to Kafka.
+-- Uses the prelude (common.lua): clock_ms.
+local now_ms = clock_ms()
 local existing_end = redis.call('HGET', KEYS[1], 'end_ms')
 if existing_end and ARGV[5] ~= '1' then
-  local time = redis.call('TIME')
-  local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
   if now_ms < tonumber(existing_end) then
     return { 'live', tonumber(existing_end) }
   end
 end
 redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[6], KEYS[7], KEYS[8])
 local epoch = redis.call('INCR', KEYS[5])
-local time = redis.call('TIME')
-local now_ms = tonumber(time[1]) * 1000 + math.floor(tonumber(time[2]) / 1000)
 -- swept_ms: the sweeper measures stalls from here (see lifecycle.lua), even before its
 -- first sweep of this sale.
 redis.call('HSET', KEYS[1],
