@@ -263,8 +263,9 @@ impl Stack {
     }
 
     /// A digest of every key under this stack's prefix, to prove a request changed nothing.
-    /// A sale hash is compared field by field without `swept_ms`: the sweeper stamps it on
-    /// every sweep (each second), whatever requests arrive.
+    /// A sale hash is compared field by field without the sweeper's own stamps: `swept_ms` on
+    /// every sweep (each second) and `claims_from_ms` after a gap between sweeps (a loaded
+    /// machine can make one), whatever requests arrive.
     pub async fn redis_snapshot(&self) -> anyhow::Result<Vec<(String, String)>> {
         let mut conn = self.redis().await?;
         let mut keys: Vec<String> = redis::cmd("KEYS")
@@ -279,7 +280,7 @@ impl Stack {
                     .arg(&key)
                     .query_async(&mut conn)
                     .await?;
-                fields.retain(|(field, _)| field != "swept_ms");
+                fields.retain(|(field, _)| field != "swept_ms" && field != "claims_from_ms");
                 fields.sort();
                 format!("{fields:?}")
             } else {
