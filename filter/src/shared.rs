@@ -24,7 +24,7 @@
 
 use crate::config::RateLimits;
 use crate::gcra::{self, Decision, Rate};
-use crate::host::HostStatus;
+use crate::host::{Seen, SetError, SharedStore};
 use crate::local::LocalMemory;
 
 /// Most compare-and-swap attempts per update. Contention on one key is between worker
@@ -39,27 +39,6 @@ pub const OVERFLOW_KEY: &str = "seckill.rl.~overflow";
 /// key, so [`rate_limit_key`] moves that one elsewhere.
 pub const TRACKED_KEY: &str = "seckill.rl.tracked";
 const SOLD_OUT_PREFIX: &str = "seckill.soldout.";
-
-/// Why a write to shared data did not happen.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum SetError {
-    /// Someone wrote the key since we read it.
-    CasMismatch,
-    /// Any other refusal by the host.
-    Failed,
-}
-
-/// A read of one key: value and CAS token.
-pub type Seen = (Option<Vec<u8>>, Option<u32>);
-
-/// The shared-data calls the helpers need (part of [`Host`](crate::host::Host)).
-pub trait SharedStore {
-    /// Value and CAS token of a key; `(None, None)` when absent; `Err` when the host refused
-    /// the read.
-    fn get(&self, key: &str) -> Result<Seen, HostStatus>;
-    /// Writes a key; with `cas`, only if nobody wrote it since that token was read.
-    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SetError>;
-}
 
 /// A read whose refusal counts as absence. Envoy only answers a read with the value or
 /// "not found"; should it ever refuse one, acting as for a key nobody wrote (a fresh bucket,
@@ -311,6 +290,7 @@ pub fn claim_worker_number(store: &impl SharedStore) -> Option<u64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::host::HostStatus;
     use std::cell::{Cell, RefCell};
     use std::collections::HashMap;
 

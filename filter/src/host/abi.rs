@@ -22,10 +22,9 @@ use std::time::Duration;
 
 use proxy_wasm::types::{BufferType, MapType, MetricType, StreamType};
 
-use super::{Host, HostStatus, LogLevel};
+use super::{Host, HostStatus, LogLevel, Seen, SetError, SharedStore};
 use crate::input::serialize_header_map;
 use crate::reply::LocalReply;
-use crate::shared::{Seen, SetError, SharedStore};
 
 // Same symbols and ABI as the SDK's declarations; enums and statuses as plain numbers.
 #[link(wasm_import_module = "env")]

@@ -11,10 +11,9 @@ use std::time::Duration;
 
 use serde_json::{json, Value};
 
-use super::{Flow, Host, HostStatus, LogLevel, Root, SaleRequest};
+use super::{Flow, Host, HostStatus, LogLevel, Root, SaleRequest, Seen, SetError, SharedStore};
 use crate::input::serialize_header_map;
 use crate::reply::LocalReply;
-use crate::shared::{Seen, SetError, SharedStore};
 
 /// What the filter asked the host to do, and as which context.
 #[derive(Debug, Clone, PartialEq, Eq)]

@@ -14,7 +14,6 @@ use std::fmt;
 use std::time::Duration;
 
 use crate::reply::LocalReply;
-use crate::shared::SharedStore;
 
 #[cfg(target_arch = "wasm32")]
 pub mod abi;
@@ -59,6 +58,28 @@ impl fmt::Display for HostStatus {
         };
         f.write_str(name)
     }
+}
+
+/// Why a write to shared data did not happen.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SetError {
+    /// Someone wrote the key since we read it.
+    CasMismatch,
+    /// Any other refusal by the host.
+    Failed,
+}
+
+/// A read of one key: value and CAS token.
+pub type Seen = (Option<Vec<u8>>, Option<u32>);
+
+/// The shared-data calls (part of [`Host`]; `shared.rs` builds the rate limits and the
+/// sold-out cache on them, and tests them with a fake store).
+pub trait SharedStore {
+    /// Value and CAS token of a key; `(None, None)` when absent; `Err` when the host refused
+    /// the read.
+    fn get(&self, key: &str) -> Result<Seen, HostStatus>;
+    /// Writes a key; with `cas`, only if nobody wrote it since that token was read.
+    fn set(&self, key: &str, value: &[u8], cas: Option<u32>) -> Result<(), SetError>;
 }
 
 /// Levels of the log lines the filter writes (the ABI's numbers).
