@@ -136,14 +136,25 @@ impl Envoy {
 
     /// One counter from Envoy's `/stats/prometheus` (0 if absent).
     pub async fn stat(&self, name: &str) -> anyhow::Result<u64> {
-        let text = reqwest::get(format!(
-            "http://127.0.0.1:{}/stats/prometheus",
-            self.admin_port
-        ))
-        .await?
-        .text()
-        .await?;
-        Ok(crate::syncer::sum_metric(&text, name))
+        Ok(crate::syncer::sum_metric(&self.prometheus().await?, name))
+    }
+
+    /// A gauge or counter of the gate's own listener (`stat_prefix: gate`), e.g.
+    /// `envoy_http_downstream_rq_active`: the admin listener has one of each too, and the
+    /// stats request itself is active on it.
+    pub async fn gate_stat(&self, name: &str) -> anyhow::Result<u64> {
+        let text = self.prometheus().await?;
+        let gate: String = text
+            .lines()
+            .filter(|line| line.contains("envoy_http_conn_manager_prefix=\"gate\""))
+            .collect::<Vec<_>>()
+            .join("\n");
+        Ok(crate::syncer::sum_metric(&gate, name))
+    }
+
+    async fn prometheus(&self) -> anyhow::Result<String> {
+        let url = format!("http://127.0.0.1:{}/stats/prometheus", self.admin_port);
+        Ok(reqwest::get(url).await?.text().await?)
     }
 }
 

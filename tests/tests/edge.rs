@@ -10,6 +10,7 @@ use futures::future::join_all;
 use redis::AsyncCommands;
 use seckill_e2e::deduct_stub::DeductStub;
 use seckill_e2e::envoy::{Envoy, LOCAL_TEMPLATE};
+use seckill_e2e::process::wait_for;
 use seckill_e2e::stack::{default_plugin_config, now_ms, send, Stack, StackOptions};
 use serde_json::json;
 
@@ -582,6 +583,18 @@ async fn buyers_who_leave_mid_batch_do_not_strand_the_others() {
     for leaver in leavers {
         assert!(leaver.await.unwrap().is_err(), "a leaver timed out");
     }
+    // A leaver's client has given up, but Envoy may not have read its close yet (a loaded
+    // machine): only once Envoy holds just the stayers has every leaver left the gate.
+    wait_for(
+        "Envoy to hold only the stayers",
+        Duration::from_secs(10),
+        || async {
+            let active = gate.gate_stat("envoy_http_downstream_rq_active").await?;
+            Ok((active == 10).then_some(()))
+        },
+    )
+    .await
+    .unwrap();
     assert!(stub.attempts() >= 1, "a batch is out and held");
     stub.release();
     let mut order_ids = HashSet::new();
