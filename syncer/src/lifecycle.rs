@@ -251,7 +251,7 @@ impl Lifecycle {
 }
 
 /// Reads how the settled hash says an order ended: "confirmed" or "released:<reason>".
-fn parse_final(text: &str) -> Option<(OrderState, Option<ReleaseReason>)> {
+pub(crate) fn parse_final(text: &str) -> Option<(OrderState, Option<ReleaseReason>)> {
     match text.split_once(':') {
         Some(("released", reason)) => {
             Some((OrderState::Released, Some(ReleaseReason::parse(reason)?)))
