@@ -69,8 +69,11 @@ pub async fn connect_redis(url: &str) -> anyhow::Result<ConnectionManager> {
 pub struct PipelineConfig {
     pub writer: writer::WriterConfig,
     pub relay_name: String,
-    /// How often the periodic reconcile refreshes the drift metric.
+    /// How often the periodic reconcile refreshes the drift metric (and the MySQL sweep of
+    /// reservations Redis forgot runs).
     pub reconcile_every: Duration,
+    /// How long after its payment window a MySQL reservation Redis does not know is ended.
+    pub forgotten_grace: Duration,
 }
 
 /// Runs the outbox relay until `shutdown`.
@@ -118,21 +121,16 @@ pub async fn run_periodic_reconcile(
             () = shutdown.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        match reconciler.report(None).await {
+        // Totals, goods Redis forgot and dead letters: cheap enough for every tick (the order
+        // digest reads every order, so it is `reconcile --orders`).
+        match reconciler.report(None, false).await {
             Ok(report) => {
-                for goods in &report.goods {
-                    metrics::gauge!("seckill_reconcile_drift", "goods_id" => goods.goods_id.clone())
-                        .set(goods.drift.magnitude() as f64);
-                }
-                metrics::gauge!("seckill_reconcile_settled").set(if report.settled {
-                    1.0
-                } else {
-                    0.0
-                });
+                report.record_metrics();
                 if report.settled && !report.is_clean() {
                     tracing::warn!(
                         drift = report.total_drift(),
-                        "reconcile found drift at rest"
+                        dead_letters = ?report.dead_letters,
+                        "reconcile is not clean at rest"
                     );
                 }
             }
@@ -183,6 +181,12 @@ pub async fn serve(
             mysql: mysql.clone(),
             kafka: pipeline.writer.kafka.clone(),
         };
+        let sweep = reconcile::ForgottenSweep::new(reconciler.clone(), pipeline.forgotten_grace);
+        let token = shutdown.clone();
+        background.spawn(async move {
+            reconcile::run_forgotten_sweeper(sweep, pipeline.reconcile_every, token).await;
+            Ok(())
+        });
         let token = shutdown.clone();
         background.spawn(async move {
             run_periodic_reconcile(reconciler, pipeline.reconcile_every, token).await;
