@@ -323,6 +323,24 @@ impl Pipeline {
         .await
     }
 
+    /// Waits until the goods' outbox is empty and MySQL's counters equal Redis's.
+    pub async fn wait_for_counters_to_match(
+        &self,
+        goods_id: &str,
+        deadline: Duration,
+    ) -> anyhow::Result<()> {
+        wait_for(
+            &format!("MySQL's counters of {goods_id} to match Redis's"),
+            deadline,
+            || async {
+                let redis = self.redis_counters(goods_id).await?;
+                let mysql = self.mysql_counters(goods_id).await?;
+                Ok((self.outbox_len(goods_id).await? == 0 && redis == mysql).then_some(()))
+            },
+        )
+        .await
+    }
+
     /// Runs `seckill-syncer reconcile --json`; returns its exit code and report.
     pub fn reconcile(&self, extra: &[&str]) -> anyhow::Result<(i32, Value)> {
         let output = std::process::Command::new(syncer_binary()?)

@@ -57,13 +57,7 @@ async fn start_pipeline_processes(
 
 /// Waits until MySQL's counters and order states equal Redis's and the outbox is empty.
 async fn wait_for_mysql_to_match(p: &Pipeline, goods: &str) {
-    wait_for("MySQL to match Redis", DRAIN, || async {
-        let redis = p.redis_counters(goods).await?;
-        let mysql = p.mysql_counters(goods).await?;
-        Ok((p.outbox_len(goods).await? == 0 && redis == mysql).then_some(()))
-    })
-    .await
-    .unwrap();
+    p.wait_for_counters_to_match(goods, DRAIN).await.unwrap();
     let settled = p.settled_orders(goods).await.unwrap();
     let rows = p.mysql_orders(goods).await.unwrap();
     for (order, state) in &settled {
