@@ -108,12 +108,14 @@ pub async fn run_writer(
     writer.run(shutdown).await
 }
 
-/// Refreshes the drift metrics every `every` until `shutdown`.
-pub async fn run_periodic_reconcile(
-    reconciler: reconcile::Reconciler,
-    every: Duration,
-    shutdown: CancellationToken,
-) {
+/// Runs `tick` every `every` until `shutdown`. A tick that overruns delays the next instead
+/// of bunching them; shutdown also cuts a tick short (each caller's tick is safe to drop: a
+/// Redis script runs whole or not at all, an open MySQL transaction rolls back).
+pub(crate) async fn every_tick<F, Fut>(every: Duration, shutdown: &CancellationToken, mut tick: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -121,6 +123,20 @@ pub async fn run_periodic_reconcile(
             () = shutdown.cancelled() => return,
             _ = ticker.tick() => {}
         }
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tick() => {}
+        }
+    }
+}
+
+/// Refreshes the drift metrics every `every` until `shutdown`.
+pub async fn run_periodic_reconcile(
+    reconciler: reconcile::Reconciler,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    every_tick(every, &shutdown, || async {
         // Totals, goods Redis forgot and dead letters: cheap enough for every tick (the order
         // digest reads every order, so it is `reconcile --orders`).
         match reconciler.report(None, false).await {
@@ -136,7 +152,8 @@ pub async fn run_periodic_reconcile(
             }
             Err(e) => tracing::warn!(error = %e, "periodic reconcile failed"),
         }
-    }
+    })
+    .await;
 }
 
 /// Logs a pipeline task's failure when it happens (not only at shutdown) and passes it on.

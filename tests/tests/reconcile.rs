@@ -10,7 +10,7 @@ use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::ClientConfig;
 use redis::AsyncCommands;
 use seckill_e2e::kafka_broker::TOPIC;
-use seckill_e2e::pipeline::Pipeline;
+use seckill_e2e::pipeline::{Pipeline, FAST_SWEEPER};
 use seckill_e2e::process::wait_for;
 use seckill_e2e::stack::now_ms;
 use seckill_e2e::syncer::{Role, SyncerProcess};
@@ -18,15 +18,6 @@ use serde_json::Value;
 use sqlx::Row;
 
 const DRAIN: Duration = Duration::from_secs(120);
-/// The Redis sweeper runs every 50 ms in these tests, so expiry is prompt.
-const FAST_SWEEPER: &[(&str, &str)] = &[("SECKILL_SWEEP_EVERY_MS", "50")];
-
-async fn pipeline(label: &str) -> Arc<Pipeline> {
-    let p = Pipeline::start_with(label, FAST_SWEEPER)
-        .await
-        .expect("the pipeline fixture starts");
-    Arc::new(p)
-}
 
 /// The relay, the writer and the periodic reconcile (every second) in one process.
 async fn pipeline_process(p: &Pipeline, env: &[(&str, &str)]) -> SyncerProcess {
@@ -136,7 +127,11 @@ async fn rows(p: &Pipeline, goods_ids: &[&str]) -> Rows {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn reconcile_sees_other_buyers_dead_letters_and_a_goods_redis_forgot() {
-    let p = pipeline("reconcile-sees").await;
+    let p = Arc::new(
+        Pipeline::start_with("reconcile-sees", FAST_SWEEPER)
+            .await
+            .unwrap(),
+    );
     p.open_sale("g", 100, 1).await.unwrap();
     let serve = pipeline_process(&p, &[]).await;
     let orders = p.sell("g", "u", 20).await.unwrap();
@@ -271,7 +266,7 @@ async fn reconcile_sees_other_buyers_dead_letters_and_a_goods_redis_forgot() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn repair_restores_each_deleted_order_in_its_state() {
-    let p = pipeline("repair").await;
+    let p = Arc::new(Pipeline::start_with("repair", FAST_SWEEPER).await.unwrap());
     // g: reserved, confirmed and cancelled orders; x: orders whose 1 s window ran out while
     // the sale was open; l: orders cancelled after their sale closed (their units lapsed).
     let now = now_ms();
@@ -288,27 +283,7 @@ async fn repair_restores_each_deleted_order_in_its_state() {
     let x = p.sell("x", "u", 5).await.unwrap();
     assert_eq!((g.len(), x.len(), l.len()), (15, 5, 5));
     // The outbox holds the events until the relay starts.
-    let _relay = p
-        .spawn(
-            Role::Relay {
-                name: "relay-0".into(),
-            },
-            None,
-            &[],
-        )
-        .await
-        .unwrap();
-    let _writer = p
-        .spawn(
-            Role::Write {
-                batch_size: 1_000,
-                batch_wait_ms: 50,
-            },
-            None,
-            &[],
-        )
-        .await
-        .unwrap();
+    let _processes = p.spawn_relay_and_writer().await.unwrap();
     for (orders, action) in [(&g[0..5], "confirm"), (&g[5..10], "cancel")] {
         for order in orders {
             assert_eq!(p.settle(order, action).await.unwrap().0, 200);
@@ -397,7 +372,11 @@ async fn repair_restores_each_deleted_order_in_its_state() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn mysql_ends_reservations_redis_forgot_and_only_those() {
-    let p = pipeline("forgotten").await;
+    let p = Arc::new(
+        Pipeline::start_with("forgotten", FAST_SWEEPER)
+            .await
+            .unwrap(),
+    );
     // 2 s payment windows; c closes in 4 s.
     p.define_sale("g", 100, 1, now_ms() + 3_600_000, 2)
         .await

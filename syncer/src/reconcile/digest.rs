@@ -26,7 +26,7 @@ use std::collections::HashMap;
 use serde::Serialize;
 
 use super::orders::{
-    Identity, MysqlOrder, OrderRange, RedisEntries, RedisOrder, Standing, PAGE_ORDERS,
+    HashPages, Identity, MysqlOrder, OrderRange, RedisEntries, RedisOrder, Standing, PAGE_ORDERS,
 };
 use super::Reconciler;
 use crate::events::SaleEvent;
@@ -237,33 +237,11 @@ impl<S: Sink> Walk<'_, S> {
         Ok(())
     }
 
-    /// One HSCAN page of a hash: (next cursor, field-value pairs).
-    async fn scan(
-        &self,
-        key: &str,
-        cursor: &str,
-    ) -> anyhow::Result<(String, Vec<(String, String)>)> {
-        let mut conn = self.reconciler.redis.clone();
-        Ok(tokio::time::timeout(
-            super::REDIS_TIMEOUT,
-            redis::cmd("HSCAN")
-                .arg(key)
-                .arg(cursor)
-                .arg("COUNT")
-                .arg(PAGE_ORDERS)
-                .query_async(&mut conn),
-        )
-        .await??)
-    }
-
     /// Every order a request names: identity, and the state of the live ones (ended ones
     /// are compared by the settled walk, which also sees those no request names).
     async fn requests(&mut self) -> anyhow::Result<()> {
-        let key = self.keys.requests.clone();
-        let mut cursor = "0".to_owned();
-        // HSCAN ends when the cursor comes back to 0: every page moves it on.
-        loop {
-            let (next, entries) = self.scan(&key, &cursor).await?;
+        let mut pages = HashPages::new(&self.keys.requests);
+        while let Some(entries) = pages.next(&self.reconciler.redis).await? {
             let named: Vec<Identity> = entries
                 .iter()
                 .filter_map(|(request_id, record)| {
@@ -277,11 +255,8 @@ impl<S: Sink> Walk<'_, S> {
                 })
                 .collect();
             self.named_page(named).await?;
-            if next == "0" {
-                return Ok(());
-            }
-            cursor = next;
         }
+        Ok(())
     }
 
     async fn named_page(&mut self, named: Vec<Identity>) -> anyhow::Result<()> {
@@ -329,21 +304,16 @@ impl<S: Sink> Walk<'_, S> {
 
     /// Every ended order: its state against MySQL's.
     async fn settled(&mut self) -> anyhow::Result<()> {
-        let key = self.keys.settled.clone();
-        let mut cursor = "0".to_owned();
-        loop {
-            let (next, entries) = self.scan(&key, &cursor).await?;
+        let mut pages = HashPages::new(&self.keys.settled);
+        while let Some(entries) = pages.next(&self.reconciler.redis).await? {
             let ended: Vec<String> = entries
                 .into_iter()
                 .map(|(order_id, _)| order_id)
                 .filter(|order_id| self.compared(order_id))
                 .collect();
             self.settled_page(&ended).await?;
-            if next == "0" {
-                return Ok(());
-            }
-            cursor = next;
         }
+        Ok(())
     }
 
     async fn settled_page(&mut self, ended: &[String]) -> anyhow::Result<()> {

@@ -227,23 +227,15 @@ impl ForgottenSweep {
 
 /// Runs a pass every `every` until `shutdown`, with its metrics.
 pub async fn run_forgotten_sweeper(
-    mut sweep: ForgottenSweep,
+    sweep: ForgottenSweep,
     every: Duration,
     shutdown: CancellationToken,
 ) {
     tracing::info!(?every, grace = ?sweep.grace, "MySQL sweep of forgotten reservations started");
-    let mut ticker = tokio::time::interval(every);
-    ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            () = shutdown.cancelled() => break,
-            _ = ticker.tick() => {}
-        }
-        // An interrupted pass rolls back its open transaction: nothing half done.
-        let result = tokio::select! {
-            () = shutdown.cancelled() => break,
-            result = sweep.pass() => result,
-        };
+    // One pass at a time holds the cursors; the lock is never contended.
+    let sweep = tokio::sync::Mutex::new(sweep);
+    crate::every_tick(every, &shutdown, || async {
+        let result = sweep.lock().await.pass().await;
         metrics::counter!("seckill_forgotten_sweep_passes_total").increment(1);
         match result {
             Ok(pass) => {
@@ -263,5 +255,6 @@ pub async fn run_forgotten_sweeper(
                 tracing::warn!(error = %e, "MySQL sweep of forgotten reservations failed; retrying next tick");
             }
         }
-    }
+    })
+    .await;
 }

@@ -334,46 +334,85 @@ impl RedisEntries {
     }
 }
 
+/// The pages of a Redis hash, read with HSCAN (COUNT [`PAGE_ORDERS`]): every entry present
+/// all along comes at least once (one may come twice while the hash grows).
+pub struct HashPages {
+    key: String,
+    /// None once HSCAN has handed the cursor back as "0": the walk is over.
+    cursor: Option<String>,
+}
+
+impl HashPages {
+    pub fn new(key: &str) -> HashPages {
+        HashPages {
+            key: key.to_owned(),
+            cursor: Some("0".to_owned()),
+        }
+    }
+
+    /// The next page of (field, value) pairs; None after the last.
+    pub async fn next(
+        &mut self,
+        redis: &ConnectionManager,
+    ) -> anyhow::Result<Option<Vec<(String, String)>>> {
+        let Some(cursor) = &self.cursor else {
+            return Ok(None);
+        };
+        let mut conn = redis.clone();
+        let (next, entries): (String, Vec<(String, String)>) = tokio::time::timeout(
+            REDIS_TIMEOUT,
+            redis::cmd("HSCAN")
+                .arg(&self.key)
+                .arg(cursor)
+                .arg("COUNT")
+                .arg(PAGE_ORDERS)
+                .query_async(&mut conn),
+        )
+        .await??;
+        self.cursor = (next != "0").then_some(next);
+        Ok(Some(entries))
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn standings_read_alike_from_both_stores() {
-        let expired = Standing::Released {
-            reason: ReleaseReason::Expired,
-            returned: true,
-        };
-        let lapsed = Standing::Released {
-            reason: ReleaseReason::Cancelled,
-            returned: false,
-        };
-        assert_eq!(
-            Standing::from_settled("released:expired", false),
-            Some(expired)
-        );
-        assert_eq!(
-            Standing::from_row("released", Some("expired"), Some(true)),
-            Some(expired)
-        );
-        assert_eq!(
-            Standing::from_settled("released:cancelled", true),
-            Some(lapsed)
-        );
-        assert_eq!(
-            Standing::from_row("released", Some("cancelled"), Some(false)),
-            Some(lapsed)
-        );
-        assert_eq!(
-            Standing::from_settled("confirmed", false),
-            Some(Standing::Confirmed)
-        );
+        let released = |reason, returned| Standing::Released { reason, returned };
+        // (settled hash value, in the lapsed set, MySQL row) -> the same standing.
+        let cases = [
+            (
+                "released:expired",
+                false,
+                ("released", Some("expired"), Some(true)),
+                released(ReleaseReason::Expired, true),
+            ),
+            (
+                "released:cancelled",
+                true,
+                ("released", Some("cancelled"), Some(false)),
+                released(ReleaseReason::Cancelled, false),
+            ),
+            (
+                "confirmed",
+                false,
+                ("confirmed", None, None),
+                Standing::Confirmed,
+            ),
+        ];
+        for (settled, lapsed, (state, reason, returned), standing) in cases {
+            assert_eq!(Standing::from_settled(settled, lapsed), Some(standing));
+            assert_eq!(Standing::from_row(state, reason, returned), Some(standing));
+        }
         assert_eq!(
             Standing::from_row("reserved", None, None),
             Some(Standing::Reserved)
         );
         assert_eq!(Standing::from_row("released", None, Some(true)), None);
         assert_eq!(Standing::from_row("paid", None, None), None);
+        let lapsed = released(ReleaseReason::Cancelled, false);
         assert_eq!(lapsed.to_string(), "released:cancelled (lapsed)");
     }
 
