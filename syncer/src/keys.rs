@@ -23,6 +23,10 @@ pub struct GoodsKeys {
     /// Hash: order id -> final state ("confirmed", "released:<reason>") of every settled order,
     /// so repeated confirm and cancel calls get the same answer.
     pub settled: String,
+    /// Set: settled orders whose units lapsed instead of going back on sale (released after
+    /// their sale closed, or not of the sale's epoch). MySQL keeps the same fact as
+    /// `stock_returned = false`; reconcile reads it to replay the exact event.
+    pub lapsed_orders: String,
     /// Stream: the outbox of sale events, appended by the same script that deducts.
     pub outbox: String,
     /// Counter bumped by every preheat; part of each order id so a re-preheated sale never
@@ -48,7 +52,7 @@ impl GoodsKeys {
     }
 
     /// `lua/lifecycle.lua`.
-    pub fn lifecycle_script_keys(&self) -> [&str; 7] {
+    pub fn lifecycle_script_keys(&self) -> [&str; 8] {
         [
             &self.sale,
             &self.users,
@@ -57,11 +61,12 @@ impl GoodsKeys {
             &self.settled,
             &self.outbox,
             &self.unclaimed,
+            &self.lapsed_orders,
         ]
     }
 
     /// `lua/preheat.lua`.
-    pub fn preheat_script_keys(&self) -> [&str; 8] {
+    pub fn preheat_script_keys(&self) -> [&str; 9] {
         [
             &self.sale,
             &self.users,
@@ -71,6 +76,7 @@ impl GoodsKeys {
             &self.expiries,
             &self.settled,
             &self.unclaimed,
+            &self.lapsed_orders,
         ]
     }
 }
@@ -129,6 +135,7 @@ impl KeySpace {
             expiries: format!("{base}:expiries"),
             unclaimed: format!("{base}:unclaimed"),
             settled: format!("{base}:settled"),
+            lapsed_orders: format!("{base}:lapsed_orders"),
             outbox: format!("{base}:outbox"),
             epoch: format!("{base}:epoch"),
         }
@@ -142,12 +149,20 @@ impl KeySpace {
 
 /// The goods id inside an order id (`goods.epoch.sequence`; a goods id may contain dots).
 pub fn goods_of_order(order_id: &str) -> Option<&str> {
+    order_parts(order_id).map(|(goods, _, _)| goods)
+}
+
+/// The goods id, epoch and sequence of an order id (`goods.epoch.sequence`).
+pub fn order_parts(order_id: &str) -> Option<(&str, u64, u64)> {
     let mut parts = order_id.rsplitn(3, '.');
     let sequence = parts.next()?;
     let epoch = parts.next()?;
     let goods = parts.next()?;
     let numeric = |s: &str| !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit());
-    (numeric(sequence) && numeric(epoch) && !goods.is_empty()).then_some(goods)
+    if !(numeric(sequence) && numeric(epoch) && !goods.is_empty()) {
+        return None;
+    }
+    Some((goods, epoch.parse().ok()?, sequence.parse().ok()?))
 }
 
 #[cfg(test)]
@@ -165,6 +180,7 @@ mod tests {
             &keys.expiries,
             &keys.unclaimed,
             &keys.settled,
+            &keys.lapsed_orders,
             &keys.outbox,
             &keys.epoch,
         ] {
@@ -208,5 +224,7 @@ mod tests {
         assert_eq!(goods_of_order("sku-1.x.17"), None);
         assert_eq!(goods_of_order(".1.2"), None);
         assert_eq!(goods_of_order("17"), None);
+        assert_eq!(order_parts("a.b.2.5"), Some(("a.b", 2, 5)));
+        assert_eq!(order_parts("g.1.99999999999999999999"), None);
     }
 }

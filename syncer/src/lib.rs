@@ -69,8 +69,11 @@ pub async fn connect_redis(url: &str) -> anyhow::Result<ConnectionManager> {
 pub struct PipelineConfig {
     pub writer: writer::WriterConfig,
     pub relay_name: String,
-    /// How often the periodic reconcile refreshes the drift metric.
+    /// How often the periodic reconcile refreshes the drift metric (and the MySQL sweep of
+    /// reservations Redis forgot runs).
     pub reconcile_every: Duration,
+    /// How long after its payment window a MySQL reservation Redis does not know is ended.
+    pub forgotten_grace: Duration,
 }
 
 /// Runs the outbox relay until `shutdown`.
@@ -105,12 +108,14 @@ pub async fn run_writer(
     writer.run(shutdown).await
 }
 
-/// Refreshes the drift metrics every `every` until `shutdown`.
-pub async fn run_periodic_reconcile(
-    reconciler: reconcile::Reconciler,
-    every: Duration,
-    shutdown: CancellationToken,
-) {
+/// Runs `tick` every `every` until `shutdown`. A tick that overruns delays the next instead
+/// of bunching them; shutdown also cuts a tick short (each caller's tick is safe to drop: a
+/// Redis script runs whole or not at all, an open MySQL transaction rolls back).
+pub(crate) async fn every_tick<F, Fut>(every: Duration, shutdown: &CancellationToken, mut tick: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = ()>,
+{
     let mut ticker = tokio::time::interval(every);
     ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -118,27 +123,37 @@ pub async fn run_periodic_reconcile(
             () = shutdown.cancelled() => return,
             _ = ticker.tick() => {}
         }
-        match reconciler.report(None).await {
+        tokio::select! {
+            () = shutdown.cancelled() => return,
+            () = tick() => {}
+        }
+    }
+}
+
+/// Refreshes the drift metrics every `every` until `shutdown`.
+pub async fn run_periodic_reconcile(
+    reconciler: reconcile::Reconciler,
+    every: Duration,
+    shutdown: CancellationToken,
+) {
+    every_tick(every, &shutdown, || async {
+        // Totals, goods Redis forgot and dead letters: cheap enough for every tick (the order
+        // digest reads every order, so it is `reconcile --orders`).
+        match reconciler.report(None, false).await {
             Ok(report) => {
-                for goods in &report.goods {
-                    metrics::gauge!("seckill_reconcile_drift", "goods_id" => goods.goods_id.clone())
-                        .set(goods.drift.magnitude() as f64);
-                }
-                metrics::gauge!("seckill_reconcile_settled").set(if report.settled {
-                    1.0
-                } else {
-                    0.0
-                });
+                report.record_metrics();
                 if report.settled && !report.is_clean() {
                     tracing::warn!(
                         drift = report.total_drift(),
-                        "reconcile found drift at rest"
+                        dead_letters = ?report.dead_letters,
+                        "reconcile is not clean at rest"
                     );
                 }
             }
             Err(e) => tracing::warn!(error = %e, "periodic reconcile failed"),
         }
-    }
+    })
+    .await;
 }
 
 /// Logs a pipeline task's failure when it happens (not only at shutdown) and passes it on.
@@ -183,6 +198,12 @@ pub async fn serve(
             mysql: mysql.clone(),
             kafka: pipeline.writer.kafka.clone(),
         };
+        let sweep = reconcile::ForgottenSweep::new(reconciler.clone(), pipeline.forgotten_grace);
+        let token = shutdown.clone();
+        background.spawn(async move {
+            reconcile::run_forgotten_sweeper(sweep, pipeline.reconcile_every, token).await;
+            Ok(())
+        });
         let token = shutdown.clone();
         background.spawn(async move {
             run_periodic_reconcile(reconciler, pipeline.reconcile_every, token).await;

@@ -211,18 +211,13 @@ impl Lifecycle {
     ) {
         tracing::info!(?every, "sweeper started");
         let rules = SweepRules::new(every, claim_window);
-        let mut ticker = tokio::time::interval(every);
-        ticker.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        loop {
-            tokio::select! {
-                () = shutdown.cancelled() => break,
-                _ = ticker.tick() => {}
-            }
+        crate::every_tick(every, &shutdown, || async {
             if let Err(e) = self.sweep_all(&rules, &shutdown).await {
                 metrics::counter!("seckill_sweeper_errors_total").increment(1);
                 tracing::warn!(error = %e, "sweep failed; retrying next tick");
             }
-        }
+        })
+        .await;
         tracing::info!("sweeper stopped");
     }
 
@@ -251,7 +246,7 @@ impl Lifecycle {
 }
 
 /// Reads how the settled hash says an order ended: "confirmed" or "released:<reason>".
-fn parse_final(text: &str) -> Option<(OrderState, Option<ReleaseReason>)> {
+pub(crate) fn parse_final(text: &str) -> Option<(OrderState, Option<ReleaseReason>)> {
     match text.split_once(':') {
         Some(("released", reason)) => {
             Some((OrderState::Released, Some(ReleaseReason::parse(reason)?)))

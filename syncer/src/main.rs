@@ -145,6 +145,10 @@ enum Command {
         /// Seconds between periodic reconciles (drift metric), with --pipeline.
         #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
         reconcile_every_s: u64,
+        /// Seconds after its payment window that a MySQL reservation Redis no longer knows is
+        /// ended in MySQL as expired, with --pipeline (covers clock skew; 1 to 86400).
+        #[arg(long, env = "SECKILL_FORGOTTEN_GRACE_S", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+        forgotten_grace_s: u64,
     },
     /// Relay sale events from the Redis outboxes to Kafka.
     Relay {
@@ -169,7 +173,8 @@ enum Command {
         #[arg(long)]
         metrics_listen: Option<SocketAddr>,
     },
-    /// Compare Redis with MySQL and report the drift; exit status 2 when there is drift.
+    /// Compare Redis with MySQL. Exit status: 0 clean; 2 not clean (drift, a goods Redis
+    /// forgot, dead letters, order differences); 1 could not check (or repair refused).
     Reconcile {
         #[command(flatten)]
         stores: StoreArgs,
@@ -178,7 +183,11 @@ enum Command {
         /// Only this goods.
         #[arg(long)]
         goods: Option<String>,
-        /// Re-send orders MySQL lacks and recompute MySQL's counters from its order rows.
+        /// Also compare every order (buyer, request id, quantity, state): reads them all.
+        #[arg(long)]
+        orders: bool,
+        /// Recompute MySQL's counters from its rows, then replay through the outbox each
+        /// order's history MySQL lacks (only when nothing is in flight).
         #[arg(long)]
         repair: bool,
         /// Print the report as JSON.
@@ -246,6 +255,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             writer,
             relay_name,
             reconcile_every_s,
+            forgotten_grace_s,
             sweep_every_ms,
             claim_window_ms,
         } => {
@@ -261,6 +271,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 writer: writer.config(),
                 relay_name,
                 reconcile_every: Duration::from_secs(reconcile_every_s),
+                forgotten_grace: Duration::from_secs(forgotten_grace_s),
             });
             seckill_syncer::serve(config, Some(metrics), pipeline, shutdown).await?;
         }
@@ -309,6 +320,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             stores,
             kafka,
             goods,
+            orders,
             repair,
             json,
         } => {
@@ -318,15 +330,25 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 mysql: db::connect(&stores.mysql_url).await?,
                 kafka: kafka.config(),
             };
-            let mut report = reconciler.report(goods.as_deref()).await?;
-            if repair {
-                let repaired = reconciler.repair(&report).await?;
+            let report = if repair {
+                let before = reconciler.report(goods.as_deref(), false).await?;
+                let repaired = reconciler.repair(&before).await?;
                 eprintln!(
-                    "repair: {} orders re-sent through the outbox, counters recomputed for {} goods",
-                    repaired.orders_resent, repaired.counters_recomputed
+                    "repair: counters recomputed for {} goods; {} orders replayed and {} ended \
+                     through the outbox ({} events); {} differences left alone; {} missing \
+                     orders Redis keeps only the end of",
+                    repaired.counters_recomputed,
+                    repaired.orders_replayed,
+                    repaired.orders_ended,
+                    repaired.events_appended,
+                    repaired.left_alone,
+                    repaired.unreplayable
                 );
-                report = reconciler.report(goods.as_deref()).await?;
-            }
+                // The replayed events are in the outbox now: the report counts them in flight.
+                reconciler.report(goods.as_deref(), true).await?
+            } else {
+                reconciler.report(goods.as_deref(), orders).await?
+            };
             if json {
                 println!("{}", serde_json::to_string_pretty(&report)?);
             } else {
@@ -374,10 +396,11 @@ fn print_report(report: &seckill_syncer::reconcile::Report) {
         "goods", "redis avail/resv/sold", "mysql avail/resv/sold", "in outbox", "drift a/r/s"
     );
     for g in &report.goods {
-        let redis = g
-            .redis
-            .map(|r| format!("{}/{}/{}", r.available, r.reserved, r.sold))
-            .unwrap_or_else(|| "-".into());
+        let redis = match (g.redis, g.missing_from_redis) {
+            (Some(r), _) => format!("{}/{}/{}", r.available, r.reserved, r.sold),
+            (None, true) => "MISSING".into(),
+            (None, false) => "-".into(),
+        };
         let mysql = g
             .mysql
             .map(|m| format!("{}/{}/{}", m.available, m.reserved, m.sold))
@@ -394,19 +417,104 @@ fn print_report(report: &seckill_syncer::reconcile::Report) {
             )
         );
     }
-    let lag = report
-        .kafka_lag
-        .map(|l| l.to_string())
-        .unwrap_or_else(|| "unknown".into());
+    for g in report.goods.iter().filter(|g| g.missing_from_redis) {
+        println!(
+            "{}: Redis has no sale while MySQL holds its orders (Redis forgot it)",
+            g.goods_id
+        );
+    }
+    let known = |n: Option<i64>| n.map_or_else(|| "unknown".to_owned(), |n| n.to_string());
     println!(
-        "kafka lag: {lag}; {}; total drift {}",
+        "kafka lag: {}; {}; total drift {}; dead letters: {}",
+        known(report.kafka_lag),
         if report.settled {
             "settled (drift is final)"
         } else {
             "events in flight (drift may still close)"
         },
-        report.total_drift()
+        report.total_drift(),
+        known(report.dead_letters)
     );
+    print_orders(report);
+}
+
+/// The order digest's table and examples (`--orders`).
+fn print_orders(report: &seckill_syncer::reconcile::Report) {
+    let digests: Vec<_> = report
+        .goods
+        .iter()
+        .filter_map(|g| Some((&g.goods_id, g.orders.as_ref()?)))
+        .collect();
+    if digests.is_empty() {
+        return;
+    }
+    println!(
+        "\n{:<24} {:>18} {:>10} {:>10} {:>22} {:>12} {:>12}",
+        "orders",
+        "redis live/ended",
+        "mysql",
+        "in flight",
+        "missing in mysql/redis",
+        "other buyer",
+        "other state"
+    );
+    for (goods_id, d) in &digests {
+        println!(
+            "{:<24} {:>18} {:>10} {:>10} {:>22} {:>12} {:>12}",
+            goods_id,
+            format!("{}/{}", d.redis_live, d.redis_settled),
+            d.mysql_rows,
+            d.in_flight,
+            format!("{}/{}", d.missing_from_mysql, d.missing_from_redis),
+            d.identity_differs,
+            d.state_differs
+        );
+    }
+    for (goods_id, d) in &digests {
+        if let Some(why) = &d.postponed {
+            println!("{goods_id}: not compared: {why}");
+        }
+        if d.unreplayable > 0 {
+            println!(
+                "{goods_id}: {} of the orders missing in MySQL ended after their request won again; Redis keeps only their end",
+                d.unreplayable
+            );
+        }
+        for finding in &d.examples {
+            let side = |s: Option<String>| s.unwrap_or_else(|| "-".into());
+            println!(
+                "  {} {:?}: redis {} / mysql {}",
+                finding.order_id,
+                finding.kind,
+                side(
+                    finding
+                        .redis
+                        .as_ref()
+                        .map(|r| describe(r.identity.as_ref(), r.standing))
+                ),
+                side(
+                    finding
+                        .mysql
+                        .as_ref()
+                        .map(|m| describe(Some(&m.identity), m.standing))
+                )
+            );
+        }
+    }
+}
+
+fn describe(
+    identity: Option<&seckill_syncer::reconcile::Identity>,
+    standing: Option<seckill_syncer::reconcile::Standing>,
+) -> String {
+    let state = standing.map_or_else(|| "no state".to_owned(), |s| s.to_string());
+    match identity {
+        Some(i) => format!(
+            "{state} for {} (request {}, {} units)",
+            i.user_id, i.request_id, i.quantity
+        ),
+        None => state,
+    }
 }
 
 /// Resolves on SIGTERM or Ctrl-C.

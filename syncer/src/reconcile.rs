@@ -1,26 +1,44 @@
-//! Reconciliation: compares each goods' counters in Redis (the truth for who won) with MySQL
-//! (the durable record), accounting for events still on their way (outbox entries not yet in
-//! Kafka, Kafka messages not yet applied). At rest after a drain the drift must be zero.
+//! Reconciliation: compares Redis (the truth for who won) with MySQL (the durable record),
+//! accounting for events still on their way (outbox entries not yet in Kafka, Kafka messages
+//! not yet applied). At rest after a drain it must be clean.
+//!
+//! What it checks, cheapest first:
+//! - each goods' totals (available, reserved, sold, lapsed) less what its outbox still
+//!   carries; a goods with orders or moved units in MySQL but no sale in Redis (Redis forgot
+//!   it) is reported, and the whole MySQL side counts as drift;
+//! - the dead-letter topic: each message there is an event MySQL never applied;
+//! - with `--orders`, the order digest ([`digest`]): each order's buyer, request id, quantity
+//!   and state on both sides.
+//!
+//! The metric loop of `serve --pipeline` runs the first two (the counters, the outboxes, a few
+//! Kafka watermarks); the digest reads every order, so it is a command. [`repair`] repairs
+//! MySQL towards Redis; [`forgotten`] ends MySQL reservations Redis forgot.
+
+mod digest;
+mod forgotten;
+mod orders;
+mod repair;
+mod watermarks;
+
+pub use digest::{Finding, Kind, OrderDigest};
+pub use forgotten::{run_forgotten_sweeper, ForgottenSweep, SweepPass};
+pub use orders::{Identity, MysqlOrder, RedisOrder, Standing};
+pub use repair::{replay, Repaired};
 
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{Offset, TopicPartitionList};
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
 use serde::Serialize;
 use sqlx::{MySqlPool, Row};
 
-use crate::events::{Effect, SaleEvent, OUTBOX_FIELD};
+use crate::events::{Effect, SaleEvent};
 use crate::kafka::KafkaConfig;
-use crate::keys::{KeySpace, Record};
-use crate::order::OrderState;
+use crate::keys::KeySpace;
 use crate::preheat::live_stock;
 use crate::sale::LiveStock;
 
-const KAFKA_TIMEOUT: Duration = Duration::from_secs(5);
 const REDIS_TIMEOUT: Duration = Duration::from_secs(5);
 /// Outbox entries read per call while summing what is in flight.
 const OUTBOX_SCAN_PAGE: usize = 1_000;
@@ -65,10 +83,26 @@ pub struct GoodsReport {
     #[serde(skip)]
     pub in_flight: Effect,
     pub drift: Drift,
+    /// Redis has no sale for the goods while MySQL has orders or moved units of it: Redis
+    /// forgot it (say, restarted without persistence), and all of MySQL's side is unmatched.
+    pub missing_from_redis: bool,
     /// Redis's own `total = available + reserved + sold`.
     pub redis_conserved: bool,
     /// MySQL's own `total_stock = stock + reserved + sold + lapsed`.
     pub mysql_conserved: bool,
+    /// The order digest (`--orders`, `--repair`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub orders: Option<OrderDigest>,
+}
+
+impl GoodsReport {
+    pub fn is_clean(&self) -> bool {
+        self.drift.is_zero()
+            && !self.missing_from_redis
+            && self.redis_conserved
+            && self.mysql_conserved
+            && self.orders.as_ref().is_none_or(OrderDigest::is_clean)
+    }
 }
 
 #[derive(Debug, Clone, Serialize)]
@@ -76,6 +110,8 @@ pub struct Report {
     pub goods: Vec<GoodsReport>,
     /// Messages in Kafka the writer has not committed yet (None: could not be read).
     pub kafka_lag: Option<i64>,
+    /// Messages in the dead-letter topic: events MySQL never applied (None: could not be read).
+    pub dead_letters: Option<i64>,
     /// Nothing in flight: the drift figures are final.
     pub settled: bool,
 }
@@ -85,10 +121,25 @@ impl Report {
         self.goods.iter().map(|g| g.drift.magnitude()).sum()
     }
 
+    /// Every goods clean, and no dead letter (or they could not be counted: not vouched for).
     pub fn is_clean(&self) -> bool {
-        self.goods
-            .iter()
-            .all(|g| g.drift.is_zero() && g.redis_conserved && g.mysql_conserved)
+        self.goods.iter().all(GoodsReport::is_clean) && self.dead_letters == Some(0)
+    }
+
+    /// Sets the reconcile gauges (the periodic loop of `serve --pipeline`).
+    pub fn record_metrics(&self) {
+        for goods in &self.goods {
+            let id = goods.goods_id.clone();
+            metrics::gauge!("seckill_reconcile_drift", "goods_id" => id.clone())
+                .set(goods.drift.magnitude() as f64);
+            metrics::gauge!("seckill_reconcile_missing_from_redis", "goods_id" => id)
+                .set(f64::from(u8::from(goods.missing_from_redis)));
+        }
+        metrics::gauge!("seckill_reconcile_settled").set(f64::from(u8::from(self.settled)));
+        // -1: the dead-letter topic could not be read.
+        metrics::gauge!("seckill_reconcile_dead_letters")
+            .set(self.dead_letters.map_or(-1.0, |n| n as f64));
+        metrics::gauge!("seckill_reconcile_clean").set(f64::from(u8::from(self.is_clean())));
     }
 }
 
@@ -103,6 +154,18 @@ pub fn drift(redis: &LiveStock, in_flight: &Effect, mysql: &StoredStock) -> Drif
     }
 }
 
+/// MySQL's drift when Redis has no sale at all: everything MySQL moved away from a fresh sale
+/// is unmatched.
+pub fn drift_without_redis(mysql: &StoredStock) -> Drift {
+    Drift {
+        available: mysql.available - mysql.total,
+        reserved: mysql.reserved,
+        sold: mysql.sold,
+        lapsed: mysql.lapsed,
+    }
+}
+
+#[derive(Clone)]
 pub struct Reconciler {
     pub redis: ConnectionManager,
     pub keys: KeySpace,
@@ -111,7 +174,9 @@ pub struct Reconciler {
 }
 
 impl Reconciler {
-    pub async fn report(&self, only: Option<&str>) -> anyhow::Result<Report> {
+    /// The totals of every goods (or `only` one), the Kafka figures, and with `orders` the
+    /// order digest of each goods.
+    pub async fn report(&self, only: Option<&str>, orders: bool) -> anyhow::Result<Report> {
         let mut goods_ids: BTreeSet<String> = BTreeSet::new();
         let mut conn = self.redis.clone();
         let indexed: Vec<String> =
@@ -128,32 +193,61 @@ impl Reconciler {
         }
         let mut goods = Vec::with_capacity(goods_ids.len());
         for goods_id in goods_ids {
-            goods.push(self.goods_report(&goods_id).await?);
+            let mut report = self.goods_report(&goods_id).await?;
+            if orders {
+                report.orders = Some(self.digest(&goods_id, &mut digest::CountOnly).await?);
+            }
+            goods.push(report);
         }
         let kafka = self.kafka.clone();
-        let kafka_lag = tokio::task::spawn_blocking(move || writer_lag(&kafka)).await?;
+        let (kafka_lag, dead_letters) = tokio::task::spawn_blocking(move || {
+            (
+                watermarks::writer_lag(&kafka),
+                watermarks::dead_letters(&kafka),
+            )
+        })
+        .await?;
         let outbox_empty = goods.iter().all(|g| g.outbox_events == 0);
         Ok(Report {
             settled: outbox_empty && kafka_lag == Some(0),
             goods,
             kafka_lag,
+            dead_letters,
         })
     }
 
     async fn goods_report(&self, goods_id: &str) -> anyhow::Result<GoodsReport> {
         let redis = live_stock(&self.redis, &self.keys, goods_id).await?;
         let mysql = stored_stock(&self.mysql, goods_id).await?;
-        let (outbox_events, in_flight) = self.outbox_in_flight(goods_id).await?;
-        let drift = match (&redis, &mysql) {
-            (Some(r), Some(m)) => drift(r, &in_flight, m),
+        let mut in_flight = Effect::default();
+        let outbox_events = self
+            .for_each_outbox_event(goods_id, usize::MAX, |event| {
+                // An entry the writer will not apply (it becomes a dead letter) moves nothing.
+                if let Some(event) = event {
+                    in_flight += event.effect();
+                }
+            })
+            .await?;
+        let (drift, missing_from_redis) = match (&redis, &mysql) {
+            (Some(r), Some(m)) => (drift(r, &in_flight, m), false),
             // Defined on one side only: all of the other side's stock is drift.
-            (Some(r), None) => Drift {
-                available: -(r.available as i64),
-                reserved: -(r.reserved as i64),
-                sold: -(r.sold as i64),
-                lapsed: -(r.lapsed as i64),
-            },
-            (None, _) => Drift::default(),
+            (Some(r), None) => (
+                Drift {
+                    available: -(r.available as i64),
+                    reserved: -(r.reserved as i64),
+                    sold: -(r.sold as i64),
+                    lapsed: -(r.lapsed as i64),
+                },
+                false,
+            ),
+            (None, Some(m)) => {
+                let drift = drift_without_redis(m);
+                let has_orders = orders::OrderRange::new(goods_id, None)
+                    .any_rows(&self.mysql)
+                    .await?;
+                (drift, has_orders || !drift.is_zero())
+            }
+            (None, None) => (Drift::default(), false),
         };
         Ok(GoodsReport {
             goods_id: goods_id.to_owned(),
@@ -166,15 +260,25 @@ impl Reconciler {
             outbox_events,
             in_flight,
             drift,
+            missing_from_redis,
+            orders: None,
         })
     }
 
-    /// Events in a goods' outbox and their summed effect: done in Redis, not yet in MySQL.
-    async fn outbox_in_flight(&self, goods_id: &str) -> anyhow::Result<(u64, Effect)> {
+    /// Calls `each` with every event in a goods' outbox, oldest first (None for an entry that
+    /// is no sale event: the writer will dead-letter it), up to `limit` events. Returns how
+    /// many it read: more than `limit` means it stopped there.
+    async fn for_each_outbox_event(
+        &self,
+        goods_id: &str,
+        limit: usize,
+        mut each: impl FnMut(Option<SaleEvent>),
+    ) -> anyhow::Result<u64> {
         let stream = self.keys.goods(goods_id).outbox;
         let mut conn = self.redis.clone();
         let mut start = "-".to_owned();
-        let (mut events, mut effect) = (0u64, Effect::default());
+        let mut events = 0u64;
+        // Pages of the stream from its start; a short page is the last.
         loop {
             let page: redis::streams::StreamRangeReply = tokio::time::timeout(
                 REDIS_TIMEOUT,
@@ -187,131 +291,18 @@ impl Reconciler {
             let full = page.ids.len() >= OUTBOX_SCAN_PAGE;
             for entry in page.ids {
                 events += 1;
-                // An entry the writer will not apply (it becomes a dead letter) moves nothing.
-                let event = crate::relay::outbox_event(entry).ok();
-                if let Some(Ok(event)) = event.as_deref().map(SaleEvent::from_json) {
-                    effect += event.effect();
+                if events > limit as u64 {
+                    return Ok(events);
                 }
+                let event = crate::relay::outbox_event(entry).ok();
+                each(event.as_deref().and_then(|e| SaleEvent::from_json(e).ok()));
             }
             if !full {
                 break;
             }
             start = format!("({last}");
         }
-        Ok((events, effect))
-    }
-}
-
-/// What `--repair` did.
-#[derive(Debug, Default, Serialize)]
-pub struct Repaired {
-    /// Orders Redis granted that MySQL lacks, appended to the outbox again (the writer applies
-    /// them once; it ignores any it already has).
-    pub orders_resent: usize,
-    /// Goods whose MySQL counters were recomputed from their order rows.
-    pub counters_recomputed: usize,
-}
-
-impl Reconciler {
-    /// Repairs MySQL towards Redis. Redis is the truth for who won, MySQL's order rows are the
-    /// truth for what MySQL recorded: orders missing from MySQL are re-sent through the
-    /// outbox, and each sale's counters are recomputed from its rows of the current epoch.
-    /// Refuses to run while events are in flight, when the difference is not yet drift.
-    pub async fn repair(&self, report: &Report) -> anyhow::Result<Repaired> {
-        anyhow::ensure!(
-            report.settled,
-            "events are still in flight (outbox or Kafka lag); let the pipeline drain first"
-        );
-        let mut repaired = Repaired::default();
-        for goods in &report.goods {
-            let Some(live) = goods.redis else { continue };
-            if goods.mysql.is_none() {
-                continue;
-            }
-            repaired.orders_resent += self.resend_missing(&goods.goods_id).await?;
-            let prefix = format!("{}.{}.%", goods.goods_id, live.epoch);
-            sqlx::query(
-                "UPDATE sales SET
-                   reserved = (SELECT COALESCE(SUM(quantity), 0) FROM orders
-                               WHERE goods_id = ? AND order_id LIKE ? AND state = ?),
-                   sold = (SELECT COALESCE(SUM(quantity), 0) FROM orders
-                           WHERE goods_id = ? AND order_id LIKE ? AND state = ?),
-                   lapsed = (SELECT COALESCE(SUM(quantity), 0) FROM orders
-                             WHERE goods_id = ? AND order_id LIKE ? AND state = ?
-                               AND NOT stock_returned),
-                   stock = CAST(total_stock AS SIGNED) - reserved - sold - lapsed
-                 WHERE goods_id = ?",
-            )
-            .bind(&goods.goods_id)
-            .bind(&prefix)
-            .bind(OrderState::Reserved.as_str())
-            .bind(&goods.goods_id)
-            .bind(&prefix)
-            .bind(OrderState::Confirmed.as_str())
-            .bind(&goods.goods_id)
-            .bind(&prefix)
-            .bind(OrderState::Released.as_str())
-            .bind(&goods.goods_id)
-            .execute(&self.mysql)
-            .await?;
-            repaired.counters_recomputed += 1;
-        }
-        Ok(repaired)
-    }
-
-    async fn resend_missing(&self, goods_id: &str) -> anyhow::Result<usize> {
-        let keys = self.keys.goods(goods_id);
-        let mut conn = self.redis.clone();
-        let granted: Vec<(String, String)> =
-            tokio::time::timeout(REDIS_TIMEOUT, conn.hgetall(&keys.requests)).await??;
-        let mut resent = 0;
-        for chunk in granted.chunks(1_000) {
-            // A request's record names its order: `user|quantity|order_id`.
-            let parsed: Vec<(&str, Record)> = chunk
-                .iter()
-                .filter_map(|(request_id, record)| {
-                    Some((request_id.as_str(), Record::parse(record)?))
-                })
-                .collect();
-            if parsed.is_empty() {
-                continue;
-            }
-            let mut select = sqlx::QueryBuilder::<sqlx::MySql>::new(
-                "SELECT order_id FROM orders WHERE order_id IN (",
-            );
-            let mut ids = select.separated(", ");
-            for (_, record) in &parsed {
-                ids.push_bind(record.rest);
-            }
-            select.push(")");
-            let present: BTreeSet<String> = select
-                .build()
-                .fetch_all(&self.mysql)
-                .await?
-                .iter()
-                .filter_map(|row| row.try_get(0).ok())
-                .collect();
-            for (request_id, record) in parsed {
-                if present.contains(record.rest) {
-                    continue;
-                }
-                let event = SaleEvent::Reserved {
-                    order_id: record.rest.to_owned(),
-                    goods_id: goods_id.to_owned(),
-                    user_id: record.user_id.to_owned(),
-                    quantity: record.quantity,
-                    request_id: request_id.to_owned(),
-                    at_ms: chrono::Utc::now().timestamp_millis(),
-                };
-                let _: String = tokio::time::timeout(
-                    REDIS_TIMEOUT,
-                    conn.xadd(&keys.outbox, "*", &[(OUTBOX_FIELD, event.to_json())]),
-                )
-                .await??;
-                resent += 1;
-            }
-        }
-        Ok(resent)
+        Ok(events)
     }
 }
 
@@ -333,38 +324,6 @@ pub async fn stored_stock(mysql: &MySqlPool, goods_id: &str) -> sqlx::Result<Opt
         })
     })
     .transpose()
-}
-
-/// Messages on the sale topic the writer's group has not committed (blocking calls).
-fn writer_lag(kafka: &KafkaConfig) -> Option<i64> {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", &kafka.brokers)
-        .set("group.id", &kafka.group)
-        .set("enable.auto.commit", "false")
-        .create()
-        .ok()?;
-    let metadata = consumer
-        .fetch_metadata(Some(&kafka.topic), KAFKA_TIMEOUT)
-        .ok()?;
-    let topic = metadata.topics().iter().find(|t| t.name() == kafka.topic)?;
-    let mut list = TopicPartitionList::new();
-    for partition in topic.partitions() {
-        list.add_partition(&kafka.topic, partition.id());
-    }
-    let committed = consumer.committed_offsets(list, KAFKA_TIMEOUT).ok()?;
-    let mut lag = 0;
-    for element in committed.elements() {
-        let (low, high) = consumer
-            .fetch_watermarks(&kafka.topic, element.partition(), KAFKA_TIMEOUT)
-            .ok()?;
-        let at = match element.offset() {
-            Offset::Offset(at) => at,
-            // Nothing committed yet: everything from the start is unread.
-            _ => low,
-        };
-        lag += (high - at).max(0);
-    }
-    Some(lag)
 }
 
 #[cfg(test)]
@@ -415,5 +374,36 @@ mod tests {
             }
         );
         assert_eq!(d.magnitude(), 6);
+    }
+
+    /// Without a sale in Redis, a fresh sale in MySQL is no drift; anything it moved is.
+    #[test]
+    fn a_goods_redis_forgot_is_all_drift() {
+        let fresh = StoredStock {
+            total: 100,
+            available: 100,
+            reserved: 0,
+            sold: 0,
+            lapsed: 0,
+        };
+        assert!(drift_without_redis(&fresh).is_zero());
+        let sold = StoredStock {
+            available: 70,
+            reserved: 20,
+            sold: 8,
+            lapsed: 2,
+            ..fresh
+        };
+        let d = drift_without_redis(&sold);
+        assert_eq!(
+            d,
+            Drift {
+                available: -30,
+                reserved: 20,
+                sold: 8,
+                lapsed: 2
+            }
+        );
+        assert_eq!(d.magnitude(), 60);
     }
 }

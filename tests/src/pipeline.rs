@@ -19,6 +19,9 @@ use crate::redis_server::RedisServer;
 use crate::stack::{now_ms, SECRET};
 use crate::syncer::{syncer_binary, Role, SyncerArgs, SyncerProcess};
 
+/// Environment for a syncer whose sweeper runs every 50 ms, so expiry in a test is prompt.
+pub const FAST_SWEEPER: &[(&str, &str)] = &[("SECKILL_SWEEP_EVERY_MS", "50")];
+
 /// Deduct calls in flight at once while selling.
 const SELL_CONCURRENCY: usize = 64;
 
@@ -84,6 +87,22 @@ impl Pipeline {
             kafka: Some(&self.broker.bootstrap()),
         };
         SyncerProcess::start_role(&self.scratch.path, &args, role, env).await
+    }
+
+    /// A relay and a writer (batches of up to 1,000 events, closed after 50 ms), each its own
+    /// process.
+    pub async fn spawn_relay_and_writer(&self) -> anyhow::Result<(SyncerProcess, SyncerProcess)> {
+        let relay = Role::Relay {
+            name: "relay-0".into(),
+        };
+        let writer = Role::Write {
+            batch_size: 1_000,
+            batch_wait_ms: 50,
+        };
+        Ok((
+            self.spawn(relay, None, &[]).await?,
+            self.spawn(writer, None, &[]).await?,
+        ))
     }
 
     pub async fn open_sale(
@@ -319,6 +338,24 @@ impl Pipeline {
             &format!("at least {rows} order rows for {goods_id}"),
             deadline,
             || async { Ok((self.order_rows(goods_id).await?.0 >= rows).then_some(())) },
+        )
+        .await
+    }
+
+    /// Waits until the goods' outbox is empty and MySQL's counters equal Redis's.
+    pub async fn wait_for_counters_to_match(
+        &self,
+        goods_id: &str,
+        deadline: Duration,
+    ) -> anyhow::Result<()> {
+        wait_for(
+            &format!("MySQL's counters of {goods_id} to match Redis's"),
+            deadline,
+            || async {
+                let redis = self.redis_counters(goods_id).await?;
+                let mysql = self.mysql_counters(goods_id).await?;
+                Ok((self.outbox_len(goods_id).await? == 0 && redis == mysql).then_some(()))
+            },
         )
         .await
     }

@@ -8,15 +8,12 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures::future::join_all;
-use seckill_e2e::pipeline::Pipeline;
+use seckill_e2e::pipeline::{Pipeline, FAST_SWEEPER};
 use seckill_e2e::process::wait_for;
 use seckill_e2e::stack::{now_ms, Stack, StackOptions};
-use seckill_e2e::syncer::Role;
 use serde_json::json;
 
 const DRAIN: Duration = Duration::from_secs(120);
-/// The sweeper runs every 50 ms in these tests, so expiry is prompt.
-const FAST_SWEEPER: &[(&str, &str)] = &[("SECKILL_SWEEP_EVERY_MS", "50")];
 
 async fn pipeline(label: &str) -> Arc<Pipeline> {
     let p = Pipeline::start_with(label, FAST_SWEEPER)
@@ -31,39 +28,12 @@ async fn start_pipeline_processes(
     seckill_e2e::syncer::SyncerProcess,
     seckill_e2e::syncer::SyncerProcess,
 ) {
-    let relay = p
-        .spawn(
-            Role::Relay {
-                name: "relay-0".into(),
-            },
-            None,
-            &[],
-        )
-        .await
-        .unwrap();
-    let writer = p
-        .spawn(
-            Role::Write {
-                batch_size: 1_000,
-                batch_wait_ms: 50,
-            },
-            None,
-            &[],
-        )
-        .await
-        .unwrap();
-    (relay, writer)
+    p.spawn_relay_and_writer().await.unwrap()
 }
 
 /// Waits until MySQL's counters and order states equal Redis's and the outbox is empty.
 async fn wait_for_mysql_to_match(p: &Pipeline, goods: &str) {
-    wait_for("MySQL to match Redis", DRAIN, || async {
-        let redis = p.redis_counters(goods).await?;
-        let mysql = p.mysql_counters(goods).await?;
-        Ok((p.outbox_len(goods).await? == 0 && redis == mysql).then_some(()))
-    })
-    .await
-    .unwrap();
+    p.wait_for_counters_to_match(goods, DRAIN).await.unwrap();
     let settled = p.settled_orders(goods).await.unwrap();
     let rows = p.mysql_orders(goods).await.unwrap();
     for (order, state) in &settled {

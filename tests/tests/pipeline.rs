@@ -52,6 +52,13 @@ async fn run_until_crash(p: &Pipeline, role: Role, crash_point: &str) {
 
 /// After a drain: MySQL has exactly these orders, its counters match Redis, reconcile is clean.
 async fn assert_drained(p: &Pipeline, goods: &str, orders: &[String]) {
+    let (code, report) = drained(p, goods, orders).await;
+    assert_eq!(code, 0, "reconcile is clean at rest: {report}");
+}
+
+/// Waits for the drain: MySQL has exactly these orders, its counters match Redis; returns the
+/// settled reconcile's exit code and report.
+async fn drained(p: &Pipeline, goods: &str, orders: &[String]) -> (i32, serde_json::Value) {
     p.wait_for_rows(goods, orders.len() as i64, DRAIN)
         .await
         .unwrap();
@@ -68,13 +75,12 @@ async fn assert_drained(p: &Pipeline, goods: &str, orders: &[String]) {
     );
     assert_eq!(p.outbox_len(goods).await.unwrap(), 0);
     // The writer commits offsets right after the database: wait for the lag to reach zero.
-    let report = wait_for("reconcile to settle", Duration::from_secs(30), || async {
+    wait_for("reconcile to settle", Duration::from_secs(30), || async {
         let (code, report) = p.reconcile(&[]).unwrap();
         Ok((report["settled"] == true).then_some((code, report)))
     })
     .await
-    .unwrap();
-    assert_eq!(report.0, 0, "reconcile is clean at rest: {}", report.1);
+    .unwrap()
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
@@ -266,7 +272,7 @@ async fn unparsable_message_goes_to_dead_letter_and_the_partition_flows() {
     }
     let _relay = p.spawn(relay(), None, &[]).await.unwrap();
     let orders = p.sell("g", "u", 200).await.unwrap();
-    assert_drained(&p, "g", &orders).await;
+    let (code, report) = drained(&p, "g", &orders).await;
     assert_eq!(
         sum_metric(
             &writer.metrics().await.unwrap(),
@@ -274,6 +280,10 @@ async fn unparsable_message_goes_to_dead_letter_and_the_partition_flows() {
         ),
         2
     );
+    // The sales all landed, but two messages never will: reconcile is not clean.
+    assert_eq!(report["goods"][0]["drift"]["reserved"], 0, "{report}");
+    assert_eq!(report["dead_letters"], 2, "{report}");
+    assert_eq!(code, 2, "dead letters make reconcile unclean: {report}");
 
     let letters = read_topic(&p.broker.bootstrap(), DEAD_LETTER_TOPIC, 2);
     assert_eq!(letters.len(), 2);

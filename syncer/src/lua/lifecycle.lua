@@ -3,7 +3,8 @@
 -- claimed it within the claim window, else "expired"); and claim (the gate delivered these
 -- reservations: each now lives for its payment window).
 -- KEYS: 1 sale hash, 2 users hash, 3 reservations hash, 4 expiries sorted set,
---       5 settled hash, 6 outbox stream, 7 unclaimed sorted set (claim deadlines)
+--       5 settled hash, 6 outbox stream, 7 unclaimed sorted set (claim deadlines),
+--       8 lapsed orders set (settled orders whose units lapsed)
 -- ARGV: 1 goods id, 2 action ("confirm" | "release" | "sweep" | "claim"),
 --       3 order id (confirm, release) or batch size (sweep) or first order id (claim),
 --       4 release reason (release) or claim window ms (sweep) or further order ids (claim),
@@ -41,6 +42,11 @@ local function release(order_id, record, reason)
     if redis.call('HINCRBY', KEYS[2], user, -qty) <= 0 then
       redis.call('HDEL', KEYS[2], user)
     end
+  end
+  -- The settled hash says "released" either way; this set keeps which event it was, so
+  -- reconcile can replay the order's history exactly (MySQL's stock_returned).
+  if event_type == 'lapsed' then
+    redis.call('SADD', KEYS[8], order_id)
   end
   append_event(KEYS[6], {
     type = event_type, order_id = order_id, goods_id = goods, user_id = user,

@@ -1,6 +1,6 @@
 -- Loads one sale into Redis.
 -- KEYS: 1 sale hash, 2 users hash, 3 requests hash, 4 reservations hash, 5 epoch counter,
---       6 expiries sorted set, 7 settled hash, 8 unclaimed sorted set
+--       6 expiries sorted set, 7 settled hash, 8 unclaimed sorted set, 9 lapsed orders set
 -- ARGV: 1 total stock, 2 per-user limit, 3 start ms, 4 end ms, 5 force ("1" or "0"),
 --       6 payment window ms
 -- Reply: { "loaded", epoch } or { "live", end_ms } when a live sale is in the way.
@@ -13,7 +13,7 @@ if existing_end and ARGV[5] ~= '1' then
     return { 'live', tonumber(existing_end) }
   end
 end
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[6], KEYS[7], KEYS[8])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[6], KEYS[7], KEYS[8], KEYS[9])
 local epoch = redis.call('INCR', KEYS[5])
 -- swept_ms: the sweeper measures stalls from here (see lifecycle.lua), even before its
 -- first sweep of this sale.
