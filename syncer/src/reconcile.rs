@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{BaseConsumer, Consumer};
-use rdkafka::{Offset, TopicPartitionList};
+use rdkafka::TopicPartitionList;
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
 use serde::Serialize;
@@ -352,19 +352,7 @@ fn writer_lag(kafka: &KafkaConfig) -> Option<i64> {
         list.add_partition(&kafka.topic, partition.id());
     }
     let committed = consumer.committed_offsets(list, KAFKA_TIMEOUT).ok()?;
-    let mut lag = 0;
-    for element in committed.elements() {
-        let (low, high) = consumer
-            .fetch_watermarks(&kafka.topic, element.partition(), KAFKA_TIMEOUT)
-            .ok()?;
-        let at = match element.offset() {
-            Offset::Offset(at) => at,
-            // Nothing committed yet: everything from the start is unread.
-            _ => low,
-        };
-        lag += (high - at).max(0);
-    }
-    Some(lag)
+    crate::kafka::uncommitted(&consumer, &committed, KAFKA_TIMEOUT)
 }
 
 #[cfg(test)]
