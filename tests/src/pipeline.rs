@@ -323,13 +323,21 @@ impl Pipeline {
         .await
     }
 
-    /// Runs `seckill-syncer reconcile --json`; returns its exit code and report.
-    pub fn reconcile(&self, extra: &[&str]) -> anyhow::Result<(i32, Value)> {
-        let output = std::process::Command::new(syncer_binary()?)
-            .arg("reconcile")
+    /// A `seckill-syncer` command line for `subcommand` against this fixture's stores.
+    pub fn command(&self, subcommand: &str) -> anyhow::Result<std::process::Command> {
+        let mut command = std::process::Command::new(syncer_binary()?);
+        command
+            .arg(subcommand)
             .args(["--redis-url", &self.redis.url()])
             .args(["--mysql-url", &self.db.url()])
-            .args(["--key-prefix", &self.prefix])
+            .args(["--key-prefix", &self.prefix]);
+        Ok(command)
+    }
+
+    /// Runs `seckill-syncer reconcile --json`; returns its exit code and report.
+    pub fn reconcile(&self, extra: &[&str]) -> anyhow::Result<(i32, Value)> {
+        let output = self
+            .command("reconcile")?
             .args(["--kafka-brokers", &self.broker.bootstrap()])
             .arg("--json")
             .args(extra)
