@@ -425,6 +425,30 @@ async fn concurrent_preheats_take_distinct_epochs_and_the_newest_stands() {
     assert_eq!(sale["live"]["epoch"], 1 + PREHEATS, "the newest stands");
     let (_, won) = f.deduct(purchase("a", "r1")).await;
     assert_eq!(won["order_id"], format!("g.{}.1", 1 + PREHEATS));
+
+    // The interleaving the row lock cannot order, made happen: a preheat that took an older
+    // epoch reaches Redis after the newer one loaded. The script refuses it, forced or not.
+    let keys = seckill_syncer::keys::KeySpace::new(f.prefix.clone()).goods("g");
+    let script = redis::Script::new(seckill_syncer::scripts::PREHEAT);
+    let mut late = seckill_syncer::scripts::invocation(&script, &keys.preheat_script_keys());
+    late.arg(3)
+        .arg(1)
+        .arg(now_ms() - 1_000)
+        .arg(now_ms() + 3_600_000)
+        .arg("1")
+        .arg(60_000)
+        .arg(PREHEATS);
+    let mut conn = f.redis.connection().await.unwrap();
+    let reply: (String, u64) = late.invoke_async(&mut conn).await.unwrap();
+    assert_eq!(reply, ("stale".to_owned(), 1 + PREHEATS));
+    let (_, sale) = f
+        .call(reqwest::Method::GET, "/admin/sales/g", Some(SECRET), None)
+        .await;
+    assert_eq!(
+        (&sale["live"]["epoch"], &sale["live"]["available"]),
+        (&json!(1 + PREHEATS), &json!(2)),
+        "the sale under the newest epoch was left as it was: {sale}"
+    );
 }
 
 /// MySQL's history of a sale (an order row, as the writer records it) keeps the sale from
