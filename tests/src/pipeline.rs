@@ -86,6 +86,26 @@ impl Pipeline {
         SyncerProcess::start_role(&self.scratch.path, &args, role, env).await
     }
 
+    /// Starts the relay (as `relay-0`) and a writer taking batches of `batch_size` events or
+    /// `batch_wait_ms`, as processes of their own.
+    pub async fn spawn_relay_and_writer(
+        &self,
+        batch_size: u32,
+        batch_wait_ms: u32,
+    ) -> anyhow::Result<(SyncerProcess, SyncerProcess)> {
+        let relay = Role::Relay {
+            name: "relay-0".into(),
+        };
+        let writer = Role::Write {
+            batch_size,
+            batch_wait_ms,
+        };
+        Ok((
+            self.spawn(relay, None, &[]).await?,
+            self.spawn(writer, None, &[]).await?,
+        ))
+    }
+
     pub async fn open_sale(
         &self,
         goods_id: &str,

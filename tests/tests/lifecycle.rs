@@ -11,7 +11,6 @@ use futures::future::join_all;
 use seckill_e2e::pipeline::Pipeline;
 use seckill_e2e::process::wait_for;
 use seckill_e2e::stack::{now_ms, Stack, StackOptions};
-use seckill_e2e::syncer::Role;
 use serde_json::json;
 
 const DRAIN: Duration = Duration::from_secs(120);
@@ -23,36 +22,6 @@ async fn pipeline(label: &str) -> Arc<Pipeline> {
         .await
         .expect("fixture starts");
     Arc::new(p)
-}
-
-async fn start_pipeline_processes(
-    p: &Pipeline,
-) -> (
-    seckill_e2e::syncer::SyncerProcess,
-    seckill_e2e::syncer::SyncerProcess,
-) {
-    let relay = p
-        .spawn(
-            Role::Relay {
-                name: "relay-0".into(),
-            },
-            None,
-            &[],
-        )
-        .await
-        .unwrap();
-    let writer = p
-        .spawn(
-            Role::Write {
-                batch_size: 1_000,
-                batch_wait_ms: 50,
-            },
-            None,
-            &[],
-        )
-        .await
-        .unwrap();
-    (relay, writer)
 }
 
 /// Waits until MySQL's counters and order states equal Redis's and the outbox is empty.
@@ -89,7 +58,7 @@ async fn confirm_cancel_and_expiry_race_to_one_outcome_per_order() {
     p.define_sale("g", 300, 1, now_ms() + 3_600_000, 2)
         .await
         .unwrap();
-    let _processes = start_pipeline_processes(&p).await;
+    let _processes = p.spawn_relay_and_writer(1_000, 50).await.unwrap();
     let orders = p.sell("g", "u", 300).await.unwrap();
     assert_eq!(orders.len(), 300);
 
@@ -208,7 +177,7 @@ async fn expiry_after_the_sale_closed_returns_nothing() {
     p.define_sale("g", 10, 1, now_ms() + 1_500, 3)
         .await
         .unwrap();
-    let _processes = start_pipeline_processes(&p).await;
+    let _processes = p.spawn_relay_and_writer(1_000, 50).await.unwrap();
     let orders = p.sell("g", "u", 4).await.unwrap();
     assert_eq!(orders.len(), 4);
     wait_for(

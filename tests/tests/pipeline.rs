@@ -305,8 +305,7 @@ async fn unparsable_message_goes_to_dead_letter_and_the_partition_flows() {
 async fn a_conflicting_event_is_dead_lettered_counted_and_never_applied() {
     let p = pipeline("conflict").await;
     p.open_sale("g", 100, 1).await.unwrap();
-    let _relay = p.spawn(relay(), None, &[]).await.unwrap();
-    let writer = p.spawn(writer(), None, &[]).await.unwrap();
+    let (_relay, writer) = p.spawn_relay_and_writer(1_000, 100).await.unwrap();
     // Registered when the writer starts, so that an alert sees 0 rather than nothing.
     wait_for("the conflict counter at 0", DRAIN, || async {
         let metrics = writer.metrics().await?;

@@ -13,7 +13,7 @@ use std::time::Duration;
 use seckill_e2e::pipeline::Pipeline;
 use seckill_e2e::process::wait_for;
 use seckill_e2e::stack::SECRET;
-use seckill_e2e::syncer::{sum_metric, Role, SyncerProcess};
+use seckill_e2e::syncer::{sum_metric, SyncerProcess};
 use seckill_syncer::db::{take_epoch, HistoryRule, SaleRowError};
 use serde_json::{json, Value};
 use sqlx::Row;
@@ -31,27 +31,7 @@ struct Fixture {
 impl Fixture {
     async fn start(label: &str) -> Fixture {
         let p = Arc::new(Pipeline::start(label).await.expect("the fixture starts"));
-        let relay = p
-            .spawn(
-                Role::Relay {
-                    name: "relay-0".into(),
-                },
-                None,
-                &[],
-            )
-            .await
-            .unwrap();
-        let writer = p
-            .spawn(
-                Role::Write {
-                    batch_size: 100,
-                    batch_wait_ms: 20,
-                },
-                None,
-                &[],
-            )
-            .await
-            .unwrap();
+        let (relay, writer) = p.spawn_relay_and_writer(100, 20).await.unwrap();
         Fixture {
             p,
             relay,

@@ -80,27 +80,30 @@ impl Fixture {
         )
     }
 
+    /// Defines a sale open from a second ago for an hour.
     async fn define(&self, goods: &str, stock: u64, limit: u32) -> (u16, Value) {
         let now = now_ms();
-        let spec = json!({
-            "total_stock": stock, "per_user_limit": limit,
-            "starts_at": rfc3339(now - 1_000), "ends_at": rfc3339(now + 3_600_000),
-        });
-        self.call(
-            reqwest::Method::PUT,
-            &format!("/admin/sales/{goods}"),
-            Some(SECRET),
-            Some(spec),
-        )
-        .await
+        self.define_window(goods, stock, limit, (now - 1_000, now + 3_600_000))
+            .await
     }
 
     /// Defines a sale of 5 units, one per buyer, opened two hours ago and ending at
     /// `ends_at_ms`.
     async fn define_ending(&self, goods: &str, ends_at_ms: i64) -> (u16, Value) {
+        self.define_window(goods, 5, 1, (now_ms() - 7_200_000, ends_at_ms))
+            .await
+    }
+
+    async fn define_window(
+        &self,
+        goods: &str,
+        stock: u64,
+        limit: u32,
+        (starts_at_ms, ends_at_ms): (i64, i64),
+    ) -> (u16, Value) {
         let spec = json!({
-            "total_stock": 5, "per_user_limit": 1,
-            "starts_at": rfc3339(now_ms() - 7_200_000), "ends_at": rfc3339(ends_at_ms),
+            "total_stock": stock, "per_user_limit": limit,
+            "starts_at": rfc3339(starts_at_ms), "ends_at": rfc3339(ends_at_ms),
         });
         self.call(
             reqwest::Method::PUT,
@@ -118,15 +121,22 @@ impl Fixture {
             201,
             "define {goods}"
         );
-        let (status, body) = self
-            .call(
-                reqwest::Method::POST,
-                &format!("/admin/sales/{goods}/preheat"),
-                Some(SECRET),
-                None,
-            )
-            .await;
+        let (status, body) = self.preheat(goods, false).await;
         assert_eq!(status, 200, "preheat {goods}: {body}");
+    }
+
+    async fn preheat(&self, goods: &str, force: bool) -> (u16, Value) {
+        let path = format!("/admin/sales/{goods}/preheat?force={force}");
+        self.call(reqwest::Method::POST, &path, Some(SECRET), None)
+            .await
+    }
+
+    /// The sale's definition (MySQL) and live counters (Redis).
+    async fn sale(&self, goods: &str) -> Value {
+        let path = format!("/admin/sales/{goods}");
+        self.call(reqwest::Method::GET, &path, Some(SECRET), None)
+            .await
+            .1
     }
 
     async fn deduct(&self, body: Value) -> (u16, Value) {
@@ -393,14 +403,7 @@ async fn concurrent_preheats_take_distinct_epochs_and_the_newest_stands() {
     const PREHEATS: u64 = 8;
     let f = Fixture::start("preheats").await;
     f.open("g", 3, 1).await;
-    let calls = (0..PREHEATS).map(|_| {
-        f.call(
-            reqwest::Method::POST,
-            "/admin/sales/g/preheat?force=true",
-            Some(SECRET),
-            None,
-        )
-    });
+    let calls = (0..PREHEATS).map(|_| f.preheat("g", true));
     let mut epochs = Vec::new();
     for (status, body) in futures::future::join_all(calls).await {
         match status {
@@ -418,9 +421,7 @@ async fn concurrent_preheats_take_distinct_epochs_and_the_newest_stands() {
     epochs.sort_unstable();
     epochs.dedup();
     assert!(loaded > 0 && epochs.len() == loaded, "distinct epochs");
-    let (_, sale) = f
-        .call(reqwest::Method::GET, "/admin/sales/g", Some(SECRET), None)
-        .await;
+    let sale = f.sale("g").await;
     assert_eq!(sale["definition"]["epoch"], 1 + PREHEATS, "one epoch each");
     assert_eq!(sale["live"]["epoch"], 1 + PREHEATS, "the newest stands");
     let (_, won) = f.deduct(purchase("a", "r1")).await;
@@ -441,9 +442,7 @@ async fn concurrent_preheats_take_distinct_epochs_and_the_newest_stands() {
     let mut conn = f.redis.connection().await.unwrap();
     let reply: (String, u64) = late.invoke_async(&mut conn).await.unwrap();
     assert_eq!(reply, ("stale".to_owned(), 1 + PREHEATS));
-    let (_, sale) = f
-        .call(reqwest::Method::GET, "/admin/sales/g", Some(SECRET), None)
-        .await;
+    let sale = f.sale("g").await;
     assert_eq!(
         (&sale["live"]["epoch"], &sale["live"]["available"]),
         (&json!(1 + PREHEATS), &json!(2)),
@@ -462,10 +461,7 @@ async fn history_in_mysql_blocks_full_stock_until_a_new_round() {
     assert_eq!(f.define_ending("open", now + 3_600_000).await.0, 201);
     assert_eq!(f.define_ending("ended", now - 3_600_000).await.0, 201);
     for goods in ["open", "ended"] {
-        let path = format!("/admin/sales/{goods}/preheat");
-        let (status, body) = f
-            .call(reqwest::Method::POST, &path, Some(SECRET), None)
-            .await;
+        let (status, body) = f.preheat(goods, false).await;
         assert_eq!((status, &body["epoch"]), (200, &json!(1)), "{body}");
         // What the writer records for one order of epoch 1.
         sqlx::query(
@@ -482,14 +478,7 @@ async fn history_in_mysql_blocks_full_stock_until_a_new_round() {
             .execute(&f.db.pool)
             .await
             .unwrap();
-        let (status, body) = f
-            .call(
-                reqwest::Method::POST,
-                &format!("{path}?force=true"),
-                Some(SECRET),
-                None,
-            )
-            .await;
+        let (status, body) = f.preheat(goods, true).await;
         assert_eq!(status, 409, "{body}");
         let message = body["message"].as_str().unwrap();
         assert!(
@@ -510,14 +499,7 @@ async fn history_in_mysql_blocks_full_stock_until_a_new_round() {
         body["message"].as_str().unwrap().contains("window is open"),
         "{body}"
     );
-    let (_, sale) = f
-        .call(
-            reqwest::Method::GET,
-            "/admin/sales/open",
-            Some(SECRET),
-            None,
-        )
-        .await;
+    let sale = f.sale("open").await;
     assert_eq!(
         (
             &sale["definition"]["reserved"],
@@ -529,14 +511,7 @@ async fn history_in_mysql_blocks_full_stock_until_a_new_round() {
 
     // "ended" is over: its redefinition is a new round, its old order is not this round's.
     assert_eq!(f.define_ending("ended", now + 3_600_000).await.0, 200);
-    let (status, body) = f
-        .call(
-            reqwest::Method::POST,
-            "/admin/sales/ended/preheat",
-            Some(SECRET),
-            None,
-        )
-        .await;
+    let (status, body) = f.preheat("ended", false).await;
     assert_eq!((status, &body["epoch"]), (200, &json!(2)), "{body}");
     assert_eq!(body["live"]["available"], 5);
     let (_, won) = f
