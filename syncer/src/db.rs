@@ -3,8 +3,8 @@
 use std::time::Duration;
 
 use chrono::{DateTime, NaiveDateTime, Utc};
-use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions};
-use sqlx::Row;
+use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions, MySqlRow};
+use sqlx::{MySql, Row, Transaction};
 
 use crate::sale::Sale;
 
@@ -40,10 +40,114 @@ pub enum Saved {
     Replaced,
 }
 
+/// What MySQL holds of a sale's current round (the orders sold under its current definition,
+/// and the units its counters moved), read under the sale row's lock. A sale with any history
+/// is never loaded into Redis with its full stock again.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct History {
+    /// Order rows whose epoch is above the round's start (`sales.round_epoch`).
+    pub orders: i64,
+    pub reserved: i64,
+    pub sold: i64,
+    pub lapsed: i64,
+    /// `total_stock - stock`: units MySQL no longer counts as available.
+    pub taken: i64,
+}
+
+impl History {
+    pub fn is_empty(&self) -> bool {
+        *self == History::default()
+    }
+}
+
+impl std::fmt::Display for History {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} orders; units reserved {}, sold {}, lapsed {}; stock {} below its total",
+            self.orders, self.reserved, self.sold, self.lapsed, self.taken
+        )
+    }
+}
+
+/// Why MySQL refused to hand out an epoch or to save a definition.
+#[derive(Debug, thiserror::Error)]
+pub enum SaleRowError {
+    #[error("no sale is defined for goods {0}")]
+    NoSale(String),
+    #[error(
+        "goods {goods_id} has history in MySQL ({history}): a preheat loads the full stock and \
+         would sell those units again, so this sale must be re-seeded from MySQL instead \
+         (seckill-syncer reseed)"
+    )]
+    History { goods_id: String, history: History },
+    #[error(
+        "goods {goods_id} has history in MySQL ({history}) and its window is open; it cannot \
+         be redefined until it ends"
+    )]
+    OpenWithHistory { goods_id: String, history: History },
+    #[error("mysql: {0}")]
+    Mysql(#[from] sqlx::Error),
+}
+
+/// Whether an epoch may be handed out for a sale that has history.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum HistoryRule {
+    /// A load with the full stock (preheat): refused when the sale has history.
+    Refuse,
+    /// A load that starts from what MySQL holds.
+    Allow,
+}
+
+/// Hands out the goods' next epoch: in one transaction under the sale row's lock, moves
+/// `sales.epoch` past its own value and past `floor` (the epoch a Redis still remembers, so a
+/// database from before durable epochs never goes back), commits, and returns the epoch with
+/// the definition read under the same lock. The caller loads Redis with it only after this
+/// returned: an epoch Redis sells under is always one MySQL recorded first, so a Redis that
+/// forgets can never be given it again. Two callers at once are ordered by the row lock and get
+/// different epochs; one that fails after this leaves a gap, never a repeat. With
+/// [`HistoryRule::Refuse`], a sale with history is refused and nothing changes.
+pub async fn take_epoch(
+    pool: &MySqlPool,
+    goods_id: &str,
+    floor: u64,
+    rule: HistoryRule,
+) -> Result<(u64, Sale), SaleRowError> {
+    let mut tx = pool.begin().await?;
+    let locked = lock_sale(&mut tx, goods_id)
+        .await?
+        .ok_or_else(|| SaleRowError::NoSale(goods_id.to_owned()))?;
+    if rule == HistoryRule::Refuse && !locked.history.is_empty() {
+        return Err(SaleRowError::History {
+            goods_id: goods_id.to_owned(),
+            history: locked.history,
+        });
+    }
+    let epoch = locked.epoch.max(floor) + 1;
+    sqlx::query("UPDATE sales SET epoch = ? WHERE goods_id = ?")
+        .bind(epoch)
+        .bind(goods_id)
+        .execute(&mut *tx)
+        .await?;
+    tx.commit().await?;
+    Ok((epoch, locked.sale))
+}
+
 /// Creates or replaces a sale definition. Replacing starts a new round: MySQL's counters are
-/// reset to the new total (the caller must have checked that the sale is not live; order rows
-/// of earlier rounds stay, their ids carry the earlier epoch).
-pub async fn save_sale(pool: &MySqlPool, sale: &Sale) -> sqlx::Result<Saved> {
+/// reset to the new total and the round starts at the current epoch (order rows of earlier
+/// rounds stay, their ids carry the earlier epochs). A sale whose window is open and that has
+/// history cannot be replaced: that would hand its units out again (checked here, in MySQL,
+/// because a Redis that restarted no longer knows the sale is live).
+pub async fn save_sale(pool: &MySqlPool, sale: &Sale) -> Result<Saved, SaleRowError> {
+    let mut tx = pool.begin().await?;
+    if let Some(locked) = lock_sale(&mut tx, &sale.goods_id).await? {
+        if Utc::now() < locked.sale.ends_at && !locked.history.is_empty() {
+            return Err(SaleRowError::OpenWithHistory {
+                goods_id: sale.goods_id.clone(),
+                history: locked.history,
+            });
+        }
+    }
     // The new values are bound twice rather than read back with VALUES(col), which MySQL
     // deprecates (8.0.20), or with a row alias, which MariaDB lacks: one text for both.
     let mut query = sqlx::query(
@@ -52,7 +156,7 @@ pub async fn save_sale(pool: &MySqlPool, sale: &Sale) -> sqlx::Result<Saved> {
          VALUES (?, ?, ?, ?, ?, ?, ?)
          ON DUPLICATE KEY UPDATE total_stock = ?, stock = ?, per_user_limit = ?,
            starts_at = ?, ends_at = ?, payment_window_s = ?,
-           reserved = 0, sold = 0, lapsed = 0",
+           reserved = 0, sold = 0, lapsed = 0, round_epoch = epoch",
     )
     .bind(&sale.goods_id);
     // Once for VALUES, once for the UPDATE, in the same column order.
@@ -65,12 +169,78 @@ pub async fn save_sale(pool: &MySqlPool, sale: &Sale) -> sqlx::Result<Saved> {
             .bind(sale.ends_at.naive_utc())
             .bind(sale.payment_window_s);
     }
-    let result = query.execute(pool).await?;
+    let result = query.execute(&mut *tx).await?;
+    tx.commit().await?;
     // MySQL counts 1 affected row for an insert and 2 for an update of an existing row.
     Ok(if result.rows_affected() == 1 {
         Saved::Created
     } else {
         Saved::Replaced
+    })
+}
+
+/// A sale row read under its lock, with the history of its current round.
+struct LockedSale {
+    sale: Sale,
+    epoch: u64,
+    history: History,
+}
+
+/// Locks the sale row until `tx` ends and reads it with the history of its current round.
+async fn lock_sale(
+    tx: &mut Transaction<'_, MySql>,
+    goods_id: &str,
+) -> sqlx::Result<Option<LockedSale>> {
+    let row = sqlx::query(
+        "SELECT goods_id, total_stock, per_user_limit, starts_at, ends_at, payment_window_s,
+           CAST(total_stock AS SIGNED) - stock AS taken, reserved, sold, lapsed,
+           epoch, round_epoch
+         FROM sales WHERE goods_id = ? FOR UPDATE",
+    )
+    .bind(goods_id)
+    .fetch_optional(&mut **tx)
+    .await?;
+    let Some(row) = row else { return Ok(None) };
+    let round_epoch: u64 = row.try_get("round_epoch")?;
+    // The order id is the primary key and starts with the goods id: a LIKE with that prefix
+    // reads only this goods' range. "!" escapes the LIKE wildcards a goods id may hold ("_").
+    let prefix = goods_id
+        .replace('!', "!!")
+        .replace('_', "!_")
+        .replace('%', "!%");
+    let orders: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM orders
+         WHERE order_id LIKE ? ESCAPE '!' AND goods_id = ?
+           AND CAST(SUBSTRING_INDEX(SUBSTRING_INDEX(order_id, '.', -2), '.', 1) AS UNSIGNED) > ?",
+    )
+    .bind(format!("{prefix}.%"))
+    .bind(goods_id)
+    .bind(round_epoch)
+    .fetch_one(&mut **tx)
+    .await?;
+    Ok(Some(LockedSale {
+        sale: sale_of(&row)?,
+        epoch: row.try_get("epoch")?,
+        history: History {
+            orders,
+            reserved: row.try_get("reserved")?,
+            sold: row.try_get("sold")?,
+            lapsed: row.try_get("lapsed")?,
+            taken: row.try_get("taken")?,
+        },
+    }))
+}
+
+/// The definition in a row that has the `sales` columns of [`Sale`].
+fn sale_of(row: &MySqlRow) -> sqlx::Result<Sale> {
+    let utc = |t: NaiveDateTime| DateTime::<Utc>::from_naive_utc_and_offset(t, Utc);
+    Ok(Sale {
+        goods_id: row.try_get("goods_id")?,
+        total_stock: row.try_get("total_stock")?,
+        per_user_limit: row.try_get("per_user_limit")?,
+        starts_at: utc(row.try_get("starts_at")?),
+        ends_at: utc(row.try_get("ends_at")?),
+        payment_window_s: row.try_get("payment_window_s")?,
     })
 }
 
@@ -86,12 +256,14 @@ pub struct StoredSale {
     pub lapsed: i64,
     /// Order rows MySQL holds for this goods.
     pub orders: i64,
+    /// The last epoch handed to Redis for this goods (durable; see [`take_epoch`]).
+    pub epoch: u64,
 }
 
 pub async fn load_sale(pool: &MySqlPool, goods_id: &str) -> sqlx::Result<Option<StoredSale>> {
     let row = sqlx::query(
         "SELECT goods_id, total_stock, stock, per_user_limit, starts_at, ends_at, payment_window_s,
-           reserved, sold, lapsed,
+           reserved, sold, lapsed, epoch,
            (SELECT COUNT(*) FROM orders WHERE orders.goods_id = sales.goods_id) AS orders
          FROM sales WHERE goods_id = ?",
     )
@@ -99,20 +271,13 @@ pub async fn load_sale(pool: &MySqlPool, goods_id: &str) -> sqlx::Result<Option<
     .fetch_optional(pool)
     .await?;
     let Some(row) = row else { return Ok(None) };
-    let utc = |t: NaiveDateTime| DateTime::<Utc>::from_naive_utc_and_offset(t, Utc);
     Ok(Some(StoredSale {
-        sale: Sale {
-            goods_id: row.try_get("goods_id")?,
-            total_stock: row.try_get("total_stock")?,
-            per_user_limit: row.try_get("per_user_limit")?,
-            starts_at: utc(row.try_get("starts_at")?),
-            ends_at: utc(row.try_get("ends_at")?),
-            payment_window_s: row.try_get("payment_window_s")?,
-        },
+        sale: sale_of(&row)?,
         stock: row.try_get("stock")?,
         reserved: row.try_get("reserved")?,
         sold: row.try_get("sold")?,
         lapsed: row.try_get("lapsed")?,
         orders: row.try_get("orders")?,
+        epoch: row.try_get("epoch")?,
     }))
 }

@@ -157,6 +157,24 @@ impl SaleEvent {
         self.common().quantity
     }
 
+    /// The event's `type`, as the JSON names it.
+    pub fn kind(&self) -> &'static str {
+        match self {
+            SaleEvent::Reserved { .. } => "reserved",
+            SaleEvent::Confirmed { .. } => "confirmed",
+            SaleEvent::Released { .. } => "released",
+            SaleEvent::Lapsed { .. } => "lapsed",
+        }
+    }
+
+    /// The buyer's request id: only a `reserved` event carries it.
+    pub fn request_id(&self) -> Option<&str> {
+        match self {
+            SaleEvent::Reserved { request_id, .. } => Some(request_id),
+            _ => None,
+        }
+    }
+
     /// When the script (or the repair) wrote the event, ms since the epoch by Redis's clock.
     pub fn at_ms(&self) -> i64 {
         self.common().at_ms
@@ -277,6 +295,7 @@ mod tests {
             let event = sample(kind, 2, ReleaseReason::Expired);
             let json = event.to_json();
             assert_eq!(SaleEvent::from_json(&json).unwrap(), event);
+            assert_eq!(event.kind(), kind);
             let prefix = format!(r#"{{"type":"{kind}""#);
             assert!(String::from_utf8(json).unwrap().starts_with(&prefix));
         }

@@ -116,8 +116,23 @@ impl From<DeductError> for AppError {
 impl From<PreheatError> for AppError {
     fn from(e: PreheatError) -> Self {
         match e {
-            PreheatError::Live { .. } => AppError::Conflict(e.to_string()),
+            PreheatError::Live { .. } | PreheatError::Superseded { .. } => {
+                AppError::Conflict(e.to_string())
+            }
+            PreheatError::Mysql(e) => e.into(),
             other => AppError::Unavailable(other.to_string()),
+        }
+    }
+}
+
+impl From<db::SaleRowError> for AppError {
+    fn from(e: db::SaleRowError) -> Self {
+        match e {
+            db::SaleRowError::NoSale(_) => AppError::NotFound(e.to_string()),
+            db::SaleRowError::History { .. } | db::SaleRowError::OpenWithHistory { .. } => {
+                AppError::Conflict(e.to_string())
+            }
+            db::SaleRowError::Mysql(e) => e.into(),
         }
     }
 }
@@ -344,7 +359,8 @@ fn valid_goods_id(goods_id: &str) -> Result<(), AppError> {
 }
 
 /// Defines (or redefines) a sale in MySQL. A sale that is live in Redis cannot be redefined:
-/// its counters would no longer match its definition.
+/// its counters would no longer match its definition; nor one whose window is open while
+/// MySQL has history for it (a Redis that restarted no longer knows it is live).
 async fn define_sale(
     State(state): State<Arc<AppState>>,
     Path(goods_id): Path<String>,
@@ -394,10 +410,15 @@ async fn preheat_sale(
 ) -> Result<Json<serde_json::Value>, AppError> {
     let Query(params) = params.map_err(|e| AppError::BadRequest(e.body_text()))?;
     valid_goods_id(&goods_id)?;
-    let stored = db::load_sale(&state.mysql, &goods_id)
-        .await?
-        .ok_or_else(|| AppError::NotFound(format!("no sale is defined for goods {goods_id}")))?;
-    let epoch = preheat::preheat(&state.redis, &state.keys, &stored.sale, params.force).await?;
+    let preheated = preheat::preheat(
+        &state.redis,
+        &state.mysql,
+        &state.keys,
+        &goods_id,
+        params.force,
+    )
+    .await?;
+    let epoch = preheated.epoch;
     tracing::info!(goods_id, epoch, force = params.force, "sale preheated");
     let live = preheat::live_stock(&state.redis, &state.keys, &goods_id).await?;
     Ok(Json(serde_json::json!({ "epoch": epoch, "live": live })))

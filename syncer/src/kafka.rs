@@ -4,7 +4,9 @@
 use std::time::Duration;
 
 use rdkafka::config::ClientConfig;
+use rdkafka::consumer::{Consumer, ConsumerContext};
 use rdkafka::producer::FutureProducer;
+use rdkafka::{Offset, TopicPartitionList};
 
 /// How long the producer keeps trying to deliver one message before reporting failure; the
 /// relay then leaves the outbox entry pending and retries later.
@@ -58,4 +60,27 @@ pub fn dead_letter_producer(config: &KafkaConfig) -> anyhow::Result<FutureProduc
         .set("queue.buffering.max.messages", "10000")
         .create()
         .map_err(|e| anyhow::anyhow!("cannot create the dead-letter producer: {e}"))
+}
+
+/// Messages after each partition's `committed` offset (from the partition's start when nothing
+/// was committed): what the writer's group has not applied durably yet. Blocking broker calls,
+/// each bounded by `timeout`; None when the broker did not answer one of them.
+pub fn uncommitted<C: ConsumerContext>(
+    consumer: &impl Consumer<C>,
+    committed: &TopicPartitionList,
+    timeout: Duration,
+) -> Option<i64> {
+    let mut lag = 0;
+    for element in committed.elements() {
+        let (low, high) = consumer
+            .fetch_watermarks(element.topic(), element.partition(), timeout)
+            .ok()?;
+        let at = match element.offset() {
+            Offset::Offset(at) => at,
+            // Nothing committed yet: everything from the start is unread.
+            _ => low,
+        };
+        lag += (high - at).max(0);
+    }
+    Some(lag)
 }

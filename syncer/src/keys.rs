@@ -29,8 +29,8 @@ pub struct GoodsKeys {
     pub lapsed_orders: String,
     /// Stream: the outbox of sale events, appended by the same script that deducts.
     pub outbox: String,
-    /// Counter bumped by every preheat; part of each order id so a re-preheated sale never
-    /// reuses an order id. Never deleted.
+    /// The last epoch loaded into this Redis (MySQL hands epochs out: `sales.epoch`); a load
+    /// with an epoch not above it is refused, so epochs only move forward. Never deleted.
     pub epoch: String,
 }
 

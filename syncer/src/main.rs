@@ -199,7 +199,8 @@ enum Command {
         #[command(flatten)]
         stores: StoreArgs,
     },
-    /// Load a sale defined in MySQL into Redis with its full stock.
+    /// Load a sale defined in MySQL into Redis with its full stock, under a new epoch taken
+    /// from MySQL. Refused (forced or not) when MySQL already has orders for the sale.
     Preheat {
         #[command(flatten)]
         stores: StoreArgs,
@@ -307,13 +308,10 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let mysql = db::connect(&stores.mysql_url).await?;
             let redis = seckill_syncer::connect_redis(&stores.redis_url).await?;
             let keys = KeySpace::new(stores.key_prefix);
-            let stored = db::load_sale(&mysql, &goods)
-                .await?
-                .ok_or_else(|| anyhow::anyhow!("no sale is defined for goods {goods}"))?;
-            let epoch = preheat::preheat(&redis, &keys, &stored.sale, force).await?;
+            let preheated = preheat::preheat(&redis, &mysql, &keys, &goods, force).await?;
             println!(
-                "preheated {goods}: {} units, per-user limit {}, epoch {epoch}",
-                stored.sale.total_stock, stored.sale.per_user_limit
+                "preheated {goods}: {} units, per-user limit {}, epoch {}",
+                preheated.sale.total_stock, preheated.sale.per_user_limit, preheated.epoch
             );
         }
         Command::Reconcile {

@@ -1,10 +1,14 @@
-//! Loads a sale from its MySQL definition into Redis, and reads the live counters back.
+//! Loads a sale from its MySQL definition into Redis under an epoch MySQL hands out, and reads
+//! the live counters back.
 
 use std::time::Duration;
 
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
+use sqlx::MySqlPool;
 
+use crate::crashpoint::{crashpoint, PREHEAT_AFTER_EPOCH};
+use crate::db::{self, HistoryRule};
 use crate::keys::KeySpace;
 use crate::sale::{LiveStock, Sale};
 
@@ -14,6 +18,17 @@ const REDIS_ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum PreheatError {
     #[error("goods {goods_id} has a live sale in Redis until {ends_at}; use --force (or ?force=true) to replace it")]
     Live { goods_id: String, ends_at: String },
+    /// Another preheat of the same goods loaded a newer epoch between this one's epoch and
+    /// its load; that newer load stands.
+    #[error("goods {goods_id}: another preheat loaded epoch {loaded} while this one held epoch {epoch}; the newer load stands")]
+    Superseded {
+        goods_id: String,
+        epoch: u64,
+        loaded: u64,
+    },
+    /// MySQL refused the epoch: no such sale, or it has history (see [`db::SaleRowError`]).
+    #[error(transparent)]
+    Mysql(#[from] db::SaleRowError),
     #[error("redis did not answer within {REDIS_ADMIN_TIMEOUT:?}")]
     Timeout,
     #[error("redis error: {0}")]
@@ -22,15 +37,46 @@ pub enum PreheatError {
     BadScriptReply(String),
 }
 
-/// Loads `sale` into Redis with its full stock. Refuses to replace a sale that has not ended
-/// unless `force`. Returns the new epoch (part of every order id of this sale).
+/// A sale loaded into Redis.
+#[derive(Debug, Clone)]
+pub struct Preheated {
+    /// Part of every order id of this load (`goods.epoch.sequence`).
+    pub epoch: u64,
+    /// The definition it was loaded from, as MySQL held it under the epoch's lock.
+    pub sale: Sale,
+}
+
+/// Loads the sale MySQL defines for `goods_id` into Redis with its full stock. Refused when
+/// MySQL already has history for the sale (forced or not: MySQL is asked, not Redis, which may
+/// have forgotten), and when a sale that has not ended is live in Redis, unless `force`.
+///
+/// First the epoch: MySQL moves it forward and commits ([`db::take_epoch`]); then Redis is
+/// loaded with it, and the script refuses an epoch lower than one it already loaded (two
+/// preheats at once: the later epoch stands). A preheat that fails in between leaves a gap in
+/// the epochs, never a repeat.
 pub async fn preheat(
     redis: &ConnectionManager,
+    mysql: &MySqlPool,
     keys: &KeySpace,
-    sale: &Sale,
+    goods_id: &str,
     force: bool,
-) -> Result<u64, PreheatError> {
-    let goods = keys.goods(&sale.goods_id);
+) -> Result<Preheated, PreheatError> {
+    let goods = keys.goods(goods_id);
+    let mut conn = redis.clone();
+    if !force {
+        // Refused before MySQL moves, so a refusal changes nothing; the script checks again.
+        if let Some(live) = live_stock(redis, keys, goods_id).await? {
+            if chrono::Utc::now().timestamp_millis() < live.end_ms {
+                return Err(live_error(goods_id, live.end_ms));
+            }
+        }
+    }
+    // The epoch this Redis last loaded, if it remembers one: a database from before durable
+    // epochs may be behind it.
+    let floor: Option<u64> = bounded(conn.get(&goods.epoch)).await?;
+    let (epoch, sale) =
+        db::take_epoch(mysql, goods_id, floor.unwrap_or(0), HistoryRule::Refuse).await?;
+    crashpoint(PREHEAT_AFTER_EPOCH);
     let script = redis::Script::new(crate::scripts::PREHEAT);
     let mut invocation = crate::scripts::invocation(&script, &goods.preheat_script_keys());
     invocation
@@ -39,32 +85,42 @@ pub async fn preheat(
         .arg(sale.starts_at.timestamp_millis())
         .arg(sale.ends_at.timestamp_millis())
         .arg(if force { "1" } else { "0" })
-        .arg(u64::from(sale.payment_window_s) * 1000);
-    let mut conn = redis.clone();
-    let (status, value): (String, i64) =
-        tokio::time::timeout(REDIS_ADMIN_TIMEOUT, invocation.invoke_async(&mut conn))
-            .await
-            .map_err(|_| PreheatError::Timeout)??;
+        .arg(u64::from(sale.payment_window_s) * 1000)
+        .arg(epoch);
+    let (status, value): (String, i64) = bounded(invocation.invoke_async(&mut conn)).await?;
     match status.as_str() {
         "loaded" => {
             // The index lives outside the goods' hash tag, so it cannot join the script;
             // SADD is idempotent and a stale member is harmless.
-            let _: () = tokio::time::timeout(
-                REDIS_ADMIN_TIMEOUT,
-                conn.sadd(keys.sales_index(), &sale.goods_id),
-            )
-            .await
-            .map_err(|_| PreheatError::Timeout)??;
-            Ok(value.max(0) as u64)
+            let _: () = bounded(conn.sadd(keys.sales_index(), goods_id)).await?;
+            Ok(Preheated { epoch, sale })
         }
-        "live" => Err(PreheatError::Live {
-            goods_id: sale.goods_id.clone(),
-            ends_at: chrono::DateTime::from_timestamp_millis(value)
-                .map(|t| t.to_rfc3339())
-                .unwrap_or_else(|| value.to_string()),
+        "live" => Err(live_error(goods_id, value)),
+        "stale" => Err(PreheatError::Superseded {
+            goods_id: goods_id.to_owned(),
+            epoch,
+            loaded: value.max(0) as u64,
         }),
         other => Err(PreheatError::BadScriptReply(other.to_owned())),
     }
+}
+
+fn live_error(goods_id: &str, end_ms: i64) -> PreheatError {
+    PreheatError::Live {
+        goods_id: goods_id.to_owned(),
+        ends_at: chrono::DateTime::from_timestamp_millis(end_ms)
+            .map(|t| t.to_rfc3339())
+            .unwrap_or_else(|| end_ms.to_string()),
+    }
+}
+
+/// One Redis call, bounded by [`REDIS_ADMIN_TIMEOUT`].
+async fn bounded<T>(
+    call: impl std::future::Future<Output = redis::RedisResult<T>>,
+) -> Result<T, PreheatError> {
+    Ok(tokio::time::timeout(REDIS_ADMIN_TIMEOUT, call)
+        .await
+        .map_err(|_| PreheatError::Timeout)??)
 }
 
 /// Reads a goods' live counters; `None` when the sale was never preheated.
@@ -74,8 +130,7 @@ pub async fn live_stock(
     goods_id: &str,
 ) -> Result<Option<LiveStock>, PreheatError> {
     let mut conn = redis.clone();
-    let fields: Vec<Option<i64>> = tokio::time::timeout(
-        REDIS_ADMIN_TIMEOUT,
+    let fields: Vec<Option<i64>> = bounded(
         redis::cmd("HMGET")
             .arg(keys.goods(goods_id).sale)
             .arg(&[
@@ -92,8 +147,7 @@ pub async fn live_stock(
             ])
             .query_async(&mut conn),
     )
-    .await
-    .map_err(|_| PreheatError::Timeout)??;
+    .await?;
     let value = |i: usize| fields.get(i).copied().flatten();
     let Some(total) = value(0) else {
         return Ok(None);

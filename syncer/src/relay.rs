@@ -4,7 +4,9 @@
 //! Kafka confirmed delivery acknowledges and deletes the stream entries (one MULTI). A crash
 //! between delivery and acknowledgement re-publishes those events on restart; the writer
 //! absorbs the duplicates. While the broker is away the entries wait in the stream (Redis
-//! memory, not ours: the relay holds at most one read batch), and retries back off.
+//! memory, not ours: the relay holds at most one read batch), and retries back off. A stream
+//! whose consumer group Redis lost (a restart without persistence, a failover) gets it back,
+//! reading from the stream's start, so the relay outlives a Redis that forgot.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
@@ -159,10 +161,20 @@ impl Relay {
                 ensure_group(&mut conn, &stream).await?;
                 groups_ready.insert(stream.clone());
             }
-            if claim {
-                self.claim_abandoned(&mut conn, &stream).await?;
-            }
-            match self.relay_stream(&mut conn, &goods_id, &stream).await {
+            let relayed_here = match self.relay_goods(&mut conn, &goods_id, &stream, claim).await {
+                Err(RelayError::Redis(e)) if e.code() == Some("NOGROUP") => {
+                    // The group is gone with the data of a Redis that forgot (a restart
+                    // without persistence, a failover): read from the start of the stream
+                    // again, so nothing written since is skipped. Once per loss, not per
+                    // pass; a failed create fails the pass, which then backs off.
+                    groups_ready.remove(&stream);
+                    recreate_group(&mut conn, &stream).await?;
+                    groups_ready.insert(stream.clone());
+                    Ok(0)
+                }
+                other => other,
+            };
+            match relayed_here {
                 Ok(n) => relayed += n,
                 // Go on with the other goods: one goods' trouble must not stall the rest.
                 Err(e) => {
@@ -174,6 +186,20 @@ impl Relay {
             Some(e) => Err(e),
             None => Ok(relayed),
         }
+    }
+
+    /// One goods: takes over abandoned entries (when `claim`), then relays a read batch.
+    async fn relay_goods(
+        &self,
+        conn: &mut ConnectionManager,
+        goods_id: &str,
+        stream: &str,
+        claim: bool,
+    ) -> Result<usize, RelayError> {
+        if claim {
+            self.claim_abandoned(conn, stream).await?;
+        }
+        self.relay_stream(conn, goods_id, stream).await
     }
 
     async fn relay_stream(
@@ -338,6 +364,22 @@ pub(crate) fn outbox_event(mut entry: StreamId) -> OutboxEvent {
     }
 }
 
+/// Creates the relay's consumer group on a stream that lost it, logged and counted
+/// (`seckill_relay_groups_recreated_total`): from the stream's start (`0`), so every entry
+/// written since the loss is relayed, none skipped.
+async fn recreate_group(conn: &mut ConnectionManager, stream: &str) -> Result<(), RelayError> {
+    ensure_group(conn, stream).await?;
+    metrics::counter!("seckill_relay_groups_recreated_total").increment(1);
+    tracing::warn!(
+        stream,
+        "the outbox consumer group was missing (Redis lost it: a restart or a failover); \
+         re-created it from the start of the stream"
+    );
+    Ok(())
+}
+
+/// Creates the relay's consumer group on a stream (and the stream) unless it exists, reading
+/// from the stream's start.
 async fn ensure_group(conn: &mut ConnectionManager, stream: &str) -> Result<(), RelayError> {
     let created: redis::RedisResult<()> = tokio::time::timeout(
         REDIS_TIMEOUT,

@@ -6,12 +6,14 @@
 //! (the order id is the primary key, so a redelivered event changes nothing) and updates each
 //! goods' counters once with the aggregated quantity; `writer/transition.rs` decides what each
 //! event does. Kafka offsets are committed only after the database commit. Messages that
-//! cannot be parsed or applied go to the dead-letter topic with the reason.
+//! cannot be parsed or applied go to the dead-letter topic with the reason; an event whose
+//! order id MySQL holds for another purchase is a conflict (an order id issued twice), which
+//! also is logged as an error and counted in [`CONFLICTS_METRIC`].
 
 mod apply;
 mod transition;
 
-pub use apply::{apply_events, Applied};
+pub use apply::{apply_events, Applied, Refused};
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -30,8 +32,15 @@ use crate::kafka::KafkaConfig;
 
 const BACKOFF_FIRST: Duration = Duration::from_millis(100);
 const BACKOFF_LAST: Duration = Duration::from_secs(5);
-/// Bound on Kafka's blocking calls (commit, watermarks).
+/// Bound on Kafka's blocking calls (commit, metadata).
 const KAFKA_CALL_TIMEOUT: Duration = Duration::from_secs(10);
+/// The lag gauge is refreshed at most this often: it costs a broker round trip per partition.
+const LAG_REFRESH_EVERY: Duration = Duration::from_secs(1);
+/// Bound on each of those round trips; short, so that a broker that does not answer cannot
+/// hold up a retry of the batch for long.
+const LAG_CALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// Counter of sale events whose order id MySQL holds for another purchase.
+pub const CONFLICTS_METRIC: &str = "seckill_writer_conflicts_total";
 
 #[derive(Debug, Clone)]
 pub struct WriterConfig {
@@ -57,6 +66,49 @@ pub struct Writer {
 struct DeadLetter<'a> {
     message: &'a OwnedMessage,
     reason: String,
+    /// An order id issued for two purchases (see `transition::Step::Conflict`): logged as an
+    /// error and counted in [`CONFLICTS_METRIC`] besides the dead-letter count.
+    conflict: bool,
+}
+
+impl<'a> DeadLetter<'a> {
+    /// A message refused for its content (unreadable, or not applicable), not a conflict.
+    fn new(message: &'a OwnedMessage, reason: String) -> Self {
+        DeadLetter {
+            message,
+            reason,
+            conflict: false,
+        }
+    }
+}
+
+/// The consumer-lag gauge: messages in the writer's partitions after the group's committed
+/// offsets, i.e. not yet durably in MySQL. Refreshed by the consuming loop and by every retry
+/// of a batch (a backlog must show while MySQL is away and it piles up), at most once every
+/// [`LAG_REFRESH_EVERY`].
+#[derive(Default)]
+struct LagGauge {
+    refreshed: Option<Instant>,
+}
+
+impl LagGauge {
+    fn refresh(&mut self, consumer: &StreamConsumer) {
+        if self
+            .refreshed
+            .is_some_and(|at| at.elapsed() < LAG_REFRESH_EVERY)
+        {
+            return;
+        }
+        self.refreshed = Some(Instant::now());
+        let lag = tokio::task::block_in_place(|| {
+            let committed = consumer.committed(LAG_CALL_TIMEOUT).ok()?;
+            crate::kafka::uncommitted(consumer, &committed, LAG_CALL_TIMEOUT)
+        });
+        match lag {
+            Some(lag) => metrics::gauge!("seckill_consumer_lag").set(lag as f64),
+            None => tracing::debug!("consumer lag not refreshed: the broker did not answer"),
+        }
+    }
 }
 
 pub fn consumer(config: &KafkaConfig) -> anyhow::Result<StreamConsumer> {
@@ -83,6 +135,13 @@ impl Writer {
     /// Consumes and applies until `shutdown`; then finishes the batch in hand, commits it and
     /// returns.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
+        // Registered at start, so that an alert on it sees 0 rather than nothing.
+        metrics::describe_counter!(
+            CONFLICTS_METRIC,
+            "Sale events whose order id MySQL holds for another buyer, request id or quantity \
+             (an order id issued twice): dead-lettered, never applied"
+        );
+        metrics::counter!(CONFLICTS_METRIC).increment(0);
         let consumer = Arc::new(consumer(&self.config.kafka)?);
         let Some(partitions) = self.assign(&consumer, &shutdown).await? else {
             return Ok(());
@@ -91,11 +150,12 @@ impl Writer {
             topic = %self.config.kafka.topic, group = %self.config.kafka.group, ?partitions,
             "writer started"
         );
-        let mut last_lag = Instant::now();
+        let mut lag = LagGauge::default();
         loop {
             let batch = self.collect(&consumer, &shutdown).await;
             if !batch.is_empty() {
-                let Some(applied) = self.apply_until_done(&batch, &shutdown).await else {
+                let applying = self.apply_until_done(&consumer, &mut lag, &batch, &shutdown);
+                let Some(applied) = applying.await else {
                     // Shut down before the batch could be applied: commit nothing, so the
                     // batch is read again by whoever consumes next.
                     break;
@@ -109,12 +169,7 @@ impl Writer {
                     }
                 }
             }
-            if last_lag.elapsed() >= Duration::from_secs(1) {
-                last_lag = Instant::now();
-                if let Some(lag) = consumer_lag(&consumer) {
-                    metrics::gauge!("seckill_consumer_lag").set(lag as f64);
-                }
-            }
+            lag.refresh(&consumer);
             if shutdown.is_cancelled() {
                 break;
             }
@@ -248,6 +303,8 @@ impl Writer {
     /// Returns `None` only if shutdown came first.
     async fn apply_until_done(
         &self,
+        consumer: &StreamConsumer,
+        lag: &mut LagGauge,
         batch: &[OwnedMessage],
         shutdown: &CancellationToken,
     ) -> Option<Applied> {
@@ -276,6 +333,8 @@ impl Writer {
                     tracing::warn!(error = %e, retry_in = ?backoff, events = batch.len(), "batch not applied; offsets not committed");
                 }
             }
+            // Nothing is consumed meanwhile, but events keep arriving: the gauge shows them.
+            lag.refresh(consumer);
             // MySQL or Kafka is away: retry with a bounded backoff, shutdown cuts it short.
             tokio::select! {
                 () = shutdown.cancelled() => return None,
@@ -297,23 +356,18 @@ impl Writer {
         for message in batch {
             match message.payload().map(SaleEvent::from_json) {
                 Some(Ok(event)) => events.push((message, event)),
-                Some(Err(e)) => dead.push(DeadLetter {
-                    message,
-                    reason: e.to_string(),
-                }),
-                None => dead.push(DeadLetter {
-                    message,
-                    reason: "empty message".into(),
-                }),
+                Some(Err(e)) => dead.push(DeadLetter::new(message, e.to_string())),
+                None => dead.push(DeadLetter::new(message, "empty message".into())),
             }
         }
         let parsed: Vec<&SaleEvent> = events.iter().map(|(_, e)| e).collect();
         match apply_events(&self.mysql, &parsed).await {
             Ok((mut applied, refused)) => {
-                for (index, reason) in refused {
+                for refusal in refused {
                     dead.push(DeadLetter {
-                        message: events[index].0,
-                        reason,
+                        message: events[refusal.index].0,
+                        reason: refusal.reason,
+                        conflict: refusal.conflict,
                     });
                 }
                 applied.dead_letters = dead.len();
@@ -328,14 +382,17 @@ impl Writer {
                             applied.new_orders += a.new_orders;
                             applied.transitions += a.transitions;
                             applied.duplicates += a.duplicates;
-                            for (_, reason) in refused {
-                                dead.push(DeadLetter { message, reason });
+                            for refusal in refused {
+                                dead.push(DeadLetter {
+                                    message,
+                                    reason: refusal.reason,
+                                    conflict: refusal.conflict,
+                                });
                             }
                         }
-                        Err(sqlx::Error::Database(e)) => dead.push(DeadLetter {
-                            message,
-                            reason: format!("MySQL refused it: {e}"),
-                        }),
+                        Err(sqlx::Error::Database(e)) => {
+                            dead.push(DeadLetter::new(message, format!("MySQL refused it: {e}")))
+                        }
                         Err(e) => return Err(e.into()),
                     }
                 }
@@ -349,10 +406,18 @@ impl Writer {
     async fn publish_dead_letters(&self, dead: &[DeadLetter<'_>]) -> anyhow::Result<()> {
         for letter in dead {
             let message = letter.message;
-            tracing::warn!(
-                topic = message.topic(), partition = message.partition(), offset = message.offset(),
-                reason = %letter.reason, "message sent to the dead-letter topic"
-            );
+            if letter.conflict {
+                tracing::error!(
+                    topic = message.topic(), partition = message.partition(), offset = message.offset(),
+                    reason = %letter.reason,
+                    "conflicting sale event sent to the dead-letter topic, not applied: an order id was issued for two purchases"
+                );
+            } else {
+                tracing::warn!(
+                    topic = message.topic(), partition = message.partition(), offset = message.offset(),
+                    reason = %letter.reason, "message sent to the dead-letter topic"
+                );
+            }
             let source = format!(
                 "{}/{}/{}",
                 message.topic(),
@@ -379,6 +444,9 @@ impl Writer {
                 .await
                 .map_err(|(e, _)| anyhow::anyhow!("cannot publish a dead letter: {e}"))?;
             metrics::counter!("seckill_dead_letters_total", "source" => "kafka").increment(1);
+            if letter.conflict {
+                metrics::counter!(CONFLICTS_METRIC).increment(1);
+            }
         }
         Ok(())
     }
@@ -399,20 +467,4 @@ fn commit_offsets(consumer: &StreamConsumer, batch: &[OwnedMessage]) -> anyhow::
     }
     tokio::task::block_in_place(|| consumer.commit(&list, CommitMode::Sync))
         .map_err(|e| anyhow::anyhow!("offset commit failed: {e}"))
-}
-
-/// Messages in the assigned partitions not yet consumed (high watermark minus position).
-fn consumer_lag(consumer: &StreamConsumer) -> Option<i64> {
-    let position = consumer.position().ok()?;
-    let mut lag = 0;
-    for element in position.elements() {
-        let (_, high) = tokio::task::block_in_place(|| {
-            consumer.fetch_watermarks(element.topic(), element.partition(), KAFKA_CALL_TIMEOUT)
-        })
-        .ok()?;
-        if let Offset::Offset(at) = element.offset() {
-            lag += (high - at).max(0);
-        }
-    }
-    Some(lag)
 }

@@ -46,6 +46,13 @@ impl<'a> Admin<'a> {
     }
 
     pub async fn preheat(&self, goods_id: &str, force: bool) -> anyhow::Result<Value> {
+        let (status, body) = self.try_preheat(goods_id, force).await?;
+        anyhow::ensure!((200..300).contains(&status), "preheat: {status} {body}");
+        Ok(body)
+    }
+
+    /// Asks for a preheat; returns the HTTP status and body, refusals included.
+    pub async fn try_preheat(&self, goods_id: &str, force: bool) -> anyhow::Result<(u16, Value)> {
         let response = self
             .http
             .post(format!(
@@ -55,10 +62,8 @@ impl<'a> Admin<'a> {
             .header(seckill_api::SECRET_HEADER, SECRET)
             .send()
             .await?;
-        let status = response.status();
-        let body: Value = response.json().await?;
-        anyhow::ensure!(status.is_success(), "preheat: {status} {body}");
-        Ok(body)
+        let status = response.status().as_u16();
+        Ok((status, response.json().await?))
     }
 
     /// The sale's definition (MySQL) and live counters (Redis).

@@ -89,15 +89,19 @@ impl Pipeline {
         SyncerProcess::start_role(&self.scratch.path, &args, role, env).await
     }
 
-    /// A relay and a writer (batches of up to 1,000 events, closed after 50 ms), each its own
-    /// process.
-    pub async fn spawn_relay_and_writer(&self) -> anyhow::Result<(SyncerProcess, SyncerProcess)> {
+    /// Starts the relay (as `relay-0`) and a writer taking batches of `batch_size` events or
+    /// `batch_wait_ms`, as processes of their own.
+    pub async fn spawn_relay_and_writer(
+        &self,
+        batch_size: u32,
+        batch_wait_ms: u32,
+    ) -> anyhow::Result<(SyncerProcess, SyncerProcess)> {
         let relay = Role::Relay {
             name: "relay-0".into(),
         };
         let writer = Role::Write {
-            batch_size: 1_000,
-            batch_wait_ms: 50,
+            batch_size,
+            batch_wait_ms,
         };
         Ok((
             self.spawn(relay, None, &[]).await?,
@@ -360,13 +364,21 @@ impl Pipeline {
         .await
     }
 
-    /// Runs `seckill-syncer reconcile --json`; returns its exit code and report.
-    pub fn reconcile(&self, extra: &[&str]) -> anyhow::Result<(i32, Value)> {
-        let output = std::process::Command::new(syncer_binary()?)
-            .arg("reconcile")
+    /// A `seckill-syncer` command line for `subcommand` against this fixture's stores.
+    pub fn command(&self, subcommand: &str) -> anyhow::Result<std::process::Command> {
+        let mut command = std::process::Command::new(syncer_binary()?);
+        command
+            .arg(subcommand)
             .args(["--redis-url", &self.redis.url()])
             .args(["--mysql-url", &self.db.url()])
-            .args(["--key-prefix", &self.prefix])
+            .args(["--key-prefix", &self.prefix]);
+        Ok(command)
+    }
+
+    /// Runs `seckill-syncer reconcile --json`; returns its exit code and report.
+    pub fn reconcile(&self, extra: &[&str]) -> anyhow::Result<(i32, Value)> {
+        let output = self
+            .command("reconcile")?
             .args(["--kafka-brokers", &self.broker.bootstrap()])
             .arg("--json")
             .args(extra)

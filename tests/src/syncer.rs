@@ -184,6 +184,20 @@ impl SyncerProcess {
         .await
     }
 
+    /// Waits (bounded) until `/healthz` answers 200: the service reaches Redis again, say
+    /// after a Redis restart (its first commands on the broken connection fail with 503).
+    pub async fn wait_healthy(&self, deadline: Duration) -> anyhow::Result<()> {
+        let url = format!("{}/healthz", self.url());
+        wait_for("the syncer to reach Redis", deadline, || async {
+            let response = reqwest::get(&url).await;
+            Ok(response
+                .ok()
+                .filter(|r| r.status().is_success())
+                .map(|_| ()))
+        })
+        .await
+    }
+
     /// The text of its /metrics.
     pub async fn metrics(&self) -> anyhow::Result<String> {
         Ok(reqwest::get(format!("{}/metrics", self.url()))

@@ -11,6 +11,7 @@ use std::time::Duration;
 use chrono::{TimeDelta, Utc};
 use redis::aio::ConnectionManager;
 use seckill_api::{DeductRequest, Outcome};
+use seckill_e2e::mysql_db::TestDatabase;
 use seckill_e2e::process::{unique_suffix, Scratch};
 use seckill_e2e::redis_server::RedisServer;
 use seckill_syncer::deduct::{Deducter, Delivery};
@@ -20,6 +21,7 @@ use seckill_syncer::lifecycle::{Lifecycle, SweepRules};
 use seckill_syncer::order::ReleaseReason;
 use seckill_syncer::preheat::{live_stock, preheat};
 use seckill_syncer::sale::{Sale, SaleSpec};
+use sqlx::MySqlPool;
 
 /// Uses every character an id may have, so the encoding of each is exercised.
 const GOODS: &str = "Az09_.:-g";
@@ -33,6 +35,9 @@ struct Fixture {
     keys: KeySpace,
     deducter: Deducter,
     lifecycle: Lifecycle,
+    /// The sale definitions (a preheat takes its epoch from MySQL).
+    mysql: MySqlPool,
+    _db: TestDatabase,
     _server: RedisServer,
     _scratch: Scratch,
 }
@@ -43,7 +48,11 @@ impl Fixture {
         let server = RedisServer::start(&scratch.path).await.unwrap();
         let redis = seckill_syncer::connect_redis(&server.url()).await.unwrap();
         let keys = KeySpace::new(format!("t{}", unique_suffix()));
+        let db = TestDatabase::create("contract").await.unwrap();
+        let mysql = seckill_syncer::db::connect(&db.url()).await.unwrap();
         Fixture {
+            mysql,
+            _db: db,
             deducter: Deducter::start(redis.clone(), keys.clone(), CLAIM_WINDOW),
             lifecycle: Lifecycle::new(redis.clone(), keys.clone()),
             redis,
@@ -63,7 +72,10 @@ impl Fixture {
             payment_window_s,
         };
         let sale = Sale::new(goods, spec).unwrap();
-        preheat(&self.redis, &self.keys, &sale, false)
+        seckill_syncer::db::save_sale(&self.mysql, &sale)
+            .await
+            .unwrap();
+        preheat(&self.redis, &self.mysql, &self.keys, goods, false)
             .await
             .unwrap();
     }

@@ -22,15 +22,6 @@ async fn pipeline(label: &str) -> Arc<Pipeline> {
     Arc::new(p)
 }
 
-async fn start_pipeline_processes(
-    p: &Pipeline,
-) -> (
-    seckill_e2e::syncer::SyncerProcess,
-    seckill_e2e::syncer::SyncerProcess,
-) {
-    p.spawn_relay_and_writer().await.unwrap()
-}
-
 /// Waits until MySQL's counters and order states equal Redis's and the outbox is empty.
 async fn wait_for_mysql_to_match(p: &Pipeline, goods: &str) {
     p.wait_for_counters_to_match(goods, DRAIN).await.unwrap();
@@ -59,7 +50,7 @@ async fn confirm_cancel_and_expiry_race_to_one_outcome_per_order() {
     p.define_sale("g", 300, 1, now_ms() + 3_600_000, 2)
         .await
         .unwrap();
-    let _processes = start_pipeline_processes(&p).await;
+    let _processes = p.spawn_relay_and_writer(1_000, 50).await.unwrap();
     let orders = p.sell("g", "u", 300).await.unwrap();
     assert_eq!(orders.len(), 300);
 
@@ -178,7 +169,7 @@ async fn expiry_after_the_sale_closed_returns_nothing() {
     p.define_sale("g", 10, 1, now_ms() + 1_500, 3)
         .await
         .unwrap();
-    let _processes = start_pipeline_processes(&p).await;
+    let _processes = p.spawn_relay_and_writer(1_000, 50).await.unwrap();
     let orders = p.sell("g", "u", 4).await.unwrap();
     assert_eq!(orders.len(), 4);
     wait_for(

@@ -13,6 +13,7 @@ use seckill_e2e::pipeline::Pipeline;
 use seckill_e2e::process::wait_for;
 use seckill_e2e::syncer::{sum_metric, Role};
 use seckill_e2e::tcp_proxy::TcpProxy;
+use seckill_syncer::events::SaleEvent;
 
 const DRAIN: Duration = Duration::from_secs(120);
 
@@ -242,6 +243,14 @@ async fn mysql_cut_off_commits_no_offsets_and_recovers() {
         report["kafka_lag"], 700,
         "no offsets committed while MySQL is away"
     );
+    // The writer's own lag gauge shows the backlog while it retries, not the lag it had
+    // before the cut.
+    wait_for("the lag gauge to show the backlog", DRAIN, || async {
+        let lag = sum_metric(&writer.metrics().await?, "seckill_consumer_lag");
+        Ok((lag == 700).then_some(()))
+    })
+    .await
+    .unwrap();
 
     proxy.restore();
     assert_drained(&p, "g", &orders).await;
@@ -297,6 +306,95 @@ async fn unparsable_message_goes_to_dead_letter_and_the_partition_flows() {
         "the reason says why: {}",
         letters[1].1
     );
+}
+
+/// An order id MySQL holds arrives again for another buyer (as a Redis that forgot its epoch
+/// would reissue it): not a redelivery but a conflict. Dead-lettered with a reason that names
+/// the order and what differs, counted, never applied; the partition goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_conflicting_event_is_dead_lettered_counted_and_never_applied() {
+    let p = pipeline("conflict").await;
+    p.open_sale("g", 100, 1).await.unwrap();
+    let (_relay, writer) = p.spawn_relay_and_writer(1_000, 100).await.unwrap();
+    // Registered when the writer starts, so that an alert sees 0 rather than nothing.
+    wait_for("the conflict counter at 0", DRAIN, || async {
+        let metrics = writer.metrics().await?;
+        Ok(metrics
+            .lines()
+            .any(|line| line == "seckill_writer_conflicts_total 0")
+            .then_some(()))
+    })
+    .await
+    .unwrap();
+    let first = p.sell("g", "a", 10).await.unwrap();
+    p.wait_for_rows("g", 10, DRAIN).await.unwrap();
+    let victim = &first[0];
+    let before = order_row(&p, victim).await;
+
+    let conflicting = SaleEvent::Reserved {
+        order_id: victim.clone(),
+        goods_id: "g".into(),
+        user_id: "intruder".into(),
+        quantity: 1,
+        request_id: "intruder-1".into(),
+        at_ms: 1_800_000_000_000,
+    }
+    .to_json();
+    let producer: FutureProducer = ClientConfig::new()
+        .set("bootstrap.servers", p.broker.bootstrap())
+        .create()
+        .unwrap();
+    // Keyed by its goods like the relay's events: the same partition, which must go on.
+    producer
+        .send(
+            FutureRecord::to(TOPIC).key("g").payload(&conflicting),
+            Duration::from_secs(10),
+        )
+        .await
+        .map_err(|(e, _)| e)
+        .unwrap();
+    let later = p.sell("g", "b", 10).await.unwrap();
+    let all: Vec<String> = first.iter().chain(&later).cloned().collect();
+    assert_drained(&p, "g", &all).await;
+    assert_eq!(
+        order_row(&p, victim).await,
+        before,
+        "the original row is untouched"
+    );
+
+    wait_for("the conflict to be counted", DRAIN, || async {
+        let metrics = writer.metrics().await?;
+        Ok((sum_metric(&metrics, "seckill_writer_conflicts_total") == 1).then_some(metrics))
+    })
+    .await
+    .map(|metrics| {
+        assert_eq!(sum_metric(&metrics, "seckill_dead_letters_total"), 1);
+        assert_eq!(
+            sum_metric(&metrics, "seckill_writer_duplicates_total"),
+            0,
+            "not taken for a redelivery"
+        );
+    })
+    .unwrap();
+    let letters = read_topic(&p.broker.bootstrap(), DEAD_LETTER_TOPIC, 1);
+    assert_eq!(letters.len(), 1);
+    assert_eq!(letters[0].0, conflicting);
+    let reason = &letters[0].1;
+    let expected = format!(
+        "order {victim} is another purchase in MySQL: reserved event with user_id intruder \
+         (MySQL has {}), request_id intruder-1 (MySQL has {})",
+        before.0, before.1
+    );
+    assert_eq!(reason, &expected);
+}
+
+/// An order's (user id, request id, quantity, state) in MySQL.
+async fn order_row(p: &Pipeline, order_id: &str) -> (String, String, u32, String) {
+    sqlx::query_as("SELECT user_id, request_id, quantity, state FROM orders WHERE order_id = ?")
+        .bind(order_id)
+        .fetch_one(&p.db.pool)
+        .await
+        .unwrap()
 }
 
 /// Reads `count` messages (payload, `reason` header) from partition 0 of a topic.

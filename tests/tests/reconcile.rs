@@ -283,7 +283,7 @@ async fn repair_restores_each_deleted_order_in_its_state() {
     let x = p.sell("x", "u", 5).await.unwrap();
     assert_eq!((g.len(), x.len(), l.len()), (15, 5, 5));
     // The outbox holds the events until the relay starts.
-    let _processes = p.spawn_relay_and_writer().await.unwrap();
+    let _processes = p.spawn_relay_and_writer(1_000, 50).await.unwrap();
     for (orders, action) in [(&g[0..5], "confirm"), (&g[5..10], "cancel")] {
         for order in orders {
             assert_eq!(p.settle(order, action).await.unwrap().0, 200);

@@ -13,7 +13,7 @@ use serde_json::{json, Value};
 struct Fixture {
     syncer: SyncerProcess,
     redis: RedisServer,
-    _db: TestDatabase,
+    db: TestDatabase,
     prefix: String,
     http: reqwest::Client,
     _scratch: Scratch,
@@ -48,7 +48,7 @@ impl Fixture {
         Fixture {
             syncer,
             redis,
-            _db: db,
+            db,
             prefix,
             http,
             _scratch: scratch,
@@ -80,11 +80,30 @@ impl Fixture {
         )
     }
 
+    /// Defines a sale open from a second ago for an hour.
     async fn define(&self, goods: &str, stock: u64, limit: u32) -> (u16, Value) {
         let now = now_ms();
+        self.define_window(goods, stock, limit, (now - 1_000, now + 3_600_000))
+            .await
+    }
+
+    /// Defines a sale of 5 units, one per buyer, opened two hours ago and ending at
+    /// `ends_at_ms`.
+    async fn define_ending(&self, goods: &str, ends_at_ms: i64) -> (u16, Value) {
+        self.define_window(goods, 5, 1, (now_ms() - 7_200_000, ends_at_ms))
+            .await
+    }
+
+    async fn define_window(
+        &self,
+        goods: &str,
+        stock: u64,
+        limit: u32,
+        (starts_at_ms, ends_at_ms): (i64, i64),
+    ) -> (u16, Value) {
         let spec = json!({
             "total_stock": stock, "per_user_limit": limit,
-            "starts_at": rfc3339(now - 1_000), "ends_at": rfc3339(now + 3_600_000),
+            "starts_at": rfc3339(starts_at_ms), "ends_at": rfc3339(ends_at_ms),
         });
         self.call(
             reqwest::Method::PUT,
@@ -102,15 +121,22 @@ impl Fixture {
             201,
             "define {goods}"
         );
-        let (status, body) = self
-            .call(
-                reqwest::Method::POST,
-                &format!("/admin/sales/{goods}/preheat"),
-                Some(SECRET),
-                None,
-            )
-            .await;
+        let (status, body) = self.preheat(goods, false).await;
         assert_eq!(status, 200, "preheat {goods}: {body}");
+    }
+
+    async fn preheat(&self, goods: &str, force: bool) -> (u16, Value) {
+        let path = format!("/admin/sales/{goods}/preheat?force={force}");
+        self.call(reqwest::Method::POST, &path, Some(SECRET), None)
+            .await
+    }
+
+    /// The sale's definition (MySQL) and live counters (Redis).
+    async fn sale(&self, goods: &str) -> Value {
+        let path = format!("/admin/sales/{goods}");
+        self.call(reqwest::Method::GET, &path, Some(SECRET), None)
+            .await
+            .1
     }
 
     async fn deduct(&self, body: Value) -> (u16, Value) {
@@ -367,6 +393,131 @@ async fn preheat_refuses_to_replace_a_live_sale_without_force() {
         )
         .await;
     assert_eq!(status, 404, "{missing}");
+}
+
+/// Preheats at once take their epochs from MySQL one after another (the sale row's lock), and
+/// whichever reaches Redis first, the newest epoch stands: Redis never sells under an epoch
+/// below the one MySQL last handed out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_preheats_take_distinct_epochs_and_the_newest_stands() {
+    const PREHEATS: u64 = 8;
+    let f = Fixture::start("preheats").await;
+    f.open("g", 3, 1).await;
+    let calls = (0..PREHEATS).map(|_| f.preheat("g", true));
+    let mut epochs = Vec::new();
+    for (status, body) in futures::future::join_all(calls).await {
+        match status {
+            200 => epochs.push(body["epoch"].as_u64().unwrap()),
+            409 => assert!(
+                body["message"]
+                    .as_str()
+                    .is_some_and(|m| m.contains("another preheat loaded epoch")),
+                "{body}"
+            ),
+            _ => panic!("preheat answered {status} {body}"),
+        }
+    }
+    let loaded = epochs.len();
+    epochs.sort_unstable();
+    epochs.dedup();
+    assert!(loaded > 0 && epochs.len() == loaded, "distinct epochs");
+    let sale = f.sale("g").await;
+    assert_eq!(sale["definition"]["epoch"], 1 + PREHEATS, "one epoch each");
+    assert_eq!(sale["live"]["epoch"], 1 + PREHEATS, "the newest stands");
+    let (_, won) = f.deduct(purchase("a", "r1")).await;
+    assert_eq!(won["order_id"], format!("g.{}.1", 1 + PREHEATS));
+
+    // The interleaving the row lock cannot order, made happen: a preheat that took an older
+    // epoch reaches Redis after the newer one loaded. The script refuses it, forced or not.
+    let keys = seckill_syncer::keys::KeySpace::new(f.prefix.clone()).goods("g");
+    let script = redis::Script::new(seckill_syncer::scripts::PREHEAT);
+    let mut late = seckill_syncer::scripts::invocation(&script, &keys.preheat_script_keys());
+    late.arg(3)
+        .arg(1)
+        .arg(now_ms() - 1_000)
+        .arg(now_ms() + 3_600_000)
+        .arg("1")
+        .arg(60_000)
+        .arg(PREHEATS);
+    let mut conn = f.redis.connection().await.unwrap();
+    let reply: (String, u64) = late.invoke_async(&mut conn).await.unwrap();
+    assert_eq!(reply, ("stale".to_owned(), 1 + PREHEATS));
+    let sale = f.sale("g").await;
+    assert_eq!(
+        (&sale["live"]["epoch"], &sale["live"]["available"]),
+        (&json!(1 + PREHEATS), &json!(2)),
+        "the sale under the newest epoch was left as it was: {sale}"
+    );
+}
+
+/// MySQL's history of a sale (an order row, as the writer records it) keeps the sale from
+/// being loaded with its full stock, and from being redefined while its window is open, even
+/// when Redis forgot the sale; once its window has ended, a redefinition starts a new round
+/// that preheats under a new epoch.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn history_in_mysql_blocks_full_stock_until_a_new_round() {
+    let mut f = Fixture::start("history").await;
+    let now = now_ms();
+    assert_eq!(f.define_ending("open", now + 3_600_000).await.0, 201);
+    assert_eq!(f.define_ending("ended", now - 3_600_000).await.0, 201);
+    for goods in ["open", "ended"] {
+        let (status, body) = f.preheat(goods, false).await;
+        assert_eq!((status, &body["epoch"]), (200, &json!(1)), "{body}");
+        // What the writer records for one order of epoch 1.
+        sqlx::query(
+            "INSERT INTO orders (order_id, goods_id, user_id, quantity, request_id, state, \
+             reserved_at) VALUES (?, ?, 'u', 1, 'r', 'reserved', NOW(3))",
+        )
+        .bind(format!("{goods}.1.1"))
+        .bind(goods)
+        .execute(&f.db.pool)
+        .await
+        .unwrap();
+        sqlx::query("UPDATE sales SET stock = stock - 1, reserved = 1 WHERE goods_id = ?")
+            .bind(goods)
+            .execute(&f.db.pool)
+            .await
+            .unwrap();
+        let (status, body) = f.preheat(goods, true).await;
+        assert_eq!(status, 409, "{body}");
+        let message = body["message"].as_str().unwrap();
+        assert!(
+            message.contains("has history in MySQL (1 orders; units reserved 1"),
+            "{message}"
+        );
+    }
+
+    // Redis forgets: it no longer knows "open" is live, MySQL does.
+    f.redis.restart_empty().await.unwrap();
+    f.syncer
+        .wait_healthy(Duration::from_secs(30))
+        .await
+        .unwrap();
+    let (status, body) = f.define_ending("open", now + 3_600_000).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["message"].as_str().unwrap().contains("window is open"),
+        "{body}"
+    );
+    let sale = f.sale("open").await;
+    assert_eq!(
+        (
+            &sale["definition"]["reserved"],
+            &sale["definition"]["epoch"]
+        ),
+        (&json!(1), &json!(1)),
+        "the refusals changed nothing: {sale}"
+    );
+
+    // "ended" is over: its redefinition is a new round, its old order is not this round's.
+    assert_eq!(f.define_ending("ended", now + 3_600_000).await.0, 200);
+    let (status, body) = f.preheat("ended", false).await;
+    assert_eq!((status, &body["epoch"]), (200, &json!(2)), "{body}");
+    assert_eq!(body["live"]["available"], 5);
+    let (_, won) = f
+        .deduct(json!({"goods_id": "ended", "user_id": "v", "quantity": 1, "request_id": "rv"}))
+        .await;
+    assert_eq!(won["order_id"], "ended.2.1", "{won}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

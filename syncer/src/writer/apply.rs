@@ -6,7 +6,7 @@ use std::collections::{HashMap, HashSet};
 
 use sqlx::{MySql, MySqlPool, QueryBuilder, Row as _, Transaction};
 
-use super::transition::{transition, Row, Step};
+use super::transition::{transition, Purchase, Row, Step};
 use crate::crashpoint::{crashpoint, WRITER_AFTER_DB_COMMIT};
 use crate::events::{Effect, SaleEvent};
 use crate::order::OrderState;
@@ -25,16 +25,25 @@ pub struct Applied {
     pub dead_letters: usize,
 }
 
+/// An event the batch did not apply, by index into the batch's events, and why.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Refused {
+    pub index: usize,
+    pub reason: String,
+    /// The event names an order MySQL holds for another purchase (see [`Step::Conflict`]).
+    pub conflict: bool,
+}
+
 /// Applies sale events to MySQL in one transaction: inserts the orders that are really new,
 /// moves orders along their life (reserved -> confirmed or released), and updates each goods'
-/// counters once. Returns what was applied and, by index into `events`, the events refused for
-/// their content (no such sale or order in MySQL; more units than MySQL's stock, which means
-/// drift; a transition the order cannot make). Public so the benchmark measures exactly the
-/// writer's apply.
+/// counters once. Returns what was applied and the events refused for their content (no such
+/// sale or order in MySQL; more units than MySQL's stock, which means drift; a transition the
+/// order cannot make; another purchase under an order id MySQL holds, a conflict). Public so
+/// the benchmark measures exactly the writer's apply.
 pub async fn apply_events(
     mysql: &MySqlPool,
     events: &[&SaleEvent],
-) -> Result<(Applied, Vec<(usize, String)>), sqlx::Error> {
+) -> Result<(Applied, Vec<Refused>), sqlx::Error> {
     if events.is_empty() {
         return Ok((Applied::default(), Vec::new()));
     }
@@ -110,10 +119,7 @@ async fn insert_orders(
         );
         insert.push_values(chunk, |mut row, order| {
             let event = order.reserved;
-            let request_id = match event {
-                SaleEvent::Reserved { request_id, .. } => request_id.as_str(),
-                _ => "",
-            };
+            let request_id = event.request_id().unwrap_or_default();
             row.push_bind(event.order_id())
                 .push_bind(event.goods_id())
                 .push_bind(event.user_id())
@@ -149,11 +155,12 @@ async fn update_sale(
     .rows_affected())
 }
 
-/// An order's state as MySQL has it (the text, when it is no state this writer knows), and
-/// the row this batch writes for it.
+/// An order's state as MySQL has it (the text, when it is no state this writer knows), its
+/// purchase, and the row this batch writes for it.
 #[derive(Debug, Clone)]
 struct Known {
     state: Result<OrderState, String>,
+    purchase: Purchase,
     changed: Option<Row>,
 }
 
@@ -162,7 +169,7 @@ struct Known {
 async fn apply_checked(
     mysql: &MySqlPool,
     events: &[&SaleEvent],
-) -> Result<(Applied, Vec<(usize, String)>), sqlx::Error> {
+) -> Result<(Applied, Vec<Refused>), sqlx::Error> {
     let mut applied = Applied::default();
     let mut refused = Vec::new();
     let mut tx = mysql.begin().await?;
@@ -172,22 +179,42 @@ async fn apply_checked(
     let mut inserted: Vec<NewOrder> = Vec::new();
     for (index, event) in events.iter().enumerate() {
         let (order_id, goods_id) = (event.order_id(), event.goods_id());
-        let current = match known.get(order_id).map(|k| &k.state) {
+        let current = match known.get(order_id) {
             None => None,
-            Some(Ok(state)) => Some(*state),
-            Some(Err(text)) => {
-                refused.push((
+            Some(Known {
+                state: Ok(state),
+                purchase,
+                ..
+            }) => Some((*state, purchase)),
+            Some(Known {
+                state: Err(text), ..
+            }) => {
+                let reason = format!(
+                    "order {order_id} is in state {text:?}, which this writer does not know"
+                );
+                refused.push(Refused {
                     index,
-                    format!(
-                        "order {order_id} is in state {text:?}, which this writer does not know"
-                    ),
-                ));
+                    reason,
+                    conflict: false,
+                });
                 continue;
             }
         };
         let effect = match transition(event, current, stock.get(goods_id).copied()) {
             Step::Refuse(reason) => {
-                refused.push((index, reason));
+                refused.push(Refused {
+                    index,
+                    reason,
+                    conflict: false,
+                });
+                continue;
+            }
+            Step::Conflict(reason) => {
+                refused.push(Refused {
+                    index,
+                    reason,
+                    conflict: true,
+                });
                 continue;
             }
             Step::Duplicate => {
@@ -200,6 +227,7 @@ async fn apply_checked(
                     order_id.to_owned(),
                     Known {
                         state: Ok(row.row.state),
+                        purchase: Purchase::of(event),
                         changed: None,
                     },
                 );
@@ -253,15 +281,17 @@ async fn apply_checked(
     Ok((applied, refused))
 }
 
-/// The orders of the batch MySQL already has, locked, with their state.
+/// The orders of the batch MySQL already has, locked, with their state and purchase.
 async fn existing_orders(
     tx: &mut Transaction<'_, MySql>,
     events: &[&SaleEvent],
 ) -> Result<HashMap<String, Known>, sqlx::Error> {
     let mut existing = HashMap::new();
     for chunk in events.chunks(INSERT_ROWS_MAX) {
-        let mut select =
-            QueryBuilder::<MySql>::new("SELECT order_id, state FROM orders WHERE order_id IN (");
+        let mut select = QueryBuilder::<MySql>::new(
+            "SELECT order_id, state, user_id, request_id, quantity FROM orders \
+             WHERE order_id IN (",
+        );
         let mut ids = select.separated(", ");
         for event in chunk {
             ids.push_bind(event.order_id());
@@ -273,6 +303,11 @@ async fn existing_orders(
                 row.try_get::<String, _>(0)?,
                 Known {
                     state: OrderState::parse(&state).ok_or(state),
+                    purchase: Purchase {
+                        user_id: row.try_get(2)?,
+                        request_id: row.try_get(3)?,
+                        quantity: row.try_get(4)?,
+                    },
                     changed: None,
                 },
             );
