@@ -64,6 +64,24 @@ impl KafkaBroker {
         format!("127.0.0.1:{}", self.port)
     }
 
+    /// Publishes `payload` to the sale topic keyed by `goods_id`, as the relay keys its
+    /// events (so the same partition as that goods' sales): for tests that inject what no
+    /// script writes.
+    pub async fn publish_sale_message(&self, goods_id: &str, payload: &[u8]) -> anyhow::Result<()> {
+        use rdkafka::producer::{FutureProducer, FutureRecord};
+        let producer: FutureProducer = rdkafka::ClientConfig::new()
+            .set("bootstrap.servers", self.bootstrap())
+            .create()?;
+        producer
+            .send(
+                FutureRecord::to(TOPIC).key(goods_id).payload(payload),
+                Duration::from_secs(10),
+            )
+            .await
+            .map_err(|(e, _)| e)?;
+        Ok(())
+    }
+
     /// Stops the broker (SIGTERM, SIGKILL after 10 s); its data stays on disk. Tansu 0.6's
     /// sqlite storage does not survive a SIGKILL intact (its next produce panics), so the
     /// outage test stops it the way an operator would.

@@ -6,9 +6,8 @@ use std::time::{Duration, Instant};
 
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
-use rdkafka::producer::{FutureProducer, FutureRecord};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-use seckill_e2e::kafka_broker::{DEAD_LETTER_TOPIC, TOPIC};
+use seckill_e2e::kafka_broker::DEAD_LETTER_TOPIC;
 use seckill_e2e::pipeline::Pipeline;
 use seckill_e2e::process::wait_for;
 use seckill_e2e::syncer::{sum_metric, Role};
@@ -261,23 +260,12 @@ async fn unparsable_message_goes_to_dead_letter_and_the_partition_flows() {
     let p = pipeline("deadletter").await;
     p.open_sale("g", 1_000, 1).await.unwrap();
     let writer = p.spawn(writer(), None, &[]).await.unwrap();
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", p.broker.bootstrap())
-        .create()
-        .unwrap();
     // Same key as the sales, so the same partition: what follows must not be blocked.
     for payload in [
         &b"{not json"[..],
         br#"{"type":"reserved","order_id":"g.1.x","goods_id":"g"}"#,
     ] {
-        producer
-            .send(
-                FutureRecord::to(TOPIC).key("g").payload(payload),
-                Duration::from_secs(10),
-            )
-            .await
-            .map_err(|(e, _)| e)
-            .unwrap();
+        p.broker.publish_sale_message("g", payload).await.unwrap();
     }
     let _relay = p.spawn(relay(), None, &[]).await.unwrap();
     let orders = p.sell("g", "u", 200).await.unwrap();
@@ -340,18 +328,10 @@ async fn a_conflicting_event_is_dead_lettered_counted_and_never_applied() {
         at_ms: 1_800_000_000_000,
     }
     .to_json();
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", p.broker.bootstrap())
-        .create()
-        .unwrap();
     // Keyed by its goods like the relay's events: the same partition, which must go on.
-    producer
-        .send(
-            FutureRecord::to(TOPIC).key("g").payload(&conflicting),
-            Duration::from_secs(10),
-        )
+    p.broker
+        .publish_sale_message("g", &conflicting)
         .await
-        .map_err(|(e, _)| e)
         .unwrap();
     let later = p.sell("g", "b", 10).await.unwrap();
     let all: Vec<String> = first.iter().chain(&later).cloned().collect();

@@ -6,10 +6,7 @@ use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 use std::time::Duration;
 
-use rdkafka::producer::{FutureProducer, FutureRecord};
-use rdkafka::ClientConfig;
 use redis::AsyncCommands;
-use seckill_e2e::kafka_broker::TOPIC;
 use seckill_e2e::pipeline::{Pipeline, FAST_SWEEPER};
 use seckill_e2e::process::wait_for;
 use seckill_e2e::stack::now_ms;
@@ -212,17 +209,9 @@ async fn reconcile_sees_other_buyers_dead_letters_and_a_goods_redis_forgot() {
 
     // A message the writer cannot parse lands in the dead-letter topic: never clean again
     // until someone deals with it.
-    let producer: FutureProducer = ClientConfig::new()
-        .set("bootstrap.servers", p.broker.bootstrap())
-        .create()
-        .unwrap();
-    producer
-        .send(
-            FutureRecord::to(TOPIC).key("g").payload("{not json"),
-            Duration::from_secs(10),
-        )
+    p.broker
+        .publish_sale_message("g", b"{not json")
         .await
-        .map_err(|(e, _)| e)
         .unwrap();
     let (code, report) = wait_for("the dead letter to be counted", DRAIN, || async {
         let (code, report) = p.reconcile(&["--orders"])?;
