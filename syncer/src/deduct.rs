@@ -10,6 +10,7 @@ use redis::aio::ConnectionManager;
 use seckill_api::{DeductReply, DeductRequest, Outcome};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::durability::{self, CallError, Durability};
 use crate::keys::KeySpace;
 
 /// Longest a deduct may wait on Redis. The filter's callout timeout is shorter still; this
@@ -47,6 +48,13 @@ pub enum DeductError {
     Redis(String),
     #[error("deduct script replied {0}")]
     BadScriptReply(String),
+    /// `--redis-durability replicas:N` was not met: the batch's reservations stay in Redis
+    /// (a retry with the same request id meets them) but nobody is told `won` on them.
+    #[error(
+        "{acked} of {wanted} replicas acknowledged the batch before its deadline; \
+         its attempts are not answered"
+    )]
+    NotReplicated { acked: u64, wanted: u32 },
     #[error("the deduct batcher stopped")]
     Stopped,
 }
@@ -72,18 +80,31 @@ struct Batching {
     keys: KeySpace,
     script: redis::Script,
     claim_window: Duration,
+    durability: Durability,
 }
 
 impl Deducter {
     /// Starts the batcher task; it ends when every handle is dropped. Reservations delivered
     /// through a claim wait `claim_window` for it.
     pub fn start(redis: ConnectionManager, keys: KeySpace, claim_window: Duration) -> Self {
+        Self::start_with_durability(redis, keys, claim_window, Durability::None)
+    }
+
+    /// [`Deducter::start`] under a durability setting: with `replicas:N`, `redis` should be
+    /// a connection of its own (each WAIT holds up the commands queued behind it).
+    pub fn start_with_durability(
+        redis: ConnectionManager,
+        keys: KeySpace,
+        claim_window: Duration,
+        durability: Durability,
+    ) -> Self {
         let (queue, attempts) = mpsc::channel(QUEUE_ATTEMPTS_MAX);
         let batching = Batching {
             redis,
             keys,
             script: redis::Script::new(crate::scripts::DEDUCT),
             claim_window,
+            durability,
         };
         tokio::spawn(run_batches(attempts, batching));
         Self { queue }
@@ -188,13 +209,17 @@ async fn decide_group(
             .arg(&attempt.request.request_id);
     }
     let mut conn = batching.redis.clone();
-    let wait = deadline.saturating_duration_since(Instant::now());
+    let mark = batching.keys.durability_mark(&goods_id);
     let result: Result<Vec<ScriptReply>, DeductError> =
-        match tokio::time::timeout(wait, invocation.invoke_async(&mut conn)).await {
-            Err(_) => Err(DeductError::Timeout),
-            Ok(Err(e)) => Err(DeductError::Redis(e.to_string())),
-            Ok(Ok(replies)) => Ok(replies),
-        };
+        durability::invoke(batching.durability, &mut conn, &invocation, &mark, deadline)
+            .await
+            .map_err(|e| match e {
+                CallError::Timeout => DeductError::Timeout,
+                CallError::Redis(e) => DeductError::Redis(e),
+                CallError::NotReplicated { acked, wanted } => {
+                    DeductError::NotReplicated { acked, wanted }
+                }
+            });
     match result {
         Ok(replies) if replies.len() == group.len() => {
             for (attempt, reply) in group.into_iter().zip(replies) {
