@@ -4,6 +4,7 @@
 //! on purpose: under light load every batch holds one attempt.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use redis::aio::ConnectionManager;
@@ -74,9 +75,7 @@ pub struct Deducter {
 }
 
 /// What one script call needs besides its attempts.
-#[derive(Clone)]
 struct Batching {
-    redis: ConnectionManager,
     keys: KeySpace,
     script: redis::Script,
     claim_window: Duration,
@@ -87,26 +86,26 @@ impl Deducter {
     /// Starts the batcher task; it ends when every handle is dropped. Reservations delivered
     /// through a claim wait `claim_window` for it.
     pub fn start(redis: ConnectionManager, keys: KeySpace, claim_window: Duration) -> Self {
-        Self::start_with_durability(redis, keys, claim_window, Durability::None)
+        Self::start_with_durability(vec![redis], keys, claim_window, Durability::None)
     }
 
-    /// [`Deducter::start`] under a durability setting: with `replicas:N`, `redis` should be
-    /// a connection of its own (each WAIT holds up the commands queued behind it).
+    /// [`Deducter::start`] under a durability setting, with one batch out at a time on each
+    /// of `connections` (at least one). With `replicas:N` each should be a connection of its
+    /// own: a blocked WAIT holds up every command behind it on its connection.
     pub fn start_with_durability(
-        redis: ConnectionManager,
+        connections: Vec<ConnectionManager>,
         keys: KeySpace,
         claim_window: Duration,
         durability: Durability,
     ) -> Self {
         let (queue, attempts) = mpsc::channel(QUEUE_ATTEMPTS_MAX);
         let batching = Batching {
-            redis,
             keys,
             script: redis::Script::new(crate::scripts::DEDUCT),
             claim_window,
             durability,
         };
-        tokio::spawn(run_batches(attempts, batching));
+        tokio::spawn(run_batches(attempts, batching, connections));
         Self { queue }
     }
 
@@ -144,30 +143,56 @@ impl Deducter {
 }
 
 /// Takes whatever attempts are queued (up to a batch), decides them with one script call per
-/// goods, answers each, and repeats. One batch at a time: while it is out, the next forms.
-async fn run_batches(mut attempts: mpsc::Receiver<Attempt>, batching: Batching) {
-    let mut batch = Vec::with_capacity(BATCH_ATTEMPTS_MAX);
-    while attempts.recv_many(&mut batch, BATCH_ATTEMPTS_MAX).await > 0 {
-        let now = Instant::now();
-        let mut by_goods: HashMap<(String, Delivery), Vec<Attempt>> = HashMap::new();
-        for attempt in batch.drain(..) {
-            // Waited in the queue past its caller's patience: answer without asking Redis.
-            if attempt.deadline <= now {
-                let _ = attempt.reply.send(Err(DeductError::TooLate));
-                continue;
-            }
-            by_goods
-                .entry((attempt.request.goods_id.clone(), attempt.delivery))
-                .or_default()
-                .push(attempt);
-        }
-        metrics::histogram!("seckill_deduct_batch_attempts")
-            .record(by_goods.values().map(Vec::len).sum::<usize>() as f64);
-        let calls = by_goods.into_iter().map(|((goods_id, delivery), group)| {
-            decide_group(&batching, goods_id, delivery, group)
-        });
-        futures_util::future::join_all(calls).await;
+/// goods, answers each, and repeats. One batch out at a time on each connection: while the
+/// batches are out, the next forms.
+async fn run_batches(
+    mut attempts: mpsc::Receiver<Attempt>,
+    batching: Batching,
+    connections: Vec<ConnectionManager>,
+) {
+    let batching = Arc::new(batching);
+    // The free connections; a batch takes one and gives it back when it is answered.
+    let (free, mut idle) = mpsc::channel(connections.len().max(1));
+    for connection in connections {
+        let _ = free.try_send(connection);
     }
+    let mut batch = Vec::with_capacity(BATCH_ATTEMPTS_MAX);
+    // A free connection first, so that while every one is out the next batch keeps forming.
+    while let Some(connection) = idle.recv().await {
+        if attempts.recv_many(&mut batch, BATCH_ATTEMPTS_MAX).await == 0 {
+            return;
+        }
+        let groups = group_by_goods(&mut batch);
+        let (batching, free) = (batching.clone(), free.clone());
+        tokio::spawn(async move {
+            let calls = groups.into_iter().map(|((goods_id, delivery), group)| {
+                decide_group(&batching, connection.clone(), goods_id, delivery, group)
+            });
+            futures_util::future::join_all(calls).await;
+            let _ = free.send(connection).await;
+        });
+    }
+}
+
+/// One group per goods and delivery (one script call each); attempts whose caller already
+/// gave up are answered `TooLate` here, without asking Redis.
+fn group_by_goods(batch: &mut Vec<Attempt>) -> HashMap<(String, Delivery), Vec<Attempt>> {
+    let now = Instant::now();
+    let mut by_goods: HashMap<(String, Delivery), Vec<Attempt>> = HashMap::new();
+    for attempt in batch.drain(..) {
+        // Waited in the queue past its caller's patience: answer without asking Redis.
+        if attempt.deadline <= now {
+            let _ = attempt.reply.send(Err(DeductError::TooLate));
+            continue;
+        }
+        by_goods
+            .entry((attempt.request.goods_id.clone(), attempt.delivery))
+            .or_default()
+            .push(attempt);
+    }
+    metrics::histogram!("seckill_deduct_batch_attempts")
+        .record(by_goods.values().map(Vec::len).sum::<usize>() as f64);
+    by_goods
 }
 
 /// Milliseconds since the epoch at `deadline`, by this host's wall clock; the script compares
@@ -180,6 +205,7 @@ fn epoch_ms_at(deadline: Instant) -> u64 {
 
 async fn decide_group(
     batching: &Batching,
+    mut conn: ConnectionManager,
     goods_id: String,
     delivery: Delivery,
     group: Vec<Attempt>,
@@ -208,7 +234,6 @@ async fn decide_group(
             .arg(attempt.request.quantity)
             .arg(&attempt.request.request_id);
     }
-    let mut conn = batching.redis.clone();
     let mark = batching.keys.durability_mark(&goods_id);
     let result: Result<Vec<ScriptReply>, DeductError> =
         durability::invoke(batching.durability, &mut conn, &invocation, &mark, deadline)

@@ -78,7 +78,23 @@ impl Durability {
     pub fn waits(self) -> bool {
         matches!(self, Durability::Replicas(_))
     }
+
+    /// Deduct batches out at Redis at once. One is enough while Redis answers at once: the
+    /// next batch forms meanwhile. When each answer waits (an fsync under `aof`, a replica's
+    /// acknowledgement under `replicas:N`), batches that reach Redis meanwhile share the
+    /// next wait: Redis fsyncs once per pass of its event loop for every command of that
+    /// pass, and asks its replicas for one acknowledgement that covers every blocked WAIT.
+    pub fn batches_in_flight(self) -> usize {
+        match self {
+            Durability::None => 1,
+            Durability::Aof | Durability::Replicas(_) => WAITING_BATCHES_IN_FLIGHT,
+        }
+    }
 }
+
+/// See [`Durability::batches_in_flight`]: enough to keep Redis busy while it waits, few
+/// enough that batches stay large (each holds what queued while the others were out).
+const WAITING_BATCHES_IN_FLIGHT: usize = 4;
 
 #[derive(Debug, thiserror::Error)]
 pub enum CheckError {

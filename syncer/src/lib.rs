@@ -168,15 +168,20 @@ pub async fn serve(
     let redis = connect_redis(&config.stores.redis_url).await?;
     durability::check_at_start(&redis, config.durability, config.durability_unchecked).await?;
     durability::describe_metrics(config.durability);
-    // A WAIT blocks its connection: the deducter and the lifecycle then get one each, so
-    // health checks, admin calls and the other's calls never queue behind it.
-    let (deduct_redis, lifecycle_redis) = if config.durability.waits() {
-        (
-            connect_redis(&config.stores.redis_url).await?,
-            connect_redis(&config.stores.redis_url).await?,
-        )
-    } else {
-        (redis.clone(), redis.clone())
+    // A WAIT blocks its connection: under `replicas:N` each batch in flight and the lifecycle
+    // get one of their own, so health checks, admin calls and the other calls never queue
+    // behind it.
+    let batches_in_flight = config.durability.batches_in_flight();
+    let mut deduct_connections = Vec::with_capacity(batches_in_flight);
+    for _ in 0..batches_in_flight {
+        deduct_connections.push(match config.durability.waits() {
+            true => connect_redis(&config.stores.redis_url).await?,
+            false => redis.clone(),
+        });
+    }
+    let lifecycle_redis = match config.durability.waits() {
+        true => connect_redis(&config.stores.redis_url).await?,
+        false => redis.clone(),
     };
     let mysql = db::connect(&config.stores.mysql_url).await?;
     let keys = KeySpace::new(config.stores.key_prefix.clone());
@@ -216,7 +221,7 @@ pub async fn serve(
     });
     let state = Arc::new(http::AppState {
         deducter: Deducter::start_with_durability(
-            deduct_redis,
+            deduct_connections,
             keys.clone(),
             config.claim_window,
             config.durability,
