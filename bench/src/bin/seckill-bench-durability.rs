@@ -27,7 +27,7 @@ struct Args {
     #[arg(long, value_delimiter = ',', default_values_t = [50, 400])]
     connections: Vec<u32>,
     /// Rounds; each measures every setting once, in turn, so drift hits all alike.
-    #[arg(long, default_value_t = 2, value_parser = clap::value_parser!(u32).range(1..=10))]
+    #[arg(long, default_value_t = 3, value_parser = clap::value_parser!(u32).range(1..=10))]
     rounds: u32,
     #[arg(long, default_value = "BENCHMARKS.md")]
     out: PathBuf,
@@ -207,9 +207,24 @@ async fn batch_counts(syncer: &SyncerProcess) -> anyhow::Result<(f64, f64)> {
     ))
 }
 
-/// The mean of one figure over the rounds.
-fn mean(runs: &[Figures], figure: impl Fn(&Figures) -> f64) -> f64 {
-    runs.iter().map(&figure).sum::<f64>() / runs.len().max(1) as f64
+/// The median of one figure over the rounds: one round disturbed by other work on the
+/// machine does not move it.
+fn median(runs: &[Figures], figure: impl Fn(&Figures) -> f64) -> f64 {
+    let mut values: Vec<f64> = runs.iter().map(figure).collect();
+    values.sort_by(f64::total_cmp);
+    seckill_bench::report::quantile(&values, 0.5)
+}
+
+/// The median over the rounds of a setting's rate over `none`'s in the same round: the two
+/// ran minutes apart at most, so drifting load on the machine cancels out.
+fn median_ratio(setting: &[Figures], none: &[Figures]) -> f64 {
+    let mut ratios: Vec<f64> = setting
+        .iter()
+        .zip(none)
+        .map(|(s, n)| s.wrk.requests_per_second / n.wrk.requests_per_second.max(1.0))
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    seckill_bench::report::quantile(&ratios, 0.5)
 }
 
 fn render(args: &Args, runs: &[Vec<Vec<Figures>>]) -> String {
@@ -236,10 +251,11 @@ Conditions: this machine ({cores} cores shared by wrk, the syncer and every Redi
 whatever else runs on it), release builds; for each setting in turn, a fresh private \
 redis-server (and replica), a syncer with `--redis-durability` set, one goods with stock no run \
 exhausts, and wrk (1 thread, a new buyer and request id per call) on `POST /v1/deduct` for {s} s \
-after a 2 s warm-up; {r} rounds, the settings taking turns; figures are the rounds' mean.
+after a 2 s warm-up; {r} rounds, the settings taking turns; figures are the rounds' median, \
+and a ratio is the median of each round's ratio to `none` in the same round.
 {tables}
 One write's round trip alone (median of {p} sequential INCRs, `WAIT 1` added under \
-`replicas:1`), first level's runs: `none` {w0:.0} µs, `aof` {w1:.0} µs (the fsync), \
+`replicas:1`), first level's rounds: `none` {w0:.0} µs, `aof` {w1:.0} µs (the fsync), \
 `replicas:1` {w2:.0} µs (the replica's acknowledgement).
 
 Goal: at least 0.7x of `none` for each. Each script call waits for one fsync (`aof`) or one \
@@ -253,16 +269,17 @@ batches stay small and the wait shows; a crowd fills them.
         c = levels.join(","),
         r = args.rounds,
         p = PROBE_WRITES,
-        w0 = mean(&runs[0][0], |f| f.write_us),
-        w1 = mean(&runs[0][1], |f| f.write_us),
-        w2 = mean(&runs[0][2], |f| f.write_us),
+        w0 = median(&runs[0][0], |f| f.write_us),
+        w1 = median(&runs[0][1], |f| f.write_us),
+        w2 = median(&runs[0][2], |f| f.write_us),
     )
 }
 
 /// One table row per setting at one concurrency level.
 fn rows(args: &Args, runs: &[Vec<Figures>]) -> String {
     let seconds = args.seconds as f64;
-    let rate = |i: usize| mean(&runs[i], |f| f.wrk.requests_per_second);
+    let rate = |i: usize| median(&runs[i], |f| f.wrk.requests_per_second);
+    let ratio = |i: usize| median_ratio(&runs[i], &runs[0]);
     let mut rows = String::new();
     for (i, setting) in SETTINGS.iter().enumerate() {
         let rounds: Vec<String> = runs[i]
@@ -275,11 +292,11 @@ fn rows(args: &Args, runs: &[Vec<Figures>]) -> String {
             setting.what,
             rate(i),
             rounds.join(", "),
-            rate(i) / rate(0),
-            mean(&runs[i], |f| f.attempts / f.batches.max(1.0)),
-            mean(&runs[i], |f| f.batches / seconds),
-            mean(&runs[i], |f| f.wrk.p50_ms),
-            mean(&runs[i], |f| f.wrk.p99_ms),
+            ratio(i),
+            median(&runs[i], |f| f.attempts / f.batches.max(1.0)),
+            median(&runs[i], |f| f.batches / seconds),
+            median(&runs[i], |f| f.wrk.p50_ms),
+            median(&runs[i], |f| f.wrk.p99_ms),
         ));
     }
     rows
