@@ -2,7 +2,8 @@
 # Runs every benchmark of the project in one run and rewrites their sections of BENCHMARKS.md:
 # the edge against Envoy's baselines (seckill-bench), the sync pipeline (seckill-bench-sync),
 # the deduct endpoint against redis-benchmark and an end-to-end sale with its chart
-# (seckill-bench-sale, which draws docs/sale.svg). About 8 minutes on 2 cores.
+# (seckill-bench-sale, which draws docs/sale.svg), and what each Redis durability setting costs
+# a hot goods (seckill-bench-durability). About 10 minutes on 2 cores.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -12,3 +13,4 @@ cargo build -q --release -p seckill-syncer -p seckill-bench --locked
 target/release/seckill-bench
 target/release/seckill-bench-sync
 target/release/seckill-bench-sale
+target/release/seckill-bench-durability

@@ -28,6 +28,29 @@ request = function()
 end
 "#;
 
+/// A wrk script for the syncer's deduct endpoint: goods `GOODS`, a new buyer and request id
+/// each call, so every call is a fresh purchase attempt on one hot goods.
+const DEDUCT_SCRIPT: &str = r#"
+wrk.method = "POST"
+wrk.headers["content-type"] = "application/json"
+wrk.headers["x-seckill-secret"] = "SECRET"
+math.randomseed(os.time())
+counter = 0
+request = function()
+  counter = counter + 1
+  local id = math.random(1, 1000000000) .. "-" .. counter
+  local body = '{"goods_id":"GOODS","user_id":"u' .. id .. '","quantity":1,"request_id":"r' .. id .. '"}'
+  return wrk.format(nil, nil, nil, body)
+end
+"#;
+
+/// [`DEDUCT_SCRIPT`] for `goods` (an id: no quotes to escape) with the shared secret.
+pub fn deduct_script(goods: &str, secret: &str) -> String {
+    DEDUCT_SCRIPT
+        .replace("SECRET", secret)
+        .replace("GOODS", goods)
+}
+
 pub fn run(
     url: &str,
     script: &Path,

@@ -4,12 +4,14 @@
 //! on purpose: under light load every batch holds one attempt.
 
 use std::collections::HashMap;
+use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use redis::aio::ConnectionManager;
 use seckill_api::{DeductReply, DeductRequest, Outcome};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::durability::{self, CallError, Durability};
 use crate::keys::KeySpace;
 
 /// Longest a deduct may wait on Redis. The filter's callout timeout is shorter still; this
@@ -47,6 +49,13 @@ pub enum DeductError {
     Redis(String),
     #[error("deduct script replied {0}")]
     BadScriptReply(String),
+    /// `--redis-durability replicas:N` was not met: the batch's reservations stay in Redis
+    /// (a retry with the same request id meets them) but nobody is told `won` on them.
+    #[error(
+        "{acked} of {wanted} replicas acknowledged the batch before its deadline; \
+         its attempts are not answered"
+    )]
+    NotReplicated { acked: u64, wanted: u32 },
     #[error("the deduct batcher stopped")]
     Stopped,
 }
@@ -66,26 +75,37 @@ pub struct Deducter {
 }
 
 /// What one script call needs besides its attempts.
-#[derive(Clone)]
 struct Batching {
-    redis: ConnectionManager,
     keys: KeySpace,
     script: redis::Script,
     claim_window: Duration,
+    durability: Durability,
 }
 
 impl Deducter {
     /// Starts the batcher task; it ends when every handle is dropped. Reservations delivered
     /// through a claim wait `claim_window` for it.
     pub fn start(redis: ConnectionManager, keys: KeySpace, claim_window: Duration) -> Self {
+        Self::start_with_durability(vec![redis], keys, claim_window, Durability::None)
+    }
+
+    /// [`Deducter::start`] under a durability setting, with one batch out at a time on each
+    /// of `connections` (at least one). With `replicas:N` each should be a connection of its
+    /// own: a blocked WAIT holds up every command behind it on its connection.
+    pub fn start_with_durability(
+        connections: Vec<ConnectionManager>,
+        keys: KeySpace,
+        claim_window: Duration,
+        durability: Durability,
+    ) -> Self {
         let (queue, attempts) = mpsc::channel(QUEUE_ATTEMPTS_MAX);
         let batching = Batching {
-            redis,
             keys,
             script: redis::Script::new(crate::scripts::DEDUCT),
             claim_window,
+            durability,
         };
-        tokio::spawn(run_batches(attempts, batching));
+        tokio::spawn(run_batches(attempts, batching, connections));
         Self { queue }
     }
 
@@ -123,30 +143,56 @@ impl Deducter {
 }
 
 /// Takes whatever attempts are queued (up to a batch), decides them with one script call per
-/// goods, answers each, and repeats. One batch at a time: while it is out, the next forms.
-async fn run_batches(mut attempts: mpsc::Receiver<Attempt>, batching: Batching) {
-    let mut batch = Vec::with_capacity(BATCH_ATTEMPTS_MAX);
-    while attempts.recv_many(&mut batch, BATCH_ATTEMPTS_MAX).await > 0 {
-        let now = Instant::now();
-        let mut by_goods: HashMap<(String, Delivery), Vec<Attempt>> = HashMap::new();
-        for attempt in batch.drain(..) {
-            // Waited in the queue past its caller's patience: answer without asking Redis.
-            if attempt.deadline <= now {
-                let _ = attempt.reply.send(Err(DeductError::TooLate));
-                continue;
-            }
-            by_goods
-                .entry((attempt.request.goods_id.clone(), attempt.delivery))
-                .or_default()
-                .push(attempt);
-        }
-        metrics::histogram!("seckill_deduct_batch_attempts")
-            .record(by_goods.values().map(Vec::len).sum::<usize>() as f64);
-        let calls = by_goods.into_iter().map(|((goods_id, delivery), group)| {
-            decide_group(&batching, goods_id, delivery, group)
-        });
-        futures_util::future::join_all(calls).await;
+/// goods, answers each, and repeats. One batch out at a time on each connection: while the
+/// batches are out, the next forms.
+async fn run_batches(
+    mut attempts: mpsc::Receiver<Attempt>,
+    batching: Batching,
+    connections: Vec<ConnectionManager>,
+) {
+    let batching = Arc::new(batching);
+    // The free connections; a batch takes one and gives it back when it is answered.
+    let (free, mut idle) = mpsc::channel(connections.len().max(1));
+    for connection in connections {
+        let _ = free.try_send(connection);
     }
+    let mut batch = Vec::with_capacity(BATCH_ATTEMPTS_MAX);
+    // A free connection first, so that while every one is out the next batch keeps forming.
+    while let Some(connection) = idle.recv().await {
+        if attempts.recv_many(&mut batch, BATCH_ATTEMPTS_MAX).await == 0 {
+            return;
+        }
+        let groups = group_by_goods(&mut batch);
+        let (batching, free) = (batching.clone(), free.clone());
+        tokio::spawn(async move {
+            let calls = groups.into_iter().map(|((goods_id, delivery), group)| {
+                decide_group(&batching, connection.clone(), goods_id, delivery, group)
+            });
+            futures_util::future::join_all(calls).await;
+            let _ = free.send(connection).await;
+        });
+    }
+}
+
+/// One group per goods and delivery (one script call each); attempts whose caller already
+/// gave up are answered `TooLate` here, without asking Redis.
+fn group_by_goods(batch: &mut Vec<Attempt>) -> HashMap<(String, Delivery), Vec<Attempt>> {
+    let now = Instant::now();
+    let mut by_goods: HashMap<(String, Delivery), Vec<Attempt>> = HashMap::new();
+    for attempt in batch.drain(..) {
+        // Waited in the queue past its caller's patience: answer without asking Redis.
+        if attempt.deadline <= now {
+            let _ = attempt.reply.send(Err(DeductError::TooLate));
+            continue;
+        }
+        by_goods
+            .entry((attempt.request.goods_id.clone(), attempt.delivery))
+            .or_default()
+            .push(attempt);
+    }
+    metrics::histogram!("seckill_deduct_batch_attempts")
+        .record(by_goods.values().map(Vec::len).sum::<usize>() as f64);
+    by_goods
 }
 
 /// Milliseconds since the epoch at `deadline`, by this host's wall clock; the script compares
@@ -159,6 +205,7 @@ fn epoch_ms_at(deadline: Instant) -> u64 {
 
 async fn decide_group(
     batching: &Batching,
+    mut conn: ConnectionManager,
     goods_id: String,
     delivery: Delivery,
     group: Vec<Attempt>,
@@ -187,14 +234,17 @@ async fn decide_group(
             .arg(attempt.request.quantity)
             .arg(&attempt.request.request_id);
     }
-    let mut conn = batching.redis.clone();
-    let wait = deadline.saturating_duration_since(Instant::now());
+    let mark = batching.keys.durability_mark(&goods_id);
     let result: Result<Vec<ScriptReply>, DeductError> =
-        match tokio::time::timeout(wait, invocation.invoke_async(&mut conn)).await {
-            Err(_) => Err(DeductError::Timeout),
-            Ok(Err(e)) => Err(DeductError::Redis(e.to_string())),
-            Ok(Ok(replies)) => Ok(replies),
-        };
+        durability::invoke(batching.durability, &mut conn, &invocation, &mark, deadline)
+            .await
+            .map_err(|e| match e {
+                CallError::Timeout => DeductError::Timeout,
+                CallError::Redis(e) => DeductError::Redis(e),
+                CallError::NotReplicated { acked, wanted } => {
+                    DeductError::NotReplicated { acked, wanted }
+                }
+            });
     match result {
         Ok(replies) if replies.len() == group.len() => {
             for (attempt, reply) in group.into_iter().zip(replies) {

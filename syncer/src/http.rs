@@ -270,6 +270,7 @@ async fn decide(
                 DeductError::BadRequest(_) => "bad_request",
                 DeductError::Overloaded => "overloaded",
                 DeductError::TooLate => "too_late",
+                DeductError::NotReplicated { .. } => "not_replicated",
                 _ => "redis",
             };
             metrics::counter!("seckill_deduct_errors_total", "kind" => kind).increment(1)

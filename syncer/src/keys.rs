@@ -145,6 +145,13 @@ impl KeySpace {
     pub fn sales_index(&self) -> String {
         format!("{}:sales", self.prefix)
     }
+
+    /// Counter that a script call under `--redis-durability replicas:N` increments, so its
+    /// WAIT covers every write before it (`durability.rs`). One per goods, in its hash tag
+    /// (a WAIT on a Redis Cluster shard counts that shard's replicas).
+    pub fn durability_mark(&self, goods_id: &str) -> String {
+        format!("{}:{{{}}}:durability", self.prefix, goods_id)
+    }
 }
 
 /// The goods id inside an order id (`goods.epoch.sequence`; a goods id may contain dots).

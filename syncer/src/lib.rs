@@ -4,6 +4,7 @@
 pub mod crashpoint;
 pub mod db;
 pub mod deduct;
+pub mod durability;
 pub mod events;
 pub mod http;
 pub mod kafka;
@@ -50,6 +51,10 @@ pub struct ServeConfig {
     pub sweep_every: Duration,
     /// How long a reservation made through the batch endpoint waits for the gate's claim.
     pub claim_window: Duration,
+    /// What an answer must rest on before it is given (`durability.rs`).
+    pub durability: durability::Durability,
+    /// With `aof`: trust a Redis whose CONFIG cannot be read.
+    pub durability_unchecked: bool,
 }
 
 pub async fn connect_redis(url: &str) -> anyhow::Result<ConnectionManager> {
@@ -176,6 +181,23 @@ pub async fn serve(
         anyhow::bail!("the shared secret must not be empty");
     }
     let redis = connect_redis(&config.stores.redis_url).await?;
+    durability::check_at_start(&redis, config.durability, config.durability_unchecked).await?;
+    durability::describe_metrics(config.durability);
+    // A WAIT blocks its connection: under `replicas:N` each batch in flight and the lifecycle
+    // get one of their own, so health checks, admin calls and the other calls never queue
+    // behind it.
+    let batches_in_flight = config.durability.batches_in_flight();
+    let mut deduct_connections = Vec::with_capacity(batches_in_flight);
+    for _ in 0..batches_in_flight {
+        deduct_connections.push(match config.durability.waits() {
+            true => connect_redis(&config.stores.redis_url).await?,
+            false => redis.clone(),
+        });
+    }
+    let lifecycle_redis = match config.durability.waits() {
+        true => connect_redis(&config.stores.redis_url).await?,
+        false => redis.clone(),
+    };
     let mysql = db::connect(&config.stores.mysql_url).await?;
     let keys = KeySpace::new(config.stores.key_prefix.clone());
     let mut background = tokio::task::JoinSet::new();
@@ -210,7 +232,8 @@ pub async fn serve(
             Ok(())
         });
     }
-    let lifecycle = lifecycle::Lifecycle::new(redis.clone(), keys.clone());
+    let lifecycle =
+        lifecycle::Lifecycle::new(lifecycle_redis, keys.clone()).with_durability(config.durability);
     let (sweeper, token, every) = (lifecycle.clone(), shutdown.clone(), config.sweep_every);
     let claim_window = config.claim_window;
     background.spawn(async move {
@@ -218,7 +241,12 @@ pub async fn serve(
         Ok(())
     });
     let state = Arc::new(http::AppState {
-        deducter: Deducter::start(redis.clone(), keys.clone(), config.claim_window),
+        deducter: Deducter::start_with_durability(
+            deduct_connections,
+            keys.clone(),
+            config.claim_window,
+            config.durability,
+        ),
         lifecycle,
         redis,
         keys,

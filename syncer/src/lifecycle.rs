@@ -2,13 +2,14 @@
 //! failure), exactly once per order, atomically in Redis, with its event in the outbox.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+use crate::durability::{self, CallError, Durability};
 use crate::keys::{goods_of_order, KeySpace};
 use crate::order::{OrderState, ReleaseReason};
 
@@ -67,7 +68,13 @@ pub enum LifecycleError {
     #[error("redis did not answer within {REDIS_TIMEOUT:?}")]
     Timeout,
     #[error("redis: {0}")]
+    Store(String),
+    #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
+    /// `--redis-durability replicas:N` was not met: the settlement stays in Redis (a repeated
+    /// call answers from it) but this call does not report it done.
+    #[error("{acked} of {wanted} replicas acknowledged the settlement before its deadline")]
+    NotReplicated { acked: u64, wanted: u32 },
     #[error("lifecycle script replied {0:?}")]
     BadScriptReply(String),
 }
@@ -77,6 +84,7 @@ pub struct Lifecycle {
     redis: ConnectionManager,
     keys: KeySpace,
     script: redis::Script,
+    durability: Durability,
 }
 
 impl Lifecycle {
@@ -85,7 +93,36 @@ impl Lifecycle {
             redis,
             keys,
             script: redis::Script::new(crate::scripts::LIFECYCLE),
+            durability: Durability::None,
         }
+    }
+
+    /// Confirms, releases and claims answer only once `durability` is met (sweeps answer
+    /// nobody and do not wait). With `replicas:N`, give the lifecycle a connection of its
+    /// own: each WAIT holds up the commands queued behind it.
+    pub fn with_durability(mut self, durability: Durability) -> Self {
+        self.durability = durability;
+        self
+    }
+
+    /// One script call whose answer someone acts on, under the durability setting.
+    async fn invoke_durably<T: redis::FromRedisValue>(
+        &self,
+        goods_id: &str,
+        invocation: &redis::ScriptInvocation<'_>,
+    ) -> Result<T, LifecycleError> {
+        let mut conn = self.redis.clone();
+        let mark = self.keys.durability_mark(goods_id);
+        let deadline = Instant::now() + REDIS_TIMEOUT;
+        durability::invoke(self.durability, &mut conn, invocation, &mark, deadline)
+            .await
+            .map_err(|e| match e {
+                CallError::Timeout => LifecycleError::Timeout,
+                CallError::Redis(e) => LifecycleError::Store(e),
+                CallError::NotReplicated { acked, wanted } => {
+                    LifecycleError::NotReplicated { acked, wanted }
+                }
+            })
     }
 
     pub async fn confirm(&self, order_id: &str) -> Result<Settlement, LifecycleError> {
@@ -115,11 +152,7 @@ impl Lifecycle {
         })?;
         let mut invocation = self.invocation(goods_id, action);
         invocation.arg(order_id).arg(reason);
-        let mut conn = self.redis.clone();
-        let (status, state): (String, String) =
-            tokio::time::timeout(REDIS_TIMEOUT, invocation.invoke_async(&mut conn))
-                .await
-                .map_err(|_| LifecycleError::Timeout)??;
+        let (status, state): (String, String) = self.invoke_durably(goods_id, &invocation).await?;
         let changed = match status.as_str() {
             "changed" => true,
             "settled" => false,
@@ -153,12 +186,8 @@ impl Lifecycle {
             for id in &ids {
                 invocation.arg(id.as_str());
             }
-            let mut conn = self.redis.clone();
             let result: Result<(u64, u64), LifecycleError> =
-                tokio::time::timeout(REDIS_TIMEOUT, invocation.invoke_async(&mut conn))
-                    .await
-                    .map_err(|_| LifecycleError::Timeout)
-                    .and_then(|r| r.map_err(LifecycleError::from));
+                self.invoke_durably(goods_id, &invocation).await;
             match result {
                 Ok((claimed, late)) => {
                     outcome.claimed += claimed;

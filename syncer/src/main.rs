@@ -5,6 +5,7 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
+use seckill_syncer::durability::Durability;
 use seckill_syncer::kafka::KafkaConfig;
 use seckill_syncer::reconcile::Reconciler;
 use seckill_syncer::writer::WriterConfig;
@@ -149,6 +150,17 @@ enum Command {
         /// ended in MySQL as expired, with --pipeline (covers clock skew; 1 to 86400).
         #[arg(long, env = "SECKILL_FORGOTTEN_GRACE_S", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=86_400))]
         forgotten_grace_s: u64,
+        /// What an answer must rest on before a buyer or the shop gets it: `none` (Redis's
+        /// memory), `aof` (Redis's AOF, fsynced before each reply: appendonly yes and
+        /// appendfsync always, checked at start) or `replicas:N` (N from 1 to 16 replicas
+        /// acknowledged the write: WAIT after each script call, 503 when they do not).
+        #[arg(long, env = "SECKILL_REDIS_DURABILITY", default_value = "none", value_parser = parse_durability)]
+        redis_durability: Durability,
+        /// With `--redis-durability aof`: start even though Redis's CONFIG cannot be read (a
+        /// managed Redis that disables it), trusting that it runs as `aof` requires. A CONFIG
+        /// that can be read and says otherwise is refused all the same.
+        #[arg(long, env = "SECKILL_REDIS_DURABILITY_UNCHECKED")]
+        redis_durability_unchecked: bool,
     },
     /// Relay sale events from the Redis outboxes to Kafka.
     Relay {
@@ -259,6 +271,8 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             forgotten_grace_s,
             sweep_every_ms,
             claim_window_ms,
+            redis_durability,
+            redis_durability_unchecked,
         } => {
             let metrics = install_metrics()?;
             let config = ServeConfig {
@@ -267,6 +281,8 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 secret,
                 sweep_every: Duration::from_millis(sweep_every_ms),
                 claim_window: Duration::from_millis(claim_window_ms),
+                durability: redis_durability,
+                durability_unchecked: redis_durability_unchecked,
             };
             let pipeline = pipeline.then(|| PipelineConfig {
                 writer: writer.config(),
@@ -358,6 +374,10 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+fn parse_durability(text: &str) -> Result<Durability, String> {
+    text.parse()
 }
 
 fn install_metrics() -> anyhow::Result<metrics_exporter_prometheus::PrometheusHandle> {

@@ -18,9 +18,29 @@ pub struct ChildGuard {
 
 impl ChildGuard {
     /// Starts `command` with stdout and stderr going to `log_path`.
-    pub fn spawn(name: &str, mut command: Command, log_path: &Path) -> anyhow::Result<Self> {
+    pub fn spawn(name: &str, command: Command, log_path: &Path) -> anyhow::Result<Self> {
         let log = std::fs::File::create(log_path)
             .with_context(|| format!("cannot create {}", log_path.display()))?;
+        Self::spawn_logging(name, command, log, log_path)
+    }
+
+    /// Like [`ChildGuard::spawn`], appending to `log_path` (a restarted server's log keeps
+    /// what its first life wrote).
+    pub fn spawn_appending(name: &str, command: Command, log_path: &Path) -> anyhow::Result<Self> {
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(log_path)
+            .with_context(|| format!("cannot open {}", log_path.display()))?;
+        Self::spawn_logging(name, command, log, log_path)
+    }
+
+    fn spawn_logging(
+        name: &str,
+        mut command: Command,
+        log: std::fs::File,
+        log_path: &Path,
+    ) -> anyhow::Result<Self> {
         let child = command
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)

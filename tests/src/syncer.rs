@@ -64,14 +64,50 @@ impl SyncerProcess {
         Err(last_error.unwrap_or_else(|| anyhow::anyhow!("syncer did not start")))
     }
 
-    async fn try_start(
-        binary: &Path,
+    /// Runs `serve` with `env` where it is expected to refuse to start: returns its exit
+    /// status and its log once it exits (bounded), or fails if it became ready instead.
+    pub async fn start_refused(
         dir: &Path,
+        args: &SyncerArgs<'_>,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<(std::process::ExitStatus, String)> {
+        let port = free_port()?;
+        let role = Role::Serve { pipeline: false };
+        let (command, name, _) = Self::command(&syncer_binary()?, args, &role, env, port)?;
+        let log = dir.join(format!("syncer-{name}-{port}-refused.log"));
+        let mut process = ChildGuard::spawn("seckill-syncer", command, &log)?;
+        let health = format!("http://127.0.0.1:{port}/healthz");
+        let client = reqwest::Client::new();
+        let status = wait_for(
+            "the syncer to refuse and exit",
+            Duration::from_secs(30),
+            || {
+                let status = process.exit_status();
+                let request = client.get(&health).send();
+                async move {
+                    if status.is_some() {
+                        return Ok(status);
+                    }
+                    if request.await.is_ok_and(|r| r.status().is_success()) {
+                        anyhow::bail!("the syncer started and serves; it was expected to refuse");
+                    }
+                    Ok(None)
+                }
+            },
+        )
+        .await?;
+        Ok((status, std::fs::read_to_string(&log)?))
+    }
+
+    /// The command line of `role` listening (or serving metrics) on `port`; with its name
+    /// and the path that answers once it is ready.
+    fn command(
+        binary: &Path,
         args: &SyncerArgs<'_>,
         role: &Role,
         env: &[(&str, &str)],
-    ) -> anyhow::Result<Self> {
-        let port = free_port()?;
+        port: u16,
+    ) -> anyhow::Result<(Command, &'static str, &'static str)> {
         let mut command = Command::new(binary);
         let (name, ready_path) = match role {
             Role::Serve { pipeline } => {
@@ -118,6 +154,18 @@ impl SyncerProcess {
         for (key, value) in env {
             command.env(key, value);
         }
+        Ok((command, name, ready_path))
+    }
+
+    async fn try_start(
+        binary: &Path,
+        dir: &Path,
+        args: &SyncerArgs<'_>,
+        role: &Role,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
+        let port = free_port()?;
+        let (command, name, ready_path) = Self::command(binary, args, role, env, port)?;
         let log = dir.join(format!("syncer-{name}-{port}.log"));
         let mut process = ChildGuard::spawn("seckill-syncer", command, &log)?;
         let ready = format!("http://127.0.0.1:{port}{ready_path}");

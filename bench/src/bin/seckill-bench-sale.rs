@@ -64,21 +64,6 @@ struct DeductFigures {
     redis_rps: f64,
 }
 
-/// wrk body for the deduct endpoint: a new buyer and request id each time.
-const DEDUCT_SCRIPT: &str = r#"
-wrk.method = "POST"
-wrk.headers["content-type"] = "application/json"
-wrk.headers["x-seckill-secret"] = "SECRET"
-math.randomseed(os.time())
-counter = 0
-request = function()
-  counter = counter + 1
-  local id = math.random(1, 1000000000) .. "-" .. counter
-  local body = '{"goods_id":"bench","user_id":"u' .. id .. '","quantity":1,"request_id":"r' .. id .. '"}'
-  return wrk.format(nil, nil, nil, body)
-end
-"#;
-
 async fn deduct_against_redis(args: &Args) -> anyhow::Result<DeductFigures> {
     let mut options = StackOptions::new("bench_deduct");
     options.without_syncer = false;
@@ -87,7 +72,7 @@ async fn deduct_against_redis(args: &Args) -> anyhow::Result<DeductFigures> {
 
     // The syncer's endpoint: HTTP, JSON, the batched script call.
     let script = stack.scratch.path.join("deduct.lua");
-    std::fs::write(&script, DEDUCT_SCRIPT.replace("SECRET", SECRET))?;
+    std::fs::write(&script, wrk::deduct_script("bench", SECRET))?;
     let url = format!("{}{}", stack.syncer()?.url(), seckill_api::DEDUCT_PATH);
     let (connections, seconds) = (args.connections, args.deduct_seconds);
     let endpoint = tokio::task::spawn_blocking(move || {
