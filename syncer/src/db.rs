@@ -232,7 +232,7 @@ async fn lock_sale(
 }
 
 /// The definition in a row that has the `sales` columns of [`Sale`].
-fn sale_of(row: &MySqlRow) -> sqlx::Result<Sale> {
+pub(crate) fn sale_of(row: &MySqlRow) -> sqlx::Result<Sale> {
     let utc = |t: NaiveDateTime| DateTime::<Utc>::from_naive_utc_and_offset(t, Utc);
     Ok(Sale {
         goods_id: row.try_get("goods_id")?,

@@ -13,6 +13,7 @@ pub mod order;
 pub mod preheat;
 pub mod reconcile;
 pub mod relay;
+pub mod reseed;
 pub mod sale;
 pub mod scripts;
 pub mod writer;
