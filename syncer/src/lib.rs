@@ -51,6 +51,8 @@ pub struct ServeConfig {
     pub sweep_every: Duration,
     /// How long a reservation made through the batch endpoint waits for the gate's claim.
     pub claim_window: Duration,
+    /// The sale topic and writer group a re-seed waits for (the admin API's reseed).
+    pub kafka: kafka::KafkaConfig,
 }
 
 pub async fn connect_redis(url: &str) -> anyhow::Result<ConnectionManager> {
@@ -225,6 +227,7 @@ pub async fn serve(
         keys,
         mysql,
         secret: config.secret.clone(),
+        kafka: config.kafka.clone(),
         metrics,
     });
     let listener = tokio::net::TcpListener::bind(config.listen)

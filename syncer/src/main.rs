@@ -281,6 +281,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 secret,
                 sweep_every: Duration::from_millis(sweep_every_ms),
                 claim_window: Duration::from_millis(claim_window_ms),
+                kafka: writer.kafka.config(),
             };
             let pipeline = pipeline.then(|| PipelineConfig {
                 writer: writer.config(),

@@ -11,6 +11,7 @@ use std::time::Duration;
 
 use seckill_e2e::pipeline::Pipeline;
 use seckill_e2e::process::wait_for;
+use seckill_e2e::syncer::Role;
 use serde_json::Value;
 
 const DRAIN: Duration = Duration::from_secs(120);
@@ -41,6 +42,19 @@ fn reseed(p: &Pipeline, goods: &str) -> (bool, String) {
         String::from_utf8_lossy(&output.stderr)
     );
     (output.status.success(), text)
+}
+
+/// `POST /admin/sales/{goods}/reseed`, with or without the secret: (status, body).
+async fn api_reseed(p: &Pipeline, goods: &str, with_secret: bool) -> (u16, Value) {
+    let mut request = p
+        .http
+        .post(format!("{}/admin/sales/{goods}/reseed", p.api.url()));
+    if with_secret {
+        request = request.header(seckill_api::SECRET_HEADER, seckill_e2e::stack::SECRET);
+    }
+    let reply = request.send().await.unwrap();
+    let status = reply.status().as_u16();
+    (status, reply.json().await.unwrap_or(Value::Null))
 }
 
 async fn deduct_outcome(p: &Pipeline, goods: &str, user: &str, request: &str) -> Value {
@@ -176,4 +190,107 @@ async fn a_goods_redis_forgot_is_reseeded_from_mysql() {
     .await
     .unwrap();
     assert_eq!(code, 0, "clean after the re-seed: {report}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_reseed_waits_for_the_writer_and_an_empty_outbox() {
+    let mut p = Pipeline::start("reseed-drain")
+        .await
+        .expect("the fixture starts");
+    let (_relay, mut writer) = p.spawn_relay_and_writer(100, 20).await.unwrap();
+    p.open_sale("h", 10, 1).await.unwrap();
+    for i in 0..3 {
+        let user = format!("a-{i}");
+        assert!(p.buy("h", &user, &user).await.unwrap().is_some());
+    }
+    p.wait_for_rows("h", 3, DRAIN).await.unwrap();
+    // The writer stops; two more sales reach Kafka (the relay empties the outbox) but not MySQL.
+    writer.kill();
+    for i in 3..5 {
+        let user = format!("a-{i}");
+        assert!(p.buy("h", &user, &user).await.unwrap().is_some());
+    }
+    wait_for("the relay to empty the outbox", DRAIN, || async {
+        Ok((p.outbox_len("h").await? == 0).then_some(()))
+    })
+    .await
+    .unwrap();
+    let epoch: u64 = sqlx::query_scalar("SELECT epoch FROM sales WHERE goods_id = 'h'")
+        .fetch_one(&p.db.pool)
+        .await
+        .unwrap();
+    p.redis.restart_empty().await.unwrap();
+    p.api.wait_healthy(DRAIN).await.unwrap();
+
+    // MySQL lacks two orders that left Redis: the re-seed waits for them, and gives up.
+    let output = p
+        .command("reseed")
+        .unwrap()
+        .args(["--kafka-brokers", &p.broker.bootstrap()])
+        .args(["--drain-timeout-s", "1", "h"])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(!output.status.success(), "{stderr}");
+    assert!(stderr.contains("did not apply the sale topic"), "{stderr}");
+    // Events left in an outbox (a Redis that kept its stream) are not read past either.
+    let outbox = format!("{}:{{h}}:outbox", p.prefix);
+    let mut conn = p.redis.connection().await.unwrap();
+    let _: String = redis::cmd("XADD")
+        .arg(&outbox)
+        .arg("*")
+        .arg("event")
+        .arg("{}")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let (status, body) = api_reseed(&p, "h", true).await;
+    assert_eq!(status, 409, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("outbox still holds 1"),
+        "{body}"
+    );
+    let _: u64 = redis::cmd("DEL")
+        .arg(&outbox)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let after: u64 = sqlx::query_scalar("SELECT epoch FROM sales WHERE goods_id = 'h'")
+        .fetch_one(&p.db.pool)
+        .await
+        .unwrap();
+    assert_eq!(after, epoch, "a refused re-seed takes no epoch");
+    let sale_exists: bool = redis::cmd("EXISTS")
+        .arg(format!("{}:{{h}}:sale", p.prefix))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(!sale_exists, "Redis holds no sale");
+
+    // With a writer again, the API's re-seed waits for it and loads all five orders.
+    let _writer = p
+        .spawn(
+            Role::Write {
+                batch_size: 100,
+                batch_wait_ms: 20,
+            },
+            None,
+            &[],
+        )
+        .await
+        .unwrap();
+    let (status, body) = api_reseed(&p, "h", true).await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["orders"], 5, "{body}");
+    assert_eq!(body["epoch"], epoch + 1, "{body}");
+    assert_eq!(p.redis_counters("h").await.unwrap(), (5, 5, 0, 0, 10));
+    assert_eq!(p.mysql_counters("h").await.unwrap(), (5, 5, 0, 0, 10));
+    let reply = deduct_outcome(&p, "h", "a-4", "a-4").await;
+    assert_eq!(
+        reply["outcome"], "won",
+        "a retry after the re-seed: {reply}"
+    );
 }
