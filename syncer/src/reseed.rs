@@ -302,12 +302,7 @@ async fn read_round(pool: &MySqlPool, goods_id: &str, floor: u64) -> Result<Roun
             None => tracing::warn!(order_id, state, "order row in an unknown state; not loaded"),
         }
     }
-    sqlx::query("UPDATE sales SET epoch = ? WHERE goods_id = ?")
-        .bind(epoch)
-        .bind(goods_id)
-        .execute(&mut *tx)
-        .await?;
-    tx.commit().await?;
+    crate::db::commit_epoch(tx, goods_id, epoch).await?;
     Ok(Round {
         epoch,
         first_epoch: round_epoch + 1,

@@ -9,22 +9,13 @@ use std::collections::HashSet;
 use std::sync::Arc;
 use std::time::Duration;
 
-use seckill_e2e::pipeline::Pipeline;
+use seckill_e2e::pipeline::{epoch_of, Pipeline};
 use seckill_e2e::process::wait_for;
 use seckill_e2e::syncer::Role;
 use serde_json::Value;
 
 const DRAIN: Duration = Duration::from_secs(120);
 const STOCK: i64 = 30;
-
-/// The epoch in an order id `goods.epoch.sequence`.
-fn epoch_of(order_id: &str) -> u64 {
-    order_id
-        .rsplit('.')
-        .nth(1)
-        .and_then(|e| e.parse().ok())
-        .unwrap_or_else(|| panic!("no epoch in {order_id}"))
-}
 
 /// Runs `seckill-syncer reseed`; returns whether it succeeded and what it printed.
 fn reseed(p: &Pipeline, goods: &str) -> (bool, String) {

@@ -27,21 +27,21 @@ end
 local orders = cjson.decode(ARGV[12])
 redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[6], KEYS[7], KEYS[8], KEYS[9])
 redis.call('SET', KEYS[5], ARGV[1])
-for _, entry in ipairs(orders.users) do
-  redis.call('HSET', KEYS[2], entry[1], entry[2])
+-- { field, value } pairs into a hash.
+local function fill(hash, entries)
+  for _, entry in ipairs(entries) do
+    redis.call('HSET', hash, entry[1], entry[2])
+  end
 end
-for _, entry in ipairs(orders.requests) do
-  redis.call('HSET', KEYS[3], entry[1], entry[2])
-end
+fill(KEYS[2], orders.users)
+fill(KEYS[3], orders.requests)
 -- { order id, "user|quantity|reserved_at_ms", payment deadline ms }: never into unclaimed,
 -- a reservation MySQL has was claimed or came through the single endpoint.
 for _, entry in ipairs(orders.reservations) do
   redis.call('HSET', KEYS[4], entry[1], entry[2])
   redis.call('ZADD', KEYS[6], entry[3], entry[1])
 end
-for _, entry in ipairs(orders.settled) do
-  redis.call('HSET', KEYS[7], entry[1], entry[2])
-end
+fill(KEYS[7], orders.settled)
 for _, order_id in ipairs(orders.lapsed) do
   redis.call('SADD', KEYS[9], order_id)
 end
