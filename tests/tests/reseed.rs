@@ -181,6 +181,11 @@ async fn a_goods_redis_forgot_is_reseeded_from_mysql() {
     .await
     .unwrap();
     assert_eq!(code, 0, "clean after the re-seed: {report}");
+    // A repair recomputes MySQL's counters from the whole re-seeded round, not only the
+    // orders of the new epoch.
+    let counters = p.redis_counters("g").await.unwrap();
+    p.reconcile(&["--repair"]).unwrap();
+    assert_eq!(p.mysql_counters("g").await.unwrap(), counters);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
