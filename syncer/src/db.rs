@@ -124,13 +124,22 @@ pub async fn take_epoch(
         });
     }
     let epoch = locked.epoch.max(floor) + 1;
+    commit_epoch(tx, goods_id, epoch).await?;
+    Ok((epoch, locked.sale))
+}
+
+/// Records `epoch` as the goods' last and commits `tx`, which holds the sale row's lock.
+pub(crate) async fn commit_epoch(
+    mut tx: Transaction<'_, MySql>,
+    goods_id: &str,
+    epoch: u64,
+) -> sqlx::Result<()> {
     sqlx::query("UPDATE sales SET epoch = ? WHERE goods_id = ?")
         .bind(epoch)
         .bind(goods_id)
         .execute(&mut *tx)
         .await?;
-    tx.commit().await?;
-    Ok((epoch, locked.sale))
+    tx.commit().await
 }
 
 /// Creates or replaces a sale definition. Replacing starts a new round: MySQL's counters are
@@ -232,7 +241,7 @@ async fn lock_sale(
 }
 
 /// The definition in a row that has the `sales` columns of [`Sale`].
-fn sale_of(row: &MySqlRow) -> sqlx::Result<Sale> {
+pub(crate) fn sale_of(row: &MySqlRow) -> sqlx::Result<Sale> {
     let utc = |t: NaiveDateTime| DateTime::<Utc>::from_naive_utc_and_offset(t, Utc);
     Ok(Sale {
         goods_id: row.try_get("goods_id")?,

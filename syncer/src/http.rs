@@ -24,6 +24,7 @@ use crate::keys::KeySpace;
 use crate::lifecycle::{Lifecycle, LifecycleError, Settlement};
 use crate::order::{OrderState, ReleaseReason};
 use crate::preheat::{self, PreheatError};
+use crate::reseed::ReseedError;
 use crate::sale::{Sale, SaleSpec};
 
 /// Everything a handler needs; shared behind an `Arc`.
@@ -34,6 +35,7 @@ pub struct AppState {
     pub keys: KeySpace,
     pub mysql: MySqlPool,
     pub secret: String,
+    pub kafka: crate::kafka::KafkaConfig,
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
 }
 
@@ -47,6 +49,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/orders/{order_id}/release", post(release_order))
         .route("/admin/sales/{goods_id}", put(define_sale).get(show_sale))
         .route("/admin/sales/{goods_id}/preheat", post(preheat_sale))
+        .route("/admin/sales/{goods_id}/reseed", post(reseed_sale))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             require_secret,
@@ -120,6 +123,19 @@ impl From<PreheatError> for AppError {
                 AppError::Conflict(e.to_string())
             }
             PreheatError::Mysql(e) => e.into(),
+            other => AppError::Unavailable(other.to_string()),
+        }
+    }
+}
+
+impl From<ReseedError> for AppError {
+    fn from(e: ReseedError) -> Self {
+        match e {
+            ReseedError::NoSale(_) => AppError::NotFound(e.to_string()),
+            ReseedError::Live(_)
+            | ReseedError::Outbox { .. }
+            | ReseedError::TooManyOrders { .. }
+            | ReseedError::Superseded { .. } => AppError::Conflict(e.to_string()),
             other => AppError::Unavailable(other.to_string()),
         }
     }
@@ -423,6 +439,32 @@ async fn preheat_sale(
     tracing::info!(goods_id, epoch, force = params.force, "sale preheated");
     let live = preheat::live_stock(&state.redis, &state.keys, &goods_id).await?;
     Ok(Json(serde_json::json!({ "epoch": epoch, "live": live })))
+}
+
+/// How long the admin API's re-seed waits for the writer (the CLI's --drain-timeout-s).
+const RESEED_DRAIN_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Loads a goods Redis forgot back from MySQL (see [`crate::reseed`]).
+async fn reseed_sale(
+    State(state): State<Arc<AppState>>,
+    Path(goods_id): Path<String>,
+) -> Result<Json<crate::reseed::Reseeded>, AppError> {
+    valid_goods_id(&goods_id)?;
+    let reseeded = crate::reseed::reseed(
+        &state.redis,
+        &state.mysql,
+        &state.kafka,
+        &state.keys,
+        &goods_id,
+        RESEED_DRAIN_TIMEOUT,
+    )
+    .await?;
+    tracing::info!(
+        goods_id,
+        epoch = reseeded.epoch,
+        "sale re-seeded from MySQL"
+    );
+    Ok(Json(reseeded))
 }
 
 async fn health(State(state): State<Arc<AppState>>) -> Result<&'static str, AppError> {

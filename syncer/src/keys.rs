@@ -5,7 +5,8 @@
 #[derive(Debug, Clone)]
 pub struct GoodsKeys {
     /// Hash: total, available, reserved, sold, lapsed, limit, start_ms, end_ms, window_ms,
-    /// epoch, seq.
+    /// epoch, seq; and first_epoch after a re-seed (orders of epochs first_epoch..=epoch are
+    /// in the counters).
     pub sale: String,
     /// Hash: user id -> units this user holds (reserved or sold).
     pub users: String,
@@ -63,6 +64,12 @@ impl GoodsKeys {
             &self.unclaimed,
             &self.lapsed_orders,
         ]
+    }
+
+    /// `lua/reseed.lua`: preheat's keys, then the outbox.
+    pub fn reseed_script_keys(&self) -> [&str; 10] {
+        let [a, b, c, d, e, f, g, h, i] = self.preheat_script_keys();
+        [a, b, c, d, e, f, g, h, i, &self.outbox]
     }
 
     /// `lua/preheat.lua`.

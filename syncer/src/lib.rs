@@ -14,6 +14,7 @@ pub mod order;
 pub mod preheat;
 pub mod reconcile;
 pub mod relay;
+pub mod reseed;
 pub mod sale;
 pub mod scripts;
 pub mod writer;
@@ -55,6 +56,8 @@ pub struct ServeConfig {
     pub durability: durability::Durability,
     /// With `aof`: trust a Redis whose CONFIG cannot be read.
     pub durability_unchecked: bool,
+    /// The sale topic and writer group a re-seed waits for (the admin API's reseed).
+    pub kafka: kafka::KafkaConfig,
 }
 
 pub async fn connect_redis(url: &str) -> anyhow::Result<ConnectionManager> {
@@ -252,6 +255,7 @@ pub async fn serve(
         keys,
         mysql,
         secret: config.secret.clone(),
+        kafka: config.kafka.clone(),
         metrics,
     });
     let listener = tokio::net::TcpListener::bind(config.listen)

@@ -223,6 +223,20 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// Load a sale Redis forgot back from MySQL (counters, buyers, idempotency records, open
+    /// reservations) under a new epoch taken from MySQL, once the writer has applied
+    /// everything on its way. Refused while Redis still has the sale or its outbox has events.
+    Reseed {
+        #[command(flatten)]
+        stores: StoreArgs,
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        /// Goods id of the sale.
+        goods: String,
+        /// How long to wait for the writer to apply the sale topic (1 to 3600 s).
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+        drain_timeout_s: u64,
+    },
 }
 
 fn main() -> ExitCode {
@@ -283,6 +297,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 claim_window: Duration::from_millis(claim_window_ms),
                 durability: redis_durability,
                 durability_unchecked: redis_durability_unchecked,
+                kafka: writer.kafka.config(),
             };
             let pipeline = pipeline.then(|| PipelineConfig {
                 writer: writer.config(),
@@ -328,6 +343,38 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             println!(
                 "preheated {goods}: {} units, per-user limit {}, epoch {}",
                 preheated.sale.total_stock, preheated.sale.per_user_limit, preheated.epoch
+            );
+        }
+        Command::Reseed {
+            stores,
+            kafka,
+            goods,
+            drain_timeout_s,
+        } => {
+            seckill_api::validate_id(&goods, seckill_api::ID_LEN_MAX)
+                .map_err(|e| anyhow::anyhow!("goods {e}"))?;
+            let mysql = db::connect(&stores.mysql_url).await?;
+            let redis = seckill_syncer::connect_redis(&stores.redis_url).await?;
+            let keys = KeySpace::new(stores.key_prefix);
+            let done = seckill_syncer::reseed::reseed(
+                &redis,
+                &mysql,
+                &kafka.config(),
+                &keys,
+                &goods,
+                Duration::from_secs(drain_timeout_s),
+            )
+            .await?;
+            println!(
+                "reseeded {goods}: epoch {}, available {}, reserved {}, sold {}, lapsed {}; \
+                 {} orders, {} open reservations",
+                done.epoch,
+                done.available,
+                done.reserved,
+                done.sold,
+                done.lapsed,
+                done.orders,
+                done.reservations
             );
         }
         Command::Reconcile {

@@ -18,7 +18,7 @@ mod digest;
 mod forgotten;
 mod orders;
 mod repair;
-mod watermarks;
+pub(crate) mod watermarks;
 
 pub use digest::{Finding, Kind, OrderDigest};
 pub use forgotten::{run_forgotten_sweeper, ForgottenSweep, SweepPass};

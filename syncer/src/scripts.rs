@@ -21,6 +21,12 @@ pub const PREHEAT: &str = concat!(
     include_str!("lua/preheat.lua")
 );
 
+/// Loads a sale Redis forgot from MySQL's rows (`lua/reseed.lua`).
+pub const RESEED: &str = concat!(
+    include_str!("lua/common.lua"),
+    include_str!("lua/reseed.lua")
+);
+
 /// Starts a call of `script` with its KEYS (the caller adds the ARGV).
 pub fn invocation<'a>(script: &'a redis::Script, keys: &[&str]) -> redis::ScriptInvocation<'a> {
     let mut invocation = script.prepare_invoke();

@@ -393,3 +393,12 @@ impl Pipeline {
         Ok((code, report))
     }
 }
+
+/// The epoch in an order id `goods.epoch.sequence`.
+pub fn epoch_of(order_id: &str) -> u64 {
+    order_id
+        .rsplit('.')
+        .nth(1)
+        .and_then(|e| e.parse().ok())
+        .unwrap_or_else(|| panic!("no epoch in {order_id}"))
+}

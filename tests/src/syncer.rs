@@ -144,12 +144,14 @@ impl SyncerProcess {
             .args(["--mysql-url", args.mysql_url])
             .args(["--key-prefix", args.key_prefix])
             .env("RUST_LOG", "warn,seckill_syncer=info");
-        let takes_kafka = !matches!(role, Role::Serve { pipeline: false });
-        if takes_kafka {
-            let kafka = args
-                .kafka
-                .ok_or_else(|| anyhow::anyhow!("{name} needs a Kafka broker"))?;
-            command.args(["--kafka-brokers", kafka]);
+        // A serve without the pipeline uses Kafka only for the admin API's reseed.
+        let needs_kafka = !matches!(role, Role::Serve { pipeline: false });
+        match args.kafka {
+            Some(kafka) => {
+                command.args(["--kafka-brokers", kafka]);
+            }
+            None if needs_kafka => anyhow::bail!("{name} needs a Kafka broker"),
+            None => {}
         }
         for (key, value) in env {
             command.env(key, value);

@@ -10,7 +10,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use seckill_e2e::pipeline::Pipeline;
+use seckill_e2e::pipeline::{epoch_of, Pipeline};
 use seckill_e2e::process::wait_for;
 use seckill_e2e::stack::SECRET;
 use seckill_e2e::syncer::{sum_metric, SyncerProcess};
@@ -181,15 +181,6 @@ impl Fixture {
         assert_eq!(sum_metric(&metrics, "seckill_writer_conflicts_total"), 0);
         assert_eq!(sum_metric(&metrics, "seckill_dead_letters_total"), 0);
     }
-}
-
-/// The epoch in an order id `goods.epoch.sequence`.
-fn epoch_of(order_id: &str) -> u64 {
-    order_id
-        .rsplit('.')
-        .nth(1)
-        .and_then(|e| e.parse().ok())
-        .unwrap_or_else(|| panic!("no epoch in {order_id}"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

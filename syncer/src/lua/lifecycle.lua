@@ -17,6 +17,18 @@
 local goods, action = ARGV[1], ARGV[2]
 local now_ms = clock_ms()
 
+-- Whether an order's units are in the sale hash's counters: its epoch is the sale's, or one
+-- from the round a re-seed loaded (first_epoch; a preheat writes none), never another round's.
+local function counted(order_id, sale_epoch, first_epoch)
+  local order_epoch = tonumber(string.match(order_id, '%.(%d+)%.%d+$'))
+  if not sale_epoch or not order_epoch then
+    return false
+  end
+  local last = tonumber(sale_epoch)
+  local first = tonumber(first_epoch or sale_epoch)
+  return order_epoch >= first and order_epoch <= last
+end
+
 -- Ends one open reservation as released. Units go back to available stock only while the
 -- sale this order belongs to is still open: never after it closed (they lapse instead: no
 -- stock comes back to life), never into another epoch's counters, never recreating keys.
@@ -27,10 +39,9 @@ local function release(order_id, record, reason)
   redis.call('ZREM', KEYS[4], order_id)
   redis.call('ZREM', KEYS[7], order_id)
   redis.call('HSET', KEYS[5], order_id, 'released:' .. reason)
-  local sale = redis.call('HMGET', KEYS[1], 'epoch', 'end_ms', 'reserved')
-  local order_epoch = string.match(order_id, '%.(%d+)%.%d+$')
+  local sale = redis.call('HMGET', KEYS[1], 'epoch', 'end_ms', 'reserved', 'first_epoch')
   local event_type = 'lapsed'
-  if sale[1] and sale[1] == order_epoch and tonumber(sale[3]) >= qty then
+  if counted(order_id, sale[1], sale[4]) and tonumber(sale[3]) >= qty then
     redis.call('HINCRBY', KEYS[1], 'reserved', -qty)
     if now_ms < tonumber(sale[2]) then
       redis.call('HINCRBY', KEYS[1], 'available', qty)
@@ -130,8 +141,8 @@ if action == 'confirm' then
   redis.call('ZREM', KEYS[4], order_id)
   redis.call('ZREM', KEYS[7], order_id)
   redis.call('HSET', KEYS[5], order_id, 'confirmed')
-  local sale = redis.call('HMGET', KEYS[1], 'epoch', 'reserved')
-  if sale[1] and sale[1] == string.match(order_id, '%.(%d+)%.%d+$') and tonumber(sale[2]) >= qty then
+  local sale = redis.call('HMGET', KEYS[1], 'epoch', 'reserved', 'first_epoch')
+  if counted(order_id, sale[1], sale[3]) and tonumber(sale[2]) >= qty then
     redis.call('HINCRBY', KEYS[1], 'reserved', -qty)
     redis.call('HINCRBY', KEYS[1], 'sold', qty)
   end

@@ -92,7 +92,9 @@ impl Reconciler {
             let (Some(live), Some(_)) = (goods.redis, goods.mysql) else {
                 continue;
             };
-            self.recompute_counters(&goods.goods_id, live.epoch).await?;
+            let first_epoch = self.first_epoch(&goods.goods_id, live.epoch).await?;
+            self.recompute_counters(&goods.goods_id, first_epoch, live.epoch)
+                .await?;
             repaired.counters_recomputed += 1;
             let mut outbox = Replay {
                 reconciler: self,
@@ -108,14 +110,37 @@ impl Reconciler {
         Ok(repaired)
     }
 
-    /// Sets a sale's counters to what its rows of the current round say.
-    async fn recompute_counters(&self, goods_id: &str, epoch: u64) -> sqlx::Result<()> {
-        let range = OrderRange::new(goods_id, Some(epoch));
+    /// The first epoch whose orders the sale hash counts: a re-seed loads a round that spans
+    /// the epochs `first_epoch..=epoch` (see `lua/reseed.lua`); a preheat only its own.
+    async fn first_epoch(&self, goods_id: &str, epoch: u64) -> anyhow::Result<u64> {
+        let mut conn = self.redis.clone();
+        let first: Option<u64> = tokio::time::timeout(
+            super::REDIS_TIMEOUT,
+            redis::cmd("HGET")
+                .arg(self.keys.goods(goods_id).sale)
+                .arg("first_epoch")
+                .query_async(&mut conn),
+        )
+        .await??;
+        Ok(first.unwrap_or(epoch).min(epoch))
+    }
+
+    /// Sets a sale's counters to what its rows of the current round (epochs
+    /// `first_epoch..=epoch`) say.
+    async fn recompute_counters(
+        &self,
+        goods_id: &str,
+        first_epoch: u64,
+        epoch: u64,
+    ) -> sqlx::Result<()> {
+        let range = OrderRange::new(goods_id, (first_epoch == epoch).then_some(epoch));
         let (from, until) = range.bounds();
         let sum = |state: OrderState, lapsed_only: bool| {
             format!(
                 "(SELECT COALESCE(SUM(quantity), 0) FROM orders WHERE order_id > ? \
-                 AND order_id < ? AND goods_id = ? AND state = '{state}'{})",
+                 AND order_id < ? AND goods_id = ? AND state = '{state}' \
+                 AND CAST(SUBSTRING_INDEX(SUBSTRING_INDEX(order_id, '.', -2), '.', 1) \
+                 AS UNSIGNED) BETWEEN ? AND ?{})",
                 if lapsed_only {
                     " AND NOT stock_returned"
                 } else {
@@ -133,7 +158,12 @@ impl Reconciler {
         );
         let mut update = sqlx::query(&query);
         for _ in 0..3 {
-            update = update.bind(from).bind(until).bind(goods_id);
+            update = update
+                .bind(from)
+                .bind(until)
+                .bind(goods_id)
+                .bind(first_epoch)
+                .bind(epoch);
         }
         update.bind(goods_id).execute(&self.mysql).await?;
         Ok(())
