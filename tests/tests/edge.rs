@@ -251,14 +251,18 @@ async fn rate_limit_holds_across_two_envoy_workers() {
     let allowed: u64 = totals.iter().map(|t| t.0).sum();
     let limited: u64 = totals.iter().map(|t| t.1).sum();
     let expected = burst + per_second * elapsed;
-    let error = (allowed as f64 - expected).abs() / expected;
+    let error = (allowed as f64 - expected) / expected;
     assert!(
         limited > allowed,
         "the test must push past the limit ({allowed} vs {limited})"
     );
+    // The promise is the ceiling: two workers together never pass more than one bucket allows
+    // (a bucket per worker would pass twice as much). Below it the margin is wider: while a
+    // loaded machine stalls the clients, the bucket fills only up to its burst and the unused
+    // tokens are rightly lost; a worker charging twice would still show as half.
     assert!(
-        error <= 0.10,
-        "allowed {allowed} in {elapsed:.2}s, expected {expected:.0} (error {:.1}%)",
+        (-0.25..=0.10).contains(&error),
+        "allowed {allowed} in {elapsed:.2}s, expected {expected:.0} (error {:+.1}%)",
         error * 100.0
     );
     assert_eq!(stack.shop.seen().len() as u64, allowed);
