@@ -67,14 +67,13 @@ pub enum LifecycleError {
     UnknownOrder(String),
     #[error("redis did not answer within {REDIS_TIMEOUT:?}")]
     Timeout,
-    #[error("redis: {0}")]
-    Store(String),
+    /// A confirm, release or claim call under the durability setting gave no answer to act
+    /// on: Redis failed or timed out, or too few replicas acknowledged it in time (then the
+    /// settlement stays in Redis and a repeated call answers from it).
+    #[error(transparent)]
+    Call(#[from] CallError),
     #[error("redis: {0}")]
     Redis(#[from] redis::RedisError),
-    /// `--redis-durability replicas:N` was not met: the settlement stays in Redis (a repeated
-    /// call answers from it) but this call does not report it done.
-    #[error("{acked} of {wanted} replicas acknowledged the settlement before its deadline")]
-    NotReplicated { acked: u64, wanted: u32 },
     #[error("lifecycle script replied {0:?}")]
     BadScriptReply(String),
 }
@@ -114,15 +113,7 @@ impl Lifecycle {
         let mut conn = self.redis.clone();
         let mark = self.keys.durability_mark(goods_id);
         let deadline = Instant::now() + REDIS_TIMEOUT;
-        durability::invoke(self.durability, &mut conn, invocation, &mark, deadline)
-            .await
-            .map_err(|e| match e {
-                CallError::Timeout => LifecycleError::Timeout,
-                CallError::Redis(e) => LifecycleError::Store(e),
-                CallError::NotReplicated { acked, wanted } => {
-                    LifecycleError::NotReplicated { acked, wanted }
-                }
-            })
+        Ok(durability::invoke(self.durability, &mut conn, invocation, &mark, deadline).await?)
     }
 
     pub async fn confirm(&self, order_id: &str) -> Result<Settlement, LifecycleError> {

@@ -112,6 +112,17 @@ impl Fixture {
         self.post(syncer, seckill_api::DEDUCT_PATH, body).await
     }
 
+    /// Opens a small sale of `goods` and checks that a buyer wins a unit of it.
+    async fn assert_sells(&self, syncer: &SyncerProcess, goods: &str) {
+        self.open(syncer, goods, 10).await;
+        let (status, reply) = self.deduct(syncer, goods, "u1", "r1").await;
+        assert_eq!(
+            (status, reply["outcome"].as_str()),
+            (200, Some("won")),
+            "{reply}"
+        );
+    }
+
     fn key(&self, goods: &str, suffix: &str) -> String {
         format!("{}:{{{goods}}}:{suffix}", self.prefix)
     }
@@ -178,26 +189,14 @@ async fn aof_is_refused_unless_redis_fsyncs_every_write() {
         "{log}"
     );
     let trusted = f.syncer(&managed, &[aof, unchecked]).await;
-    f.open(&trusted, "m", 10).await;
-    let (status, reply) = f.deduct(&trusted, "m", "u1", "r1").await;
-    assert_eq!(
-        (status, reply["outcome"].as_str()),
-        (200, Some("won")),
-        "{reply}"
-    );
+    f.assert_sells(&trusted, "m").await;
 
     // appendfsync always: served.
     let always = RedisServer::start_with(&f.scratch.path, AOF_ALWAYS)
         .await
         .unwrap();
     let syncer = f.syncer(&always, &[aof]).await;
-    f.open(&syncer, "a", 10).await;
-    let (status, reply) = f.deduct(&syncer, "a", "u1", "r1").await;
-    assert_eq!(
-        (status, reply["outcome"].as_str()),
-        (200, Some("won")),
-        "{reply}"
-    );
+    f.assert_sells(&syncer, "a").await;
 
     // Settings that are not settings: refused by the command line, saying what is allowed.
     for bad in ["replicas:0", "replicas:17", "fsync", "replicas:one"] {
