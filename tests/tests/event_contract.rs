@@ -12,7 +12,7 @@ use chrono::{TimeDelta, Utc};
 use redis::aio::ConnectionManager;
 use seckill_api::{DeductRequest, Outcome};
 use seckill_e2e::mysql_db::TestDatabase;
-use seckill_e2e::process::{unique_suffix, Scratch};
+use seckill_e2e::process::{unique_suffix, wait_for, Scratch};
 use seckill_e2e::redis_server::RedisServer;
 use seckill_syncer::deduct::{Deducter, Delivery};
 use seckill_syncer::events::{Effect, SaleEvent, OUTBOX_FIELD};
@@ -197,23 +197,22 @@ async fn every_event_the_scripts_write_decodes_in_rust() {
     f.lifecycle.confirm(&paid).await.unwrap();
     f.release(&cancelled, ReleaseReason::Cancelled).await;
     f.release(&failed, ReleaseReason::UpstreamFailed).await;
-    // The unclaimed reservation's claim window (1 ms) is over by the sweep; the payment
-    // windows of the rest are not.
-    tokio::time::sleep(Duration::from_millis(20)).await;
+    // Sweeps until the one reservation whose window passes first ends (a sweep before that
+    // ends nothing): the unclaimed one's claim window is 1 ms, the payment windows of the
+    // rest are not over; then the short goods' payment window (1 s).
     let rules = SweepRules {
         claim_window: CLAIM_WINDOW,
         stall: Duration::from_secs(3_600),
     };
-    assert_eq!(f.lifecycle.sweep_goods(GOODS, &rules).await.unwrap(), 1);
-    // The short goods' payment window (1 s) ends.
-    tokio::time::sleep(Duration::from_millis(1_100)).await;
-    assert_eq!(
-        f.lifecycle
-            .sweep_goods(SHORT_WINDOW_GOODS, &rules)
-            .await
-            .unwrap(),
-        1
-    );
+    for goods in [GOODS, SHORT_WINDOW_GOODS] {
+        let ended = wait_for("a window to pass", Duration::from_secs(10), || async {
+            let ended = f.lifecycle.sweep_goods(goods, &rules).await?;
+            Ok((ended > 0).then_some(ended))
+        })
+        .await
+        .unwrap();
+        assert_eq!(ended, 1, "{goods}: one reservation's window passed");
+    }
     // The sale closes with one reservation open: its release lapses.
     let mut conn = f.redis.clone();
     let _: () = redis::cmd("HSET")
