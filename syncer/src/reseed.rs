@@ -19,7 +19,8 @@ use crate::order::OrderState;
 use crate::reconcile::watermarks;
 
 const REDIS_ADMIN_TIMEOUT: Duration = Duration::from_secs(30);
-/// How often the drain looks at the writer's committed offsets.
+/// How often the drain looks at the writer's committed offsets: a poll, not a pause; the drain
+/// ends at the first look that finds the writer caught up, or at its timeout.
 const DRAIN_POLL: Duration = Duration::from_millis(200);
 /// The most orders one re-seed loads: they go to Redis in one script call, which blocks Redis
 /// while it runs (about a second per few hundred thousand records).

@@ -45,6 +45,8 @@ const APPLY_BATCH: usize = 500;
 /// How long a pass waits for the writer to apply what the topic held; then it tries again
 /// next pass.
 const CATCH_UP_WAIT: Duration = Duration::from_secs(5);
+/// How often that wait looks at the writer's committed offsets: a poll, not a pause; the
+/// wait ends at the first look that finds the writer caught up, or at `CATCH_UP_WAIT`.
 const CATCH_UP_POLL: Duration = Duration::from_millis(200);
 
 /// What one pass did.
