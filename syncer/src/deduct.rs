@@ -271,7 +271,8 @@ async fn decide_group(
     group: Vec<Attempt>,
 ) {
     let Some(routing) = &batching.routing else {
-        return decide_in_redis(batching, conn, &goods_id, delivery, group, None).await;
+        decide_in_redis(batching, conn, &goods_id, delivery, group, None).await;
+        return;
     };
     let route = routing.directory.route(&goods_id);
     match route {
@@ -295,7 +296,27 @@ async fn decide_group(
         let rated = route.is_none_or(|r| r.tier != Tier::Db);
         return decide_in_mysql(batching, routing, &goods_id, delivery, group, rated).await;
     }
-    decide_in_redis(batching, conn, &goods_id, delivery, group, route).await
+    let Some((group, replies)) =
+        decide_in_redis(batching, conn.clone(), &goods_id, delivery, group, route).await
+    else {
+        return;
+    };
+    // Redis does not know the goods and the directory did not either: a sale preheated since
+    // the last refresh. Refreshed, the directory may say Redis should have it (then Redis
+    // forgot, and the script says so); once, so junk goods ids cost one refresh per batch.
+    routing.directory.refresh_soon().await;
+    let route = routing.directory.route(&goods_id);
+    match route {
+        Some(r) if r.loaded_epoch > 0 || r.in_mysql() => {
+            Box::pin(decide_group(batching, conn, goods_id, delivery, group)).await;
+        }
+        // Unknown to MySQL as well: the answer stands.
+        _ => {
+            for (attempt, reply) in group.into_iter().zip(replies) {
+                let _ = attempt.reply.send(parse_reply(reply));
+            }
+        }
+    }
 }
 
 /// Moves a goods to MySQL (if MySQL can take it) and refreshes the directory: `Ok` with the
@@ -394,6 +415,8 @@ async fn decide_in_mysql(
     }
 }
 
+/// Redis decides the group. Gives the group back, answered by nobody, when Redis answered
+/// `unknown_goods` for a goods the directory does not know as loaded: the caller looks again.
 async fn decide_in_redis(
     batching: &Batching,
     mut conn: ConnectionManager,
@@ -401,7 +424,7 @@ async fn decide_in_redis(
     delivery: Delivery,
     group: Vec<Attempt>,
     route: Option<Route>,
-) {
+) -> Option<(Vec<Attempt>, Vec<ScriptReply>)> {
     let goods = batching.keys.goods(goods_id);
     // The call must not decide anything after the most impatient of its callers gave up.
     let deadline = group
@@ -447,7 +470,10 @@ async fn decide_in_redis(
                 replies.len(),
                 group.len()
             ));
-            return answer_all(group, &error);
+            {
+                answer_all(group, &error);
+                return None;
+            }
         }
         Err(error) => {
             // Not decided here, and the attempts may have been decided in Redis (a timeout):
@@ -456,7 +482,10 @@ async fn decide_in_redis(
             {
                 routing.breaker.failure();
             }
-            return answer_all(group, &error);
+            {
+                answer_all(group, &error);
+                return None;
+            }
         }
     };
     if let Some(routing) = routing {
@@ -469,14 +498,27 @@ async fn decide_in_redis(
     if replies.first().is_some_and(|r| r.0 == "stale") {
         // This Redis forgot the goods: MySQL decides it until it is re-seeded.
         let Some(routing) = routing else {
-            return answer_all(group, &DeductError::Forgot(goods_id.to_owned()));
+            {
+                answer_all(group, &DeductError::Forgot(goods_id.to_owned()));
+                return None;
+            }
         };
         let group = match move_to_mysql(routing, goods_id, Why::Forgot, group).await {
             Ok(group) => group,
-            Err(group) => return answer_all(group, &DeductError::Forgot(goods_id.to_owned())),
+            Err(group) => {
+                answer_all(group, &DeductError::Forgot(goods_id.to_owned()));
+                return None;
+            }
         };
         let rated = true;
-        return decide_in_mysql(batching, routing, goods_id, delivery, group, rated).await;
+        decide_in_mysql(batching, routing, goods_id, delivery, group, rated).await;
+        return None;
+    }
+    if routing.is_some()
+        && route.is_none_or(|r| r.loaded_epoch == 0)
+        && replies.first().is_some_and(|r| r.0 == "unknown_goods")
+    {
+        return Some((group, replies));
     }
     let new_orders: Vec<(u64, u64, u64)> = group
         .iter()
@@ -506,16 +548,18 @@ async fn decide_in_redis(
                 };
                 let _ = attempt.reply.send(answer);
             }
-            return;
+            return None;
         }
         if route.is_some_and(|r| r.tier == Tier::DualWrite) {
-            return answer_dual_write(routing, goods_id, group, replies).await;
+            answer_dual_write(routing, goods_id, group, replies).await;
+            return None;
         }
     }
     for (attempt, reply) in group.into_iter().zip(replies) {
         // The buyer may have given up (timeout); its answer is then dropped.
         let _ = attempt.reply.send(parse_reply(reply));
     }
+    None
 }
 
 /// `dual_write`: the winners' rows go to MySQL (the writer's own apply, so the event that
