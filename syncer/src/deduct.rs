@@ -331,11 +331,19 @@ async fn move_to_mysql(
     if routing.fallback_rate.is_none() {
         return Err(group);
     }
-    if let Err(e) = fallback::enter(&routing.mysql, &routing.watch, goods_id, why).await {
-        tracing::warn!(goods_id, error = %e, "could not move the goods to MySQL");
-        return Err(group);
+    match fallback::enter(&routing.mysql, &routing.watch, goods_id, why).await {
+        // This call moved it: the directory must say so before the group is decided.
+        Ok(true) => {
+            if let Err(e) = routing.directory.refresh().await {
+                tracing::warn!(goods_id, error = %e, "could not refresh the sales directory");
+            }
+        }
+        Ok(false) => routing.directory.refresh_soon().await,
+        Err(e) => {
+            tracing::warn!(goods_id, error = %e, "could not move the goods to MySQL");
+            return Err(group);
+        }
     }
-    routing.directory.refresh_soon().await;
     match routing.directory.route(goods_id) {
         Some(route) if route.in_mysql() => Ok(group),
         _ => Err(group),
@@ -482,6 +490,16 @@ async fn decide_in_redis(
             {
                 routing.breaker.failure();
             }
+            // A call that timed out may have run: what it could have sold is held back if the
+            // goods moves to MySQL. (A refused or broken connection sent nothing.)
+            if let (Some(routing), DeductError::Timeout) = (routing, &error) {
+                routing.watch.uncertain(
+                    goods_id,
+                    group
+                        .iter()
+                        .map(|a| (a.request.request_id.as_str(), u64::from(a.request.quantity))),
+                );
+            }
             {
                 answer_all(group, &error);
                 return None;
@@ -529,6 +547,17 @@ async fn decide_in_redis(
         })
         .collect();
     if let Some(routing) = routing {
+        // The first time this process meets an epoch, MySQL says how far it already got: a
+        // syncer started in front of a Redis that went back must not hand out those ids.
+        if let Some(&(epoch, _, _)) = new_orders.iter().max() {
+            if !routing.watch.knows(goods_id, epoch) {
+                match fallback::mysql_max_seq(&routing.mysql, goods_id, epoch).await {
+                    Ok(floor) => routing.watch.set_floor(goods_id, epoch, floor),
+                    Err(e) => tracing::warn!(goods_id, error = %e,
+                        "could not read MySQL's highest order of the epoch; watching from here"),
+                }
+            }
+        }
         if routing.watch.observe(goods_id, &new_orders) == Watched::Reissued {
             // Redis went back: none of this batch's new ids may reach a buyer. The others of
             // the batch are answered (they hand out nothing).
@@ -538,7 +567,9 @@ async fn decide_in_redis(
             {
                 tracing::warn!(goods_id, error = %e, "could not move the goods to MySQL");
             }
-            routing.directory.refresh_soon().await;
+            if let Err(e) = routing.directory.refresh().await {
+                tracing::warn!(goods_id, error = %e, "could not refresh the sales directory");
+            }
             let forgot = DeductError::Forgot(goods_id.to_owned());
             for (attempt, reply) in group.into_iter().zip(replies) {
                 let answer = if reply.0 == "won" && reply.4 == "new" {
