@@ -11,6 +11,7 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use seckill_e2e::pipeline::epoch_of;
 use seckill_e2e::process::wait_for;
 use seckill_e2e::redis_server::AOF_ALWAYS;
 use seckill_e2e::stack::{now_ms, send, BuyResult, Stack, StackOptions};
@@ -20,7 +21,7 @@ use sqlx::Row;
 const GOODS: &str = "hot";
 /// Enough that the outage's sales (at most the rate times the time in fallback) and the sales
 /// before and after it leave units over: Redis must be seen deciding again after the switch.
-const STOCK: u64 = 4_000;
+const STOCK: u64 = 6_000;
 /// `--fallback-rate`: attempts per second MySQL decides while Redis is down.
 const FALLBACK_RATE: u64 = 100;
 /// How long Redis stays down.
@@ -136,8 +137,8 @@ async fn redis_down_20_s_mid_storm_the_sale_goes_on_through_mysql() {
     // the scenario itself (an outage of a given length), not a wait for something to be
     // ready: it is measured with a deadline, and meanwhile the admin API is asked whether
     // the goods is decided in MySQL.
-    stack.redis.kill();
     let killed = start.elapsed();
+    stack.redis.kill();
     let fallback_seen = AtomicBool::new(false);
     wait_for("the outage to last", OUTAGE * 2, || {
         let over = start.elapsed() >= killed + OUTAGE;
@@ -172,6 +173,9 @@ async fn redis_down_20_s_mid_storm_the_sale_goes_on_through_mysql() {
     .unwrap();
     let switched_back = start.elapsed();
     let won_at_switch = won.load(Ordering::Relaxed);
+    // Checked now too, so a fallback that outran its rate says so before it sold out.
+    let metrics = syncer.metrics().await.unwrap();
+    assert_within_rate(&metrics, start.elapsed() - killed);
     wait_for(
         "wins after the switch back",
         Duration::from_secs(60),
@@ -185,6 +189,8 @@ async fn redis_down_20_s_mid_storm_the_sale_goes_on_through_mysql() {
     }
     let answers = std::mem::take(&mut *answers.lock().unwrap());
     let metrics = syncer.metrics().await.unwrap();
+    let metrics_read = start.elapsed();
+    let window = (metrics_read - killed).as_secs_f64();
 
     // Every request through Envoy got an HTTP answer (Envoy and the syncer never went away).
     let errors: Vec<&String> = answers
@@ -220,17 +226,7 @@ async fn redis_down_20_s_mid_storm_the_sale_goes_on_through_mysql() {
     );
     assert!(fallback_won as usize >= won_in_outage, "{metrics}");
 
-    // Within the rate: MySQL decided at most FALLBACK_RATE attempts a second for as long as
-    // the goods could have been in fallback (from the kill until the switch back was seen,
-    // an upper bound of the real time), plus one second's worth: a token bucket may start
-    // full (a burst of at most one second of its rate).
-    let decided = sum_metric(&metrics, "seckill_fallback_decisions_total");
-    let window = (switched_back - killed).as_secs_f64();
-    let bound = FALLBACK_RATE as f64 * (window + 1.0);
-    assert!(
-        (decided as f64) <= bound,
-        "MySQL decided {decided} attempts in {window:.1} s, more than {FALLBACK_RATE}/s allows ({bound:.0})"
-    );
+    let decided = assert_within_rate(&metrics, metrics_read - killed);
     // The rest was refused, and said when to come back.
     assert!(
         sum_metric(&metrics, "seckill_fallback_refused_total") > 0,
@@ -281,6 +277,11 @@ async fn redis_down_20_s_mid_storm_the_sale_goes_on_through_mysql() {
         late_wins.len() as u64 >= WON_AFTER_SWITCH_BACK / 2,
         "{}",
         late_wins.len()
+    );
+    assert!(
+        late_wins.iter().all(|o| epoch_of(o) == epoch_now),
+        "wins after the switch back are Redis's, under the re-seed's epoch {epoch_now}: {:?}",
+        late_wins.iter().find(|o| epoch_of(o) != epoch_now)
     );
 
     // The shop received each winner's order id exactly once, and nothing else; no more
@@ -372,6 +373,22 @@ async fn redis_down_20_s_mid_storm_the_sale_goes_on_through_mysql() {
         winners.len(),
         refused.len()
     );
+}
+
+/// Asserts that MySQL decided at most FALLBACK_RATE attempts a second for `window`, the time
+/// from just before the kill until `metrics` were read (an upper bound of the time the goods
+/// could be decided in MySQL), plus one second's worth: the limiter starts full, with a burst
+/// of one second of its rate (`governor::Quota::per_second`), as any token bucket of that rate
+/// may. Returns how many MySQL decided.
+fn assert_within_rate(metrics: &str, window: Duration) -> u64 {
+    let decided = sum_metric(metrics, "seckill_fallback_decisions_total");
+    let window = window.as_secs_f64();
+    let bound = FALLBACK_RATE as f64 * (window + 1.0);
+    assert!(
+        (decided as f64) <= bound,
+        "MySQL decided {decided} attempts in {window:.1} s, more than {FALLBACK_RATE}/s allows ({bound:.0})"
+    );
+    decided
 }
 
 /// The epoch MySQL last handed out for the goods.
