@@ -274,7 +274,7 @@ async fn decide_group(
         decide_in_redis(batching, conn, &goods_id, delivery, group, None).await;
         return;
     };
-    let route = routing.directory.route(&goods_id);
+    let route = routing.directory.lookup(&goods_id).await;
     match route {
         Some(route) if route.in_mysql() => {
             let rated = route.tier != Tier::Db;
