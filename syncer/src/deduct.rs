@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use redis::aio::ConnectionManager;
+use crate::RedisConn;
 use seckill_api::{DeductReply, DeductRequest, Outcome};
 use tokio::sync::{mpsc, oneshot};
 
@@ -132,7 +132,7 @@ impl Routing {
 impl Deducter {
     /// Starts the batcher task; it ends when every handle is dropped. Reservations delivered
     /// through a claim wait `claim_window` for it.
-    pub fn start(redis: ConnectionManager, keys: KeySpace, claim_window: Duration) -> Self {
+    pub fn start(redis: RedisConn, keys: KeySpace, claim_window: Duration) -> Self {
         Self::start_with_durability(vec![redis], keys, claim_window, Durability::None)
     }
 
@@ -140,7 +140,7 @@ impl Deducter {
     /// of `connections` (at least one). With `replicas:N` each should be a connection of its
     /// own: a blocked WAIT holds up every command behind it on its connection.
     pub fn start_with_durability(
-        connections: Vec<ConnectionManager>,
+        connections: Vec<RedisConn>,
         keys: KeySpace,
         claim_window: Duration,
         durability: Durability,
@@ -151,7 +151,7 @@ impl Deducter {
     /// [`Deducter::start_with_durability`], with MySQL deciding what `routing` says it
     /// decides.
     pub fn start_routed(
-        connections: Vec<ConnectionManager>,
+        connections: Vec<RedisConn>,
         keys: KeySpace,
         claim_window: Duration,
         durability: Durability,
@@ -208,7 +208,7 @@ impl Deducter {
 async fn run_batches(
     mut attempts: mpsc::Receiver<Attempt>,
     batching: Batching,
-    connections: Vec<ConnectionManager>,
+    connections: Vec<RedisConn>,
 ) {
     let batching = Arc::new(batching);
     // The free connections; a batch takes one and gives it back when it is answered.
@@ -265,7 +265,7 @@ fn epoch_ms_at(deadline: Instant) -> u64 {
 
 async fn decide_group(
     batching: &Batching,
-    conn: ConnectionManager,
+    conn: RedisConn,
     goods_id: String,
     delivery: Delivery,
     group: Vec<Attempt>,
@@ -427,7 +427,7 @@ async fn decide_in_mysql(
 /// `unknown_goods` for a goods the directory does not know as loaded: the caller looks again.
 async fn decide_in_redis(
     batching: &Batching,
-    mut conn: ConnectionManager,
+    mut conn: RedisConn,
     goods_id: &str,
     delivery: Delivery,
     group: Vec<Attempt>,

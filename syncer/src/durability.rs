@@ -19,7 +19,7 @@ use std::fmt;
 use std::str::FromStr;
 use std::time::{Duration, Instant};
 
-use redis::aio::ConnectionManager;
+use crate::RedisConn;
 use redis::{FromRedisValue, RedisResult, ScriptInvocation, Value};
 
 /// Replicas `replicas:N` may wait for at most: more than any real deployment has, and
@@ -100,12 +100,14 @@ const WAITING_BATCHES_IN_FLIGHT: usize = 4;
 pub enum CheckError {
     #[error(
         "--redis-durability aof needs Redis to run with appendonly yes and appendfsync always \
-         (it has appendonly {appendonly}, appendfsync {appendfsync}): with anything less, \
+         ({whose} has appendonly {appendonly}, appendfsync {appendfsync}): with anything less, \
          Redis replies before the write is on disk and a power loss forgets reservations \
          buyers were told they won. Set both in redis.conf (or CONFIG SET appendonly yes, \
          CONFIG SET appendfsync always, and CONFIG REWRITE), or choose another setting"
     )]
     NotFsyncingEveryWrite {
+        /// "it" (one server), or which master of a cluster.
+        whose: String,
         appendonly: String,
         appendfsync: String,
     },
@@ -128,11 +130,11 @@ const CHECK_TIMEOUT: Duration = Duration::from_secs(5);
 /// setting risks. `unchecked` trusts an `aof` Redis whose CONFIG cannot be read; a CONFIG
 /// that can be read and says otherwise is refused all the same.
 pub async fn check_at_start(
-    redis: &ConnectionManager,
+    redis: &RedisConn,
     durability: Durability,
     unchecked: bool,
 ) -> Result<(), CheckError> {
-    let mut conn = redis.clone();
+    let conn = redis.clone();
     match durability {
         Durability::None => {
             tracing::warn!(
@@ -145,19 +147,27 @@ pub async fn check_at_start(
             Ok(())
         }
         Durability::Aof => {
-            let appendonly = config_get(&mut conn, "appendonly").await;
-            let appendfsync = config_get(&mut conn, "appendfsync").await;
+            // On a cluster every master decides goods of its own: each must fsync.
+            let appendonly = config_get(&conn, "appendonly").await;
+            let appendfsync = config_get(&conn, "appendfsync").await;
             match (appendonly, appendfsync) {
                 (Ok(appendonly), Ok(appendfsync)) => {
-                    if appendonly != "yes" || appendfsync != "always" {
-                        return Err(CheckError::NotFsyncingEveryWrite {
-                            appendonly,
-                            appendfsync,
-                        });
+                    for ((master, appendonly), (_, appendfsync)) in
+                        appendonly.into_iter().zip(appendfsync)
+                    {
+                        if appendonly != "yes" || appendfsync != "always" {
+                            return Err(CheckError::NotFsyncingEveryWrite {
+                                whose: whose(&conn, &master),
+                                appendonly,
+                                appendfsync,
+                            });
+                        }
                     }
                     tracing::info!(
+                        cluster = conn.is_cluster(),
                         "redis durability aof: Redis runs with appendonly yes and appendfsync \
-                         always; every answer rests on a write fsynced to its AOF"
+                         always (on every master); every answer rests on a write fsynced to its \
+                         AOF"
                     );
                     Ok(())
                 }
@@ -176,18 +186,27 @@ pub async fn check_at_start(
             }
         }
         Durability::Replicas(wanted) => {
-            // Only for the log: the calls themselves are what keeps the promise.
-            let connected = match connected_replicas(&mut conn).await {
-                Ok(connected) => connected,
+            // Only for the log: the calls themselves are what keeps the promise. On a cluster
+            // each call's WAIT runs on the master of its goods and counts that master's
+            // replicas, so every master needs N.
+            let counts = match connected_replicas(&conn).await {
+                Ok(counts) => counts,
                 Err(e) => {
                     tracing::warn!(error = %e, wanted, "redis durability replicas: cannot count the connected replicas");
                     return Ok(());
                 }
             };
-            if connected < u64::from(wanted) {
+            let short: Vec<String> = counts
+                .iter()
+                .filter(|(_, connected)| *connected < u64::from(wanted))
+                .map(|(master, connected)| format!("{}: {connected}", whose(&conn, master)))
+                .collect();
+            let connected = counts.iter().map(|(_, c)| *c).min().unwrap_or(0);
+            if !short.is_empty() {
                 tracing::warn!(
                     connected,
                     wanted,
+                    short = %short.join(", "),
                     "redis durability replicas: fewer replicas are connected than each call \
                      waits for; deducts and settlements answer 503 until enough attach"
                 );
@@ -195,8 +214,9 @@ pub async fn check_at_start(
                 tracing::info!(
                     connected,
                     wanted,
+                    cluster = conn.is_cluster(),
                     "redis durability replicas: each script call waits for its writes to reach \
-                     this many replicas before anyone is answered"
+                     this many replicas (of its goods' master) before anyone is answered"
                 );
             }
             Ok(())
@@ -204,41 +224,62 @@ pub async fn check_at_start(
     }
 }
 
-/// One CONFIG GET value. An error reply (unknown or renamed command, no permission) means
-/// this Redis does not let us read its configuration.
-async fn config_get(conn: &mut ConnectionManager, name: &str) -> Result<String, CheckError> {
-    let mut command = redis::cmd("CONFIG");
-    command.arg("GET").arg(name);
-    let call = command.query_async::<Vec<String>>(conn);
-    let pair = tokio::time::timeout(CHECK_TIMEOUT, call)
-        .await
-        .map_err(|_| CheckError::Timeout(CHECK_TIMEOUT))?
-        .map_err(|e| match e.kind() {
-            redis::ErrorKind::Server(_) => CheckError::ConfigUnreadable(e.to_string()),
-            _ => CheckError::Redis(e),
-        })?;
-    match pair.as_slice() {
-        [key, value] if key == name => Ok(value.clone()),
-        _ => Err(CheckError::ConfigUnreadable(format!(
-            "CONFIG GET {name} answered {pair:?}"
-        ))),
+/// "it" for one server, "the master at ADDRESS" for a master of a cluster.
+fn whose(conn: &RedisConn, master: &str) -> String {
+    match conn.is_cluster() {
+        true => format!("the master at {master}"),
+        false => "it".to_owned(),
     }
 }
 
-/// `connected_slaves` from INFO replication.
-async fn connected_replicas(conn: &mut ConnectionManager) -> Result<u64, CheckError> {
-    let mut command = redis::cmd("INFO");
-    command.arg("replication");
-    let call = command.query_async::<String>(conn);
-    let info = tokio::time::timeout(CHECK_TIMEOUT, call)
+/// One CONFIG GET value of every master (one server: of it), in the same order for every
+/// name. An error reply (unknown or renamed command, no permission) means this Redis does not
+/// let us read its configuration.
+async fn config_get(conn: &RedisConn, name: &str) -> Result<Vec<(String, String)>, CheckError> {
+    let mut command = redis::cmd("CONFIG");
+    command.arg("GET").arg(name);
+    let replies = tokio::time::timeout(CHECK_TIMEOUT, conn.on_every_master(&command))
         .await
         .map_err(|_| CheckError::Timeout(CHECK_TIMEOUT))?
         .map_err(CheckError::Redis)?;
-    Ok(info
-        .lines()
-        .find_map(|line| line.trim().strip_prefix("connected_slaves:"))
-        .and_then(|n| n.parse().ok())
-        .unwrap_or(0))
+    let mut values = Vec::with_capacity(replies.len());
+    for (master, reply) in replies {
+        let unreadable = |what: String| match conn.is_cluster() {
+            true => CheckError::ConfigUnreadable(format!("the master at {master}: {what}")),
+            false => CheckError::ConfigUnreadable(what),
+        };
+        let pair: Vec<String> = reply
+            .and_then(|v| redis::from_redis_value(v).map_err(redis::RedisError::from))
+            .map_err(|e| unreadable(e.to_string()))?;
+        match pair.as_slice() {
+            [key, value] if key == name => values.push((master, value.clone())),
+            _ => return Err(unreadable(format!("CONFIG GET {name} answered {pair:?}"))),
+        }
+    }
+    Ok(values)
+}
+
+/// `connected_slaves` from INFO replication of every master (one server: of it).
+async fn connected_replicas(conn: &RedisConn) -> Result<Vec<(String, u64)>, CheckError> {
+    let mut command = redis::cmd("INFO");
+    command.arg("replication");
+    let replies = tokio::time::timeout(CHECK_TIMEOUT, conn.on_every_master(&command))
+        .await
+        .map_err(|_| CheckError::Timeout(CHECK_TIMEOUT))?
+        .map_err(CheckError::Redis)?;
+    let mut counts = Vec::with_capacity(replies.len());
+    for (master, reply) in replies {
+        let info: String = reply
+            .and_then(|v| redis::from_redis_value(v).map_err(redis::RedisError::from))
+            .map_err(CheckError::Redis)?;
+        let connected = info
+            .lines()
+            .find_map(|line| line.trim().strip_prefix("connected_slaves:"))
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0);
+        counts.push((master, connected));
+    }
+    Ok(counts)
 }
 
 /// Why a script call under the durability setting gave no answer to act on.
@@ -259,7 +300,7 @@ pub enum CallError {
 /// `replicas:N` call increments: see [`invoke_and_wait`].
 pub async fn invoke<T: FromRedisValue>(
     durability: Durability,
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     invocation: &ScriptInvocation<'_>,
     mark: &str,
     deadline: Instant,
@@ -292,7 +333,7 @@ pub async fn invoke<T: FromRedisValue>(
 /// the write the answer rests on. The INCR always propagates, at an offset after every write
 /// Redis made before it, so one WAIT covers them all, on every version.
 async fn invoke_and_wait<T: FromRedisValue>(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     invocation: &ScriptInvocation<'_>,
     mark: &str,
     wanted: u32,

@@ -12,7 +12,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use redis::aio::ConnectionManager;
+use crate::RedisConn;
 use sqlx::{MySqlPool, Row};
 
 use crate::keys::KeySpace;
@@ -304,7 +304,7 @@ pub async fn enter(
 /// Tells every syncer at once to stop selling a goods from this Redis (the deduct script
 /// refuses a fenced sale): for a Redis that answers but went back. Best effort: the epoch
 /// check covers a fence that did not land.
-pub async fn fence(redis: &ConnectionManager, keys: &KeySpace, goods_id: &str) {
+pub async fn fence(redis: &RedisConn, keys: &KeySpace, goods_id: &str) {
     let mut conn = redis.clone();
     let sale = keys.goods(goods_id).sale;
     let mut hset = redis::cmd("HSET");

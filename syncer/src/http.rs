@@ -4,13 +4,13 @@
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use crate::RedisConn;
 use axum::extract::{Path, Query, Request, State};
 use axum::http::StatusCode;
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
 use axum::{Json, Router};
-use redis::aio::ConnectionManager;
 use seckill_api::{
     BatchItem, ClaimReply, ClaimRequest, DeductBatchReply, DeductBatchRequest, DeductReply,
     DeductRequest, ErrorReply, SECRET_HEADER,
@@ -31,7 +31,7 @@ use crate::sale::{Sale, SaleSpec};
 pub struct AppState {
     pub deducter: Deducter,
     pub lifecycle: Lifecycle,
-    pub redis: ConnectionManager,
+    pub redis: RedisConn,
     pub keys: KeySpace,
     pub mysql: MySqlPool,
     pub secret: String,

@@ -18,6 +18,7 @@ pub mod order;
 pub mod preheat;
 pub mod reconcile;
 pub mod recover;
+pub mod redis_conn;
 pub mod relay;
 pub mod reseed;
 pub mod sale;
@@ -28,17 +29,12 @@ use std::net::SocketAddr;
 use std::sync::Arc;
 use std::time::Duration;
 
-use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio_util::sync::CancellationToken;
 
 use crate::deduct::Deducter;
 use crate::keys::KeySpace;
 
-/// Bounds on every Redis connection attempt and reply, so nothing waits forever.
-const REDIS_CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
-const REDIS_RESPONSE_TIMEOUT: Duration = Duration::from_secs(2);
-/// Reconnect attempts per failed command before the command itself fails.
-const REDIS_RECONNECT_RETRIES: usize = 2;
+pub use crate::redis_conn::RedisConn;
 
 /// Where the stores are, shared by every subcommand.
 #[derive(Debug, Clone)]
@@ -68,16 +64,9 @@ pub struct ServeConfig {
     pub fallback_rate: u32,
 }
 
-pub async fn connect_redis(url: &str) -> anyhow::Result<ConnectionManager> {
-    let client =
-        redis::Client::open(url).map_err(|e| anyhow::anyhow!("bad Redis URL {url:?}: {e}"))?;
-    let config = ConnectionManagerConfig::new()
-        .set_connection_timeout(Some(REDIS_CONNECT_TIMEOUT))
-        .set_response_timeout(Some(REDIS_RESPONSE_TIMEOUT))
-        .set_number_of_retries(REDIS_RECONNECT_RETRIES);
-    ConnectionManager::new_with_config(client, config)
-        .await
-        .map_err(|e| anyhow::anyhow!("cannot connect to Redis at {url}: {e}"))
+/// Connects to one Redis server or a Redis Cluster, as `url` says (`redis_conn.rs`).
+pub async fn connect_redis(url: &str) -> anyhow::Result<RedisConn> {
+    redis_conn::connect(url).await
 }
 
 /// The sync pipeline a `serve --pipeline` process runs beside the HTTP service.

@@ -4,7 +4,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use redis::aio::ConnectionManager;
+use crate::RedisConn;
 use redis::AsyncCommands;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
@@ -88,7 +88,7 @@ pub enum LifecycleError {
 
 #[derive(Clone)]
 pub struct Lifecycle {
-    redis: ConnectionManager,
+    redis: RedisConn,
     keys: KeySpace,
     script: redis::Script,
     durability: Durability,
@@ -104,7 +104,7 @@ enum Place<'a> {
 }
 
 impl Lifecycle {
-    pub fn new(redis: ConnectionManager, keys: KeySpace) -> Self {
+    pub fn new(redis: RedisConn, keys: KeySpace) -> Self {
         Self {
             redis,
             keys,

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::RedisConn;
 use redis::AsyncCommands;
 use sqlx::MySqlPool;
 
@@ -55,7 +55,7 @@ pub struct Preheated {
 /// preheats at once: the later epoch stands). A preheat that fails in between leaves a gap in
 /// the epochs, never a repeat.
 pub async fn preheat(
-    redis: &ConnectionManager,
+    redis: &RedisConn,
     mysql: &MySqlPool,
     keys: &KeySpace,
     goods_id: &str,
@@ -147,7 +147,7 @@ async fn bounded<T>(
 
 /// Reads a goods' live counters; `None` when the sale was never preheated.
 pub async fn live_stock(
-    redis: &ConnectionManager,
+    redis: &RedisConn,
     keys: &KeySpace,
     goods_id: &str,
 ) -> Result<Option<LiveStock>, PreheatError> {

@@ -28,7 +28,7 @@ pub use repair::{replay, Repaired};
 use std::collections::BTreeSet;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::RedisConn;
 use redis::AsyncCommands;
 use serde::Serialize;
 use sqlx::{MySqlPool, Row};
@@ -167,7 +167,7 @@ pub fn drift_without_redis(mysql: &StoredStock) -> Drift {
 
 #[derive(Clone)]
 pub struct Reconciler {
-    pub redis: ConnectionManager,
+    pub redis: RedisConn,
     pub keys: KeySpace,
     pub mysql: MySqlPool,
     pub kafka: KafkaConfig,

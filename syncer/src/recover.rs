@@ -8,7 +8,7 @@
 
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::RedisConn;
 use sqlx::MySqlPool;
 use tokio_util::sync::CancellationToken;
 
@@ -26,7 +26,7 @@ const REDIS_CHECK_TIMEOUT: Duration = Duration::from_millis(500);
 const CHECKS_MAX: usize = 1_000;
 
 pub struct Recoverer {
-    pub redis: ConnectionManager,
+    pub redis: RedisConn,
     pub mysql: MySqlPool,
     pub keys: KeySpace,
     pub kafka: KafkaConfig,
@@ -46,6 +46,7 @@ impl Recoverer {
                 return;
             }
             self.breaker.success();
+            self.restore_index().await;
             self.return_to_redis().await;
             if self.fallback {
                 self.find_forgotten().await;
@@ -62,6 +63,37 @@ impl Recoverer {
             tokio::time::timeout(REDIS_CHECK_TIMEOUT, ping).await,
             Ok(Ok(_))
         )
+    }
+
+    /// Puts back into the sales index (which the relay, the sweeper and reconcile walk) every
+    /// goods MySQL says Redis holds: all of them were preheated or re-seeded, which added them.
+    /// The index lives in one slot, apart from the goods' own: on a Redis Cluster, a master
+    /// that forgot (restarted empty, flushed) can lose the index while the goods of the other
+    /// masters live on, and their outboxes would go unrelayed and their reservations
+    /// unswept. One SADD a tick, whatever was lost.
+    async fn restore_index(&self) {
+        let goods: Vec<String> = self
+            .directory
+            .loaded_in_redis()
+            .into_iter()
+            .map(|(goods_id, _)| goods_id)
+            .collect();
+        if goods.is_empty() {
+            return;
+        }
+        let mut conn = self.redis.clone();
+        let mut command = redis::cmd("SADD");
+        command.arg(self.keys.sales_index()).arg(&goods);
+        let added = command.query_async::<u64>(&mut conn);
+        match tokio::time::timeout(REDIS_CHECK_TIMEOUT, added).await {
+            Ok(Ok(0)) => {}
+            Ok(Ok(added)) => tracing::warn!(
+                added,
+                "goods Redis holds were missing from the sales index (Redis forgot it); put back"
+            ),
+            Ok(Err(e)) => tracing::warn!(error = %e, "could not check the sales index"),
+            Err(_) => tracing::warn!("the sales index check timed out"),
+        }
     }
 
     /// Re-seeds every goods in fallback (or stopped switching).

@@ -11,9 +11,9 @@
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
 
+use crate::RedisConn;
 use rdkafka::message::{Header, OwnedHeaders};
 use rdkafka::producer::{FutureProducer, FutureRecord, Producer};
-use redis::aio::ConnectionManager;
 use redis::streams::{StreamId, StreamReadOptions, StreamReadReply};
 use redis::AsyncCommands;
 use tokio_util::sync::CancellationToken;
@@ -39,7 +39,7 @@ const CLAIM_EVERY: Duration = Duration::from_secs(30);
 const REDIS_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct Relay {
-    pub redis: ConnectionManager,
+    pub redis: RedisConn,
     pub keys: KeySpace,
     pub producer: FutureProducer,
     pub kafka: KafkaConfig,
@@ -191,7 +191,7 @@ impl Relay {
     /// One goods: takes over abandoned entries (when `claim`), then relays a read batch.
     async fn relay_goods(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut RedisConn,
         goods_id: &str,
         stream: &str,
         claim: bool,
@@ -204,7 +204,7 @@ impl Relay {
 
     async fn relay_stream(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut RedisConn,
         goods_id: &str,
         stream: &str,
     ) -> Result<usize, RelayError> {
@@ -255,7 +255,7 @@ impl Relay {
 
     async fn read(
         &self,
-        conn: &mut ConnectionManager,
+        conn: &mut RedisConn,
         stream: &str,
         from: &str,
     ) -> Result<Vec<(String, OutboxEvent)>, RelayError> {
@@ -316,11 +316,7 @@ impl Relay {
 
     /// Takes over entries another relay instance read long ago and never acknowledged (it
     /// died and did not come back under its name).
-    async fn claim_abandoned(
-        &self,
-        conn: &mut ConnectionManager,
-        stream: &str,
-    ) -> Result<(), RelayError> {
+    async fn claim_abandoned(&self, conn: &mut RedisConn, stream: &str) -> Result<(), RelayError> {
         let _: redis::Value = bounded(
             redis::cmd("XAUTOCLAIM")
                 .arg(stream)
@@ -367,7 +363,7 @@ pub(crate) fn outbox_event(mut entry: StreamId) -> OutboxEvent {
 /// Creates the relay's consumer group on a stream that lost it, logged and counted
 /// (`seckill_relay_groups_recreated_total`): from the stream's start (`0`), so every entry
 /// written since the loss is relayed, none skipped.
-async fn recreate_group(conn: &mut ConnectionManager, stream: &str) -> Result<(), RelayError> {
+async fn recreate_group(conn: &mut RedisConn, stream: &str) -> Result<(), RelayError> {
     ensure_group(conn, stream).await?;
     metrics::counter!("seckill_relay_groups_recreated_total").increment(1);
     tracing::warn!(
@@ -380,7 +376,7 @@ async fn recreate_group(conn: &mut ConnectionManager, stream: &str) -> Result<()
 
 /// Creates the relay's consumer group on a stream (and the stream) unless it exists, reading
 /// from the stream's start.
-async fn ensure_group(conn: &mut ConnectionManager, stream: &str) -> Result<(), RelayError> {
+async fn ensure_group(conn: &mut RedisConn, stream: &str) -> Result<(), RelayError> {
     let created: redis::RedisResult<()> = tokio::time::timeout(
         REDIS_TIMEOUT,
         conn.xgroup_create_mkstream(stream, GROUP, "0"),
@@ -395,10 +391,7 @@ async fn ensure_group(conn: &mut ConnectionManager, stream: &str) -> Result<(), 
 }
 
 /// Sum of every goods' outbox length (events Kafka has not confirmed yet).
-pub async fn outbox_length(
-    redis: &ConnectionManager,
-    keys: &KeySpace,
-) -> Result<u64, redis::RedisError> {
+pub async fn outbox_length(redis: &RedisConn, keys: &KeySpace) -> Result<u64, redis::RedisError> {
     let mut conn = redis.clone();
     let timed_out = || redis::RedisError::from((redis::ErrorKind::Io, "outbox length timed out"));
     let goods: Vec<String> = tokio::time::timeout(REDIS_TIMEOUT, conn.smembers(keys.sales_index()))

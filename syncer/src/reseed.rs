@@ -8,8 +8,8 @@
 use std::collections::BTreeMap;
 use std::time::{Duration, Instant};
 
+use crate::RedisConn;
 use chrono::NaiveDateTime;
-use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
 use sqlx::{MySqlPool, Row};
 
@@ -84,7 +84,7 @@ pub struct Reseeded {
 
 /// Re-seeds `goods_id`; `drain_timeout` bounds the wait for the writer.
 pub async fn reseed(
-    redis: &ConnectionManager,
+    redis: &RedisConn,
     mysql: &MySqlPool,
     kafka: &KafkaConfig,
     keys: &KeySpace,
@@ -160,7 +160,7 @@ pub async fn reseed(
 
 /// Loads a round into Redis in one script call.
 async fn load(
-    conn: &mut ConnectionManager,
+    conn: &mut RedisConn,
     goods: &crate::keys::GoodsKeys,
     snapshot: &Round,
     replace: bool,

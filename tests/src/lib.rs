@@ -1,4 +1,4 @@
-//! Harness for end-to-end runs of the seckill gate against real parts: a private redis-server,
+//! Harness for end-to-end runs of the seckill gate against real parts: a private redis-server (or a Redis Cluster),
 //! a fresh MariaDB database, the syncer binary, a stub shop API and Envoy with the wasm filter.
 //! Every server runs on a free port and is killed when its handle drops.
 
@@ -9,9 +9,11 @@ pub mod kafka_broker;
 pub mod mysql_db;
 pub mod pipeline;
 pub mod process;
+pub mod redis_cluster;
 pub mod redis_server;
 pub mod served;
 pub mod shop;
 pub mod stack;
 pub mod syncer;
 pub mod tcp_proxy;
+pub mod test_redis;

@@ -1,6 +1,7 @@
-//! The sync pipeline's fixture: a private redis-server, a Tansu broker, a fresh MariaDB
-//! database and the syncer's HTTP service (for deducts and the admin API). Tests add the
-//! relay and the writer as processes of their own, so they can kill them.
+//! The sync pipeline's fixture: a private redis-server (or, with [`Pipeline::start_cluster`],
+//! a private Redis Cluster), a Tansu broker, a fresh MariaDB database and the syncer's HTTP
+//! service (for deducts and the admin API). Tests add the relay and the writer as processes of
+//! their own, so they can kill them.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -15,9 +16,11 @@ use crate::admin::Admin;
 use crate::kafka_broker::KafkaBroker;
 use crate::mysql_db::TestDatabase;
 use crate::process::{unique_suffix, wait_for, Scratch};
+use crate::redis_cluster::RedisCluster;
 use crate::redis_server::RedisServer;
 use crate::stack::{now_ms, SECRET};
 use crate::syncer::{syncer_binary, Role, SyncerArgs, SyncerProcess};
+use crate::test_redis::TestRedis;
 
 /// Environment for a syncer whose sweeper runs every 50 ms, so expiry in a test is prompt.
 pub const FAST_SWEEPER: &[(&str, &str)] = &[("SECKILL_SWEEP_EVERY_MS", "50")];
@@ -25,17 +28,18 @@ pub const FAST_SWEEPER: &[(&str, &str)] = &[("SECKILL_SWEEP_EVERY_MS", "50")];
 /// Deduct calls in flight at once while selling.
 const SELL_CONCURRENCY: usize = 64;
 
-pub struct Pipeline {
+/// On one redis-server unless `R` says otherwise ([`RedisCluster`]).
+pub struct Pipeline<R: TestRedis = RedisServer> {
     pub api: SyncerProcess,
     pub broker: KafkaBroker,
-    pub redis: RedisServer,
+    pub redis: R,
     pub db: TestDatabase,
     pub prefix: String,
     pub http: reqwest::Client,
     pub scratch: Scratch,
 }
 
-impl Pipeline {
+impl Pipeline<RedisServer> {
     pub async fn start(label: &str) -> anyhow::Result<Pipeline> {
         Self::start_with(label, &[]).await
     }
@@ -54,8 +58,29 @@ impl Pipeline {
         env: &[(&str, &str)],
         serve_args: &[&str],
     ) -> anyhow::Result<Pipeline> {
+        Pipeline::start_on(label, redis_args, env, serve_args).await
+    }
+}
+
+impl Pipeline<RedisCluster> {
+    /// On a private Redis Cluster of three masters (no replicas): the syncer gets its
+    /// `redis+cluster://` URL.
+    pub async fn start_cluster(label: &str) -> anyhow::Result<Self> {
+        Self::start_on(label, &[], &[], &[]).await
+    }
+}
+
+impl<R: TestRedis> Pipeline<R> {
+    /// Starts the fixture on `R` (every redis-server with `redis_args`), with extra
+    /// environment and command-line arguments for the HTTP service.
+    pub async fn start_on(
+        label: &str,
+        redis_args: &[&str],
+        env: &[(&str, &str)],
+        serve_args: &[&str],
+    ) -> anyhow::Result<Self> {
         let scratch = Scratch::new(&format!("seckill-{label}"))?;
-        let redis = RedisServer::start_with(&scratch.path, redis_args).await?;
+        let redis = R::start_in(&scratch.path, redis_args).await?;
         let db = TestDatabase::create(label).await?;
         let broker = KafkaBroker::start(&scratch.path).await?;
         let prefix = format!("t{}", unique_suffix());

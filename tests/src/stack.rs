@@ -1,5 +1,6 @@
 //! The whole local stack in one value: Redis, a MySQL database, the syncer, the stub shop and
-//! Envoy with the filter. Tests, the demo and the benchmarks all start it the same way.
+//! Envoy with the filter. Tests, the demo and the benchmarks all start it the same way. Redis
+//! is one redis-server, or with [`Stack::start_cluster`] a private Redis Cluster.
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -11,9 +12,11 @@ use crate::envoy::{filter_wasm, Envoy, LOCAL_TEMPLATE};
 use crate::kafka_broker::KafkaBroker;
 use crate::mysql_db::TestDatabase;
 use crate::process::{free_port, unique_suffix, Scratch};
+use crate::redis_cluster::RedisCluster;
 use crate::redis_server::RedisServer;
 use crate::shop::ShopStub;
 use crate::syncer::{Role, SyncerArgs, SyncerProcess};
+use crate::test_redis::TestRedis;
 
 pub const SECRET: &str = "local-test-secret";
 
@@ -72,13 +75,14 @@ impl StackOptions {
     }
 }
 
-pub struct Stack {
+/// On one redis-server unless `R` says otherwise ([`RedisCluster`]).
+pub struct Stack<R: TestRedis = RedisServer> {
     // Field order is drop order: Envoy first, the stores last, the scratch dir at the very end.
     pub envoy: Envoy,
     pub syncer: Option<SyncerProcess>,
     pub shop: ShopStub,
     pub broker: Option<KafkaBroker>,
-    pub redis: RedisServer,
+    pub redis: R,
     pub db: TestDatabase,
     pub key_prefix: String,
     pub http: reqwest::Client,
@@ -99,10 +103,25 @@ pub struct BuyResult {
     pub body: Value,
 }
 
-impl Stack {
+impl Stack<RedisServer> {
     pub async fn start(options: StackOptions) -> anyhow::Result<Stack> {
+        Stack::start_on(options).await
+    }
+}
+
+impl Stack<RedisCluster> {
+    /// On a private Redis Cluster of three masters (no replicas), every node started with
+    /// `options.redis_args`; the syncer gets its `redis+cluster://` URL.
+    pub async fn start_cluster(options: StackOptions) -> anyhow::Result<Self> {
+        Stack::start_on(options).await
+    }
+}
+
+impl<R: TestRedis> Stack<R> {
+    /// Starts the stack on `R`.
+    pub async fn start_on(options: StackOptions) -> anyhow::Result<Self> {
         let scratch = Scratch::new(&format!("seckill-{}", options.label))?;
-        let redis = RedisServer::start_with(&scratch.path, &options.redis_args).await?;
+        let redis = R::start_in(&scratch.path, &options.redis_args).await?;
         let db = match &options.kept_database {
             Some(name) => TestDatabase::create_named(name, true).await?,
             None => TestDatabase::create(&options.label).await?,
@@ -294,8 +313,8 @@ impl Stack {
         Ok((code, report))
     }
 
-    /// Raw Redis access for assertions (XLEN, HGETALL, ...).
-    pub async fn redis(&self) -> anyhow::Result<redis::aio::MultiplexedConnection> {
+    /// Raw Redis access for assertions (XLEN, HGETALL, ...); on a cluster, routed by key.
+    pub async fn redis(&self) -> anyhow::Result<R::Conn> {
         self.redis.connection().await
     }
 

@@ -9,7 +9,6 @@ use std::collections::BTreeSet;
 use std::time::Duration;
 
 use chrono::{TimeDelta, Utc};
-use redis::aio::ConnectionManager;
 use seckill_api::{DeductRequest, Outcome};
 use seckill_e2e::mysql_db::TestDatabase;
 use seckill_e2e::process::{unique_suffix, wait_for, Scratch};
@@ -21,6 +20,7 @@ use seckill_syncer::lifecycle::{Lifecycle, SweepRules};
 use seckill_syncer::order::ReleaseReason;
 use seckill_syncer::preheat::{live_stock, preheat};
 use seckill_syncer::sale::{Sale, SaleSpec};
+use seckill_syncer::RedisConn;
 use sqlx::MySqlPool;
 
 /// Uses every character an id may have, so the encoding of each is exercised.
@@ -31,7 +31,7 @@ const STOCK: u64 = 2_000;
 const CLAIM_WINDOW: Duration = Duration::from_millis(1);
 
 struct Fixture {
-    redis: ConnectionManager,
+    redis: RedisConn,
     keys: KeySpace,
     deducter: Deducter,
     lifecycle: Lifecycle,

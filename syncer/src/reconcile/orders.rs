@@ -5,7 +5,7 @@
 use std::collections::HashMap;
 use std::time::Duration;
 
-use redis::aio::ConnectionManager;
+use crate::RedisConn;
 use serde::{Serialize, Serializer};
 use sqlx::mysql::MySqlRow;
 use sqlx::{MySql, MySqlPool, QueryBuilder, Row};
@@ -290,7 +290,7 @@ pub struct RedisEntries {
 impl RedisEntries {
     /// Reads them in one round trip.
     pub async fn read(
-        redis: &ConnectionManager,
+        redis: &RedisConn,
         keys: &GoodsKeys,
         order_ids: &[&str],
     ) -> anyhow::Result<RedisEntries> {
@@ -353,7 +353,7 @@ impl HashPages {
     /// The next page of (field, value) pairs; None after the last.
     pub async fn next(
         &mut self,
-        redis: &ConnectionManager,
+        redis: &RedisConn,
     ) -> anyhow::Result<Option<Vec<(String, String)>>> {
         let Some(cursor) = &self.cursor else {
             return Ok(None);
