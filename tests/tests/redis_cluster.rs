@@ -1,0 +1,663 @@
+//! The syncer on a Redis Cluster of three masters (`redis+cluster://` in `--redis-url`), with
+//! the relay and the writer running against real Tansu and MariaDB: goods whose hash tags land
+//! on different masters are defined, preheated, sold through the deduct endpoints (single and
+//! batch) and through Envoy; confirm, cancel and the sweeper end reservations on every master;
+//! MySQL holds one row per winner and `reconcile --orders` is clean; a master that forgot
+//! (FLUSHALL of that node alone) has its goods re-seeded from MySQL while the goods of the
+//! other masters go on; `--redis-durability aof` is checked on every master, and
+//! `replicas:N` waits on the replicas of each goods' own master.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures::future::join_all;
+use seckill_e2e::pipeline::{epoch_of, Pipeline};
+use seckill_e2e::process::wait_for;
+use seckill_e2e::redis_cluster::{key_slot, RedisCluster};
+use seckill_e2e::redis_server::{AOF_ALWAYS, AOF_EVERYSEC};
+use seckill_e2e::stack::{now_ms, Stack, StackOptions, SECRET};
+use seckill_e2e::syncer::{Role, SyncerArgs, SyncerProcess};
+use serde_json::{json, Value};
+
+const DRAIN: Duration = Duration::from_secs(120);
+
+/// Goods ids, one per master, in the order of the masters' first slots: `{stem}-N` for the
+/// first N whose hash tag lands on each master.
+async fn goods_on_each_master(cluster: &RedisCluster, prefix: &str, stem: &str) -> Vec<String> {
+    let masters = cluster.master_ports().await.unwrap();
+    assert_eq!(masters.len(), 3, "three masters");
+    let mut chosen: BTreeMap<usize, String> = BTreeMap::new();
+    for i in 0..1_000 {
+        let goods = format!("{stem}-{i}");
+        let port = cluster
+            .master_of_key(&format!("{prefix}:{{{goods}}}:sale"))
+            .await
+            .unwrap();
+        let index = masters.iter().position(|&p| p == port).unwrap();
+        chosen.entry(index).or_insert(goods);
+        if chosen.len() == masters.len() {
+            break;
+        }
+    }
+    assert_eq!(chosen.len(), 3, "a goods id for every master");
+    chosen.into_values().collect()
+}
+
+/// Every key of `goods` lives on the master `cluster` says serves its hash tag, and on no
+/// other (read from each node directly, not through the cluster client); the slot computed
+/// here is the one the server computes.
+async fn assert_keys_live_on_their_master(cluster: &RedisCluster, prefix: &str, goods: &str) {
+    let sale = format!("{prefix}:{{{goods}}}:sale");
+    let home = cluster.master_of_key(&sale).await.unwrap();
+    let mut conn = cluster.node(home).unwrap().connection().await.unwrap();
+    let slot: u16 = redis::cmd("CLUSTER")
+        .arg("KEYSLOT")
+        .arg(&sale)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(slot, key_slot(&sale), "the server's slot of {sale}");
+    for port in cluster.master_ports().await.unwrap() {
+        let mut conn = cluster.node(port).unwrap().connection().await.unwrap();
+        let keys: Vec<String> = redis::cmd("KEYS")
+            .arg(format!("{prefix}:{{{goods}}}:*"))
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        if port == home {
+            for suffix in ["sale", "epoch"] {
+                let key = format!("{prefix}:{{{goods}}}:{suffix}");
+                assert!(keys.contains(&key), "{key} on its master {port}: {keys:?}");
+            }
+        } else {
+            assert!(keys.is_empty(), "{goods}'s keys on master {port}: {keys:?}");
+        }
+    }
+}
+
+/// One attempt through `POST /v1/deduct`: the reply.
+async fn deduct(p: &Pipeline<RedisCluster>, goods: &str, user: &str, request: &str) -> Value {
+    let reply = p
+        .http
+        .post(format!("{}{}", p.api.url(), seckill_api::DEDUCT_PATH))
+        .header(seckill_api::SECRET_HEADER, SECRET)
+        .json(&json!({"goods_id": goods, "user_id": user, "quantity": 1, "request_id": request}))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), 200);
+    reply.json().await.unwrap()
+}
+
+/// Attempts through `POST /v1/deduct/batch` (what the filter sends): the replies, in order.
+async fn deduct_batch(p: &Pipeline<RedisCluster>, attempts: Vec<Value>) -> Vec<Value> {
+    let reply = p
+        .http
+        .post(format!("{}{}", p.api.url(), seckill_api::DEDUCT_BATCH_PATH))
+        .header(seckill_api::SECRET_HEADER, SECRET)
+        .json(&json!({ "attempts": attempts }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(reply.status(), 200);
+    let body: Value = reply.json().await.unwrap();
+    body["replies"].as_array().unwrap().clone()
+}
+
+async fn claim(p: &Pipeline<RedisCluster>, orders: &[String]) {
+    let reply: Value = p
+        .http
+        .post(format!("{}{}", p.api.url(), seckill_api::CLAIM_PATH))
+        .header(seckill_api::SECRET_HEADER, SECRET)
+        .json(&json!({ "order_ids": orders }))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(reply["claimed"], orders.len(), "{reply}");
+}
+
+async fn settle_ok(p: &Pipeline<RedisCluster>, order: &str, action: &str, state: &str) {
+    let (status, body) = p.settle(order, action).await.unwrap();
+    assert_eq!(status, 200, "{action} {order}: {body}");
+    assert_eq!(body["state"], state, "{action} {order}: {body}");
+}
+
+/// MySQL agrees with Redis on `goods` (counters and every settled order's state), with one
+/// row per order id, `rows` in all.
+async fn assert_mysql_follows(p: &Pipeline<RedisCluster>, goods: &str, rows: i64) {
+    p.wait_for_counters_to_match(goods, DRAIN).await.unwrap();
+    assert_eq!(p.order_rows(goods).await.unwrap(), (rows, rows), "{goods}");
+    let settled = p.settled_orders(goods).await.unwrap();
+    let in_mysql = p.mysql_orders(goods).await.unwrap();
+    for (order, state) in &settled {
+        let (row_state, reason) = &in_mysql[order];
+        let expected = match reason {
+            Some(reason) => format!("{row_state}:{reason}"),
+            None => row_state.clone(),
+        };
+        assert_eq!(&expected, state, "order {order}");
+    }
+}
+
+fn assert_reconcile_clean(p: &Pipeline<RedisCluster>, goods: &[String]) {
+    let (code, report) = p.reconcile(&["--orders"]).unwrap();
+    assert_eq!(code, 0, "reconcile --orders: {report:#}");
+    let reported: HashSet<&str> = report["goods"]
+        .as_array()
+        .map(|all| all.iter().filter_map(|g| g["goods_id"].as_str()).collect())
+        .unwrap_or_default();
+    for g in goods {
+        assert!(reported.contains(g.as_str()), "{g} in {report:#}");
+    }
+}
+
+/// Runs `seckill-syncer reseed`; returns whether it succeeded and what it printed.
+fn reseed(p: &Pipeline<RedisCluster>, goods: &str) -> (bool, String) {
+    let output = p
+        .command("reseed")
+        .unwrap()
+        .args(["--kafka-brokers", &p.broker.bootstrap()])
+        .args(["--drain-timeout-s", "60"])
+        .arg(goods)
+        .output()
+        .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&output.stdout),
+        String::from_utf8_lossy(&output.stderr)
+    );
+    (output.status.success(), text)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn goods_on_three_masters_sell_settle_reach_mysql_and_a_forgetful_master_is_reseeded() {
+    // A fast sweeper for the short payment window; no MySQL fallback, so the re-seed below is
+    // the operator's (the automatic way back is the same code, `reseed.rs`).
+    let env = [
+        ("SECKILL_SWEEP_EVERY_MS", "50"),
+        ("SECKILL_FALLBACK_RATE", "0"),
+    ];
+    let p = Arc::new(
+        Pipeline::<RedisCluster>::start_on("cluster_sale", &[], &env, &[])
+            .await
+            .expect("the fixture starts on a cluster"),
+    );
+    assert!(p.redis.url().starts_with("redis+cluster://127.0.0.1:"));
+    let (_relay, _writer) = p.spawn_relay_and_writer(100, 20).await.unwrap();
+
+    // Three goods, one on each master; a is the one on the master that also holds the sales
+    // index (which has no hash tag of a goods), so that flushing a's master below loses both.
+    let mut goods = goods_on_each_master(&p.redis, &p.prefix, "sku").await;
+    let index = format!("{}:sales", p.prefix);
+    let index_home = p.redis.master_of_key(&index).await.unwrap();
+    let mut homes = Vec::new();
+    for g in &goods {
+        let sale = format!("{}:{{{g}}}:sale", p.prefix);
+        homes.push(p.redis.master_of_key(&sale).await.unwrap());
+    }
+    assert_eq!(
+        homes.iter().collect::<HashSet<_>>().len(),
+        3,
+        "the three goods live on three masters: {homes:?}"
+    );
+    let on_index_master = homes.iter().position(|&h| h == index_home).unwrap();
+    goods.swap(0, on_index_master);
+    let (a, b, c) = (&goods[0], &goods[1], &goods[2]);
+    let ends = now_ms() + 3_600_000;
+    p.define_sale(a, 40, 1, ends, 900).await.unwrap();
+    p.define_sale(b, 40, 1, ends, 900).await.unwrap();
+    // c: a 2 s payment window, for the sweeper.
+    p.define_sale(c, 20, 1, ends, 2).await.unwrap();
+    for g in &goods {
+        assert_keys_live_on_their_master(&p.redis, &p.prefix, g).await;
+    }
+
+    // a: 40 buyers through the single endpoint, 64 at once: all win (won_a[i] is a-i's), 40
+    // distinct order ids; 20 more find it sold out.
+    let won_a = p.sell(a, "a", 40).await.unwrap();
+    assert_eq!(won_a.len(), 40);
+    assert_eq!(won_a.iter().collect::<HashSet<_>>().len(), 40);
+    assert!(p.sell(a, "late-a", 20).await.unwrap().is_empty());
+    // A winner's retry gets the same order.
+    let retry = deduct(&p, a, "a-0", "a-0").await;
+    assert_eq!(retry["outcome"], "won", "{retry}");
+    assert_eq!(
+        retry["order_id"].as_str(),
+        Some(won_a[0].as_str()),
+        "{retry}"
+    );
+
+    // b: 60 buyers through the batch endpoint, two batches of 30: exactly 40 win, claimed.
+    let mut won_b = Vec::new();
+    let mut outcomes: HashMap<String, usize> = HashMap::new();
+    for round in 0..2 {
+        let attempts = (0..30)
+            .map(|i| {
+                let user = format!("b-{}", round * 30 + i);
+                json!({"goods_id": b, "user_id": user, "quantity": 1, "request_id": user})
+            })
+            .collect();
+        for reply in deduct_batch(&p, attempts).await {
+            let outcome = reply["outcome"].as_str().unwrap_or("error").to_owned();
+            if outcome == "won" {
+                won_b.push(reply["order_id"].as_str().unwrap().to_owned());
+            }
+            *outcomes.entry(outcome).or_default() += 1;
+        }
+    }
+    assert_eq!(outcomes.get("won"), Some(&40), "{outcomes:?}");
+    assert_eq!(outcomes.get("sold_out"), Some(&20), "{outcomes:?}");
+    claim(&p, &won_b).await;
+
+    // c: 20 buyers win; nobody pays within 2 s: the sweeper releases all of them.
+    let won_c = p.sell(c, "c", 20).await.unwrap();
+    assert_eq!(won_c.len(), 20);
+
+    // Settle on two masters: confirm 10 and cancel 5 of a; confirm 10 and cancel 5 of b.
+    for (orders, g) in [(&won_a, a), (&won_b, b)] {
+        for order in &orders[..10] {
+            settle_ok(&p, order, "confirm", "confirmed").await;
+        }
+        for order in &orders[10..15] {
+            settle_ok(&p, order, "cancel", "released").await;
+        }
+        assert_eq!(
+            p.redis_counters(g).await.unwrap(),
+            (5, 25, 10, 0, 40),
+            "{g}: available, reserved, sold, lapsed, total"
+        );
+    }
+    wait_for(
+        "c's reservations to expire",
+        Duration::from_secs(30),
+        || async { Ok((p.redis_counters(c).await?.0 == 20).then_some(())) },
+    )
+    .await
+    .unwrap();
+    let settled_c = p.settled_orders(c).await.unwrap();
+    assert_eq!(settled_c.len(), 20);
+    assert!(
+        settled_c.values().all(|s| s == "released:expired"),
+        "{settled_c:?}"
+    );
+    assert_eq!(p.redis_counters(c).await.unwrap(), (20, 0, 0, 0, 20));
+
+    // MySQL: one row per winner, every state as Redis has it; reconcile is clean.
+    assert_mysql_follows(&p, a, 40).await;
+    assert_mysql_follows(&p, b, 40).await;
+    assert_mysql_follows(&p, c, 20).await;
+    assert_reconcile_clean(&p, &goods);
+
+    // a's master forgets everything (FLUSHALL on that node alone): a's sale and the sales
+    // index the relay, the sweeper and reconcile walk. b and c, on the other masters, keep
+    // theirs; the syncer puts every goods it loaded back into the index (within a second),
+    // or b's and c's new events would never be relayed.
+    let home_a = p
+        .redis
+        .master_of_key(&format!("{}:{{{a}}}:sale", p.prefix))
+        .await
+        .unwrap();
+    assert_eq!(home_a, index_home);
+    p.redis.flush_node(home_a).await.unwrap();
+    let conn = p.redis.connection().await.unwrap();
+    let exists = |key: String| {
+        let mut conn = conn.clone();
+        async move {
+            redis::cmd("EXISTS")
+                .arg(key)
+                .query_async::<u32>(&mut conn)
+                .await
+                .unwrap()
+        }
+    };
+    assert_eq!(exists(format!("{}:{{{a}}}:sale", p.prefix)).await, 0);
+    assert_eq!(exists(format!("{}:{{{b}}}:sale", p.prefix)).await, 1);
+    assert_eq!(exists(format!("{}:{{{c}}}:sale", p.prefix)).await, 1);
+    wait_for(
+        "the sales index to name every goods again",
+        DRAIN,
+        || async {
+            let members: HashSet<String> = redis::cmd("SMEMBERS")
+                .arg(&index)
+                .query_async(&mut conn.clone())
+                .await?;
+            Ok(goods.iter().all(|g| members.contains(g)).then_some(()))
+        },
+    )
+    .await
+    .unwrap();
+    // a is not decided from a Redis that forgot it (no fallback here: 503 until re-seeded).
+    let (status, _) = {
+        let reply = p
+            .http
+            .post(format!("{}{}", p.api.url(), seckill_api::DEDUCT_PATH))
+            .header(seckill_api::SECRET_HEADER, SECRET)
+            .json(&json!({"goods_id": a, "user_id": "late", "quantity": 1, "request_id": "late"}))
+            .send()
+            .await
+            .unwrap();
+        (reply.status().as_u16(), ())
+    };
+    assert_eq!(status, 503, "a forgotten goods is not sold from Redis");
+
+    let (ok, printed) = reseed(&p, a);
+    assert!(ok, "reseed: {printed}");
+    assert_keys_live_on_their_master(&p.redis, &p.prefix, a).await;
+    let (stock, reserved, sold, lapsed, total) = p.mysql_counters(a).await.unwrap();
+    assert_eq!(
+        p.redis_counters(a).await.unwrap(),
+        (stock, reserved, sold, lapsed, total),
+        "a re-seeded from MySQL"
+    );
+    assert_eq!((stock, reserved, sold), (5, 25, 10));
+    // Old orders of a settle by id; a paid buyer is still at the limit.
+    settle_ok(&p, &won_a[15], "confirm", "confirmed").await;
+    settle_ok(&p, &won_a[16], "cancel", "released").await;
+    let paid = deduct(&p, a, "a-0", "a-0-again").await;
+    assert_eq!(paid["outcome"], "duplicate", "{paid}");
+    // a sells out its 6 units to new buyers under a new epoch; b sells its 5 on its own master
+    // under its first epoch, untouched by a's loss.
+    let new_a = p.sell(a, "a2", 10).await.unwrap();
+    assert_eq!(new_a.len(), 6, "{new_a:?}");
+    assert!(
+        new_a.iter().all(|o| epoch_of(o) > epoch_of(&won_a[0])),
+        "{new_a:?}"
+    );
+    let new_b = p.sell(b, "b2", 10).await.unwrap();
+    assert_eq!(new_b.len(), 5, "{new_b:?}");
+    assert!(new_b.iter().all(|o| epoch_of(o) == epoch_of(&won_b[0])));
+    assert_eq!(p.redis_counters(a).await.unwrap().0, 0, "a sold out");
+
+    assert_mysql_follows(&p, a, 46).await;
+    assert_mysql_follows(&p, b, 45).await;
+    assert_reconcile_clean(&p, &goods);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_sale_through_envoy_on_a_cluster_reaches_the_shop_and_mysql_once() {
+    let mut options = StackOptions::new("cluster_edge");
+    options.pipeline = true;
+    // The crowd arrives before the syncer has confirmed the goods: no shared bucket for it.
+    options.plugin_config["rate_limit"]["unconfirmed"] =
+        json!({"per_second": 1_000_000.0, "burst": 1_000_000});
+    let stack = Arc::new(
+        Stack::start_cluster(options)
+            .await
+            .expect("the stack starts"),
+    );
+    stack.open_sale("phone", 50, 1).await.unwrap();
+    let home = stack
+        .redis
+        .master_of_key(&stack.goods_key("phone", "sale"))
+        .await
+        .unwrap();
+    eprintln!("phone lives on master {home}");
+
+    // 150 buyers at once through Envoy: exactly 50 win, each forwarded once to the shop with
+    // an order id of its own.
+    let results = join_all((0..150).map(|i| {
+        let stack = stack.clone();
+        async move {
+            let user = format!("u{i}");
+            stack.buy("phone", &user, 1, &user).await.unwrap()
+        }
+    }))
+    .await;
+    let mut outcomes: HashMap<&str, usize> = HashMap::new();
+    for r in &results {
+        *outcomes.entry(r.outcome.as_str()).or_default() += 1;
+    }
+    assert_eq!(outcomes.get("won"), Some(&50), "{outcomes:?}");
+    assert_eq!(outcomes.get("sold_out"), Some(&100), "{outcomes:?}");
+    let at_shop = stack.shop.accepted_order_ids();
+    assert_eq!(at_shop.len(), 50);
+    assert_eq!(at_shop.iter().collect::<HashSet<_>>().len(), 50);
+    let live = stack.live("phone").await.unwrap();
+    assert_eq!(
+        (live["available"].as_i64(), live["reserved"].as_i64()),
+        (Some(0), Some(50)),
+        "{live}"
+    );
+
+    // The pipeline in the syncer moves every sale to MySQL; reconcile is clean.
+    wait_for("50 rows in MySQL", DRAIN, || async {
+        let (rows,): (i64,) =
+            sqlx::query_as("SELECT COUNT(*) FROM orders WHERE goods_id = 'phone'")
+                .fetch_one(&stack.db.pool)
+                .await?;
+        anyhow::ensure!(rows <= 50, "{rows} rows for 50 winners");
+        Ok((rows == 50).then_some(()))
+    })
+    .await
+    .unwrap();
+    let ids: HashSet<String> =
+        sqlx::query_as::<_, (String,)>("SELECT order_id FROM orders WHERE goods_id = 'phone'")
+            .fetch_all(&stack.db.pool)
+            .await
+            .unwrap()
+            .into_iter()
+            .map(|(id,)| id)
+            .collect();
+    assert_eq!(ids, at_shop.into_iter().collect::<HashSet<_>>());
+    let (code, report) = stack.reconcile(&["--orders"]).unwrap();
+    assert_eq!(code, 0, "{report:#}");
+    // The sale's keys, read through the cluster client, sit under one hash tag.
+    let snapshot = stack.redis_snapshot().await.unwrap();
+    assert!(
+        snapshot
+            .iter()
+            .any(|(k, _)| k == &stack.goods_key("phone", "sale")),
+        "{snapshot:?}"
+    );
+}
+
+/// A syncer `serve` against `url` that must refuse to start: its exit code and log.
+async fn refused(p: &Pipeline<RedisCluster>, url: &str, env: &[(&str, &str)]) -> (i32, String) {
+    let db = p.db.url();
+    let args = SyncerArgs {
+        redis_url: url,
+        mysql_url: &db,
+        key_prefix: &p.prefix,
+        secret: SECRET,
+        kafka: None,
+    };
+    let (status, log) = SyncerProcess::start_refused(&p.scratch.path, &args, env)
+        .await
+        .unwrap();
+    (status.code().unwrap_or(-1), log)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn aof_is_checked_on_every_master_and_a_bad_url_is_refused() {
+    let aof = ("SECKILL_REDIS_DURABILITY", "aof");
+    // Every master with appendfsync always: the syncer starts with aof and sells.
+    let p = Pipeline::<RedisCluster>::start_on("cluster_aof", AOF_ALWAYS, &[aof], &[])
+        .await
+        .expect("a syncer with aof starts on a cluster whose every master fsyncs");
+    let goods = goods_on_each_master(&p.redis, &p.prefix, "aof").await;
+    for g in &goods {
+        p.open_sale(g, 5, 1).await.unwrap();
+        assert_eq!(deduct(&p, g, "u", "r").await["outcome"], "won");
+    }
+
+    // One master fsyncs once a second: refused, naming that master.
+    let masters = p.redis.master_ports().await.unwrap();
+    let lax = masters[1];
+    let mut conn = p.redis.node(lax).unwrap().connection().await.unwrap();
+    let () = redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("appendfsync")
+        .arg("everysec")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let (code, log) = refused(&p, &p.redis.url(), &[aof]).await;
+    assert_eq!(code, 1, "{log}");
+    assert!(
+        log.contains(&format!(
+            "the master at 127.0.0.1:{lax} has appendonly yes, appendfsync everysec"
+        )) && log.contains("appendfsync always"),
+        "{log}"
+    );
+    // durability none still starts there (not checked), and a URL the syncer cannot read is
+    // refused with the form to use.
+    drop(conn);
+    for (url, says) in [
+        (
+            format!(
+                "redis://127.0.0.1:{},redis://127.0.0.1:{}",
+                masters[0], masters[1]
+            ),
+            "redis+cluster://host:port,host:port",
+        ),
+        (
+            format!("redis+cluster://127.0.0.1:{},", masters[0]),
+            "empty",
+        ),
+        (
+            format!("redis+cluster://127.0.0.1:{}/1", masters[0]),
+            "only database 0",
+        ),
+    ] {
+        let (code, log) = refused(&p, &url, &[]).await;
+        assert_eq!(code, 1, "{url}: {log}");
+        assert!(
+            log.contains("bad Redis URL") && log.contains(says),
+            "{url}: {log}"
+        );
+    }
+    // A cluster URL whose seeds are not a cluster (a node that is not cluster-enabled).
+    let plain = seckill_e2e::redis_server::RedisServer::start_with(&p.scratch.path, AOF_EVERYSEC)
+        .await
+        .unwrap();
+    let url = format!("redis+cluster://127.0.0.1:{}", plain.port);
+    let (code, log) = refused(&p, &url, &[]).await;
+    assert_eq!(code, 1, "{log}");
+    assert!(log.contains("cannot connect to the Redis Cluster"), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn replicas_one_waits_for_the_replica_of_each_goods_own_master() {
+    let scratch = seckill_e2e::process::Scratch::new("seckill-cluster-replicas").unwrap();
+    let cluster = RedisCluster::start_with(&scratch.path, 3, 1, &[])
+        .await
+        .expect("a cluster of three masters with a replica each");
+    let db = seckill_e2e::mysql_db::TestDatabase::create("cluster_replicas")
+        .await
+        .unwrap();
+    let prefix = format!("t{}", seckill_e2e::process::unique_suffix());
+    let args = SyncerArgs {
+        redis_url: &cluster.url(),
+        mysql_url: &db.url(),
+        key_prefix: &prefix,
+        secret: SECRET,
+        kafka: None,
+    };
+    let env = [
+        ("SECKILL_REDIS_DURABILITY", "replicas:1"),
+        ("SECKILL_FALLBACK_RATE", "0"),
+    ];
+    let syncer = SyncerProcess::start_role_with(
+        &scratch.path,
+        &args,
+        Role::Serve { pipeline: false },
+        &env,
+        &[],
+    )
+    .await
+    .unwrap();
+    let http = reqwest::Client::builder()
+        .timeout(Duration::from_secs(30))
+        .build()
+        .unwrap();
+    let admin = seckill_e2e::admin::Admin::new(&http, syncer.url());
+    let goods = goods_on_each_master(&cluster, &prefix, "rep").await;
+    let window = (now_ms() - 60_000, now_ms() + 3_600_000);
+    for g in &goods {
+        admin.define_sale(g, 10, 1, window, 900).await.unwrap();
+        admin.preheat(g, false).await.unwrap();
+    }
+    let buy = |g: &str, user: &str| {
+        let request = http
+            .post(format!("{}{}", syncer.url(), seckill_api::DEDUCT_PATH))
+            .header(seckill_api::SECRET_HEADER, SECRET)
+            .json(&json!({"goods_id": g, "user_id": user, "quantity": 1, "request_id": user}));
+        async move {
+            let reply = request.send().await.unwrap();
+            let status = reply.status().as_u16();
+            (status, reply.json::<Value>().await.unwrap_or(Value::Null))
+        }
+    };
+    // Each win is on its master's replica when it is answered.
+    for g in &goods {
+        let (status, body) = buy(g, "first").await;
+        assert_eq!(
+            (status, body["outcome"].as_str()),
+            (200, Some("won")),
+            "{g}: {body}"
+        );
+        let sale = format!("{prefix}:{{{g}}}:sale");
+        let master = cluster.master_of_key(&sale).await.unwrap();
+        let replicas = cluster.replicas_of(master).await.unwrap();
+        assert_eq!(replicas.len(), 1, "{g}'s master {master} has one replica");
+        let mut conn = cluster
+            .node(replicas[0])
+            .unwrap()
+            .connection()
+            .await
+            .unwrap();
+        let () = redis::cmd("READONLY").query_async(&mut conn).await.unwrap();
+        let reserved: Option<i64> = redis::cmd("HGET")
+            .arg(&sale)
+            .arg("reserved")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(reserved, Some(1), "{g}: the replica holds the win");
+    }
+
+    // The replica of the first goods' master stops: that goods answers 503 (its WAIT, on its
+    // own master, is not met), while the goods of the other masters go on winning.
+    let (stalled, others) = (&goods[0], &goods[1..]);
+    let master = cluster
+        .master_of_key(&format!("{prefix}:{{{stalled}}}:sale"))
+        .await
+        .unwrap();
+    let replica = cluster.replicas_of(master).await.unwrap()[0];
+    cluster.pause(replica).unwrap();
+    let (status, body) = buy(stalled, "second").await;
+    assert_eq!(
+        status, 503,
+        "{stalled} while its master's replica is stopped: {body}"
+    );
+    for g in others {
+        let (status, body) = buy(g, "second").await;
+        assert_eq!(
+            (status, body["outcome"].as_str()),
+            (200, Some("won")),
+            "{g}: {body}"
+        );
+    }
+    cluster.resume(replica).unwrap();
+    // Resumed: the retry gets the order the unacknowledged call made, once the replica has it.
+    let order = wait_for(
+        "the retry to be answered",
+        Duration::from_secs(30),
+        || async {
+            let (status, body) = buy(stalled, "second").await;
+            Ok((status == 200).then_some(body))
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(order["outcome"], "won", "{order}");
+    let live = admin.sale(stalled).await.unwrap()["live"].clone();
+    assert_eq!(
+        live["reserved"], 2,
+        "one order for the retried request: {live}"
+    );
+}
