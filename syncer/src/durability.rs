@@ -326,6 +326,14 @@ pub async fn invoke<T: FromRedisValue>(
 /// The script call, an INCR of `mark` and `WAIT wanted timeout` in one pipeline: one request
 /// on one connection, so WAIT counts the acknowledgements of exactly this connection's writes.
 ///
+/// On a Redis Cluster the crate's cluster client routes a pipeline by its keyed commands (the
+/// script's keys and `mark`, all of one goods' hash tag, so one slot) and sends it whole to
+/// that slot's master; `WAIT`, which sent alone it would fan out to every master (taking the
+/// smallest count), rides along on that master's connection and counts that master's
+/// replicas: exactly the ones a failover of this goods' master promotes from. Each
+/// `connect_redis` is a cluster client of its own, so a blocked WAIT holds up only the
+/// connections of its own batch, as on one server.
+///
 /// From Redis 7.2 on, WAIT waits for the offset of the connection's last command that
 /// propagated a write (7.0 takes the offset after any command). A script that only read (a
 /// retry answered from an earlier win, made on another connection before a reconnect, or by
