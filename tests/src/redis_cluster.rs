@@ -26,6 +26,9 @@ pub struct ClusterNode {
     pub bus_port: u16,
     process: ChildGuard,
     data_dir: PathBuf,
+    log_dir: PathBuf,
+    /// Arguments after the defaults.
+    extra: Vec<String>,
 }
 
 impl ClusterNode {
@@ -139,26 +142,15 @@ impl RedisCluster {
             let (port, bus_port) = (pair[0], pair[1]);
             let data_dir = dir.join(format!("redis-cluster-{port}"));
             std::fs::create_dir_all(&data_dir)?;
-            let mut command = Command::new("redis-server");
-            command
-                .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-                .args(["--save", "", "--appendonly", "no"])
-                .args(["--cluster-enabled", "yes"])
-                .args(["--cluster-port", &bus_port.to_string()])
-                .args(["--cluster-node-timeout", &NODE_TIMEOUT_MS.to_string()])
-                .arg("--cluster-config-file")
-                .arg(data_dir.join("nodes.conf"))
-                .arg("--dir")
-                .arg(&data_dir)
-                .args(extra);
-            let log = dir.join(format!("redis-cluster-{port}.log"));
-            let process = ChildGuard::spawn_appending("redis-server", command, &log)
-                .context("is redis-server installed? scripts/setup.sh installs it")?;
+            let extra: Vec<String> = extra.iter().map(|a| a.to_string()).collect();
+            let process = spawn_node(dir, &data_dir, port, bus_port, &extra)?;
             nodes.push(ClusterNode {
                 port,
                 bus_port,
                 process,
                 data_dir,
+                log_dir: dir.to_owned(),
+                extra,
             });
         }
         for node in &mut nodes {
@@ -326,6 +318,45 @@ impl RedisCluster {
         Ok(())
     }
 
+    /// Starts the node on `port` again (after [`RedisCluster::kill_node`]; a running one is
+    /// killed first) with its cluster configuration (`nodes.conf`: its id and its slots) and
+    /// whatever it persisted (nothing, by default: a master that comes back having forgotten
+    /// its keys, still owning its slots), and waits until the cluster is ok on every node.
+    pub async fn restart_node(&mut self, port: u16) -> anyhow::Result<()> {
+        let count = self.nodes.len();
+        let node = self.node_mut(port)?;
+        node.process.kill();
+        let mut last_error = None;
+        // The port is ours, but the old process's sockets may take a moment to let go.
+        for attempt in 0..5u64 {
+            tokio::time::sleep(Duration::from_millis(100 * attempt)).await;
+            match spawn_node(
+                &node.log_dir,
+                &node.data_dir,
+                node.port,
+                node.bus_port,
+                &node.extra,
+            ) {
+                Ok(process) => node.process = process,
+                Err(e) => {
+                    last_error = Some(e);
+                    continue;
+                }
+            }
+            match wait_for_pong(node).await {
+                Ok(()) => {
+                    last_error = None;
+                    break;
+                }
+                Err(e) => last_error = Some(e),
+            }
+        }
+        if let Some(e) = last_error {
+            return Err(e);
+        }
+        self.wait_until_ok(count).await
+    }
+
     /// Kills the master that serves `key` (SIGKILL); returns its port.
     pub async fn kill_master_of(&mut self, key: &str) -> anyhow::Result<u16> {
         let port = self.master_of_key(key).await?;
@@ -364,6 +395,31 @@ impl RedisCluster {
         keys.sort();
         Ok(keys)
     }
+}
+
+/// Starts one cluster node; its log is appended to, so a restarted node keeps its first life's.
+fn spawn_node(
+    log_dir: &Path,
+    data_dir: &Path,
+    port: u16,
+    bus_port: u16,
+    extra: &[String],
+) -> anyhow::Result<ChildGuard> {
+    let mut command = Command::new("redis-server");
+    command
+        .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+        .args(["--save", "", "--appendonly", "no"])
+        .args(["--cluster-enabled", "yes"])
+        .args(["--cluster-port", &bus_port.to_string()])
+        .args(["--cluster-node-timeout", &NODE_TIMEOUT_MS.to_string()])
+        .arg("--cluster-config-file")
+        .arg(data_dir.join("nodes.conf"))
+        .arg("--dir")
+        .arg(data_dir)
+        .args(extra);
+    let log = log_dir.join(format!("redis-cluster-{port}.log"));
+    ChildGuard::spawn_appending("redis-server", command, &log)
+        .context("is redis-server installed? scripts/setup.sh installs it")
 }
 
 /// Polls PING until PONG (bounded), failing at once if the node exited.

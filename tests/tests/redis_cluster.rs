@@ -4,8 +4,9 @@
 //! batch) and through Envoy; confirm, cancel and the sweeper end reservations on every master;
 //! MySQL holds one row per winner and `reconcile --orders` is clean; a master that forgot
 //! (FLUSHALL of that node alone) has its goods re-seeded from MySQL while the goods of the
-//! other masters go on; `--redis-durability aof` is checked on every master, and
-//! `replicas:N` waits on the replicas of each goods' own master.
+//! other masters go on; a master lost without a replica moves the sale to MySQL and back;
+//! `--redis-durability aof` is checked on every master, and `replicas:N` waits on the
+//! replicas of each goods' own master.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::sync::Arc;
@@ -21,6 +22,8 @@ use seckill_e2e::syncer::{Role, SyncerArgs, SyncerProcess};
 use serde_json::{json, Value};
 
 const DRAIN: Duration = Duration::from_secs(120);
+/// How long a buyer keeps retrying with the same request id through 503s.
+const BUYER_PATIENCE: Duration = Duration::from_secs(60);
 
 /// Goods ids, one per master, in the order of the masters' first slots: `{stem}-N` for the
 /// first N whose hash tag lands on each master.
@@ -76,18 +79,73 @@ async fn assert_keys_live_on_their_master(cluster: &RedisCluster, prefix: &str, 
     }
 }
 
-/// One attempt through `POST /v1/deduct`: the reply.
+/// One buyer's attempt through `POST /v1/deduct`, retried with the same request id through
+/// 503s (a Redis call cut short by a loaded machine: the gate's buyers are told to retry);
+/// the final answer.
 async fn deduct(p: &Pipeline<RedisCluster>, goods: &str, user: &str, request: &str) -> Value {
-    let reply = p
-        .http
-        .post(format!("{}{}", p.api.url(), seckill_api::DEDUCT_PATH))
-        .header(seckill_api::SECRET_HEADER, SECRET)
-        .json(&json!({"goods_id": goods, "user_id": user, "quantity": 1, "request_id": request}))
-        .send()
+    let deadline = std::time::Instant::now() + BUYER_PATIENCE;
+    loop {
+        let response = p
+            .http
+            .post(format!("{}{}", p.api.url(), seckill_api::DEDUCT_PATH))
+            .header(seckill_api::SECRET_HEADER, SECRET)
+            .json(
+                &json!({"goods_id": goods, "user_id": user, "quantity": 1, "request_id": request}),
+            )
+            .send()
+            .await
+            .unwrap();
+        let status = response.status().as_u16();
+        let body: Value = response.json().await.unwrap();
+        if status == 200 {
+            return body;
+        }
+        assert_eq!(status, 503, "{body}");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{user} got 503 for {BUYER_PATIENCE:?}: {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+/// Buyers `{tag}-0..count` (request id = buyer), 20 at a time, each patient: the order id
+/// each one won, by buyer.
+async fn sell_in_order(
+    p: &Arc<Pipeline<RedisCluster>>,
+    goods: &str,
+    tag: &str,
+    count: usize,
+) -> Vec<Option<String>> {
+    let mut orders = Vec::with_capacity(count);
+    for chunk in (0..count).collect::<Vec<_>>().chunks(20) {
+        let answers = join_all(chunk.iter().map(|i| {
+            let p = p.clone();
+            let (goods, user) = (goods.to_owned(), format!("{tag}-{i}"));
+            async move { deduct(&p, &goods, &user, &user).await }
+        }))
+        .await;
+        for answer in answers {
+            let outcome = answer["outcome"].as_str().unwrap_or_default();
+            assert!(["won", "sold_out"].contains(&outcome), "{answer}");
+            orders.push(answer["order_id"].as_str().map(str::to_owned));
+        }
+    }
+    orders
+}
+
+/// The order ids won, in buyer order.
+async fn sell(
+    p: &Arc<Pipeline<RedisCluster>>,
+    goods: &str,
+    tag: &str,
+    count: usize,
+) -> Vec<String> {
+    sell_in_order(p, goods, tag, count)
         .await
-        .unwrap();
-    assert_eq!(reply.status(), 200);
-    reply.json().await.unwrap()
+        .into_iter()
+        .flatten()
+        .collect()
 }
 
 /// Attempts through `POST /v1/deduct/batch` (what the filter sends): the replies, in order.
@@ -218,10 +276,10 @@ async fn goods_on_three_masters_sell_settle_reach_mysql_and_a_forgetful_master_i
 
     // a: 40 buyers through the single endpoint, 64 at once: all win (won_a[i] is a-i's), 40
     // distinct order ids; 20 more find it sold out.
-    let won_a = p.sell(a, "a", 40).await.unwrap();
+    let won_a = sell(&p, a, "a", 40).await;
     assert_eq!(won_a.len(), 40);
     assert_eq!(won_a.iter().collect::<HashSet<_>>().len(), 40);
-    assert!(p.sell(a, "late-a", 20).await.unwrap().is_empty());
+    assert!(sell(&p, a, "late-a", 20).await.is_empty());
     // A winner's retry gets the same order.
     let retry = deduct(&p, a, "a-0", "a-0").await;
     assert_eq!(retry["outcome"], "won", "{retry}");
@@ -235,18 +293,33 @@ async fn goods_on_three_masters_sell_settle_reach_mysql_and_a_forgetful_master_i
     let mut won_b = Vec::new();
     let mut outcomes: HashMap<String, usize> = HashMap::new();
     for round in 0..2 {
-        let attempts = (0..30)
-            .map(|i| {
-                let user = format!("b-{}", round * 30 + i);
-                json!({"goods_id": b, "user_id": user, "quantity": 1, "request_id": user})
-            })
-            .collect();
-        for reply in deduct_batch(&p, attempts).await {
-            let outcome = reply["outcome"].as_str().unwrap_or("error").to_owned();
-            if outcome == "won" {
-                won_b.push(reply["order_id"].as_str().unwrap().to_owned());
+        let mut users: Vec<String> = (0..30).map(|i| format!("b-{}", round * 30 + i)).collect();
+        // Attempts answered `unavailable` (a Redis call cut short) are sent again with the
+        // same request ids, as the gate's buyers would.
+        let deadline = std::time::Instant::now() + BUYER_PATIENCE;
+        while !users.is_empty() {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "unavailable for {users:?}"
+            );
+            let attempts = users
+                .iter()
+                .map(|user| json!({"goods_id": b, "user_id": user, "quantity": 1, "request_id": user}))
+                .collect();
+            let replies = deduct_batch(&p, attempts).await;
+            let mut again = Vec::new();
+            for (user, reply) in users.iter().zip(replies) {
+                if reply["error"] == "unavailable" {
+                    again.push(user.clone());
+                    continue;
+                }
+                let outcome = reply["outcome"].as_str().unwrap_or("error").to_owned();
+                if outcome == "won" {
+                    won_b.push(reply["order_id"].as_str().unwrap().to_owned());
+                }
+                *outcomes.entry(outcome).or_default() += 1;
             }
-            *outcomes.entry(outcome).or_default() += 1;
+            users = again;
         }
     }
     assert_eq!(outcomes.get("won"), Some(&40), "{outcomes:?}");
@@ -254,7 +327,7 @@ async fn goods_on_three_masters_sell_settle_reach_mysql_and_a_forgetful_master_i
     claim(&p, &won_b).await;
 
     // c: 20 buyers win; nobody pays within 2 s: the sweeper releases all of them.
-    let won_c = p.sell(c, "c", 20).await.unwrap();
+    let won_c = sell(&p, c, "c", 20).await;
     assert_eq!(won_c.len(), 20);
 
     // Settle on two masters: confirm 10 and cancel 5 of a; confirm 10 and cancel 5 of b.
@@ -361,13 +434,13 @@ async fn goods_on_three_masters_sell_settle_reach_mysql_and_a_forgetful_master_i
     assert_eq!(paid["outcome"], "duplicate", "{paid}");
     // a sells out its 6 units to new buyers under a new epoch; b sells its 5 on its own master
     // under its first epoch, untouched by a's loss.
-    let new_a = p.sell(a, "a2", 10).await.unwrap();
+    let new_a = sell(&p, a, "a2", 10).await;
     assert_eq!(new_a.len(), 6, "{new_a:?}");
     assert!(
         new_a.iter().all(|o| epoch_of(o) > epoch_of(&won_a[0])),
         "{new_a:?}"
     );
-    let new_b = p.sell(b, "b2", 10).await.unwrap();
+    let new_b = sell(&p, b, "b2", 10).await;
     assert_eq!(new_b.len(), 5, "{new_b:?}");
     assert!(new_b.iter().all(|o| epoch_of(o) == epoch_of(&won_b[0])));
     assert_eq!(p.redis_counters(a).await.unwrap().0, 0, "a sold out");
@@ -592,9 +665,25 @@ async fn replicas_one_waits_for_the_replica_of_each_goods_own_master() {
             (status, reply.json::<Value>().await.unwrap_or(Value::Null))
         }
     };
+    // A win, retried through 503s (the first call of a loaded machine may miss its deadline).
+    let win = |g: String, user: &'static str| {
+        let buy = &buy;
+        async move {
+            wait_for(
+                &format!("{user} to win {g}"),
+                Duration::from_secs(30),
+                || async {
+                    let (status, body) = buy(&g, user).await;
+                    Ok((status != 503).then_some((status, body)))
+                },
+            )
+            .await
+            .unwrap()
+        }
+    };
     // Each win is on its master's replica when it is answered.
     for g in &goods {
-        let (status, body) = buy(g, "first").await;
+        let (status, body) = win(g.clone(), "first").await;
         assert_eq!(
             (status, body["outcome"].as_str()),
             (200, Some("won")),
@@ -635,7 +724,7 @@ async fn replicas_one_waits_for_the_replica_of_each_goods_own_master() {
         "{stalled} while its master's replica is stopped: {body}"
     );
     for g in others {
-        let (status, body) = buy(g, "second").await;
+        let (status, body) = win(g.clone(), "second").await;
         assert_eq!(
             (status, body["outcome"].as_str()),
             (200, Some("won")),
@@ -660,4 +749,116 @@ async fn replicas_one_waits_for_the_replica_of_each_goods_own_master() {
         live["reserved"], 2,
         "one order for the retried request: {live}"
     );
+}
+
+/// Buyers `{tag}-0..count` of `goods`, 20 at a time, each patient; records every `won`
+/// (order id -> buyer), failing on an order id told to two buyers. Returns how many won.
+async fn patient_sell(
+    p: &Arc<Pipeline<RedisCluster>>,
+    goods: &str,
+    tag: &str,
+    count: usize,
+    issued: &mut HashMap<String, String>,
+) -> usize {
+    let mut won = 0;
+    for chunk in (0..count).collect::<Vec<_>>().chunks(20) {
+        let answers = join_all(chunk.iter().map(|i| {
+            let p = p.clone();
+            let (goods, user) = (goods.to_owned(), format!("{tag}-{i}"));
+            async move { (user.clone(), deduct(&p, &goods, &user, &user).await) }
+        }))
+        .await;
+        for (user, answer) in answers {
+            if answer["outcome"] == "won" {
+                let order = answer["order_id"].as_str().unwrap().to_owned();
+                if let Some(other) = issued.insert(order.clone(), user.clone()) {
+                    assert_eq!(other, user, "order id {order} told to two buyers");
+                }
+                won += 1;
+            }
+        }
+    }
+    won
+}
+
+async fn in_fallback(p: &Pipeline<RedisCluster>, goods: &str) -> bool {
+    let sale = p.admin().sale(goods).await.unwrap();
+    sale["definition"]["fallback"].as_bool().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_master_lost_without_a_replica_moves_the_sale_to_mysql_and_back() {
+    let p = Pipeline::<RedisCluster>::start_on("cluster_master_lost", &[], &[], &[])
+        .await
+        .expect("the fixture starts on a cluster");
+    let (_relay, _writer) = p.spawn_relay_and_writer(100, 20).await.unwrap();
+    let goods = goods_on_each_master(&p.redis, &p.prefix, "lost").await;
+    for g in &goods {
+        p.open_sale(g, 40, 1).await.unwrap();
+    }
+    let p = Arc::new(p);
+    let mut issued: HashMap<String, HashMap<String, String>> = HashMap::new();
+    for g in &goods {
+        let sold = patient_sell(&p, g, "a", 10, issued.entry(g.clone()).or_default()).await;
+        assert_eq!(sold, 10);
+        p.wait_for_rows(g, 10, DRAIN).await.unwrap();
+    }
+
+    // The master of the first goods dies (SIGKILL), with no replica to take over.
+    let mut p = Arc::into_inner(p).expect("no other handle");
+    let lost = p
+        .redis
+        .kill_master_of(&format!("{}:{{{}}}:sale", p.prefix, goods[0]))
+        .await
+        .unwrap();
+    let p = Arc::new(p);
+    // Buyers of every goods go on (patiently): MySQL decides what Redis cannot.
+    for g in &goods {
+        let sold = patient_sell(&p, g, "b", 10, issued.get_mut(g).unwrap()).await;
+        assert_eq!(sold, 10, "{g} sells on while master {lost} is down");
+    }
+    let mut moved = Vec::new();
+    for g in &goods {
+        moved.push((g.clone(), in_fallback(&p, g).await));
+    }
+    // The lost master's goods is decided by MySQL. The others follow when the breaker (one for
+    // all goods) opens on their calls or once the cluster marks the master failed (with
+    // Redis's default cluster-require-full-coverage, no node answers then); until then their
+    // masters decide them: either way every buyer above was answered, and nothing is sold
+    // twice (checked at the end).
+    assert!(moved[0].1, "{} is decided by MySQL: {moved:?}", goods[0]);
+    eprintln!("master {lost} down: (goods, decided by MySQL): {moved:?}");
+    // The master comes back empty, still owning its slots: every goods in MySQL's hands is
+    // re-seeded and Redis decides again; each sells out at exactly its stock.
+    let mut p = Arc::into_inner(p).expect("no other handle");
+    p.redis.restart_node(lost).await.unwrap();
+    let p = Arc::new(p);
+    for g in &goods {
+        wait_for(&format!("{g} back in Redis"), DRAIN, || async {
+            Ok((!in_fallback(&p, g).await).then_some(()))
+        })
+        .await
+        .unwrap();
+    }
+    for g in &goods {
+        let sold = patient_sell(&p, g, "c", 30, issued.get_mut(g).unwrap()).await;
+        assert_eq!(sold, 20, "{g} sold out at 40");
+    }
+    for g in &goods {
+        let issued = &issued[g];
+        assert_eq!(issued.len(), 40, "{g}: 40 order ids, 40 buyers");
+        p.wait_for_rows(g, 40, DRAIN).await.unwrap();
+        let rows: Vec<(String, String)> =
+            sqlx::query_as("SELECT order_id, user_id FROM orders WHERE goods_id = ?")
+                .bind(g)
+                .fetch_all(&p.db.pool)
+                .await
+                .unwrap();
+        for (order, user) in &rows {
+            assert_eq!(issued.get(order), Some(user), "MySQL's row {order}");
+        }
+        p.wait_for_counters_to_match(g, DRAIN).await.unwrap();
+    }
+    let (code, report) = p.reconcile(&["--orders"]).unwrap();
+    assert_eq!(code, 0, "reconcile is clean: {report:#}");
 }
