@@ -20,6 +20,8 @@ command -v mariadbd >/dev/null || [ -x /usr/sbin/mariadbd ] || missing+=(mariadb
 command -v mariadb >/dev/null || missing+=(mariadb-client)
 command -v wrk >/dev/null || missing+=(wrk)
 command -v redis-benchmark >/dev/null || missing+=(redis-tools)
+# redis-cli (redis-tools) also joins the tests' private Redis Clusters (--cluster create).
+command -v redis-cli >/dev/null || missing+=(redis-tools)
 command -v cc >/dev/null || missing+=(build-essential)
 command -v pkg-config >/dev/null || missing+=(pkg-config)
 # librdkafka (bundled by the rdkafka crate) builds with make and links zlib.

@@ -200,6 +200,12 @@ mod tests {
         ] {
             assert!(key.starts_with("t1:{sku-9}:"), "{key}");
         }
+        // The mark a `replicas:N` call increments in the script's pipeline: same slot.
+        assert!(KeySpace::new("t1")
+            .durability_mark("sku-9")
+            .starts_with("t1:{sku-9}:"));
+        // The sales index is in no goods' tag: only single-key commands use it.
+        assert!(!KeySpace::new("t1").sales_index().contains('{'));
         assert_ne!(keys.sale, KeySpace::new("t2").goods("sku-9").sale);
     }
 
