@@ -698,7 +698,8 @@ fn parse_reply(
         outcome,
         order_id,
         remaining: u64::try_from(remaining).ok(),
-        retry_after_ms: (outcome == Outcome::NotStarted).then_some(retry_after_ms.max(0) as u64),
+        retry_after_ms: matches!(outcome, Outcome::NotStarted | Outcome::FleetRateLimited)
+            .then_some(retry_after_ms.max(0) as u64),
         reason: (outcome == Outcome::Released && !reason.is_empty()).then_some(reason),
     })
 }
