@@ -103,8 +103,12 @@ async fn two_gates_offered_three_times_the_fleet_rate_admit_the_rate() {
         limited as f64 > won as f64,
         "the offer must be well past the rate ({won} won, {limited} limited)"
     );
+    // The promise is the ceiling: the fleet never admits more than one bucket allows (a bucket
+    // per gate would admit about twice). Below it the margin is wider, as in the edge test of
+    // the per-gate limit: while a loaded machine stalls the clients, the bucket fills only up
+    // to its burst and the unused cells are rightly lost.
     assert!(
-        (-0.10..=0.10).contains(&error),
+        (-0.25..=0.10).contains(&error),
         "admitted {won} in {elapsed:.2} s through two gates, expected {expected:.0} \
          (error {:+.1}%); a bucket per gate would admit about twice",
         error * 100.0
