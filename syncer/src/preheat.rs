@@ -71,6 +71,23 @@ pub async fn preheat(
     if tier.as_deref() == Some(Tier::Db.as_str()) {
         // MySQL alone decides a db goods: its preheat is the epoch its order ids carry.
         let (epoch, sale) = db::take_epoch(mysql, goods_id, 0, HistoryRule::Refuse).await?;
+        // An earlier round's sale left in Redis (the goods was redefined as db) would answer
+        // for it until every syncer's directory has the new tier: it goes. Best effort: a
+        // Redis that is down holds nothing that answers anyone.
+        let stale: redis::RedisResult<()> = tokio::time::timeout(
+            REDIS_ADMIN_TIMEOUT,
+            redis::pipe()
+                .del(&goods.sale)
+                .ignore()
+                .srem(keys.sales_index(), goods_id)
+                .ignore()
+                .query_async(&mut conn),
+        )
+        .await
+        .unwrap_or(Ok(()));
+        if let Err(e) = stale {
+            tracing::warn!(goods_id, error = %e, "could not remove an earlier round from Redis");
+        }
         return Ok(Preheated { epoch, sale });
     }
     if !force {

@@ -183,7 +183,8 @@ async fn load(
         .arg(snapshot.records.to_json())
         .arg(if replace { "1" } else { "0" })
         .arg(snapshot.rate_ms.0.to_string())
-        .arg(snapshot.rate_ms.1.to_string());
+        .arg(snapshot.rate_ms.1.to_string())
+        .arg(snapshot.tier.as_str());
     let (status, value): (String, i64) = bounded(invocation.invoke_async(conn)).await?;
     match status.as_str() {
         "loaded" => Ok(()),
@@ -243,6 +244,7 @@ struct Round {
     window_ms: u64,
     /// The fleet-wide rate's GCRA interval and tolerance, ms (0: none).
     rate_ms: (f64, f64),
+    tier: crate::sale::Tier,
     records: Records,
 }
 
@@ -380,6 +382,7 @@ async fn read_round(pool: &MySqlPool, goods_id: &str, floor: u64) -> Result<Roun
         end_ms: sale.ends_at.timestamp_millis(),
         window_ms,
         rate_ms: sale.fleet_rate.map_or((0.0, 0.0), |r| r.gcra_ms()),
+        tier: sale.tier,
         records,
     })
 }
