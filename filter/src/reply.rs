@@ -210,7 +210,8 @@ struct UnavailableBody<'a> {
 /// is fixed: the buyer learns nothing about the internals. With the buyer's request id, the
 /// answer says to retry with it: the attempt may have been decided after the gate stopped
 /// waiting, and a retry with the same id is answered from that decision (a unit won is
-/// then delivered, never won twice).
+/// then delivered, never won twice). `Retry-After: 1`: the stock service is down, switching
+/// to its MySQL fallback, or shedding load, each a matter of moments.
 pub fn unavailable(request_id: Option<&str>) -> LocalReply {
     let outcome = GateOutcome::Unavailable;
     let body = match request_id {
@@ -224,7 +225,7 @@ pub fn unavailable(request_id: Option<&str>) -> LocalReply {
             "the stock service did not answer in time; try again",
         ),
     };
-    LocalReply::new(outcome, 503, body, None)
+    LocalReply::new(outcome, 503, body, Some(1_000))
 }
 
 /// 405 for the sale route with a method it does not take; `allow` lists the ones it does.
@@ -703,7 +704,7 @@ mod tests {
             body(&r),
             json!({"error": "unavailable", "message": "the stock service did not answer in time; try again"})
         );
-        assert_eq!(header(&r, "retry-after"), None);
+        assert_eq!(header(&r, "retry-after"), Some("1"));
         // With the buyer's request id, the answer says to retry with it.
         let r = unavailable(Some("r-9"));
         assert_eq!(r.status, 503);

@@ -6,7 +6,7 @@ use chrono::{DateTime, NaiveDateTime, Utc};
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions, MySqlRow};
 use sqlx::{MySql, Row, Transaction};
 
-use crate::sale::Sale;
+use crate::sale::{Sale, Tier};
 
 /// How long to wait for a connection from the pool before giving up on a request.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -134,7 +134,8 @@ pub(crate) async fn commit_epoch(
     goods_id: &str,
     epoch: u64,
 ) -> sqlx::Result<()> {
-    sqlx::query("UPDATE sales SET epoch = ? WHERE goods_id = ?")
+    // MySQL's own order sequence starts again under every new epoch (see `db_decide.rs`).
+    sqlx::query("UPDATE sales SET epoch = ?, db_seq = 0 WHERE goods_id = ?")
         .bind(epoch)
         .bind(goods_id)
         .execute(&mut *tx)
@@ -161,11 +162,12 @@ pub async fn save_sale(pool: &MySqlPool, sale: &Sale) -> Result<Saved, SaleRowEr
     // deprecates (8.0.20), or with a row alias, which MariaDB lacks: one text for both.
     let mut query = sqlx::query(
         "INSERT INTO sales (goods_id, total_stock, stock, per_user_limit, starts_at, ends_at,
-           payment_window_s)
-         VALUES (?, ?, ?, ?, ?, ?, ?)
+           payment_window_s, tier)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?)
          ON DUPLICATE KEY UPDATE total_stock = ?, stock = ?, per_user_limit = ?,
-           starts_at = ?, ends_at = ?, payment_window_s = ?,
-           reserved = 0, sold = 0, lapsed = 0, round_epoch = epoch",
+           starts_at = ?, ends_at = ?, payment_window_s = ?, tier = ?,
+           reserved = 0, sold = 0, lapsed = 0, round_epoch = epoch, mode = 'redis',
+           holdback = 0",
     )
     .bind(&sale.goods_id);
     // Once for VALUES, once for the UPDATE, in the same column order.
@@ -176,7 +178,8 @@ pub async fn save_sale(pool: &MySqlPool, sale: &Sale) -> Result<Saved, SaleRowEr
             .bind(sale.per_user_limit)
             .bind(sale.starts_at.naive_utc())
             .bind(sale.ends_at.naive_utc())
-            .bind(sale.payment_window_s);
+            .bind(sale.payment_window_s)
+            .bind(sale.tier.as_str());
     }
     let result = query.execute(&mut *tx).await?;
     tx.commit().await?;
@@ -201,7 +204,7 @@ async fn lock_sale(
     goods_id: &str,
 ) -> sqlx::Result<Option<LockedSale>> {
     let row = sqlx::query(
-        "SELECT goods_id, total_stock, per_user_limit, starts_at, ends_at, payment_window_s,
+        "SELECT goods_id, total_stock, per_user_limit, starts_at, ends_at, payment_window_s, tier,
            CAST(total_stock AS SIGNED) - stock AS taken, reserved, sold, lapsed,
            epoch, round_epoch
          FROM sales WHERE goods_id = ? FOR UPDATE",
@@ -250,6 +253,13 @@ pub(crate) fn sale_of(row: &MySqlRow) -> sqlx::Result<Sale> {
         starts_at: utc(row.try_get("starts_at")?),
         ends_at: utc(row.try_get("ends_at")?),
         payment_window_s: row.try_get("payment_window_s")?,
+        tier: {
+            let tier: String = row.try_get("tier")?;
+            Tier::parse(&tier).ok_or_else(|| sqlx::Error::ColumnDecode {
+                index: "tier".into(),
+                source: format!("unknown tier {tier:?}").into(),
+            })?
+        },
     })
 }
 
@@ -265,14 +275,21 @@ pub struct StoredSale {
     pub lapsed: i64,
     /// Order rows MySQL holds for this goods.
     pub orders: i64,
-    /// The last epoch handed to Redis for this goods (durable; see [`take_epoch`]).
+    /// The last epoch handed out for this goods (durable; see [`take_epoch`]).
     pub epoch: u64,
+    /// Who decides now: `redis`, `fallback` (MySQL, while Redis failed or forgot) or
+    /// `switching` (a re-seed is loading Redis).
+    pub mode: String,
+    /// The goods is decided in MySQL right now because Redis failed or forgot.
+    pub fallback: bool,
+    /// Units MySQL does not sell in fallback (Redis may have sold them).
+    pub holdback: i64,
 }
 
 pub async fn load_sale(pool: &MySqlPool, goods_id: &str) -> sqlx::Result<Option<StoredSale>> {
     let row = sqlx::query(
         "SELECT goods_id, total_stock, stock, per_user_limit, starts_at, ends_at, payment_window_s,
-           reserved, sold, lapsed, epoch,
+           tier, mode, holdback, reserved, sold, lapsed, epoch,
            (SELECT COUNT(*) FROM orders WHERE orders.goods_id = sales.goods_id) AS orders
          FROM sales WHERE goods_id = ?",
     )
@@ -288,5 +305,8 @@ pub async fn load_sale(pool: &MySqlPool, goods_id: &str) -> sqlx::Result<Option<
         lapsed: row.try_get("lapsed")?,
         orders: row.try_get("orders")?,
         epoch: row.try_get("epoch")?,
+        fallback: row.try_get::<String, _>("mode")? != "redis",
+        mode: row.try_get("mode")?,
+        holdback: row.try_get("holdback")?,
     }))
 }

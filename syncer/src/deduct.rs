@@ -11,8 +11,11 @@ use redis::aio::ConnectionManager;
 use seckill_api::{DeductReply, DeductRequest, Outcome};
 use tokio::sync::{mpsc, oneshot};
 
+use crate::directory::{Directory, Mode, Route};
 use crate::durability::{self, CallError, Durability};
+use crate::fallback::{self, Breaker, SeqWatch, Watched, Why};
 use crate::keys::KeySpace;
+use crate::sale::Tier;
 
 /// Longest a deduct may wait on Redis. The filter's callout timeout is shorter still; this
 /// bound keeps a stuck Redis from piling up tasks in the syncer.
@@ -58,6 +61,19 @@ pub enum DeductError {
     NotReplicated { acked: u64, wanted: u32 },
     #[error("the deduct batcher stopped")]
     Stopped,
+    /// MySQL decides this goods while Redis is down, and the fallback's rate is used up.
+    #[error("the MySQL fallback is at its rate; retry in a moment")]
+    FallbackOverloaded,
+    /// MySQL could not decide (the db tier or the fallback).
+    #[error("mysql: {0}")]
+    Mysql(String),
+    /// A re-seed is loading the goods into Redis, or the decision moved between Redis and
+    /// MySQL under this attempt: nothing was decided.
+    #[error("the goods is switching between Redis and MySQL; retry in a moment")]
+    Switching,
+    /// Redis forgot (or went back): this attempt was not answered from it.
+    #[error("redis forgot goods {0}; it is decided by MySQL until re-seeded")]
+    Forgot(String),
 }
 
 struct Attempt {
@@ -80,6 +96,37 @@ struct Batching {
     script: redis::Script,
     claim_window: Duration,
     durability: Durability,
+    routing: Option<Routing>,
+}
+
+/// What lets MySQL decide: the `db` tier, `dual_write`'s rows, and the fallback when Redis
+/// fails or forgets. Without it (tests, benchmarks) Redis decides everything, as before.
+#[derive(Clone)]
+pub struct Routing {
+    pub mysql: sqlx::MySqlPool,
+    pub directory: Directory,
+    pub watch: SeqWatch,
+    pub breaker: Arc<Breaker>,
+    /// Attempts the fallback decides per second at most; None: no fallback (Redis failures
+    /// are answered 503, as without routing).
+    pub fallback_rate: Option<Arc<governor::DefaultDirectRateLimiter>>,
+}
+
+impl Routing {
+    pub fn new(mysql: sqlx::MySqlPool, directory: Directory, fallback_rate: u32) -> Routing {
+        let fallback_rate = std::num::NonZeroU32::new(fallback_rate).map(|rate| {
+            Arc::new(governor::RateLimiter::direct(governor::Quota::per_second(
+                rate,
+            )))
+        });
+        Routing {
+            mysql,
+            directory,
+            watch: SeqWatch::default(),
+            breaker: Arc::new(Breaker::default()),
+            fallback_rate,
+        }
+    }
 }
 
 impl Deducter {
@@ -98,12 +145,25 @@ impl Deducter {
         claim_window: Duration,
         durability: Durability,
     ) -> Self {
+        Self::start_routed(connections, keys, claim_window, durability, None)
+    }
+
+    /// [`Deducter::start_with_durability`], with MySQL deciding what `routing` says it
+    /// decides.
+    pub fn start_routed(
+        connections: Vec<ConnectionManager>,
+        keys: KeySpace,
+        claim_window: Duration,
+        durability: Durability,
+        routing: Option<Routing>,
+    ) -> Self {
         let (queue, attempts) = mpsc::channel(QUEUE_ATTEMPTS_MAX);
         let batching = Batching {
             keys,
             script: redis::Script::new(crate::scripts::DEDUCT),
             claim_window,
             durability,
+            routing,
         };
         tokio::spawn(run_batches(attempts, batching, connections));
         Self { queue }
@@ -205,12 +265,144 @@ fn epoch_ms_at(deadline: Instant) -> u64 {
 
 async fn decide_group(
     batching: &Batching,
-    mut conn: ConnectionManager,
+    conn: ConnectionManager,
     goods_id: String,
     delivery: Delivery,
     group: Vec<Attempt>,
 ) {
-    let goods = batching.keys.goods(&goods_id);
+    let Some(routing) = &batching.routing else {
+        return decide_in_redis(batching, conn, &goods_id, delivery, group, None).await;
+    };
+    let route = routing.directory.route(&goods_id);
+    match route {
+        Some(route) if route.in_mysql() => {
+            let rated = route.tier != Tier::Db;
+            return decide_in_mysql(batching, routing, &goods_id, delivery, group, rated).await;
+        }
+        Some(Route {
+            mode: Mode::Switching,
+            ..
+        }) => return answer_all(group, &DeductError::Switching),
+        _ => {}
+    }
+    // Redis is failing: a goods MySQL can decide moves there instead of waiting on Redis.
+    if routing.breaker.is_open() && routing.fallback_rate.is_some() {
+        let group = match move_to_mysql(routing, &goods_id, Why::RedisDown, group).await {
+            Ok(group) => group,
+            Err(group) => return answer_all(group, &DeductError::Redis("redis is failing".into())),
+        };
+        let route = routing.directory.route(&goods_id);
+        let rated = route.is_none_or(|r| r.tier != Tier::Db);
+        return decide_in_mysql(batching, routing, &goods_id, delivery, group, rated).await;
+    }
+    decide_in_redis(batching, conn, &goods_id, delivery, group, route).await
+}
+
+/// Moves a goods to MySQL (if MySQL can take it) and refreshes the directory: `Ok` with the
+/// group for MySQL to decide, `Err` with it when MySQL cannot (no such sale there, never
+/// loaded, no fallback).
+async fn move_to_mysql(
+    routing: &Routing,
+    goods_id: &str,
+    why: Why,
+    group: Vec<Attempt>,
+) -> Result<Vec<Attempt>, Vec<Attempt>> {
+    if routing.fallback_rate.is_none() {
+        return Err(group);
+    }
+    if let Err(e) = fallback::enter(&routing.mysql, &routing.watch, goods_id, why).await {
+        tracing::warn!(goods_id, error = %e, "could not move the goods to MySQL");
+        return Err(group);
+    }
+    routing.directory.refresh_soon().await;
+    match routing.directory.route(goods_id) {
+        Some(route) if route.in_mysql() => Ok(group),
+        _ => Err(group),
+    }
+}
+
+/// MySQL decides the group (the db tier, or the fallback within its rate).
+async fn decide_in_mysql(
+    batching: &Batching,
+    routing: &Routing,
+    goods_id: &str,
+    delivery: Delivery,
+    mut group: Vec<Attempt>,
+    rated: bool,
+) {
+    if rated {
+        let Some(limiter) = &routing.fallback_rate else {
+            return answer_all(group, &DeductError::Forgot(goods_id.to_owned()));
+        };
+        // Each attempt takes one cell of the rate; the rest are answered at once.
+        let over: Vec<Attempt> = {
+            let mut kept = Vec::with_capacity(group.len());
+            let mut over = Vec::new();
+            for attempt in group.drain(..) {
+                if limiter.check().is_ok() {
+                    kept.push(attempt);
+                } else {
+                    over.push(attempt);
+                }
+            }
+            group = kept;
+            over
+        };
+        if !over.is_empty() {
+            metrics::counter!("seckill_fallback_refused_total").increment(over.len() as u64);
+            answer_all(over, &DeductError::FallbackOverloaded);
+        }
+        if group.is_empty() {
+            return;
+        }
+    }
+    let deadline = group
+        .iter()
+        .map(|a| a.deadline)
+        .min()
+        .unwrap_or_else(Instant::now);
+    let requests: Vec<DeductRequest> = group.iter().map(|a| a.request.clone()).collect();
+    let claim_window = match delivery {
+        Delivery::Direct => None,
+        Delivery::Claimed => Some(batching.claim_window),
+    };
+    let result =
+        crate::db_decide::decide_batch(&routing.mysql, goods_id, &requests, claim_window, deadline)
+            .await;
+    match result {
+        Ok(replies) if replies.len() == group.len() => {
+            for (attempt, reply) in group.into_iter().zip(replies) {
+                if rated {
+                    metrics::counter!("seckill_fallback_decisions_total",
+                        "outcome" => reply.outcome.as_str())
+                    .increment(1);
+                }
+                let _ = attempt.reply.send(Ok(reply));
+            }
+        }
+        Ok(replies) => answer_all(
+            group,
+            &DeductError::BadScriptReply(format!("{} replies for attempts", replies.len())),
+        ),
+        Err(crate::db_decide::DbDecideError::TooLate) => answer_all(group, &DeductError::TooLate),
+        Err(crate::db_decide::DbDecideError::NotDecidedHere(..)) => {
+            // The directory was behind: Redis decides this goods again (or will in a moment).
+            routing.directory.refresh_soon().await;
+            answer_all(group, &DeductError::Switching)
+        }
+        Err(e) => answer_all(group, &DeductError::Mysql(e.to_string())),
+    }
+}
+
+async fn decide_in_redis(
+    batching: &Batching,
+    mut conn: ConnectionManager,
+    goods_id: &str,
+    delivery: Delivery,
+    group: Vec<Attempt>,
+    route: Option<Route>,
+) {
+    let goods = batching.keys.goods(goods_id);
     // The call must not decide anything after the most impatient of its callers gave up.
     let deadline = group
         .iter()
@@ -225,16 +417,17 @@ async fn decide_group(
     };
     let mut invocation = crate::scripts::invocation(&batching.script, &goods.deduct_script_keys());
     invocation
-        .arg(&goods_id)
+        .arg(goods_id)
         .arg(epoch_ms_at(deadline))
-        .arg(claim_window_ms);
+        .arg(claim_window_ms)
+        .arg(route.map_or(0, |r| r.loaded_epoch));
     for attempt in &group {
         invocation
             .arg(&attempt.request.user_id)
             .arg(attempt.request.quantity)
             .arg(&attempt.request.request_id);
     }
-    let mark = batching.keys.durability_mark(&goods_id);
+    let mark = batching.keys.durability_mark(goods_id);
     let result: Result<Vec<ScriptReply>, DeductError> =
         durability::invoke(batching.durability, &mut conn, &invocation, &mark, deadline)
             .await
@@ -245,22 +438,130 @@ async fn decide_group(
                     DeductError::NotReplicated { acked, wanted }
                 }
             });
-    match result {
-        Ok(replies) if replies.len() == group.len() => {
-            for (attempt, reply) in group.into_iter().zip(replies) {
-                // The buyer may have given up (timeout); its answer is then dropped.
-                let _ = attempt.reply.send(parse_reply(reply));
-            }
-        }
+    let routing = batching.routing.as_ref();
+    let replies = match result {
+        Ok(replies) if replies.len() == group.len() => replies,
         Ok(replies) => {
             let error = DeductError::BadScriptReply(format!(
                 "{} replies for {} attempts",
                 replies.len(),
                 group.len()
             ));
-            answer_all(group, &error);
+            return answer_all(group, &error);
         }
-        Err(error) => answer_all(group, &error),
+        Err(error) => {
+            // Not decided here, and the attempts may have been decided in Redis (a timeout):
+            // they are answered 503 and their retries meet whichever decided them.
+            if let (Some(routing), DeductError::Timeout | DeductError::Redis(_)) = (routing, &error)
+            {
+                routing.breaker.failure();
+            }
+            return answer_all(group, &error);
+        }
+    };
+    if let Some(routing) = routing {
+        if routing.breaker.success() {
+            // Back from an outage: what MySQL decided meanwhile must be in the directory
+            // before Redis decides on.
+            routing.directory.refresh_soon().await;
+        }
+    }
+    if replies.first().is_some_and(|r| r.0 == "stale") {
+        // This Redis forgot the goods: MySQL decides it until it is re-seeded.
+        let Some(routing) = routing else {
+            return answer_all(group, &DeductError::Forgot(goods_id.to_owned()));
+        };
+        let group = match move_to_mysql(routing, goods_id, Why::Forgot, group).await {
+            Ok(group) => group,
+            Err(group) => return answer_all(group, &DeductError::Forgot(goods_id.to_owned())),
+        };
+        let rated = true;
+        return decide_in_mysql(batching, routing, goods_id, delivery, group, rated).await;
+    }
+    let new_orders: Vec<(u64, u64, u64)> = group
+        .iter()
+        .zip(&replies)
+        .filter(|(_, r)| r.0 == "won" && r.4 == "new")
+        .filter_map(|(a, r)| {
+            crate::keys::order_parts(&r.1).map(|(_, e, s)| (e, s, u64::from(a.request.quantity)))
+        })
+        .collect();
+    if let Some(routing) = routing {
+        if routing.watch.observe(goods_id, &new_orders) == Watched::Reissued {
+            // Redis went back: none of this batch's new ids may reach a buyer. The others of
+            // the batch are answered (they hand out nothing).
+            fallback::fence(&conn, &batching.keys, goods_id).await;
+            if let Err(e) =
+                fallback::enter(&routing.mysql, &routing.watch, goods_id, Why::Reissued).await
+            {
+                tracing::warn!(goods_id, error = %e, "could not move the goods to MySQL");
+            }
+            routing.directory.refresh_soon().await;
+            let forgot = DeductError::Forgot(goods_id.to_owned());
+            for (attempt, reply) in group.into_iter().zip(replies) {
+                let answer = if reply.0 == "won" && reply.4 == "new" {
+                    Err(forgot.clone())
+                } else {
+                    parse_reply(reply)
+                };
+                let _ = attempt.reply.send(answer);
+            }
+            return;
+        }
+        if route.is_some_and(|r| r.tier == Tier::DualWrite) {
+            return answer_dual_write(routing, goods_id, group, replies).await;
+        }
+    }
+    for (attempt, reply) in group.into_iter().zip(replies) {
+        // The buyer may have given up (timeout); its answer is then dropped.
+        let _ = attempt.reply.send(parse_reply(reply));
+    }
+}
+
+/// `dual_write`: the winners' rows go to MySQL (the writer's own apply, so the event that
+/// follows through Kafka is a redelivery) before anyone is told `won`. If MySQL fails, the
+/// winners are answered 503: their reservations wait in Redis for a retry with the same
+/// request id, which writes the row again (idempotent) before answering.
+async fn answer_dual_write(
+    routing: &Routing,
+    goods_id: &str,
+    group: Vec<Attempt>,
+    replies: Vec<ScriptReply>,
+) {
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let events: Vec<crate::events::SaleEvent> = group
+        .iter()
+        .zip(&replies)
+        .filter(|(_, r)| r.0 == "won")
+        .map(|(a, r)| crate::events::SaleEvent::Reserved {
+            order_id: r.1.clone(),
+            goods_id: goods_id.to_owned(),
+            user_id: a.request.user_id.clone(),
+            quantity: a.request.quantity,
+            request_id: a.request.request_id.clone(),
+            at_ms: now_ms,
+        })
+        .collect();
+    let written = if events.is_empty() {
+        Ok(())
+    } else {
+        let refs: Vec<&crate::events::SaleEvent> = events.iter().collect();
+        match crate::writer::apply_events(&routing.mysql, &refs).await {
+            Ok((_, refused)) if refused.is_empty() => Ok(()),
+            Ok((_, refused)) => Err(DeductError::Mysql(format!(
+                "{} winners' rows were refused: {}",
+                refused.len(),
+                refused[0].reason
+            ))),
+            Err(e) => Err(DeductError::Mysql(e.to_string())),
+        }
+    };
+    for (attempt, reply) in group.into_iter().zip(replies) {
+        let answer = match (&written, reply.0 == "won") {
+            (Err(e), true) => Err(e.clone()),
+            _ => parse_reply(reply),
+        };
+        let _ = attempt.reply.send(answer);
     }
 }
 

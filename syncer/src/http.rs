@@ -69,6 +69,8 @@ pub enum AppError {
     NotFound(String),
     Conflict(String),
     Unavailable(String),
+    /// Shedding load (the MySQL fallback at its rate): 503, not logged per request.
+    Overloaded(String),
 }
 
 impl AppError {
@@ -91,6 +93,7 @@ impl AppError {
                     "a backing store is unavailable; try again".to_owned(),
                 )
             }
+            AppError::Overloaded(m) => (StatusCode::SERVICE_UNAVAILABLE, "overloaded", m),
         };
         let body = ErrorReply {
             error: error.to_owned(),
@@ -103,6 +106,11 @@ impl AppError {
 impl IntoResponse for AppError {
     fn into_response(self) -> Response {
         let (status, body) = self.into_error_reply();
+        if status == StatusCode::SERVICE_UNAVAILABLE {
+            // Every 503 here is a moment's state (a store down, a switch, a rate): say when
+            // to come back.
+            return (status, [(axum::http::header::RETRY_AFTER, "1")], Json(body)).into_response();
+        }
         (status, Json(body)).into_response()
     }
 }
@@ -111,6 +119,7 @@ impl From<DeductError> for AppError {
     fn from(e: DeductError) -> Self {
         match e {
             DeductError::BadRequest(m) => AppError::BadRequest(m),
+            DeductError::FallbackOverloaded => AppError::Overloaded(e.to_string()),
             other => AppError::Unavailable(other.to_string()),
         }
     }
@@ -133,6 +142,7 @@ impl From<ReseedError> for AppError {
         match e {
             ReseedError::NoSale(_) => AppError::NotFound(e.to_string()),
             ReseedError::Live(_)
+            | ReseedError::DbTier(_)
             | ReseedError::Outbox { .. }
             | ReseedError::TooManyOrders { .. }
             | ReseedError::Superseded { .. } => AppError::Conflict(e.to_string()),
@@ -158,6 +168,7 @@ impl From<LifecycleError> for AppError {
         match e {
             LifecycleError::BadOrderId(m) => AppError::BadRequest(m),
             LifecycleError::UnknownOrder(_) => AppError::NotFound(e.to_string()),
+            LifecycleError::Switching(_) => AppError::Unavailable(e.to_string()),
             other => AppError::Unavailable(other.to_string()),
         }
     }

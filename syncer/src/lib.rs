@@ -3,9 +3,13 @@
 
 pub mod crashpoint;
 pub mod db;
+pub mod db_decide;
+pub mod db_lifecycle;
 pub mod deduct;
+pub mod directory;
 pub mod durability;
 pub mod events;
+pub mod fallback;
 pub mod http;
 pub mod kafka;
 pub mod keys;
@@ -13,6 +17,7 @@ pub mod lifecycle;
 pub mod order;
 pub mod preheat;
 pub mod reconcile;
+pub mod recover;
 pub mod relay;
 pub mod reseed;
 pub mod sale;
@@ -56,8 +61,11 @@ pub struct ServeConfig {
     pub durability: durability::Durability,
     /// With `aof`: trust a Redis whose CONFIG cannot be read.
     pub durability_unchecked: bool,
-    /// The sale topic and writer group a re-seed waits for (the admin API's reseed).
+    /// The sale topic and writer group a re-seed waits for (the admin API's reseed, and the
+    /// way back from the fallback).
     pub kafka: kafka::KafkaConfig,
+    /// Attempts per second the MySQL fallback decides at most (0: no fallback).
+    pub fallback_rate: u32,
 }
 
 pub async fn connect_redis(url: &str) -> anyhow::Result<ConnectionManager> {
@@ -235,8 +243,31 @@ pub async fn serve(
             Ok(())
         });
     }
-    let lifecycle =
-        lifecycle::Lifecycle::new(lifecycle_redis, keys.clone()).with_durability(config.durability);
+    // Who decides each goods, as MySQL says; read once before the first deduct.
+    let directory = directory::Directory::new(mysql.clone());
+    directory
+        .refresh()
+        .await
+        .map_err(|e| anyhow::anyhow!("cannot read the sales from MySQL: {e}"))?;
+    directory.spawn_refresher(shutdown.clone());
+    let routing = deduct::Routing::new(mysql.clone(), directory.clone(), config.fallback_rate);
+    let recoverer = recover::Recoverer {
+        redis: redis.clone(),
+        mysql: mysql.clone(),
+        keys: keys.clone(),
+        kafka: config.kafka.clone(),
+        directory: directory.clone(),
+        watch: routing.watch.clone(),
+        fallback: config.fallback_rate > 0,
+    };
+    let token = shutdown.clone();
+    background.spawn(async move {
+        recoverer.run(token).await;
+        Ok(())
+    });
+    let lifecycle = lifecycle::Lifecycle::new(lifecycle_redis, keys.clone())
+        .with_durability(config.durability)
+        .with_mysql(mysql.clone(), directory);
     let (sweeper, token, every) = (lifecycle.clone(), shutdown.clone(), config.sweep_every);
     let claim_window = config.claim_window;
     background.spawn(async move {
@@ -244,11 +275,12 @@ pub async fn serve(
         Ok(())
     });
     let state = Arc::new(http::AppState {
-        deducter: Deducter::start_with_durability(
+        deducter: Deducter::start_routed(
             deduct_connections,
             keys.clone(),
             config.claim_window,
             config.durability,
+            Some(routing),
         ),
         lifecycle,
         redis,

@@ -9,6 +9,8 @@ use redis::AsyncCommands;
 use serde::Serialize;
 use tokio_util::sync::CancellationToken;
 
+use crate::db_lifecycle;
+use crate::directory::{Directory, Mode};
 use crate::durability::{self, CallError, Durability};
 use crate::keys::{goods_of_order, KeySpace};
 use crate::order::{OrderState, ReleaseReason};
@@ -76,6 +78,12 @@ pub enum LifecycleError {
     Redis(#[from] redis::RedisError),
     #[error("lifecycle script replied {0:?}")]
     BadScriptReply(String),
+    /// MySQL decides the goods (the db tier, or the fallback) and failed.
+    #[error("mysql: {0}")]
+    Mysql(String),
+    /// A re-seed is loading the goods into Redis: retry in a moment.
+    #[error("goods {0} is switching from MySQL back to Redis; retry in a moment")]
+    Switching(String),
 }
 
 #[derive(Clone)]
@@ -84,6 +92,15 @@ pub struct Lifecycle {
     keys: KeySpace,
     script: redis::Script,
     durability: Durability,
+    /// Where MySQL decides (db tier, fallback): its orders end in MySQL.
+    mysql: Option<(sqlx::MySqlPool, Directory)>,
+}
+
+/// Where one goods' reservations end.
+enum Place<'a> {
+    Redis,
+    Mysql(&'a sqlx::MySqlPool),
+    Switching,
 }
 
 impl Lifecycle {
@@ -93,6 +110,24 @@ impl Lifecycle {
             keys,
             script: redis::Script::new(crate::scripts::LIFECYCLE),
             durability: Durability::None,
+            mysql: None,
+        }
+    }
+
+    /// Ends the orders of goods MySQL decides (as the directory says) in MySQL.
+    pub fn with_mysql(mut self, mysql: sqlx::MySqlPool, directory: Directory) -> Self {
+        self.mysql = Some((mysql, directory));
+        self
+    }
+
+    fn place(&self, goods_id: &str) -> Place<'_> {
+        let Some((pool, directory)) = &self.mysql else {
+            return Place::Redis;
+        };
+        match directory.route(goods_id) {
+            Some(route) if route.in_mysql() => Place::Mysql(pool),
+            Some(route) if route.mode == Mode::Switching => Place::Switching,
+            _ => Place::Redis,
         }
     }
 
@@ -141,6 +176,20 @@ impl Lifecycle {
                 "{order_id:?} is not an order id (goods.epoch.sequence)"
             ))
         })?;
+        match self.place(goods_id) {
+            Place::Redis => {}
+            Place::Switching => return Err(LifecycleError::Switching(goods_id.to_owned())),
+            Place::Mysql(pool) => {
+                let action = match action {
+                    "confirm" => db_lifecycle::Action::Confirm,
+                    _ => db_lifecycle::Action::Release(
+                        ReleaseReason::parse(reason)
+                            .ok_or_else(|| LifecycleError::BadScriptReply(reason.to_owned()))?,
+                    ),
+                };
+                return db_lifecycle::settle(pool, order_id, action).await;
+            }
+        }
         let mut invocation = self.invocation(goods_id, action);
         invocation.arg(order_id).arg(reason);
         let (status, state): (String, String) = self.invoke_durably(goods_id, &invocation).await?;
@@ -173,12 +222,17 @@ impl Lifecycle {
             }
         }
         for (goods_id, ids) in by_goods {
-            let mut invocation = self.invocation(goods_id, "claim");
-            for id in &ids {
-                invocation.arg(id.as_str());
-            }
-            let result: Result<(u64, u64), LifecycleError> =
-                self.invoke_durably(goods_id, &invocation).await;
+            let result: Result<(u64, u64), LifecycleError> = match self.place(goods_id) {
+                Place::Redis => {
+                    let mut invocation = self.invocation(goods_id, "claim");
+                    for id in &ids {
+                        invocation.arg(id.as_str());
+                    }
+                    self.invoke_durably(goods_id, &invocation).await
+                }
+                Place::Mysql(pool) => db_lifecycle::claim(pool, goods_id, &ids).await,
+                Place::Switching => Err(LifecycleError::Switching(goods_id.to_owned())),
+            };
             match result {
                 Ok((claimed, late)) => {
                     outcome.claimed += claimed;
@@ -246,17 +300,42 @@ impl Lifecycle {
         rules: &SweepRules,
         shutdown: &CancellationToken,
     ) -> Result<(), LifecycleError> {
+        // MySQL first: it sweeps while Redis is down.
+        self.sweep_mysql(shutdown).await?;
         let mut conn = self.redis.clone();
         let goods: Vec<String> =
             tokio::time::timeout(REDIS_TIMEOUT, conn.smembers(self.keys.sales_index()))
                 .await
                 .map_err(|_| LifecycleError::Timeout)??;
         for goods_id in goods {
+            // Goods MySQL decides are swept there (below); Redis's copy waits for its re-seed.
+            if !matches!(self.place(&goods_id), Place::Redis) {
+                continue;
+            }
             // A full batch means more may be due: go on with this goods, bounded by shutdown.
             while !shutdown.is_cancelled() {
                 let released = self.sweep_goods(&goods_id, rules).await?;
                 metrics::counter!("seckill_reservations_expired_total").increment(released);
                 if released < SWEEP_BATCH_MAX as u64 {
+                    break;
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+impl Lifecycle {
+    /// Sweeps the goods MySQL decides (db tier, fallback), as the directory lists them.
+    async fn sweep_mysql(&self, shutdown: &CancellationToken) -> Result<(), LifecycleError> {
+        let Some((pool, directory)) = &self.mysql else {
+            return Ok(());
+        };
+        for goods_id in directory.in_mysql() {
+            while !shutdown.is_cancelled() {
+                let released = db_lifecycle::sweep_goods(pool, &goods_id).await?;
+                metrics::counter!("seckill_reservations_expired_total").increment(released);
+                if released < db_lifecycle::SWEEP_BATCH_MAX as u64 {
                     break;
                 }
             }

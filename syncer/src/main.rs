@@ -161,6 +161,11 @@ enum Command {
         /// that can be read and says otherwise is refused all the same.
         #[arg(long, env = "SECKILL_REDIS_DURABILITY_UNCHECKED")]
         redis_durability_unchecked: bool,
+        /// Purchase attempts per second MySQL decides at most while Redis is down or has
+        /// forgotten a goods (the fallback); the rest are answered 503 with Retry-After.
+        /// 0 turns the fallback off: Redis failures are answered 503.
+        #[arg(long, env = "SECKILL_FALLBACK_RATE", default_value_t = 1_000, value_parser = clap::value_parser!(u32).range(0..=1_000_000))]
+        fallback_rate: u32,
     },
     /// Relay sale events from the Redis outboxes to Kafka.
     Relay {
@@ -287,6 +292,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             claim_window_ms,
             redis_durability,
             redis_durability_unchecked,
+            fallback_rate,
         } => {
             let metrics = install_metrics()?;
             let config = ServeConfig {
@@ -298,6 +304,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 durability: redis_durability,
                 durability_unchecked: redis_durability_unchecked,
                 kafka: writer.kafka.config(),
+                fallback_rate,
             };
             let pipeline = pipeline.then(|| PipelineConfig {
                 writer: writer.config(),

@@ -10,7 +10,7 @@ use sqlx::MySqlPool;
 use crate::crashpoint::{crashpoint, PREHEAT_AFTER_EPOCH};
 use crate::db::{self, HistoryRule};
 use crate::keys::KeySpace;
-use crate::sale::{LiveStock, Sale};
+use crate::sale::{LiveStock, Sale, Tier};
 
 const REDIS_ADMIN_TIMEOUT: Duration = Duration::from_secs(5);
 
@@ -63,6 +63,16 @@ pub async fn preheat(
 ) -> Result<Preheated, PreheatError> {
     let goods = keys.goods(goods_id);
     let mut conn = redis.clone();
+    let tier: Option<String> = sqlx::query_scalar("SELECT tier FROM sales WHERE goods_id = ?")
+        .bind(goods_id)
+        .fetch_optional(mysql)
+        .await
+        .map_err(db::SaleRowError::from)?;
+    if tier.as_deref() == Some(Tier::Db.as_str()) {
+        // MySQL alone decides a db goods: its preheat is the epoch its order ids carry.
+        let (epoch, sale) = db::take_epoch(mysql, goods_id, 0, HistoryRule::Refuse).await?;
+        return Ok(Preheated { epoch, sale });
+    }
     if !force {
         // Refused before MySQL moves, so a refusal changes nothing; the script checks again.
         if let Some(live) = live_stock(redis, keys, goods_id).await? {
@@ -90,6 +100,18 @@ pub async fn preheat(
     let (status, value): (String, i64) = bounded(invocation.invoke_async(&mut conn)).await?;
     match status.as_str() {
         "loaded" => {
+            // Redis holds this epoch now: from here a Redis without it has forgotten (a
+            // preheat that dies before this line leaves the older mark, which is only laxer).
+            sqlx::query(
+                "UPDATE sales SET loaded_epoch = ?, mode = 'redis', holdback = 0
+                 WHERE goods_id = ? AND epoch = ?",
+            )
+            .bind(epoch)
+            .bind(goods_id)
+            .bind(epoch)
+            .execute(mysql)
+            .await
+            .map_err(db::SaleRowError::from)?;
             // The index lives outside the goods' hash tag, so it cannot join the script;
             // SADD is idempotent and a stale member is harmless.
             let _: () = bounded(conn.sadd(keys.sales_index(), goods_id)).await?;

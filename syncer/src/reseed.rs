@@ -13,6 +13,7 @@ use redis::aio::ConnectionManager;
 use redis::AsyncCommands;
 use sqlx::{MySqlPool, Row};
 
+use crate::directory::Mode;
 use crate::kafka::KafkaConfig;
 use crate::keys::KeySpace;
 use crate::order::OrderState;
@@ -61,6 +62,10 @@ pub enum ReseedError {
     Redis(#[from] redis::RedisError),
     #[error("reseed script replied {0:?}")]
     BadScriptReply(String),
+    #[error(
+        "goods {0} is a db-tier sale: MySQL alone decides it, there is nothing to load into Redis"
+    )]
+    DbTier(String),
 }
 
 /// What a re-seed loaded.
@@ -88,9 +93,22 @@ pub async fn reseed(
 ) -> Result<Reseeded, ReseedError> {
     let goods = keys.goods(goods_id);
     let mut conn = redis.clone();
+    let modes: Option<(String, String)> =
+        sqlx::query_as("SELECT tier, mode FROM sales WHERE goods_id = ?")
+            .bind(goods_id)
+            .fetch_optional(mysql)
+            .await?;
+    let (tier, mode) = modes.ok_or_else(|| ReseedError::NoSale(goods_id.to_owned()))?;
+    if tier == crate::sale::Tier::Db.as_str() {
+        return Err(ReseedError::DbTier(goods_id.to_owned()));
+    }
+    // MySQL decided the goods meanwhile (fallback) or a re-seed stopped half way: whatever
+    // Redis holds of it is stale and is replaced. Otherwise Redis must have forgotten it.
+    let replace = mode != Mode::Redis.as_str();
     // Refused before anything moves (the script checks both again, atomically). With no sale
-    // hash, nothing appends to this goods' outbox, so an empty outbox stays empty.
-    if bounded(conn.exists(&goods.sale)).await? {
+    // hash (or one nobody decides from, in fallback), nothing appends to this goods' outbox,
+    // so an empty outbox stays empty.
+    if !replace && bounded(conn.exists(&goods.sale)).await? {
         return Err(ReseedError::Live(goods_id.to_owned()));
     }
     let pending: u64 = bounded(conn.xlen(&goods.outbox)).await?;
@@ -103,6 +121,51 @@ pub async fn reseed(
     drain(kafka, drain_timeout).await?;
     let floor: Option<u64> = bounded(conn.get(&goods.epoch)).await?;
     let snapshot = read_round(mysql, goods_id, floor.unwrap_or(0)).await?;
+    // From here until the load is done or undone, the goods is `switching`: neither MySQL nor
+    // Redis decides it, so nothing moves that the snapshot does not hold.
+    let loaded = load(&mut conn, &goods, &snapshot, replace).await;
+    let finish = match &loaded {
+        Ok(()) => sqlx::query(
+            "UPDATE sales SET mode = 'redis', loaded_epoch = ?, holdback = 0
+             WHERE goods_id = ? AND epoch = ? AND mode = 'switching'",
+        )
+        .bind(snapshot.epoch)
+        .bind(goods_id)
+        .bind(snapshot.epoch),
+        // Undone: MySQL decides on (or, for a Redis that forgot, the next deduct finds out).
+        Err(_) => sqlx::query(
+            "UPDATE sales SET mode = ? WHERE goods_id = ? AND epoch = ? AND mode = 'switching'",
+        )
+        .bind(if mode == Mode::Switching.as_str() {
+            Mode::Fallback.as_str()
+        } else {
+            mode.as_str()
+        })
+        .bind(goods_id)
+        .bind(snapshot.epoch),
+    };
+    finish.execute(mysql).await?;
+    loaded?;
+    let _: () = bounded(conn.sadd(keys.sales_index(), goods_id)).await?;
+    Ok(Reseeded {
+        epoch: snapshot.epoch,
+        available: snapshot.available,
+        reserved: snapshot.reserved,
+        sold: snapshot.sold,
+        lapsed: snapshot.lapsed,
+        orders: snapshot.records.requests.len(),
+        reservations: snapshot.records.reservations.len(),
+    })
+}
+
+/// Loads a round into Redis in one script call.
+async fn load(
+    conn: &mut ConnectionManager,
+    goods: &crate::keys::GoodsKeys,
+    snapshot: &Round,
+    replace: bool,
+) -> Result<(), ReseedError> {
+    let goods_id = snapshot.goods_id.as_str();
     let script = redis::Script::new(crate::scripts::RESEED);
     let mut invocation = crate::scripts::invocation(&script, &goods.reseed_script_keys());
     invocation
@@ -117,21 +180,11 @@ pub async fn reseed(
         .arg(snapshot.start_ms)
         .arg(snapshot.end_ms)
         .arg(snapshot.window_ms)
-        .arg(snapshot.records.to_json());
-    let (status, value): (String, i64) = bounded(invocation.invoke_async(&mut conn)).await?;
+        .arg(snapshot.records.to_json())
+        .arg(if replace { "1" } else { "0" });
+    let (status, value): (String, i64) = bounded(invocation.invoke_async(conn)).await?;
     match status.as_str() {
-        "loaded" => {
-            let _: () = bounded(conn.sadd(keys.sales_index(), goods_id)).await?;
-            Ok(Reseeded {
-                epoch: snapshot.epoch,
-                available: snapshot.available,
-                reserved: snapshot.reserved,
-                sold: snapshot.sold,
-                lapsed: snapshot.lapsed,
-                orders: snapshot.records.requests.len(),
-                reservations: snapshot.records.reservations.len(),
-            })
-        }
+        "loaded" => Ok(()),
         "stale" => Err(ReseedError::Superseded {
             goods_id: goods_id.to_owned(),
             loaded: value.max(0) as u64,
@@ -174,6 +227,7 @@ async fn drain(kafka: &KafkaConfig, timeout: Duration) -> Result<(), ReseedError
 
 /// A round as MySQL holds it, read under the sale row's lock with the epoch taken.
 struct Round {
+    goods_id: String,
     epoch: u64,
     first_epoch: u64,
     total: u64,
@@ -224,7 +278,7 @@ impl Records {
 async fn read_round(pool: &MySqlPool, goods_id: &str, floor: u64) -> Result<Round, ReseedError> {
     let mut tx = pool.begin().await?;
     let row = sqlx::query(
-        "SELECT goods_id, total_stock, per_user_limit, starts_at, ends_at, payment_window_s,
+        "SELECT goods_id, total_stock, per_user_limit, starts_at, ends_at, payment_window_s, tier,
            stock, reserved, sold, lapsed, epoch, round_epoch
          FROM sales WHERE goods_id = ? FOR UPDATE",
     )
@@ -303,8 +357,13 @@ async fn read_round(pool: &MySqlPool, goods_id: &str, floor: u64) -> Result<Roun
             None => tracing::warn!(order_id, state, "order row in an unknown state; not loaded"),
         }
     }
+    sqlx::query("UPDATE sales SET mode = 'switching' WHERE goods_id = ?")
+        .bind(goods_id)
+        .execute(&mut *tx)
+        .await?;
     crate::db::commit_epoch(tx, goods_id, epoch).await?;
     Ok(Round {
+        goods_id: goods_id.to_owned(),
         epoch,
         first_epoch: round_epoch + 1,
         total: sale.total_stock,

@@ -19,6 +19,40 @@ fn default_payment_window_s() -> u32 {
     PAYMENT_WINDOW_S_DEFAULT
 }
 
+/// Who decides a goods' purchase attempts (the seed's tiers, by how hot the goods is).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Tier {
+    /// Redis decides in one atomic script; the pipeline writes MySQL afterwards. For hot
+    /// goods.
+    #[default]
+    Redis,
+    /// MySQL alone decides, a batch of attempts per transaction (the fallback's code). For
+    /// goods under a few thousand attempts a second: no Redis, no pipeline, nothing to drift.
+    Db,
+    /// Redis decides, and the winners' rows are written to MySQL before the answer.
+    DualWrite,
+}
+
+impl Tier {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Tier::Redis => "redis",
+            Tier::Db => "db",
+            Tier::DualWrite => "dual_write",
+        }
+    }
+
+    pub fn parse(text: &str) -> Option<Tier> {
+        match text {
+            "redis" => Some(Tier::Redis),
+            "db" => Some(Tier::Db),
+            "dual_write" => Some(Tier::DualWrite),
+            _ => None,
+        }
+    }
+}
+
 /// What the admin API accepts to define a sale.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -30,6 +64,9 @@ pub struct SaleSpec {
     /// Seconds a winner has to pay before the reservation is released (default 15 minutes).
     #[serde(default = "default_payment_window_s")]
     pub payment_window_s: u32,
+    /// Who decides (default `redis`).
+    #[serde(default)]
+    pub tier: Tier,
 }
 
 /// A defined sale: the spec plus its goods id.
@@ -41,6 +78,7 @@ pub struct Sale {
     pub starts_at: DateTime<Utc>,
     pub ends_at: DateTime<Utc>,
     pub payment_window_s: u32,
+    pub tier: Tier,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -85,6 +123,7 @@ impl Sale {
             starts_at: spec.starts_at,
             ends_at: spec.ends_at,
             payment_window_s: spec.payment_window_s,
+            tier: spec.tier,
         })
     }
 }
@@ -123,6 +162,7 @@ mod tests {
             starts_at: "2026-01-01T00:00:00Z".parse().unwrap(),
             ends_at: "2026-01-01T01:00:00Z".parse().unwrap(),
             payment_window_s: 60,
+            tier: Tier::Redis,
         }
     }
 

@@ -721,7 +721,11 @@ async fn a_deduct_past_its_deadline_changes_nothing() {
     // A deadline one second ago, by Redis's own clock.
     let mut clock = conn.clone();
     let (seconds, _micros): (u64, u64) = redis::cmd("TIME").query_async(&mut clock).await.unwrap();
-    invocation.arg("g").arg((seconds - 1) * 1000).arg(30_000);
+    invocation
+        .arg("g")
+        .arg((seconds - 1) * 1000)
+        .arg(30_000)
+        .arg(0);
     for i in 0..3 {
         invocation.arg(format!("u{i}")).arg(1).arg(format!("r{i}"));
     }

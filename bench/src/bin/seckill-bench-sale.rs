@@ -111,7 +111,8 @@ async fn deduct_against_redis(args: &Args) -> anyhow::Result<DeductFigures> {
         .args(["-r", "1000000000", "-q", "--csv"])
         .args(["EVALSHA", &sha, &keys.len().to_string()])
         .args(&keys)
-        .args(["bench", "99999999999999", "30000"])
+        // Goods, deadline, claim window, and 0: no epoch check (the syncer passes MySQL's).
+        .args(["bench", "99999999999999", "30000", "0"])
         .args(["u__rand_int__", "1", "r__rand_int__"])
         .output()?;
     let text = String::from_utf8_lossy(&output.stdout);

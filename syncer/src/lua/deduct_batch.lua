@@ -3,14 +3,19 @@
 -- KEYS: 1 sale hash, 2 users hash, 3 requests hash, 4 reservations hash, 5 outbox stream,
 --       6 expiries sorted set, 7 unclaimed sorted set (claim deadlines), 8 settled hash
 -- ARGV: 1 goods id, 2 deadline (ms since the epoch, by Redis's clock), 3 claim window ms
---       (0: the reservation is delivered by this very answer and needs no claim), then one
+--       (0: the reservation is delivered by this very answer and needs no claim), 4 the epoch
+--       MySQL last loaded into Redis for this goods (0: not known), then one
 --       (user id, quantity, request id) triple per attempt
 -- Reply: one { outcome, order_id or "", remaining (-1 unknown), retry_after_ms, reason or "" }
--- per attempt, always that shape. Uses the prelude (common.lua): clock_ms, parse_record,
+-- per attempt, always that shape; a new order's reason is "new" (a repeat answer's is ""),
+-- so the caller can tell the ids handed out by this call. "stale" for every attempt: this
+-- Redis forgot the sale (it is missing, behind the epoch MySQL loaded, or fenced after its
+-- sequence went back) and decides nothing. Uses the prelude (common.lua): clock_ms, parse_record,
 -- make_record, append_event.
 local goods = ARGV[1]
 local deadline_ms, claim_ms = tonumber(ARGV[2]), tonumber(ARGV[3])
-local attempts = (#ARGV - 3) / 3
+local expected_epoch = tonumber(ARGV[4])
+local attempts = (#ARGV - 4) / 3
 local replies = {}
 
 local now_ms = clock_ms()
@@ -22,7 +27,15 @@ if now_ms > deadline_ms then
   return replies
 end
 
-local sale = redis.call('HMGET', KEYS[1], 'available', 'limit', 'start_ms', 'end_ms', 'epoch', 'seq', 'window_ms')
+local sale = redis.call('HMGET', KEYS[1], 'available', 'limit', 'start_ms', 'end_ms', 'epoch', 'seq', 'window_ms', 'fenced')
+-- A Redis that forgot is never trusted: MySQL loaded this goods, so a missing sale, an epoch
+-- behind MySQL's or a fence means state was lost, and deciding on would hand out units and
+-- order ids twice.
+if (not sale[1] and expected_epoch > 0) or sale[8] == '1'
+    or (sale[1] and tonumber(sale[5]) < expected_epoch) then
+  for i = 1, attempts do replies[i] = { 'stale', '', -1, 0, '' } end
+  return replies
+end
 if not sale[1] then
   for i = 1, attempts do replies[i] = { 'unknown_goods', '', -1, 0, '' } end
   return replies
@@ -98,11 +111,11 @@ local function decide(user, qty, request_id)
   append_event(KEYS[5], {
     type = 'reserved', order_id = order_id, goods_id = goods, user_id = user,
     quantity = qty, request_id = request_id, at_ms = now_ms })
-  return { 'won', order_id, available, 0, '' }
+  return { 'won', order_id, available, 0, 'new' }
 end
 
 for i = 1, attempts do
-  local base = 4 + (i - 1) * 3
+  local base = 5 + (i - 1) * 3
   replies[i] = decide(ARGV[base], tonumber(ARGV[base + 1]), ARGV[base + 2])
 end
 if granted > 0 then

@@ -6,7 +6,8 @@
 -- ARGV: 1 epoch, 2 first epoch of the round (orders from it on count in these counters),
 --       3 total, 4 available, 5 reserved, 6 sold, 7 lapsed, 8 per-user limit, 9 start ms,
 --       10 end ms, 11 payment window ms, 12 the orders as JSON (see reseed.rs: users,
---       requests, reservations, settled, lapsed; every value a string)
+--       requests, reservations, settled, lapsed; every value a string), 13 replace ("1":
+--       MySQL decided the goods meanwhile, and whatever Redis still holds of it is replaced)
 -- Reply: { "loaded", epoch }, { "stale", loaded epoch } when this Redis loaded that epoch or a
 -- later one, { "live", 0 } when Redis still has the sale (it did not forget), or
 -- { "outbox", length } when the outbox still holds events MySQL may not have.
@@ -16,7 +17,7 @@ local loaded = tonumber(redis.call('GET', KEYS[5]) or '0')
 if epoch <= loaded then
   return { 'stale', loaded }
 end
-if redis.call('EXISTS', KEYS[1]) == 1 then
+if redis.call('EXISTS', KEYS[1]) == 1 and ARGV[13] ~= '1' then
   return { 'live', 0 }
 end
 -- Without the sale hash nothing appends to the outbox; what is left was read by nobody.
@@ -25,7 +26,7 @@ if pending > 0 then
   return { 'outbox', pending }
 end
 local orders = cjson.decode(ARGV[12])
-redis.call('DEL', KEYS[2], KEYS[3], KEYS[4], KEYS[6], KEYS[7], KEYS[8], KEYS[9])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[6], KEYS[7], KEYS[8], KEYS[9])
 redis.call('SET', KEYS[5], ARGV[1])
 -- { field, value } pairs into a hash.
 local function fill(hash, entries)

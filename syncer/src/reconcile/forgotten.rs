@@ -131,8 +131,9 @@ impl ForgottenSweep {
 
     async fn reserved_sales(&self) -> sqlx::Result<Vec<ReservedSale>> {
         let rows = sqlx::query(
+            // Goods MySQL decides (db tier, fallback) are swept by the MySQL sweeper.
             "SELECT goods_id, payment_window_s, ends_at FROM sales WHERE reserved > 0 \
-             ORDER BY goods_id LIMIT ?",
+             AND tier <> 'db' AND mode = 'redis' ORDER BY goods_id LIMIT ?",
         )
         .bind(SALES_PER_PASS_MAX)
         .fetch_all(&self.reconciler.mysql)

@@ -1,0 +1,197 @@
+//! Who decides each goods right now, as MySQL says: its tier, its mode (Redis, the MySQL
+//! fallback, or a re-seed under way) and the last epoch known to be loaded into Redis. The
+//! deducter reads it for every batch, so it is a map in memory, refreshed from MySQL every
+//! [`REFRESH_EVERY`] and at once (at most every [`REFRESH_MIN_GAP`]) when a decision finds it
+//! stale. Stale for a moment is safe: MySQL's decider checks the mode again under the sale
+//! row's lock, and the deduct script refuses an epoch behind the one given here.
+
+use std::collections::HashMap;
+use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
+
+use sqlx::{MySqlPool, Row};
+use tokio_util::sync::CancellationToken;
+
+use crate::sale::Tier;
+
+pub const REFRESH_EVERY: Duration = Duration::from_millis(500);
+const REFRESH_MIN_GAP: Duration = Duration::from_millis(100);
+/// Sales read per refresh at most: those not ended more than a day ago.
+const SALES_MAX: i64 = 100_000;
+
+/// Who decides a redis or dual_write goods.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    Redis,
+    /// MySQL decides: Redis failed or forgot.
+    Fallback,
+    /// A re-seed is loading Redis from MySQL: nobody decides for that moment.
+    Switching,
+}
+
+impl Mode {
+    pub fn parse(text: &str) -> Mode {
+        match text {
+            "fallback" => Mode::Fallback,
+            "switching" => Mode::Switching,
+            _ => Mode::Redis,
+        }
+    }
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Mode::Redis => "redis",
+            Mode::Fallback => "fallback",
+            Mode::Switching => "switching",
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Route {
+    pub tier: Tier,
+    pub mode: Mode,
+    /// The last epoch known to be loaded into Redis (0: never loaded).
+    pub loaded_epoch: u64,
+    /// The last epoch handed out (0: never preheated).
+    pub epoch: u64,
+    pub per_user_limit: u32,
+}
+
+impl Route {
+    /// MySQL decides this goods now.
+    pub fn in_mysql(&self) -> bool {
+        self.tier == Tier::Db || self.mode == Mode::Fallback
+    }
+}
+
+struct Inner {
+    routes: HashMap<String, Route>,
+    refreshed: Option<Instant>,
+}
+
+#[derive(Clone)]
+pub struct Directory {
+    inner: Arc<RwLock<Inner>>,
+    mysql: MySqlPool,
+    /// Serialises refreshes, so a burst of stale answers costs one query.
+    refreshing: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Directory {
+    /// An empty directory; [`Directory::refresh`] fills it.
+    pub fn new(mysql: MySqlPool) -> Directory {
+        Directory {
+            inner: Arc::new(RwLock::new(Inner {
+                routes: HashMap::new(),
+                refreshed: None,
+            })),
+            mysql,
+            refreshing: Arc::new(tokio::sync::Mutex::new(())),
+        }
+    }
+
+    /// The route of a goods MySQL defines (None: MySQL has no such sale, as far as the last
+    /// refresh knows).
+    pub fn route(&self, goods_id: &str) -> Option<Route> {
+        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        inner.routes.get(goods_id).copied()
+    }
+
+    /// Goods MySQL decides now (db tier, fallback).
+    pub fn in_mysql(&self) -> Vec<String> {
+        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        inner
+            .routes
+            .iter()
+            .filter(|(_, r)| r.in_mysql())
+            .map(|(g, _)| g.clone())
+            .collect()
+    }
+
+    /// Goods in a mode other than `redis` (the recoverer's work list).
+    pub fn not_in_redis(&self) -> Vec<(String, Route)> {
+        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        inner
+            .routes
+            .iter()
+            .filter(|(_, r)| r.tier != Tier::Db && r.mode != Mode::Redis)
+            .map(|(g, r)| (g.clone(), *r))
+            .collect()
+    }
+
+    /// Goods Redis should hold now: redis or dual_write, in mode redis, loaded at least once.
+    pub fn loaded_in_redis(&self) -> Vec<(String, Route)> {
+        let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+        inner
+            .routes
+            .iter()
+            .filter(|(_, r)| r.tier != Tier::Db && r.mode == Mode::Redis && r.loaded_epoch > 0)
+            .map(|(g, r)| (g.clone(), *r))
+            .collect()
+    }
+
+    /// Reads every sale not ended more than a day ago.
+    pub async fn refresh(&self) -> sqlx::Result<()> {
+        let _one = self.refreshing.lock().await;
+        let rows = sqlx::query(
+            "SELECT goods_id, tier, mode, loaded_epoch, epoch, per_user_limit FROM sales
+             WHERE ends_at > NOW(3) - INTERVAL 1 DAY LIMIT ?",
+        )
+        .bind(SALES_MAX)
+        .fetch_all(&self.mysql)
+        .await?;
+        let mut routes = HashMap::with_capacity(rows.len());
+        for row in rows {
+            let tier: String = row.try_get("tier")?;
+            let mode: String = row.try_get("mode")?;
+            routes.insert(
+                row.try_get("goods_id")?,
+                Route {
+                    tier: Tier::parse(&tier).unwrap_or_default(),
+                    mode: Mode::parse(&mode),
+                    loaded_epoch: row.try_get("loaded_epoch")?,
+                    epoch: row.try_get("epoch")?,
+                    per_user_limit: row.try_get("per_user_limit")?,
+                },
+            );
+        }
+        let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+        inner.routes = routes;
+        inner.refreshed = Some(Instant::now());
+        Ok(())
+    }
+
+    /// Refreshes now unless a refresh happened in the last [`REFRESH_MIN_GAP`].
+    pub async fn refresh_soon(&self) {
+        let recent = {
+            let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
+            inner
+                .refreshed
+                .is_some_and(|at| at.elapsed() < REFRESH_MIN_GAP)
+        };
+        if !recent {
+            if let Err(e) = self.refresh().await {
+                tracing::warn!(error = %e, "could not refresh the sales directory from MySQL");
+            }
+        }
+    }
+
+    /// Refreshes every [`REFRESH_EVERY`] until `shutdown`.
+    pub fn spawn_refresher(&self, shutdown: CancellationToken) {
+        let directory = self.clone();
+        tokio::spawn(async move {
+            let mut every = tokio::time::interval(REFRESH_EVERY);
+            every.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tokio::select! {
+                    _ = shutdown.cancelled() => return,
+                    _ = every.tick() => {}
+                }
+                if let Err(e) = directory.refresh().await {
+                    tracing::warn!(error = %e, "could not refresh the sales directory from MySQL");
+                }
+            }
+        });
+    }
+}

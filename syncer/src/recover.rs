@@ -1,0 +1,149 @@
+//! The way back to Redis, and the watch for a Redis that forgot while nobody bought.
+//!
+//! Every [`TICK`]: each goods MySQL decides in fallback (or whose re-seed stopped half way)
+//! is re-seeded as soon as Redis answers and the pipeline has drained (its outbox relayed, the
+//! writer caught up: `reseed.rs`); then Redis decides it again under a new epoch. And each
+//! goods Redis should hold is checked: a sale missing, behind the epoch MySQL loaded, or fenced
+//! means Redis forgot, and the goods moves to MySQL at once, before any buyer meets it.
+
+use std::time::Duration;
+
+use redis::aio::ConnectionManager;
+use sqlx::MySqlPool;
+use tokio_util::sync::CancellationToken;
+
+use crate::directory::Directory;
+use crate::fallback::{self, SeqWatch, Why};
+use crate::kafka::KafkaConfig;
+use crate::keys::KeySpace;
+use crate::reseed::{self, ReseedError};
+
+pub const TICK: Duration = Duration::from_secs(1);
+/// How long one re-seed waits for the writer to catch up; it tries again next tick.
+const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
+const REDIS_CHECK_TIMEOUT: Duration = Duration::from_millis(500);
+/// Goods checked for a forgetful Redis per tick at most.
+const CHECKS_MAX: usize = 1_000;
+
+pub struct Recoverer {
+    pub redis: ConnectionManager,
+    pub mysql: MySqlPool,
+    pub keys: KeySpace,
+    pub kafka: KafkaConfig,
+    pub directory: Directory,
+    pub watch: SeqWatch,
+    /// Whether goods may move to MySQL (the fallback is on).
+    pub fallback: bool,
+}
+
+impl Recoverer {
+    pub async fn run(self, shutdown: CancellationToken) {
+        crate::every_tick(TICK, &shutdown, || async {
+            if !self.redis_answers().await {
+                return;
+            }
+            self.return_to_redis().await;
+            if self.fallback {
+                self.find_forgotten().await;
+            }
+        })
+        .await;
+    }
+
+    async fn redis_answers(&self) -> bool {
+        let mut conn = self.redis.clone();
+        let command = redis::cmd("PING");
+        let ping = command.query_async::<String>(&mut conn);
+        matches!(
+            tokio::time::timeout(REDIS_CHECK_TIMEOUT, ping).await,
+            Ok(Ok(_))
+        )
+    }
+
+    /// Re-seeds every goods in fallback (or stopped switching).
+    async fn return_to_redis(&self) {
+        for (goods_id, route) in self.directory.not_in_redis() {
+            let old_epoch = route.loaded_epoch;
+            let result = reseed::reseed(
+                &self.redis,
+                &self.mysql,
+                &self.kafka,
+                &self.keys,
+                &goods_id,
+                DRAIN_TIMEOUT,
+            )
+            .await;
+            match result {
+                Ok(reseeded) => {
+                    metrics::counter!("seckill_fallback_exited_total").increment(1);
+                    self.count_lost(&goods_id, old_epoch).await;
+                    tracing::info!(
+                        goods_id,
+                        epoch = reseeded.epoch,
+                        available = reseeded.available,
+                        reservations = reseeded.reservations,
+                        "goods re-seeded from MySQL: Redis decides it again"
+                    );
+                }
+                // Waiting on the pipeline (outbox not yet relayed, writer behind): next tick.
+                Err(e @ (ReseedError::Outbox { .. } | ReseedError::DrainTimeout(_))) => {
+                    tracing::debug!(goods_id, error = %e, "re-seed waits for the pipeline");
+                }
+                Err(e) => tracing::warn!(goods_id, error = %e, "re-seed failed; retrying"),
+            }
+        }
+        self.directory.refresh_soon().await;
+    }
+
+    /// Orders this syncer saw Redis hand out under the epoch it replaced that never reached
+    /// MySQL, after the drain: lost with the Redis that forgot them (see the README).
+    async fn count_lost(&self, goods_id: &str, old_epoch: u64) {
+        match fallback::mysql_max_seq(&self.mysql, goods_id, old_epoch).await {
+            Ok(max_seq) => {
+                let (units, orders) = self.watch.unseen(goods_id, old_epoch, max_seq);
+                if orders > 0 {
+                    metrics::counter!("seckill_redis_lost_orders_total").increment(orders);
+                    tracing::error!(
+                        goods_id,
+                        orders,
+                        units,
+                        "orders answered `won` by a Redis that then forgot them never reached MySQL"
+                    );
+                }
+            }
+            Err(e) => tracing::warn!(goods_id, error = %e, "could not count lost orders"),
+        }
+        self.watch.forget(goods_id);
+    }
+
+    /// Moves to MySQL every goods whose sale Redis no longer holds as MySQL loaded it.
+    async fn find_forgotten(&self) {
+        let mut conn = self.redis.clone();
+        for (goods_id, route) in self
+            .directory
+            .loaded_in_redis()
+            .into_iter()
+            .take(CHECKS_MAX)
+        {
+            let sale = self.keys.goods(&goods_id).sale;
+            let mut command = redis::cmd("HMGET");
+            command.arg(&sale).arg("epoch").arg("fenced");
+            let read = command.query_async::<(Option<u64>, Option<String>)>(&mut conn);
+            let (epoch, fenced) = match tokio::time::timeout(REDIS_CHECK_TIMEOUT, read).await {
+                Ok(Ok(fields)) => fields,
+                _ => return,
+            };
+            let forgot = match epoch {
+                None => true,
+                Some(epoch) => epoch < route.loaded_epoch || fenced.as_deref() == Some("1"),
+            };
+            if forgot {
+                if let Err(e) =
+                    fallback::enter(&self.mysql, &self.watch, &goods_id, Why::Forgot).await
+                {
+                    tracing::warn!(goods_id, error = %e, "could not move the goods to MySQL");
+                }
+            }
+        }
+    }
+}
