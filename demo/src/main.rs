@@ -222,6 +222,7 @@ async fn crowd(stack: &Arc<Stack>, args: &Args) -> Vec<BuyResult> {
                 status: 0,
                 outcome: format!("client error: {e}"),
                 retry_after: None,
+                order_id: None,
                 body: json!(null),
             }),
             Err(e) => eprintln!("a request task failed: {e}"),

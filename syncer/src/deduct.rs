@@ -271,7 +271,8 @@ async fn decide_group(
     group: Vec<Attempt>,
 ) {
     let Some(routing) = &batching.routing else {
-        return decide_in_redis(batching, conn, &goods_id, delivery, group, None).await;
+        decide_in_redis(batching, conn, &goods_id, delivery, group, None).await;
+        return;
     };
     let route = routing.directory.route(&goods_id);
     match route {
@@ -295,7 +296,27 @@ async fn decide_group(
         let rated = route.is_none_or(|r| r.tier != Tier::Db);
         return decide_in_mysql(batching, routing, &goods_id, delivery, group, rated).await;
     }
-    decide_in_redis(batching, conn, &goods_id, delivery, group, route).await
+    let Some((group, replies)) =
+        decide_in_redis(batching, conn.clone(), &goods_id, delivery, group, route).await
+    else {
+        return;
+    };
+    // Redis does not know the goods and the directory did not either: a sale preheated since
+    // the last refresh. Refreshed, the directory may say Redis should have it (then Redis
+    // forgot, and the script says so); once, so junk goods ids cost one refresh per batch.
+    routing.directory.refresh_soon().await;
+    let route = routing.directory.route(&goods_id);
+    match route {
+        Some(r) if r.loaded_epoch > 0 || r.in_mysql() => {
+            Box::pin(decide_group(batching, conn, goods_id, delivery, group)).await;
+        }
+        // Unknown to MySQL as well: the answer stands.
+        _ => {
+            for (attempt, reply) in group.into_iter().zip(replies) {
+                let _ = attempt.reply.send(parse_reply(reply));
+            }
+        }
+    }
 }
 
 /// Moves a goods to MySQL (if MySQL can take it) and refreshes the directory: `Ok` with the
@@ -310,11 +331,19 @@ async fn move_to_mysql(
     if routing.fallback_rate.is_none() {
         return Err(group);
     }
-    if let Err(e) = fallback::enter(&routing.mysql, &routing.watch, goods_id, why).await {
-        tracing::warn!(goods_id, error = %e, "could not move the goods to MySQL");
-        return Err(group);
+    match fallback::enter(&routing.mysql, &routing.watch, goods_id, why).await {
+        // This call moved it: the directory must say so before the group is decided.
+        Ok(true) => {
+            if let Err(e) = routing.directory.refresh().await {
+                tracing::warn!(goods_id, error = %e, "could not refresh the sales directory");
+            }
+        }
+        Ok(false) => routing.directory.refresh_soon().await,
+        Err(e) => {
+            tracing::warn!(goods_id, error = %e, "could not move the goods to MySQL");
+            return Err(group);
+        }
     }
-    routing.directory.refresh_soon().await;
     match routing.directory.route(goods_id) {
         Some(route) if route.in_mysql() => Ok(group),
         _ => Err(group),
@@ -394,6 +423,8 @@ async fn decide_in_mysql(
     }
 }
 
+/// Redis decides the group. Gives the group back, answered by nobody, when Redis answered
+/// `unknown_goods` for a goods the directory does not know as loaded: the caller looks again.
 async fn decide_in_redis(
     batching: &Batching,
     mut conn: ConnectionManager,
@@ -401,7 +432,7 @@ async fn decide_in_redis(
     delivery: Delivery,
     group: Vec<Attempt>,
     route: Option<Route>,
-) {
+) -> Option<(Vec<Attempt>, Vec<ScriptReply>)> {
     let goods = batching.keys.goods(goods_id);
     // The call must not decide anything after the most impatient of its callers gave up.
     let deadline = group
@@ -447,7 +478,10 @@ async fn decide_in_redis(
                 replies.len(),
                 group.len()
             ));
-            return answer_all(group, &error);
+            {
+                answer_all(group, &error);
+                return None;
+            }
         }
         Err(error) => {
             // Not decided here, and the attempts may have been decided in Redis (a timeout):
@@ -456,7 +490,20 @@ async fn decide_in_redis(
             {
                 routing.breaker.failure();
             }
-            return answer_all(group, &error);
+            // A call that timed out may have run: what it could have sold is held back if the
+            // goods moves to MySQL. (A refused or broken connection sent nothing.)
+            if let (Some(routing), DeductError::Timeout) = (routing, &error) {
+                routing.watch.uncertain(
+                    goods_id,
+                    group
+                        .iter()
+                        .map(|a| (a.request.request_id.as_str(), u64::from(a.request.quantity))),
+                );
+            }
+            {
+                answer_all(group, &error);
+                return None;
+            }
         }
     };
     if let Some(routing) = routing {
@@ -469,14 +516,27 @@ async fn decide_in_redis(
     if replies.first().is_some_and(|r| r.0 == "stale") {
         // This Redis forgot the goods: MySQL decides it until it is re-seeded.
         let Some(routing) = routing else {
-            return answer_all(group, &DeductError::Forgot(goods_id.to_owned()));
+            {
+                answer_all(group, &DeductError::Forgot(goods_id.to_owned()));
+                return None;
+            }
         };
         let group = match move_to_mysql(routing, goods_id, Why::Forgot, group).await {
             Ok(group) => group,
-            Err(group) => return answer_all(group, &DeductError::Forgot(goods_id.to_owned())),
+            Err(group) => {
+                answer_all(group, &DeductError::Forgot(goods_id.to_owned()));
+                return None;
+            }
         };
         let rated = true;
-        return decide_in_mysql(batching, routing, goods_id, delivery, group, rated).await;
+        decide_in_mysql(batching, routing, goods_id, delivery, group, rated).await;
+        return None;
+    }
+    if routing.is_some()
+        && route.is_none_or(|r| r.loaded_epoch == 0)
+        && replies.first().is_some_and(|r| r.0 == "unknown_goods")
+    {
+        return Some((group, replies));
     }
     let new_orders: Vec<(u64, u64, u64)> = group
         .iter()
@@ -487,6 +547,17 @@ async fn decide_in_redis(
         })
         .collect();
     if let Some(routing) = routing {
+        // The first time this process meets an epoch, MySQL says how far it already got: a
+        // syncer started in front of a Redis that went back must not hand out those ids.
+        if let Some(&(epoch, _, _)) = new_orders.iter().max() {
+            if !routing.watch.knows(goods_id, epoch) {
+                match fallback::mysql_max_seq(&routing.mysql, goods_id, epoch).await {
+                    Ok(floor) => routing.watch.set_floor(goods_id, epoch, floor),
+                    Err(e) => tracing::warn!(goods_id, error = %e,
+                        "could not read MySQL's highest order of the epoch; watching from here"),
+                }
+            }
+        }
         if routing.watch.observe(goods_id, &new_orders) == Watched::Reissued {
             // Redis went back: none of this batch's new ids may reach a buyer. The others of
             // the batch are answered (they hand out nothing).
@@ -496,7 +567,9 @@ async fn decide_in_redis(
             {
                 tracing::warn!(goods_id, error = %e, "could not move the goods to MySQL");
             }
-            routing.directory.refresh_soon().await;
+            if let Err(e) = routing.directory.refresh().await {
+                tracing::warn!(goods_id, error = %e, "could not refresh the sales directory");
+            }
             let forgot = DeductError::Forgot(goods_id.to_owned());
             for (attempt, reply) in group.into_iter().zip(replies) {
                 let answer = if reply.0 == "won" && reply.4 == "new" {
@@ -506,16 +579,18 @@ async fn decide_in_redis(
                 };
                 let _ = attempt.reply.send(answer);
             }
-            return;
+            return None;
         }
         if route.is_some_and(|r| r.tier == Tier::DualWrite) {
-            return answer_dual_write(routing, goods_id, group, replies).await;
+            answer_dual_write(routing, goods_id, group, replies).await;
+            return None;
         }
     }
     for (attempt, reply) in group.into_iter().zip(replies) {
         // The buyer may have given up (timeout); its answer is then dropped.
         let _ = attempt.reply.send(parse_reply(reply));
     }
+    None
 }
 
 /// `dual_write`: the winners' rows go to MySQL (the writer's own apply, so the event that

@@ -136,7 +136,7 @@ impl Directory {
         let _one = self.refreshing.lock().await;
         let rows = sqlx::query(
             "SELECT goods_id, tier, mode, loaded_epoch, epoch, per_user_limit FROM sales
-             WHERE ends_at > NOW(3) - INTERVAL 1 DAY LIMIT ?",
+             WHERE ends_at > UTC_TIMESTAMP(3) - INTERVAL 1 DAY LIMIT ?",
         )
         .bind(SALES_MAX)
         .fetch_all(&self.mysql)

@@ -92,11 +92,18 @@ impl Breaker {
     }
 }
 
-/// The order ids of one epoch this syncer saw Redis hand out: sequence -> units.
+/// The order ids of one epoch this syncer saw Redis hand out: sequence -> units; and the
+/// units of calls whose answer never came (a timeout, a broken connection): Redis may have
+/// decided them.
 #[derive(Debug, Default)]
 struct Seen {
     epoch: u64,
     seqs: BTreeMap<u64, u64>,
+    /// request id -> units: a buyer retrying through timeouts counts once.
+    uncertain: HashMap<String, u64>,
+    /// The highest sequence of `epoch` MySQL held when this process first met the epoch: a
+    /// syncer started in front of a Redis that went back catches the repeat too.
+    floor: u64,
 }
 
 /// What the watch makes of a batch's new order ids.
@@ -116,6 +123,26 @@ pub struct SeqWatch {
 }
 
 impl SeqWatch {
+    /// Whether this process has met `epoch` of the goods (else its MySQL floor is wanted).
+    pub fn knows(&self, goods_id: &str, epoch: u64) -> bool {
+        let goods = self.goods.lock().unwrap_or_else(|e| e.into_inner());
+        goods.get(goods_id).is_some_and(|s| s.epoch >= epoch)
+    }
+
+    /// Starts watching `epoch` of a goods, with the highest sequence MySQL holds of it.
+    pub fn set_floor(&self, goods_id: &str, epoch: u64, floor: u64) {
+        let mut goods = self.goods.lock().unwrap_or_else(|e| e.into_inner());
+        if !goods.contains_key(goods_id) && goods.len() >= WATCH_GOODS_MAX {
+            goods.clear();
+        }
+        let seen = goods.entry(goods_id.to_owned()).or_default();
+        if epoch > seen.epoch {
+            seen.epoch = epoch;
+            seen.seqs.clear();
+            seen.floor = floor;
+        }
+    }
+
     /// Records new orders `(epoch, seq, units)` of one goods; returns `Reissued` (and records
     /// nothing) if any was handed out before. Batches answered out of order are fine: only a
     /// repeat, an epoch behind, or a sequence below everything remembered counts.
@@ -133,7 +160,7 @@ impl SeqWatch {
             if epoch == seen.epoch {
                 let full = seen.seqs.len() >= WATCH_SEQS_MAX;
                 let below = seen.seqs.keys().next().is_some_and(|&min| seq < min);
-                if seen.seqs.contains_key(&seq) || (full && below) {
+                if seq <= seen.floor || seen.seqs.contains_key(&seq) || (full && below) {
                     return Watched::Reissued;
                 }
             }
@@ -142,6 +169,7 @@ impl SeqWatch {
             if epoch > seen.epoch {
                 seen.epoch = epoch;
                 seen.seqs.clear();
+                seen.floor = 0;
             }
             seen.seqs.insert(seq, units);
             if seen.seqs.len() > WATCH_SEQS_MAX {
@@ -149,6 +177,22 @@ impl SeqWatch {
             }
         }
         Watched::Fresh
+    }
+
+    /// Records the attempts (request id, units) of a call whose answer never came: Redis may
+    /// have sold them. Bounded: past [`WATCH_SEQS_MAX`] requests, further ones are not
+    /// recorded (the breaker has long opened by then).
+    pub fn uncertain<'a>(&self, goods_id: &str, attempts: impl Iterator<Item = (&'a str, u64)>) {
+        let mut goods = self.goods.lock().unwrap_or_else(|e| e.into_inner());
+        if !goods.contains_key(goods_id) && goods.len() >= WATCH_GOODS_MAX {
+            goods.clear();
+        }
+        let seen = goods.entry(goods_id.to_owned()).or_default();
+        for (request_id, units) in attempts {
+            if seen.uncertain.len() < WATCH_SEQS_MAX {
+                seen.uncertain.insert(request_id.to_owned(), units);
+            }
+        }
     }
 
     /// Units of `epoch` seen with a sequence above `mysql_max_seq` (MySQL has not seen them),
@@ -162,6 +206,17 @@ impl SeqWatch {
                 .fold((0, 0), |(units, orders), (_, u)| (units + u, orders + 1)),
             _ => (0, 0),
         }
+    }
+
+    /// What the fallback holds back: units seen and not in MySQL, plus units of calls whose
+    /// answer never came.
+    pub fn holdback(&self, goods_id: &str, epoch: u64, mysql_max_seq: u64) -> u64 {
+        let (units, _) = self.unseen(goods_id, epoch, mysql_max_seq);
+        let goods = self.goods.lock().unwrap_or_else(|e| e.into_inner());
+        let uncertain: u64 = goods
+            .get(goods_id)
+            .map_or(0, |s| s.uncertain.values().sum());
+        units.saturating_add(uncertain)
     }
 
     /// Forgets a goods (it was re-seeded under a new epoch).
@@ -220,7 +275,8 @@ pub async fn enter(
         return Ok(false);
     }
     let max_seq = mysql_max_seq(&mut *tx, goods_id, loaded_epoch).await?;
-    let (units, orders) = watch.unseen(goods_id, loaded_epoch, max_seq);
+    let (_, orders) = watch.unseen(goods_id, loaded_epoch, max_seq);
+    let units = watch.holdback(goods_id, loaded_epoch, max_seq);
     sqlx::query(
         "UPDATE sales SET mode = 'fallback', epoch = epoch + 1, db_seq = 0,
            holdback = LEAST(GREATEST(stock, 0), ?)
@@ -282,6 +338,12 @@ mod tests {
         assert_eq!(watch.observe("g", &[(2, 1, 1)]), Watched::Fresh);
         assert_eq!(watch.observe("g", &[(1, 8, 1)]), Watched::Reissued);
         assert_eq!(watch.observe("other", &[(1, 1, 1)]), Watched::Fresh);
+        // A process that meets an epoch MySQL already sold from starts above MySQL's highest.
+        assert!(!watch.knows("new", 4));
+        watch.set_floor("new", 4, 180);
+        assert!(watch.knows("new", 4));
+        assert_eq!(watch.observe("new", &[(4, 103, 1)]), Watched::Reissued);
+        assert_eq!(watch.observe("new", &[(4, 181, 1)]), Watched::Fresh);
     }
 
     #[test]
@@ -291,8 +353,13 @@ mod tests {
         assert_eq!(watch.unseen("g", 3, 2), (4, 2));
         assert_eq!(watch.unseen("g", 3, 4), (0, 0));
         assert_eq!(watch.unseen("g", 2, 0), (0, 0));
+        // A call that never answered may have sold its units: they are held back too.
+        // A retry of the same request counts once.
+        watch.uncertain("g", [("r1", 2), ("r2", 3), ("r1", 2)].into_iter());
+        assert_eq!(watch.holdback("g", 3, 2), 9);
         watch.forget("g");
         assert_eq!(watch.unseen("g", 3, 0), (0, 0));
+        assert_eq!(watch.holdback("g", 3, 0), 0);
     }
 
     #[test]

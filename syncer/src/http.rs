@@ -418,7 +418,11 @@ async fn show_sale(
     let stored = db::load_sale(&state.mysql, &goods_id)
         .await?
         .ok_or_else(|| AppError::NotFound(format!("no sale is defined for goods {goods_id}")))?;
-    let live = preheat::live_stock(&state.redis, &state.keys, &goods_id).await?;
+    // MySQL's half is shown even while Redis is down (the goods is then sold in fallback).
+    let live = match preheat::live_stock(&state.redis, &state.keys, &goods_id).await {
+        Ok(live) => serde_json::json!(live),
+        Err(e) => serde_json::json!({ "error": e.to_string() }),
+    };
     Ok(Json(
         serde_json::json!({ "definition": stored, "live": live }),
     ))

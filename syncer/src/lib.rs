@@ -258,6 +258,7 @@ pub async fn serve(
         kafka: config.kafka.clone(),
         directory: directory.clone(),
         watch: routing.watch.clone(),
+        breaker: routing.breaker.clone(),
         fallback: config.fallback_rate > 0,
     };
     let token = shutdown.clone();

@@ -32,6 +32,9 @@ pub struct Recoverer {
     pub kafka: KafkaConfig,
     pub directory: Directory,
     pub watch: SeqWatch,
+    /// The deducter's breaker: a Redis that answers here closes it, so a goods re-seeded in
+    /// the second after the last failure is not moved back to MySQL for a breaker still open.
+    pub breaker: std::sync::Arc<fallback::Breaker>,
     /// Whether goods may move to MySQL (the fallback is on).
     pub fallback: bool,
 }
@@ -42,6 +45,7 @@ impl Recoverer {
             if !self.redis_answers().await {
                 return;
             }
+            self.breaker.success();
             self.return_to_redis().await;
             if self.fallback {
                 self.find_forgotten().await;

@@ -23,17 +23,43 @@ impl<'a> Admin<'a> {
         (starts_at_ms, ends_at_ms): (i64, i64),
         payment_window_s: u32,
     ) -> anyhow::Result<()> {
+        let window = (starts_at_ms, ends_at_ms);
+        self.define_sale_tier(
+            goods_id,
+            stock,
+            per_user_limit,
+            window,
+            payment_window_s,
+            None,
+        )
+        .await
+    }
+
+    /// Defines a sale decided by `tier` (`redis`, `db`, `dual_write`; None: the default).
+    pub async fn define_sale_tier(
+        &self,
+        goods_id: &str,
+        stock: u64,
+        per_user_limit: u32,
+        (starts_at_ms, ends_at_ms): (i64, i64),
+        payment_window_s: u32,
+        tier: Option<&str>,
+    ) -> anyhow::Result<()> {
+        let mut spec = json!({
+            "total_stock": stock,
+            "per_user_limit": per_user_limit,
+            "starts_at": rfc3339(starts_at_ms),
+            "ends_at": rfc3339(ends_at_ms),
+            "payment_window_s": payment_window_s,
+        });
+        if let Some(tier) = tier {
+            spec["tier"] = json!(tier);
+        }
         let response = self
             .http
             .put(format!("{}/admin/sales/{goods_id}", self.base))
             .header(seckill_api::SECRET_HEADER, SECRET)
-            .json(&json!({
-                "total_stock": stock,
-                "per_user_limit": per_user_limit,
-                "starts_at": rfc3339(starts_at_ms),
-                "ends_at": rfc3339(ends_at_ms),
-                "payment_window_s": payment_window_s,
-            }))
+            .json(&spec)
             .send()
             .await?;
         let status = response.status();
@@ -76,6 +102,15 @@ impl<'a> Admin<'a> {
             .await?
             .json()
             .await?)
+    }
+
+    /// Whether the goods is decided in MySQL right now (`definition.fallback` of
+    /// `GET /admin/sales/{goods}`); an error if the answer has no such field.
+    pub async fn fallback(&self, goods_id: &str) -> anyhow::Result<bool> {
+        let sale = self.sale(goods_id).await?;
+        sale["definition"]["fallback"]
+            .as_bool()
+            .ok_or_else(|| anyhow::anyhow!("no definition.fallback in {sale}"))
     }
 
     /// Confirms (`confirm`) or cancels (`cancel`) an order; returns the status and body.

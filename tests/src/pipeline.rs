@@ -42,8 +42,20 @@ impl Pipeline {
 
     /// Starts the fixture with extra environment for the HTTP service (say, a faster sweeper).
     pub async fn start_with(label: &str, env: &[(&str, &str)]) -> anyhow::Result<Pipeline> {
+        Self::start_custom(label, &[], env, &[]).await
+    }
+
+    /// Starts the fixture with extra arguments for redis-server (say
+    /// [`crate::redis_server::AOF_EVERYSEC`]), extra environment and extra command-line
+    /// arguments for the HTTP service (say `--fallback-rate 100`).
+    pub async fn start_custom(
+        label: &str,
+        redis_args: &[&str],
+        env: &[(&str, &str)],
+        serve_args: &[&str],
+    ) -> anyhow::Result<Pipeline> {
         let scratch = Scratch::new(&format!("seckill-{label}"))?;
-        let redis = RedisServer::start(&scratch.path).await?;
+        let redis = RedisServer::start_with(&scratch.path, redis_args).await?;
         let db = TestDatabase::create(label).await?;
         let broker = KafkaBroker::start(&scratch.path).await?;
         let prefix = format!("t{}", unique_suffix());
@@ -54,9 +66,9 @@ impl Pipeline {
             secret: SECRET,
             kafka: Some(&broker.bootstrap()),
         };
+        let serve = Role::Serve { pipeline: false };
         let api =
-            SyncerProcess::start_role(&scratch.path, &args, Role::Serve { pipeline: false }, env)
-                .await?;
+            SyncerProcess::start_role_with(&scratch.path, &args, serve, env, serve_args).await?;
         Ok(Pipeline {
             api,
             broker,

@@ -1,5 +1,7 @@
 //! A private redis-server on a free port, killed when dropped: without persistence (the
-//! default), with an AOF fsynced on every write, or as a replica of another.
+//! default), with an AOF fsynced on every write or once a second, or as a replica of another.
+//! A test can kill it, restart it from what it persisted, empty, or from an older copy of its
+//! data directory (an AOF whose tail was lost).
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -181,6 +183,38 @@ impl RedisServer {
         self.restart().await
     }
 
+    /// Its data directory (AOF directory, RDB), which a restart reads again.
+    pub fn data_dir(&self) -> &Path {
+        &self.data_dir
+    }
+
+    /// Copies what the server has persisted so far (its whole data directory: the AOF
+    /// directory with its manifest, base and increments) into `to`, which must not exist yet.
+    /// The server is frozen (SIGSTOP) while the files are copied, so the copy is one moment of
+    /// it: no command is half-written, no AOF rewrite swaps files under the copy. With
+    /// `appendfsync everysec` the copy is what a crash a moment later could leave on disk when
+    /// the last second's writes never reached it.
+    pub fn snapshot_data(&self, to: &Path) -> anyhow::Result<()> {
+        anyhow::ensure!(!to.exists(), "{} exists already", to.display());
+        self.pause()?;
+        let copied = copy_dir(&self.data_dir, to);
+        let resumed = self.resume();
+        copied.with_context(|| format!("copying {}", self.data_dir.display()))?;
+        resumed
+    }
+
+    /// Kills the server (SIGKILL), puts the data directory copied by
+    /// [`RedisServer::snapshot_data`] in place of its own and starts it again from it on the
+    /// same port: a Redis that came back having lost whatever it wrote after the copy (the
+    /// unsynced tail of an `everysec` AOF, an asynchronous replica promoted).
+    pub async fn restart_from(&mut self, snapshot: &Path) -> anyhow::Result<()> {
+        self.process.kill();
+        std::fs::remove_dir_all(&self.data_dir)?;
+        copy_dir(snapshot, &self.data_dir)
+            .with_context(|| format!("restoring {}", snapshot.display()))?;
+        self.restart().await
+    }
+
     /// Freezes the server (SIGSTOP) as a stalled host would: connections stay open and
     /// commands queue up unanswered until [`RedisServer::resume`].
     pub fn pause(&self) -> anyhow::Result<()> {
@@ -200,4 +234,19 @@ impl RedisServer {
         anyhow::ensure!(status.success(), "kill -{name} {pid} failed");
         Ok(())
     }
+}
+
+/// Copies the directory `from` (files and subdirectories) to `to`, creating it.
+fn copy_dir(from: &Path, to: &Path) -> anyhow::Result<()> {
+    std::fs::create_dir_all(to)?;
+    for entry in std::fs::read_dir(from)? {
+        let entry = entry?;
+        let target = to.join(entry.file_name());
+        if entry.file_type()?.is_dir() {
+            copy_dir(&entry.path(), &target)?;
+        } else {
+            std::fs::copy(entry.path(), &target)?;
+        }
+    }
+    Ok(())
 }

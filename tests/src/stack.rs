@@ -47,6 +47,10 @@ pub struct StackOptions {
     pub pipeline: bool,
     /// Extra environment for the syncer (say `SECKILL_CLAIM_WINDOW_MS`).
     pub syncer_env: Vec<(&'static str, String)>,
+    /// Extra command-line arguments for the syncer's `serve` (say `--fallback-rate 100`).
+    pub syncer_args: Vec<String>,
+    /// Extra arguments for the private redis-server (say [`crate::redis_server::AOF_ALWAYS`]).
+    pub redis_args: Vec<&'static str>,
     /// Envoy's route timeout for the shop, in ms.
     pub shop_timeout_ms: u64,
 }
@@ -61,6 +65,8 @@ impl StackOptions {
             kept_database: None,
             pipeline: false,
             syncer_env: Vec::new(),
+            syncer_args: Vec::new(),
+            redis_args: Vec::new(),
             shop_timeout_ms: 5_000,
         }
     }
@@ -88,13 +94,15 @@ pub struct BuyResult {
     /// The `x-seckill-outcome` response header (what the gate decided).
     pub outcome: String,
     pub retry_after: Option<String>,
+    /// The `x-seckill-order-id` response header (a winner's order id).
+    pub order_id: Option<String>,
     pub body: Value,
 }
 
 impl Stack {
     pub async fn start(options: StackOptions) -> anyhow::Result<Stack> {
         let scratch = Scratch::new(&format!("seckill-{}", options.label))?;
-        let redis = RedisServer::start(&scratch.path).await?;
+        let redis = RedisServer::start_with(&scratch.path, &options.redis_args).await?;
         let db = match &options.kept_database {
             Some(name) => TestDatabase::create_named(name, true).await?,
             None => TestDatabase::create(&options.label).await?,
@@ -124,7 +132,8 @@ impl Stack {
                 .iter()
                 .map(|(k, v)| (*k, v.as_str()))
                 .collect();
-            Some(SyncerProcess::start_role(&scratch.path, &args, role, &env).await?)
+            let cli: Vec<&str> = options.syncer_args.iter().map(String::as_str).collect();
+            Some(SyncerProcess::start_role_with(&scratch.path, &args, role, &env, &cli).await?)
         };
         let syncer_port = match &syncer {
             Some(s) => s.port,
@@ -253,6 +262,38 @@ impl Stack {
         send(request).await
     }
 
+    /// A `seckill-syncer` command line for `subcommand` against this stack's stores (and its
+    /// broker, if it runs one).
+    pub fn command(&self, subcommand: &str) -> anyhow::Result<std::process::Command> {
+        let mut command = std::process::Command::new(crate::syncer::syncer_binary()?);
+        command
+            .arg(subcommand)
+            .args(["--redis-url", &self.redis.url()])
+            .args(["--mysql-url", &self.db.url()])
+            .args(["--key-prefix", &self.key_prefix]);
+        if let Some(broker) = &self.broker {
+            command.args(["--kafka-brokers", &broker.bootstrap()]);
+        }
+        Ok(command)
+    }
+
+    /// Runs `seckill-syncer reconcile --json`; returns its exit code and report.
+    pub fn reconcile(&self, extra: &[&str]) -> anyhow::Result<(i32, Value)> {
+        let output = self
+            .command("reconcile")?
+            .arg("--json")
+            .args(extra)
+            .output()?;
+        let code = output.status.code().unwrap_or(-1);
+        let report = serde_json::from_slice(&output.stdout).with_context(|| {
+            format!(
+                "reconcile printed no report (exit {code}): {}",
+                String::from_utf8_lossy(&output.stderr)
+            )
+        })?;
+        Ok((code, report))
+    }
+
     /// Raw Redis access for assertions (XLEN, HGETALL, ...).
     pub async fn redis(&self) -> anyhow::Result<redis::aio::MultiplexedConnection> {
         self.redis.connection().await
@@ -307,12 +348,14 @@ pub async fn send(request: reqwest::RequestBuilder) -> anyhow::Result<BuyResult>
     };
     let outcome = header("x-seckill-outcome").unwrap_or_default();
     let retry_after = header("retry-after");
+    let order_id = header(seckill_api::ORDER_ID_HEADER);
     let text = response.text().await?;
     let body = serde_json::from_str(&text).unwrap_or(Value::String(text));
     Ok(BuyResult {
         status,
         outcome,
         retry_after,
+        order_id,
         body,
     })
 }

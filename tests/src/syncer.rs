@@ -53,10 +53,22 @@ impl SyncerProcess {
         role: Role,
         env: &[(&str, &str)],
     ) -> anyhow::Result<Self> {
+        Self::start_role_with(dir, args, role, env, &[]).await
+    }
+
+    /// Starts `role` with extra environment and extra command-line arguments after the
+    /// harness's own (say `--fallback-rate 100`).
+    pub async fn start_role_with(
+        dir: &Path,
+        args: &SyncerArgs<'_>,
+        role: Role,
+        env: &[(&str, &str)],
+        cli: &[&str],
+    ) -> anyhow::Result<Self> {
         let binary = syncer_binary()?;
         let mut last_error = None;
         for _ in 0..3 {
-            match Self::try_start(&binary, dir, args, &role, env).await {
+            match Self::try_start(&binary, dir, args, &role, env, cli).await {
                 Ok(syncer) => return Ok(syncer),
                 Err(e) => last_error = Some(e),
             }
@@ -73,7 +85,7 @@ impl SyncerProcess {
     ) -> anyhow::Result<(std::process::ExitStatus, String)> {
         let port = free_port()?;
         let role = Role::Serve { pipeline: false };
-        let (command, name, _) = Self::command(&syncer_binary()?, args, &role, env, port)?;
+        let (command, name, _) = Self::command(&syncer_binary()?, args, &role, env, &[], port)?;
         let log = dir.join(format!("syncer-{name}-{port}-refused.log"));
         let mut process = ChildGuard::spawn("seckill-syncer", command, &log)?;
         let health = format!("http://127.0.0.1:{port}/healthz");
@@ -99,13 +111,14 @@ impl SyncerProcess {
         Ok((status, std::fs::read_to_string(&log)?))
     }
 
-    /// The command line of `role` listening (or serving metrics) on `port`; with its name
-    /// and the path that answers once it is ready.
+    /// The command line of `role` listening (or serving metrics) on `port`, with `cli` after
+    /// the harness's arguments; with its name and the path that answers once it is ready.
     fn command(
         binary: &Path,
         args: &SyncerArgs<'_>,
         role: &Role,
         env: &[(&str, &str)],
+        cli: &[&str],
         port: u16,
     ) -> anyhow::Result<(Command, &'static str, &'static str)> {
         let mut command = Command::new(binary);
@@ -153,6 +166,7 @@ impl SyncerProcess {
             None if needs_kafka => anyhow::bail!("{name} needs a Kafka broker"),
             None => {}
         }
+        command.args(cli);
         for (key, value) in env {
             command.env(key, value);
         }
@@ -165,9 +179,10 @@ impl SyncerProcess {
         args: &SyncerArgs<'_>,
         role: &Role,
         env: &[(&str, &str)],
+        cli: &[&str],
     ) -> anyhow::Result<Self> {
         let port = free_port()?;
-        let (command, name, ready_path) = Self::command(binary, args, role, env, port)?;
+        let (command, name, ready_path) = Self::command(binary, args, role, env, cli, port)?;
         let log = dir.join(format!("syncer-{name}-{port}.log"));
         let mut process = ChildGuard::spawn("seckill-syncer", command, &log)?;
         let ready = format!("http://127.0.0.1:{port}{ready_path}");
@@ -277,11 +292,32 @@ pub fn sum_metric(text: &str, family: &str) -> u64 {
         .sum()
 }
 
+/// One sample of a metric, named with its labels as the exposition writes them (say
+/// `seckill_fallback_decisions_total{outcome="won"}`); 0 if absent.
+pub fn metric_sample(text: &str, sample: &str) -> u64 {
+    text.lines()
+        .filter(|line| !line.starts_with('#'))
+        .find_map(|line| {
+            let value = line.strip_prefix(sample)?.strip_prefix(' ')?;
+            value.trim().parse::<f64>().ok()
+        })
+        .map_or(0, |v| v as u64)
+}
+
 #[cfg(test)]
 mod tests {
     #[test]
     fn sums_a_counter_family() {
         let text = "# TYPE x counter\nx{a=\"1\"} 3\nx{a=\"2\"} 4\nxy 100\nx 1\n";
         assert_eq!(super::sum_metric(text, "x"), 8);
+    }
+
+    #[test]
+    fn reads_one_sample() {
+        let text = "# TYPE x counter\nx{a=\"1\"} 3\nx{a=\"12\"} 4\nx 1\n";
+        assert_eq!(super::metric_sample(text, "x{a=\"1\"}"), 3);
+        assert_eq!(super::metric_sample(text, "x{a=\"12\"}"), 4);
+        assert_eq!(super::metric_sample(text, "x"), 1);
+        assert_eq!(super::metric_sample(text, "x{a=\"2\"}"), 0);
     }
 }

@@ -70,6 +70,7 @@ impl Fixture {
             starts_at: now - TimeDelta::hours(1),
             ends_at: now + TimeDelta::hours(1),
             payment_window_s,
+            tier: Default::default(),
         };
         let sale = Sale::new(goods, spec).unwrap();
         seckill_syncer::db::save_sale(&self.mysql, &sale)

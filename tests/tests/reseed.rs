@@ -72,7 +72,11 @@ async fn settle_ok(p: &Pipeline, order: &str, action: &str, state: &str) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_goods_redis_forgot_is_reseeded_from_mysql() {
-    let mut p = Pipeline::start("reseed").await.expect("the fixture starts");
+    // The operator's re-seed: no MySQL fallback, so nothing re-seeds on its own
+    // (redis_forgets.rs covers the automatic path).
+    let mut p = Pipeline::start_with("reseed", &[("SECKILL_FALLBACK_RATE", "0")])
+        .await
+        .expect("the fixture starts");
     let (_relay, _writer) = p.spawn_relay_and_writer(100, 20).await.unwrap();
     p.open_sale("g", STOCK as u64, 1).await.unwrap();
     let p_shared = Arc::new(p);
@@ -106,9 +110,10 @@ async fn a_goods_redis_forgot_is_reseeded_from_mysql() {
 
     p.redis.restart_empty().await.unwrap();
     p.api.wait_healthy(DRAIN).await.unwrap();
+    // A Redis without the goods MySQL loaded into it forgot: nothing is sold from it.
     assert_eq!(
-        deduct_outcome(&p, "g", "early", "early").await["outcome"],
-        "unknown_goods"
+        deduct_outcome(&p, "g", "early", "early").await["error"],
+        "unavailable"
     );
 
     let (ok, printed) = reseed(&p, "g");
@@ -190,7 +195,7 @@ async fn a_goods_redis_forgot_is_reseeded_from_mysql() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_reseed_waits_for_the_writer_and_an_empty_outbox() {
-    let mut p = Pipeline::start("reseed-drain")
+    let mut p = Pipeline::start_with("reseed-drain", &[("SECKILL_FALLBACK_RATE", "0")])
         .await
         .expect("the fixture starts");
     let (_relay, mut writer) = p.spawn_relay_and_writer(100, 20).await.unwrap();
