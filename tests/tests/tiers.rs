@@ -358,17 +358,22 @@ async fn sale_through_envoy(tier: Tier) {
     let short = format!("{}-short", tier.name().replace('_', "-"));
     let goods = goods.as_str();
     let short = short.as_str();
-    define(&stack, goods, tier, STOCK, LIMIT, 900).await;
-    // A second goods whose reservations expire after a second.
-    define(&stack, short, tier, 3, 1, 1).await;
-
-    // Defined but not preheated: unknown, like a redis goods.
-    let (status, reply) = deduct_direct(&stack, goods, "early", "early-r0").await;
+    // Defined but not preheated: unknown, like a redis goods (a goods of its own: asking about
+    // it makes the syncer look its sales up again, which must not be what makes the goods
+    // below work).
+    let early = format!("{}-early", tier.name().replace('_', "-"));
+    define(&stack, &early, tier, 1, 1, 900).await;
+    let (status, reply) = deduct_direct(&stack, &early, "early", "early-r0").await;
     assert_eq!(
         (status, reply["outcome"].as_str()),
         (200, Some("unknown_goods")),
         "{reply}"
     );
+    // The goods under test are defined, preheated and on sale at once, as an operator opens
+    // a sale: the syncer must decide them by their tier from the first attempt.
+    define(&stack, goods, tier, STOCK, LIMIT, 900).await;
+    // A second goods whose reservations expire after a second.
+    define(&stack, short, tier, 3, 1, 1).await;
     for g in [goods, short] {
         let preheated = stack.preheat(g, false).await.unwrap();
         assert!(
