@@ -274,7 +274,7 @@ async fn decide_group(
         decide_in_redis(batching, conn, &goods_id, delivery, group, None).await;
         return;
     };
-    let route = routing.directory.route(&goods_id);
+    let route = routing.directory.lookup(&goods_id).await;
     match route {
         Some(route) if route.in_mysql() => {
             let rated = route.tier != Tier::Db;
@@ -698,7 +698,8 @@ fn parse_reply(
         outcome,
         order_id,
         remaining: u64::try_from(remaining).ok(),
-        retry_after_ms: (outcome == Outcome::NotStarted).then_some(retry_after_ms.max(0) as u64),
+        retry_after_ms: matches!(outcome, Outcome::NotStarted | Outcome::FleetRateLimited)
+            .then_some(retry_after_ms.max(0) as u64),
         reason: (outcome == Outcome::Released && !reason.is_empty()).then_some(reason),
     })
 }

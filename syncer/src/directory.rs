@@ -15,9 +15,25 @@ use tokio_util::sync::CancellationToken;
 use crate::sale::Tier;
 
 pub const REFRESH_EVERY: Duration = Duration::from_millis(500);
+/// How long a goods MySQL does not have is taken as unknown before it is looked up again:
+/// junk goods ids cost one primary-key lookup per this long each.
+const MISS_TTL: Duration = Duration::from_millis(500);
+const MISSES_MAX: usize = 10_000;
 const REFRESH_MIN_GAP: Duration = Duration::from_millis(100);
 /// Sales read per refresh at most: those not ended more than a day ago.
 const SALES_MAX: i64 = 100_000;
+
+fn route_of(row: &sqlx::mysql::MySqlRow) -> sqlx::Result<Route> {
+    let tier: String = row.try_get("tier")?;
+    let mode: String = row.try_get("mode")?;
+    Ok(Route {
+        tier: Tier::parse(&tier).unwrap_or_default(),
+        mode: Mode::parse(&mode),
+        loaded_epoch: row.try_get("loaded_epoch")?,
+        epoch: row.try_get("epoch")?,
+        per_user_limit: row.try_get("per_user_limit")?,
+    })
+}
 
 /// Who decides a redis or dual_write goods.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -73,6 +89,8 @@ struct Inner {
 #[derive(Clone)]
 pub struct Directory {
     inner: Arc<RwLock<Inner>>,
+    /// Goods looked up and not found, and when.
+    misses: Arc<std::sync::Mutex<HashMap<String, Instant>>>,
     mysql: MySqlPool,
     /// Serialises refreshes, so a burst of stale answers costs one query.
     refreshing: Arc<tokio::sync::Mutex<()>>,
@@ -86,6 +104,7 @@ impl Directory {
                 routes: HashMap::new(),
                 refreshed: None,
             })),
+            misses: Arc::new(std::sync::Mutex::new(HashMap::new())),
             mysql,
             refreshing: Arc::new(tokio::sync::Mutex::new(())),
         }
@@ -96,6 +115,55 @@ impl Directory {
     pub fn route(&self, goods_id: &str) -> Option<Route> {
         let inner = self.inner.read().unwrap_or_else(|e| e.into_inner());
         inner.routes.get(goods_id).copied()
+    }
+
+    /// The route of a goods, looking it up in MySQL if the last refresh did not know it (a
+    /// sale defined or preheated since, through any syncer): a goods must not be decided by
+    /// the wrong store, or as unknown, for the length of a refresh.
+    pub async fn lookup(&self, goods_id: &str) -> Option<Route> {
+        if let Some(route) = self.route(goods_id) {
+            return Some(route);
+        }
+        {
+            let misses = self.misses.lock().unwrap_or_else(|e| e.into_inner());
+            if misses
+                .get(goods_id)
+                .is_some_and(|at| at.elapsed() < MISS_TTL)
+            {
+                return None;
+            }
+        }
+        let row = sqlx::query(
+            "SELECT tier, mode, loaded_epoch, epoch, per_user_limit FROM sales WHERE goods_id = ?",
+        )
+        .bind(goods_id)
+        .fetch_optional(&self.mysql)
+        .await;
+        match row {
+            Ok(Some(row)) => match route_of(&row) {
+                Ok(route) => {
+                    let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+                    inner.routes.insert(goods_id.to_owned(), route);
+                    Some(route)
+                }
+                Err(e) => {
+                    tracing::warn!(goods_id, error = %e, "unreadable sale row");
+                    None
+                }
+            },
+            Ok(None) => {
+                let mut misses = self.misses.lock().unwrap_or_else(|e| e.into_inner());
+                if misses.len() >= MISSES_MAX {
+                    misses.clear();
+                }
+                misses.insert(goods_id.to_owned(), Instant::now());
+                None
+            }
+            Err(e) => {
+                tracing::warn!(goods_id, error = %e, "could not look the goods up in MySQL");
+                None
+            }
+        }
     }
 
     /// Goods MySQL decides now (db tier, fallback).
@@ -143,18 +211,7 @@ impl Directory {
         .await?;
         let mut routes = HashMap::with_capacity(rows.len());
         for row in rows {
-            let tier: String = row.try_get("tier")?;
-            let mode: String = row.try_get("mode")?;
-            routes.insert(
-                row.try_get("goods_id")?,
-                Route {
-                    tier: Tier::parse(&tier).unwrap_or_default(),
-                    mode: Mode::parse(&mode),
-                    loaded_epoch: row.try_get("loaded_epoch")?,
-                    epoch: row.try_get("epoch")?,
-                    per_user_limit: row.try_get("per_user_limit")?,
-                },
-            );
+            routes.insert(row.try_get("goods_id")?, route_of(&row)?);
         }
         let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
         inner.routes = routes;

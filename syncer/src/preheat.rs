@@ -97,6 +97,10 @@ pub async fn preheat(
         .arg(if force { "1" } else { "0" })
         .arg(u64::from(sale.payment_window_s) * 1000)
         .arg(epoch);
+    let (interval, tolerance) = sale.fleet_rate.map_or((0.0, 0.0), |r| r.gcra_ms());
+    invocation
+        .arg(interval.to_string())
+        .arg(tolerance.to_string());
     let (status, value): (String, i64) = bounded(invocation.invoke_async(&mut conn)).await?;
     match status.as_str() {
         "loaded" => {
