@@ -33,6 +33,7 @@ const DRAIN: Duration = Duration::from_secs(120);
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Tier {
+    Redis,
     Db,
     DualWrite,
 }
@@ -40,6 +41,7 @@ enum Tier {
 impl Tier {
     fn name(self) -> &'static str {
         match self {
+            Tier::Redis => "redis",
             Tier::Db => "db",
             Tier::DualWrite => "dual_write",
         }
@@ -825,4 +827,47 @@ async fn a_db_sale_through_envoy() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_dual_write_sale_through_envoy() {
     sale_through_envoy(Tier::DualWrite).await;
+}
+
+/// A goods first defined as `redis` and asked about (so the syncer has looked it up and knows
+/// it as a redis goods), then redefined as `tier` before it was ever preheated, preheated, and
+/// bought at once: decided by its new tier from the first attempt, exactly as a goods defined
+/// so from the start.
+async fn redefined_then_sold(tier: Tier) {
+    let stack = start(&format!("redef-{}", tier.name().replace('_', ""))).await;
+    let goods = format!("{}-redef", tier.name().replace('_', "-"));
+    let goods = goods.as_str();
+    define(&stack, goods, Tier::Redis, 10, 1, 900).await;
+    let (status, reply) = deduct_direct(&stack, goods, "early", "early-r0").await;
+    assert_eq!(
+        (status, reply["outcome"].as_str()),
+        (200, Some("unknown_goods")),
+        "{reply}"
+    );
+    define(&stack, goods, tier, 10, 1, 900).await;
+    stack.preheat(goods, false).await.unwrap();
+    let buyers: Vec<(String, String)> = (0..6)
+        .map(|i| (format!("{goods}-u{i}"), format!("{goods}-u{i}-r0")))
+        .collect();
+    let answers = buy_all(&stack, goods, &buyers).await;
+    for a in &answers {
+        assert_eq!((a.status, a.outcome.as_str()), (200, "won"), "{a:?}");
+    }
+    assert_rows_at_receipt(&stack);
+    let rows = order_rows(&stack, goods).await;
+    assert_eq!(rows.len(), buyers.len(), "a row per winner: {rows:?}");
+    if tier == Tier::Db {
+        assert_nothing_in_redis(&stack, goods).await;
+    }
+    assert_counters(&stack, goods, tier, (4, 6, 0, 0, 10)).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_goods_redefined_as_db_is_decided_by_mysql_from_its_first_attempt() {
+    redefined_then_sold(Tier::Db).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_goods_redefined_as_dual_write_writes_its_rows_from_its_first_sale() {
+    redefined_then_sold(Tier::DualWrite).await;
 }
