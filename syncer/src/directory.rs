@@ -20,7 +20,7 @@ pub const REFRESH_EVERY: Duration = Duration::from_millis(500);
 const MISS_TTL: Duration = Duration::from_millis(500);
 const MISSES_MAX: usize = 10_000;
 /// A goods is looked up again (its route found stale) at most this often.
-const RELOAD_MIN_GAP: Duration = Duration::from_millis(50);
+const RELOAD_MIN_GAP: Duration = Duration::from_millis(20);
 const REFRESH_MIN_GAP: Duration = Duration::from_millis(100);
 /// Sales read per refresh at most: those not ended more than a day ago.
 const SALES_MAX: i64 = 100_000;
@@ -196,6 +196,21 @@ impl Directory {
             .unwrap_or_else(|e| e.into_inner())
             .remove(goods_id);
         self.lookup(goods_id).await
+    }
+
+    /// Forgets what this directory knows of a goods (this process changed it): its next
+    /// attempt looks it up.
+    pub fn forget(&self, goods_id: &str) {
+        self.inner
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .routes
+            .remove(goods_id);
+        for map in [&self.misses, &self.reloads] {
+            map.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(goods_id);
+        }
     }
 
     /// Goods MySQL decides now (db tier, fallback).

@@ -117,7 +117,8 @@ pub async fn preheat(
     let (interval, tolerance) = sale.fleet_rate.map_or((0.0, 0.0), |r| r.gcra_ms());
     invocation
         .arg(interval.to_string())
-        .arg(tolerance.to_string());
+        .arg(tolerance.to_string())
+        .arg(sale.tier.as_str());
     let (status, value): (String, i64) = bounded(invocation.invoke_async(&mut conn)).await?;
     match status.as_str() {
         "loaded" => {
