@@ -2,8 +2,9 @@
 # Runs every benchmark of the project in one run and rewrites their sections of BENCHMARKS.md:
 # the edge against Envoy's baselines (seckill-bench), the sync pipeline (seckill-bench-sync),
 # the deduct endpoint against redis-benchmark and an end-to-end sale with its chart
-# (seckill-bench-sale, which draws docs/sale.svg), and what each Redis durability setting costs
-# a hot goods (seckill-bench-durability). About 10 minutes on 2 cores.
+# (seckill-bench-sale, which draws docs/sale.svg), what each Redis durability setting costs
+# a hot goods (seckill-bench-durability), and the db tier against one MySQL transaction per
+# attempt (seckill-bench-tier). About 13 minutes on 2 cores.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -14,3 +15,4 @@ target/release/seckill-bench
 target/release/seckill-bench-sync
 target/release/seckill-bench-sale
 target/release/seckill-bench-durability
+target/release/seckill-bench-tier

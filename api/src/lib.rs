@@ -162,10 +162,13 @@ pub enum Outcome {
     Released,
     /// This request id won an order that has since been paid: the purchase is complete.
     Confirmed,
+    /// Over the goods' fleet-wide attempt rate (counted in Redis for every gate at once):
+    /// nothing was decided; retry after `retry_after_ms`.
+    FleetRateLimited,
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 10] = [
+    pub const ALL: [Outcome; 11] = [
         Outcome::Won,
         Outcome::SoldOut,
         Outcome::LimitReached,
@@ -176,6 +179,7 @@ impl Outcome {
         Outcome::RequestIdConflict,
         Outcome::Released,
         Outcome::Confirmed,
+        Outcome::FleetRateLimited,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -190,6 +194,7 @@ impl Outcome {
             Outcome::RequestIdConflict => "request_id_conflict",
             Outcome::Released => "released",
             Outcome::Confirmed => "confirmed",
+            Outcome::FleetRateLimited => "fleet_rate_limited",
         }
     }
 
@@ -205,6 +210,7 @@ impl Outcome {
             Outcome::RequestIdConflict | Outcome::Released | Outcome::Confirmed => 409,
             Outcome::NotStarted | Outcome::Ended => 403,
             Outcome::UnknownGoods => 404,
+            Outcome::FleetRateLimited => 429,
         }
     }
 }

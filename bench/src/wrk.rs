@@ -44,6 +44,29 @@ request = function()
 end
 "#;
 
+/// A wrk script for the syncer's batch deduct endpoint (what the filter calls): one attempt per
+/// call on goods `GOODS`, a new buyer and request id each call.
+const DEDUCT_BATCH_SCRIPT: &str = r#"
+wrk.method = "POST"
+wrk.headers["content-type"] = "application/json"
+wrk.headers["x-seckill-secret"] = "SECRET"
+math.randomseed(os.time())
+counter = 0
+request = function()
+  counter = counter + 1
+  local id = math.random(1, 1000000000) .. "-" .. counter
+  local body = '{"attempts":[{"goods_id":"GOODS","user_id":"u' .. id .. '","quantity":1,"request_id":"r' .. id .. '"}]}'
+  return wrk.format(nil, nil, nil, body)
+end
+"#;
+
+/// [`DEDUCT_BATCH_SCRIPT`] for `goods` (an id: no quotes to escape) with the shared secret.
+pub fn deduct_batch_script(goods: &str, secret: &str) -> String {
+    DEDUCT_BATCH_SCRIPT
+        .replace("SECRET", secret)
+        .replace("GOODS", goods)
+}
+
 /// [`DEDUCT_SCRIPT`] for `goods` (an id: no quotes to escape) with the shared secret.
 pub fn deduct_script(goods: &str, secret: &str) -> String {
     DEDUCT_SCRIPT

@@ -43,7 +43,7 @@ pub enum GateOutcome {
 }
 
 impl GateOutcome {
-    pub const ALL: [GateOutcome; 15] = [
+    pub const ALL: [GateOutcome; 16] = [
         GateOutcome::Decided(Outcome::Won),
         GateOutcome::Decided(Outcome::SoldOut),
         GateOutcome::Decided(Outcome::LimitReached),
@@ -54,6 +54,7 @@ impl GateOutcome {
         GateOutcome::Decided(Outcome::RequestIdConflict),
         GateOutcome::Decided(Outcome::Released),
         GateOutcome::Decided(Outcome::Confirmed),
+        GateOutcome::Decided(Outcome::FleetRateLimited),
         GateOutcome::RateLimited,
         GateOutcome::BadRequest,
         GateOutcome::MethodNotAllowed,
@@ -298,6 +299,12 @@ fn human_message(reply: &DeductReply) -> String {
             ),
             None => "the order this request id won was released; it is no longer valid. A new purchase needs a new request id".to_string(),
         },
+        Outcome::FleetRateLimited => match reply.retry_after_ms {
+            Some(ms) => format!(
+                "too many purchase attempts for this goods across the gates right now; retry after {ms} ms"
+            ),
+            None => "too many purchase attempts for this goods across the gates right now".to_string(),
+        },
         Outcome::Confirmed => {
             "the order this request id won is already paid; this purchase is complete"
                 .to_string()
@@ -308,7 +315,7 @@ fn human_message(reply: &DeductReply) -> String {
 /// The local reply for an outcome the stock service decided against the buyer.
 fn decided(goods_id: &str, reply: &DeductReply) -> LocalReply {
     let retry_after_ms = match reply.outcome {
-        Outcome::NotStarted => reply.retry_after_ms,
+        Outcome::NotStarted | Outcome::FleetRateLimited => reply.retry_after_ms,
         _ => None,
     };
     let names_order = matches!(reply.outcome, Outcome::Released | Outcome::Confirmed);
@@ -612,6 +619,7 @@ mod tests {
                 "request_id_conflict",
                 "released",
                 "confirmed",
+                "fleet_rate_limited",
                 "rate_limited",
                 "bad_request",
                 "method_not_allowed",
@@ -748,6 +756,7 @@ mod tests {
             (Outcome::NotStarted, 403),
             (Outcome::Ended, 403),
             (Outcome::UnknownGoods, 404),
+            (Outcome::FleetRateLimited, 429),
         ];
         for (outcome, status) in expected {
             let (r, _) = answer(verdict(&p, reply(outcome)));
@@ -759,6 +768,18 @@ mod tests {
             assert!(b["message"].as_str().is_some_and(|m| !m.is_empty()));
             assert!(b.get("remaining").is_none());
         }
+    }
+
+    #[test]
+    fn the_fleet_rate_says_when_to_come_back() {
+        let p = purchase();
+        let mut limited = reply(Outcome::FleetRateLimited);
+        limited.retry_after_ms = Some(1_200);
+        let (r, cached) = answer(verdict(&p, limited));
+        assert_eq!(r.status, 429);
+        assert!(!cached, "a rate is not a sold-out");
+        assert_eq!(header(&r, "retry-after"), Some("2"));
+        assert_eq!(body(&r)["retry_after_ms"], 1200);
     }
 
     #[test]

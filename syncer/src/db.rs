@@ -6,7 +6,7 @@ use chrono::{DateTime, NaiveDateTime, Utc};
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions, MySqlRow};
 use sqlx::{MySql, Row, Transaction};
 
-use crate::sale::{Sale, Tier};
+use crate::sale::{FleetRate, Sale, Tier};
 
 /// How long to wait for a connection from the pool before giving up on a request.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -162,10 +162,11 @@ pub async fn save_sale(pool: &MySqlPool, sale: &Sale) -> Result<Saved, SaleRowEr
     // deprecates (8.0.20), or with a row alias, which MariaDB lacks: one text for both.
     let mut query = sqlx::query(
         "INSERT INTO sales (goods_id, total_stock, stock, per_user_limit, starts_at, ends_at,
-           payment_window_s, tier)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?)
+           payment_window_s, tier, fleet_rate_per_s, fleet_burst)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
          ON DUPLICATE KEY UPDATE total_stock = ?, stock = ?, per_user_limit = ?,
            starts_at = ?, ends_at = ?, payment_window_s = ?, tier = ?,
+           fleet_rate_per_s = ?, fleet_burst = ?,
            reserved = 0, sold = 0, lapsed = 0, round_epoch = epoch, mode = 'redis',
            holdback = 0",
     )
@@ -179,7 +180,9 @@ pub async fn save_sale(pool: &MySqlPool, sale: &Sale) -> Result<Saved, SaleRowEr
             .bind(sale.starts_at.naive_utc())
             .bind(sale.ends_at.naive_utc())
             .bind(sale.payment_window_s)
-            .bind(sale.tier.as_str());
+            .bind(sale.tier.as_str())
+            .bind(sale.fleet_rate.map(|r| r.per_second))
+            .bind(sale.fleet_rate.map(|r| r.burst));
     }
     let result = query.execute(&mut *tx).await?;
     tx.commit().await?;
@@ -205,7 +208,7 @@ async fn lock_sale(
 ) -> sqlx::Result<Option<LockedSale>> {
     let row = sqlx::query(
         "SELECT goods_id, total_stock, per_user_limit, starts_at, ends_at, payment_window_s, tier,
-           CAST(total_stock AS SIGNED) - stock AS taken, reserved, sold, lapsed,
+           fleet_rate_per_s, fleet_burst, CAST(total_stock AS SIGNED) - stock AS taken, reserved, sold, lapsed,
            epoch, round_epoch
          FROM sales WHERE goods_id = ? FOR UPDATE",
     )
@@ -260,6 +263,13 @@ pub(crate) fn sale_of(row: &MySqlRow) -> sqlx::Result<Sale> {
                 source: format!("unknown tier {tier:?}").into(),
             })?
         },
+        fleet_rate: match (
+            row.try_get::<Option<u32>, _>("fleet_rate_per_s")?,
+            row.try_get::<Option<u32>, _>("fleet_burst")?,
+        ) {
+            (Some(per_second), Some(burst)) => Some(FleetRate { per_second, burst }),
+            _ => None,
+        },
     })
 }
 
@@ -289,7 +299,7 @@ pub struct StoredSale {
 pub async fn load_sale(pool: &MySqlPool, goods_id: &str) -> sqlx::Result<Option<StoredSale>> {
     let row = sqlx::query(
         "SELECT goods_id, total_stock, stock, per_user_limit, starts_at, ends_at, payment_window_s,
-           tier, mode, holdback, reserved, sold, lapsed, epoch,
+           tier, fleet_rate_per_s, fleet_burst, mode, holdback, reserved, sold, lapsed, epoch,
            (SELECT COUNT(*) FROM orders WHERE orders.goods_id = sales.goods_id) AS orders
          FROM sales WHERE goods_id = ?",
     )

@@ -301,11 +301,11 @@ async fn decide_group(
     else {
         return;
     };
-    // Redis does not know the goods and the directory did not either: a sale preheated since
-    // the last refresh. Refreshed, the directory may say Redis should have it (then Redis
-    // forgot, and the script says so); once, so junk goods ids cost one refresh per batch.
-    routing.directory.refresh_soon().await;
-    let route = routing.directory.route(&goods_id);
+    // Redis does not know a goods the directory knows as never loaded: a sale preheated (or
+    // redefined, say as db) since the last refresh. Looked up again, the directory may say
+    // MySQL decides it, or that Redis should have it (then Redis forgot, and the script says
+    // so). Once per batch, and a goods is looked up at most every 50 ms.
+    let route = routing.directory.reload(&goods_id).await;
     match route {
         Some(r) if r.loaded_epoch > 0 || r.in_mysql() => {
             Box::pin(decide_group(batching, conn, goods_id, delivery, group)).await;
@@ -415,8 +415,9 @@ async fn decide_in_mysql(
         ),
         Err(crate::db_decide::DbDecideError::TooLate) => answer_all(group, &DeductError::TooLate),
         Err(crate::db_decide::DbDecideError::NotDecidedHere(..)) => {
-            // The directory was behind: Redis decides this goods again (or will in a moment).
-            routing.directory.refresh_soon().await;
+            // The directory was behind (the goods was redefined, or is back in Redis): the
+            // next attempt goes where MySQL says.
+            routing.directory.reload(goods_id).await;
             answer_all(group, &DeductError::Switching)
         }
         Err(e) => answer_all(group, &DeductError::Mysql(e.to_string())),
@@ -541,7 +542,7 @@ async fn decide_in_redis(
     let new_orders: Vec<(u64, u64, u64)> = group
         .iter()
         .zip(&replies)
-        .filter(|(_, r)| r.0 == "won" && r.4 == "new")
+        .filter(|(_, r)| r.0 == "won" && (r.4 == "new" || r.4 == "new_dw"))
         .filter_map(|(a, r)| {
             crate::keys::order_parts(&r.1).map(|(_, e, s)| (e, s, u64::from(a.request.quantity)))
         })
@@ -572,7 +573,7 @@ async fn decide_in_redis(
             }
             let forgot = DeductError::Forgot(goods_id.to_owned());
             for (attempt, reply) in group.into_iter().zip(replies) {
-                let answer = if reply.0 == "won" && reply.4 == "new" {
+                let answer = if reply.0 == "won" && (reply.4 == "new" || reply.4 == "new_dw") {
                     Err(forgot.clone())
                 } else {
                     parse_reply(reply)
@@ -581,7 +582,10 @@ async fn decide_in_redis(
             }
             return None;
         }
-        if route.is_some_and(|r| r.tier == Tier::DualWrite) {
+        // The script marks a dual_write sale's wins (the tier travels with the sale in Redis):
+        // a directory that has not seen the sale's tier yet cannot skip its rows.
+        let marked = replies.iter().any(|r| r.4 == "new_dw" || r.4 == "dw");
+        if marked || route.is_some_and(|r| r.tier == Tier::DualWrite) {
             answer_dual_write(routing, goods_id, group, replies).await;
             return None;
         }
@@ -698,7 +702,8 @@ fn parse_reply(
         outcome,
         order_id,
         remaining: u64::try_from(remaining).ok(),
-        retry_after_ms: (outcome == Outcome::NotStarted).then_some(retry_after_ms.max(0) as u64),
+        retry_after_ms: matches!(outcome, Outcome::NotStarted | Outcome::FleetRateLimited)
+            .then_some(retry_after_ms.max(0) as u64),
         reason: (outcome == Outcome::Released && !reason.is_empty()).then_some(reason),
     })
 }

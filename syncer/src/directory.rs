@@ -19,6 +19,8 @@ pub const REFRESH_EVERY: Duration = Duration::from_millis(500);
 /// junk goods ids cost one primary-key lookup per this long each.
 const MISS_TTL: Duration = Duration::from_millis(500);
 const MISSES_MAX: usize = 10_000;
+/// A goods is looked up again (its route found stale) at most this often.
+const RELOAD_MIN_GAP: Duration = Duration::from_millis(20);
 const REFRESH_MIN_GAP: Duration = Duration::from_millis(100);
 /// Sales read per refresh at most: those not ended more than a day ago.
 const SALES_MAX: i64 = 100_000;
@@ -91,6 +93,8 @@ pub struct Directory {
     inner: Arc<RwLock<Inner>>,
     /// Goods looked up and not found, and when.
     misses: Arc<std::sync::Mutex<HashMap<String, Instant>>>,
+    /// Goods whose route was looked up again, and when.
+    reloads: Arc<std::sync::Mutex<HashMap<String, Instant>>>,
     mysql: MySqlPool,
     /// Serialises refreshes, so a burst of stale answers costs one query.
     refreshing: Arc<tokio::sync::Mutex<()>>,
@@ -105,6 +109,7 @@ impl Directory {
                 refreshed: None,
             })),
             misses: Arc::new(std::sync::Mutex::new(HashMap::new())),
+            reloads: Arc::new(std::sync::Mutex::new(HashMap::new())),
             mysql,
             refreshing: Arc::new(tokio::sync::Mutex::new(())),
         }
@@ -163,6 +168,48 @@ impl Directory {
                 tracing::warn!(goods_id, error = %e, "could not look the goods up in MySQL");
                 None
             }
+        }
+    }
+
+    /// Looks a known goods up again in MySQL (its route was found stale), at most every
+    /// [`RELOAD_MIN_GAP`] per goods; returns the route as it now stands.
+    pub async fn reload(&self, goods_id: &str) -> Option<Route> {
+        {
+            let mut reloads = self.reloads.lock().unwrap_or_else(|e| e.into_inner());
+            if reloads
+                .get(goods_id)
+                .is_some_and(|at| at.elapsed() < RELOAD_MIN_GAP)
+            {
+                return self.route(goods_id);
+            }
+            if reloads.len() >= MISSES_MAX {
+                reloads.clear();
+            }
+            reloads.insert(goods_id.to_owned(), Instant::now());
+        }
+        {
+            let mut inner = self.inner.write().unwrap_or_else(|e| e.into_inner());
+            inner.routes.remove(goods_id);
+        }
+        self.misses
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .remove(goods_id);
+        self.lookup(goods_id).await
+    }
+
+    /// Forgets what this directory knows of a goods (this process changed it): its next
+    /// attempt looks it up.
+    pub fn forget(&self, goods_id: &str) {
+        self.inner
+            .write()
+            .unwrap_or_else(|e| e.into_inner())
+            .routes
+            .remove(goods_id);
+        for map in [&self.misses, &self.reloads] {
+            map.lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .remove(goods_id);
         }
     }
 

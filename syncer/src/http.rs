@@ -37,6 +37,17 @@ pub struct AppState {
     pub secret: String,
     pub kafka: crate::kafka::KafkaConfig,
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
+    /// Who decides each goods: forgotten for a goods this process redefines or loads, so its
+    /// next attempt is routed by what MySQL says now.
+    pub directory: Option<crate::directory::Directory>,
+}
+
+impl AppState {
+    fn forget_route(&self, goods_id: &str) {
+        if let Some(directory) = &self.directory {
+            directory.forget(goods_id);
+        }
+    }
 }
 
 pub fn router(state: Arc<AppState>) -> Router {
@@ -396,14 +407,22 @@ async fn define_sale(
 ) -> Result<Response, AppError> {
     let Json(spec) = body.map_err(|e| AppError::BadRequest(e.body_text()))?;
     let sale = Sale::new(&goods_id, spec).map_err(|e| AppError::BadRequest(e.to_string()))?;
-    if let Some(live) = preheat::live_stock(&state.redis, &state.keys, &goods_id).await? {
+    let live = match preheat::live_stock(&state.redis, &state.keys, &goods_id).await {
+        Ok(live) => live,
+        // A db sale needs no Redis; MySQL still refuses to redefine an open sale with history.
+        Err(_) if sale.tier == crate::sale::Tier::Db => None,
+        Err(e) => return Err(e.into()),
+    };
+    if let Some(live) = live {
         if chrono::Utc::now().timestamp_millis() < live.end_ms {
             return Err(AppError::Conflict(format!(
                 "goods {goods_id} has a live sale; it cannot be redefined until it ends"
             )));
         }
     }
-    let status = match db::save_sale(&state.mysql, &sale).await? {
+    let saved = db::save_sale(&state.mysql, &sale).await;
+    state.forget_route(&goods_id);
+    let status = match saved? {
         db::Saved::Created => StatusCode::CREATED,
         db::Saved::Replaced => StatusCode::OK,
     };
@@ -449,7 +468,9 @@ async fn preheat_sale(
         &goods_id,
         params.force,
     )
-    .await?;
+    .await;
+    state.forget_route(&goods_id);
+    let preheated = preheated?;
     let epoch = preheated.epoch;
     tracing::info!(goods_id, epoch, force = params.force, "sale preheated");
     let live = preheat::live_stock(&state.redis, &state.keys, &goods_id).await?;
@@ -473,7 +494,9 @@ async fn reseed_sale(
         &goods_id,
         RESEED_DRAIN_TIMEOUT,
     )
-    .await?;
+    .await;
+    state.forget_route(&goods_id);
+    let reseeded = reseeded?;
     tracing::info!(
         goods_id,
         epoch = reseeded.epoch,

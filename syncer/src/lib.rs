@@ -257,7 +257,7 @@ pub async fn serve(
     });
     let lifecycle = lifecycle::Lifecycle::new(lifecycle_redis, keys.clone())
         .with_durability(config.durability)
-        .with_mysql(mysql.clone(), directory);
+        .with_mysql(mysql.clone(), directory.clone());
     let (sweeper, token, every) = (lifecycle.clone(), shutdown.clone(), config.sweep_every);
     let claim_window = config.claim_window;
     background.spawn(async move {
@@ -279,6 +279,7 @@ pub async fn serve(
         secret: config.secret.clone(),
         kafka: config.kafka.clone(),
         metrics,
+        directory: Some(directory),
     });
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

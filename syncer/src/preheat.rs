@@ -71,6 +71,23 @@ pub async fn preheat(
     if tier.as_deref() == Some(Tier::Db.as_str()) {
         // MySQL alone decides a db goods: its preheat is the epoch its order ids carry.
         let (epoch, sale) = db::take_epoch(mysql, goods_id, 0, HistoryRule::Refuse).await?;
+        // An earlier round's sale left in Redis (the goods was redefined as db) would answer
+        // for it until every syncer's directory has the new tier: it goes. Best effort: a
+        // Redis that is down holds nothing that answers anyone.
+        let stale: redis::RedisResult<()> = tokio::time::timeout(
+            REDIS_ADMIN_TIMEOUT,
+            redis::pipe()
+                .del(&goods.sale)
+                .ignore()
+                .srem(keys.sales_index(), goods_id)
+                .ignore()
+                .query_async(&mut conn),
+        )
+        .await
+        .unwrap_or(Ok(()));
+        if let Err(e) = stale {
+            tracing::warn!(goods_id, error = %e, "could not remove an earlier round from Redis");
+        }
         return Ok(Preheated { epoch, sale });
     }
     if !force {
@@ -97,6 +114,11 @@ pub async fn preheat(
         .arg(if force { "1" } else { "0" })
         .arg(u64::from(sale.payment_window_s) * 1000)
         .arg(epoch);
+    let (interval, tolerance) = sale.fleet_rate.map_or((0.0, 0.0), |r| r.gcra_ms());
+    invocation
+        .arg(interval.to_string())
+        .arg(tolerance.to_string())
+        .arg(sale.tier.as_str());
     let (status, value): (String, i64) = bounded(invocation.invoke_async(&mut conn)).await?;
     match status.as_str() {
         "loaded" => {

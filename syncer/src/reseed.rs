@@ -181,7 +181,10 @@ async fn load(
         .arg(snapshot.end_ms)
         .arg(snapshot.window_ms)
         .arg(snapshot.records.to_json())
-        .arg(if replace { "1" } else { "0" });
+        .arg(if replace { "1" } else { "0" })
+        .arg(snapshot.rate_ms.0.to_string())
+        .arg(snapshot.rate_ms.1.to_string())
+        .arg(snapshot.tier.as_str());
     let (status, value): (String, i64) = bounded(invocation.invoke_async(conn)).await?;
     match status.as_str() {
         "loaded" => Ok(()),
@@ -239,6 +242,9 @@ struct Round {
     start_ms: i64,
     end_ms: i64,
     window_ms: u64,
+    /// The fleet-wide rate's GCRA interval and tolerance, ms (0: none).
+    rate_ms: (f64, f64),
+    tier: crate::sale::Tier,
     records: Records,
 }
 
@@ -279,7 +285,7 @@ async fn read_round(pool: &MySqlPool, goods_id: &str, floor: u64) -> Result<Roun
     let mut tx = pool.begin().await?;
     let row = sqlx::query(
         "SELECT goods_id, total_stock, per_user_limit, starts_at, ends_at, payment_window_s, tier,
-           stock, reserved, sold, lapsed, epoch, round_epoch
+           fleet_rate_per_s, fleet_burst, stock, reserved, sold, lapsed, epoch, round_epoch
          FROM sales WHERE goods_id = ? FOR UPDATE",
     )
     .bind(goods_id)
@@ -375,6 +381,8 @@ async fn read_round(pool: &MySqlPool, goods_id: &str, floor: u64) -> Result<Roun
         start_ms: sale.starts_at.timestamp_millis(),
         end_ms: sale.ends_at.timestamp_millis(),
         window_ms,
+        rate_ms: sale.fleet_rate.map_or((0.0, 0.0), |r| r.gcra_ms()),
+        tier: sale.tier,
         records,
     })
 }

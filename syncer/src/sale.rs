@@ -53,6 +53,28 @@ impl Tier {
     }
 }
 
+/// Largest fleet-wide attempt rate per goods (per second).
+pub const FLEET_RATE_MAX: u32 = 1_000_000;
+
+/// A goods' attempt rate for the whole fleet of gates, counted in Redis in the deduct call
+/// (GCRA): `per_second` on average, up to `burst` at once. Each gate's own per-goods limit
+/// (plugin configuration) stays the first line.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FleetRate {
+    pub per_second: u32,
+    pub burst: u32,
+}
+
+impl FleetRate {
+    /// GCRA's emission interval and burst tolerance, in ms (fractions kept: Lua computes in
+    /// doubles).
+    pub fn gcra_ms(self) -> (f64, f64) {
+        let interval = 1_000.0 / f64::from(self.per_second.max(1));
+        (interval, interval * f64::from(self.burst.max(1) - 1))
+    }
+}
+
 /// What the admin API accepts to define a sale.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -67,6 +89,9 @@ pub struct SaleSpec {
     /// Who decides (default `redis`).
     #[serde(default)]
     pub tier: Tier,
+    /// Attempts per second for the whole fleet of gates (none by default).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub fleet_rate: Option<FleetRate>,
 }
 
 /// A defined sale: the spec plus its goods id.
@@ -79,6 +104,8 @@ pub struct Sale {
     pub ends_at: DateTime<Utc>,
     pub payment_window_s: u32,
     pub tier: Tier,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub fleet_rate: Option<FleetRate>,
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -95,6 +122,10 @@ pub enum SaleError {
     PaymentWindow,
     #[error("goods_id must be at most {GOODS_ID_LEN_MAX} bytes so that order ids stay short")]
     GoodsIdTooLong,
+    #[error("fleet_rate.per_second must be from 1 to {FLEET_RATE_MAX}, and fleet_rate.burst from 1 to per_second")]
+    FleetRate,
+    #[error("fleet_rate is counted in Redis: a db-tier sale cannot have one")]
+    FleetRateOnDb,
 }
 
 impl Sale {
@@ -116,6 +147,15 @@ impl Sale {
         if spec.ends_at <= spec.starts_at {
             return Err(SaleError::EmptyWindow);
         }
+        if let Some(rate) = spec.fleet_rate {
+            let per_second_ok = (1..=FLEET_RATE_MAX).contains(&rate.per_second);
+            if !per_second_ok || rate.burst == 0 || rate.burst > rate.per_second {
+                return Err(SaleError::FleetRate);
+            }
+            if spec.tier == Tier::Db {
+                return Err(SaleError::FleetRateOnDb);
+            }
+        }
         Ok(Sale {
             goods_id: goods_id.to_owned(),
             total_stock: spec.total_stock,
@@ -124,6 +164,7 @@ impl Sale {
             ends_at: spec.ends_at,
             payment_window_s: spec.payment_window_s,
             tier: spec.tier,
+            fleet_rate: spec.fleet_rate,
         })
     }
 }
@@ -163,6 +204,7 @@ mod tests {
             ends_at: "2026-01-01T01:00:00Z".parse().unwrap(),
             payment_window_s: 60,
             tier: Tier::Redis,
+            fleet_rate: None,
         }
     }
 
@@ -194,6 +236,32 @@ mod tests {
             Sale::new(&"g".repeat(65), spec()),
             Err(SaleError::GoodsIdTooLong)
         );
+        for (per_second, burst) in [(0, 1), (10, 0), (10, 11), (FLEET_RATE_MAX + 1, 1)] {
+            let mut s = spec();
+            s.fleet_rate = Some(FleetRate { per_second, burst });
+            assert_eq!(
+                Sale::new("g", s),
+                Err(SaleError::FleetRate),
+                "{per_second}/{burst}"
+            );
+        }
+        let mut s = spec();
+        s.fleet_rate = Some(FleetRate {
+            per_second: 100,
+            burst: 10,
+        });
+        assert!(Sale::new("g", s.clone()).is_ok());
+        s.tier = Tier::Db;
+        assert_eq!(Sale::new("g", s), Err(SaleError::FleetRateOnDb));
+    }
+
+    #[test]
+    fn gcra_takes_the_interval_and_the_burst_tolerance() {
+        let rate = FleetRate {
+            per_second: 200,
+            burst: 11,
+        };
+        assert_eq!(rate.gcra_ms(), (5.0, 50.0));
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! A stub shop API (the upstream behind Envoy) that records every request it receives, so a
 //! test can check that only winners got through and what headers they carried.
 
+use std::collections::HashSet;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicU16, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -22,6 +23,10 @@ pub struct SeenRequest {
     pub status: u16,
     /// Every `x-seckill-*` header, name and value.
     pub gate_headers: Vec<(String, String)>,
+    /// With [`ShopStub::probe_orders`]: the `orders.state` of the request's order id as MySQL
+    /// had it when the request arrived, read before the shop answered (`Some(None)`: no row).
+    /// `None` when not probed (no probe set, or no order id).
+    pub row_at_receipt: Option<Option<String>>,
 }
 
 impl SeenRequest {
@@ -39,6 +44,10 @@ struct Recorder {
     status: AtomicU16,
     /// How long the shop takes to answer, in ms (0 unless a test makes it slow).
     delay_ms: AtomicU64,
+    /// Buyers (`x-seckill-user-id`) the shop fails with 503 whatever `status` says.
+    failing_users: Mutex<HashSet<String>>,
+    /// Where to look up each order id on receipt (see [`SeenRequest::row_at_receipt`]).
+    orders: Mutex<Option<sqlx::MySqlPool>>,
 }
 
 pub struct ShopStub {
@@ -54,6 +63,8 @@ impl ShopStub {
             seen: Mutex::new(Vec::new()),
             status: AtomicU16::new(200),
             delay_ms: AtomicU64::new(0),
+            failing_users: Mutex::new(HashSet::new()),
+            orders: Mutex::new(None),
         });
         let app = Router::new().fallback(record).with_state(recorder.clone());
         let served = Served::start(app).await?;
@@ -74,6 +85,23 @@ impl ShopStub {
     pub fn set_delay(&self, delay: Duration) {
         let ms = u64::try_from(delay.as_millis()).unwrap_or(u64::MAX);
         self.recorder.delay_ms.store(ms, Ordering::Relaxed);
+    }
+
+    /// Makes the shop fail these buyers (by `x-seckill-user-id`) with 503 from now on, and
+    /// answer everyone else with the common status: a shop that fails some orders.
+    pub fn set_failing_users(&self, users: &[&str]) {
+        if let Ok(mut failing) = self.recorder.failing_users.lock() {
+            *failing = users.iter().map(|u| (*u).to_owned()).collect();
+        }
+    }
+
+    /// From now on, looks up every arriving order id in this database's `orders` table before
+    /// answering, and records what it found in [`SeenRequest::row_at_receipt`]: proof that
+    /// the order row existed when the shop got the winner (or that it did not).
+    pub fn probe_orders(&self, pool: sqlx::MySqlPool) {
+        if let Ok(mut orders) = self.recorder.orders.lock() {
+            *orders = Some(pool);
+        }
     }
 
     /// Order ids the shop answered with a 2xx, in arrival order (repeats included).
@@ -100,9 +128,22 @@ async fn record(
     uri: Uri,
     headers: HeaderMap,
 ) -> impl IntoResponse {
-    let status = StatusCode::from_u16(recorder.status.load(Ordering::Relaxed))
-        .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    let gate_headers = headers
+    let failing = headers
+        .get(seckill_api::USER_ID_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|user| {
+            recorder
+                .failing_users
+                .lock()
+                .is_ok_and(|failing| failing.contains(user))
+        });
+    let status = if failing {
+        StatusCode::SERVICE_UNAVAILABLE
+    } else {
+        StatusCode::from_u16(recorder.status.load(Ordering::Relaxed))
+            .unwrap_or(StatusCode::INTERNAL_SERVER_ERROR)
+    };
+    let gate_headers: Vec<(String, String)> = headers
         .iter()
         .filter(|(name, _)| name.as_str().starts_with(seckill_api::GATE_HEADER_PREFIX))
         .map(|(name, value)| {
@@ -112,12 +153,33 @@ async fn record(
             )
         })
         .collect();
+    let probe = recorder
+        .orders
+        .lock()
+        .ok()
+        .and_then(|orders| orders.clone());
+    let order_id = headers
+        .get(seckill_api::ORDER_ID_HEADER)
+        .and_then(|v| v.to_str().ok());
+    let row_at_receipt = match (probe, order_id) {
+        (Some(pool), Some(order_id)) => Some(
+            // A failed lookup counts as "no row": the assertion on it fails loudly.
+            sqlx::query_scalar::<_, String>("SELECT state FROM orders WHERE order_id = ?")
+                .bind(order_id)
+                .fetch_optional(&pool)
+                .await
+                .ok()
+                .flatten(),
+        ),
+        _ => None,
+    };
     if let Ok(mut seen) = recorder.seen.lock() {
         seen.push(SeenRequest {
             method: method.to_string(),
             path: uri.path().to_owned(),
             status: status.as_u16(),
             gate_headers,
+            row_at_receipt,
         });
     }
     // A slow shop is the fault under test (slower than Envoy's route timeout), not a wait

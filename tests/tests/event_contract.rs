@@ -71,6 +71,7 @@ impl Fixture {
             ends_at: now + TimeDelta::hours(1),
             payment_window_s,
             tier: Default::default(),
+            fleet_rate: None,
         };
         let sale = Sale::new(goods, spec).unwrap();
         seckill_syncer::db::save_sale(&self.mysql, &sale)

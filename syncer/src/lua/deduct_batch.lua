@@ -8,7 +8,8 @@
 --       (user id, quantity, request id) triple per attempt
 -- Reply: one { outcome, order_id or "", remaining (-1 unknown), retry_after_ms, reason or "" }
 -- per attempt, always that shape; a new order's reason is "new" (a repeat answer's is ""),
--- so the caller can tell the ids handed out by this call. "stale" for every attempt: this
+-- so the caller can tell the ids handed out by this call; for a dual_write sale "new_dw" and
+-- "dw", so the caller writes the winner's row before answering, whatever it thought the tier. "stale" for every attempt: this
 -- Redis forgot the sale (it is missing, behind the epoch MySQL loaded, or fenced after its
 -- sequence went back) and decides nothing. Uses the prelude (common.lua): clock_ms, parse_record,
 -- make_record, append_event.
@@ -27,7 +28,8 @@ if now_ms > deadline_ms then
   return replies
 end
 
-local sale = redis.call('HMGET', KEYS[1], 'available', 'limit', 'start_ms', 'end_ms', 'epoch', 'seq', 'window_ms', 'fenced')
+local sale = redis.call('HMGET', KEYS[1], 'available', 'limit', 'start_ms', 'end_ms', 'epoch', 'seq', 'window_ms', 'fenced',
+  'rate_interval_ms', 'rate_tolerance_ms', 'rate_tat_ms', 'tier')
 -- A Redis that forgot is never trusted: MySQL loaded this goods, so a missing sale, an epoch
 -- behind MySQL's or a fence means state was lost, and deciding on would hand out units and
 -- order ids twice.
@@ -44,6 +46,31 @@ local available = tonumber(sale[1])
 local limit, start_ms, end_ms = tonumber(sale[2]), tonumber(sale[3]), tonumber(sale[4])
 local epoch, seq, window_ms = sale[5], tonumber(sale[6]), tonumber(sale[7])
 local granted = 0
+-- The fleet-wide rate (GCRA): one theoretical arrival time for every gate at once. A sale
+-- loaded before it existed has none.
+local rate_interval = tonumber(sale[9] or '0') or 0
+local rate_tolerance = tonumber(sale[10] or '0') or 0
+local rate_tat = tonumber(sale[11] or '0') or 0
+local rate_used = false
+local dual_write = sale[12] == 'dual_write'
+local new_mark, repeat_mark = 'new', ''
+if dual_write then
+  new_mark, repeat_mark = 'new_dw', 'dw'
+end
+
+-- Takes one attempt's cell of the fleet-wide rate; returns the ms to wait when over it.
+local function over_rate()
+  if rate_interval <= 0 then
+    return nil
+  end
+  local tat = math.max(rate_tat, now_ms)
+  if tat - now_ms > rate_tolerance then
+    return math.ceil(tat - now_ms - rate_tolerance)
+  end
+  rate_tat = tat + rate_interval
+  rate_used = true
+  return nil
+end
 
 -- What a request id that won before gets now. An order id is handed out again only while its
 -- reservation is live; a dead order is never forwarded again. Returns nil when the request
@@ -51,7 +78,7 @@ local granted = 0
 -- claimed it), so the buyer never had it and a retry is a new attempt with a new order id.
 local function repeat_answer(prior_order)
   if redis.call('HEXISTS', KEYS[4], prior_order) == 1 then
-    return { 'won', prior_order, available, 0, '' }
+    return { 'won', prior_order, available, 0, repeat_mark }
   end
   local final = redis.call('HGET', KEYS[8], prior_order)
   if final == 'confirmed' then
@@ -83,6 +110,12 @@ local function decide(user, qty, request_id)
   if now_ms >= end_ms then
     return { 'ended', '', available, 0, '' }
   end
+  -- Every attempt decided afresh takes a cell of the fleet-wide rate (repeats, early and late
+  -- ones do not); over it, nothing is decided.
+  local wait_ms = over_rate()
+  if wait_ms then
+    return { 'fleet_rate_limited', '', available, math.max(wait_ms, 1), '' }
+  end
   -- The buyer is checked before anything is decremented: a refused buyer costs no stock.
   local held = tonumber(redis.call('HGET', KEYS[2], user) or '0')
   if held >= limit then
@@ -111,12 +144,15 @@ local function decide(user, qty, request_id)
   append_event(KEYS[5], {
     type = 'reserved', order_id = order_id, goods_id = goods, user_id = user,
     quantity = qty, request_id = request_id, at_ms = now_ms })
-  return { 'won', order_id, available, 0, 'new' }
+  return { 'won', order_id, available, 0, new_mark }
 end
 
 for i = 1, attempts do
   local base = 5 + (i - 1) * 3
   replies[i] = decide(ARGV[base], tonumber(ARGV[base + 1]), ARGV[base + 2])
+end
+if rate_used then
+  redis.call('HSET', KEYS[1], 'rate_tat_ms', rate_tat)
 end
 if granted > 0 then
   -- available + reserved stays equal to what it was: conservation holds when the script ends.

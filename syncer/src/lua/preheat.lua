@@ -3,7 +3,9 @@
 --       one loaded here), 6 expiries sorted set, 7 settled hash, 8 unclaimed sorted set,
 --       9 lapsed orders set
 -- ARGV: 1 total stock, 2 per-user limit, 3 start ms, 4 end ms, 5 force ("1" or "0"),
---       6 payment window ms, 7 epoch
+--       6 payment window ms, 7 epoch, 8 and 9 the fleet-wide rate's GCRA emission interval and
+--       burst tolerance in ms ("0": no fleet-wide rate), 10 the tier ("redis" or "dual_write":
+--       the deduct script marks dual_write wins, so no syncer sells one without its row)
 -- Reply: { "loaded", epoch }, { "stale", loaded epoch } when this Redis already loaded that
 -- epoch or a later one, or { "live", end_ms } when a live sale is in the way.
 -- The outbox stream is never touched: it may still hold events on their way to Kafka.
@@ -29,5 +31,6 @@ redis.call('SET', KEYS[5], ARGV[7])
 redis.call('HSET', KEYS[1],
   'total', ARGV[1], 'available', ARGV[1], 'reserved', 0, 'sold', 0, 'lapsed', 0,
   'limit', ARGV[2], 'start_ms', ARGV[3], 'end_ms', ARGV[4], 'window_ms', ARGV[6],
-  'epoch', ARGV[7], 'seq', 0, 'swept_ms', now_ms)
+  'epoch', ARGV[7], 'seq', 0, 'swept_ms', now_ms,
+  'rate_interval_ms', ARGV[8], 'rate_tolerance_ms', ARGV[9], 'tier', ARGV[10])
 return { 'loaded', epoch }

@@ -7,7 +7,8 @@
 --       3 total, 4 available, 5 reserved, 6 sold, 7 lapsed, 8 per-user limit, 9 start ms,
 --       10 end ms, 11 payment window ms, 12 the orders as JSON (see reseed.rs: users,
 --       requests, reservations, settled, lapsed; every value a string), 13 replace ("1":
---       MySQL decided the goods meanwhile, and whatever Redis still holds of it is replaced)
+--       MySQL decided the goods meanwhile, and whatever Redis still holds of it is replaced),
+--       14 and 15 the fleet-wide rate's GCRA interval and tolerance ms ("0": none), 16 the tier
 -- Reply: { "loaded", epoch }, { "stale", loaded epoch } when this Redis loaded that epoch or a
 -- later one, { "live", 0 } when Redis still has the sale (it did not forget), or
 -- { "outbox", length } when the outbox still holds events MySQL may not have.
@@ -51,5 +52,6 @@ redis.call('HSET', KEYS[1],
   'total', ARGV[3], 'available', ARGV[4], 'reserved', ARGV[5], 'sold', ARGV[6],
   'lapsed', ARGV[7], 'limit', ARGV[8], 'start_ms', ARGV[9], 'end_ms', ARGV[10],
   'window_ms', ARGV[11], 'epoch', ARGV[1], 'first_epoch', ARGV[2], 'seq', 0,
-  'swept_ms', clock_ms())
+  'swept_ms', clock_ms(), 'rate_interval_ms', ARGV[14], 'rate_tolerance_ms', ARGV[15],
+  'tier', ARGV[16])
 return { 'loaded', epoch }
