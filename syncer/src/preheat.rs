@@ -74,17 +74,16 @@ pub async fn preheat(
         // An earlier round's sale left in Redis (the goods was redefined as db) would answer
         // for it until every syncer's directory has the new tier: it goes. Best effort: a
         // Redis that is down holds nothing that answers anyone.
-        let stale: redis::RedisResult<()> = tokio::time::timeout(
-            REDIS_ADMIN_TIMEOUT,
-            redis::pipe()
-                .del(&goods.sale)
-                .ignore()
-                .srem(keys.sales_index(), goods_id)
-                .ignore()
-                .query_async(&mut conn),
-        )
-        .await
-        .unwrap_or(Ok(()));
+        // Two commands, not one pipeline: the sale hash and the sales index are in different
+        // slots, which a Redis Cluster refuses to see in one pipeline. The sale first, so
+        // the index never names a goods whose sale was left behind.
+        let remove = async {
+            let () = conn.del(&goods.sale).await?;
+            conn.srem(keys.sales_index(), goods_id).await
+        };
+        let stale: redis::RedisResult<()> = tokio::time::timeout(REDIS_ADMIN_TIMEOUT, remove)
+            .await
+            .unwrap_or(Ok(()));
         if let Err(e) = stale {
             tracing::warn!(goods_id, error = %e, "could not remove an earlier round from Redis");
         }

@@ -6,9 +6,11 @@
 //! goods Redis should hold is checked: a sale missing, behind the epoch MySQL loaded, or fenced
 //! means Redis forgot, and the goods moves to MySQL at once, before any buyer meets it.
 
+use std::collections::HashSet;
 use std::time::Duration;
 
 use crate::RedisConn;
+use redis::AsyncCommands;
 use sqlx::MySqlPool;
 use tokio_util::sync::CancellationToken;
 
@@ -66,33 +68,51 @@ impl Recoverer {
     }
 
     /// Puts back into the sales index (which the relay, the sweeper and reconcile walk) every
-    /// goods MySQL says Redis holds: all of them were preheated or re-seeded, which added them.
-    /// The index lives in one slot, apart from the goods' own: on a Redis Cluster, a master
-    /// that forgot (restarted empty, flushed) can lose the index while the goods of the other
-    /// masters live on, and their outboxes would go unrelayed and their reservations
-    /// unswept. One SADD a tick, whatever was lost.
+    /// goods MySQL says Redis holds whose sale Redis does hold: each was preheated or
+    /// re-seeded, which added it. The index lives in one slot, apart from the goods' own: on a
+    /// Redis Cluster, a master that forgot (restarted empty, flushed) can lose the index while
+    /// the goods of the other masters live on, and their outboxes would go unrelayed and their
+    /// reservations unswept. One SMEMBERS a tick; an EXISTS and a SADD only for what is
+    /// missing. A goods whose sale is gone (forgotten: the fallback re-seeds it, which adds
+    /// it; redefined as db: its preheat removed both) is left out.
     async fn restore_index(&self) {
-        let goods: Vec<String> = self
-            .directory
-            .loaded_in_redis()
-            .into_iter()
-            .map(|(goods_id, _)| goods_id)
-            .collect();
-        if goods.is_empty() {
+        let loaded = self.directory.loaded_in_redis();
+        if loaded.is_empty() {
             return;
         }
         let mut conn = self.redis.clone();
-        let mut command = redis::cmd("SADD");
-        command.arg(self.keys.sales_index()).arg(&goods);
-        let added = command.query_async::<u64>(&mut conn);
-        match tokio::time::timeout(REDIS_CHECK_TIMEOUT, added).await {
-            Ok(Ok(0)) => {}
-            Ok(Ok(added)) => tracing::warn!(
-                added,
-                "goods Redis holds were missing from the sales index (Redis forgot it); put back"
-            ),
-            Ok(Err(e)) => tracing::warn!(error = %e, "could not check the sales index"),
-            Err(_) => tracing::warn!("the sales index check timed out"),
+        let index = self.keys.sales_index();
+        let members = conn.smembers::<_, HashSet<String>>(&index);
+        let members = match tokio::time::timeout(REDIS_CHECK_TIMEOUT, members).await {
+            Ok(Ok(members)) => members,
+            Ok(Err(e)) => return tracing::warn!(error = %e, "could not read the sales index"),
+            Err(_) => return tracing::warn!("reading the sales index timed out"),
+        };
+        for (goods_id, _) in loaded {
+            if members.contains(&goods_id) {
+                continue;
+            }
+            let sale = self.keys.goods(&goods_id).sale;
+            let restore = async {
+                if !conn.exists::<_, bool>(&sale).await? {
+                    return Ok(false);
+                }
+                conn.sadd::<_, _, u64>(&index, &goods_id)
+                    .await
+                    .map(|_| true)
+            };
+            match tokio::time::timeout(REDIS_CHECK_TIMEOUT, restore).await {
+                Ok(Ok(true)) => tracing::warn!(
+                    goods_id,
+                    "a goods Redis holds was missing from the sales index (Redis forgot the \
+                     index); put back"
+                ),
+                Ok(Ok(false)) => {}
+                Ok(Err(e)) => {
+                    tracing::warn!(goods_id, error = %e, "could not restore the sales index")
+                }
+                Err(_) => tracing::warn!(goods_id, "restoring the sales index timed out"),
+            }
         }
     }
 

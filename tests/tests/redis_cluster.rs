@@ -862,3 +862,86 @@ async fn a_master_lost_without_a_replica_moves_the_sale_to_mysql_and_back() {
     let (code, report) = p.reconcile(&["--orders"]).unwrap();
     assert_eq!(code, 0, "reconcile is clean: {report:#}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_goods_redefined_as_db_leaves_nothing_on_its_master() {
+    let p = Arc::new(
+        Pipeline::<RedisCluster>::start_on("cluster_redefine", &[], &[], &[])
+            .await
+            .expect("the fixture starts on a cluster"),
+    );
+    // A goods whose master is not the one holding the sales index: removing its sale and its
+    // index entry are two slots on two masters.
+    let index = format!("{}:sales", p.prefix);
+    let index_home = p.redis.master_of_key(&index).await.unwrap();
+    let mut goods = None;
+    for g in goods_on_each_master(&p.redis, &p.prefix, "redef").await {
+        let home = p
+            .redis
+            .master_of_key(&format!("{}:{{{g}}}:sale", p.prefix))
+            .await
+            .unwrap();
+        if home != index_home {
+            goods = Some(g);
+            break;
+        }
+    }
+    let g = goods.expect("a goods on another master than the index");
+    let admin = p.admin();
+    // A first round in Redis, closing in 2 s, with one sale.
+    let ends = now_ms() + 2_000;
+    admin
+        .define_sale_tier(&g, 10, 1, (now_ms() - 60_000, ends), 900, Some("redis"))
+        .await
+        .unwrap();
+    admin.preheat(&g, false).await.unwrap();
+    assert_eq!(deduct(&p, &g, "u0", "u0-r").await["outcome"], "won");
+    let mut conn = p.redis.connection().await.unwrap();
+    let sale = format!("{}:{{{g}}}:sale", p.prefix);
+    let is_member = |conn: &mut redis::cluster_async::ClusterConnection| {
+        let mut conn = conn.clone();
+        let (index, g) = (index.clone(), g.clone());
+        async move {
+            redis::cmd("SISMEMBER")
+                .arg(index)
+                .arg(g)
+                .query_async::<bool>(&mut conn)
+                .await
+                .unwrap()
+        }
+    };
+    assert!(is_member(&mut conn).await);
+    wait_for(
+        "the first round to close",
+        Duration::from_secs(10),
+        || async { Ok((now_ms() > ends + 100).then_some(())) },
+    )
+    .await
+    .unwrap();
+    // The next round is decided by MySQL: its preheat removes the first round's sale from
+    // Redis and the goods from the index.
+    admin
+        .define_sale_tier(
+            &g,
+            10,
+            1,
+            (now_ms() - 1_000, now_ms() + 3_600_000),
+            900,
+            Some("db"),
+        )
+        .await
+        .unwrap();
+    admin.preheat(&g, false).await.unwrap();
+    let exists: bool = redis::cmd("EXISTS")
+        .arg(&sale)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(!exists, "the first round's sale is gone from its master");
+    assert!(!is_member(&mut conn).await, "the goods is out of the index");
+    let reply = deduct(&p, &g, "u1", "u1-r").await;
+    assert_eq!(
+        reply["outcome"], "won",
+        "MySQL decides the new round: {reply}"
+    );
+}
