@@ -367,8 +367,9 @@ async fn goods_on_three_masters_sell_settle_reach_mysql_and_a_forgetful_master_i
 
     // a's master forgets everything (FLUSHALL on that node alone): a's sale and the sales
     // index the relay, the sweeper and reconcile walk. b and c, on the other masters, keep
-    // theirs; the syncer puts every goods it loaded back into the index (within a second),
-    // or b's and c's new events would never be relayed.
+    // theirs; the syncer puts every goods whose sale Redis holds back into the index (within
+    // a second), or b's and c's new events would never be relayed; a goes back in with its
+    // re-seed.
     let home_a = p
         .redis
         .master_of_key(&format!("{}:{{{a}}}:sale", p.prefix))
@@ -390,19 +391,21 @@ async fn goods_on_three_masters_sell_settle_reach_mysql_and_a_forgetful_master_i
     assert_eq!(exists(format!("{}:{{{a}}}:sale", p.prefix)).await, 0);
     assert_eq!(exists(format!("{}:{{{b}}}:sale", p.prefix)).await, 1);
     assert_eq!(exists(format!("{}:{{{c}}}:sale", p.prefix)).await, 1);
-    wait_for(
-        "the sales index to name every goods again",
-        DRAIN,
-        || async {
-            let members: HashSet<String> = redis::cmd("SMEMBERS")
-                .arg(&index)
-                .query_async(&mut conn.clone())
-                .await?;
-            Ok(goods.iter().all(|g| members.contains(g)).then_some(()))
-        },
-    )
+    let index_members = || async {
+        let members: HashSet<String> = redis::cmd("SMEMBERS")
+            .arg(&index)
+            .query_async(&mut conn.clone())
+            .await
+            .unwrap();
+        members
+    };
+    wait_for("the sales index to name b and c again", DRAIN, || async {
+        let members = index_members().await;
+        Ok((members.contains(b) && members.contains(c)).then_some(()))
+    })
     .await
     .unwrap();
+    assert!(!index_members().await.contains(a), "a's sale is gone");
     // a is not decided from a Redis that forgot it (no fallback here: 503 until re-seeded).
     let (status, _) = {
         let reply = p
@@ -419,6 +422,7 @@ async fn goods_on_three_masters_sell_settle_reach_mysql_and_a_forgetful_master_i
 
     let (ok, printed) = reseed(&p, a);
     assert!(ok, "reseed: {printed}");
+    assert!(index_members().await.contains(a), "a is in the index again");
     assert_keys_live_on_their_master(&p.redis, &p.prefix, a).await;
     let (stock, reserved, sold, lapsed, total) = p.mysql_counters(a).await.unwrap();
     assert_eq!(
