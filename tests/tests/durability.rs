@@ -336,12 +336,17 @@ async fn aof_keeps_every_acknowledged_deduct_through_kill_9() {
     let mut conn = redis.connection().await.unwrap();
     // The counters agree with the records: every unit is available, reserved or sold, and
     // each reservation (attempts cut off by the kill included) is one request's.
-    let sale: HashMap<String, i64> = redis::cmd("HGETALL")
+    // Read as text: the sale hash also holds its tier's name.
+    let sale: HashMap<String, String> = redis::cmd("HGETALL")
         .arg(f.key(GOODS, "sale"))
         .query_async(&mut conn)
         .await
         .unwrap();
-    let field = |name: &str| sale.get(name).copied().unwrap_or(-1);
+    let field = |name: &str| {
+        sale.get(name)
+            .and_then(|v| v.parse::<i64>().ok())
+            .unwrap_or(-1)
+    };
     assert_eq!(
         field("available") + field("reserved") + field("sold"),
         STOCK as i64,
