@@ -105,6 +105,7 @@ async fn deduct(p: &Pipeline<RedisCluster>, goods: &str, user: &str, request: &s
             std::time::Instant::now() < deadline,
             "{user} got 503 for {BUYER_PATIENCE:?}: {body}"
         );
+        // A poll inside the buyer's deadline: a 503 asks for a retry in a moment.
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
