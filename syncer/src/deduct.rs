@@ -304,7 +304,7 @@ async fn decide_group(
     // Redis does not know a goods the directory knows as never loaded: a sale preheated (or
     // redefined, say as db) since the last refresh. Looked up again, the directory may say
     // MySQL decides it, or that Redis should have it (then Redis forgot, and the script says
-    // so). Once per batch, and a goods is looked up at most every 50 ms.
+    // so). Once per batch, and a goods is looked up at most every 20 ms.
     let route = routing.directory.reload(&goods_id).await;
     match route {
         Some(r) if r.loaded_epoch > 0 || r.in_mysql() => {
