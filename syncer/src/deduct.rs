@@ -17,6 +17,9 @@ use crate::fallback::{self, Breaker, SeqWatch, Watched, Why};
 use crate::keys::KeySpace;
 use crate::sale::Tier;
 
+mod db_lane;
+use db_lane::{DbLane, Job};
+
 /// Longest a deduct may wait on Redis. The filter's callout timeout is shorter still; this
 /// bound keeps a stuck Redis from piling up tasks in the syncer.
 pub const REDIS_CALL_TIMEOUT: Duration = Duration::from_millis(1_000);
@@ -211,6 +214,7 @@ async fn run_batches(
     connections: Vec<RedisConn>,
 ) {
     let batching = Arc::new(batching);
+    let lane = DbLane::start(batching.clone());
     // The free connections; a batch takes one and gives it back when it is answered.
     let (free, mut idle) = mpsc::channel(connections.len().max(1));
     for connection in connections {
@@ -223,10 +227,17 @@ async fn run_batches(
             return;
         }
         let groups = group_by_goods(&mut batch);
-        let (batching, free) = (batching.clone(), free.clone());
+        let (batching, free, lane) = (batching.clone(), free.clone(), lane.clone());
         tokio::spawn(async move {
             let calls = groups.into_iter().map(|((goods_id, delivery), group)| {
-                decide_group(&batching, connection.clone(), goods_id, delivery, group)
+                decide_group(
+                    &batching,
+                    &lane,
+                    connection.clone(),
+                    goods_id,
+                    delivery,
+                    group,
+                )
             });
             futures_util::future::join_all(calls).await;
             let _ = free.send(connection).await;
@@ -263,22 +274,30 @@ fn epoch_ms_at(deadline: Instant) -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// Decides one goods' group: in Redis, or handed to the MySQL lane (then this returns at
+/// once, and the Redis connection is free for the next batch).
 async fn decide_group(
     batching: &Batching,
+    lane: &DbLane,
     conn: RedisConn,
     goods_id: String,
     delivery: Delivery,
     group: Vec<Attempt>,
 ) {
     let Some(routing) = &batching.routing else {
-        decide_in_redis(batching, conn, &goods_id, delivery, group, None).await;
+        decide_in_redis(batching, lane, conn, &goods_id, delivery, group, None).await;
         return;
     };
     let route = routing.directory.lookup(&goods_id).await;
     match route {
         Some(route) if route.in_mysql() => {
             let rated = route.tier != Tier::Db;
-            return decide_in_mysql(batching, routing, &goods_id, delivery, group, rated).await;
+            return lane.submit(Job {
+                goods_id,
+                delivery,
+                rated,
+                group,
+            });
         }
         Some(Route {
             mode: Mode::Switching,
@@ -294,10 +313,23 @@ async fn decide_group(
         };
         let route = routing.directory.route(&goods_id);
         let rated = route.is_none_or(|r| r.tier != Tier::Db);
-        return decide_in_mysql(batching, routing, &goods_id, delivery, group, rated).await;
+        return lane.submit(Job {
+            goods_id,
+            delivery,
+            rated,
+            group,
+        });
     }
-    let Some((group, replies)) =
-        decide_in_redis(batching, conn.clone(), &goods_id, delivery, group, route).await
+    let Some((group, replies)) = decide_in_redis(
+        batching,
+        lane,
+        conn.clone(),
+        &goods_id,
+        delivery,
+        group,
+        route,
+    )
+    .await
     else {
         return;
     };
@@ -308,7 +340,10 @@ async fn decide_group(
     let route = routing.directory.reload(&goods_id).await;
     match route {
         Some(r) if r.loaded_epoch > 0 || r.in_mysql() => {
-            Box::pin(decide_group(batching, conn, goods_id, delivery, group)).await;
+            Box::pin(decide_group(
+                batching, lane, conn, goods_id, delivery, group,
+            ))
+            .await;
         }
         // Unknown to MySQL as well: the answer stands.
         _ => {
@@ -350,7 +385,8 @@ async fn move_to_mysql(
     }
 }
 
-/// MySQL decides the group (the db tier, or the fallback within its rate).
+/// MySQL decides the group (the db tier, or the fallback within its rate); called by the
+/// lane.
 async fn decide_in_mysql(
     batching: &Batching,
     routing: &Routing,
@@ -395,9 +431,16 @@ async fn decide_in_mysql(
         Delivery::Direct => None,
         Delivery::Claimed => Some(batching.claim_window),
     };
-    let result =
-        crate::db_decide::decide_batch(&routing.mysql, goods_id, &requests, claim_window, deadline)
-            .await;
+    // Bounded by the callers' patience: a sale row locked elsewhere must not hold the lane.
+    // Past it the batch may or may not have committed: answered 503 like a Redis timeout,
+    // and a retry with the same request id meets whichever it was.
+    let decided =
+        crate::db_decide::decide_batch(&routing.mysql, goods_id, &requests, claim_window, deadline);
+    let Ok(result) = tokio::time::timeout_at(deadline.into(), decided).await else {
+        let unsure = "no answer before the callers' deadline (the batch may have committed: \
+                      retry with the same request id)";
+        return answer_all(group, &DeductError::Mysql(unsure.into()));
+    };
     match result {
         Ok(replies) if replies.len() == group.len() => {
             for (attempt, reply) in group.into_iter().zip(replies) {
@@ -428,6 +471,7 @@ async fn decide_in_mysql(
 /// `unknown_goods` for a goods the directory does not know as loaded: the caller looks again.
 async fn decide_in_redis(
     batching: &Batching,
+    lane: &DbLane,
     mut conn: RedisConn,
     goods_id: &str,
     delivery: Delivery,
@@ -529,8 +573,12 @@ async fn decide_in_redis(
                 return None;
             }
         };
-        let rated = true;
-        decide_in_mysql(batching, routing, goods_id, delivery, group, rated).await;
+        lane.submit(Job {
+            goods_id: goods_id.to_owned(),
+            delivery,
+            rated: true,
+            group,
+        });
         return None;
     }
     if routing.is_some()
