@@ -4,5 +4,6 @@
 
 pub mod cpu;
 pub mod local;
+pub mod redis_cost;
 pub mod report;
 pub mod wrk;
