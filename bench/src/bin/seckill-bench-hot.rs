@@ -3,6 +3,13 @@
 //! pipelined on the same private Redis, in alternating rounds; and what Redis itself spends
 //! per decision on each side (`INFO commandstats`, `INFO cpu`), from which the capacity of one
 //! Redis master (and of N) is projected. Rewrites its section of BENCHMARKS.md.
+//!
+//! A sharded variant (issue 14: one goods over 3 masters against one master) plugs in here:
+//! start the syncer on `Stack::start_cluster`'s URL with a `redis_sharded` sale, put one
+//! [`Node`] per master in `Bench::nodes` (their counters are read and summed already), count
+//! decisions as the sum of the shards' order sequences instead of `sale_seq`, reset every
+//! shard's keys, and add a `Side::Sharded(size)` measured by `Bench::batch`; the cost table then
+//! gives Redis CPU per decision over all masters and per master.
 
 use std::path::PathBuf;
 use std::process::Command;
