@@ -658,13 +658,14 @@ machine's busy time (the kernel, and anything else that ran).
 Where the time goes. One `SELECT 1` round trip to MariaDB takes {rtt:.2} ms; the `COMMIT` of \
 a one-row UPDATE takes {commit:.2} ms (the redo log's fsync on this machine's disk). One \
 batch's whole transaction alone (`seckill_syncer::db_decide::decide_batch`, one caller, new \
-buyers, median of {samples} per size, median over the rounds): {batches}. That is about seven \
-round trips (BEGIN, the sale row `FOR UPDATE`, the batch's earlier request ids, its buyers' \
-holdings, the orders' `INSERT`, the stock's `UPDATE`, `COMMIT`) and one commit, then a little \
-per attempt. The deducter keeps one batch in flight (the setting without Redis durability), \
-so a batch holds the attempts that arrived while the previous one was out, about half the \
-clients (the attempts-per-commit column), and B attempts every T ms cap the tier at B/T: its \
-rate grows with the crowd. The per-order baseline holds the goods' row from its `UPDATE` to \
+buyers, median of {samples} per size, median over the rounds): {batches}. That is six round \
+trips (BEGIN, the sale row `FOR UPDATE`, the batch's earlier request ids and its buyers' \
+holdings in one `UNION ALL`, the orders' `INSERT`, the stock's `UPDATE`, `COMMIT`) and one \
+commit, then a little per attempt. The deducter's MySQL lane keeps one batch per goods in \
+flight (the sale row's lock is held through the commit, so a second one would only wait for \
+the row), so a batch holds the attempts that arrived while the previous one was out, about \
+half the clients (the attempts-per-commit column), and B attempts every T ms cap the tier at \
+B/T: its rate grows with the crowd. The per-order baseline holds the goods' row from its `UPDATE` to \
 its `COMMIT`, so its transactions take the row one at a time however many clients wait: its \
 rate stays flat. Through HTTP the tier also pays wrk, the request's parsing and JSON, and one \
 more hop (the syncer's CPU column), against the deducter called in process.
