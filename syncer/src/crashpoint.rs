@@ -11,6 +11,9 @@ pub const RELAY_AFTER_PUBLISH: &str = "relay-after-publish";
 pub const WRITER_AFTER_DB_COMMIT: &str = "writer-after-db-commit";
 /// A preheat stops after MySQL handed out its epoch, before Redis was loaded with it.
 pub const PREHEAT_AFTER_EPOCH: &str = "preheat-after-epoch";
+/// A move of units between two shards stops after the donor gave them up, before the
+/// receiving shard got them (`shard.rs`).
+pub const SHARD_AFTER_TAKE: &str = "shard-after-take";
 
 static CRASH_AT: OnceLock<Option<String>> = OnceLock::new();
 
