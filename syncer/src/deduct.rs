@@ -7,6 +7,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+mod sharded;
+
 use crate::RedisConn;
 use seckill_api::{DeductReply, DeductRequest, Outcome};
 use tokio::sync::{mpsc, oneshot};
@@ -74,6 +76,10 @@ pub enum DeductError {
     /// Redis forgot (or went back): this attempt was not answered from it.
     #[error("redis forgot goods {0}; it is decided by MySQL until re-seeded")]
     Forgot(String),
+    /// A sharded goods' units are on their way between shards (or buyers of the same shard
+    /// took them first, round after round): nothing was decided.
+    #[error("the goods' stock is moving between its shards; retry in a moment")]
+    Rebalancing,
 }
 
 struct Attempt {
@@ -97,6 +103,8 @@ struct Batching {
     claim_window: Duration,
     durability: Durability,
     routing: Option<Routing>,
+    /// Moves units between the shards of a `redis_sharded` goods (`shard.rs`).
+    transfer: redis::Script,
 }
 
 /// What lets MySQL decide: the `db` tier, `dual_write`'s rows, and the fallback when Redis
@@ -164,6 +172,7 @@ impl Deducter {
             claim_window,
             durability,
             routing,
+            transfer: redis::Script::new(crate::scripts::TRANSFER),
         };
         tokio::spawn(run_batches(attempts, batching, connections));
         Self { queue }
@@ -271,7 +280,7 @@ async fn decide_group(
     group: Vec<Attempt>,
 ) {
     let Some(routing) = &batching.routing else {
-        decide_in_redis(batching, conn, &goods_id, delivery, group, None).await;
+        decide_in_redis(batching, conn, &goods_id, delivery, group, None, None).await;
         return;
     };
     let route = routing.directory.lookup(&goods_id).await;
@@ -296,8 +305,19 @@ async fn decide_group(
         let rated = route.is_none_or(|r| r.tier != Tier::Db);
         return decide_in_mysql(batching, routing, &goods_id, delivery, group, rated).await;
     }
-    let Some((group, replies)) =
-        decide_in_redis(batching, conn.clone(), &goods_id, delivery, group, route).await
+    if let Some(route) = route.filter(|r| r.tier == Tier::RedisSharded && r.shards > 1) {
+        return sharded::decide(batching, routing, conn, &goods_id, delivery, group, route).await;
+    }
+    let InRedis::LookAgain(group, replies) = decide_in_redis(
+        batching,
+        conn.clone(),
+        &goods_id,
+        delivery,
+        group,
+        route,
+        None,
+    )
+    .await
     else {
         return;
     };
@@ -424,8 +444,26 @@ async fn decide_in_mysql(
     }
 }
 
-/// Redis decides the group. Gives the group back, answered by nobody, when Redis answered
-/// `unknown_goods` for a goods the directory does not know as loaded: the caller looks again.
+/// One shard of a `redis_sharded` goods: the buyers' home shard of a group.
+#[derive(Debug, Clone, Copy)]
+struct Shard {
+    index: u32,
+    count: u32,
+}
+
+/// What became of a group Redis was asked to decide.
+enum InRedis {
+    /// Every attempt was answered.
+    Answered,
+    /// Redis answered `unknown_goods` for a goods the directory does not know as loaded:
+    /// nobody was answered, and the caller looks again.
+    LookAgain(Vec<Attempt>, Vec<ScriptReply>),
+    /// A shard had too little for these attempts (its `sold_out`): not answered, so that
+    /// units can move to it from the other shards first.
+    ShardShort(Vec<(Attempt, ScriptReply)>),
+}
+
+/// Redis decides the group: on the goods' keys, or on one shard's (`shard`).
 async fn decide_in_redis(
     batching: &Batching,
     mut conn: RedisConn,
@@ -433,8 +471,14 @@ async fn decide_in_redis(
     delivery: Delivery,
     group: Vec<Attempt>,
     route: Option<Route>,
-) -> Option<(Vec<Attempt>, Vec<ScriptReply>)> {
-    let goods = batching.keys.goods(goods_id);
+    shard: Option<Shard>,
+) -> InRedis {
+    // The keys (and the watch's name) of the goods, or of its shard.
+    let key_id = match shard {
+        Some(shard) => crate::keys::shard_id(goods_id, shard.index),
+        None => goods_id.to_owned(),
+    };
+    let goods = batching.keys.goods(&key_id);
     // The call must not decide anything after the most impatient of its callers gave up.
     let deadline = group
         .iter()
@@ -459,7 +503,7 @@ async fn decide_in_redis(
             .arg(attempt.request.quantity)
             .arg(&attempt.request.request_id);
     }
-    let mark = batching.keys.durability_mark(goods_id);
+    let mark = batching.keys.durability_mark(&key_id);
     let result: Result<Vec<ScriptReply>, DeductError> =
         durability::invoke(batching.durability, &mut conn, &invocation, &mark, deadline)
             .await
@@ -479,10 +523,8 @@ async fn decide_in_redis(
                 replies.len(),
                 group.len()
             ));
-            {
-                answer_all(group, &error);
-                return None;
-            }
+            answer_all(group, &error);
+            return InRedis::Answered;
         }
         Err(error) => {
             // Not decided here, and the attempts may have been decided in Redis (a timeout):
@@ -495,16 +537,14 @@ async fn decide_in_redis(
             // goods moves to MySQL. (A refused or broken connection sent nothing.)
             if let (Some(routing), DeductError::Timeout) = (routing, &error) {
                 routing.watch.uncertain(
-                    goods_id,
+                    &key_id,
                     group
                         .iter()
                         .map(|a| (a.request.request_id.as_str(), u64::from(a.request.quantity))),
                 );
             }
-            {
-                answer_all(group, &error);
-                return None;
-            }
+            answer_all(group, &error);
+            return InRedis::Answered;
         }
     };
     if let Some(routing) = routing {
@@ -517,27 +557,25 @@ async fn decide_in_redis(
     if replies.first().is_some_and(|r| r.0 == "stale") {
         // This Redis forgot the goods: MySQL decides it until it is re-seeded.
         let Some(routing) = routing else {
-            {
-                answer_all(group, &DeductError::Forgot(goods_id.to_owned()));
-                return None;
-            }
+            answer_all(group, &DeductError::Forgot(goods_id.to_owned()));
+            return InRedis::Answered;
         };
         let group = match move_to_mysql(routing, goods_id, Why::Forgot, group).await {
             Ok(group) => group,
             Err(group) => {
                 answer_all(group, &DeductError::Forgot(goods_id.to_owned()));
-                return None;
+                return InRedis::Answered;
             }
         };
         let rated = true;
         decide_in_mysql(batching, routing, goods_id, delivery, group, rated).await;
-        return None;
+        return InRedis::Answered;
     }
     if routing.is_some()
         && route.is_none_or(|r| r.loaded_epoch == 0)
         && replies.first().is_some_and(|r| r.0 == "unknown_goods")
     {
-        return Some((group, replies));
+        return InRedis::LookAgain(group, replies);
     }
     let new_orders: Vec<(u64, u64, u64)> = group
         .iter()
@@ -550,19 +588,21 @@ async fn decide_in_redis(
     if let Some(routing) = routing {
         // The first time this process meets an epoch, MySQL says how far it already got: a
         // syncer started in front of a Redis that went back must not hand out those ids.
+        // A shard is watched on its own: its sequences rise, the goods' interleave.
         if let Some(&(epoch, _, _)) = new_orders.iter().max() {
-            if !routing.watch.knows(goods_id, epoch) {
-                match fallback::mysql_max_seq(&routing.mysql, goods_id, epoch).await {
-                    Ok(floor) => routing.watch.set_floor(goods_id, epoch, floor),
+            if !routing.watch.knows(&key_id, epoch) {
+                let of_shard = shard.map(|s| (s.index, s.count));
+                match fallback::mysql_max_seq_in(&routing.mysql, goods_id, epoch, of_shard).await {
+                    Ok(floor) => routing.watch.set_floor(&key_id, epoch, floor),
                     Err(e) => tracing::warn!(goods_id, error = %e,
                         "could not read MySQL's highest order of the epoch; watching from here"),
                 }
             }
         }
-        if routing.watch.observe(goods_id, &new_orders) == Watched::Reissued {
+        if routing.watch.observe(&key_id, &new_orders) == Watched::Reissued {
             // Redis went back: none of this batch's new ids may reach a buyer. The others of
             // the batch are answered (they hand out nothing).
-            fallback::fence(&conn, &batching.keys, goods_id).await;
+            fallback::fence(&conn, &batching.keys, &key_id).await;
             if let Err(e) =
                 fallback::enter(&routing.mysql, &routing.watch, goods_id, Why::Reissued).await
             {
@@ -580,21 +620,30 @@ async fn decide_in_redis(
                 };
                 let _ = attempt.reply.send(answer);
             }
-            return None;
+            return InRedis::Answered;
         }
         // The script marks a dual_write sale's wins (the tier travels with the sale in Redis):
         // a directory that has not seen the sale's tier yet cannot skip its rows.
         let marked = replies.iter().any(|r| r.4 == "new_dw" || r.4 == "dw");
         if marked || route.is_some_and(|r| r.tier == Tier::DualWrite) {
             answer_dual_write(routing, goods_id, group, replies).await;
-            return None;
+            return InRedis::Answered;
         }
     }
+    let mut short = Vec::new();
     for (attempt, reply) in group.into_iter().zip(replies) {
+        if shard.is_some() && reply.0 == Outcome::SoldOut.as_str() {
+            short.push((attempt, reply));
+            continue;
+        }
         // The buyer may have given up (timeout); its answer is then dropped.
         let _ = attempt.reply.send(parse_reply(reply));
     }
-    None
+    if short.is_empty() {
+        InRedis::Answered
+    } else {
+        InRedis::ShardShort(short)
+    }
 }
 
 /// `dual_write`: the winners' rows go to MySQL (the writer's own apply, so the event that

@@ -234,16 +234,31 @@ pub async fn mysql_max_seq(
     goods_id: &str,
     epoch: u64,
 ) -> sqlx::Result<u64> {
+    mysql_max_seq_in(executor, goods_id, epoch, None).await
+}
+
+/// [`mysql_max_seq`] among the orders of one shard `(shard, shards)` of a `redis_sharded`
+/// goods (its sequences are those `= shard (mod shards)`), or of the whole goods.
+pub async fn mysql_max_seq_in(
+    executor: impl sqlx::MySqlExecutor<'_>,
+    goods_id: &str,
+    epoch: u64,
+    shard: Option<(u32, u32)>,
+) -> sqlx::Result<u64> {
     // The primary-key range of the epoch's order ids ("!" escapes LIKE's wildcards).
     let prefix = format!("{goods_id}.{epoch}.")
         .replace('!', "!!")
         .replace('_', "!_")
         .replace('%', "!%");
+    let (index, shards) = shard.unwrap_or((0, 1));
     let max: Option<u64> = sqlx::query_scalar(
         "SELECT MAX(CAST(SUBSTRING_INDEX(order_id, '.', -1) AS UNSIGNED)) FROM orders
-         WHERE order_id LIKE ? ESCAPE '!'",
+         WHERE order_id LIKE ? ESCAPE '!'
+           AND MOD(CAST(SUBSTRING_INDEX(order_id, '.', -1) AS UNSIGNED), ?) = ?",
     )
     .bind(format!("{prefix}%"))
+    .bind(shards.max(1))
+    .bind(index)
     .fetch_one(executor)
     .await?;
     Ok(max.unwrap_or(0))
@@ -261,7 +276,7 @@ pub async fn enter(
 ) -> sqlx::Result<bool> {
     let mut tx = mysql.begin().await?;
     let row = sqlx::query(
-        "SELECT tier, mode, loaded_epoch, per_user_limit, stock FROM sales
+        "SELECT tier, mode, loaded_epoch, per_user_limit, stock, shards FROM sales
          WHERE goods_id = ? FOR UPDATE",
     )
     .bind(goods_id)
@@ -274,9 +289,19 @@ pub async fn enter(
     if Tier::parse(&tier) == Some(Tier::Db) || mode != "redis" || loaded_epoch == 0 {
         return Ok(false);
     }
-    let max_seq = mysql_max_seq(&mut *tx, goods_id, loaded_epoch).await?;
-    let (_, orders) = watch.unseen(goods_id, loaded_epoch, max_seq);
-    let units = watch.holdback(goods_id, loaded_epoch, max_seq);
+    // A sharded goods is watched per shard (`deduct.rs`): each shard's unseen units count.
+    let shards = u32::from(row.try_get::<Option<u8>, _>("shards")?.unwrap_or(1)).max(1);
+    let mut watched = vec![(goods_id.to_owned(), None)];
+    if shards > 1 {
+        watched
+            .extend((0..shards).map(|s| (crate::keys::shard_id(goods_id, s), Some((s, shards)))));
+    }
+    let (mut orders, mut units) = (0, 0u64);
+    for (key_id, shard) in watched {
+        let max_seq = mysql_max_seq_in(&mut *tx, goods_id, loaded_epoch, shard).await?;
+        orders += watch.unseen(&key_id, loaded_epoch, max_seq).1;
+        units = units.saturating_add(watch.holdback(&key_id, loaded_epoch, max_seq));
+    }
     sqlx::query(
         "UPDATE sales SET mode = 'fallback', epoch = epoch + 1, db_seq = 0,
            holdback = LEAST(GREATEST(stock, 0), ?)

@@ -1,0 +1,170 @@
+//! Deciding a `redis_sharded` goods (`shard.rs`): each attempt at its buyer's home shard;
+//! attempts the home shard has too little for wait while units move to it from the other
+//! shards, then are decided there again. `sold_out` is answered only when every shard is
+//! empty and no units are on their way between shards.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use crate::directory::Route;
+use crate::durability::CallError;
+use crate::keys::home_shard;
+use crate::shard::{Mover, Rebalanced};
+use crate::RedisConn;
+
+use super::{
+    answer_all, decide_group, decide_in_redis, parse_reply, Attempt, Batching, DeductError,
+    Delivery, InRedis, Routing, Shard,
+};
+
+/// Times one group asks the other shards for units at most. Each round either moves units
+/// (and the group is decided again), finds every shard empty (`sold_out`), or finds units on
+/// their way; past it, the attempts left are answered 503 (their retry is decided afresh).
+const ROUNDS_MAX: usize = 3;
+/// A poll while units are on their way between shards (a move is two Redis calls).
+const IN_TRANSIT_POLL: Duration = Duration::from_millis(5);
+
+/// Decides a group of one sharded goods: one group per home shard, all at once.
+pub(super) async fn decide(
+    batching: &Batching,
+    routing: &Routing,
+    conn: RedisConn,
+    goods_id: &str,
+    delivery: Delivery,
+    group: Vec<Attempt>,
+    route: Route,
+) {
+    let mut homes: HashMap<u32, Vec<Attempt>> = HashMap::new();
+    for attempt in group {
+        let home = home_shard(&attempt.request.user_id, route.shards);
+        homes.entry(home).or_default().push(attempt);
+    }
+    let calls = homes.into_iter().map(|(index, group)| {
+        let shard = Shard {
+            index,
+            count: route.shards,
+        };
+        decide_at_home(
+            batching,
+            routing,
+            conn.clone(),
+            goods_id,
+            delivery,
+            group,
+            route,
+            shard,
+        )
+    });
+    futures_util::future::join_all(calls).await;
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn decide_at_home(
+    batching: &Batching,
+    routing: &Routing,
+    conn: RedisConn,
+    goods_id: &str,
+    delivery: Delivery,
+    mut group: Vec<Attempt>,
+    route: Route,
+    shard: Shard,
+) {
+    let mover = Mover {
+        conn: conn.clone(),
+        keys: &batching.keys,
+        durability: batching.durability,
+        script: &batching.transfer,
+    };
+    for round in 0..=ROUNDS_MAX {
+        let decided = decide_in_redis(
+            batching,
+            conn.clone(),
+            goods_id,
+            delivery,
+            group,
+            Some(route),
+            Some(shard),
+        )
+        .await;
+        let short = match decided {
+            InRedis::Answered => return,
+            InRedis::LookAgain(group, replies) => {
+                return look_again(batching, routing, conn, goods_id, delivery, group, replies)
+                    .await
+            }
+            InRedis::ShardShort(short) => short,
+        };
+        if round == ROUNDS_MAX {
+            // Units moved here each round and buyers of this shard took them first.
+            return answer_all(
+                short.into_iter().map(|(a, _)| a).collect(),
+                &DeductError::Rebalancing,
+            );
+        }
+        let wanted: u64 = short
+            .iter()
+            .map(|(a, _)| u64::from(a.request.quantity))
+            .sum();
+        let moved = mover
+            .rebalance(
+                goods_id,
+                shard.index,
+                shard.count,
+                route.loaded_epoch,
+                wanted,
+            )
+            .await;
+        match moved {
+            Ok(Rebalanced::Moved(units)) => {
+                metrics::counter!("seckill_shard_units_moved_total").increment(units);
+            }
+            Ok(Rebalanced::Empty) => {
+                // Every shard is empty: the home shard's answer stands (`sold_out`, with what
+                // is left, which is then the goods' whole remainder).
+                for (attempt, reply) in short {
+                    let _ = attempt.reply.send(parse_reply(reply));
+                }
+                return;
+            }
+            Ok(Rebalanced::InTransit) => tokio::time::sleep(IN_TRANSIT_POLL).await,
+            Err(e) => {
+                let error = match e {
+                    CallError::Timeout => DeductError::Timeout,
+                    other => DeductError::Redis(other.to_string()),
+                };
+                return answer_all(short.into_iter().map(|(a, _)| a).collect(), &error);
+            }
+        }
+        group = short.into_iter().map(|(a, _)| a).collect();
+    }
+}
+
+/// A shard did not know the goods and the directory does not know it as loaded: looked up
+/// again, a goods preheated since is decided afresh; otherwise the answer stands.
+async fn look_again(
+    batching: &Batching,
+    routing: &Routing,
+    conn: RedisConn,
+    goods_id: &str,
+    delivery: Delivery,
+    group: Vec<Attempt>,
+    replies: Vec<super::ScriptReply>,
+) {
+    match routing.directory.reload(goods_id).await {
+        Some(r) if r.loaded_epoch > 0 || r.in_mysql() => {
+            Box::pin(decide_group(
+                batching,
+                conn,
+                goods_id.to_owned(),
+                delivery,
+                group,
+            ))
+            .await;
+        }
+        _ => {
+            for (attempt, reply) in group.into_iter().zip(replies) {
+                let _ = attempt.reply.send(parse_reply(reply));
+            }
+        }
+    }
+}
