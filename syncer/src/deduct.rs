@@ -297,7 +297,8 @@ async fn decide_group(
     }
     // Redis is failing: a goods MySQL can decide moves there instead of waiting on Redis.
     if routing.breaker.is_open() && routing.fallback_rate.is_some() {
-        let group = match move_to_mysql(routing, &goods_id, Why::RedisDown, group).await {
+        let redis = (&conn, &batching.keys);
+        let group = match move_to_mysql(routing, redis, &goods_id, Why::RedisDown, group).await {
             Ok(group) => group,
             Err(group) => return answer_all(group, &DeductError::Redis("redis is failing".into())),
         };
@@ -344,6 +345,7 @@ async fn decide_group(
 /// loaded, no fallback).
 async fn move_to_mysql(
     routing: &Routing,
+    redis: (&RedisConn, &KeySpace),
     goods_id: &str,
     why: Why,
     group: Vec<Attempt>,
@@ -351,7 +353,7 @@ async fn move_to_mysql(
     if routing.fallback_rate.is_none() {
         return Err(group);
     }
-    match fallback::enter(&routing.mysql, &routing.watch, goods_id, why).await {
+    match fallback::enter(&routing.mysql, &routing.watch, goods_id, why, Some(redis)).await {
         // This call moved it: the directory must say so before the group is decided.
         Ok(true) => {
             if let Err(e) = routing.directory.refresh().await {
@@ -560,7 +562,8 @@ async fn decide_in_redis(
             answer_all(group, &DeductError::Forgot(goods_id.to_owned()));
             return InRedis::Answered;
         };
-        let group = match move_to_mysql(routing, goods_id, Why::Forgot, group).await {
+        let redis = (&conn, &batching.keys);
+        let group = match move_to_mysql(routing, redis, goods_id, Why::Forgot, group).await {
             Ok(group) => group,
             Err(group) => {
                 answer_all(group, &DeductError::Forgot(goods_id.to_owned()));
@@ -603,8 +606,14 @@ async fn decide_in_redis(
             // Redis went back: none of this batch's new ids may reach a buyer. The others of
             // the batch are answered (they hand out nothing).
             fallback::fence(&conn, &batching.keys, &key_id).await;
-            if let Err(e) =
-                fallback::enter(&routing.mysql, &routing.watch, goods_id, Why::Reissued).await
+            if let Err(e) = fallback::enter(
+                &routing.mysql,
+                &routing.watch,
+                goods_id,
+                Why::Reissued,
+                Some((&conn, &batching.keys)),
+            )
+            .await
             {
                 tracing::warn!(goods_id, error = %e, "could not move the goods to MySQL");
             }

@@ -268,11 +268,15 @@ pub async fn mysql_max_seq_in(
 /// (MySQL's own order ids), holds back the units this syncer saw Redis sell that MySQL does
 /// not have yet, and sets `mode = 'fallback'`. Returns false when there is nothing to move (a
 /// db goods, one already in fallback or switching, one never loaded into Redis).
+///
+/// A `redis_sharded` goods' shards are all fenced in `redis` (when given) once it moved: its
+/// healthy shards must not sell beside MySQL, which counts their units as its own.
 pub async fn enter(
     mysql: &MySqlPool,
     watch: &SeqWatch,
     goods_id: &str,
     why: Why,
+    redis: Option<(&RedisConn, &KeySpace)>,
 ) -> sqlx::Result<bool> {
     let mut tx = mysql.begin().await?;
     let row = sqlx::query(
@@ -312,6 +316,11 @@ pub async fn enter(
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
+    if let (true, Some((conn, keys))) = (shards > 1, redis) {
+        for shard in 0..shards {
+            fence(conn, keys, &crate::keys::shard_id(goods_id, shard)).await;
+        }
+    }
     metrics::counter!("seckill_fallback_entered_total", "why" => why.as_str()).increment(1);
     if why != Why::RedisDown {
         metrics::counter!("seckill_redis_forgot_total", "why" => why.as_str()).increment(1);

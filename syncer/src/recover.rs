@@ -207,8 +207,9 @@ impl Recoverer {
                 };
             }
             if forgot {
+                let redis = Some((&self.redis, &self.keys));
                 if let Err(e) =
-                    fallback::enter(&self.mysql, &self.watch, &goods_id, Why::Forgot).await
+                    fallback::enter(&self.mysql, &self.watch, &goods_id, Why::Forgot, redis).await
                 {
                     tracing::warn!(goods_id, error = %e, "could not move the goods to MySQL");
                 }
