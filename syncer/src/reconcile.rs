@@ -210,7 +210,7 @@ impl Reconciler {
             let mut report = self.goods_report(&goods_id).await?;
             if orders && report.shards.is_empty() {
                 report.orders = Some(self.digest(&goods_id, &mut digest::CountOnly).await?);
-            } else if orders {
+            } else if orders && report.note.is_none() {
                 report.note = Some(
                     "the order digest does not cover a redis_sharded goods yet: its counters \
                      are compared per shard and per goods"
@@ -263,7 +263,19 @@ impl Reconciler {
                 })
                 .await?;
         }
+        // A sharded goods MySQL decides (its shards fenced, not re-seeded) is MySQL's alone
+        // until its sale ends: the shards' counters are a stale copy, not compared.
+        let in_mysql: Option<String> = if shards.is_empty() {
+            None
+        } else {
+            sqlx::query_scalar("SELECT mode FROM sales WHERE goods_id = ?")
+                .bind(goods_id)
+                .fetch_optional(&self.mysql)
+                .await?
+                .filter(|mode: &String| mode != "redis")
+        };
         let (drift, missing_from_redis) = match (&redis, &mysql) {
+            _ if in_mysql.is_some() => (Drift::default(), false),
             (Some(r), Some(m)) => (drift(r, &in_flight, m), false),
             // Defined on one side only: all of the other side's stock is drift.
             (Some(r), None) => (
@@ -299,7 +311,12 @@ impl Reconciler {
             missing_from_redis,
             orders: None,
             shards,
-            note: None,
+            note: in_mysql.map(|mode| {
+                format!(
+                    "mode {mode}: MySQL decides this sharded goods until its sale ends; its \
+                     fenced shards are not compared"
+                )
+            }),
         })
     }
 
