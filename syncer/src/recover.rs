@@ -76,7 +76,15 @@ impl Recoverer {
     /// missing. A goods whose sale is gone (forgotten: the fallback re-seeds it, which adds
     /// it; redefined as db: its preheat removed both) is left out.
     async fn restore_index(&self) {
-        let loaded = self.directory.loaded_in_redis();
+        let mut loaded = self.directory.loaded_in_redis();
+        // A sharded goods MySQL decides keeps its fenced shards (it is not re-seeded): their
+        // outboxes must still reach MySQL.
+        loaded.extend(
+            self.directory
+                .not_in_redis()
+                .into_iter()
+                .filter(|(_, route)| route.shards > 1 && route.loaded_epoch > 0),
+        );
         if loaded.is_empty() {
             return;
         }
