@@ -83,31 +83,9 @@ async fn assert_keys_live_on_their_master(cluster: &RedisCluster, prefix: &str, 
 /// 503s (a Redis call cut short by a loaded machine: the gate's buyers are told to retry);
 /// the final answer.
 async fn deduct(p: &Pipeline<RedisCluster>, goods: &str, user: &str, request: &str) -> Value {
-    let deadline = std::time::Instant::now() + BUYER_PATIENCE;
-    loop {
-        let response = p
-            .http
-            .post(format!("{}{}", p.api.url(), seckill_api::DEDUCT_PATH))
-            .header(seckill_api::SECRET_HEADER, SECRET)
-            .json(
-                &json!({"goods_id": goods, "user_id": user, "quantity": 1, "request_id": request}),
-            )
-            .send()
-            .await
-            .unwrap();
-        let status = response.status().as_u16();
-        let body: Value = response.json().await.unwrap();
-        if status == 200 {
-            return body;
-        }
-        assert_eq!(status, 503, "{body}");
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{user} got 503 for {BUYER_PATIENCE:?}: {body}"
-        );
-        // A poll inside the buyer's deadline: a 503 asks for a retry in a moment.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    p.deduct_patiently(goods, user, request, BUYER_PATIENCE)
+        .await
+        .unwrap()
 }
 
 /// Buyers `{tag}-0..count` (request id = buyer), 20 at a time, each patient: the order id
