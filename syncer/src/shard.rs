@@ -59,11 +59,12 @@ fn transfer_id(epoch: u64) -> String {
 pub enum Rebalanced {
     /// This many units arrived at the home shard.
     Moved(u64),
-    /// Every other shard is empty and nothing is on its way between shards.
-    Empty,
-    /// Every other shard is empty, but units are on their way between shards: they land in a
-    /// moment (or the sweeper completes their move).
-    InTransit,
+    /// Every shard together holds this many units, fewer than the attempts want, and nothing
+    /// moved between shards while they were read: the goods is sold out for them.
+    Exhausted(u64),
+    /// Units moved between shards while they were read, or some shard holds enough now: the
+    /// attempts are to be decided again.
+    Unsettled,
 }
 
 /// One shard's reply to a transfer call: `{status, units, figure}`.
@@ -95,12 +96,12 @@ pub struct Mover<'a> {
 }
 
 impl Mover<'_> {
-    async fn call(
+    async fn call<T: redis::FromRedisValue>(
         &self,
         shard: &ShardKeys,
         incoming: bool,
         args: &[String],
-    ) -> Result<Reply, CallError> {
+    ) -> Result<T, CallError> {
         let keys = if incoming {
             shard.keys.transfer_in_script_keys()
         } else {
@@ -142,18 +143,22 @@ impl Mover<'_> {
             units.to_string(),
             epoch.to_string(),
         ];
-        let (status, _, _) = self.call(&home, true, &args).await?;
+        let (status, _, _): Reply = self.call(&home, true, &args).await?;
         if status == "stale" {
             return Ok(false);
         }
         let donor = ShardKeys::new(self.keys, goods_id, from);
-        self.call(&donor, false, &["done".to_owned(), id.to_owned()])
+        let _: Reply = self
+            .call(&donor, false, &["done".to_owned(), id.to_owned()])
             .await?;
         Ok(true)
     }
 
     /// Moves at least `wanted` units (when the other shards have them) to shard `home` from
-    /// the others in turn, at most `shards - 1` of them.
+    /// the others in turn, at most `shards - 1` of them. When none has any, reads every shard
+    /// twice: the goods is out for attempts of at least `least` units only if both reads find
+    /// fewer in all, nothing on its way, and no shard's moves changed between them (so at the
+    /// moment between the two reads no unit was anywhere else).
     pub async fn rebalance(
         &self,
         goods_id: &str,
@@ -161,9 +166,9 @@ impl Mover<'_> {
         shards: u32,
         epoch: u64,
         wanted: u64,
+        least: u64,
     ) -> Result<Rebalanced, CallError> {
         let mut moved = 0u64;
-        let mut in_transit = false;
         for step in 1..shards {
             let from = (home + step) % shards;
             let donor = ShardKeys::new(self.keys, goods_id, from);
@@ -175,19 +180,13 @@ impl Mover<'_> {
                 (wanted - moved).to_string(),
                 epoch.to_string(),
             ];
-            let (status, units, pending) = self.call(&donor, false, &args).await?;
-            match status.as_str() {
-                "taken" if units > 0 => {
-                    crashpoint(SHARD_AFTER_TAKE);
-                    if self.land(goods_id, from, home, &id, units, epoch).await? {
-                        moved += units;
-                    } else {
-                        in_transit = true;
-                    }
+            let (status, units, _): Reply = self.call(&donor, false, &args).await?;
+            // `empty`, or `stale`: a donor that forgot, whose stock the goods' fallback settles.
+            if status == "taken" && units > 0 {
+                crashpoint(SHARD_AFTER_TAKE);
+                if self.land(goods_id, from, home, &id, units, epoch).await? {
+                    moved += units;
                 }
-                "empty" => in_transit |= pending > 0,
-                // A donor that forgot: its stock is settled by the goods' fallback.
-                _ => {}
             }
             if moved >= wanted {
                 break;
@@ -196,14 +195,33 @@ impl Mover<'_> {
         if moved > 0 {
             return Ok(Rebalanced::Moved(moved));
         }
-        // The home shard's own moves out count too: they land in a shard already asked.
-        let own = ShardKeys::new(self.keys, goods_id, home);
-        let (_, pending, _) = self.call(&own, false, &["count".to_owned()]).await?;
-        Ok(if in_transit || pending > 0 {
-            Rebalanced::InTransit
+        let first = self.peek_all(goods_id, shards).await?;
+        let second = self.peek_all(goods_id, shards).await?;
+        let still = first.iter().zip(&second).all(|(a, b)| a.1 == b.1);
+        let in_transit = second.iter().any(|s| s.2 > 0);
+        let left: u64 = second.iter().map(|s| s.0).sum();
+        Ok(if still && !in_transit && left < least {
+            Rebalanced::Exhausted(left)
         } else {
-            Rebalanced::Empty
+            Rebalanced::Unsettled
         })
+    }
+
+    /// Every shard's (available, moves, transfers out not yet done), all read at once.
+    async fn peek_all(
+        &self,
+        goods_id: &str,
+        shards: u32,
+    ) -> Result<Vec<(u64, u64, u64)>, CallError> {
+        let peeks = (0..shards).map(|shard| async move {
+            let keys = ShardKeys::new(self.keys, goods_id, shard);
+            self.call::<(u64, u64, u64)>(&keys, false, &["peek".to_owned()])
+                .await
+        });
+        futures_util::future::join_all(peeks)
+            .await
+            .into_iter()
+            .collect()
     }
 
     /// Completes the moves of shard `from` cut short between take and give (older than

@@ -1,7 +1,7 @@
 //! Deciding a `redis_sharded` goods (`shard.rs`): each attempt at its buyer's home shard;
 //! attempts the home shard has too little for wait while units move to it from the other
-//! shards, then are decided there again. `sold_out` is answered only when every shard is
-//! empty and no units are on their way between shards.
+//! shards, then are decided there again. `sold_out` is answered only when all shards together
+//! hold too little, read twice with nothing moving between (`shard::Mover::rebalance`).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -18,10 +18,11 @@ use super::{
 };
 
 /// Times one group asks the other shards for units at most. Each round either moves units
-/// (and the group is decided again), finds every shard empty (`sold_out`), or finds units on
-/// their way; past it, the attempts left are answered 503 (their retry is decided afresh).
+/// (and the group is decided again), finds the goods out of stock (`sold_out`), or finds
+/// units moving (decided again); past it, the attempts left are answered 503 (their retry is
+/// decided afresh).
 const ROUNDS_MAX: usize = 3;
-/// A poll while units are on their way between shards (a move is two Redis calls).
+/// A pause before deciding again while units move between shards (a move is a few calls).
 const IN_TRANSIT_POLL: Duration = Duration::from_millis(5);
 
 /// Decides a group of one sharded goods: one group per home shard, all at once.
@@ -105,6 +106,11 @@ async fn decide_at_home(
             .iter()
             .map(|(a, _)| u64::from(a.request.quantity))
             .sum();
+        let least = short
+            .iter()
+            .map(|(a, _)| u64::from(a.request.quantity))
+            .min()
+            .unwrap_or(1);
         let moved = mover
             .rebalance(
                 goods_id,
@@ -112,21 +118,25 @@ async fn decide_at_home(
                 shard.count,
                 route.loaded_epoch,
                 wanted,
+                least,
             )
             .await;
         match moved {
             Ok(Rebalanced::Moved(units)) => {
                 metrics::counter!("seckill_shard_units_moved_total").increment(units);
             }
-            Ok(Rebalanced::Empty) => {
-                // Every shard is empty: the home shard's answer stands (`sold_out`, with what
-                // is left, which is then the goods' whole remainder).
-                for (attempt, reply) in short {
-                    let _ = attempt.reply.send(parse_reply(reply));
+            Ok(Rebalanced::Exhausted(left)) => {
+                // The goods as a whole has too little: `sold_out` with what is left (0: the
+                // gate may cache it as sold out).
+                for (attempt, (outcome, order, _, retry, reason)) in short {
+                    let left = i64::try_from(left).unwrap_or(i64::MAX);
+                    let _ = attempt
+                        .reply
+                        .send(parse_reply((outcome, order, left, retry, reason)));
                 }
                 return;
             }
-            Ok(Rebalanced::InTransit) => tokio::time::sleep(IN_TRANSIT_POLL).await,
+            Ok(Rebalanced::Unsettled) => tokio::time::sleep(IN_TRANSIT_POLL).await,
             Err(e) => {
                 let error = match e {
                     CallError::Timeout => DeductError::Timeout,

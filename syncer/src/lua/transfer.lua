@@ -6,7 +6,9 @@
 -- (pending) and completes: units are never lost nor counted twice. Each shard keeps
 -- total = available + reserved + sold + lapsed; the goods' total is the shards' totals plus
 -- the units of the records not yet done.
--- KEYS: 1 this shard's sale hash, 2 its transfers out hash (take, done, pending, count) or
+-- Every take and give counts in the sale's `moves`, so that a caller reading every shard twice
+-- can tell whether anything moved between its two reads (`peek`).
+-- KEYS: 1 this shard's sale hash, 2 its transfers out hash (take, done, pending, peek) or
 --       its transfers in set (give)
 -- ARGV: 1 action, then
 --   take:    2 transfer id, 3 receiving shard, 4 units wanted, 5 the epoch the caller expects
@@ -16,7 +18,7 @@
 --               missing, fenced, or of another epoch)
 --   give:    2 transfer id, 3 units, 4 epoch -> { 'given' | 'repeat' | 'stale', units, available }
 --   done:    2 transfer id -> { 'done', 0, 0 }
---   count:   -> { 'count', transfers out not yet done, units in them }
+--   peek:    -> { available, moves, transfers out not yet done }
 --   pending: 2 records older than this many ms, 3 at most this many
 --            -> flat { id, record, id, record, ... }
 -- Uses the prelude (common.lua): clock_ms, parse_record, make_record.
@@ -50,6 +52,7 @@ if action == 'take' then
   end
   redis.call('HINCRBY', KEYS[1], 'available', -units)
   redis.call('HINCRBY', KEYS[1], 'total', -units)
+  redis.call('HINCRBY', KEYS[1], 'moves', 1)
   redis.call('HSET', KEYS[2], id, make_record(to, units, clock_ms()))
   return { 'taken', units, available - units }
 end
@@ -65,6 +68,7 @@ if action == 'give' then
   end
   redis.call('HINCRBY', KEYS[1], 'available', units)
   redis.call('HINCRBY', KEYS[1], 'total', units)
+  redis.call('HINCRBY', KEYS[1], 'moves', 1)
   return { 'given', units, available + units }
 end
 
@@ -73,13 +77,9 @@ if action == 'done' then
   return { 'done', 0, 0 }
 end
 
-if action == 'count' then
-  local units = 0
-  for _, record in ipairs(redis.call('HVALS', KEYS[2])) do
-    local _, quantity = parse_record(record)
-    units = units + (quantity or 0)
-  end
-  return { 'count', redis.call('HLEN', KEYS[2]), units }
+if action == 'peek' then
+  local sale = redis.call('HMGET', KEYS[1], 'available', 'moves')
+  return { tonumber(sale[1] or '0'), tonumber(sale[2] or '0'), redis.call('HLEN', KEYS[2]) }
 end
 
 if action == 'pending' then
