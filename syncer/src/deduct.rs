@@ -640,10 +640,16 @@ async fn decide_in_redis(
         }
     }
     let mut short = Vec::new();
-    for (attempt, reply) in group.into_iter().zip(replies) {
+    for (attempt, mut reply) in group.into_iter().zip(replies) {
         if shard.is_some() && reply.0 == Outcome::SoldOut.as_str() {
             short.push((attempt, reply));
             continue;
+        }
+        if shard.is_some() {
+            // A shard's count is not the goods': told `remaining: 0` with a win, the gate
+            // would cache the whole goods as sold out. A sharded goods' answers carry none
+            // (`sold_out` carries the goods' own, `deduct/sharded.rs`).
+            reply.2 = -1;
         }
         // The buyer may have given up (timeout); its answer is then dropped.
         let _ = attempt.reply.send(parse_reply(reply));

@@ -169,6 +169,8 @@ async fn stock_moves_to_an_empty_home_shard_and_retries_and_releases_stay_exact(
     let moved = attempt(&p, &goods, &home0[2], &home0[2]).await;
     assert_eq!(moved["outcome"], "won", "{moved}");
     let moved_order = order(&moved);
+    // A shard's count is not the goods': no `remaining` (the gate would cache a 0 as sold out).
+    assert!(moved.get("remaining").is_none(), "{moved}");
     assert_eq!(shard_of(&moved_order), 0);
     let shards = shards_of(&p, &goods).await;
     assert_eq!(
@@ -347,17 +349,33 @@ async fn a_move_cut_short_between_take_and_give_is_completed() {
 }
 
 /// What a buyer got through Envoy, after retrying 503s with the same request id.
+struct Bought {
+    user: String,
+    outcome: String,
+    order_id: Option<String>,
+    /// When the try that got this answer was sent, and when the answer came.
+    sent: Instant,
+    answered: Instant,
+}
+
 async fn buy_patiently(
     stack: &Stack<RedisCluster>,
     goods: &str,
     user: &str,
     request: &str,
-) -> (String, Option<String>, Value) {
+) -> Bought {
     let deadline = Instant::now() + PATIENCE;
     loop {
+        let sent = Instant::now();
         let result = stack.buy(goods, user, 1, request).await.unwrap();
         if result.status != 503 {
-            return (result.outcome, result.order_id, result.body);
+            return Bought {
+                user: user.to_owned(),
+                outcome: result.outcome,
+                order_id: result.order_id,
+                sent,
+                answered: Instant::now(),
+            };
         }
         assert!(
             Instant::now() < deadline,
@@ -387,20 +405,31 @@ async fn five_thousand_attempts_through_envoy_sell_a_sharded_goods_exactly() {
     let admin = stack.admin().unwrap();
     open_sharded(&admin, &goods, STOCK).await;
 
-    // 4,000 buyers, 1,000 of them trying twice with a second request id: 5,000 attempts, as
-    // many in flight at once as the machine takes.
-    let attempts: Vec<(String, String)> = (0..BUYERS)
-        .map(|i| (format!("u{i}"), format!("u{i}-a")))
-        .chain((0..TWICE).map(|i| (format!("u{i}"), format!("u{i}-b"))))
+    // 4,000 buyers, half of them of shard 0 (which holds a third of the stock: it must get
+    // units from the others), interleaved; 1,000 of them try twice with a second request id
+    // at the same moment: 5,000 attempts, as many in flight at once as the machine takes.
+    let (home0, home1, home2) = (
+        buyers_of("u", 0, 2_000),
+        buyers_of("v", 1, 1_000),
+        buyers_of("w", 2, 1_000),
+    );
+    let buyers: Vec<&String> = (0..1_000)
+        .flat_map(|i| [&home0[2 * i], &home1[i], &home0[2 * i + 1], &home2[i]])
+        .collect();
+    assert_eq!(buyers.len(), BUYERS);
+    let attempts: Vec<(String, String)> = buyers
+        .iter()
+        .enumerate()
+        .flat_map(|(i, user)| {
+            let tries = if i < TWICE { 2 } else { 1 };
+            (0..tries).map(move |t| (user.to_string(), format!("{user}-{t}")))
+        })
         .collect();
     assert_eq!(attempts.len(), 5_000);
-    let answers: Vec<(String, String, Option<String>)> = stream::iter(attempts)
+    let answers: Vec<Bought> = stream::iter(attempts)
         .map(|(user, request)| {
             let (stack, goods) = (stack.clone(), goods.clone());
-            async move {
-                let (outcome, order, _) = buy_patiently(&stack, &goods, &user, &request).await;
-                (user, outcome, order)
-            }
+            async move { buy_patiently(&stack, &goods, &user, &request).await }
         })
         .buffer_unordered(1_000)
         .collect()
@@ -408,20 +437,44 @@ async fn five_thousand_attempts_through_envoy_sell_a_sharded_goods_exactly() {
     let mut outcomes: HashMap<&str, usize> = HashMap::new();
     let mut wins_by_user: HashMap<&str, usize> = HashMap::new();
     let mut orders = HashSet::new();
-    for (user, outcome, order) in &answers {
-        *outcomes.entry(outcome.as_str()).or_default() += 1;
-        if outcome == "won" {
-            *wins_by_user.entry(user.as_str()).or_default() += 1;
-            orders.insert(order.clone().expect("a winner has an order id"));
+    for answer in &answers {
+        *outcomes.entry(answer.outcome.as_str()).or_default() += 1;
+        if answer.outcome == "won" {
+            *wins_by_user.entry(answer.user.as_str()).or_default() += 1;
+            orders.insert(answer.order_id.clone().expect("a winner has an order id"));
         }
     }
     eprintln!("outcomes: {outcomes:?}");
-    assert_eq!(outcomes.get("won"), Some(&(STOCK as usize)), "{outcomes:?}");
+    let sale = admin.sale(&goods).await.unwrap();
+    assert_eq!(
+        outcomes.get("won"),
+        Some(&(STOCK as usize)),
+        "{outcomes:?} {sale:#}"
+    );
     assert_eq!(orders.len(), STOCK as usize, "distinct order ids");
     assert!(
         wins_by_user.values().all(|&n| n == 1),
         "the per-user limit of 1 holds"
     );
+    // No `sold_out` while any shard had a unit: no winner's request left after the first
+    // `sold_out` came back (units only go down in this sale: nothing is released).
+    let first_sold_out = answers
+        .iter()
+        .filter(|a| a.outcome == "sold_out")
+        .map(|a| a.answered)
+        .min();
+    let last_win_sent = answers
+        .iter()
+        .filter(|a| a.outcome == "won")
+        .map(|a| a.sent)
+        .max();
+    if let (Some(sold_out), Some(win)) = (first_sold_out, last_win_sent) {
+        assert!(
+            win < sold_out,
+            "a winner was sent {:?} after the first sold_out",
+            win - sold_out
+        );
+    }
     for outcome in outcomes.keys() {
         assert!(
             ["won", "sold_out", "duplicate"].contains(outcome),
