@@ -125,8 +125,8 @@ impl Mover<'_> {
 
     /// Gives `units` of transfer `id` to shard `to` (once, whoever calls), then forgets the
     /// donor's record. A stale receiver (it forgot the sale, or holds another epoch) gets
-    /// nothing: the record stays, and the units with it, for the goods' re-seed or the next
-    /// preheat to settle.
+    /// nothing: the record stays, and the units with it, until the next preheat clears it
+    /// (the goods has moved to MySQL by then, which counts those units as its own).
     async fn land(
         &self,
         goods_id: &str,
@@ -213,10 +213,17 @@ impl Mover<'_> {
         goods_id: &str,
         shards: u32,
     ) -> Result<Vec<(u64, u64, u64)>, CallError> {
+        // Reads: no durability wait (`replicas:N` would write its mark for each).
         let peeks = (0..shards).map(|shard| async move {
             let keys = ShardKeys::new(self.keys, goods_id, shard);
-            self.call::<(u64, u64, u64)>(&keys, false, &["peek".to_owned()])
+            let mut invocation =
+                crate::scripts::invocation(self.script, &keys.keys.transfer_out_script_keys());
+            invocation.arg("peek");
+            let mut conn = self.conn.clone();
+            tokio::time::timeout(TRANSFER_TIMEOUT, invocation.invoke_async(&mut conn))
                 .await
+                .map_err(|_| CallError::Timeout)?
+                .map_err(|e| CallError::Redis(e.to_string()))
         });
         futures_util::future::join_all(peeks)
             .await
