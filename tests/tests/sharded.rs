@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use futures::stream::{self, StreamExt};
 use seckill_e2e::admin::Admin;
-use seckill_e2e::pipeline::Pipeline;
+use seckill_e2e::pipeline::{epoch_of, Pipeline};
 use seckill_e2e::process::wait_for;
 use seckill_e2e::redis_cluster::RedisCluster;
 use seckill_e2e::stack::{now_ms, rfc3339, Stack, StackOptions, SECRET};
@@ -336,6 +336,18 @@ async fn a_move_cut_short_between_take_and_give_is_completed() {
         [2, 0, 1],
         "the unit landed on shard 0, once"
     );
+    // The same give again (a second sweeper, a late taker) adds nothing.
+    let (id, _) = records.iter().next().unwrap();
+    let script = redis::Script::new(seckill_syncer::scripts::TRANSFER);
+    let mut give = script.prepare_invoke();
+    give.key(key(0, "sale")).key(key(0, "transfers_in"));
+    give.arg("give")
+        .arg(id)
+        .arg(1)
+        .arg(epoch_of(first["order_id"].as_str().unwrap()));
+    let (status, _, _): (String, u64, u64) = give.invoke_async(&mut conn).await.unwrap();
+    assert_eq!(status, "repeat");
+    assert_eq!(totals(&mut conn).await, [2, 0, 1], "still once");
     let shards = shards_of(&p, &goods).await;
     assert_eq!(shards, vec![(1, 2, 0), (0, 0, 0), (1, 1, 0)]);
 
