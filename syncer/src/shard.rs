@@ -169,6 +169,7 @@ impl Mover<'_> {
         least: u64,
     ) -> Result<Rebalanced, CallError> {
         let mut moved = 0u64;
+        let mut unreachable = false;
         for step in 1..shards {
             let from = (home + step) % shards;
             let donor = ShardKeys::new(self.keys, goods_id, from);
@@ -180,7 +181,16 @@ impl Mover<'_> {
                 (wanted - moved).to_string(),
                 epoch.to_string(),
             ];
-            let (status, units, _): Reply = self.call(&donor, false, &args).await?;
+            // A donor that does not answer (its master down) is passed over: the others may
+            // still have units; but then the goods cannot be found sold out this round.
+            let (status, units, _): Reply = match self.call(&donor, false, &args).await {
+                Ok(reply) => reply,
+                Err(e) => {
+                    tracing::debug!(goods_id, shard = from, error = %e, "a donor shard did not answer");
+                    unreachable = true;
+                    continue;
+                }
+            };
             // `empty`, or `stale`: a donor that forgot, whose stock the goods' fallback settles.
             if status == "taken" && units > 0 {
                 crashpoint(SHARD_AFTER_TAKE);
@@ -194,6 +204,9 @@ impl Mover<'_> {
         }
         if moved > 0 {
             return Ok(Rebalanced::Moved(moved));
+        }
+        if unreachable {
+            return Ok(Rebalanced::Unsettled);
         }
         let first = self.peek_all(goods_id, shards).await?;
         let second = self.peek_all(goods_id, shards).await?;
