@@ -435,11 +435,7 @@ async fn goods_on_three_masters_sell_settle_reach_mysql_and_a_forgetful_master_i
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_sale_through_envoy_on_a_cluster_reaches_the_shop_and_mysql_once() {
-    let mut options = StackOptions::new("cluster_edge");
-    options.pipeline = true;
-    // The crowd arrives before the syncer has confirmed the goods: no shared bucket for it.
-    options.plugin_config["rate_limit"]["unconfirmed"] =
-        json!({"per_second": 1_000_000.0, "burst": 1_000_000});
+    let options = StackOptions::for_a_crowd("cluster_edge");
     let stack = Arc::new(
         Stack::start_cluster(options)
             .await

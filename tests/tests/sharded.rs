@@ -404,10 +404,7 @@ async fn five_thousand_attempts_through_envoy_sell_a_sharded_goods_exactly() {
     const STOCK: u64 = 1_000;
     const BUYERS: usize = 4_000;
     const TWICE: usize = 1_000;
-    let mut options = StackOptions::new("sharded_edge");
-    options.pipeline = true;
-    options.plugin_config["rate_limit"]["unconfirmed"] =
-        json!({"per_second": 1_000_000.0, "burst": 1_000_000});
+    let options = StackOptions::for_a_crowd("sharded_edge");
     let stack = Arc::new(
         Stack::start_cluster(options)
             .await

@@ -25,6 +25,16 @@ const ROUNDS_MAX: usize = 3;
 /// A pause before deciding again while units move between shards (a move is a few calls).
 const IN_TRANSIT_POLL: Duration = Duration::from_millis(5);
 
+/// What every call for one sharded goods' group carries.
+struct Call<'a> {
+    batching: &'a Batching,
+    routing: &'a Routing,
+    conn: RedisConn,
+    goods_id: &'a str,
+    delivery: Delivery,
+    route: Route,
+}
+
 /// Decides a group of one sharded goods: one group per home shard, all at once.
 pub(super) async fn decide(
     batching: &Batching,
@@ -35,6 +45,14 @@ pub(super) async fn decide(
     group: Vec<Attempt>,
     route: Route,
 ) {
+    let call = Call {
+        batching,
+        routing,
+        conn,
+        goods_id,
+        delivery,
+        route,
+    };
     let mut homes: HashMap<u32, Vec<Attempt>> = HashMap::new();
     for attempt in group {
         let home = home_shard(&attempt.request.user_id, route.shards);
@@ -45,31 +63,20 @@ pub(super) async fn decide(
             index,
             count: route.shards,
         };
-        decide_at_home(
-            batching,
-            routing,
-            conn.clone(),
-            goods_id,
-            delivery,
-            group,
-            route,
-            shard,
-        )
+        decide_at_home(&call, group, shard)
     });
     futures_util::future::join_all(calls).await;
 }
 
-#[allow(clippy::too_many_arguments)]
-async fn decide_at_home(
-    batching: &Batching,
-    routing: &Routing,
-    conn: RedisConn,
-    goods_id: &str,
-    delivery: Delivery,
-    mut group: Vec<Attempt>,
-    route: Route,
-    shard: Shard,
-) {
+async fn decide_at_home(call: &Call<'_>, mut group: Vec<Attempt>, shard: Shard) {
+    let Call {
+        batching,
+        goods_id,
+        delivery,
+        route,
+        ..
+    } = *call;
+    let conn = &call.conn;
     let mover = Mover {
         conn: conn.clone(),
         keys: &batching.keys,
@@ -89,10 +96,7 @@ async fn decide_at_home(
         .await;
         let short = match decided {
             InRedis::Answered => return,
-            InRedis::LookAgain(group, replies) => {
-                return look_again(batching, routing, conn, goods_id, delivery, group, replies)
-                    .await
-            }
+            InRedis::LookAgain(group, replies) => return look_again(call, group, replies).await,
             InRedis::ShardShort(short) => short,
         };
         if round == ROUNDS_MAX {
@@ -151,15 +155,15 @@ async fn decide_at_home(
 
 /// A shard did not know the goods and the directory does not know it as loaded: looked up
 /// again, a goods preheated since is decided afresh; otherwise the answer stands.
-async fn look_again(
-    batching: &Batching,
-    routing: &Routing,
-    conn: RedisConn,
-    goods_id: &str,
-    delivery: Delivery,
-    group: Vec<Attempt>,
-    replies: Vec<super::ScriptReply>,
-) {
+async fn look_again(call: &Call<'_>, group: Vec<Attempt>, replies: Vec<super::ScriptReply>) {
+    let Call {
+        batching,
+        routing,
+        goods_id,
+        delivery,
+        ..
+    } = *call;
+    let conn = call.conn.clone();
     match routing.directory.reload(goods_id).await {
         Some(r) if r.loaded_epoch > 0 || r.in_mysql() => {
             Box::pin(decide_group(
