@@ -10,8 +10,12 @@ use crate::sale::{FleetRate, Sale, Tier};
 
 /// How long to wait for a connection from the pool before giving up on a request.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
-/// Connections per syncer process; the batched writer needs few, the admin API fewer.
+/// Connections per syncer process: the deducter's MySQL lane keeps up to four batches in
+/// flight, the batched writer needs few, the admin API fewer.
 const POOL_CONNECTIONS_MAX: u32 = 8;
+
+/// The longest any statement of the syncer waits for a row lock.
+const LOCK_WAIT_SQL: &str = "SET SESSION innodb_lock_wait_timeout = 5";
 
 static MIGRATOR: sqlx::migrate::Migrator = sqlx::migrate!("./migrations");
 
@@ -23,6 +27,15 @@ pub async fn connect(url: &str) -> anyhow::Result<MySqlPool> {
     let pool = MySqlPoolOptions::new()
         .max_connections(POOL_CONNECTIONS_MAX)
         .acquire_timeout(ACQUIRE_TIMEOUT)
+        // InnoDB's default is 50 s: a stuck holder of a sale row would park the deducter's
+        // and the writer's connections that long. Their callers retry; nothing here should
+        // wait on a row lock longer than this.
+        .after_connect(|conn, _meta| {
+            Box::pin(async move {
+                sqlx::query(LOCK_WAIT_SQL).execute(conn).await?;
+                Ok(())
+            })
+        })
         .connect_with(options)
         .await
         .map_err(|e| anyhow::anyhow!("cannot connect to MySQL: {e}"))?;

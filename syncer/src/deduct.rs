@@ -19,6 +19,9 @@ use crate::fallback::{self, Breaker, SeqWatch, Watched, Why};
 use crate::keys::KeySpace;
 use crate::sale::Tier;
 
+mod db_lane;
+use db_lane::{DbLane, Job};
+
 /// Longest a deduct may wait on Redis. The filter's callout timeout is shorter still; this
 /// bound keeps a stuck Redis from piling up tasks in the syncer.
 pub const REDIS_CALL_TIMEOUT: Duration = Duration::from_millis(1_000);
@@ -220,6 +223,7 @@ async fn run_batches(
     connections: Vec<RedisConn>,
 ) {
     let batching = Arc::new(batching);
+    let lane = DbLane::start(batching.clone());
     // The free connections; a batch takes one and gives it back when it is answered.
     let (free, mut idle) = mpsc::channel(connections.len().max(1));
     for connection in connections {
@@ -232,10 +236,17 @@ async fn run_batches(
             return;
         }
         let groups = group_by_goods(&mut batch);
-        let (batching, free) = (batching.clone(), free.clone());
+        let (batching, free, lane) = (batching.clone(), free.clone(), lane.clone());
         tokio::spawn(async move {
             let calls = groups.into_iter().map(|((goods_id, delivery), group)| {
-                decide_group(&batching, connection.clone(), goods_id, delivery, group)
+                decide_group(
+                    &batching,
+                    &lane,
+                    connection.clone(),
+                    goods_id,
+                    delivery,
+                    group,
+                )
             });
             futures_util::future::join_all(calls).await;
             let _ = free.send(connection).await;
@@ -272,22 +283,34 @@ fn epoch_ms_at(deadline: Instant) -> u64 {
         .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
 }
 
+/// Decides one goods' group: in Redis, or handed to the MySQL lane (then this returns at
+/// once, and the Redis connection is free for the next batch).
 async fn decide_group(
     batching: &Batching,
+    lane: &DbLane,
     conn: RedisConn,
     goods_id: String,
     delivery: Delivery,
     group: Vec<Attempt>,
 ) {
     let Some(routing) = &batching.routing else {
-        decide_in_redis(batching, conn, &goods_id, delivery, group, None, None).await;
+        let target = Target {
+            route: None,
+            shard: None,
+        };
+        decide_in_redis(batching, lane, conn, &goods_id, delivery, group, target).await;
         return;
     };
     let route = routing.directory.lookup(&goods_id).await;
     match route {
         Some(route) if route.in_mysql() => {
             let rated = route.tier != Tier::Db;
-            return decide_in_mysql(batching, routing, &goods_id, delivery, group, rated).await;
+            return lane.submit(Job {
+                goods_id,
+                delivery,
+                rated,
+                group,
+            });
         }
         Some(Route {
             mode: Mode::Switching,
@@ -304,19 +327,33 @@ async fn decide_group(
         };
         let route = routing.directory.route(&goods_id);
         let rated = route.is_none_or(|r| r.tier != Tier::Db);
-        return decide_in_mysql(batching, routing, &goods_id, delivery, group, rated).await;
+        return lane.submit(Job {
+            goods_id,
+            delivery,
+            rated,
+            group,
+        });
     }
     if let Some(route) = route.filter(|r| r.tier == Tier::RedisSharded && r.shards > 1) {
-        return sharded::decide(batching, routing, conn, &goods_id, delivery, group, route).await;
+        let call = sharded::Call {
+            batching,
+            lane,
+            routing,
+            conn,
+            goods_id: &goods_id,
+            delivery,
+            route,
+        };
+        return sharded::decide(&call, group).await;
     }
     let InRedis::LookAgain(group, replies) = decide_in_redis(
         batching,
+        lane,
         conn.clone(),
         &goods_id,
         delivery,
         group,
-        route,
-        None,
+        Target { route, shard: None },
     )
     .await
     else {
@@ -329,7 +366,10 @@ async fn decide_group(
     let route = routing.directory.reload(&goods_id).await;
     match route {
         Some(r) if r.loaded_epoch > 0 || r.in_mysql() => {
-            Box::pin(decide_group(batching, conn, goods_id, delivery, group)).await;
+            Box::pin(decide_group(
+                batching, lane, conn, goods_id, delivery, group,
+            ))
+            .await;
         }
         // Unknown to MySQL as well: the answer stands.
         _ => {
@@ -372,7 +412,8 @@ async fn move_to_mysql(
     }
 }
 
-/// MySQL decides the group (the db tier, or the fallback within its rate).
+/// MySQL decides the group (the db tier, or the fallback within its rate); called by the
+/// lane.
 async fn decide_in_mysql(
     batching: &Batching,
     routing: &Routing,
@@ -417,9 +458,16 @@ async fn decide_in_mysql(
         Delivery::Direct => None,
         Delivery::Claimed => Some(batching.claim_window),
     };
-    let result =
-        crate::db_decide::decide_batch(&routing.mysql, goods_id, &requests, claim_window, deadline)
-            .await;
+    // Bounded by the callers' patience: a sale row locked elsewhere must not hold the lane.
+    // Past it the batch may or may not have committed: answered 503 like a Redis timeout,
+    // and a retry with the same request id meets whichever it was.
+    let decided =
+        crate::db_decide::decide_batch(&routing.mysql, goods_id, &requests, claim_window, deadline);
+    let Ok(result) = tokio::time::timeout_at(deadline.into(), decided).await else {
+        let unsure = "no answer before the callers' deadline (the batch may have committed: \
+                      retry with the same request id)";
+        return answer_all(group, &DeductError::Mysql(unsure.into()));
+    };
     match result {
         Ok(replies) if replies.len() == group.len() => {
             for (attempt, reply) in group.into_iter().zip(replies) {
@@ -453,6 +501,13 @@ struct Shard {
     count: u32,
 }
 
+/// Which keys decide a group: the goods' route, and its shard for a sharded goods.
+#[derive(Debug, Clone, Copy)]
+struct Target {
+    route: Option<Route>,
+    shard: Option<Shard>,
+}
+
 /// What became of a group Redis was asked to decide.
 enum InRedis {
     /// Every attempt was answered.
@@ -468,13 +523,14 @@ enum InRedis {
 /// Redis decides the group: on the goods' keys, or on one shard's (`shard`).
 async fn decide_in_redis(
     batching: &Batching,
+    lane: &DbLane,
     mut conn: RedisConn,
     goods_id: &str,
     delivery: Delivery,
     group: Vec<Attempt>,
-    route: Option<Route>,
-    shard: Option<Shard>,
+    target: Target,
 ) -> InRedis {
+    let Target { route, shard } = target;
     // The keys (and the watch's name) of the goods, or of its shard.
     let key_id = match shard {
         Some(shard) => crate::keys::shard_id(goods_id, shard.index),
@@ -570,8 +626,12 @@ async fn decide_in_redis(
                 return InRedis::Answered;
             }
         };
-        let rated = true;
-        decide_in_mysql(batching, routing, goods_id, delivery, group, rated).await;
+        lane.submit(Job {
+            goods_id: goods_id.to_owned(),
+            delivery,
+            rated: true,
+            group,
+        });
         return InRedis::Answered;
     }
     if routing.is_some()

@@ -871,3 +871,111 @@ async fn a_goods_redefined_as_db_is_decided_by_mysql_from_its_first_attempt() {
 async fn a_goods_redefined_as_dual_write_writes_its_rows_from_its_first_sale() {
     redefined_then_sold(Tier::DualWrite).await;
 }
+
+/// A `db` goods whose sale row is held up in MySQL (a lock taken elsewhere) does not hold up a
+/// `redis` goods on the same syncer: MySQL's batches are decided in a lane of their own. The
+/// held attempts are answered 503 at their deadline, changing nothing, and their retries win
+/// once each after the lock is gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_db_goods_held_up_in_mysql_does_not_hold_up_a_redis_goods() {
+    let stack = start("lane").await;
+    let (slow, quick) = ("lane-db", "lane-redis");
+    define(&stack, slow, Tier::Db, 50, 1, 900).await;
+    define(&stack, quick, Tier::Redis, 50, 1, 900).await;
+    stack.preheat(slow, false).await.unwrap();
+    stack.preheat(quick, false).await.unwrap();
+    // The directory knows both goods (a first attempt each), so nothing below waits on a
+    // lookup.
+    for goods in [slow, quick] {
+        let (status, reply) = deduct_direct(&stack, goods, "warm", &format!("{goods}-warm")).await;
+        assert_eq!(
+            (status, reply["outcome"].as_str()),
+            (200, Some("won")),
+            "{reply}"
+        );
+    }
+
+    // Someone else holds the db goods' sale row.
+    let mut holder = stack.db.pool.begin().await.unwrap();
+    sqlx::query("SELECT stock FROM sales WHERE goods_id = ? FOR UPDATE")
+        .bind(slow)
+        .fetch_one(&mut *holder)
+        .await
+        .unwrap();
+    let answered_at = |stack: Arc<Stack>, goods: &'static str, i: usize| async move {
+        let user = format!("{goods}-u{i}");
+        let reply = deduct_direct(&stack, goods, &user, &format!("{user}-r0")).await;
+        (reply, std::time::Instant::now())
+    };
+    let held: Vec<_> = (0..8)
+        .map(|i| tokio::spawn(answered_at(stack.clone(), slow, i)))
+        .collect();
+    // The held attempts are in the lane (MySQL has a lock wait of theirs) before the redis
+    // goods' crowd arrives.
+    wait_for(
+        "the db attempts to wait on the sale row",
+        Duration::from_secs(10),
+        || async {
+            // This test's database only: other tests share the server.
+            let waiting: i64 = sqlx::query_scalar(
+                "SELECT COUNT(*) FROM information_schema.INNODB_TRX t
+             JOIN information_schema.PROCESSLIST p ON p.ID = t.trx_mysql_thread_id
+             WHERE t.trx_state = 'LOCK WAIT' AND p.DB = ?",
+            )
+            .bind(&stack.db.name)
+            .fetch_one(&stack.db.pool)
+            .await?;
+            Ok((waiting > 0).then_some(()))
+        },
+    )
+    .await
+    .unwrap();
+    let quick_answers = join_all((0..20).map(|i| answered_at(stack.clone(), quick, i))).await;
+    let held_answers: Vec<_> = join_all(held)
+        .await
+        .into_iter()
+        .map(Result::unwrap)
+        .collect();
+    holder.rollback().await.unwrap();
+
+    for ((status, reply), _) in &quick_answers {
+        assert_eq!(
+            (*status, reply["outcome"].as_str()),
+            (200, Some("won")),
+            "{reply}"
+        );
+    }
+    // Every redis answer came before the first held db answer: none waited behind MySQL.
+    let first_held = held_answers.iter().map(|(_, at)| *at).min().unwrap();
+    let last_quick = quick_answers.iter().map(|(_, at)| *at).max().unwrap();
+    assert!(
+        last_quick < first_held,
+        "the redis goods waited behind the db goods' lock: its last answer came {:?} after \
+         the first held one",
+        last_quick - first_held
+    );
+    for ((status, reply), _) in &held_answers {
+        assert_eq!(
+            *status, 503,
+            "a held attempt is answered unavailable: {reply}"
+        );
+    }
+    // Nothing was decided for them; each retry wins once, and a second retry gets the same.
+    for i in 0..8 {
+        let user = format!("{slow}-u{i}");
+        let first = deduct_direct(&stack, slow, &user, &format!("{user}-r0")).await;
+        let again = deduct_direct(&stack, slow, &user, &format!("{user}-r0")).await;
+        assert_eq!(
+            (first.0, first.1["outcome"].as_str()),
+            (200, Some("won")),
+            "{first:?}"
+        );
+        assert_eq!(
+            first.1["order_id"], again.1["order_id"],
+            "{first:?} {again:?}"
+        );
+    }
+    let rows = order_rows(&stack, slow).await;
+    assert_eq!(rows.len(), 1 + 8, "one row per winner: {rows:?}");
+    assert_counters(&stack, slow, Tier::Db, (41, 9, 0, 0, 50)).await;
+}

@@ -13,8 +13,8 @@ use crate::shard::{Mover, Rebalanced};
 use crate::RedisConn;
 
 use super::{
-    answer_all, decide_group, decide_in_redis, parse_reply, Attempt, Batching, DeductError,
-    Delivery, InRedis, Routing, Shard,
+    answer_all, decide_group, decide_in_redis, parse_reply, Attempt, Batching, DbLane, DeductError,
+    Delivery, InRedis, Routing, Shard, Target,
 };
 
 /// Times one group asks the other shards for units at most. Each round either moves units
@@ -26,44 +26,30 @@ const ROUNDS_MAX: usize = 3;
 const IN_TRANSIT_POLL: Duration = Duration::from_millis(5);
 
 /// What every call for one sharded goods' group carries.
-struct Call<'a> {
-    batching: &'a Batching,
-    routing: &'a Routing,
-    conn: RedisConn,
-    goods_id: &'a str,
-    delivery: Delivery,
-    route: Route,
+pub(super) struct Call<'a> {
+    pub batching: &'a Batching,
+    pub lane: &'a DbLane,
+    pub routing: &'a Routing,
+    pub conn: RedisConn,
+    pub goods_id: &'a str,
+    pub delivery: Delivery,
+    pub route: Route,
 }
 
 /// Decides a group of one sharded goods: one group per home shard, all at once.
-pub(super) async fn decide(
-    batching: &Batching,
-    routing: &Routing,
-    conn: RedisConn,
-    goods_id: &str,
-    delivery: Delivery,
-    group: Vec<Attempt>,
-    route: Route,
-) {
-    let call = Call {
-        batching,
-        routing,
-        conn,
-        goods_id,
-        delivery,
-        route,
-    };
+pub(super) async fn decide(call: &Call<'_>, group: Vec<Attempt>) {
+    let shards = call.route.shards;
     let mut homes: HashMap<u32, Vec<Attempt>> = HashMap::new();
     for attempt in group {
-        let home = home_shard(&attempt.request.user_id, route.shards);
+        let home = home_shard(&attempt.request.user_id, shards);
         homes.entry(home).or_default().push(attempt);
     }
     let calls = homes.into_iter().map(|(index, group)| {
         let shard = Shard {
             index,
-            count: route.shards,
+            count: shards,
         };
-        decide_at_home(&call, group, shard)
+        decide_at_home(call, group, shard)
     });
     futures_util::future::join_all(calls).await;
 }
@@ -71,6 +57,7 @@ pub(super) async fn decide(
 async fn decide_at_home(call: &Call<'_>, mut group: Vec<Attempt>, shard: Shard) {
     let Call {
         batching,
+        lane,
         goods_id,
         delivery,
         route,
@@ -86,12 +73,15 @@ async fn decide_at_home(call: &Call<'_>, mut group: Vec<Attempt>, shard: Shard) 
     for round in 0..=ROUNDS_MAX {
         let decided = decide_in_redis(
             batching,
+            lane,
             conn.clone(),
             goods_id,
             delivery,
             group,
-            Some(route),
-            Some(shard),
+            Target {
+                route: Some(route),
+                shard: Some(shard),
+            },
         )
         .await;
         let short = match decided {
@@ -158,6 +148,7 @@ async fn decide_at_home(call: &Call<'_>, mut group: Vec<Attempt>, shard: Shard) 
 async fn look_again(call: &Call<'_>, group: Vec<Attempt>, replies: Vec<super::ScriptReply>) {
     let Call {
         batching,
+        lane,
         routing,
         goods_id,
         delivery,
@@ -168,6 +159,7 @@ async fn look_again(call: &Call<'_>, group: Vec<Attempt>, replies: Vec<super::Sc
         Some(r) if r.loaded_epoch > 0 || r.in_mysql() => {
             Box::pin(decide_group(
                 batching,
+                lane,
                 conn,
                 goods_id.to_owned(),
                 delivery,
