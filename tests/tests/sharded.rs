@@ -261,15 +261,7 @@ async fn a_move_cut_short_between_take_and_give_is_completed() {
 
     // The next buyer of shard 0 needs a unit from shard 1: the syncer takes it, then aborts
     // before shard 0 gets it.
-    let cut = p
-        .http
-        .post(format!("{}{}", p.api.url(), seckill_api::DEDUCT_PATH))
-        .header(seckill_api::SECRET_HEADER, SECRET)
-        .json(
-            &json!({"goods_id": goods, "user_id": home0[1], "quantity": 1, "request_id": home0[1]}),
-        )
-        .send()
-        .await;
+    let cut = p.deduct_once(&goods, &home0[1], &home0[1]).await;
     assert!(cut.is_err(), "the syncer died at the crash point: {cut:?}");
     let mut conn = p.redis.connection().await.unwrap();
     let key =
@@ -674,15 +666,11 @@ async fn with_full_coverage_off_the_other_shards_sell_on_while_one_master_is_dow
     // Buyers of that shard are told to come back (503), never sold out nor sold to; five failed
     // calls in a row do not open the breaker (one for all goods) while the other shards answer.
     for lost_buyer in buyers_of("c", lost, 5) {
-        let response = p
-            .http
-            .post(format!("{}{}", p.api.url(), seckill_api::DEDUCT_PATH))
-            .header(seckill_api::SECRET_HEADER, SECRET)
-            .json(&json!({"goods_id": goods, "user_id": lost_buyer, "quantity": 1, "request_id": lost_buyer}))
-            .send()
+        let (status, body) = p
+            .deduct_once(&goods, &lost_buyer, &lost_buyer)
             .await
             .unwrap();
-        assert_eq!(response.status(), 503, "{:?}", response.text().await);
+        assert_eq!(status, 503, "{body}");
     }
     // Buyers of the other shards go on winning from Redis: each still has its own units.
     for &home in &others {
