@@ -13,6 +13,9 @@ pub const WRITER_AFTER_DB_COMMIT: &str = "writer-after-db-commit";
 pub const PREHEAT_AFTER_EPOCH: &str = "preheat-after-epoch";
 /// MySQL decided a batch (the db tier, the fallback) and committed it; nobody was answered.
 pub const DB_DECIDE_AFTER_COMMIT: &str = "db-decide-after-commit";
+/// A move of units between two shards stops after the donor gave them up, before the
+/// receiving shard got them (`shard.rs`).
+pub const SHARD_AFTER_TAKE: &str = "shard-after-take";
 
 static CRASH_AT: OnceLock<Option<String>> = OnceLock::new();
 

@@ -175,11 +175,11 @@ pub async fn save_sale(pool: &MySqlPool, sale: &Sale) -> Result<Saved, SaleRowEr
     // deprecates (8.0.20), or with a row alias, which MariaDB lacks: one text for both.
     let mut query = sqlx::query(
         "INSERT INTO sales (goods_id, total_stock, stock, per_user_limit, starts_at, ends_at,
-           payment_window_s, tier, fleet_rate_per_s, fleet_burst)
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
+           payment_window_s, tier, fleet_rate_per_s, fleet_burst, shards)
+         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)
          ON DUPLICATE KEY UPDATE total_stock = ?, stock = ?, per_user_limit = ?,
            starts_at = ?, ends_at = ?, payment_window_s = ?, tier = ?,
-           fleet_rate_per_s = ?, fleet_burst = ?,
+           fleet_rate_per_s = ?, fleet_burst = ?, shards = ?,
            reserved = 0, sold = 0, lapsed = 0, round_epoch = epoch, mode = 'redis',
            holdback = 0",
     )
@@ -195,7 +195,8 @@ pub async fn save_sale(pool: &MySqlPool, sale: &Sale) -> Result<Saved, SaleRowEr
             .bind(sale.payment_window_s)
             .bind(sale.tier.as_str())
             .bind(sale.fleet_rate.map(|r| r.per_second))
-            .bind(sale.fleet_rate.map(|r| r.burst));
+            .bind(sale.fleet_rate.map(|r| r.burst))
+            .bind(sale.shards);
     }
     let result = query.execute(&mut *tx).await?;
     tx.commit().await?;
@@ -221,7 +222,7 @@ async fn lock_sale(
 ) -> sqlx::Result<Option<LockedSale>> {
     let row = sqlx::query(
         "SELECT goods_id, total_stock, per_user_limit, starts_at, ends_at, payment_window_s, tier,
-           fleet_rate_per_s, fleet_burst, CAST(total_stock AS SIGNED) - stock AS taken, reserved, sold, lapsed,
+           fleet_rate_per_s, fleet_burst, shards, CAST(total_stock AS SIGNED) - stock AS taken, reserved, sold, lapsed,
            epoch, round_epoch
          FROM sales WHERE goods_id = ? FOR UPDATE",
     )
@@ -283,6 +284,7 @@ pub(crate) fn sale_of(row: &MySqlRow) -> sqlx::Result<Sale> {
             (Some(per_second), Some(burst)) => Some(FleetRate { per_second, burst }),
             _ => None,
         },
+        shards: row.try_get::<Option<u8>, _>("shards")?.map(u32::from),
     })
 }
 
@@ -312,7 +314,7 @@ pub struct StoredSale {
 pub async fn load_sale(pool: &MySqlPool, goods_id: &str) -> sqlx::Result<Option<StoredSale>> {
     let row = sqlx::query(
         "SELECT goods_id, total_stock, stock, per_user_limit, starts_at, ends_at, payment_window_s,
-           tier, fleet_rate_per_s, fleet_burst, mode, holdback, reserved, sold, lapsed, epoch,
+           tier, fleet_rate_per_s, fleet_burst, shards, mode, holdback, reserved, sold, lapsed, epoch,
            (SELECT COUNT(*) FROM orders WHERE orders.goods_id = sales.goods_id) AS orders
          FROM sales WHERE goods_id = ?",
     )

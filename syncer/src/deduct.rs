@@ -7,6 +7,8 @@ use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
+mod sharded;
+
 use crate::RedisConn;
 use seckill_api::{DeductReply, DeductRequest, Outcome};
 use tokio::sync::{mpsc, oneshot};
@@ -77,6 +79,10 @@ pub enum DeductError {
     /// Redis forgot (or went back): this attempt was not answered from it.
     #[error("redis forgot goods {0}; it is decided by MySQL until re-seeded")]
     Forgot(String),
+    /// A sharded goods' units are on their way between shards (or buyers of the same shard
+    /// took them first, round after round): nothing was decided.
+    #[error("the goods' stock is moving between its shards; retry in a moment")]
+    Rebalancing,
 }
 
 struct Attempt {
@@ -100,6 +106,8 @@ struct Batching {
     claim_window: Duration,
     durability: Durability,
     routing: Option<Routing>,
+    /// Moves units between the shards of a `redis_sharded` goods (`shard.rs`).
+    transfer: redis::Script,
 }
 
 /// What lets MySQL decide: the `db` tier, `dual_write`'s rows, and the fallback when Redis
@@ -167,6 +175,7 @@ impl Deducter {
             claim_window,
             durability,
             routing,
+            transfer: redis::Script::new(crate::scripts::TRANSFER),
         };
         tokio::spawn(run_batches(attempts, batching, connections));
         Self { queue }
@@ -285,7 +294,11 @@ async fn decide_group(
     group: Vec<Attempt>,
 ) {
     let Some(routing) = &batching.routing else {
-        decide_in_redis(batching, lane, conn, &goods_id, delivery, group, None).await;
+        let target = Target {
+            route: None,
+            shard: None,
+        };
+        decide_in_redis(batching, lane, conn, &goods_id, delivery, group, target).await;
         return;
     };
     let route = routing.directory.lookup(&goods_id).await;
@@ -307,7 +320,8 @@ async fn decide_group(
     }
     // Redis is failing: a goods MySQL can decide moves there instead of waiting on Redis.
     if routing.breaker.is_open() && routing.fallback_rate.is_some() {
-        let group = match move_to_mysql(routing, &goods_id, Why::RedisDown, group).await {
+        let redis = (&conn, &batching.keys);
+        let group = match move_to_mysql(routing, redis, &goods_id, Why::RedisDown, group).await {
             Ok(group) => group,
             Err(group) => return answer_all(group, &DeductError::Redis("redis is failing".into())),
         };
@@ -320,14 +334,26 @@ async fn decide_group(
             group,
         });
     }
-    let Some((group, replies)) = decide_in_redis(
+    if let Some(route) = route.filter(|r| r.tier == Tier::RedisSharded && r.shards > 1) {
+        let call = sharded::Call {
+            batching,
+            lane,
+            routing,
+            conn,
+            goods_id: &goods_id,
+            delivery,
+            route,
+        };
+        return sharded::decide(&call, group).await;
+    }
+    let InRedis::LookAgain(group, replies) = decide_in_redis(
         batching,
         lane,
         conn.clone(),
         &goods_id,
         delivery,
         group,
-        route,
+        Target { route, shard: None },
     )
     .await
     else {
@@ -359,6 +385,7 @@ async fn decide_group(
 /// loaded, no fallback).
 async fn move_to_mysql(
     routing: &Routing,
+    redis: (&RedisConn, &KeySpace),
     goods_id: &str,
     why: Why,
     group: Vec<Attempt>,
@@ -366,7 +393,7 @@ async fn move_to_mysql(
     if routing.fallback_rate.is_none() {
         return Err(group);
     }
-    match fallback::enter(&routing.mysql, &routing.watch, goods_id, why).await {
+    match fallback::enter(&routing.mysql, &routing.watch, goods_id, why, Some(redis)).await {
         // This call moved it: the directory must say so before the group is decided.
         Ok(true) => {
             if let Err(e) = routing.directory.refresh().await {
@@ -467,8 +494,33 @@ async fn decide_in_mysql(
     }
 }
 
-/// Redis decides the group. Gives the group back, answered by nobody, when Redis answered
-/// `unknown_goods` for a goods the directory does not know as loaded: the caller looks again.
+/// One shard of a `redis_sharded` goods: the buyers' home shard of a group.
+#[derive(Debug, Clone, Copy)]
+struct Shard {
+    index: u32,
+    count: u32,
+}
+
+/// Which keys decide a group: the goods' route, and its shard for a sharded goods.
+#[derive(Debug, Clone, Copy)]
+struct Target {
+    route: Option<Route>,
+    shard: Option<Shard>,
+}
+
+/// What became of a group Redis was asked to decide.
+enum InRedis {
+    /// Every attempt was answered.
+    Answered,
+    /// Redis answered `unknown_goods` for a goods the directory does not know as loaded:
+    /// nobody was answered, and the caller looks again.
+    LookAgain(Vec<Attempt>, Vec<ScriptReply>),
+    /// A shard had too little for these attempts (its `sold_out`): not answered, so that
+    /// units can move to it from the other shards first.
+    ShardShort(Vec<(Attempt, ScriptReply)>),
+}
+
+/// Redis decides the group: on the goods' keys, or on one shard's (`shard`).
 async fn decide_in_redis(
     batching: &Batching,
     lane: &DbLane,
@@ -476,9 +528,15 @@ async fn decide_in_redis(
     goods_id: &str,
     delivery: Delivery,
     group: Vec<Attempt>,
-    route: Option<Route>,
-) -> Option<(Vec<Attempt>, Vec<ScriptReply>)> {
-    let goods = batching.keys.goods(goods_id);
+    target: Target,
+) -> InRedis {
+    let Target { route, shard } = target;
+    // The keys (and the watch's name) of the goods, or of its shard.
+    let key_id = match shard {
+        Some(shard) => crate::keys::shard_id(goods_id, shard.index),
+        None => goods_id.to_owned(),
+    };
+    let goods = batching.keys.goods(&key_id);
     // The call must not decide anything after the most impatient of its callers gave up.
     let deadline = group
         .iter()
@@ -503,7 +561,7 @@ async fn decide_in_redis(
             .arg(attempt.request.quantity)
             .arg(&attempt.request.request_id);
     }
-    let mark = batching.keys.durability_mark(goods_id);
+    let mark = batching.keys.durability_mark(&key_id);
     let result: Result<Vec<ScriptReply>, DeductError> =
         durability::invoke(batching.durability, &mut conn, &invocation, &mark, deadline)
             .await
@@ -523,32 +581,39 @@ async fn decide_in_redis(
                 replies.len(),
                 group.len()
             ));
-            {
-                answer_all(group, &error);
-                return None;
-            }
+            answer_all(group, &error);
+            return InRedis::Answered;
         }
         Err(error) => {
             // Not decided here, and the attempts may have been decided in Redis (a timeout):
             // they are answered 503 and their retries meet whichever decided them.
+            // One shard failing is that shard's buyers' 503, not the breaker's, as long as
+            // another shard of the goods answers a read now (`shard::another_answers`).
             if let (Some(routing), DeductError::Timeout | DeductError::Redis(_)) = (routing, &error)
             {
-                routing.breaker.failure();
+                let apart = match shard {
+                    Some(s) => {
+                        let keys = &batching.keys;
+                        crate::shard::another_answers(&conn, keys, goods_id, s.index, s.count).await
+                    }
+                    None => false,
+                };
+                if !apart {
+                    routing.breaker.failure();
+                }
             }
             // A call that timed out may have run: what it could have sold is held back if the
             // goods moves to MySQL. (A refused or broken connection sent nothing.)
             if let (Some(routing), DeductError::Timeout) = (routing, &error) {
                 routing.watch.uncertain(
-                    goods_id,
+                    &key_id,
                     group
                         .iter()
                         .map(|a| (a.request.request_id.as_str(), u64::from(a.request.quantity))),
                 );
             }
-            {
-                answer_all(group, &error);
-                return None;
-            }
+            answer_all(group, &error);
+            return InRedis::Answered;
         }
     };
     if let Some(routing) = routing {
@@ -561,16 +626,15 @@ async fn decide_in_redis(
     if replies.first().is_some_and(|r| r.0 == "stale") {
         // This Redis forgot the goods: MySQL decides it until it is re-seeded.
         let Some(routing) = routing else {
-            {
-                answer_all(group, &DeductError::Forgot(goods_id.to_owned()));
-                return None;
-            }
+            answer_all(group, &DeductError::Forgot(goods_id.to_owned()));
+            return InRedis::Answered;
         };
-        let group = match move_to_mysql(routing, goods_id, Why::Forgot, group).await {
+        let redis = (&conn, &batching.keys);
+        let group = match move_to_mysql(routing, redis, goods_id, Why::Forgot, group).await {
             Ok(group) => group,
             Err(group) => {
                 answer_all(group, &DeductError::Forgot(goods_id.to_owned()));
-                return None;
+                return InRedis::Answered;
             }
         };
         lane.submit(Job {
@@ -579,13 +643,13 @@ async fn decide_in_redis(
             rated: true,
             group,
         });
-        return None;
+        return InRedis::Answered;
     }
     if routing.is_some()
         && route.is_none_or(|r| r.loaded_epoch == 0)
         && replies.first().is_some_and(|r| r.0 == "unknown_goods")
     {
-        return Some((group, replies));
+        return InRedis::LookAgain(group, replies);
     }
     let new_orders: Vec<(u64, u64, u64)> = group
         .iter()
@@ -598,21 +662,29 @@ async fn decide_in_redis(
     if let Some(routing) = routing {
         // The first time this process meets an epoch, MySQL says how far it already got: a
         // syncer started in front of a Redis that went back must not hand out those ids.
+        // A shard is watched on its own: its sequences rise, the goods' interleave.
         if let Some(&(epoch, _, _)) = new_orders.iter().max() {
-            if !routing.watch.knows(goods_id, epoch) {
-                match fallback::mysql_max_seq(&routing.mysql, goods_id, epoch).await {
-                    Ok(floor) => routing.watch.set_floor(goods_id, epoch, floor),
+            if !routing.watch.knows(&key_id, epoch) {
+                let of_shard = shard.map(|s| (s.index, s.count));
+                match fallback::mysql_max_seq_in(&routing.mysql, goods_id, epoch, of_shard).await {
+                    Ok(floor) => routing.watch.set_floor(&key_id, epoch, floor),
                     Err(e) => tracing::warn!(goods_id, error = %e,
                         "could not read MySQL's highest order of the epoch; watching from here"),
                 }
             }
         }
-        if routing.watch.observe(goods_id, &new_orders) == Watched::Reissued {
+        if routing.watch.observe(&key_id, &new_orders) == Watched::Reissued {
             // Redis went back: none of this batch's new ids may reach a buyer. The others of
             // the batch are answered (they hand out nothing).
-            fallback::fence(&conn, &batching.keys, goods_id).await;
-            if let Err(e) =
-                fallback::enter(&routing.mysql, &routing.watch, goods_id, Why::Reissued).await
+            fallback::fence(&conn, &batching.keys, &key_id).await;
+            if let Err(e) = fallback::enter(
+                &routing.mysql,
+                &routing.watch,
+                goods_id,
+                Why::Reissued,
+                Some((&conn, &batching.keys)),
+            )
+            .await
             {
                 tracing::warn!(goods_id, error = %e, "could not move the goods to MySQL");
             }
@@ -628,21 +700,36 @@ async fn decide_in_redis(
                 };
                 let _ = attempt.reply.send(answer);
             }
-            return None;
+            return InRedis::Answered;
         }
         // The script marks a dual_write sale's wins (the tier travels with the sale in Redis):
         // a directory that has not seen the sale's tier yet cannot skip its rows.
         let marked = replies.iter().any(|r| r.4 == "new_dw" || r.4 == "dw");
         if marked || route.is_some_and(|r| r.tier == Tier::DualWrite) {
             answer_dual_write(routing, goods_id, group, replies).await;
-            return None;
+            return InRedis::Answered;
         }
     }
-    for (attempt, reply) in group.into_iter().zip(replies) {
+    let mut short = Vec::new();
+    for (attempt, mut reply) in group.into_iter().zip(replies) {
+        if shard.is_some() && reply.0 == Outcome::SoldOut.as_str() {
+            short.push((attempt, reply));
+            continue;
+        }
+        if shard.is_some() {
+            // A shard's count is not the goods': told `remaining: 0` with a win, the gate
+            // would cache the whole goods as sold out. A sharded goods' answers carry none
+            // (`sold_out` carries the goods' own, `deduct/sharded.rs`).
+            reply.2 = -1;
+        }
         // The buyer may have given up (timeout); its answer is then dropped.
         let _ = attempt.reply.send(parse_reply(reply));
     }
-    None
+    if short.is_empty() {
+        InRedis::Answered
+    } else {
+        InRedis::ShardShort(short)
+    }
 }
 
 /// `dual_write`: the winners' rows go to MySQL (the writer's own apply, so the event that

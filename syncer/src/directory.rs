@@ -34,6 +34,10 @@ fn route_of(row: &sqlx::mysql::MySqlRow) -> sqlx::Result<Route> {
         loaded_epoch: row.try_get("loaded_epoch")?,
         epoch: row.try_get("epoch")?,
         per_user_limit: row.try_get("per_user_limit")?,
+        shards: row
+            .try_get::<Option<u8>, _>("shards")?
+            .map_or(1, u32::from)
+            .max(1),
     })
 }
 
@@ -74,6 +78,8 @@ pub struct Route {
     /// The last epoch handed out (0: never preheated).
     pub epoch: u64,
     pub per_user_limit: u32,
+    /// Shards of a `redis_sharded` goods (1: unsharded).
+    pub shards: u32,
 }
 
 impl Route {
@@ -139,7 +145,7 @@ impl Directory {
             }
         }
         let row = sqlx::query(
-            "SELECT tier, mode, loaded_epoch, epoch, per_user_limit FROM sales WHERE goods_id = ?",
+            "SELECT tier, mode, loaded_epoch, epoch, per_user_limit, shards FROM sales WHERE goods_id = ?",
         )
         .bind(goods_id)
         .fetch_optional(&self.mysql)
@@ -250,7 +256,7 @@ impl Directory {
     pub async fn refresh(&self) -> sqlx::Result<()> {
         let _one = self.refreshing.lock().await;
         let rows = sqlx::query(
-            "SELECT goods_id, tier, mode, loaded_epoch, epoch, per_user_limit FROM sales
+            "SELECT goods_id, tier, mode, loaded_epoch, epoch, per_user_limit, shards FROM sales
              WHERE ends_at > UTC_TIMESTAMP(3) - INTERVAL 1 DAY LIMIT ?",
         )
         .bind(SALES_MAX)

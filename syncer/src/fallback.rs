@@ -234,16 +234,31 @@ pub async fn mysql_max_seq(
     goods_id: &str,
     epoch: u64,
 ) -> sqlx::Result<u64> {
+    mysql_max_seq_in(executor, goods_id, epoch, None).await
+}
+
+/// [`mysql_max_seq`] among the orders of one shard `(shard, shards)` of a `redis_sharded`
+/// goods (its sequences are those `= shard (mod shards)`), or of the whole goods.
+pub async fn mysql_max_seq_in(
+    executor: impl sqlx::MySqlExecutor<'_>,
+    goods_id: &str,
+    epoch: u64,
+    shard: Option<(u32, u32)>,
+) -> sqlx::Result<u64> {
     // The primary-key range of the epoch's order ids ("!" escapes LIKE's wildcards).
     let prefix = format!("{goods_id}.{epoch}.")
         .replace('!', "!!")
         .replace('_', "!_")
         .replace('%', "!%");
+    let (index, shards) = shard.unwrap_or((0, 1));
     let max: Option<u64> = sqlx::query_scalar(
         "SELECT MAX(CAST(SUBSTRING_INDEX(order_id, '.', -1) AS UNSIGNED)) FROM orders
-         WHERE order_id LIKE ? ESCAPE '!'",
+         WHERE order_id LIKE ? ESCAPE '!'
+           AND MOD(CAST(SUBSTRING_INDEX(order_id, '.', -1) AS UNSIGNED), ?) = ?",
     )
     .bind(format!("{prefix}%"))
+    .bind(shards.max(1))
+    .bind(index)
     .fetch_one(executor)
     .await?;
     Ok(max.unwrap_or(0))
@@ -253,15 +268,19 @@ pub async fn mysql_max_seq(
 /// (MySQL's own order ids), holds back the units this syncer saw Redis sell that MySQL does
 /// not have yet, and sets `mode = 'fallback'`. Returns false when there is nothing to move (a
 /// db goods, one already in fallback or switching, one never loaded into Redis).
+///
+/// A `redis_sharded` goods' shards are all fenced in `redis` (when given) once it moved: its
+/// healthy shards must not sell beside MySQL, which counts their units as its own.
 pub async fn enter(
     mysql: &MySqlPool,
     watch: &SeqWatch,
     goods_id: &str,
     why: Why,
+    redis: Option<(&RedisConn, &KeySpace)>,
 ) -> sqlx::Result<bool> {
     let mut tx = mysql.begin().await?;
     let row = sqlx::query(
-        "SELECT tier, mode, loaded_epoch, per_user_limit, stock FROM sales
+        "SELECT tier, mode, loaded_epoch, per_user_limit, stock, shards FROM sales
          WHERE goods_id = ? FOR UPDATE",
     )
     .bind(goods_id)
@@ -274,9 +293,19 @@ pub async fn enter(
     if Tier::parse(&tier) == Some(Tier::Db) || mode != "redis" || loaded_epoch == 0 {
         return Ok(false);
     }
-    let max_seq = mysql_max_seq(&mut *tx, goods_id, loaded_epoch).await?;
-    let (_, orders) = watch.unseen(goods_id, loaded_epoch, max_seq);
-    let units = watch.holdback(goods_id, loaded_epoch, max_seq);
+    // A sharded goods is watched per shard (`deduct.rs`): each shard's unseen units count.
+    let shards = u32::from(row.try_get::<Option<u8>, _>("shards")?.unwrap_or(1)).max(1);
+    let mut watched = vec![(goods_id.to_owned(), None)];
+    if shards > 1 {
+        watched
+            .extend((0..shards).map(|s| (crate::keys::shard_id(goods_id, s), Some((s, shards)))));
+    }
+    let (mut orders, mut units) = (0, 0u64);
+    for (key_id, shard) in watched {
+        let max_seq = mysql_max_seq_in(&mut *tx, goods_id, loaded_epoch, shard).await?;
+        orders += watch.unseen(&key_id, loaded_epoch, max_seq).1;
+        units = units.saturating_add(watch.holdback(&key_id, loaded_epoch, max_seq));
+    }
     sqlx::query(
         "UPDATE sales SET mode = 'fallback', epoch = epoch + 1, db_seq = 0,
            holdback = LEAST(GREATEST(stock, 0), ?)
@@ -287,6 +316,11 @@ pub async fn enter(
     .execute(&mut *tx)
     .await?;
     tx.commit().await?;
+    if let (true, Some((conn, keys))) = (shards > 1, redis) {
+        for shard in 0..shards {
+            fence(conn, keys, &crate::keys::shard_id(goods_id, shard)).await;
+        }
+    }
     metrics::counter!("seckill_fallback_entered_total", "why" => why.as_str()).increment(1);
     if why != Why::RedisDown {
         metrics::counter!("seckill_redis_forgot_total", "why" => why.as_str()).increment(1);

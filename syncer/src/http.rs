@@ -130,7 +130,9 @@ impl From<DeductError> for AppError {
     fn from(e: DeductError) -> Self {
         match e {
             DeductError::BadRequest(m) => AppError::BadRequest(m),
-            DeductError::FallbackOverloaded => AppError::Overloaded(e.to_string()),
+            DeductError::FallbackOverloaded | DeductError::Rebalancing => {
+                AppError::Overloaded(e.to_string())
+            }
             other => AppError::Unavailable(other.to_string()),
         }
     }
@@ -154,6 +156,7 @@ impl From<ReseedError> for AppError {
             ReseedError::NoSale(_) => AppError::NotFound(e.to_string()),
             ReseedError::Live(_)
             | ReseedError::DbTier(_)
+            | ReseedError::Sharded(_)
             | ReseedError::Outbox { .. }
             | ReseedError::TooManyOrders { .. }
             | ReseedError::Superseded { .. } => AppError::Conflict(e.to_string()),
@@ -442,9 +445,16 @@ async fn show_sale(
         Ok(live) => serde_json::json!(live),
         Err(e) => serde_json::json!({ "error": e.to_string() }),
     };
-    Ok(Json(
-        serde_json::json!({ "definition": stored, "live": live }),
-    ))
+    let sharded = stored.sale.shard_count() > 1;
+    let mut shown = serde_json::json!({ "definition": stored, "live": live });
+    // A sharded goods: `live` sums its shards; each shard's own counters beside it.
+    if sharded {
+        shown["shards"] = match preheat::live_shards(&state.redis, &state.keys, &goods_id).await {
+            Ok(shards) => serde_json::json!(shards.unwrap_or_default()),
+            Err(e) => serde_json::json!({ "error": e.to_string() }),
+        };
+    }
+    Ok(Json(shown))
 }
 
 #[derive(Debug, Deserialize)]

@@ -33,6 +33,11 @@ pub struct GoodsKeys {
     /// The last epoch loaded into this Redis (MySQL hands epochs out: `sales.epoch`); a load
     /// with an epoch not above it is refused, so epochs only move forward. Never deleted.
     pub epoch: String,
+    /// Hash (a shard of a `redis_sharded` goods): transfer id -> "to_shard|units|at_ms" of
+    /// every unit this shard gave up whose arrival is not confirmed yet (`shard.rs`).
+    pub transfers_out: String,
+    /// Set (a shard): the transfer ids this shard received, so a transfer lands once.
+    pub transfers_in: String,
 }
 
 /// Each script's KEYS, in the order of its header: written once here for every caller (the
@@ -66,14 +71,24 @@ impl GoodsKeys {
         ]
     }
 
-    /// `lua/reseed.lua`: preheat's keys, then the outbox.
+    /// `lua/reseed.lua`: preheat's first nine keys, then the outbox.
     pub fn reseed_script_keys(&self) -> [&str; 10] {
-        let [a, b, c, d, e, f, g, h, i] = self.preheat_script_keys();
+        let [a, b, c, d, e, f, g, h, i, _, _] = self.preheat_script_keys();
         [a, b, c, d, e, f, g, h, i, &self.outbox]
     }
 
+    /// `lua/transfer.lua` on the shard that gives units up (take, done, pending).
+    pub fn transfer_out_script_keys(&self) -> [&str; 2] {
+        [&self.sale, &self.transfers_out]
+    }
+
+    /// `lua/transfer.lua` on the shard that receives them (give, pending_in).
+    pub fn transfer_in_script_keys(&self) -> [&str; 2] {
+        [&self.sale, &self.transfers_in]
+    }
+
     /// `lua/preheat.lua`.
-    pub fn preheat_script_keys(&self) -> [&str; 9] {
+    pub fn preheat_script_keys(&self) -> [&str; 11] {
         [
             &self.sale,
             &self.users,
@@ -84,6 +99,8 @@ impl GoodsKeys {
             &self.settled,
             &self.unclaimed,
             &self.lapsed_orders,
+            &self.transfers_out,
+            &self.transfers_in,
         ]
     }
 }
@@ -145,6 +162,8 @@ impl KeySpace {
             lapsed_orders: format!("{base}:lapsed_orders"),
             outbox: format!("{base}:outbox"),
             epoch: format!("{base}:epoch"),
+            transfers_out: format!("{base}:transfers_out"),
+            transfers_in: format!("{base}:transfers_in"),
         }
     }
 
@@ -159,6 +178,53 @@ impl KeySpace {
     pub fn durability_mark(&self, goods_id: &str) -> String {
         format!("{}:{{{}}}:durability", self.prefix, goods_id)
     }
+}
+
+/// Separates a goods id from a shard's index in the id a shard's keys are named by (`G~2`):
+/// id validation refuses `~`, so no goods id a sale may have is ever a shard's.
+pub const SHARD_SEPARATOR: char = '~';
+
+/// The id shard `shard` of a `redis_sharded` goods is keyed by: a hash tag of its own, so on a
+/// Redis Cluster the shards of one goods spread over the masters. Also what the sales index
+/// holds for it (the relay, the sweeper and reconcile walk every shard).
+pub fn shard_id(goods_id: &str, shard: u32) -> String {
+    format!("{goods_id}{SHARD_SEPARATOR}{shard}")
+}
+
+/// The goods and shard of a key id: `("G", Some(2))` for `G~2`, `("G", None)` for `G`.
+pub fn split_shard(key_id: &str) -> (&str, Option<u32>) {
+    match key_id.rsplit_once(SHARD_SEPARATOR) {
+        Some((goods, shard)) if !goods.is_empty() && shard.bytes().all(|b| b.is_ascii_digit()) => {
+            match shard.parse() {
+                Ok(shard) => (goods, Some(shard)),
+                Err(_) => (key_id, None),
+            }
+        }
+        _ => (key_id, None),
+    }
+}
+
+/// The goods a key id belongs to (itself, or the goods of a shard).
+pub fn base_goods(key_id: &str) -> &str {
+    split_shard(key_id).0
+}
+
+/// The buyer's home shard: the one that holds their per-user count and their request ids, so
+/// that the limit and retries stay exact however the stock moves. FNV-1a (64 bit): the same
+/// in every syncer process and release, unlike the std hasher.
+pub fn home_shard(user_id: &str, shards: u32) -> u32 {
+    let mut hash: u64 = 0xcbf2_9ce4_8422_2325;
+    for byte in user_id.bytes() {
+        hash ^= u64::from(byte);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    (hash % u64::from(shards.max(1))) as u32
+}
+
+/// The shard that issued an order: its sequence is `local_seq * shards + shard`
+/// (`lua/deduct_batch.lua`), so every shard hands out sequences of its own.
+pub fn shard_of_sequence(sequence: u64, shards: u32) -> u32 {
+    (sequence % u64::from(shards.max(1))) as u32
 }
 
 /// The goods id inside an order id (`goods.epoch.sequence`; a goods id may contain dots).
@@ -235,6 +301,27 @@ mod tests {
             assert_eq!(distinct.len(), list.len());
             assert!(list.iter().all(|k| k.starts_with("t1:{sku-9}:")));
         }
+    }
+
+    #[test]
+    fn shards_have_tags_of_their_own_that_no_goods_can_take() {
+        let space = KeySpace::new("t1");
+        let shard = space.goods(&shard_id("sku-9", 2));
+        assert!(shard.sale.starts_with("t1:{sku-9~2}:"), "{}", shard.sale);
+        assert!(shard.transfers_out.starts_with("t1:{sku-9~2}:"));
+        assert!(seckill_api::validate_id(&shard_id("sku-9", 2), 128).is_err());
+        assert_eq!(split_shard("sku-9~2"), ("sku-9", Some(2)));
+        assert_eq!(split_shard("sku-9"), ("sku-9", None));
+        assert_eq!(split_shard("~2"), ("~2", None));
+        assert_eq!(split_shard("a~b"), ("a~b", None));
+        assert_eq!(base_goods("g.1~15"), "g.1");
+        // Stable across processes: pinned values.
+        assert_eq!(home_shard("u1", 3), home_shard("u1", 3));
+        let spread: std::collections::HashSet<u32> =
+            (0..100).map(|i| home_shard(&format!("u{i}"), 3)).collect();
+        assert_eq!(spread.len(), 3);
+        assert_eq!(home_shard("anyone", 1), 0);
+        assert_eq!(shard_of_sequence(7, 3), 1);
     }
 
     #[test]

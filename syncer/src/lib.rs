@@ -23,6 +23,7 @@ pub mod relay;
 pub mod reseed;
 pub mod sale;
 pub mod scripts;
+pub mod shard;
 pub mod writer;
 
 use std::net::SocketAddr;

@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 use crate::db_lifecycle;
 use crate::directory::{Directory, Mode};
 use crate::durability::{self, CallError, Durability};
-use crate::keys::{goods_of_order, KeySpace};
+use crate::keys::{self, goods_of_order, KeySpace};
 use crate::order::{OrderState, ReleaseReason};
 
 const REDIS_TIMEOUT: Duration = Duration::from_secs(2);
@@ -120,11 +120,12 @@ impl Lifecycle {
         self
     }
 
-    fn place(&self, goods_id: &str) -> Place<'_> {
+    /// Where a goods' (or one of its shards': `key_id`) orders are ended now.
+    fn place(&self, key_id: &str) -> Place<'_> {
         let Some((pool, directory)) = &self.mysql else {
             return Place::Redis;
         };
-        match directory.route(goods_id) {
+        match directory.route(keys::base_goods(key_id)) {
             Some(route) if route.in_mysql() => Place::Mysql(pool),
             Some(route) if route.mode == Mode::Switching => Place::Switching,
             _ => Place::Redis,
@@ -190,9 +191,10 @@ impl Lifecycle {
                 return db_lifecycle::settle(pool, order_id, action).await;
             }
         }
-        let mut invocation = self.invocation(goods_id, action);
+        let key_id = self.key_id_of_order(order_id).await;
+        let mut invocation = self.invocation(&key_id, action);
         invocation.arg(order_id).arg(reason);
-        let (status, state): (String, String) = self.invoke_durably(goods_id, &invocation).await?;
+        let (status, state): (String, String) = self.invoke_durably(&key_id, &invocation).await?;
         let changed = match status.as_str() {
             "changed" => true,
             "settled" => false,
@@ -212,23 +214,28 @@ impl Lifecycle {
     /// instead of the claim window. Order ids are grouped by goods, one script call each.
     pub async fn claim(&self, order_ids: &[String]) -> ClaimOutcome {
         let mut outcome = ClaimOutcome::default();
-        let mut by_goods: HashMap<&str, Vec<&String>> = HashMap::new();
+        // By goods, or by shard of a sharded goods: one script call each.
+        let mut by_keys: HashMap<String, Vec<&String>> = HashMap::new();
         for order_id in order_ids {
             let valid = seckill_api::validate_id(order_id, seckill_api::ID_LEN_MAX).is_ok();
             match goods_of_order(order_id).filter(|_| valid) {
-                Some(goods_id) => by_goods.entry(goods_id).or_default().push(order_id),
+                Some(_) => {
+                    let key_id = self.key_id_of_order(order_id).await;
+                    by_keys.entry(key_id).or_default().push(order_id);
+                }
                 // Not an order id the syncer could have issued: nothing to claim.
                 None => outcome.late += 1,
             }
         }
-        for (goods_id, ids) in by_goods {
+        for (key_id, ids) in by_keys {
+            let goods_id = keys::base_goods(&key_id);
             let result: Result<(u64, u64), LifecycleError> = match self.place(goods_id) {
                 Place::Redis => {
-                    let mut invocation = self.invocation(goods_id, "claim");
+                    let mut invocation = self.invocation(&key_id, "claim");
                     for id in &ids {
                         invocation.arg(id.as_str());
                     }
-                    self.invoke_durably(goods_id, &invocation).await
+                    self.invoke_durably(&key_id, &invocation).await
                 }
                 Place::Mysql(pool) => db_lifecycle::claim(pool, goods_id, &ids).await,
                 Place::Switching => Err(LifecycleError::Switching(goods_id.to_owned())),
@@ -268,12 +275,31 @@ impl Lifecycle {
         Ok(released)
     }
 
-    fn invocation(&self, goods_id: &str, action: &str) -> redis::ScriptInvocation<'_> {
-        let keys = self.keys.goods(goods_id);
+    /// A call on the keys of `key_id` (a goods, or one shard of a sharded goods); its
+    /// events name the goods.
+    fn invocation(&self, key_id: &str, action: &str) -> redis::ScriptInvocation<'_> {
+        let keys = self.keys.goods(key_id);
         let mut invocation =
             crate::scripts::invocation(&self.script, &keys.lifecycle_script_keys());
-        invocation.arg(goods_id).arg(action);
+        invocation.arg(keys::base_goods(key_id)).arg(action);
         invocation
+    }
+
+    /// The keys an order lives under: its goods', or for a `redis_sharded` goods the shard
+    /// that issued it (its sequence says which, `keys::shard_of_sequence`).
+    async fn key_id_of_order(&self, order_id: &str) -> String {
+        let Some((goods_id, _, sequence)) = keys::order_parts(order_id) else {
+            return order_id.to_owned();
+        };
+        let shards = match &self.mysql {
+            Some((_, directory)) => directory.lookup(goods_id).await.map_or(1, |r| r.shards),
+            None => 1,
+        };
+        if shards > 1 {
+            keys::shard_id(goods_id, keys::shard_of_sequence(sequence, shards))
+        } else {
+            goods_id.to_owned()
+        }
     }
 
     /// Releases expired reservations of every preheated goods, every `every`, until shutdown.
@@ -307,25 +333,57 @@ impl Lifecycle {
             tokio::time::timeout(REDIS_TIMEOUT, conn.smembers(self.keys.sales_index()))
                 .await
                 .map_err(|_| LifecycleError::Timeout)??;
+        // One goods' trouble (its master down) must not stall the others' sweep: the first
+        // error is reported once every goods had its turn.
+        let mut first_error = None;
         for goods_id in goods {
             // Goods MySQL decides are swept there (below); Redis's copy waits for its re-seed.
             if !matches!(self.place(&goods_id), Place::Redis) {
                 continue;
             }
+            // A shard's moves of units cut short (their taker died) are completed here.
+            if let (_, Some(shard)) = keys::split_shard(&goods_id) {
+                self.complete_transfers(&goods_id, shard).await;
+            }
             // A full batch means more may be due: go on with this goods, bounded by shutdown.
             while !shutdown.is_cancelled() {
-                let released = self.sweep_goods(&goods_id, rules).await?;
+                let released = match self.sweep_goods(&goods_id, rules).await {
+                    Ok(released) => released,
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                        break;
+                    }
+                };
                 metrics::counter!("seckill_reservations_expired_total").increment(released);
                 if released < SWEEP_BATCH_MAX as u64 {
                     break;
                 }
             }
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
     }
 }
 
 impl Lifecycle {
+    /// Completes shard `shard`'s moves of units that were cut short (`shard.rs`). Best
+    /// effort: what fails is tried again next tick.
+    async fn complete_transfers(&self, key_id: &str, shard: u32) {
+        let script = redis::Script::new(crate::scripts::TRANSFER);
+        let mover = crate::shard::Mover {
+            conn: self.redis.clone(),
+            keys: &self.keys,
+            durability: self.durability,
+            script: &script,
+        };
+        let goods_id = keys::base_goods(key_id);
+        match mover.complete_pending(goods_id, shard).await {
+            Ok(0) => {}
+            Ok(n) => metrics::counter!("seckill_shard_moves_completed_total").increment(n),
+            Err(e) => tracing::warn!(goods_id, shard, error = %e,
+                "could not complete a move of units between shards; retrying next sweep"),
+        }
+    }
+
     /// Sweeps the goods MySQL decides (db tier, fallback), as the directory lists them.
     async fn sweep_mysql(&self, shutdown: &CancellationToken) -> Result<(), LifecycleError> {
         let Some((pool, directory)) = &self.mysql else {

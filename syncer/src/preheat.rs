@@ -63,11 +63,13 @@ pub async fn preheat(
 ) -> Result<Preheated, PreheatError> {
     let goods = keys.goods(goods_id);
     let mut conn = redis.clone();
-    let tier: Option<String> = sqlx::query_scalar("SELECT tier FROM sales WHERE goods_id = ?")
-        .bind(goods_id)
-        .fetch_optional(mysql)
-        .await
-        .map_err(db::SaleRowError::from)?;
+    let row: Option<(String, Option<u8>)> =
+        sqlx::query_as("SELECT tier, shards FROM sales WHERE goods_id = ?")
+            .bind(goods_id)
+            .fetch_optional(mysql)
+            .await
+            .map_err(db::SaleRowError::from)?;
+    let (tier, shards) = row.unzip();
     if tier.as_deref() == Some(Tier::Db.as_str()) {
         // MySQL alone decides a db goods: its preheat is the epoch its order ids carry.
         let (epoch, sale) = db::take_epoch(mysql, goods_id, 0, HistoryRule::Refuse).await?;
@@ -89,6 +91,12 @@ pub async fn preheat(
         }
         return Ok(Preheated { epoch, sale });
     }
+    let shards = match tier.as_deref() {
+        Some(t) if t == Tier::RedisSharded.as_str() => {
+            u32::from(shards.flatten().unwrap_or(1)).clamp(1, crate::sale::SHARDS_MAX)
+        }
+        _ => 1,
+    };
     if !force {
         // Refused before MySQL moves, so a refusal changes nothing; the script checks again.
         if let Some(live) = live_stock(redis, keys, goods_id).await? {
@@ -97,55 +105,80 @@ pub async fn preheat(
             }
         }
     }
+    // One keyspace, or one per shard (`shard.rs`).
+    let key_ids: Vec<String> = if shards > 1 {
+        (0..shards)
+            .map(|s| crate::keys::shard_id(goods_id, s))
+            .collect()
+    } else {
+        vec![goods_id.to_owned()]
+    };
     // The epoch this Redis last loaded, if it remembers one: a database from before durable
     // epochs may be behind it.
-    let floor: Option<u64> = bounded(conn.get(&goods.epoch)).await?;
-    let (epoch, sale) =
-        db::take_epoch(mysql, goods_id, floor.unwrap_or(0), HistoryRule::Refuse).await?;
+    let mut floor = 0;
+    for key_id in &key_ids {
+        let loaded: Option<u64> = bounded(conn.get(keys.goods(key_id).epoch)).await?;
+        floor = floor.max(loaded.unwrap_or(0));
+    }
+    let (epoch, sale) = db::take_epoch(mysql, goods_id, floor, HistoryRule::Refuse).await?;
     crashpoint(PREHEAT_AFTER_EPOCH);
     let script = redis::Script::new(crate::scripts::PREHEAT);
-    let mut invocation = crate::scripts::invocation(&script, &goods.preheat_script_keys());
-    invocation
-        .arg(sale.total_stock)
-        .arg(sale.per_user_limit)
-        .arg(sale.starts_at.timestamp_millis())
-        .arg(sale.ends_at.timestamp_millis())
-        .arg(if force { "1" } else { "0" })
-        .arg(u64::from(sale.payment_window_s) * 1000)
-        .arg(epoch);
-    let (interval, tolerance) = sale.fleet_rate.map_or((0.0, 0.0), |r| r.gcra_ms());
-    invocation
-        .arg(interval.to_string())
-        .arg(tolerance.to_string())
-        .arg(sale.tier.as_str());
-    let (status, value): (String, i64) = bounded(invocation.invoke_async(&mut conn)).await?;
-    match status.as_str() {
-        "loaded" => {
-            // Redis holds this epoch now: from here a Redis without it has forgotten (a
-            // preheat that dies before this line leaves the older mark, which is only laxer).
-            sqlx::query(
-                "UPDATE sales SET loaded_epoch = ?, mode = 'redis', holdback = 0
-                 WHERE goods_id = ? AND epoch = ?",
-            )
-            .bind(epoch)
-            .bind(goods_id)
-            .bind(epoch)
-            .execute(mysql)
-            .await
-            .map_err(db::SaleRowError::from)?;
-            // The index lives outside the goods' hash tag, so it cannot join the script;
-            // SADD is idempotent and a stale member is harmless.
-            let _: () = bounded(conn.sadd(keys.sales_index(), goods_id)).await?;
-            Ok(Preheated { epoch, sale })
+    // Each shard takes its part of the stock and of the fleet-wide rate.
+    let stock = crate::shard::split_stock(sale.total_stock, shards);
+    let rate = sale.fleet_rate.map(|r| crate::sale::FleetRate {
+        per_second: (r.per_second / shards).max(1),
+        burst: (r.burst / shards).max(1),
+    });
+    let (interval, tolerance) = rate.map_or((0.0, 0.0), |r| r.gcra_ms());
+    // Shard by shard: each is its own slot. A preheat that stops half way leaves MySQL's
+    // loaded epoch behind, so no shard is trusted until a preheat loads them all.
+    for (shard, key_id) in key_ids.iter().enumerate() {
+        let goods = keys.goods(key_id);
+        let mut invocation = crate::scripts::invocation(&script, &goods.preheat_script_keys());
+        invocation
+            .arg(stock[shard])
+            .arg(sale.per_user_limit)
+            .arg(sale.starts_at.timestamp_millis())
+            .arg(sale.ends_at.timestamp_millis())
+            .arg(if force { "1" } else { "0" })
+            .arg(u64::from(sale.payment_window_s) * 1000)
+            .arg(epoch)
+            .arg(interval.to_string())
+            .arg(tolerance.to_string())
+            .arg(sale.tier.as_str());
+        if shards > 1 {
+            invocation.arg(shards).arg(shard);
         }
-        "live" => Err(live_error(goods_id, value)),
-        "stale" => Err(PreheatError::Superseded {
-            goods_id: goods_id.to_owned(),
-            epoch,
-            loaded: value.max(0) as u64,
-        }),
-        other => Err(PreheatError::BadScriptReply(other.to_owned())),
+        let (status, value): (String, i64) = bounded(invocation.invoke_async(&mut conn)).await?;
+        match status.as_str() {
+            "loaded" => {}
+            "live" => return Err(live_error(goods_id, value)),
+            "stale" => {
+                return Err(PreheatError::Superseded {
+                    goods_id: goods_id.to_owned(),
+                    epoch,
+                    loaded: value.max(0) as u64,
+                })
+            }
+            other => return Err(PreheatError::BadScriptReply(other.to_owned())),
+        }
     }
+    // Redis holds this epoch now: from here a Redis without it has forgotten (a preheat
+    // that dies before this line leaves the older mark, which is only laxer).
+    sqlx::query(
+        "UPDATE sales SET loaded_epoch = ?, mode = 'redis', holdback = 0
+         WHERE goods_id = ? AND epoch = ?",
+    )
+    .bind(epoch)
+    .bind(goods_id)
+    .bind(epoch)
+    .execute(mysql)
+    .await
+    .map_err(db::SaleRowError::from)?;
+    // The index lives outside the goods' hash tag, so it cannot join the script; SADD is
+    // idempotent and a stale member is harmless.
+    let _: () = bounded(conn.sadd(keys.sales_index(), &key_ids)).await?;
+    Ok(Preheated { epoch, sale })
 }
 
 fn live_error(goods_id: &str, end_ms: i64) -> PreheatError {
@@ -166,16 +199,55 @@ async fn bounded<T>(
         .map_err(|_| PreheatError::Timeout)??)
 }
 
-/// Reads a goods' live counters; `None` when the sale was never preheated.
+/// Reads a goods' live counters (a sharded goods': its shards' summed, see
+/// [`crate::shard::aggregate`]); `None` when the sale was never preheated.
 pub async fn live_stock(
     redis: &RedisConn,
     keys: &KeySpace,
     goods_id: &str,
 ) -> Result<Option<LiveStock>, PreheatError> {
+    if let Some(live) = read_live(redis, &keys.goods(goods_id).sale).await? {
+        return Ok(Some(live));
+    }
+    let shards = live_shards(redis, keys, goods_id).await?;
+    Ok(shards.and_then(|shards| crate::shard::aggregate(&shards)))
+}
+
+/// The live counters of each shard of a `redis_sharded` goods, with the units each gave up
+/// that have not landed yet; `None` when the goods has no shards in Redis. The shard count is
+/// read from shard 0 (each shard's sale holds it).
+pub async fn live_shards(
+    redis: &RedisConn,
+    keys: &KeySpace,
+    goods_id: &str,
+) -> Result<Option<Vec<crate::shard::ShardStock>>, PreheatError> {
+    let mut conn = redis.clone();
+    let first = keys.goods(&crate::keys::shard_id(goods_id, 0)).sale;
+    let count: Option<u32> = bounded(conn.hget(&first, "shards")).await?;
+    let Some(count) = count else { return Ok(None) };
+    let mut shards = Vec::new();
+    for shard in 0..count.min(crate::sale::SHARDS_MAX) {
+        let key_id = crate::keys::shard_id(goods_id, shard);
+        // A shard that forgot is left out: reconcile shows the drift.
+        if let Some(stock) = read_live(redis, &keys.goods(&key_id).sale).await? {
+            let in_transit =
+                bounded(crate::shard::in_transit(&mut conn, keys, goods_id, shard)).await?;
+            shards.push(crate::shard::ShardStock {
+                shard,
+                stock,
+                in_transit,
+            });
+        }
+    }
+    Ok(Some(shards))
+}
+
+/// The counters of one sale hash.
+async fn read_live(redis: &RedisConn, sale: &str) -> Result<Option<LiveStock>, PreheatError> {
     let mut conn = redis.clone();
     let fields: Vec<Option<i64>> = bounded(
         redis::cmd("HMGET")
-            .arg(keys.goods(goods_id).sale)
+            .arg(sale)
             .arg(&[
                 "total",
                 "available",

@@ -76,7 +76,15 @@ impl Recoverer {
     /// missing. A goods whose sale is gone (forgotten: the fallback re-seeds it, which adds
     /// it; redefined as db: its preheat removed both) is left out.
     async fn restore_index(&self) {
-        let loaded = self.directory.loaded_in_redis();
+        let mut loaded = self.directory.loaded_in_redis();
+        // A sharded goods MySQL decides keeps its fenced shards (it is not re-seeded): their
+        // outboxes must still reach MySQL.
+        loaded.extend(
+            self.directory
+                .not_in_redis()
+                .into_iter()
+                .filter(|(_, route)| route.shards > 1 && route.loaded_epoch > 0),
+        );
         if loaded.is_empty() {
             return;
         }
@@ -88,7 +96,11 @@ impl Recoverer {
             Ok(Err(e)) => return tracing::warn!(error = %e, "could not read the sales index"),
             Err(_) => return tracing::warn!("reading the sales index timed out"),
         };
-        for (goods_id, _) in loaded {
+        // A sharded goods is indexed by its shards.
+        let key_ids = loaded
+            .into_iter()
+            .flat_map(|(goods_id, route)| key_ids(&goods_id, route.shards));
+        for goods_id in key_ids {
             if members.contains(&goods_id) {
                 continue;
             }
@@ -119,6 +131,11 @@ impl Recoverer {
     /// Re-seeds every goods in fallback (or stopped switching).
     async fn return_to_redis(&self) {
         for (goods_id, route) in self.directory.not_in_redis() {
+            // Not re-seeded (`reseed.rs` loads one keyspace): MySQL decides a sharded goods
+            // that moved there until its sale ends (README, "the redis_sharded tier").
+            if route.shards > 1 {
+                continue;
+            }
             let old_epoch = route.loaded_epoch;
             let result = reseed::reseed(
                 &self.redis,
@@ -181,25 +198,41 @@ impl Recoverer {
             .into_iter()
             .take(CHECKS_MAX)
         {
-            let sale = self.keys.goods(&goods_id).sale;
-            let mut command = redis::cmd("HMGET");
-            command.arg(&sale).arg("epoch").arg("fenced");
-            let read = command.query_async::<(Option<u64>, Option<String>)>(&mut conn);
-            let (epoch, fenced) = match tokio::time::timeout(REDIS_CHECK_TIMEOUT, read).await {
-                Ok(Ok(fields)) => fields,
-                _ => return,
-            };
-            let forgot = match epoch {
-                None => true,
-                Some(epoch) => epoch < route.loaded_epoch || fenced.as_deref() == Some("1"),
-            };
+            // A sharded goods forgot if any of its shards did.
+            let mut forgot = false;
+            for key_id in key_ids(&goods_id, route.shards) {
+                let sale = self.keys.goods(&key_id).sale;
+                let mut command = redis::cmd("HMGET");
+                command.arg(&sale).arg("epoch").arg("fenced");
+                let read = command.query_async::<(Option<u64>, Option<String>)>(&mut conn);
+                let (epoch, fenced) = match tokio::time::timeout(REDIS_CHECK_TIMEOUT, read).await {
+                    Ok(Ok(fields)) => fields,
+                    _ => return,
+                };
+                forgot |= match epoch {
+                    None => true,
+                    Some(epoch) => epoch < route.loaded_epoch || fenced.as_deref() == Some("1"),
+                };
+            }
             if forgot {
+                let redis = Some((&self.redis, &self.keys));
                 if let Err(e) =
-                    fallback::enter(&self.mysql, &self.watch, &goods_id, Why::Forgot).await
+                    fallback::enter(&self.mysql, &self.watch, &goods_id, Why::Forgot, redis).await
                 {
                     tracing::warn!(goods_id, error = %e, "could not move the goods to MySQL");
                 }
             }
         }
+    }
+}
+
+/// The ids a goods' keys are named by: its own, or its shards'.
+fn key_ids(goods_id: &str, shards: u32) -> Vec<String> {
+    if shards > 1 {
+        (0..shards)
+            .map(|shard| crate::keys::shard_id(goods_id, shard))
+            .collect()
+    } else {
+        vec![goods_id.to_owned()]
     }
 }

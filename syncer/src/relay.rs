@@ -286,7 +286,13 @@ impl Relay {
         event: &OutboxEvent,
     ) -> Result<(), String> {
         let (topic, key, payload, headers) = match event {
-            Ok(bytes) => (&self.kafka.topic, goods_id, bytes, OwnedHeaders::new()),
+            // Keyed by the goods, also from a shard's outbox: one goods, one partition.
+            Ok(bytes) => (
+                &self.kafka.topic,
+                crate::keys::base_goods(goods_id),
+                bytes,
+                OwnedHeaders::new(),
+            ),
             Err(raw) => {
                 tracing::error!(
                     stream,

@@ -66,6 +66,11 @@ pub enum ReseedError {
         "goods {0} is a db-tier sale: MySQL alone decides it, there is nothing to load into Redis"
     )]
     DbTier(String),
+    #[error(
+        "goods {0} is a redis_sharded sale: a re-seed loads one keyspace, not its shards; \
+         MySQL decides it until its sale ends"
+    )]
+    Sharded(String),
 }
 
 /// What a re-seed loaded.
@@ -101,6 +106,9 @@ pub async fn reseed(
     let (tier, mode) = modes.ok_or_else(|| ReseedError::NoSale(goods_id.to_owned()))?;
     if tier == crate::sale::Tier::Db.as_str() {
         return Err(ReseedError::DbTier(goods_id.to_owned()));
+    }
+    if tier == crate::sale::Tier::RedisSharded.as_str() {
+        return Err(ReseedError::Sharded(goods_id.to_owned()));
     }
     // MySQL decided the goods meanwhile (fallback) or a re-seed stopped half way: whatever
     // Redis holds of it is stale and is replaced. Otherwise Redis must have forgotten it.
@@ -285,7 +293,7 @@ async fn read_round(pool: &MySqlPool, goods_id: &str, floor: u64) -> Result<Roun
     let mut tx = pool.begin().await?;
     let row = sqlx::query(
         "SELECT goods_id, total_stock, per_user_limit, starts_at, ends_at, payment_window_s, tier,
-           fleet_rate_per_s, fleet_burst, stock, reserved, sold, lapsed, epoch, round_epoch
+           fleet_rate_per_s, fleet_burst, shards, stock, reserved, sold, lapsed, epoch, round_epoch
          FROM sales WHERE goods_id = ? FOR UPDATE",
     )
     .bind(goods_id)

@@ -32,6 +32,10 @@ pub enum Tier {
     Db,
     /// Redis decides, and the winners' rows are written to MySQL before the answer.
     DualWrite,
+    /// Redis decides, the stock split over `shards` keyspaces in different hash tags (so, on
+    /// a Redis Cluster, on different masters): for one goods hotter than one Redis core
+    /// (`shard.rs`).
+    RedisSharded,
 }
 
 impl Tier {
@@ -40,6 +44,7 @@ impl Tier {
             Tier::Redis => "redis",
             Tier::Db => "db",
             Tier::DualWrite => "dual_write",
+            Tier::RedisSharded => "redis_sharded",
         }
     }
 
@@ -48,10 +53,17 @@ impl Tier {
             "redis" => Some(Tier::Redis),
             "db" => Some(Tier::Db),
             "dual_write" => Some(Tier::DualWrite),
+            "redis_sharded" => Some(Tier::RedisSharded),
             _ => None,
         }
     }
 }
+
+/// Shards a `redis_sharded` sale may have: at least two (one is the `redis` tier), at most
+/// sixteen (an attempt whose buyer's shard is empty asks up to `shards - 1` others, and
+/// reconcile and the admin API read every shard).
+pub const SHARDS_MIN: u32 = 2;
+pub const SHARDS_MAX: u32 = 16;
 
 /// Largest fleet-wide attempt rate per goods (per second).
 pub const FLEET_RATE_MAX: u32 = 1_000_000;
@@ -92,6 +104,10 @@ pub struct SaleSpec {
     /// Attempts per second for the whole fleet of gates (none by default).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub fleet_rate: Option<FleetRate>,
+    /// How many shards the stock is split over: required by the `redis_sharded` tier
+    /// ([`SHARDS_MIN`]..=[`SHARDS_MAX`]), refused by the others.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub shards: Option<u32>,
 }
 
 /// A defined sale: the spec plus its goods id.
@@ -106,6 +122,16 @@ pub struct Sale {
     pub tier: Tier,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub fleet_rate: Option<FleetRate>,
+    /// Set for the `redis_sharded` tier only.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shards: Option<u32>,
+}
+
+impl Sale {
+    /// The shards the stock is split over: 1 for every tier but `redis_sharded`.
+    pub fn shard_count(&self) -> u32 {
+        self.shards.unwrap_or(1)
+    }
 }
 
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
@@ -126,6 +152,12 @@ pub enum SaleError {
     FleetRate,
     #[error("fleet_rate is counted in Redis: a db-tier sale cannot have one")]
     FleetRateOnDb,
+    #[error("the redis_sharded tier needs shards from {SHARDS_MIN} to {SHARDS_MAX}")]
+    Shards,
+    #[error("shards is set only for the redis_sharded tier")]
+    ShardsOnUnsharded,
+    #[error("total_stock must be at least shards, so that every shard starts with a unit")]
+    StockBelowShards,
 }
 
 impl Sale {
@@ -156,6 +188,16 @@ impl Sale {
                 return Err(SaleError::FleetRateOnDb);
             }
         }
+        match (spec.tier, spec.shards) {
+            (Tier::RedisSharded, Some(shards)) if (SHARDS_MIN..=SHARDS_MAX).contains(&shards) => {
+                if spec.total_stock < u64::from(shards) {
+                    return Err(SaleError::StockBelowShards);
+                }
+            }
+            (Tier::RedisSharded, _) => return Err(SaleError::Shards),
+            (_, Some(_)) => return Err(SaleError::ShardsOnUnsharded),
+            (_, None) => {}
+        }
         Ok(Sale {
             goods_id: goods_id.to_owned(),
             total_stock: spec.total_stock,
@@ -165,6 +207,7 @@ impl Sale {
             payment_window_s: spec.payment_window_s,
             tier: spec.tier,
             fleet_rate: spec.fleet_rate,
+            shards: spec.shards,
         })
     }
 }
@@ -205,6 +248,7 @@ mod tests {
             payment_window_s: 60,
             tier: Tier::Redis,
             fleet_rate: None,
+            shards: None,
         }
     }
 
@@ -253,6 +297,31 @@ mod tests {
         assert!(Sale::new("g", s.clone()).is_ok());
         s.tier = Tier::Db;
         assert_eq!(Sale::new("g", s), Err(SaleError::FleetRateOnDb));
+    }
+
+    #[test]
+    fn shards_are_bounded_and_belong_to_the_sharded_tier() {
+        let sharded = |shards: Option<u32>| {
+            let mut s = spec();
+            s.tier = Tier::RedisSharded;
+            s.shards = shards;
+            Sale::new("g", s)
+        };
+        assert_eq!(sharded(Some(3)).unwrap().shard_count(), 3);
+        assert_eq!(sharded(Some(SHARDS_MAX)).unwrap().shard_count(), 16);
+        for bad in [None, Some(0), Some(1), Some(SHARDS_MAX + 1)] {
+            assert_eq!(sharded(bad), Err(SaleError::Shards), "{bad:?}");
+        }
+        let mut s = spec();
+        s.shards = Some(3);
+        assert_eq!(Sale::new("g", s), Err(SaleError::ShardsOnUnsharded));
+        let mut s = spec();
+        s.tier = Tier::RedisSharded;
+        s.shards = Some(4);
+        s.total_stock = 3;
+        assert_eq!(Sale::new("g", s), Err(SaleError::StockBelowShards));
+        assert_eq!(Tier::parse("redis_sharded"), Some(Tier::RedisSharded));
+        assert_eq!(Sale::new("g", spec()).unwrap().shard_count(), 1);
     }
 
     #[test]

@@ -35,3 +35,9 @@ pub fn invocation<'a>(script: &'a redis::Script, keys: &[&str]) -> redis::Script
     }
     invocation
 }
+
+/// Moves units between two shards of a redis_sharded goods (`lua/transfer.lua`).
+pub const TRANSFER: &str = concat!(
+    include_str!("lua/common.lua"),
+    include_str!("lua/transfer.lua")
+);

@@ -55,20 +55,26 @@ impl<'a> Admin<'a> {
         if let Some(tier) = tier {
             spec["tier"] = json!(tier);
         }
+        let (status, body) = self.try_define(goods_id, &spec).await?;
+        anyhow::ensure!((200..300).contains(&status), "define sale: {status} {body}");
+        Ok(())
+    }
+
+    /// Sends a sale definition as given (refusals included): the HTTP status and body.
+    pub async fn try_define(&self, goods_id: &str, spec: &Value) -> anyhow::Result<(u16, Value)> {
         let response = self
             .http
             .put(format!("{}/admin/sales/{goods_id}", self.base))
             .header(seckill_api::SECRET_HEADER, SECRET)
-            .json(&spec)
+            .json(spec)
             .send()
             .await?;
-        let status = response.status();
-        anyhow::ensure!(
-            status.is_success(),
-            "define sale: {status} {}",
-            response.text().await?
-        );
-        Ok(())
+        let status = response.status().as_u16();
+        let text = response.text().await?;
+        Ok((
+            status,
+            serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        ))
     }
 
     pub async fn preheat(&self, goods_id: &str, force: bool) -> anyhow::Result<Value> {

@@ -59,6 +59,17 @@ pub struct StackOptions {
 }
 
 impl StackOptions {
+    /// A stack with its pipeline (sales reach MySQL) for a crowd that arrives at once: its
+    /// first attempts come before any answer has confirmed the goods to the filter, so the
+    /// small bucket of unconfirmed goods ids is opened too.
+    pub fn for_a_crowd(label: &str) -> Self {
+        let mut options = StackOptions::new(label);
+        options.pipeline = true;
+        options.plugin_config["rate_limit"]["unconfirmed"] =
+            json!({"per_second": 1_000_000.0, "burst": 1_000_000});
+        options
+    }
+
     pub fn new(label: &str) -> Self {
         Self {
             label: label.to_owned(),

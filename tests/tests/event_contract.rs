@@ -72,6 +72,7 @@ impl Fixture {
             payment_window_s,
             tier: Default::default(),
             fleet_rate: None,
+            shards: None,
         };
         let sale = Sale::new(goods, spec).unwrap();
         seckill_syncer::db::save_sale(&self.mysql, &sale)

@@ -83,31 +83,9 @@ async fn assert_keys_live_on_their_master(cluster: &RedisCluster, prefix: &str, 
 /// 503s (a Redis call cut short by a loaded machine: the gate's buyers are told to retry);
 /// the final answer.
 async fn deduct(p: &Pipeline<RedisCluster>, goods: &str, user: &str, request: &str) -> Value {
-    let deadline = std::time::Instant::now() + BUYER_PATIENCE;
-    loop {
-        let response = p
-            .http
-            .post(format!("{}{}", p.api.url(), seckill_api::DEDUCT_PATH))
-            .header(seckill_api::SECRET_HEADER, SECRET)
-            .json(
-                &json!({"goods_id": goods, "user_id": user, "quantity": 1, "request_id": request}),
-            )
-            .send()
-            .await
-            .unwrap();
-        let status = response.status().as_u16();
-        let body: Value = response.json().await.unwrap();
-        if status == 200 {
-            return body;
-        }
-        assert_eq!(status, 503, "{body}");
-        assert!(
-            std::time::Instant::now() < deadline,
-            "{user} got 503 for {BUYER_PATIENCE:?}: {body}"
-        );
-        // A poll inside the buyer's deadline: a 503 asks for a retry in a moment.
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    p.deduct_patiently(goods, user, request, BUYER_PATIENCE)
+        .await
+        .unwrap()
 }
 
 /// Buyers `{tag}-0..count` (request id = buyer), 20 at a time, each patient: the order id
@@ -457,11 +435,7 @@ async fn goods_on_three_masters_sell_settle_reach_mysql_and_a_forgetful_master_i
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_sale_through_envoy_on_a_cluster_reaches_the_shop_and_mysql_once() {
-    let mut options = StackOptions::new("cluster_edge");
-    options.pipeline = true;
-    // The crowd arrives before the syncer has confirmed the goods: no shared bucket for it.
-    options.plugin_config["rate_limit"]["unconfirmed"] =
-        json!({"per_second": 1_000_000.0, "burst": 1_000_000});
+    let options = StackOptions::for_a_crowd("cluster_edge");
     let stack = Arc::new(
         Stack::start_cluster(options)
             .await

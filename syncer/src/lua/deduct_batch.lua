@@ -29,7 +29,7 @@ if now_ms > deadline_ms then
 end
 
 local sale = redis.call('HMGET', KEYS[1], 'available', 'limit', 'start_ms', 'end_ms', 'epoch', 'seq', 'window_ms', 'fenced',
-  'rate_interval_ms', 'rate_tolerance_ms', 'rate_tat_ms', 'tier')
+  'rate_interval_ms', 'rate_tolerance_ms', 'rate_tat_ms', 'tier', 'shards', 'shard')
 -- A Redis that forgot is never trusted: MySQL loaded this goods, so a missing sale, an epoch
 -- behind MySQL's or a fence means state was lost, and deciding on would hand out units and
 -- order ids twice.
@@ -54,6 +54,10 @@ local rate_tat = tonumber(sale[11] or '0') or 0
 local rate_used = false
 local dual_write = sale[12] == 'dual_write'
 local new_mark, repeat_mark = 'new', ''
+-- One shard of a redis_sharded goods hands out the sequences `local * shards + shard`: the
+-- goods' order ids stay `goods.epoch.sequence`, distinct over its shards, and the sequence
+-- names the shard that holds the order (lifecycle calls are routed by it).
+local shards, shard = tonumber(sale[13] or '1') or 1, tonumber(sale[14] or '0') or 0
 if dual_write then
   new_mark, repeat_mark = 'new_dw', 'dw'
 end
@@ -130,7 +134,7 @@ local function decide(user, qty, request_id)
   seq = seq + 1
   available = available - qty
   granted = granted + qty
-  local order_id = goods .. '.' .. epoch .. '.' .. seq
+  local order_id = goods .. '.' .. epoch .. '.' .. (seq * shards + shard)
   redis.call('HINCRBY', KEYS[2], user, qty)
   redis.call('HSET', KEYS[3], request_id, make_record(user, qty, order_id))
   redis.call('HSET', KEYS[4], order_id, make_record(user, qty, now_ms))

@@ -131,9 +131,12 @@ impl ForgottenSweep {
 
     async fn reserved_sales(&self) -> sqlx::Result<Vec<ReservedSale>> {
         let rows = sqlx::query(
-            // Goods MySQL decides (db tier, fallback) are swept by the MySQL sweeper.
+            // Goods MySQL decides (db tier, fallback) are swept by the MySQL sweeper. A
+            // redis_sharded goods' reservations live in its shards, which this pass does not
+            // read: left to each shard's own sweeper (README).
             "SELECT goods_id, payment_window_s, ends_at FROM sales WHERE reserved > 0 \
-             AND tier <> 'db' AND mode = 'redis' ORDER BY goods_id LIMIT ?",
+             AND tier NOT IN ('db', 'redis_sharded') AND mode = 'redis' \
+             ORDER BY goods_id LIMIT ?",
         )
         .bind(SALES_PER_PASS_MAX)
         .fetch_all(&self.reconciler.mysql)

@@ -1,0 +1,700 @@
+//! The `redis_sharded` tier on a Redis Cluster of three masters: a goods' stock split over
+//! shards in different hash tags (here one per master). Bad shard counts are refused and
+//! change nothing; a buyer whose home shard is empty still wins, from another shard; retries
+//! with the same request id get the same answer and no second unit; a released unit goes back
+//! to its shard and sells again; `sold_out` comes only once every shard is empty; a move of
+//! units cut short between the donor's take and the home shard's give (the syncer aborted at
+//! the crash point) is completed by the sweeper; and 5,000 attempts through Envoy for 1,000
+//! units over 3 shards sell exactly 1,000, every shard to 0, one MySQL row per winner, with
+//! reconcile clean.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use futures::stream::{self, StreamExt};
+use seckill_e2e::admin::Admin;
+use seckill_e2e::pipeline::{epoch_of, Pipeline};
+use seckill_e2e::process::wait_for;
+use seckill_e2e::redis_cluster::RedisCluster;
+use seckill_e2e::stack::{now_ms, rfc3339, Stack, StackOptions, SECRET};
+use seckill_e2e::syncer::{Role, SyncerArgs, SyncerProcess};
+use seckill_syncer::keys::{home_shard, order_parts, shard_id, shard_of_sequence};
+use serde_json::{json, Value};
+
+const SHARDS: u32 = 3;
+const DRAIN: Duration = Duration::from_secs(120);
+/// How long a buyer keeps retrying with the same request id through 503s.
+const PATIENCE: Duration = Duration::from_secs(60);
+
+/// A sharded sale open from a minute ago for an hour.
+fn sharded_spec(stock: u64, per_user_limit: u32, shards: Value) -> Value {
+    let now = now_ms();
+    json!({
+        "total_stock": stock,
+        "per_user_limit": per_user_limit,
+        "starts_at": rfc3339(now - 60_000),
+        "ends_at": rfc3339(now + 3_600_000),
+        "payment_window_s": 900,
+        "tier": "redis_sharded",
+        "shards": shards,
+    })
+}
+
+/// Defines a sharded sale of `stock` units (limit 1 per buyer) and preheats it.
+async fn open_sharded(admin: &Admin<'_>, goods: &str, stock: u64) {
+    let spec = sharded_spec(stock, 1, json!(SHARDS));
+    let (status, body) = admin.try_define(goods, &spec).await.unwrap();
+    assert_eq!(status, 201, "{body}");
+    admin.preheat(goods, false).await.unwrap();
+}
+
+/// `count` buyer ids `{tag}-N` whose home shard is `home`.
+fn buyers_of(tag: &str, home: u32, count: usize) -> Vec<String> {
+    (0..)
+        .map(|i| format!("{tag}-{i}"))
+        .filter(|user| home_shard(user, SHARDS) == home)
+        .take(count)
+        .collect()
+}
+
+/// A goods id `{stem}-N` whose shards' hash tags land on three different masters.
+async fn goods_over_three_masters(cluster: &RedisCluster, prefix: &str, stem: &str) -> String {
+    for i in 0..1_000 {
+        let goods = format!("{stem}-{i}");
+        let mut masters = HashSet::new();
+        for shard in 0..SHARDS {
+            let key = format!("{prefix}:{{{}}}:sale", shard_id(&goods, shard));
+            masters.insert(cluster.master_of_key(&key).await.unwrap());
+        }
+        if masters.len() == SHARDS as usize {
+            return goods;
+        }
+    }
+    panic!("no goods id whose shards land on three masters");
+}
+
+/// The shard that issued an order.
+fn shard_of(order_id: &str) -> u32 {
+    let (_, _, sequence) = order_parts(order_id).unwrap();
+    shard_of_sequence(sequence, SHARDS)
+}
+
+/// One attempt through `POST /v1/deduct`, retried with the same request id through 503s (a
+/// loaded machine's slow Redis call; stock on its way between shards): the final answer.
+async fn attempt(p: &Pipeline<RedisCluster>, goods: &str, user: &str, request: &str) -> Value {
+    p.deduct_patiently(goods, user, request, PATIENCE)
+        .await
+        .unwrap()
+}
+
+/// The shards' counters through the admin API: (available, total, in transit) by shard.
+async fn shards_of(p: &Pipeline<RedisCluster>, goods: &str) -> Vec<(i64, i64, i64)> {
+    let sale = p.admin().sale(goods).await.unwrap();
+    let shards = sale["shards"]
+        .as_array()
+        .unwrap_or_else(|| panic!("{sale}"));
+    assert_eq!(shards.len(), SHARDS as usize, "{sale}");
+    shards
+        .iter()
+        .map(|s| {
+            let n = |field: &str| s[field].as_i64().unwrap_or_else(|| panic!("{field}: {s}"));
+            (n("available"), n("total"), n("in_transit"))
+        })
+        .collect()
+}
+
+fn available(shards: &[(i64, i64, i64)]) -> Vec<i64> {
+    shards.iter().map(|s| s.0).collect()
+}
+
+/// Reconcile (no `--orders`: the digest does not cover sharded goods yet) exits 0, settled,
+/// once the pipeline has drained.
+async fn wait_for_clean_reconcile(p: &Pipeline<RedisCluster>, goods: &str) -> Value {
+    wait_for("a clean, settled reconcile", DRAIN, || async {
+        let (code, report) = p.reconcile(&["--goods", goods])?;
+        Ok((code == 0 && report["settled"] == true).then_some(report))
+    })
+    .await
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn stock_moves_to_an_empty_home_shard_and_retries_and_releases_stay_exact() {
+    let p = Arc::new(Pipeline::start_cluster("sharded_moves").await.unwrap());
+    let _pipeline = p.spawn_relay_and_writer(100, 20).await.unwrap();
+    let goods = goods_over_three_masters(&p.redis, &p.prefix, "hot").await;
+    let admin = p.admin();
+
+    // Bad shard counts: a clear 400, and nothing defined.
+    let bad = [
+        sharded_spec(6, 1, json!(1)),
+        sharded_spec(6, 1, json!(17)),
+        sharded_spec(6, 1, json!(0)),
+        sharded_spec(6, 1, json!("three")),
+        sharded_spec(6, 1, Value::Null),
+        sharded_spec(2, 1, json!(3)),
+    ];
+    for spec in bad {
+        let (status, body) = admin.try_define(&goods, &spec).await.unwrap();
+        assert_eq!(status, 400, "{spec}: {body}");
+        assert!(body.to_string().contains("shards"), "{body}");
+    }
+    let mut unsharded = sharded_spec(6, 1, json!(3));
+    unsharded["tier"] = json!("redis");
+    let (status, body) = admin.try_define(&goods, &unsharded).await.unwrap();
+    assert_eq!(status, 400, "{body}");
+    let nothing = p.admin().sale(&goods).await.unwrap();
+    assert_eq!(
+        nothing["error"], "not_found",
+        "a refused sale is not defined: {nothing}"
+    );
+
+    // 6 units over 3 shards: 2 each.
+    open_sharded(&admin, &goods, 6).await;
+    assert_eq!(shards_of(&p, &goods).await, vec![(2, 2, 0); 3]);
+
+    let home0 = buyers_of("b", 0, 9);
+    let order = |answer: &Value| answer["order_id"].as_str().unwrap().to_owned();
+    // Shard 0's own two units.
+    for user in &home0[..2] {
+        let answer = attempt(&p, &goods, user, user).await;
+        assert_eq!(answer["outcome"], "won", "{answer}");
+        assert_eq!(shard_of(&order(&answer)), 0, "{answer}");
+    }
+    assert_eq!(available(&shards_of(&p, &goods).await), [0, 2, 2]);
+
+    // Shard 0 is empty: its next buyer wins a unit moved from shard 1, issued by shard 0
+    // (which holds the buyer's count and request id).
+    let moved = attempt(&p, &goods, &home0[2], &home0[2]).await;
+    assert_eq!(moved["outcome"], "won", "{moved}");
+    let moved_order = order(&moved);
+    // A shard's count is not the goods': no `remaining` (the gate would cache a 0 as sold out).
+    assert!(moved.get("remaining").is_none(), "{moved}");
+    assert_eq!(shard_of(&moved_order), 0);
+    let shards = shards_of(&p, &goods).await;
+    assert_eq!(
+        shards,
+        vec![(0, 3, 0), (1, 1, 0), (2, 2, 0)],
+        "one unit moved"
+    );
+
+    // The same request again: the same order, no second unit; a new request of the same
+    // buyer: the limit of 1 holds.
+    let again = attempt(&p, &goods, &home0[2], &home0[2]).await;
+    assert_eq!(
+        (again["outcome"].clone(), order(&again)),
+        (json!("won"), moved_order.clone())
+    );
+    let other = attempt(&p, &goods, &home0[2], "another-request").await;
+    assert_eq!(other["outcome"], "duplicate", "{other}");
+    assert_eq!(shards_of(&p, &goods).await, shards, "nothing moved");
+
+    // Released, the unit goes back to the shard that held it, and sells again there; the
+    // released request's retry is told so, with its order, and takes nothing.
+    let (status, body) = p.settle(&moved_order, "cancel").await.unwrap();
+    assert_eq!(
+        (status, body["state"].clone()),
+        (200, json!("released")),
+        "{body}"
+    );
+    assert_eq!(available(&shards_of(&p, &goods).await), [1, 1, 2]);
+    let after_release = attempt(&p, &goods, &home0[2], &home0[2]).await;
+    assert_eq!(after_release["outcome"], "released", "{after_release}");
+    assert_eq!(order(&after_release), moved_order);
+    let resold = attempt(&p, &goods, &home0[3], &home0[3]).await;
+    assert_eq!(resold["outcome"], "won", "{resold}");
+    assert_eq!(shard_of(&order(&resold)), 0);
+    assert_eq!(available(&shards_of(&p, &goods).await), [0, 1, 2]);
+
+    // Buyers of the empty shard keep winning while any shard has a unit: 3 more; then, and
+    // only then, sold out with nothing left (what the gate caches).
+    let mut winners = vec![];
+    for user in &home0[4..7] {
+        let answer = attempt(&p, &goods, user, user).await;
+        assert_eq!(answer["outcome"], "won", "{user}: {answer}");
+        winners.push(order(&answer));
+    }
+    let shards = shards_of(&p, &goods).await;
+    assert_eq!(available(&shards), [0, 0, 0]);
+    assert_eq!(
+        shards.iter().map(|s| s.1).sum::<i64>(),
+        6,
+        "the shards hold the whole stock"
+    );
+    for user in [
+        &home0[7],
+        &buyers_of("c", 1, 1)[0],
+        &buyers_of("c", 2, 1)[0],
+    ] {
+        let answer = attempt(&p, &goods, user, user).await;
+        assert_eq!(answer["outcome"], "sold_out", "{answer}");
+        assert_eq!(answer["remaining"], 0, "{answer}");
+    }
+
+    // MySQL: one row per order (6 live, 1 released), counters as Redis's; reconcile clean.
+    p.wait_for_rows(&goods, 7, DRAIN).await.unwrap();
+    assert_eq!(p.order_rows(&goods).await.unwrap(), (7, 7));
+    let report = wait_for_clean_reconcile(&p, &goods).await;
+    let only = &report["goods"][0];
+    assert_eq!(
+        only["shards"].as_array().map(Vec::len),
+        Some(3),
+        "{report:#}"
+    );
+    assert_eq!(only["redis"]["reserved"], 6, "{report:#}");
+    assert_eq!(only["mysql"]["reserved"], 6, "{report:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_move_cut_short_between_take_and_give_is_completed() {
+    let crash = [("SECKILL_CRASH_AT", "shard-after-take")];
+    let mut p = Pipeline::start_on("sharded_crash", &[], &crash, &[])
+        .await
+        .unwrap();
+    let goods = goods_over_three_masters(&p.redis, &p.prefix, "cut").await;
+    let admin = p.admin();
+    open_sharded(&admin, &goods, 3).await;
+    let home0 = buyers_of("b", 0, 2);
+    let first = attempt(&p, &goods, &home0[0], &home0[0]).await;
+    assert_eq!(first["outcome"], "won", "{first}");
+
+    // The next buyer of shard 0 needs a unit from shard 1: the syncer takes it, then aborts
+    // before shard 0 gets it.
+    let cut = p.deduct_once(&goods, &home0[1], &home0[1]).await;
+    assert!(cut.is_err(), "the syncer died at the crash point: {cut:?}");
+    let mut conn = p.redis.connection().await.unwrap();
+    let key =
+        |shard: u32, suffix: &str| format!("{}:{{{}}}:{suffix}", p.prefix, shard_id(&goods, shard));
+    let totals = |conn: &mut redis::cluster_async::ClusterConnection| {
+        let mut conn = conn.clone();
+        let keys: Vec<String> = (0..SHARDS).map(|s| key(s, "sale")).collect();
+        async move {
+            let mut totals = vec![];
+            for sale in keys {
+                let total: i64 = redis::cmd("HGET")
+                    .arg(&sale)
+                    .arg("total")
+                    .query_async(&mut conn)
+                    .await
+                    .unwrap();
+                totals.push(total);
+            }
+            totals
+        }
+    };
+    assert_eq!(
+        totals(&mut conn).await,
+        [1, 0, 1],
+        "shard 1's unit is taken, not given"
+    );
+    let records: HashMap<String, String> = redis::cmd("HGETALL")
+        .arg(key(1, "transfers_out"))
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(
+        records.len(),
+        1,
+        "the move is recorded on its donor: {records:?}"
+    );
+
+    // A syncer without the crash point: its sweeper finds the move and completes it, once.
+    let args = SyncerArgs {
+        redis_url: &p.redis.url(),
+        mysql_url: &p.db.url(),
+        key_prefix: &p.prefix,
+        secret: SECRET,
+        kafka: Some(&p.broker.bootstrap()),
+    };
+    p.api = SyncerProcess::start_role(&p.scratch.path, &args, Role::Serve { pipeline: false }, &[])
+        .await
+        .unwrap();
+    wait_for(
+        "the cut move completed",
+        Duration::from_secs(30),
+        || async {
+            let records: HashMap<String, String> = redis::cmd("HGETALL")
+                .arg(key(1, "transfers_out"))
+                .query_async(&mut conn.clone())
+                .await?;
+            Ok(records.is_empty().then_some(()))
+        },
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        totals(&mut conn).await,
+        [2, 0, 1],
+        "the unit landed on shard 0, once"
+    );
+    // The same give again (a second sweeper, a late taker) adds nothing.
+    let (id, _) = records.iter().next().unwrap();
+    let script = redis::Script::new(seckill_syncer::scripts::TRANSFER);
+    let mut give = script.prepare_invoke();
+    give.key(key(0, "sale")).key(key(0, "transfers_in"));
+    give.arg("give")
+        .arg(id)
+        .arg(1)
+        .arg(epoch_of(first["order_id"].as_str().unwrap()));
+    let (status, _, _): (String, u64, u64) = give.invoke_async(&mut conn).await.unwrap();
+    assert_eq!(status, "repeat");
+    assert_eq!(totals(&mut conn).await, [2, 0, 1], "still once");
+    let shards = shards_of(&p, &goods).await;
+    assert_eq!(shards, vec![(1, 2, 0), (0, 0, 0), (1, 1, 0)]);
+
+    // The buyer's retry with the same request id wins the landed unit.
+    let retry = attempt(&p, &goods, &home0[1], &home0[1]).await;
+    assert_eq!(retry["outcome"], "won", "{retry}");
+    assert_eq!(available(&shards_of(&p, &goods).await), [0, 0, 1]);
+    let _pipeline = p.spawn_relay_and_writer(100, 20).await.unwrap();
+    p.wait_for_rows(&goods, 2, DRAIN).await.unwrap();
+    wait_for_clean_reconcile(&p, &goods).await;
+}
+
+/// What a buyer got through Envoy, after retrying 503s with the same request id.
+struct Bought {
+    user: String,
+    outcome: String,
+    order_id: Option<String>,
+    /// When the try that got this answer was sent, and when the answer came.
+    sent: Instant,
+    answered: Instant,
+}
+
+async fn buy_patiently(
+    stack: &Stack<RedisCluster>,
+    goods: &str,
+    user: &str,
+    request: &str,
+) -> Bought {
+    let deadline = Instant::now() + PATIENCE;
+    loop {
+        let sent = Instant::now();
+        let result = stack.buy(goods, user, 1, request).await.unwrap();
+        if result.status != 503 {
+            return Bought {
+                user: user.to_owned(),
+                outcome: result.outcome,
+                order_id: result.order_id,
+                sent,
+                answered: Instant::now(),
+            };
+        }
+        assert!(
+            Instant::now() < deadline,
+            "{user} got 503 for {PATIENCE:?}: {:?}",
+            result.body
+        );
+        // A poll inside the buyer's deadline.
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn five_thousand_attempts_through_envoy_sell_a_sharded_goods_exactly() {
+    const STOCK: u64 = 1_000;
+    const BUYERS: usize = 4_000;
+    const TWICE: usize = 1_000;
+    let options = StackOptions::for_a_crowd("sharded_edge");
+    let stack = Arc::new(
+        Stack::start_cluster(options)
+            .await
+            .expect("the stack starts"),
+    );
+    let goods = goods_over_three_masters(&stack.redis, &stack.key_prefix, "phone").await;
+    let admin = stack.admin().unwrap();
+    open_sharded(&admin, &goods, STOCK).await;
+
+    // 4,000 buyers, half of them of shard 0 (which holds a third of the stock: it must get
+    // units from the others), interleaved; 1,000 of them try twice with a second request id
+    // at the same moment: 5,000 attempts, as many in flight at once as the machine takes.
+    let (home0, home1, home2) = (
+        buyers_of("u", 0, 2_000),
+        buyers_of("v", 1, 1_000),
+        buyers_of("w", 2, 1_000),
+    );
+    let buyers: Vec<&String> = (0..1_000)
+        .flat_map(|i| [&home0[2 * i], &home1[i], &home0[2 * i + 1], &home2[i]])
+        .collect();
+    assert_eq!(buyers.len(), BUYERS);
+    let attempts: Vec<(String, String)> = buyers
+        .iter()
+        .enumerate()
+        .flat_map(|(i, user)| {
+            let tries = if i < TWICE { 2 } else { 1 };
+            (0..tries).map(move |t| (user.to_string(), format!("{user}-{t}")))
+        })
+        .collect();
+    assert_eq!(attempts.len(), 5_000);
+    let answers: Vec<Bought> = stream::iter(attempts)
+        .map(|(user, request)| {
+            let (stack, goods) = (stack.clone(), goods.clone());
+            async move { buy_patiently(&stack, &goods, &user, &request).await }
+        })
+        .buffer_unordered(1_000)
+        .collect()
+        .await;
+    let mut outcomes: HashMap<&str, usize> = HashMap::new();
+    let mut wins_by_user: HashMap<&str, usize> = HashMap::new();
+    let mut orders = HashSet::new();
+    for answer in &answers {
+        *outcomes.entry(answer.outcome.as_str()).or_default() += 1;
+        if answer.outcome == "won" {
+            *wins_by_user.entry(answer.user.as_str()).or_default() += 1;
+            orders.insert(answer.order_id.clone().expect("a winner has an order id"));
+        }
+    }
+    eprintln!("outcomes: {outcomes:?}");
+    let sale = admin.sale(&goods).await.unwrap();
+    assert_eq!(
+        outcomes.get("won"),
+        Some(&(STOCK as usize)),
+        "{outcomes:?} {sale:#}"
+    );
+    assert_eq!(orders.len(), STOCK as usize, "distinct order ids");
+    assert!(
+        wins_by_user.values().all(|&n| n == 1),
+        "the per-user limit of 1 holds"
+    );
+    // No `sold_out` while any shard had a unit: no winner's request left after the first
+    // `sold_out` came back (units only go down in this sale: nothing is released).
+    let first_sold_out = answers
+        .iter()
+        .filter(|a| a.outcome == "sold_out")
+        .map(|a| a.answered)
+        .min();
+    let last_win_sent = answers
+        .iter()
+        .filter(|a| a.outcome == "won")
+        .map(|a| a.sent)
+        .max();
+    if let (Some(sold_out), Some(win)) = (first_sold_out, last_win_sent) {
+        assert!(
+            win < sold_out,
+            "a winner was sent {:?} after the first sold_out",
+            win - sold_out
+        );
+    }
+    for outcome in outcomes.keys() {
+        assert!(
+            ["won", "sold_out", "duplicate"].contains(outcome),
+            "{outcomes:?}"
+        );
+    }
+    // Every shard sold to its last unit (a shard emptied early took units from the others).
+    let sale = admin.sale(&goods).await.unwrap();
+    let shards = sale["shards"].as_array().unwrap();
+    assert_eq!(shards.len(), SHARDS as usize);
+    for shard in shards {
+        assert_eq!(
+            (shard["available"].as_i64(), shard["in_transit"].as_i64()),
+            (Some(0), Some(0)),
+            "{sale}"
+        );
+    }
+    assert_eq!(sale["live"]["reserved"], STOCK, "{sale}");
+    let at_shop = stack.shop.accepted_order_ids();
+    assert_eq!(
+        at_shop.iter().collect::<HashSet<_>>(),
+        orders.iter().collect::<HashSet<_>>()
+    );
+
+    // One MySQL row per winner, reconcile clean.
+    wait_for("a row per winner", DRAIN, || async {
+        let (rows,): (i64,) = sqlx::query_as("SELECT COUNT(*) FROM orders WHERE goods_id = ?")
+            .bind(&goods)
+            .fetch_one(&stack.db.pool)
+            .await?;
+        anyhow::ensure!(rows <= STOCK as i64, "{rows} rows for {STOCK} winners");
+        Ok((rows == STOCK as i64).then_some(()))
+    })
+    .await
+    .unwrap();
+    let report = wait_for("a clean, settled reconcile", DRAIN, || async {
+        let (code, report) = stack.reconcile(&["--goods", &goods])?;
+        Ok((code == 0 && report["settled"] == true).then_some(report))
+    })
+    .await
+    .unwrap();
+    assert_eq!(report["goods"][0]["mysql"]["reserved"], STOCK, "{report:#}");
+}
+
+/// Sells to buyers `{tag}-0..` one at a time (patient through 503s) until one is told
+/// `sold_out`; returns the order ids won, by order id the buyer told.
+async fn sell_until_sold_out(
+    p: &Pipeline<RedisCluster>,
+    goods: &str,
+    tag: &str,
+    max: usize,
+) -> HashMap<String, String> {
+    let mut won = HashMap::new();
+    for i in 0..max {
+        let user = format!("{tag}-{i}");
+        let answer = attempt(p, goods, &user, &user).await;
+        match answer["outcome"].as_str() {
+            Some("won") => {
+                let order = answer["order_id"].as_str().unwrap().to_owned();
+                assert!(
+                    won.insert(order.clone(), user).is_none(),
+                    "order id {order} told twice"
+                );
+            }
+            Some("sold_out") => return won,
+            _ => panic!("{user}: {answer}"),
+        }
+    }
+    panic!("not sold out after {max} buyers")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_master_lost_mid_sale_moves_the_sharded_goods_to_mysql_and_nothing_is_oversold() {
+    const STOCK: u64 = 60;
+    let mut p = Pipeline::start_on("sharded_master_lost", &[], &[], &[])
+        .await
+        .unwrap();
+    let _pipeline = p.spawn_relay_and_writer(100, 20).await.unwrap();
+    let goods = goods_over_three_masters(&p.redis, &p.prefix, "lost").await;
+    open_sharded(&p.admin(), &goods, STOCK).await;
+    let mut issued: HashMap<String, String> = HashMap::new();
+    for i in 0..30 {
+        let user = format!("a-{i}");
+        let answer = attempt(&p, &goods, &user, &user).await;
+        assert_eq!(answer["outcome"], "won", "{answer}");
+        issued.insert(answer["order_id"].as_str().unwrap().to_owned(), user);
+    }
+    p.wait_for_rows(&goods, 30, DRAIN).await.unwrap();
+
+    // The master of shard 1 dies (SIGKILL), with no replica.
+    let lost = p
+        .redis
+        .kill_master_of(&format!("{}:{{{}}}:sale", p.prefix, shard_id(&goods, 1)))
+        .await
+        .unwrap();
+    // Buyers go on, patiently through 503s: the goods moves to MySQL, which sells what is
+    // left and never more.
+    let later = sell_until_sold_out(&p, &goods, "b", 100).await;
+    let sale = p.admin().sale(&goods).await.unwrap();
+    assert_eq!(
+        sale["definition"]["fallback"], true,
+        "decided by MySQL with master {lost} down: {sale}"
+    );
+    for (order, user) in later {
+        assert!(
+            issued.insert(order.clone(), user).is_none(),
+            "order id {order} told twice"
+        );
+    }
+    let sold = issued.len() as u64;
+    assert!(sold <= STOCK, "{sold} sold of {STOCK}");
+    eprintln!("master {lost} down: {sold} of {STOCK} sold in all");
+
+    // The master comes back empty: the goods stays with MySQL (a sharded goods is not
+    // re-seeded); the other shards' outboxes reach MySQL, one row per buyer told `won`, and
+    // MySQL's counters add up.
+    p.redis.restart_node(lost).await.unwrap();
+    p.wait_for_rows(&goods, sold as i64, DRAIN).await.unwrap();
+    let rows: Vec<(String, String)> =
+        sqlx::query_as("SELECT order_id, user_id FROM orders WHERE goods_id = ?")
+            .bind(&goods)
+            .fetch_all(&p.db.pool)
+            .await
+            .unwrap();
+    for (order, user) in &rows {
+        assert_eq!(issued.get(order), Some(user), "MySQL's row {order}");
+    }
+    let (stock, reserved, sold_rows, lapsed, total) = p.mysql_counters(&goods).await.unwrap();
+    assert_eq!(
+        (reserved, sold_rows, lapsed, total),
+        (sold as i64, 0, 0, STOCK as i64)
+    );
+    assert_eq!(stock + reserved, total, "MySQL conserves the stock");
+    let sale = p.admin().sale(&goods).await.unwrap();
+    assert_eq!(
+        sale["definition"]["fallback"], true,
+        "still MySQL's: {sale}"
+    );
+    let (code, report) = p.reconcile(&["--goods", &goods]).unwrap();
+    assert_eq!(code, 0, "{report:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_full_coverage_off_the_other_shards_sell_on_while_one_master_is_down() {
+    const STOCK: u64 = 60;
+    // Redis keeps serving the slots of the masters that are up.
+    let coverage = ["--cluster-require-full-coverage", "no"];
+    let mut p = Pipeline::start_on("sharded_shard_down", &coverage, &[], &[])
+        .await
+        .unwrap();
+    let _pipeline = p.spawn_relay_and_writer(100, 20).await.unwrap();
+    let goods = goods_over_three_masters(&p.redis, &p.prefix, "part").await;
+    open_sharded(&p.admin(), &goods, STOCK).await;
+    // The shard to lose: one whose master does not hold the sales index (which the relay needs
+    // to find the outboxes: a lost index stops the relay until its master is back, README).
+    let index_master = p
+        .redis
+        .master_of_key(&format!("{}:sales", p.prefix))
+        .await
+        .unwrap();
+    let mut lost = 0;
+    for shard in 0..SHARDS {
+        let key = format!("{}:{{{}}}:sale", p.prefix, shard_id(&goods, shard));
+        if p.redis.master_of_key(&key).await.unwrap() != index_master {
+            lost = shard;
+        }
+    }
+    let others: Vec<u32> = (0..SHARDS).filter(|&s| s != lost).collect();
+    let mut issued: HashMap<String, String> = HashMap::new();
+    let mut sell = |answer: Value, user: &str| {
+        assert_eq!(answer["outcome"], "won", "{user}: {answer}");
+        let order = answer["order_id"].as_str().unwrap().to_owned();
+        assert!(
+            issued.insert(order.clone(), user.to_owned()).is_none(),
+            "{order} twice"
+        );
+    };
+    for user in buyers_of("a", lost, 5) {
+        sell(attempt(&p, &goods, &user, &user).await, &user);
+    }
+    p.wait_for_rows(&goods, 5, DRAIN).await.unwrap();
+
+    // That shard's master dies (SIGKILL), with no replica.
+    p.redis
+        .kill_master_of(&format!("{}:{{{}}}:sale", p.prefix, shard_id(&goods, lost)))
+        .await
+        .unwrap();
+    // Buyers of that shard are told to come back (503), never sold out nor sold to; five failed
+    // calls in a row do not open the breaker (one for all goods) while the other shards answer.
+    for lost_buyer in buyers_of("c", lost, 5) {
+        let (status, body) = p
+            .deduct_once(&goods, &lost_buyer, &lost_buyer)
+            .await
+            .unwrap();
+        assert_eq!(status, 503, "{body}");
+    }
+    // Buyers of the other shards go on winning from Redis: each still has its own units.
+    for &home in &others {
+        for user in buyers_of(&format!("b{home}"), home, 10) {
+            sell(attempt(&p, &goods, &user, &user).await, &user);
+        }
+    }
+    let sale = p.admin().sale(&goods).await.unwrap();
+    assert_eq!(
+        sale["definition"]["fallback"], false,
+        "Redis decides: {sale}"
+    );
+    // The other shards sold exactly their buyers' units (20 each at the start).
+    let mut conn = p.redis.connection().await.unwrap();
+    for &shard in &others {
+        let sale = format!("{}:{{{}}}:sale", p.prefix, shard_id(&goods, shard));
+        let available: i64 = redis::cmd("HGET")
+            .arg(&sale)
+            .arg("available")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(available, 10, "shard {shard}");
+    }
+    p.wait_for_rows(&goods, 25, DRAIN).await.unwrap();
+    assert_eq!(p.order_ids(&goods).await.unwrap().len(), issued.len());
+}
