@@ -214,12 +214,7 @@ impl<R: TestRedis> Pipeline<R> {
             .json(&json!({"goods_id": goods_id, "user_id": user, "quantity": 1, "request_id": request_id}))
             .send()
             .await?;
-        let status = response.status().as_u16();
-        let text = response.text().await?;
-        Ok((
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        ))
+        crate::admin::status_and_body(response).await
     }
 
     /// One attempt of one unit through `POST /v1/deduct`, retried with the same request id
