@@ -698,3 +698,104 @@ async fn with_full_coverage_off_the_other_shards_sell_on_while_one_master_is_dow
     p.wait_for_rows(&goods, 25, DRAIN).await.unwrap();
     assert_eq!(p.order_ids(&goods).await.unwrap().len(), issued.len());
 }
+
+/// A reservation one shard forgot (its record gone, as after that master lost it) is ended in
+/// MySQL after its payment window and the grace, found on the shard that issued it; the
+/// other shards' reservations, which Redis still holds, are untouched.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn mysql_ends_a_reservation_its_shard_forgot_and_only_that_one() {
+    let p = Pipeline::start_cluster("sharded_forgot").await.unwrap();
+    let goods = goods_over_three_masters(&p.redis, &p.prefix, "forgot").await;
+    let mut spec = sharded_spec(30, 1, json!(SHARDS));
+    spec["payment_window_s"] = json!(1);
+    let admin = p.admin();
+    let (status, body) = admin.try_define(&goods, &spec).await.unwrap();
+    assert_eq!(status, 201, "{body}");
+    admin.preheat(&goods, false).await.unwrap();
+    // One buyer per home shard: one order on each shard.
+    let mut orders = Vec::new();
+    for shard in 0..SHARDS {
+        let user = &buyers_of("forgot", shard, 1)[0];
+        let won = attempt(&p, &goods, user, user).await;
+        assert_eq!(won["outcome"], "won", "{won}");
+        let order = won["order_id"].as_str().unwrap().to_owned();
+        assert_eq!(shard_of(&order), shard);
+        orders.push(order);
+    }
+    // Redis's own sweeper must not end them: off its schedule (the shards still hold them).
+    let mut conn = p.redis.connection().await.unwrap();
+    let key =
+        |shard: u32, suffix: &str| format!("{}:{{{}}}:{suffix}", p.prefix, shard_id(&goods, shard));
+    for (shard, order) in orders.iter().enumerate() {
+        let removed: u64 = redis::cmd("ZREM")
+            .arg(key(shard as u32, "expiries"))
+            .arg(order)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(removed, 1);
+    }
+    let serve = p
+        .spawn(
+            Role::Serve { pipeline: true },
+            None,
+            &[("SECKILL_FORGOTTEN_GRACE_S", "1")],
+        )
+        .await
+        .unwrap();
+    p.wait_for_rows(&goods, 3, DRAIN).await.unwrap();
+    // Shards 0 and 2 forget their reservation; shard 1 keeps its own.
+    for shard in [0u32, 2] {
+        let removed: u64 = redis::cmd("HDEL")
+            .arg(key(shard, "reservations"))
+            .arg(&orders[shard as usize])
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(removed, 1);
+    }
+    let state = |order: String| {
+        let p = &p;
+        let goods = goods.clone();
+        async move {
+            let found = p.mysql_orders(&goods).await?;
+            anyhow::Ok(found.get(&order).map(|(state, _)| state.clone()))
+        }
+    };
+    for shard in [0usize, 2] {
+        wait_for(
+            "the forgotten reservation to end in MySQL",
+            DRAIN,
+            || async {
+                Ok(state(orders[shard].clone())
+                    .await?
+                    .filter(|s| s == "released"))
+            },
+        )
+        .await
+        .unwrap();
+    }
+    // Two more passes leave shard 1's reservation alone.
+    let passes = |text: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix("seckill_forgotten_sweep_passes_total "))
+            .and_then(|v| v.trim().parse::<f64>().ok())
+            .unwrap_or(0.0)
+    };
+    let from = passes(&serve.metrics().await.unwrap());
+    wait_for("two more sweep passes", DRAIN, || async {
+        Ok((passes(&serve.metrics().await?) >= from + 2.0).then_some(()))
+    })
+    .await
+    .unwrap();
+    assert_eq!(
+        state(orders[1].clone()).await.unwrap().as_deref(),
+        Some("reserved"),
+        "shard 1 still holds its reservation: untouched"
+    );
+    assert_eq!(
+        p.mysql_counters(&goods).await.unwrap(),
+        (29, 1, 0, 0, 30),
+        "the two forgotten units are back on sale"
+    );
+}

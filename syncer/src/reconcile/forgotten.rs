@@ -23,7 +23,7 @@
 //! where the last pass stopped (the orders table has no index on state, on purpose: inserts are
 //! the hot path), so a large sale is covered over several passes.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use sqlx::Row;
@@ -67,6 +67,8 @@ struct ReservedSale {
     goods_id: String,
     payment_window_ms: i64,
     ends_at_ms: i64,
+    /// A `redis_sharded` goods' shard count (its orders live on the shard that issued them).
+    shards: Option<u32>,
 }
 
 pub struct ForgottenSweep {
@@ -132,10 +134,9 @@ impl ForgottenSweep {
     async fn reserved_sales(&self) -> sqlx::Result<Vec<ReservedSale>> {
         let rows = sqlx::query(
             // Goods MySQL decides (db tier, fallback) are swept by the MySQL sweeper. A
-            // redis_sharded goods' reservations live in its shards, which this pass does not
-            // read: left to each shard's own sweeper (README).
-            "SELECT goods_id, payment_window_s, ends_at FROM sales WHERE reserved > 0 \
-             AND tier NOT IN ('db', 'redis_sharded') AND mode = 'redis' \
+            // redis_sharded goods' reservations are looked up on the shards that issued them.
+            "SELECT goods_id, payment_window_s, ends_at, shards FROM sales WHERE reserved > 0 \
+             AND tier <> 'db' AND mode = 'redis' \
              ORDER BY goods_id LIMIT ?",
         )
         .bind(SALES_PER_PASS_MAX)
@@ -149,6 +150,7 @@ impl ForgottenSweep {
                     goods_id: row.try_get("goods_id")?,
                     payment_window_ms: i64::from(window_s) * 1_000,
                     ends_at_ms: ends_at.and_utc().timestamp_millis(),
+                    shards: row.try_get::<Option<u8>, _>("shards")?.map(u32::from),
                 })
             })
             .collect()
@@ -158,12 +160,20 @@ impl ForgottenSweep {
     /// pass stopped, at most [`ROWS_PER_GOODS_MAX`] rows on.
     async fn due(&mut self, sale: &ReservedSale, now_ms: i64) -> anyhow::Result<Vec<SaleEvent>> {
         let reconciler = &self.reconciler;
-        let keys = reconciler.keys.goods(&sale.goods_id);
         // With a sale in Redis, only its round: earlier rounds' reservations were dropped by
         // a preheat, not forgotten. Without one, Redis knows no round at all.
-        let live =
-            crate::preheat::live_stock(&reconciler.redis, &reconciler.keys, &sale.goods_id).await?;
-        let range = OrderRange::new(&sale.goods_id, live.map(|l| l.epoch));
+        let epoch = match sale.shards {
+            None => crate::preheat::live_stock(&reconciler.redis, &reconciler.keys, &sale.goods_id)
+                .await?
+                .map(|l| l.epoch),
+            // Every shard is loaded under the goods' epoch; one that forgot is left out.
+            Some(_) => {
+                crate::preheat::live_shards(&reconciler.redis, &reconciler.keys, &sale.goods_id)
+                    .await?
+                    .and_then(|shards| shards.iter().map(|s| s.stock.epoch).max())
+            }
+        };
+        let range = OrderRange::new(&sale.goods_id, epoch);
         let grace_ms = i64::try_from(self.grace.as_millis()).unwrap_or(i64::MAX);
         let due_before_ms = now_ms
             .saturating_sub(sale.payment_window_ms)
@@ -185,9 +195,9 @@ impl ForgottenSweep {
                 })
                 .collect();
             let ids: Vec<&str> = due.iter().map(|r| r.identity.order_id.as_str()).collect();
-            let entries = RedisEntries::read(&reconciler.redis, &keys, &ids).await?;
+            let known = self.known(sale, &ids).await?;
             for (i, row) in due.into_iter().enumerate() {
-                if !entries.knows(i) {
+                if !known[i] {
                     // Expired; units back on sale unless the sale has closed (they lapse).
                     let (reason, returned) = (ReleaseReason::Expired, !closed);
                     events.push(release_event(
@@ -211,6 +221,37 @@ impl ForgottenSweep {
             None => self.cursors.remove(&sale.goods_id),
         };
         Ok(events)
+    }
+
+    /// Whether Redis knows each order (live or ended): on the goods' keys, or for a sharded
+    /// goods on the keys of the shard that issued it. An id that names no shard is taken as
+    /// known: nothing is ended that cannot be placed.
+    async fn known(&self, sale: &ReservedSale, ids: &[&str]) -> anyhow::Result<Vec<bool>> {
+        let reconciler = &self.reconciler;
+        let Some(shards) = sale.shards else {
+            let keys = reconciler.keys.goods(&sale.goods_id);
+            let entries = RedisEntries::read(&reconciler.redis, &keys, ids).await?;
+            return Ok((0..ids.len()).map(|i| entries.knows(i)).collect());
+        };
+        let mut known = vec![true; ids.len()];
+        let mut by_shard: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
+        for (i, id) in ids.iter().enumerate() {
+            if let Some((_, _, sequence)) = crate::keys::order_parts(id) {
+                let shard = crate::keys::shard_of_sequence(sequence, shards);
+                by_shard.entry(shard).or_default().push(i);
+            }
+        }
+        for (shard, indexes) in by_shard {
+            let keys = reconciler
+                .keys
+                .goods(&crate::keys::shard_id(&sale.goods_id, shard));
+            let on_shard: Vec<&str> = indexes.iter().map(|&i| ids[i]).collect();
+            let entries = RedisEntries::read(&reconciler.redis, &keys, &on_shard).await?;
+            for (j, &i) in indexes.iter().enumerate() {
+                known[i] = entries.knows(j);
+            }
+        }
+        Ok(known)
     }
 
     /// Waits (bounded) until the writer has applied everything the sale topic holds now.
