@@ -3,8 +3,9 @@
 # the edge against Envoy's baselines (seckill-bench), the sync pipeline (seckill-bench-sync),
 # the deduct endpoint against redis-benchmark and an end-to-end sale with its chart
 # (seckill-bench-sale, which draws docs/sale.svg), what each Redis durability setting costs
-# a hot goods (seckill-bench-durability), and the db tier against one MySQL transaction per
-# attempt (seckill-bench-tier). About 13 minutes on 2 cores.
+# a hot goods (seckill-bench-durability), the db tier against one MySQL transaction per
+# attempt (seckill-bench-tier), and one hot goods through the batch endpoint against the seed's
+# own Lua script under redis-benchmark (seckill-bench-hot). About 20 minutes on 2 cores.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -16,3 +17,4 @@ target/release/seckill-bench-sync
 target/release/seckill-bench-sale
 target/release/seckill-bench-durability
 target/release/seckill-bench-tier
+target/release/seckill-bench-hot

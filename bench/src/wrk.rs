@@ -81,6 +81,17 @@ pub fn run(
     connections: u32,
     duration: Duration,
 ) -> anyhow::Result<WrkReport> {
+    Ok(run_with_output(url, script, threads, connections, duration)?.0)
+}
+
+/// [`run`], also giving wrk's whole report: a script's `done()` prints its own counts there.
+pub fn run_with_output(
+    url: &str,
+    script: &Path,
+    threads: u32,
+    connections: u32,
+    duration: Duration,
+) -> anyhow::Result<(WrkReport, String)> {
     let output = Command::new("wrk")
         .args(["-t", &threads.to_string(), "-c", &connections.to_string()])
         .args(["-d", &format!("{}s", duration.as_secs().max(1))])
@@ -96,7 +107,8 @@ pub fn run(
             String::from_utf8_lossy(&output.stderr)
         );
     }
-    parse(&text).with_context(|| format!("cannot read wrk's report:\n{text}"))
+    let report = parse(&text).with_context(|| format!("cannot read wrk's report:\n{text}"))?;
+    Ok((report, text))
 }
 
 pub fn parse(text: &str) -> anyhow::Result<WrkReport> {

@@ -242,8 +242,7 @@ pub async fn decide_batch(
         epoch,
         seq: row.try_get("db_seq")?,
     };
-    let mut priors = read_priors(&mut tx, goods_id, attempts, round_epoch).await?;
-    let mut held = read_held(&mut tx, goods_id, attempts, round_epoch).await?;
+    let (mut priors, mut held) = read_history(&mut tx, goods_id, attempts, round_epoch).await?;
     let now = Utc::now();
     let decided = decide(
         &mut sale,
@@ -281,17 +280,24 @@ pub async fn decide_batch(
     Ok(decided.replies)
 }
 
-/// The latest order of the round for each request id of the batch.
-async fn read_priors(
+/// What the batch's buyers and request ids already have in the round, read in one round
+/// trip (the sale row's lock is held meanwhile): the latest order of each request id, and the
+/// units each buyer holds (reserved or confirmed), as Redis's requests and users hashes
+/// keep them.
+async fn read_history(
     tx: &mut sqlx::Transaction<'_, sqlx::MySql>,
     goods_id: &str,
     attempts: &[DeductRequest],
     round_epoch: u64,
-) -> sqlx::Result<HashMap<String, Prior>> {
+) -> sqlx::Result<(HashMap<String, Prior>, HashMap<String, u64>)> {
     let mut latest: HashMap<String, ((u64, u64), Prior)> = HashMap::new();
+    let mut held: HashMap<String, u64> = HashMap::new();
     for chunk in attempts.chunks(ROWS_MAX) {
+        // `by_` says which list matched; an order can come back twice (its request id and its
+        // buyer are both in the batch), once for each map.
         let mut query = QueryBuilder::new(
-            "SELECT order_id, user_id, quantity, request_id, state, release_reason
+            "SELECT 'request' AS by_, order_id, user_id, quantity, request_id, state,
+               release_reason
              FROM orders WHERE goods_id = ",
         );
         query.push_bind(goods_id).push(" AND request_id IN (");
@@ -299,20 +305,37 @@ async fn read_priors(
         for attempt in chunk {
             list.push_bind(&attempt.request_id);
         }
+        query.push(
+            ") UNION ALL
+             SELECT 'user', order_id, user_id, quantity, request_id, state, release_reason
+             FROM orders WHERE state IN ('reserved', 'confirmed') AND goods_id = ",
+        );
+        query.push_bind(goods_id).push(" AND user_id IN (");
+        let mut list = query.separated(", ");
+        for attempt in chunk {
+            list.push_bind(&attempt.user_id);
+        }
         query.push(")");
         for row in query.build().fetch_all(&mut **tx).await? {
             let order_id: String = row.try_get("order_id")?;
             let Some(rank) = in_round(&order_id, round_epoch) else {
                 continue;
             };
+            let user_id: String = row.try_get("user_id")?;
+            let quantity: u32 = row.try_get("quantity")?;
+            let by: String = row.try_get("by_")?;
+            if by == "user" {
+                *held.entry(user_id).or_default() += u64::from(quantity);
+                continue;
+            }
             let state: String = row.try_get("state")?;
             let Some(state) = OrderState::parse(&state) else {
                 continue;
             };
             let request_id: String = row.try_get("request_id")?;
             let prior = Prior {
-                user_id: row.try_get("user_id")?,
-                quantity: row.try_get("quantity")?,
+                user_id,
+                quantity,
                 order_id,
                 state,
                 reason: row.try_get("release_reason")?,
@@ -325,39 +348,8 @@ async fn read_priors(
             }
         }
     }
-    Ok(latest.into_iter().map(|(k, (_, p))| (k, p)).collect())
-}
-
-/// Units each buyer of the batch holds in the round (reserved or confirmed), as Redis's users
-/// hash counts them.
-async fn read_held(
-    tx: &mut sqlx::Transaction<'_, sqlx::MySql>,
-    goods_id: &str,
-    attempts: &[DeductRequest],
-    round_epoch: u64,
-) -> sqlx::Result<HashMap<String, u64>> {
-    let mut held: HashMap<String, u64> = HashMap::new();
-    for chunk in attempts.chunks(ROWS_MAX) {
-        let mut query = QueryBuilder::new(
-            "SELECT order_id, user_id, quantity FROM orders
-             WHERE state IN ('reserved', 'confirmed') AND goods_id = ",
-        );
-        query.push_bind(goods_id).push(" AND user_id IN (");
-        let mut list = query.separated(", ");
-        for attempt in chunk {
-            list.push_bind(&attempt.user_id);
-        }
-        query.push(")");
-        for row in query.build().fetch_all(&mut **tx).await? {
-            let order_id: String = row.try_get("order_id")?;
-            if in_round(&order_id, round_epoch).is_none() {
-                continue;
-            }
-            let quantity: u32 = row.try_get("quantity")?;
-            *held.entry(row.try_get("user_id")?).or_default() += u64::from(quantity);
-        }
-    }
-    Ok(held)
+    let priors = latest.into_iter().map(|(k, (_, p))| (k, p)).collect();
+    Ok((priors, held))
 }
 
 async fn insert_orders(

@@ -7,14 +7,15 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use seckill_bench::local::start_syncer;
 use seckill_bench::report::update_section;
 use seckill_bench::wrk::{self, WrkReport};
 use seckill_e2e::admin::Admin;
 use seckill_e2e::mysql_db::TestDatabase;
-use seckill_e2e::process::{unique_suffix, Scratch};
+use seckill_e2e::process::Scratch;
 use seckill_e2e::redis_server::{RedisServer, AOF_ALWAYS};
 use seckill_e2e::stack::{now_ms, SECRET};
-use seckill_e2e::syncer::{Role, SyncerArgs, SyncerProcess};
+use seckill_e2e::syncer::SyncerProcess;
 
 #[derive(Parser)]
 #[command(about = "Benchmark the deduct endpoint under each Redis durability setting")]
@@ -114,18 +115,8 @@ async fn measure(args: &Args, connections: u32, setting: &Setting) -> anyhow::Re
     };
     let write_us = write_round_trip_us(&redis, setting.replica).await?;
     let db = TestDatabase::create("bench_durability").await?;
-    let prefix = format!("b{}", unique_suffix());
-    let (redis_url, mysql_url) = (redis.url(), db.url());
-    let syncer_args = SyncerArgs {
-        redis_url: &redis_url,
-        mysql_url: &mysql_url,
-        key_prefix: &prefix,
-        secret: SECRET,
-        kafka: None,
-    };
     let env = [("SECKILL_REDIS_DURABILITY", setting.durability)];
-    let role = Role::Serve { pipeline: false };
-    let syncer = SyncerProcess::start_role(&scratch.path, &syncer_args, role, &env).await?;
+    let (syncer, _) = start_syncer(&scratch.path, &redis.url(), &db.url(), &env).await?;
     let http = reqwest::Client::new();
     let admin = Admin::new(&http, syncer.url());
     let now = now_ms();

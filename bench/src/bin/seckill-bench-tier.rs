@@ -14,13 +14,15 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use seckill_bench::cpu::{clock_ticks, machine_busy_ticks, mysql_pid, process_ticks};
+use seckill_bench::local::start_syncer;
 use seckill_bench::report::{quantile, update_section};
 use seckill_bench::wrk::{self, WrkReport};
 use seckill_e2e::mysql_db::TestDatabase;
 use seckill_e2e::process::{unique_suffix, Scratch};
 use seckill_e2e::redis_server::RedisServer;
 use seckill_e2e::stack::{now_ms, rfc3339, SECRET};
-use seckill_e2e::syncer::{sum_metric, Role, SyncerArgs, SyncerProcess};
+use seckill_e2e::syncer::{sum_metric, SyncerProcess};
 use seckill_syncer::deduct::{Deducter, Delivery, Routing};
 use seckill_syncer::directory::Directory;
 use seckill_syncer::durability::Durability;
@@ -252,17 +254,7 @@ async fn db_tier_http(args: &Args, connections: u32) -> anyhow::Result<Figures> 
     let scratch = Scratch::new("bench-tier")?;
     let redis = RedisServer::start(&scratch.path).await?;
     let db = database("bench_tier_db").await?;
-    let prefix = format!("b{}", unique_suffix());
-    let (redis_url, mysql_url) = (redis.url(), db.url());
-    let syncer_args = SyncerArgs {
-        redis_url: &redis_url,
-        mysql_url: &mysql_url,
-        key_prefix: &prefix,
-        secret: SECRET,
-        kafka: None,
-    };
-    let role = Role::Serve { pipeline: false };
-    let syncer = SyncerProcess::start_role(&scratch.path, &syncer_args, role, &[]).await?;
+    let (syncer, _) = start_syncer(&scratch.path, &redis.url(), &db.url(), &[]).await?;
     define_db_sale(&syncer).await?;
 
     let script = scratch.path.join("deduct_batch.lua");
@@ -601,71 +593,6 @@ impl Sample {
     }
 }
 
-/// Clock ticks per second of /proc's CPU times.
-fn clock_ticks() -> f64 {
-    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
-    *TICKS.get_or_init(|| {
-        std::process::Command::new("getconf")
-            .arg("CLK_TCK")
-            .output()
-            .ok()
-            .and_then(|o| String::from_utf8_lossy(&o.stdout).trim().parse().ok())
-            .unwrap_or(100.0)
-    })
-}
-
-/// User + system CPU ticks of a process so far, and of its children it has waited for (0 if
-/// it cannot be read).
-fn process_ticks(pid: u32) -> (f64, f64) {
-    let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else {
-        return (0.0, 0.0);
-    };
-    // Fields after the command name (which may hold spaces) start at field 3, the state:
-    // utime, stime, cutime and cstime are fields 14 to 17.
-    let Some((_, rest)) = stat.rsplit_once(')') else {
-        return (0.0, 0.0);
-    };
-    let fields: Vec<&str> = rest.split_whitespace().collect();
-    let field = |i: usize| {
-        fields
-            .get(i)
-            .and_then(|v| v.parse::<f64>().ok())
-            .unwrap_or(0.0)
-    };
-    (field(11) + field(12), field(13) + field(14))
-}
-
-/// The MariaDB server's pid (the shared server the benchmark's databases live on).
-fn mysql_pid() -> Option<u32> {
-    std::fs::read_dir("/proc")
-        .ok()?
-        .flatten()
-        .find_map(|entry| {
-            let pid: u32 = entry.file_name().to_str()?.parse().ok()?;
-            let comm = std::fs::read_to_string(entry.path().join("comm")).ok()?;
-            matches!(comm.trim(), "mariadbd" | "mysqld").then_some(pid)
-        })
-}
-
-/// CPU ticks the whole machine spent busy (not idle, not waiting for I/O) so far.
-fn machine_busy_ticks() -> f64 {
-    let Ok(stat) = std::fs::read_to_string("/proc/stat") else {
-        return 0.0;
-    };
-    let Some(line) = stat.lines().next() else {
-        return 0.0;
-    };
-    let values: Vec<f64> = line
-        .split_whitespace()
-        .skip(1)
-        .filter_map(|v| v.parse().ok())
-        .collect();
-    // user nice system idle iowait irq softirq steal ...
-    let total: f64 = values.iter().take(8).sum();
-    let idle = values.get(3).copied().unwrap_or(0.0) + values.get(4).copied().unwrap_or(0.0);
-    total - idle
-}
-
 /// The median of one figure over the rounds.
 fn median(runs: &[Figures], figure: impl Fn(&Figures) -> f64) -> f64 {
     let mut values: Vec<f64> = runs.iter().map(figure).collect();
@@ -731,13 +658,14 @@ machine's busy time (the kernel, and anything else that ran).
 Where the time goes. One `SELECT 1` round trip to MariaDB takes {rtt:.2} ms; the `COMMIT` of \
 a one-row UPDATE takes {commit:.2} ms (the redo log's fsync on this machine's disk). One \
 batch's whole transaction alone (`seckill_syncer::db_decide::decide_batch`, one caller, new \
-buyers, median of {samples} per size, median over the rounds): {batches}. That is about seven \
-round trips (BEGIN, the sale row `FOR UPDATE`, the batch's earlier request ids, its buyers' \
-holdings, the orders' `INSERT`, the stock's `UPDATE`, `COMMIT`) and one commit, then a little \
-per attempt. The deducter keeps one batch in flight (the setting without Redis durability), \
-so a batch holds the attempts that arrived while the previous one was out, about half the \
-clients (the attempts-per-commit column), and B attempts every T ms cap the tier at B/T: its \
-rate grows with the crowd. The per-order baseline holds the goods' row from its `UPDATE` to \
+buyers, median of {samples} per size, median over the rounds): {batches}. That is six round \
+trips (BEGIN, the sale row `FOR UPDATE`, the batch's earlier request ids and its buyers' \
+holdings in one `UNION ALL`, the orders' `INSERT`, the stock's `UPDATE`, `COMMIT`) and one \
+commit, then a little per attempt. The deducter's MySQL lane keeps one batch per goods in \
+flight (the sale row's lock is held through the commit, so a second one would only wait for \
+the row), so a batch holds the attempts that arrived while the previous one was out, about \
+half the clients (the attempts-per-commit column), and B attempts every T ms cap the tier at \
+B/T: its rate grows with the crowd. The per-order baseline holds the goods' row from its `UPDATE` to \
 its `COMMIT`, so its transactions take the row one at a time however many clients wait: its \
 rate stays flat. Through HTTP the tier also pays wrk, the request's parsing and JSON, and one \
 more hop (the syncer's CPU column), against the deducter called in process.

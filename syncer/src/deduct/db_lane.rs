@@ -1,26 +1,23 @@
 //! The lane MySQL decides in (the `db` tier and the fallback). Its batches do not hold a Redis
 //! batch's place: a MySQL batch pays its commit's fsync (milliseconds), and Redis goods must
-//! not wait behind it. The lane keeps a few batches in flight, so while one transaction waits
-//! for its fsync (InnoDB lets go of the sale row's lock before it), the next takes the row and
-//! commits with it in the same group: one fsync for several batches. Groups that arrive while
-//! every batch is out are merged per goods into the next one.
+//! not wait behind it. One batch per goods is out at a time, several goods side by side; what
+//! arrives for a goods while its batch is out is merged into its next one.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
-use tokio::sync::{mpsc, Semaphore};
+use tokio::sync::mpsc;
 
 use super::{answer_all, decide_in_mysql, Attempt, Batching, DeductError, Delivery};
 
-/// MySQL batches in flight at once. One leaves the disk idle while a batch does its round
-/// trips, and the row lock serialises them anyway; a few let InnoDB group their commits
-/// (measured in BENCHMARKS.md, tier-benchmark).
+/// MySQL batches in flight at once, each of another goods: a goods held up in MySQL leaves
+/// the others room.
 pub const DB_BATCHES_IN_FLIGHT: usize = 4;
 /// Attempts one MySQL transaction decides at most: bounds how long it holds the sale row.
 pub const DB_BATCH_ATTEMPTS_MAX: usize = 256;
-/// Groups one batch takes from the queue at most.
+/// Jobs taken from the queue at one wake-up at most.
 const GROUPS_PER_BATCH_MAX: usize = 256;
 
 /// Attempts MySQL must decide, for one goods and delivery.
@@ -69,40 +66,118 @@ impl DbLane {
 }
 
 async fn run(mut jobs: mpsc::Receiver<Job>, batching: Arc<Batching>, queued: Arc<AtomicUsize>) {
-    let slots = Arc::new(Semaphore::new(DB_BATCHES_IN_FLIGHT));
+    let (finished, mut done) = mpsc::channel::<String>(DB_BATCHES_IN_FLIGHT);
+    let mut turns = Turns::default();
     let mut taken = Vec::with_capacity(GROUPS_PER_BATCH_MAX);
-    // A free slot first, so that while every batch is out the next keeps forming.
-    while let Ok(slot) = slots.clone().acquire_owned().await {
-        if jobs.recv_many(&mut taken, GROUPS_PER_BATCH_MAX).await == 0 {
+    let mut open = true;
+    loop {
+        tokio::select! {
+            n = jobs.recv_many(&mut taken, GROUPS_PER_BATCH_MAX), if open => {
+                open = n > 0;
+                for job in taken.drain(..) {
+                    turns.add(job);
+                }
+            }
+            Some(goods) = done.recv(), if turns.busy() > 0 => turns.done(&goods),
+            else => {}
+        }
+        if !open && turns.is_idle() {
             return;
         }
-        let n: usize = taken.iter().map(|job| job.group.len()).sum();
-        queued.fetch_sub(n, Ordering::AcqRel);
-        let merged = merge(&mut taken);
-        let batching = batching.clone();
-        tokio::spawn(async move {
-            let Some(routing) = batching.routing.as_ref() else {
-                // Never submitted without routing; answered rather than dropped all the same.
-                for job in merged {
-                    answer_all(job.group, &DeductError::Stopped);
-                }
-                return;
-            };
-            let calls = merged.into_iter().map(|job| {
-                let batching = &batching;
-                async move {
-                    let Job {
-                        goods_id,
-                        delivery,
-                        rated,
-                        group,
-                    } = job;
-                    decide_in_mysql(batching, routing, &goods_id, delivery, group, rated).await;
-                }
+        while let Some((goods_id, batch)) = turns.next() {
+            let n: usize = batch.iter().map(|job| job.group.len()).sum();
+            queued.fetch_sub(n, Ordering::AcqRel);
+            let (batching, finished) = (batching.clone(), finished.clone());
+            tokio::spawn(async move {
+                decide_batch(&batching, batch).await;
+                let _ = finished.send(goods_id).await;
             });
-            futures_util::future::join_all(calls).await;
-            drop(slot);
-        });
+        }
+    }
+}
+
+/// One goods' batch: its groups one after the other (they would queue on the sale row's lock
+/// anyway).
+async fn decide_batch(batching: &Batching, mut batch: Vec<Job>) {
+    let merged = merge(&mut batch);
+    let Some(routing) = batching.routing.as_ref() else {
+        // Never submitted without routing; answered rather than dropped all the same.
+        for job in merged {
+            answer_all(job.group, &DeductError::Stopped);
+        }
+        return;
+    };
+    for job in merged {
+        let Job {
+            goods_id,
+            delivery,
+            rated,
+            group,
+        } = job;
+        decide_in_mysql(batching, routing, &goods_id, delivery, group, rated).await;
+    }
+}
+
+/// Whose turn it is. One batch per goods is out at a time: the sale row's lock is held
+/// through the commit's fsync (measured: concurrent commits on one row take an fsync each),
+/// so a second batch of the same goods would only wait for the row, and take attempts the
+/// first one's successor would have carried. Different goods go out side by side, up to
+/// [`DB_BATCHES_IN_FLIGHT`], in the order they started waiting.
+#[derive(Default)]
+struct Turns {
+    waiting: HashMap<String, Vec<Job>>,
+    /// Goods with waiting jobs, the longest waiting first.
+    order: VecDeque<String>,
+    out: HashSet<String>,
+}
+
+impl Turns {
+    fn add(&mut self, job: Job) {
+        let jobs = self.waiting.entry(job.goods_id.clone()).or_default();
+        if jobs.is_empty() {
+            self.order.push_back(job.goods_id.clone());
+        }
+        jobs.push(job);
+    }
+
+    /// The next goods to send and its batch (its waiting jobs, oldest first, up to
+    /// [`DB_BATCH_ATTEMPTS_MAX`] attempts; at least one job), if a batch may go out.
+    fn next(&mut self) -> Option<(String, Vec<Job>)> {
+        if self.out.len() >= DB_BATCHES_IN_FLIGHT {
+            return None;
+        }
+        let at = self.order.iter().position(|g| !self.out.contains(g))?;
+        let goods = self.order.remove(at)?;
+        let jobs = self.waiting.get_mut(&goods)?;
+        let mut attempts = 0;
+        let mut take = 0;
+        for job in jobs.iter() {
+            if take > 0 && attempts + job.group.len() > DB_BATCH_ATTEMPTS_MAX {
+                break;
+            }
+            attempts += job.group.len();
+            take += 1;
+        }
+        let batch: Vec<Job> = jobs.drain(..take).collect();
+        if jobs.is_empty() {
+            self.waiting.remove(&goods);
+        } else {
+            self.order.push_back(goods.clone());
+        }
+        self.out.insert(goods.clone());
+        Some((goods, batch))
+    }
+
+    fn done(&mut self, goods: &str) {
+        self.out.remove(goods);
+    }
+
+    fn busy(&self) -> usize {
+        self.out.len()
+    }
+
+    fn is_idle(&self) -> bool {
+        self.out.is_empty() && self.waiting.is_empty()
     }
 }
 
@@ -218,5 +293,55 @@ mod tests {
         for answer in &mut late_answers {
             assert!(matches!(answer.try_recv(), Ok(Err(DeductError::TooLate))));
         }
+    }
+
+    fn sizes(batch: &[Job]) -> Vec<usize> {
+        batch.iter().map(|job| job.group.len()).collect()
+    }
+
+    #[test]
+    fn one_batch_per_goods_is_out_and_the_rest_wait_their_turn() {
+        let mut turns = Turns::default();
+        turns.add(job("a", false, 3));
+        turns.add(job("b", false, 1));
+        turns.add(job("a", true, 2));
+        let (goods, batch) = turns.next().unwrap();
+        assert_eq!((goods.as_str(), sizes(&batch)), ("a", vec![3, 2]));
+        let (goods, batch) = turns.next().unwrap();
+        assert_eq!((goods.as_str(), sizes(&batch)), ("b", vec![1]));
+        // a is out: what arrives for it waits for its batch to come back, merged.
+        turns.add(job("a", false, 4));
+        turns.add(job("a", false, 5));
+        assert!(turns.next().is_none());
+        turns.done("a");
+        let (goods, batch) = turns.next().unwrap();
+        assert_eq!((goods.as_str(), sizes(&batch)), ("a", vec![4, 5]));
+        turns.done("a");
+        turns.done("b");
+        assert!(turns.is_idle());
+    }
+
+    #[test]
+    fn batches_and_goods_out_are_bounded() {
+        let mut turns = Turns::default();
+        turns.add(job("a", false, DB_BATCH_ATTEMPTS_MAX - 10));
+        turns.add(job("a", false, 11));
+        let (_, batch) = turns.next().unwrap();
+        assert_eq!(sizes(&batch), vec![DB_BATCH_ATTEMPTS_MAX - 10]);
+        turns.done("a");
+        let (_, batch) = turns.next().unwrap();
+        assert_eq!(sizes(&batch), vec![11]);
+        turns.done("a");
+        for g in 0..DB_BATCHES_IN_FLIGHT + 2 {
+            turns.add(job(&format!("g{g}"), false, 1));
+        }
+        let out: Vec<String> = std::iter::from_fn(|| turns.next().map(|(g, _)| g)).collect();
+        let first: Vec<String> = (0..DB_BATCHES_IN_FLIGHT).map(|g| format!("g{g}")).collect();
+        assert_eq!(
+            out, first,
+            "the longest waiting go first, no more than the bound"
+        );
+        turns.done("g0");
+        assert_eq!(turns.next().map(|(g, _)| g).as_deref(), Some("g4"));
     }
 }
