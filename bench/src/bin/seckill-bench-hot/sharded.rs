@@ -176,12 +176,14 @@ must hold every one, plus at most the attempts wrk left in flight. Between runs 
 (each shard's) buyers, requests, reservations and outbox are deleted.
 
 **What this run can and cannot show.** On {cores} cores the masters, the syncer and the load \
-generator share the CPUs, so the wall-clock decisions/s of the two sides measure this \
-machine, not the scaling: the sharded goods cannot go faster when its three masters have no \
-cores of their own to run on. What projects is Redis's own CPU per decision (`INFO cpu`'s \
-main thread, read on every master around each run; `INFO commandstats` for the script \
-calls): one master's core is the ceiling of an unsharded goods, and a goods sharded over N \
-masters, each with its own core, has N of them.
+generator share the CPUs, so the wall-clock decisions/s cannot show the scaling: three masters \
+without cores of their own cannot add two more cores of capacity. Whatever wall-clock gain the \
+sharded side shows here comes from the syncer's one batch out at a time coming back sooner \
+when its calls run side by side on three masters (see the Redis cores column: the masters \
+together stay under one core), not from Redis capacity. What projects is Redis's own CPU per \
+decision (`INFO cpu`'s main thread, read on every master around each run; `INFO \
+commandstats` for the script calls): one master's core is the ceiling of an unsharded goods, \
+and a goods sharded over N masters, each with its own core, has N of them.
 
 | attempts per call | decisions/s: sharded / unsharded (median) | per round | Redis CPU per decision, all masters: sharded / unsharded | busiest master's CPU per decision: unsharded / sharded (the capacity gain of {masters} masters) |
 |---|---|---|---|---|
