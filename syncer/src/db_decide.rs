@@ -277,6 +277,7 @@ pub async fn decide_batch(
         return Err(DbDecideError::TooLate);
     }
     tx.commit().await?;
+    crate::crashpoint::crashpoint(crate::crashpoint::DB_DECIDE_AFTER_COMMIT);
     Ok(decided.replies)
 }
 

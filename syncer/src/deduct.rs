@@ -587,9 +587,20 @@ async fn decide_in_redis(
         Err(error) => {
             // Not decided here, and the attempts may have been decided in Redis (a timeout):
             // they are answered 503 and their retries meet whichever decided them.
+            // One shard failing is that shard's buyers' 503, not the breaker's, as long as
+            // another shard of the goods answers a read now (`shard::another_answers`).
             if let (Some(routing), DeductError::Timeout | DeductError::Redis(_)) = (routing, &error)
             {
-                routing.breaker.failure();
+                let apart = match shard {
+                    Some(s) => {
+                        let keys = &batching.keys;
+                        crate::shard::another_answers(&conn, keys, goods_id, s.index, s.count).await
+                    }
+                    None => false,
+                };
+                if !apart {
+                    routing.breaker.failure();
+                }
             }
             // A call that timed out may have run: what it could have sold is held back if the
             // goods moves to MySQL. (A refused or broken connection sent nothing.)

@@ -333,6 +333,9 @@ impl Lifecycle {
             tokio::time::timeout(REDIS_TIMEOUT, conn.smembers(self.keys.sales_index()))
                 .await
                 .map_err(|_| LifecycleError::Timeout)??;
+        // One goods' trouble (its master down) must not stall the others' sweep: the first
+        // error is reported once every goods had its turn.
+        let mut first_error = None;
         for goods_id in goods {
             // Goods MySQL decides are swept there (below); Redis's copy waits for its re-seed.
             if !matches!(self.place(&goods_id), Place::Redis) {
@@ -344,14 +347,20 @@ impl Lifecycle {
             }
             // A full batch means more may be due: go on with this goods, bounded by shutdown.
             while !shutdown.is_cancelled() {
-                let released = self.sweep_goods(&goods_id, rules).await?;
+                let released = match self.sweep_goods(&goods_id, rules).await {
+                    Ok(released) => released,
+                    Err(e) => {
+                        first_error.get_or_insert(e);
+                        break;
+                    }
+                };
                 metrics::counter!("seckill_reservations_expired_total").increment(released);
                 if released < SWEEP_BATCH_MAX as u64 {
                     break;
                 }
             }
         }
-        Ok(())
+        first_error.map_or(Ok(()), Err)
     }
 }
 

@@ -305,6 +305,36 @@ impl Mover<'_> {
     }
 }
 
+/// How long [`another_answers`] waits for each of the other shards.
+const PROBE_TIMEOUT: Duration = Duration::from_millis(250);
+
+/// Whether any other shard of the goods answers now (a read of its sale), after a call on
+/// `shard` failed. Shards stay apart in failure too: one shard's master down must not move
+/// its goods (and, through the breaker that is one for all goods, every goods) to MySQL while
+/// the other shards answer; only when none does is Redis failing for the goods.
+pub async fn another_answers(
+    conn: &RedisConn,
+    space: &KeySpace,
+    goods_id: &str,
+    shard: u32,
+    shards: u32,
+) -> bool {
+    let probes = (0..shards).filter(|&s| s != shard).map(|other| {
+        let mut conn = conn.clone();
+        let sale = space.goods(&keys::shard_id(goods_id, other)).sale;
+        async move {
+            let mut command = redis::cmd("HGET");
+            command.arg(sale).arg("available");
+            let read = command.query_async::<Option<i64>>(&mut conn);
+            matches!(tokio::time::timeout(PROBE_TIMEOUT, read).await, Ok(Ok(_)))
+        }
+    });
+    futures_util::future::join_all(probes)
+        .await
+        .into_iter()
+        .any(|answered| answered)
+}
+
 /// One shard's live counters and the units it gave up that have not landed yet.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
 pub struct ShardStock {

@@ -69,12 +69,7 @@ impl<'a> Admin<'a> {
             .json(spec)
             .send()
             .await?;
-        let status = response.status().as_u16();
-        let text = response.text().await?;
-        Ok((
-            status,
-            serde_json::from_str(&text).unwrap_or(Value::String(text)),
-        ))
+        status_and_body(response).await
     }
 
     pub async fn preheat(&self, goods_id: &str, force: bool) -> anyhow::Result<Value> {
@@ -130,4 +125,14 @@ impl<'a> Admin<'a> {
         let status = response.status().as_u16();
         Ok((status, response.json().await?))
     }
+}
+
+/// A response's status and body: its JSON, or its text as a JSON string when it is not JSON.
+pub async fn status_and_body(response: reqwest::Response) -> anyhow::Result<(u16, Value)> {
+    let status = response.status().as_u16();
+    let text = response.text().await?;
+    Ok((
+        status,
+        serde_json::from_str(&text).unwrap_or(Value::String(text)),
+    ))
 }

@@ -200,6 +200,23 @@ impl<R: TestRedis> Pipeline<R> {
         Ok(reply["order_id"].as_str().map(str::to_owned))
     }
 
+    /// One attempt of one unit through `POST /v1/deduct`, sent once: its status and body.
+    pub async fn deduct_once(
+        &self,
+        goods_id: &str,
+        user: &str,
+        request_id: &str,
+    ) -> anyhow::Result<(u16, Value)> {
+        let response = self
+            .http
+            .post(format!("{}{}", self.api.url(), seckill_api::DEDUCT_PATH))
+            .header(seckill_api::SECRET_HEADER, SECRET)
+            .json(&json!({"goods_id": goods_id, "user_id": user, "quantity": 1, "request_id": request_id}))
+            .send()
+            .await?;
+        crate::admin::status_and_body(response).await
+    }
+
     /// One attempt of one unit through `POST /v1/deduct`, retried with the same request id
     /// through 503s (a loaded machine's slow Redis call, a goods switching, stock moving
     /// between shards: the gate's buyers are told to retry) for up to `patience`: the final
@@ -213,15 +230,7 @@ impl<R: TestRedis> Pipeline<R> {
     ) -> anyhow::Result<Value> {
         let deadline = std::time::Instant::now() + patience;
         loop {
-            let response = self
-                .http
-                .post(format!("{}{}", self.api.url(), seckill_api::DEDUCT_PATH))
-                .header(seckill_api::SECRET_HEADER, SECRET)
-                .json(&json!({"goods_id": goods_id, "user_id": user, "quantity": 1, "request_id": request_id}))
-                .send()
-                .await?;
-            let status = response.status().as_u16();
-            let body: Value = response.json().await?;
+            let (status, body) = self.deduct_once(goods_id, user, request_id).await?;
             if status == 200 {
                 return Ok(body);
             }

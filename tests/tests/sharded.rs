@@ -261,15 +261,7 @@ async fn a_move_cut_short_between_take_and_give_is_completed() {
 
     // The next buyer of shard 0 needs a unit from shard 1: the syncer takes it, then aborts
     // before shard 0 gets it.
-    let cut = p
-        .http
-        .post(format!("{}{}", p.api.url(), seckill_api::DEDUCT_PATH))
-        .header(seckill_api::SECRET_HEADER, SECRET)
-        .json(
-            &json!({"goods_id": goods, "user_id": home0[1], "quantity": 1, "request_id": home0[1]}),
-        )
-        .send()
-        .await;
+    let cut = p.deduct_once(&goods, &home0[1], &home0[1]).await;
     assert!(cut.is_err(), "the syncer died at the crash point: {cut:?}");
     let mut conn = p.redis.connection().await.unwrap();
     let key =
@@ -624,4 +616,85 @@ async fn a_master_lost_mid_sale_moves_the_sharded_goods_to_mysql_and_nothing_is_
     );
     let (code, report) = p.reconcile(&["--goods", &goods]).unwrap();
     assert_eq!(code, 0, "{report:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn with_full_coverage_off_the_other_shards_sell_on_while_one_master_is_down() {
+    const STOCK: u64 = 60;
+    // Redis keeps serving the slots of the masters that are up.
+    let coverage = ["--cluster-require-full-coverage", "no"];
+    let mut p = Pipeline::start_on("sharded_shard_down", &coverage, &[], &[])
+        .await
+        .unwrap();
+    let _pipeline = p.spawn_relay_and_writer(100, 20).await.unwrap();
+    let goods = goods_over_three_masters(&p.redis, &p.prefix, "part").await;
+    open_sharded(&p.admin(), &goods, STOCK).await;
+    // The shard to lose: one whose master does not hold the sales index (which the relay needs
+    // to find the outboxes: a lost index stops the relay until its master is back, README).
+    let index_master = p
+        .redis
+        .master_of_key(&format!("{}:sales", p.prefix))
+        .await
+        .unwrap();
+    let mut lost = 0;
+    for shard in 0..SHARDS {
+        let key = format!("{}:{{{}}}:sale", p.prefix, shard_id(&goods, shard));
+        if p.redis.master_of_key(&key).await.unwrap() != index_master {
+            lost = shard;
+        }
+    }
+    let others: Vec<u32> = (0..SHARDS).filter(|&s| s != lost).collect();
+    let mut issued: HashMap<String, String> = HashMap::new();
+    let mut sell = |answer: Value, user: &str| {
+        assert_eq!(answer["outcome"], "won", "{user}: {answer}");
+        let order = answer["order_id"].as_str().unwrap().to_owned();
+        assert!(
+            issued.insert(order.clone(), user.to_owned()).is_none(),
+            "{order} twice"
+        );
+    };
+    for user in buyers_of("a", lost, 5) {
+        sell(attempt(&p, &goods, &user, &user).await, &user);
+    }
+    p.wait_for_rows(&goods, 5, DRAIN).await.unwrap();
+
+    // That shard's master dies (SIGKILL), with no replica.
+    p.redis
+        .kill_master_of(&format!("{}:{{{}}}:sale", p.prefix, shard_id(&goods, lost)))
+        .await
+        .unwrap();
+    // Buyers of that shard are told to come back (503), never sold out nor sold to; five failed
+    // calls in a row do not open the breaker (one for all goods) while the other shards answer.
+    for lost_buyer in buyers_of("c", lost, 5) {
+        let (status, body) = p
+            .deduct_once(&goods, &lost_buyer, &lost_buyer)
+            .await
+            .unwrap();
+        assert_eq!(status, 503, "{body}");
+    }
+    // Buyers of the other shards go on winning from Redis: each still has its own units.
+    for &home in &others {
+        for user in buyers_of(&format!("b{home}"), home, 10) {
+            sell(attempt(&p, &goods, &user, &user).await, &user);
+        }
+    }
+    let sale = p.admin().sale(&goods).await.unwrap();
+    assert_eq!(
+        sale["definition"]["fallback"], false,
+        "Redis decides: {sale}"
+    );
+    // The other shards sold exactly their buyers' units (20 each at the start).
+    let mut conn = p.redis.connection().await.unwrap();
+    for &shard in &others {
+        let sale = format!("{}:{{{}}}:sale", p.prefix, shard_id(&goods, shard));
+        let available: i64 = redis::cmd("HGET")
+            .arg(&sale)
+            .arg("available")
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(available, 10, "shard {shard}");
+    }
+    p.wait_for_rows(&goods, 25, DRAIN).await.unwrap();
+    assert_eq!(p.order_ids(&goods).await.unwrap().len(), issued.len());
 }
