@@ -179,8 +179,9 @@ must hold every one, plus at most the attempts wrk left in flight. Between runs 
 generator share the CPUs, so the wall-clock decisions/s cannot show the scaling: three masters \
 without cores of their own cannot add two more cores of capacity. Whatever wall-clock gain the \
 sharded side shows here comes from the syncer's one batch out at a time coming back sooner \
-when its calls run side by side on three masters (see the Redis cores column: the masters \
-together stay under one core), not from Redis capacity. What projects is Redis's own CPU per \
+when its calls run side by side on three masters, on CPU the unsharded side left idle (see \
+the Redis cores column): it is bounded by this machine, not by three masters' capacity. What \
+projects is Redis's own CPU per \
 decision (`INFO cpu`'s main thread, read on every master around each run; `INFO \
 commandstats` for the script calls): one master's core is the ceiling of an unsharded goods, \
 and a goods sharded over N masters, each with its own core, has N of them.
