@@ -4,8 +4,10 @@
 # the deduct endpoint against redis-benchmark and an end-to-end sale with its chart
 # (seckill-bench-sale, which draws docs/sale.svg), what each Redis durability setting costs
 # a hot goods (seckill-bench-durability), the db tier against one MySQL transaction per
-# attempt (seckill-bench-tier), and one hot goods through the batch endpoint against the seed's
-# own Lua script under redis-benchmark (seckill-bench-hot). About 20 minutes on 2 cores.
+# attempt (seckill-bench-tier), one hot goods through the batch endpoint against the seed's
+# own Lua script under redis-benchmark (seckill-bench-hot), and one hot goods sharded over the 3
+# masters of a local Redis Cluster against one unsharded goods on one master, with Redis's CPU
+# per decision on each master (seckill-bench-hot --sharded). About 25 minutes on 2 cores.
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 cd "$ROOT"
@@ -18,3 +20,4 @@ target/release/seckill-bench-sale
 target/release/seckill-bench-durability
 target/release/seckill-bench-tier
 target/release/seckill-bench-hot
+target/release/seckill-bench-hot --sharded --rounds 5 --batch-sizes 16,128

@@ -4,12 +4,13 @@
 //! per decision on each side (`INFO commandstats`, `INFO cpu`), from which the capacity of one
 //! Redis master (and of N) is projected. Rewrites its section of BENCHMARKS.md.
 //!
-//! A sharded variant (issue 14: one goods over 3 masters against one master) plugs in here:
-//! start the syncer on `Stack::start_cluster`'s URL with a `redis_sharded` sale, put one
-//! [`Node`] per master in `Bench::nodes` (their counters are read and summed already), count
-//! decisions as the sum of the shards' order sequences instead of `sale_seq`, reset every
-//! shard's keys, and add a `Side::Sharded(size)` measured by `Bench::batch`; the cost table then
-//! gives Redis CPU per decision over all masters and per master.
+//! With `--sharded` (issue 14: one goods over 3 masters against one master) it runs on a
+//! local 3-master Redis Cluster instead: the syncer on the cluster's URL, one unsharded goods
+//! (on one master) and one `redis_sharded` goods whose shards land on the three masters, both
+//! through the batch endpoint in alternating rounds, every master's counters read around each
+//! run; decisions are the sum of the shards' order sequences. It writes its own section
+//! (`sharded.rs`), with Redis CPU per decision on each master and summed, and what N masters
+//! would give.
 
 use std::path::PathBuf;
 use std::process::Command;
@@ -26,13 +27,16 @@ use seckill_bench::wrk;
 use seckill_e2e::admin::Admin;
 use seckill_e2e::mysql_db::TestDatabase;
 use seckill_e2e::process::Scratch;
+use seckill_e2e::redis_cluster::RedisCluster;
 use seckill_e2e::redis_server::RedisServer;
-use seckill_e2e::stack::{now_ms, SECRET};
+use seckill_e2e::stack::{now_ms, rfc3339, SECRET};
 use seckill_e2e::syncer::SyncerProcess;
 use seckill_syncer::keys::KeySpace;
 
+mod sharded;
+
 /// The seed's deduct script, verbatim but for its leading comment.
-const SEED_SCRIPT: &str = include_str!("../../seed/deduct_stock.lua");
+const SEED_SCRIPT: &str = include_str!("../../../seed/deduct_stock.lua");
 /// The seed's keys for goods 1 (`goods:stock:%d`, `goods:stock:lock:%d`) and its arguments:
 /// one unit, a day's expiry.
 const SEED_KEYS: [&str; 2] = ["goods:stock:1", "goods:stock:lock:1"];
@@ -72,6 +76,14 @@ struct Args {
     /// redis-benchmark's pipeline depth (`-P`).
     #[arg(long, default_value_t = 16)]
     pipeline: u32,
+    /// One goods sharded over the masters of a local 3-master Redis Cluster against one
+    /// unsharded goods on one of them, both through the batch endpoint (`--batch-sizes`); the
+    /// seed's script and the direct calls are not run. Writes its own section.
+    #[arg(long)]
+    sharded: bool,
+    /// Shards of the sharded goods (with `--sharded`; 3 puts one on each master).
+    #[arg(long, default_value_t = 3)]
+    shards: u32,
     #[arg(long, default_value = "BENCHMARKS.md")]
     out: PathBuf,
 }
@@ -85,10 +97,12 @@ enum Side {
     Direct(usize),
     /// wrk through the syncer's batch endpoint, this many attempts per call.
     Batch(usize),
+    /// The same for the sharded goods (`--sharded`).
+    Sharded(usize),
 }
 
 /// What one measurement found.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 struct Measured {
     side: Side,
     /// Decisions answered `won` to the load generator (the seed side: calls Redis counted).
@@ -100,8 +114,10 @@ struct Measured {
     not_won: u64,
     p50_ms: f64,
     p99_ms: f64,
+    /// What every node spent together, and each (in `Bench::nodes`' order).
     redis: RedisCost,
-    /// Cores (0..=2 here) each part used during the measurement.
+    per_node: Vec<RedisCost>,
+    /// Cores (0..=2 here) each part used during the measurement (Redis: every node's).
     redis_cores: f64,
     syncer_cores: f64,
     load_cores: f64,
@@ -112,6 +128,7 @@ struct Measured {
 struct RunFigures {
     calls_per_s: f64,
     redis: RedisCost,
+    per_node: Vec<RedisCost>,
     /// Cores used by Redis, the syncer, the load generator and the rest.
     cores: (f64, f64, f64, f64),
 }
@@ -135,6 +152,7 @@ impl RunFigures {
             p50_ms: f64::NAN,
             p99_ms: f64::NAN,
             redis: self.redis,
+            per_node: self.per_node.clone(),
             redis_cores,
             syncer_cores,
             load_cores,
@@ -143,22 +161,49 @@ impl RunFigures {
     }
 }
 
-/// The private Redis and what the benchmark reads from it. One node here; a sharded run would
-/// read every master.
+/// A Redis node the benchmark reads: the private server, or one master of the cluster.
 struct Node {
     conn: MultiplexedConnection,
+}
+
+/// The Redis the syncer decides on.
+enum Store {
+    Single(RedisServer),
+    Cluster(RedisCluster),
+}
+
+impl Store {
+    fn url(&self) -> String {
+        match self {
+            Store::Single(redis) => redis.url(),
+            Store::Cluster(cluster) => cluster.url(),
+        }
+    }
+}
+
+/// A goods a side measures and where its keys live: one part (the goods' own hash tag) for an
+/// unsharded goods, one per shard for a sharded one, each with the index in `Bench::nodes` of
+/// the node that holds it.
+#[derive(Debug, Clone)]
+struct Target {
+    goods: String,
+    parts: Vec<(String, usize)>,
 }
 
 /// Field order is drop order: the syncer before the stores, the scratch directory last.
 struct Bench {
     syncer: SyncerProcess,
     nodes: Vec<Node>,
-    redis: RedisServer,
+    store: Store,
     _db: TestDatabase,
+    /// The seed's script and the project's deduct script as the syncer loads it, on the
+    /// private server (not loaded with `--sharded`: those sides are not run there).
     seed_sha: String,
-    /// The project's deduct script, as the syncer loads it.
     deduct_sha: String,
     keys: KeySpace,
+    /// The unsharded goods (every side but `Sharded`), and the sharded one (`--sharded`).
+    flat: Target,
+    sharded: Option<Target>,
     run: u64,
     scratch: Scratch,
 }
@@ -175,17 +220,27 @@ async fn main() -> anyhow::Result<()> {
         seckill_api::BATCH_ATTEMPTS_MAX
     );
     ensure!(args.rounds > 0, "--rounds must be at least 1");
-    let mut bench = Bench::start().await?;
+    ensure!(
+        (2..=16).contains(&args.shards),
+        "--shards must be from 2 to 16 (as a sale's definition)"
+    );
+    let mut bench = Bench::start(&args).await?;
     // Warm-up, and redis-benchmark's call counts sized to run as long as wrk does.
-    let warm = bench.seed(&args, 100_000).await?;
-    let seed_calls = ((warm.decisions_per_s * args.seconds as f64) as u64).max(100_000);
+    let mut seed_calls = 0;
     let mut direct_calls = Vec::new();
-    for &size in &args.direct_sizes {
-        let warm = bench.direct(&args, size, 200).await?;
-        let calls_per_s = warm.decisions_per_s / size as f64;
-        direct_calls.push((size, ((calls_per_s * args.seconds as f64) as u64).max(200)));
+    if args.sharded {
+        bench.batch(&args, Side::Batch(16), 2).await?;
+        bench.batch(&args, Side::Sharded(16), 2).await?;
+    } else {
+        let warm = bench.seed(&args, 100_000).await?;
+        seed_calls = ((warm.decisions_per_s * args.seconds as f64) as u64).max(100_000);
+        for &size in &args.direct_sizes {
+            let warm = bench.direct(&args, size, 200).await?;
+            let calls_per_s = warm.decisions_per_s / size as f64;
+            direct_calls.push((size, ((calls_per_s * args.seconds as f64) as u64).max(200)));
+        }
+        bench.batch(&args, Side::Batch(16), 2).await?;
     }
-    bench.batch(&args, 16, 2).await?;
     let mut rounds = Vec::new();
     for round in 0..args.rounds {
         let mut order = sides(&args);
@@ -204,22 +259,43 @@ async fn main() -> anyhow::Result<()> {
                         .map_or(200, |(_, calls)| *calls);
                     bench.direct(&args, size, calls).await?
                 }
-                Side::Batch(size) => bench.batch(&args, size, args.seconds).await?,
+                Side::Batch(_) | Side::Sharded(_) => bench.batch(&args, side, args.seconds).await?,
             };
             eprintln!("round {round}: {m:?}");
             measured.push(m);
         }
         rounds.push(measured);
     }
-    let body = render(&args, seed_calls, &rounds);
+    let (section, body) = if args.sharded {
+        let masters = bench.nodes.len();
+        let placed = sharded::Placement {
+            flat: &bench.flat,
+            sharded: bench.sharded.as_ref().context("no sharded goods")?,
+            masters,
+        };
+        (
+            "sharded-hot-goods-benchmark",
+            sharded::render(&args, &placed, &rounds),
+        )
+    } else {
+        ("hot-goods-benchmark", render(&args, seed_calls, &rounds))
+    };
     println!("{body}");
-    update_section(&args.out, "hot-goods-benchmark", &body)?;
+    update_section(&args.out, section, &body)?;
     println!("updated {}", args.out.display());
     Ok(())
 }
 
-/// Every side a round measures: the seed's script, the deduct script direct, the endpoint.
+/// Every side a round measures: the seed's script, the deduct script direct, the endpoint; with
+/// `--sharded`, the endpoint for the unsharded and the sharded goods at each batch size.
 fn sides(args: &Args) -> Vec<Side> {
+    if args.sharded {
+        return args
+            .batch_sizes
+            .iter()
+            .flat_map(|&b| [Side::Batch(b), Side::Sharded(b)])
+            .collect();
+    }
     std::iter::once(Side::Seed)
         .chain(args.direct_sizes.iter().map(|&b| Side::Direct(b)))
         .chain(args.batch_sizes.iter().map(|&b| Side::Batch(b)))
@@ -229,6 +305,7 @@ fn sides(args: &Args) -> Vec<Side> {
 /// CPU counters of the processes sharing the machine, read before and after a measurement.
 struct CpuMark {
     at: Instant,
+    /// Every Redis node's together.
     redis: f64,
     syncer: f64,
     children: f64,
@@ -236,10 +313,10 @@ struct CpuMark {
 }
 
 impl CpuMark {
-    fn take(redis_pid: u32, syncer_pid: u32) -> CpuMark {
+    fn take(redis_pids: &[u32], syncer_pid: u32) -> CpuMark {
         CpuMark {
             at: Instant::now(),
-            redis: process_ticks(redis_pid).0,
+            redis: redis_pids.iter().map(|&pid| process_ticks(pid).0).sum(),
             syncer: process_ticks(syncer_pid).0,
             // The load generators are this process's children, waited for when they end.
             children: process_ticks(std::process::id()).1,
@@ -267,16 +344,22 @@ impl CpuMark {
 }
 
 impl Bench {
-    /// A private redis-server, a database, a syncer, the hot goods preheated, and the seed's
-    /// stock key and script loaded. No Envoy: nothing here goes through the gate.
-    async fn start() -> anyhow::Result<Bench> {
+    /// A private redis-server (with `--sharded`, a local 3-master cluster), a database, a
+    /// syncer, the hot goods preheated (and the sharded one), and the seed's stock key and
+    /// script loaded on the private server. No Envoy: nothing here goes through the gate.
+    async fn start(args: &Args) -> anyhow::Result<Bench> {
         let scratch = Scratch::new("bench-hot")?;
-        let redis = RedisServer::start_with(&scratch.path, &[]).await?;
+        let store = if args.sharded {
+            Store::Cluster(RedisCluster::start(&scratch.path).await?)
+        } else {
+            Store::Single(RedisServer::start_with(&scratch.path, &[]).await?)
+        };
         let db = TestDatabase::create("bench_hot").await?;
         // No reservation is released during the run (the sweeper would add its own Redis
         // work): the claim window outlasts the benchmark.
         let env = [("SECKILL_CLAIM_WINDOW_MS", "3600000")];
-        let (syncer, prefix) = start_syncer(&scratch.path, &redis.url(), &db.url(), &env).await?;
+        let (syncer, prefix) = start_syncer(&scratch.path, &store.url(), &db.url(), &env).await?;
+        let keys = KeySpace::new(prefix);
         let http = reqwest::Client::new();
         let admin = Admin::new(&http, syncer.url());
         let now = now_ms();
@@ -285,30 +368,52 @@ impl Bench {
             .define_sale(GOODS, STOCK, 1, (now - 60_000, now + 3_600_000), 900)
             .await?;
         admin.preheat(GOODS, false).await?;
-        let mut conn = redis.connection().await?;
-        redis::cmd("SET")
-            .arg(SEED_KEYS[0])
-            .arg(STOCK)
-            .query_async::<()>(&mut conn)
-            .await?;
-        let seed_sha: String = redis::cmd("SCRIPT")
-            .arg("LOAD")
-            .arg(SEED_SCRIPT)
-            .query_async(&mut conn)
-            .await?;
-        let deduct_sha: String = redis::cmd("SCRIPT")
-            .arg("LOAD")
-            .arg(seckill_syncer::scripts::DEDUCT)
-            .query_async(&mut conn)
-            .await?;
+        let (mut nodes, mut seed_sha, mut deduct_sha) = (Vec::new(), String::new(), String::new());
+        let (flat, sharded) = match &store {
+            Store::Single(redis) => {
+                let mut conn = redis.connection().await?;
+                (seed_sha, deduct_sha) = load_seed(&mut conn).await?;
+                nodes.push(Node { conn });
+                let flat = Target {
+                    goods: GOODS.into(),
+                    parts: vec![(GOODS.into(), 0)],
+                };
+                (flat, None)
+            }
+            Store::Cluster(cluster) => {
+                let masters = cluster.master_ports().await?;
+                for &port in &masters {
+                    let conn = cluster.node(port)?.connection().await?;
+                    nodes.push(Node { conn });
+                }
+                let flat = sharded::place(cluster, &masters, &keys, GOODS, None).await?;
+                let sharded =
+                    sharded::place(cluster, &masters, &keys, "sharded", Some(args.shards)).await?;
+                let spec = serde_json::json!({
+                    "total_stock": STOCK,
+                    "per_user_limit": 1,
+                    "starts_at": rfc3339(now - 60_000),
+                    "ends_at": rfc3339(now + 3_600_000),
+                    "payment_window_s": 900,
+                    "tier": "redis_sharded",
+                    "shards": args.shards,
+                });
+                let (status, body) = admin.try_define(&sharded.goods, &spec).await?;
+                ensure!(status == 201, "define the sharded sale: {status} {body}");
+                admin.preheat(&sharded.goods, false).await?;
+                (flat, Some(sharded))
+            }
+        };
         Ok(Bench {
             syncer,
-            nodes: vec![Node { conn }],
-            redis,
+            nodes,
+            store,
             _db: db,
             seed_sha,
             deduct_sha,
-            keys: KeySpace::new(prefix),
+            keys,
+            flat,
+            sharded,
             run: 0,
             scratch,
         })
@@ -326,9 +431,13 @@ impl Bench {
         Ok(all)
     }
 
-    fn cost_since(before: &[RedisCounters], after: &[RedisCounters]) -> RedisCost {
-        let costs: Vec<RedisCost> = after.iter().zip(before).map(|(a, b)| a.since(b)).collect();
-        RedisCost::sum(&costs)
+    /// What each node spent between two readings.
+    fn costs_since(before: &[RedisCounters], after: &[RedisCounters]) -> Vec<RedisCost> {
+        after.iter().zip(before).map(|(a, b)| a.since(b)).collect()
+    }
+
+    fn pids(counters: &[RedisCounters]) -> Vec<u32> {
+        counters.iter().map(|c| c.pid).collect()
     }
 
     async fn get_u64(&mut self, command: redis::Cmd) -> anyhow::Result<u64> {
@@ -339,21 +448,28 @@ impl Bench {
     /// Runs redis-benchmark with `command` (its own options before it) on the private Redis:
     /// its rate of calls, what Redis spent, and the cores each part used meanwhile.
     async fn redis_benchmark(&mut self, command: &[String]) -> anyhow::Result<RunFigures> {
+        let Store::Single(redis) = &self.store else {
+            anyhow::bail!("redis-benchmark runs on the private server, not with --sharded");
+        };
+        let port = redis.port;
         let counters = self.counters().await?;
-        let cpu = CpuMark::take(counters[0].pid, self.syncer_pid()?);
+        let pids = Self::pids(&counters);
+        let cpu = CpuMark::take(&pids, self.syncer_pid()?);
         let output = Command::new("redis-benchmark")
-            .args(["-h", "127.0.0.1", "-p", &self.redis.port.to_string()])
+            .args(["-h", "127.0.0.1", "-p", &port.to_string()])
             .args(["-q", "--csv"])
             .args(command)
             .output()
             .context("cannot run redis-benchmark")?;
-        let cpu_after = CpuMark::take(counters[0].pid, self.syncer_pid()?);
+        let cpu_after = CpuMark::take(&pids, self.syncer_pid()?);
         let after = self.counters().await?;
         let text = String::from_utf8_lossy(&output.stdout);
         ensure!(output.status.success(), "redis-benchmark failed: {text}");
+        let per_node = Self::costs_since(&counters, &after);
         Ok(RunFigures {
             calls_per_s: redis_benchmark_rate(&text)?,
-            redis: Self::cost_since(&counters, &after),
+            redis: RedisCost::sum(&per_node),
+            per_node,
             cores: cpu.cores_until(&cpu_after),
         })
     }
@@ -407,6 +523,7 @@ impl Bench {
     async fn direct(&mut self, args: &Args, size: usize, calls: u64) -> anyhow::Result<Measured> {
         let goods = self.keys.goods(GOODS);
         let keys = goods.deduct_script_keys();
+        let flat = self.flat.clone();
         let mut command: Vec<String> = vec![
             "-c".into(),
             args.direct_clients.to_string(),
@@ -425,16 +542,16 @@ impl Bench {
         for _ in 0..size {
             command.extend(["u__rand_int__", "1", "r__rand_int__"].map(String::from));
         }
-        let seq_before = self.sale_seq().await?;
+        let seq_before = self.sale_seq(&flat).await?;
         let run = self.redis_benchmark(&command).await?;
-        let decided = self.sale_seq().await? - seq_before;
+        let decided = self.sale_seq(&flat).await? - seq_before;
         let attempts = calls * size as u64;
         // Random ids from 10^9 may meet twice in a run: a repeated buyer is refused.
         ensure!(
             decided * 100 >= attempts * 99,
             "the deduct script granted {decided} of {attempts} attempts"
         );
-        self.reset().await?;
+        self.reset(&flat).await?;
         let rate = run.calls_per_s * decided as f64 / calls as f64;
         Ok(run.measured(
             Side::Direct(size),
@@ -445,32 +562,54 @@ impl Bench {
         ))
     }
 
-    /// The sale's order sequence: one per unit the deduct script granted.
-    async fn sale_seq(&mut self) -> anyhow::Result<u64> {
-        let goods = self.keys.goods(GOODS);
-        let sale = goods.deduct_script_keys()[0].to_owned();
-        self.get_u64(redis::cmd("HGET").arg(sale).arg("seq").clone())
-            .await
+    /// The goods' order sequence: one per unit the deduct script granted (a sharded goods:
+    /// the sum of its shards' own sequences).
+    async fn sale_seq(&mut self, target: &Target) -> anyhow::Result<u64> {
+        let mut total = 0;
+        for (key_id, node) in &target.parts {
+            let sale = self.keys.goods(key_id).sale;
+            let value: Option<u64> = redis::cmd("HGET")
+                .arg(sale)
+                .arg("seq")
+                .query_async(&mut self.nodes[*node].conn)
+                .await?;
+            total += value.unwrap_or(0);
+        }
+        Ok(total)
     }
 
-    /// wrk through the batch endpoint for `seconds`, `size` attempts per call.
-    async fn batch(&mut self, args: &Args, size: usize, seconds: u64) -> anyhow::Result<Measured> {
+    /// The goods a side measures.
+    fn target(&self, side: Side) -> anyhow::Result<Target> {
+        match side {
+            Side::Sharded(_) => self.sharded.clone().context("no sharded goods"),
+            _ => Ok(self.flat.clone()),
+        }
+    }
+
+    /// wrk through the batch endpoint for `seconds`: `side` is `Batch(size)` or
+    /// `Sharded(size)`, `size` attempts per call.
+    async fn batch(&mut self, args: &Args, side: Side, seconds: u64) -> anyhow::Result<Measured> {
+        let size = match side {
+            Side::Batch(size) | Side::Sharded(size) => size,
+            _ => anyhow::bail!("{side:?} is not measured through the batch endpoint"),
+        };
+        let target = self.target(side)?;
         self.run += 1;
         let script = self.scratch.path.join(format!("batch-{}.lua", self.run));
-        std::fs::write(&script, batch_script(size, self.run))?;
+        std::fs::write(&script, batch_script(&target.goods, size, self.run))?;
         let url = format!("{}{}", self.syncer.url(), seckill_api::DEDUCT_BATCH_PATH);
-        let seq_before = self.sale_seq().await?;
+        let seq_before = self.sale_seq(&target).await?;
         let counters = self.counters().await?;
-        let (redis_pid, syncer_pid) = (counters[0].pid, self.syncer_pid()?);
-        let cpu = CpuMark::take(redis_pid, syncer_pid);
+        let (redis_pids, syncer_pid) = (Self::pids(&counters), self.syncer_pid()?);
+        let cpu = CpuMark::take(&redis_pids, syncer_pid);
         let connections = args.connections;
         let (report, text) = tokio::task::spawn_blocking(move || {
             wrk::run_with_output(&url, &script, 1, connections, Duration::from_secs(seconds))
         })
         .await??;
-        let cpu_after = CpuMark::take(redis_pid, syncer_pid);
+        let cpu_after = CpuMark::take(&redis_pids, syncer_pid);
         // Calls wrk stopped waiting for are still decided: count Redis once it is quiet.
-        let seq_after = self.quiet_seq().await?;
+        let seq_after = self.quiet_seq(&target).await?;
         let after = self.counters().await?;
         ensure!(
             report.non_2xx == 0 && report.socket_errors == 0,
@@ -495,10 +634,11 @@ impl Bench {
             "{} calls of {size} answered {answered} attempts",
             report.requests
         );
-        self.reset().await?;
+        self.reset(&target).await?;
         let (redis_cores, syncer_cores, load_cores, other_cores) = cpu.cores_until(&cpu_after);
+        let per_node = Self::costs_since(&counters, &after);
         Ok(Measured {
-            side: Side::Batch(size),
+            side,
             decisions: won,
             // wrk's own rate times the share of attempts that won (all, unless something went
             // wrong, which `not_won` shows).
@@ -508,7 +648,8 @@ impl Bench {
             not_won: answered - won,
             p50_ms: report.p50_ms,
             p99_ms: report.p99_ms,
-            redis: Self::cost_since(&counters, &after),
+            redis: RedisCost::sum(&per_node),
+            per_node,
             redis_cores,
             syncer_cores,
             load_cores,
@@ -517,13 +658,13 @@ impl Bench {
     }
 
     /// The sale's sequence once it has stopped moving (bounded: 5 s).
-    async fn quiet_seq(&mut self) -> anyhow::Result<u64> {
+    async fn quiet_seq(&mut self, target: &Target) -> anyhow::Result<u64> {
         let deadline = Instant::now() + Duration::from_secs(5);
-        let mut last = self.sale_seq().await?;
+        let mut last = self.sale_seq(target).await?;
         while Instant::now() < deadline {
             // The batcher's last calls finish within a Redis call timeout; poll until then.
             tokio::time::sleep(Duration::from_millis(100)).await;
-            let now = self.sale_seq().await?;
+            let now = self.sale_seq(target).await?;
             if now == last {
                 return Ok(now);
             }
@@ -535,39 +676,69 @@ impl Bench {
     /// Forgets every buyer, request, reservation and outbox entry of the run (the sale hash
     /// stays, stock still high), so each run starts from the same small state, and waits until
     /// Redis has freed them in the background.
-    async fn reset(&mut self) -> anyhow::Result<()> {
-        let goods = self.keys.goods(GOODS);
-        let keys: Vec<String> = goods.deduct_script_keys()[1..]
-            .iter()
-            .map(|k| k.to_string())
-            .collect();
-        let conn = &mut self.nodes[0].conn;
-        redis::cmd("UNLINK")
-            .arg(&keys)
-            .query_async::<()>(conn)
-            .await?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            let memory: String = redis::cmd("INFO").arg("memory").query_async(conn).await?;
-            let pending = memory
-                .lines()
-                .find_map(|l| l.trim().strip_prefix("lazyfree_pending_objects:"))
-                .and_then(|v| v.parse::<u64>().ok())
-                .unwrap_or(0);
-            if pending == 0 {
-                return Ok(());
-            }
-            // Redis frees in a background thread; poll it, bounded by the deadline.
-            tokio::time::sleep(Duration::from_millis(100)).await;
+    async fn reset(&mut self, target: &Target) -> anyhow::Result<()> {
+        let mut touched = Vec::new();
+        for (key_id, node) in &target.parts {
+            let keys: Vec<String> = self.keys.goods(key_id).deduct_script_keys()[1..]
+                .iter()
+                .map(|k| k.to_string())
+                .collect();
+            redis::cmd("UNLINK")
+                .arg(&keys)
+                .query_async::<()>(&mut self.nodes[*node].conn)
+                .await?;
+            touched.push(*node);
         }
-        anyhow::bail!("redis did not free the run's keys within 30 s")
+        let deadline = Instant::now() + Duration::from_secs(30);
+        for node in touched {
+            let conn = &mut self.nodes[node].conn;
+            loop {
+                let memory: String = redis::cmd("INFO").arg("memory").query_async(conn).await?;
+                let pending = memory
+                    .lines()
+                    .find_map(|l| l.trim().strip_prefix("lazyfree_pending_objects:"))
+                    .and_then(|v| v.parse::<u64>().ok())
+                    .unwrap_or(0);
+                if pending == 0 {
+                    break;
+                }
+                ensure!(
+                    Instant::now() < deadline,
+                    "redis did not free the run's keys within 30 s"
+                );
+                // Redis frees in a background thread; poll it, bounded by the deadline.
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+        Ok(())
     }
 }
 
-/// The wrk script: `size` attempts per call for goods `hot`, each a new buyer and request id
-/// (run, thread, counter), and the answers counted. Its `done()` prints `seckill-won N` (answers
+/// Sets the seed's stock key and loads the seed's script and the project's deduct script on
+/// the private server: their SHAs.
+async fn load_seed(conn: &mut MultiplexedConnection) -> anyhow::Result<(String, String)> {
+    redis::cmd("SET")
+        .arg(SEED_KEYS[0])
+        .arg(STOCK)
+        .query_async::<()>(conn)
+        .await?;
+    let seed_sha: String = redis::cmd("SCRIPT")
+        .arg("LOAD")
+        .arg(SEED_SCRIPT)
+        .query_async(conn)
+        .await?;
+    let deduct_sha: String = redis::cmd("SCRIPT")
+        .arg("LOAD")
+        .arg(seckill_syncer::scripts::DEDUCT)
+        .query_async(conn)
+        .await?;
+    Ok((seed_sha, deduct_sha))
+}
+
+/// The wrk script: `size` attempts per call for `goods`, each a new buyer and request id (run,
+/// thread, counter), and the answers counted. Its `done()` prints `seckill-won N` (answers
 /// `won`) and `seckill-answered N` (answers with an outcome).
-fn batch_script(size: usize, run: u64) -> String {
+fn batch_script(goods: &str, size: usize, run: u64) -> String {
     r#"
 wrk.method = "POST"
 wrk.headers["content-type"] = "application/json"
@@ -606,7 +777,7 @@ function done(summary, latency, requests)
 end
 "#
     .replace("SECRET", SECRET)
-    .replace("GOODS", GOODS)
+    .replace("GOODS", goods)
     .replace("SIZE", &size.to_string())
     .replace("RUN", &format!("b{run}"))
 }
@@ -637,17 +808,17 @@ fn median(values: impl Iterator<Item = f64>) -> f64 {
 fn of(rounds: &[Vec<Measured>], side: Side) -> Vec<Measured> {
     rounds
         .iter()
-        .flat_map(|r| r.iter().filter(|m| m.side == side).copied())
+        .flat_map(|r| r.iter().filter(|m| m.side == side).cloned())
         .collect()
 }
 
-/// Within each round, `side`'s decisions/s over the seed's.
-fn ratios(rounds: &[Vec<Measured>], side: Side) -> Vec<f64> {
+/// Within each round, `side`'s decisions/s over `base`'s.
+fn ratios(rounds: &[Vec<Measured>], side: Side, base: Side) -> Vec<f64> {
     rounds
         .iter()
         .filter_map(|r| {
             let rate = |s: Side| r.iter().find(|m| m.side == s).map(|m| m.decisions_per_s);
-            Some(rate(side)? / rate(Side::Seed)?)
+            Some(rate(side)? / rate(base)?)
         })
         .collect()
 }
@@ -657,7 +828,32 @@ fn label(side: Side) -> String {
         Side::Seed => "seed script, redis-benchmark".into(),
         Side::Direct(size) => format!("deduct script direct, {size} per call"),
         Side::Batch(size) => format!("batch endpoint, {size} per call"),
+        Side::Sharded(size) => format!("batch endpoint, sharded goods, {size} per call"),
     }
+}
+
+/// A row of the rates table: `side`'s median decisions/s, every run's decisions answered and
+/// counted in Redis, the latency per call (the endpoint's sides), and the cores each part used.
+fn rate_row(side: Side, runs: &[Measured]) -> String {
+    let m = |f: &dyn Fn(&Measured) -> f64| median(runs.iter().map(f));
+    let latency = match side {
+        Side::Seed | Side::Direct(_) => "| |".to_owned(),
+        Side::Batch(_) | Side::Sharded(_) => {
+            format!("{:.2} ms | {:.2} ms |", m(&|x| x.p50_ms), m(&|x| x.p99_ms))
+        }
+    };
+    format!(
+        "| {} | {:.0} | {} / {} | {} {:.2} | {:.2} | {:.2} | {:.2} |\n",
+        label(side),
+        m(&|x| x.decisions_per_s),
+        runs.iter().map(|x| x.decisions).sum::<u64>(),
+        runs.iter().map(|x| x.redis_decisions).sum::<u64>(),
+        latency,
+        m(&|x| x.redis_cores),
+        m(&|x| x.syncer_cores),
+        m(&|x| x.load_cores),
+        m(&|x| x.other_cores),
+    )
 }
 
 fn render(args: &Args, seed_calls: u64, rounds: &[Vec<Measured>]) -> String {
@@ -667,10 +863,10 @@ fn render(args: &Args, seed_calls: u64, rounds: &[Vec<Measured>]) -> String {
     let sides = sides(args);
     let mut ratio_rows = String::new();
     for &side in &sides[1..] {
-        let per_round = ratios(rounds, side);
+        let per_round = ratios(rounds, side, Side::Seed);
         let listed: Vec<String> = per_round.iter().map(|r| format!("{r:.2}x")).collect();
         let goal = match side {
-            Side::Batch(_) => "at least 3x",
+            Side::Batch(_) | Side::Sharded(_) => "at least 3x",
             _ => "reference: Redis's part of the endpoint alone",
         };
         ratio_rows.push_str(&format!(
@@ -706,22 +902,7 @@ fn render(args: &Args, seed_calls: u64, rounds: &[Vec<Measured>]) -> String {
     for &side in &sides {
         let runs = of(rounds, side);
         let m = |f: &dyn Fn(&Measured) -> f64| median(runs.iter().map(f));
-        let latency = match side {
-            Side::Seed | Side::Direct(_) => "| |".to_owned(),
-            Side::Batch(_) => format!("{:.2} ms | {:.2} ms |", m(&|x| x.p50_ms), m(&|x| x.p99_ms)),
-        };
-        rate_rows.push_str(&format!(
-            "| {} | {:.0} | {} / {} | {} {:.2} | {:.2} | {:.2} | {:.2} |\n",
-            label(side),
-            m(&|x| x.decisions_per_s),
-            runs.iter().map(|x| x.decisions).sum::<u64>(),
-            runs.iter().map(|x| x.redis_decisions).sum::<u64>(),
-            latency,
-            m(&|x| x.redis_cores),
-            m(&|x| x.syncer_cores),
-            m(&|x| x.load_cores),
-            m(&|x| x.other_cores),
-        ));
+        rate_rows.push_str(&rate_row(side, &runs));
         let cpu_us = m(&|x| x.redis.cpu_usec_per_decision(x.redis_decisions));
         cost_rows.push_str(&format!(
             "| {} | {:.1} | {:.2} | {:.2} | {:.0} |\n",
