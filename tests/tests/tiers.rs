@@ -84,32 +84,19 @@ async fn buy(stack: &Stack, goods: &str, user: &str, request_id: &str) -> Answer
 }
 
 async fn buy_once(stack: &Stack, goods: &str, user: &str, request_id: &str) -> Answer {
-    let response = stack
+    let request = stack
         .http
         .post(format!("{}/seckill/{goods}/buy", stack.envoy.url()))
         .header("x-user-id", user)
-        .header("x-request-id", request_id)
-        .send()
-        .await
-        .unwrap();
-    let header = |name: &str| {
-        response
-            .headers()
-            .get(name)
-            .and_then(|v| v.to_str().ok())
-            .map(str::to_owned)
-    };
-    let outcome = header("x-seckill-outcome").unwrap_or_default();
-    let order_id = header(seckill_api::ORDER_ID_HEADER);
-    let status = response.status().as_u16();
-    let text = response.text().await.unwrap();
+        .header("x-request-id", request_id);
+    let answer = seckill_e2e::stack::send(request).await.unwrap();
     Answer {
         user: user.to_owned(),
         request_id: request_id.to_owned(),
-        status,
-        outcome,
-        order_id,
-        body: serde_json::from_str(&text).unwrap_or(Value::String(text)),
+        status: answer.status,
+        outcome: answer.outcome,
+        order_id: answer.order_id,
+        body: answer.body,
     }
 }
 
