@@ -66,6 +66,40 @@ if ! redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null 2>&1; then
   redis-cli -h 127.0.0.1 -p 6379 ping >/dev/null || { echo "redis did not start" >&2; exit 1; }
 fi
 
+# 5b. A local Redis Cluster of three masters on 127.0.0.1:7000-7002, for trying the sharded
+#     tier by hand (`--redis-url redis+cluster://127.0.0.1:7000,127.0.0.1:7001,127.0.0.1:7002`).
+#     The tests start private clusters of their own on free ports, so nothing they do meets
+#     what an operator left here.
+CLUSTER_PORTS=(7000 7001 7002)
+cluster_ok() { redis-cli -h 127.0.0.1 -p "${CLUSTER_PORTS[0]}" cluster info 2>/dev/null | grep -q '^cluster_state:ok'; }
+if ! cluster_ok; then
+  say "starting a 3-master Redis Cluster on 127.0.0.1:${CLUSTER_PORTS[0]}-${CLUSTER_PORTS[2]}"
+  for port in "${CLUSTER_PORTS[@]}"; do
+    if ! redis-cli -h 127.0.0.1 -p "$port" ping >/dev/null 2>&1; then
+      as_root mkdir -p "/var/lib/redis-cluster/$port" /var/log/redis
+      as_root redis-server --daemonize yes --bind 127.0.0.1 --port "$port" --save "" \
+        --appendonly no --cluster-enabled yes --cluster-config-file nodes.conf \
+        --dir "/var/lib/redis-cluster/$port" --logfile "/var/log/redis/seckill-cluster-$port.log"
+    fi
+  done
+  for port in "${CLUSTER_PORTS[@]}"; do
+    for _ in $(seq 1 100); do redis-cli -h 127.0.0.1 -p "$port" ping >/dev/null 2>&1 && break; sleep 0.1; done
+    redis-cli -h 127.0.0.1 -p "$port" ping >/dev/null || { echo "redis-server :$port did not start" >&2; exit 1; }
+  done
+  # A node that already knows other nodes (a half-made cluster from an earlier run) is reset
+  # first: --cluster create joins only empty nodes.
+  if ! cluster_ok; then
+    for port in "${CLUSTER_PORTS[@]}"; do
+      redis-cli -h 127.0.0.1 -p "$port" flushall >/dev/null
+      redis-cli -h 127.0.0.1 -p "$port" cluster reset hard >/dev/null
+    done
+    redis-cli --cluster create $(printf '127.0.0.1:%s ' "${CLUSTER_PORTS[@]}") \
+      --cluster-replicas 0 --cluster-yes >/dev/null
+  fi
+  for _ in $(seq 1 100); do cluster_ok && break; sleep 0.1; done
+  cluster_ok || { echo "the Redis Cluster on :${CLUSTER_PORTS[0]} did not come up" >&2; exit 1; }
+fi
+
 # 6. MariaDB on 127.0.0.1:3306, with an account for the gate that works over TCP (Debian's
 #    root account authenticates by Unix socket only).
 if ! mariadb-admin --protocol=socket -u root status >/dev/null 2>&1; then
@@ -90,4 +124,4 @@ FLUSH PRIVILEGES;
 SQL
 fi
 
-say "ready: Envoy $ENVOY_VERSION, wasm32-wasip1, Tansu $TANSU_VERSION, Redis, MariaDB ($MYSQL_USER@127.0.0.1:3306)"
+say "ready: Envoy $ENVOY_VERSION, wasm32-wasip1, Tansu $TANSU_VERSION, Redis, a Redis Cluster (:7000-7002), MariaDB ($MYSQL_USER@127.0.0.1:3306)"

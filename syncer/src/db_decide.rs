@@ -7,7 +7,9 @@
 //!
 //! Order ids are `goods.epoch.seq` like Redis's, under an epoch MySQL took for itself (a db
 //! tier's preheat, or the fallback's entry), with `sales.db_seq` as the sequence: no id Redis
-//! handed out can come back.
+//! handed out can come back. For a `redis_sharded` goods in fallback the sequence also names
+//! the buyer's home shard (`seq = shard (mod shards)`, as its shards issue them), so once it is
+//! re-seeded each order's records sit where its buyer's count and retries are.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -46,6 +48,20 @@ pub struct SaleView {
     pub epoch: u64,
     /// The last sequence number handed out under `epoch`.
     pub seq: u64,
+    /// The goods' shards (1: unsharded): each order's sequence names its buyer's home shard.
+    pub shards: u32,
+}
+
+/// The next sequence after `last` for a buyer: the next one at all, or for a sharded goods the
+/// next that names the buyer's home shard (up to `shards - 1` numbers are skipped).
+fn next_sequence(last: u64, shards: u32, user_id: &str) -> u64 {
+    let next = last + 1;
+    if shards <= 1 {
+        return next;
+    }
+    let shards = u64::from(shards);
+    let home = u64::from(crate::keys::home_shard(user_id, shards as u32));
+    next + (home + shards - next % shards) % shards
 }
 
 /// An earlier order of a request id (the latest of the round).
@@ -154,7 +170,7 @@ fn decide_one(
     if sale.available < quantity as i64 {
         return reply(Outcome::SoldOut, None, sale.available);
     }
-    sale.seq += 1;
+    sale.seq = next_sequence(sale.seq, sale.shards, &attempt.user_id);
     sale.available -= quantity as i64;
     decided.granted += quantity as i64;
     let order_id = format!("{}.{}.{}", sale.goods_id, sale.epoch, sale.seq);
@@ -201,7 +217,7 @@ pub async fn decide_batch(
     let mut tx = pool.begin().await?;
     let row = sqlx::query(
         "SELECT stock, holdback, per_user_limit, starts_at, ends_at, epoch, db_seq, round_epoch,
-           tier, mode
+           tier, mode, shards
          FROM sales WHERE goods_id = ? FOR UPDATE",
     )
     .bind(goods_id)
@@ -241,6 +257,7 @@ pub async fn decide_batch(
         end_ms: ms(row.try_get("ends_at")?),
         epoch,
         seq: row.try_get("db_seq")?,
+        shards: u32::from(row.try_get::<Option<u8>, _>("shards")?.unwrap_or(1)).max(1),
     };
     let (mut priors, mut held) = read_history(&mut tx, goods_id, attempts, round_epoch).await?;
     let now = Utc::now();
@@ -396,6 +413,7 @@ mod tests {
             end_ms: 10_000,
             epoch: 7,
             seq: 0,
+            shards: 1,
         }
     }
 
@@ -551,5 +569,30 @@ mod tests {
         assert_eq!(in_round("g.3.5", 2), Some((3, 5)));
         assert_eq!(in_round("g.2.5", 2), None);
         assert_eq!(in_round("junk", 0), None);
+    }
+
+    #[test]
+    fn a_sharded_goods_sequences_name_each_buyers_home_shard() {
+        let mut s = sale(100, 1);
+        s.shards = 3;
+        let (mut priors, mut held) = (HashMap::new(), HashMap::new());
+        let attempts: Vec<_> = (0..30)
+            .map(|i| attempt(&format!("u{i}"), 1, &format!("r{i}")))
+            .collect();
+        let decided = decide(&mut s, &mut priors, &mut held, &attempts, 5_000);
+        let mut last = 0;
+        for (a, order) in attempts.iter().zip(&decided.orders) {
+            let (_, _, seq) = order_parts(&order.order_id).unwrap();
+            assert!(seq > last, "{seq} after {last}: sequences only grow");
+            assert!(seq - last <= 3, "at most two skipped");
+            assert_eq!(
+                crate::keys::shard_of_sequence(seq, 3),
+                crate::keys::home_shard(&a.user_id, 3),
+                "{}",
+                order.order_id
+            );
+            last = seq;
+        }
+        assert_eq!(s.seq, last);
     }
 }

@@ -156,7 +156,7 @@ impl From<ReseedError> for AppError {
             ReseedError::NoSale(_) => AppError::NotFound(e.to_string()),
             ReseedError::Live(_)
             | ReseedError::DbTier(_)
-            | ReseedError::Sharded(_)
+            | ReseedError::Disagrees { .. }
             | ReseedError::Outbox { .. }
             | ReseedError::TooManyOrders { .. }
             | ReseedError::Superseded { .. } => AppError::Conflict(e.to_string()),

@@ -72,9 +72,9 @@ impl GoodsKeys {
     }
 
     /// `lua/reseed.lua`: preheat's first nine keys, then the outbox.
-    pub fn reseed_script_keys(&self) -> [&str; 10] {
-        let [a, b, c, d, e, f, g, h, i, _, _] = self.preheat_script_keys();
-        [a, b, c, d, e, f, g, h, i, &self.outbox]
+    pub fn reseed_script_keys(&self) -> [&str; 12] {
+        let [a, b, c, d, e, f, g, h, i, j, k] = self.preheat_script_keys();
+        [a, b, c, d, e, f, g, h, i, &self.outbox, j, k]
     }
 
     /// `lua/transfer.lua` on the shard that gives units up (take, done, pending).
@@ -189,6 +189,16 @@ pub const SHARD_SEPARATOR: char = '~';
 /// holds for it (the relay, the sweeper and reconcile walk every shard).
 pub fn shard_id(goods_id: &str, shard: u32) -> String {
     format!("{goods_id}{SHARD_SEPARATOR}{shard}")
+}
+
+/// The key ids a goods' records live under: its own, or one per shard of a `redis_sharded`
+/// goods of `shards` shards.
+pub fn key_ids(goods_id: &str, shards: u32) -> Vec<String> {
+    if shards > 1 {
+        (0..shards).map(|shard| shard_id(goods_id, shard)).collect()
+    } else {
+        vec![goods_id.to_owned()]
+    }
 }
 
 /// The goods and shard of a key id: `("G", Some(2))` for `G~2`, `("G", None)` for `G`.

@@ -106,13 +106,7 @@ pub async fn preheat(
         }
     }
     // One keyspace, or one per shard (`shard.rs`).
-    let key_ids: Vec<String> = if shards > 1 {
-        (0..shards)
-            .map(|s| crate::keys::shard_id(goods_id, s))
-            .collect()
-    } else {
-        vec![goods_id.to_owned()]
-    };
+    let key_ids = crate::keys::key_ids(goods_id, shards);
     // The epoch this Redis last loaded, if it remembers one: a database from before durable
     // epochs may be behind it.
     let mut floor = 0;
@@ -125,10 +119,7 @@ pub async fn preheat(
     let script = redis::Script::new(crate::scripts::PREHEAT);
     // Each shard takes its part of the stock and of the fleet-wide rate.
     let stock = crate::shard::split_stock(sale.total_stock, shards);
-    let rate = sale.fleet_rate.map(|r| crate::sale::FleetRate {
-        per_second: (r.per_second / shards).max(1),
-        burst: (r.burst / shards).max(1),
-    });
+    let rate = sale.fleet_rate.map(|r| r.per_shard(shards));
     let (interval, tolerance) = rate.map_or((0.0, 0.0), |r| r.gcra_ms());
     // Shard by shard: each is its own slot. A preheat that stops half way leaves MySQL's
     // loaded epoch behind, so no shard is trusted until a preheat loads them all.

@@ -263,8 +263,8 @@ impl Reconciler {
                 })
                 .await?;
         }
-        // A sharded goods MySQL decides (its shards fenced, not re-seeded) is MySQL's alone
-        // until its sale ends: the shards' counters are a stale copy, not compared.
+        // A sharded goods MySQL decides (its shards fenced until it is re-seeded) is MySQL's
+        // alone: the shards' counters are a stale copy, not compared.
         let in_mysql: Option<String> = if shards.is_empty() {
             None
         } else {
@@ -313,7 +313,7 @@ impl Reconciler {
             shards,
             note: in_mysql.map(|mode| {
                 format!(
-                    "mode {mode}: MySQL decides this sharded goods until its sale ends; its \
+                    "mode {mode}: MySQL decides this sharded goods until it is re-seeded; its \
                      fenced shards are not compared"
                 )
             }),

@@ -77,8 +77,8 @@ impl Recoverer {
     /// it; redefined as db: its preheat removed both) is left out.
     async fn restore_index(&self) {
         let mut loaded = self.directory.loaded_in_redis();
-        // A sharded goods MySQL decides keeps its fenced shards (it is not re-seeded): their
-        // outboxes must still reach MySQL.
+        // A sharded goods MySQL decides keeps its fenced shards until its re-seed: their
+        // outboxes must reach MySQL first (the re-seed waits for them).
         loaded.extend(
             self.directory
                 .not_in_redis()
@@ -99,7 +99,7 @@ impl Recoverer {
         // A sharded goods is indexed by its shards.
         let key_ids = loaded
             .into_iter()
-            .flat_map(|(goods_id, route)| key_ids(&goods_id, route.shards));
+            .flat_map(|(goods_id, route)| crate::keys::key_ids(&goods_id, route.shards));
         for goods_id in key_ids {
             if members.contains(&goods_id) {
                 continue;
@@ -131,11 +131,6 @@ impl Recoverer {
     /// Re-seeds every goods in fallback (or stopped switching).
     async fn return_to_redis(&self) {
         for (goods_id, route) in self.directory.not_in_redis() {
-            // Not re-seeded (`reseed.rs` loads one keyspace): MySQL decides a sharded goods
-            // that moved there until its sale ends (README, "the redis_sharded tier").
-            if route.shards > 1 {
-                continue;
-            }
             let old_epoch = route.loaded_epoch;
             let result = reseed::reseed(
                 &self.redis,
@@ -149,7 +144,7 @@ impl Recoverer {
             match result {
                 Ok(reseeded) => {
                     metrics::counter!("seckill_fallback_exited_total").increment(1);
-                    self.count_lost(&goods_id, old_epoch).await;
+                    self.count_lost(&goods_id, old_epoch, route.shards).await;
                     tracing::info!(
                         goods_id,
                         epoch = reseeded.epoch,
@@ -170,21 +165,28 @@ impl Recoverer {
 
     /// Orders this syncer saw Redis hand out under the epoch it replaced that never reached
     /// MySQL, after the drain: lost with the Redis that forgot them (see the README).
-    async fn count_lost(&self, goods_id: &str, old_epoch: u64) {
-        match fallback::mysql_max_seq(&self.mysql, goods_id, old_epoch).await {
-            Ok(max_seq) => {
-                let (units, orders) = self.watch.unseen(goods_id, old_epoch, max_seq);
-                if orders > 0 {
-                    metrics::counter!("seckill_redis_lost_orders_total").increment(orders);
-                    tracing::error!(
-                        goods_id,
-                        orders,
-                        units,
-                        "orders answered `won` by a Redis that then forgot them never reached MySQL"
-                    );
+    /// A sharded goods is watched per shard (each issues its own sequences).
+    async fn count_lost(&self, goods_id: &str, old_epoch: u64, shards: u32) {
+        for (index, key_id) in crate::keys::key_ids(goods_id, shards).iter().enumerate() {
+            let shard = (shards > 1).then_some((index as u32, shards));
+            match fallback::mysql_max_seq_in(&self.mysql, goods_id, old_epoch, shard).await {
+                Ok(max_seq) => {
+                    let (units, orders) = self.watch.unseen(key_id, old_epoch, max_seq);
+                    if orders > 0 {
+                        metrics::counter!("seckill_redis_lost_orders_total").increment(orders);
+                        tracing::error!(
+                            goods_id,
+                            key_id,
+                            orders,
+                            units,
+                            "orders answered `won` by a Redis that then forgot them never \
+                             reached MySQL"
+                        );
+                    }
                 }
+                Err(e) => tracing::warn!(goods_id, error = %e, "could not count lost orders"),
             }
-            Err(e) => tracing::warn!(goods_id, error = %e, "could not count lost orders"),
+            self.watch.forget(key_id);
         }
         self.watch.forget(goods_id);
     }
@@ -200,7 +202,7 @@ impl Recoverer {
         {
             // A sharded goods forgot if any of its shards did.
             let mut forgot = false;
-            for key_id in key_ids(&goods_id, route.shards) {
+            for key_id in crate::keys::key_ids(&goods_id, route.shards) {
                 let sale = self.keys.goods(&key_id).sale;
                 let mut command = redis::cmd("HMGET");
                 command.arg(&sale).arg("epoch").arg("fenced");
@@ -223,16 +225,5 @@ impl Recoverer {
                 }
             }
         }
-    }
-}
-
-/// The ids a goods' keys are named by: its own, or its shards'.
-fn key_ids(goods_id: &str, shards: u32) -> Vec<String> {
-    if shards > 1 {
-        (0..shards)
-            .map(|shard| crate::keys::shard_id(goods_id, shard))
-            .collect()
-    } else {
-        vec![goods_id.to_owned()]
     }
 }

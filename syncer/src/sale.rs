@@ -85,6 +85,15 @@ impl FleetRate {
         let interval = 1_000.0 / f64::from(self.per_second.max(1));
         (interval, interval * f64::from(self.burst.max(1) - 1))
     }
+
+    /// One shard's part of the rate (a `redis_sharded` goods' shards each enforce theirs).
+    pub fn per_shard(self, shards: u32) -> FleetRate {
+        let shards = shards.max(1);
+        FleetRate {
+            per_second: (self.per_second / shards).max(1),
+            burst: (self.burst / shards).max(1),
+        }
+    }
 }
 
 /// What the admin API accepts to define a sale.

@@ -547,8 +547,38 @@ async fn sell_until_sold_out(
     panic!("not sold out after {max} buyers")
 }
 
+/// What buyers were told: the buyer of each order id, and each buyer's live order.
+#[derive(Default)]
+struct Ledger {
+    issued: HashMap<String, String>,
+    holds: HashMap<String, String>,
+}
+
+impl Ledger {
+    /// Records a `won`; an order id told twice, or a second live unit of a buyer, fails.
+    fn won(&mut self, answer: &Value, user: &str) -> String {
+        assert_eq!(answer["outcome"], "won", "{user}: {answer}");
+        let order = answer["order_id"].as_str().unwrap().to_owned();
+        assert!(
+            self.issued.insert(order.clone(), user.to_owned()).is_none(),
+            "order id {order} told twice"
+        );
+        let before = self.holds.insert(user.to_owned(), order.clone());
+        assert!(before.is_none(), "{user} holds {before:?} and won {order}");
+        order
+    }
+}
+
+/// Whether MySQL decides the goods now (its fallback), as the admin API says.
+async fn in_fallback(p: &Pipeline<RedisCluster>, goods: &str) -> bool {
+    let sale = p.admin().sale(goods).await.unwrap();
+    sale["definition"]["fallback"]
+        .as_bool()
+        .unwrap_or_else(|| panic!("{sale}"))
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-async fn a_master_lost_mid_sale_moves_the_sharded_goods_to_mysql_and_nothing_is_oversold() {
+async fn a_master_lost_mid_sale_moves_the_goods_to_mysql_and_back_to_its_shards() {
     const STOCK: u64 = 60;
     let mut p = Pipeline::start_on("sharded_master_lost", &[], &[], &[])
         .await
@@ -556,66 +586,138 @@ async fn a_master_lost_mid_sale_moves_the_sharded_goods_to_mysql_and_nothing_is_
     let _pipeline = p.spawn_relay_and_writer(100, 20).await.unwrap();
     let goods = goods_over_three_masters(&p.redis, &p.prefix, "lost").await;
     open_sharded(&p.admin(), &goods, STOCK).await;
-    let mut issued: HashMap<String, String> = HashMap::new();
+    let mut ledger = Ledger::default();
     for i in 0..30 {
         let user = format!("a-{i}");
-        let answer = attempt(&p, &goods, &user, &user).await;
-        assert_eq!(answer["outcome"], "won", "{answer}");
-        issued.insert(answer["order_id"].as_str().unwrap().to_owned(), user);
+        ledger.won(&attempt(&p, &goods, &user, &user).await, &user);
     }
     p.wait_for_rows(&goods, 30, DRAIN).await.unwrap();
 
-    // The master of shard 1 dies (SIGKILL), with no replica.
+    // The master of shard 1 dies (SIGKILL), with no replica. Buyers go on, patiently through
+    // 503s: the goods moves to MySQL, which sells what is left and never more.
     let lost = p
         .redis
         .kill_master_of(&format!("{}:{{{}}}:sale", p.prefix, shard_id(&goods, 1)))
         .await
         .unwrap();
-    // Buyers go on, patiently through 503s: the goods moves to MySQL, which sells what is
-    // left and never more.
-    let later = sell_until_sold_out(&p, &goods, "b", 100).await;
-    let sale = p.admin().sale(&goods).await.unwrap();
-    assert_eq!(
-        sale["definition"]["fallback"], true,
-        "decided by MySQL with master {lost} down: {sale}"
+    let mut in_mysql = Vec::new();
+    for i in 0..12 {
+        let user = format!("b-{i}");
+        in_mysql.push(ledger.won(&attempt(&p, &goods, &user, &user).await, &user));
+    }
+    assert!(
+        in_fallback(&p, &goods).await,
+        "decided by MySQL with master {lost} down"
     );
-    for (order, user) in later {
-        assert!(
-            issued.insert(order.clone(), user).is_none(),
-            "order id {order} told twice"
+    // MySQL's ids name each buyer's home shard, as a shard's would.
+    for order in &in_mysql {
+        assert_eq!(
+            shard_of(order),
+            home_shard(&ledger.issued[order], SHARDS),
+            "{order}"
         );
     }
-    let sold = issued.len() as u64;
-    assert!(sold <= STOCK, "{sold} sold of {STOCK}");
-    eprintln!("master {lost} down: {sold} of {STOCK} sold in all");
+    // In MySQL: one reservation confirmed, one cancelled (its unit back on sale).
+    let (confirmed, cancelled) = (in_mysql[0].clone(), in_mysql[1].clone());
+    assert_eq!(p.settle(&confirmed, "confirm").await.unwrap().0, 200);
+    assert_eq!(p.settle(&cancelled, "cancel").await.unwrap().0, 200);
+    ledger.holds.remove(&ledger.issued[&cancelled]);
 
-    // The master comes back empty: the goods stays with MySQL (a sharded goods is not
-    // re-seeded); the other shards' outboxes reach MySQL, one row per buyer told `won`, and
-    // MySQL's counters add up.
+    // The master comes back empty. The fenced shards' outboxes reach MySQL, then the goods
+    // is re-seeded shard by shard from MySQL and Redis decides it again.
     p.redis.restart_node(lost).await.unwrap();
-    p.wait_for_rows(&goods, sold as i64, DRAIN).await.unwrap();
+    wait_for("the goods back in Redis", DRAIN, || async {
+        Ok((!in_fallback(&p, &goods).await).then_some(()))
+    })
+    .await
+    .unwrap();
+    let shards = shards_of(&p, &goods).await;
+    let held = ledger.holds.len() as i64;
+    assert_eq!(
+        shards.iter().map(|s| s.0).sum::<i64>(),
+        STOCK as i64 - held,
+        "MySQL's available units, split over the shards: {shards:?}"
+    );
+    assert!(
+        shards
+            .iter()
+            .all(|s| (s.0 - (STOCK as i64 - held) / 3).abs() <= 1),
+        "split evenly: {shards:?}"
+    );
+
+    // What each shard loaded answers as before: a retry gets its order again (from Redis
+    // or from MySQL), a buyer holding a unit gets no second one, a cancelled order's retry
+    // is told so, and that buyer (limit 1, nothing held) may buy again.
+    let a0 = &ledger
+        .issued
+        .iter()
+        .find(|(_, u)| *u == "a-0")
+        .unwrap()
+        .0
+        .clone();
+    for (user, order) in [("a-0", a0), ("b-2", &in_mysql[2])] {
+        let again = attempt(&p, &goods, user, user).await;
+        assert_eq!(
+            (again["outcome"].as_str(), again["order_id"].as_str()),
+            (Some("won"), Some(order.as_str())),
+            "{user}: {again}"
+        );
+        let second = attempt(&p, &goods, user, &format!("{user}-again")).await;
+        assert_eq!(second["outcome"], "duplicate", "{user}: {second}");
+    }
+    let b1 = ledger.issued[&cancelled].clone();
+    let told = attempt(&p, &goods, &b1, &b1).await;
+    assert_eq!(told["outcome"], "released", "{told}");
+    let rebought = ledger.won(&attempt(&p, &goods, &b1, &format!("{b1}-again")).await, &b1);
+    assert!(
+        epoch_of(&rebought) > epoch_of(&in_mysql[0]),
+        "a new epoch: {rebought}"
+    );
+    // Reservations loaded into Redis end there: one from a shard, one from MySQL.
+    assert_eq!(p.settle(a0, "confirm").await.unwrap().0, 200);
+    let (status, body) = p.settle(&in_mysql[2], "cancel").await.unwrap();
+    assert_eq!(status, 200, "{body}");
+    ledger.holds.remove("b-2");
+    let (status, body) = p.settle(&confirmed, "cancel").await.unwrap();
+    assert_eq!(status, 409, "a confirmed order stays confirmed: {body}");
+
+    // The rest sells out exactly: every unit once, all shards to 0 together.
+    for (order, user) in sell_until_sold_out(&p, &goods, "c", 200).await {
+        assert!(
+            ledger.issued.insert(order.clone(), user.clone()).is_none(),
+            "{order} twice"
+        );
+        ledger.holds.insert(user, order);
+    }
+    assert_eq!(
+        ledger.holds.len() as u64,
+        STOCK,
+        "units held at the end: {:?}",
+        ledger.holds
+    );
+    assert_eq!(available(&shards_of(&p, &goods).await), [0, 0, 0]);
+
+    // MySQL: a row per order told, with its buyer; counters add up; reconcile clean.
+    p.wait_for_rows(&goods, ledger.issued.len() as i64, DRAIN)
+        .await
+        .unwrap();
     let rows: Vec<(String, String)> =
         sqlx::query_as("SELECT order_id, user_id FROM orders WHERE goods_id = ?")
             .bind(&goods)
             .fetch_all(&p.db.pool)
             .await
             .unwrap();
+    assert_eq!(rows.len(), ledger.issued.len());
     for (order, user) in &rows {
-        assert_eq!(issued.get(order), Some(user), "MySQL's row {order}");
+        assert_eq!(ledger.issued.get(order), Some(user), "MySQL's row {order}");
     }
-    let (stock, reserved, sold_rows, lapsed, total) = p.mysql_counters(&goods).await.unwrap();
+    let (stock, reserved, sold, lapsed, total) = p.mysql_counters(&goods).await.unwrap();
     assert_eq!(
-        (reserved, sold_rows, lapsed, total),
-        (sold as i64, 0, 0, STOCK as i64)
+        (stock, reserved + sold, lapsed, total),
+        (0, STOCK as i64, 0, STOCK as i64)
     );
-    assert_eq!(stock + reserved, total, "MySQL conserves the stock");
-    let sale = p.admin().sale(&goods).await.unwrap();
-    assert_eq!(
-        sale["definition"]["fallback"], true,
-        "still MySQL's: {sale}"
-    );
-    let (code, report) = p.reconcile(&["--goods", &goods]).unwrap();
-    assert_eq!(code, 0, "{report:#}");
+    assert_eq!(sold, 2, "two confirmed");
+    wait_for_clean_reconcile(&p, &goods).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]

@@ -2,13 +2,16 @@
 -- in this one call: no deduct or lifecycle call ever sees a half-loaded goods.
 -- KEYS: 1 sale hash, 2 users hash, 3 requests hash, 4 reservations hash, 5 epoch (the last
 --       one loaded here), 6 expiries sorted set, 7 settled hash, 8 unclaimed sorted set,
---       9 lapsed orders set, 10 outbox stream
+--       9 lapsed orders set, 10 outbox stream, 11 transfers out hash, 12 transfers in set
+--       (a shard's, `shard.rs`: moves of an earlier epoch never land in this one)
 -- ARGV: 1 epoch, 2 first epoch of the round (orders from it on count in these counters),
 --       3 total, 4 available, 5 reserved, 6 sold, 7 lapsed, 8 per-user limit, 9 start ms,
 --       10 end ms, 11 payment window ms, 12 the orders as JSON (see reseed.rs: users,
 --       requests, reservations, settled, lapsed; every value a string), 13 replace ("1":
 --       MySQL decided the goods meanwhile, and whatever Redis still holds of it is replaced),
---       14 and 15 the fleet-wide rate's GCRA interval and tolerance ms ("0": none), 16 the tier
+--       14 and 15 the fleet-wide rate's GCRA interval and tolerance ms ("0": none), 16 the tier,
+--       17 and 18 (optional) the shard count and this shard's index, for one shard of a
+--       redis_sharded goods (its part of the round: reseed.rs splits it)
 -- Reply: { "loaded", epoch }, { "stale", loaded epoch } when this Redis loaded that epoch or a
 -- later one, { "live", 0 } when Redis still has the sale (it did not forget), or
 -- { "outbox", length } when the outbox still holds events MySQL may not have.
@@ -27,7 +30,8 @@ if pending > 0 then
   return { 'outbox', pending }
 end
 local orders = cjson.decode(ARGV[12])
-redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[6], KEYS[7], KEYS[8], KEYS[9])
+redis.call('DEL', KEYS[1], KEYS[2], KEYS[3], KEYS[4], KEYS[6], KEYS[7], KEYS[8], KEYS[9],
+  KEYS[11], KEYS[12])
 redis.call('SET', KEYS[5], ARGV[1])
 -- { field, value } pairs into a hash.
 local function fill(hash, entries)
@@ -54,4 +58,7 @@ redis.call('HSET', KEYS[1],
   'window_ms', ARGV[11], 'epoch', ARGV[1], 'first_epoch', ARGV[2], 'seq', 0,
   'swept_ms', clock_ms(), 'rate_interval_ms', ARGV[14], 'rate_tolerance_ms', ARGV[15],
   'tier', ARGV[16])
+if ARGV[17] then
+  redis.call('HSET', KEYS[1], 'shards', ARGV[17], 'shard', ARGV[18])
+end
 return { 'loaded', epoch }
