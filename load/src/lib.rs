@@ -29,6 +29,90 @@ pub fn arrival_offset(index: u64, rate: f64, ramp: Duration) -> Duration {
     Duration::from_secs_f64(seconds.max(0.0))
 }
 
+/// One stage of a multi-stage arrival profile: the rate moves linearly from where the previous
+/// stage ended (0 before the first) to `rate` over `over` (k6's `stages`).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Stage {
+    pub rate: f64,
+    pub over: Duration,
+}
+
+impl std::str::FromStr for Stage {
+    type Err = String;
+
+    /// `RATE:SECONDS`, e.g. `5000:10` (to 5,000/s over 10 s).
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let (rate, seconds) = text
+            .split_once(':')
+            .ok_or_else(|| format!("stage {text:?}: expected RATE:SECONDS, e.g. 5000:10"))?;
+        let rate: f64 = rate
+            .trim()
+            .parse()
+            .map_err(|_| format!("stage {text:?}: rate {rate:?} is not a number"))?;
+        let seconds: f64 = seconds
+            .trim()
+            .parse()
+            .map_err(|_| format!("stage {text:?}: seconds {seconds:?} is not a number"))?;
+        if !(rate.is_finite() && (0.0..=STAGE_RATE_MAX).contains(&rate)) {
+            return Err(format!(
+                "stage {text:?}: the rate must be 0 to {STAGE_RATE_MAX}/s"
+            ));
+        }
+        if !(seconds.is_finite() && seconds > 0.0 && seconds <= STAGE_SECONDS_MAX) {
+            return Err(format!(
+                "stage {text:?}: the seconds must be above 0 and at most {STAGE_SECONDS_MAX}"
+            ));
+        }
+        Ok(Stage {
+            rate,
+            over: Duration::from_secs_f64(seconds),
+        })
+    }
+}
+
+/// Bounds of one stage: a mistyped stage must not schedule years of load.
+pub const STAGE_RATE_MAX: f64 = 10_000_000.0;
+pub const STAGE_SECONDS_MAX: f64 = 86_400.0;
+
+/// When request `index` is due in a multi-stage profile; `None` past its last stage.
+pub fn staged_offset(index: u64, stages: &[Stage]) -> Option<Duration> {
+    let mut before = 0.0; // requests due in earlier stages
+    let mut start_s = 0.0;
+    let mut from = 0.0;
+    for stage in stages {
+        let d = stage.over.as_secs_f64();
+        let count = (from + stage.rate) / 2.0 * d;
+        let c = index as f64 - before;
+        if c < count {
+            // Requests due by t into the stage: from * t + a * t^2, a = (to - from) / (2 d).
+            // Solved in the form that stays exact for ramps up, down and flat.
+            let a = (stage.rate - from) / (2.0 * d);
+            let root = (from * from + 4.0 * a * c).max(0.0).sqrt();
+            let t = if c > 0.0 {
+                2.0 * c / (from + root)
+            } else {
+                0.0
+            };
+            return Some(Duration::from_secs_f64(start_s + t.clamp(0.0, d)));
+        }
+        before += count;
+        start_s += d;
+        from = stage.rate;
+    }
+    None
+}
+
+/// Requests a multi-stage profile sends in all.
+pub fn staged_requests(stages: &[Stage]) -> u64 {
+    let mut from = 0.0;
+    let mut total = 0.0;
+    for stage in stages {
+        total += (from + stage.rate) / 2.0 * stage.over.as_secs_f64();
+        from = stage.rate;
+    }
+    total.ceil() as u64
+}
+
 /// How many requests a run of `duration` at this schedule sends.
 pub fn requests_in(duration: Duration, rate: f64, ramp: Duration) -> u64 {
     let d = duration.as_secs_f64();
@@ -197,7 +281,14 @@ pub struct Plan {
     pub quantity: u32,
     pub rate: f64,
     pub ramp: Duration,
+    /// A multi-stage profile; when not empty it replaces `rate` and `ramp`.
+    pub stages: Vec<Stage>,
     pub requests: u64,
+    /// Extra headers on every request (authentication, tracing).
+    pub headers: Vec<(String, String)>,
+    /// Part of every request id (`load-{run_id}-{index}`): ids are unique per run, so a
+    /// second run is not answered from the first one's idempotency records.
+    pub run_id: String,
     /// Requests in flight at most; past it, due requests wait (and their wait counts).
     pub in_flight_max: usize,
     pub timeout: Duration,
@@ -239,7 +330,15 @@ pub async fn run(
     let started = Instant::now();
     let mut tasks = tokio::task::JoinSet::new();
     for index in 0..plan.requests {
-        let due = started + arrival_offset(index, plan.rate, plan.ramp);
+        let offset = if plan.stages.is_empty() {
+            arrival_offset(index, plan.rate, plan.ramp)
+        } else {
+            match staged_offset(index, &plan.stages) {
+                Some(offset) => offset,
+                None => break,
+            }
+        };
+        let due = started + offset;
         tokio::time::sleep_until(due.into()).await;
         // Waiting for a slot delays the send, not the clock: latency runs from `due`.
         let permit = slots.clone().acquire_owned().await?;
@@ -250,7 +349,10 @@ pub async fn run(
                 plan.user_header.as_str(),
                 format!("buyer-{}", scramble(index) % plan.buyers),
             )
-            .header("x-request-id", format!("load-{index}"));
+            .header("x-request-id", format!("load-{}-{index}", plan.run_id));
+        let request = plan.headers.iter().fold(request, |request, (name, value)| {
+            request.header(name, value)
+        });
         let (recorder, done) = (recorder.clone(), answered.clone());
         tasks.spawn(async move {
             let _permit = permit;
@@ -294,6 +396,114 @@ pub async fn run(
         elapsed,
         started,
     })
+}
+
+/// A run id unique enough to keep two runs' request ids apart: the start time (µs) and the
+/// process id, in base 36.
+pub fn fresh_run_id() -> String {
+    let micros = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_micros());
+    format!(
+        "{}{}",
+        base36(micros),
+        base36(u128::from(std::process::id()))
+    )
+}
+
+fn base36(mut n: u128) -> String {
+    const DIGITS: &[u8] = b"0123456789abcdefghijklmnopqrstuvwxyz";
+    let mut out = Vec::new();
+    loop {
+        out.push(DIGITS[(n % 36) as usize]);
+        n /= 36;
+        if n == 0 {
+            break;
+        }
+    }
+    out.reverse();
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+/// A header given as `Name: value`: a valid HTTP name, a value without control characters.
+pub fn parse_header(text: &str) -> Result<(String, String), String> {
+    let (name, value) = text
+        .split_once(':')
+        .ok_or_else(|| format!("header {text:?}: expected 'Name: value'"))?;
+    let (name, value) = (name.trim(), value.trim());
+    reqwest::header::HeaderName::from_bytes(name.as_bytes())
+        .map_err(|_| format!("header {text:?}: {name:?} is not a valid header name"))?;
+    reqwest::header::HeaderValue::from_str(value)
+        .map_err(|_| format!("header {text:?}: the value has characters a header cannot carry"))?;
+    Ok((name.to_owned(), value.to_owned()))
+}
+
+/// A latency bound that fails the run: `OUTCOME:QUANTILE<MS`, e.g. `won:p99<250` or
+/// `all:max<2000`; QUANTILE is p50, p90, p99, p99.9 or max.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Threshold {
+    pub outcome: String,
+    pub quantile: String,
+    pub below_ms: f64,
+}
+
+impl std::str::FromStr for Threshold {
+    type Err = String;
+
+    fn from_str(text: &str) -> Result<Self, Self::Err> {
+        let usage =
+            || format!("threshold {text:?}: expected OUTCOME:QUANTILE<MS, e.g. won:p99<250");
+        let (outcome, rest) = text.split_once(':').ok_or_else(usage)?;
+        let (quantile, bound) = rest.split_once('<').ok_or_else(usage)?;
+        let quantile = quantile.trim();
+        if !["p50", "p90", "p99", "p99.9", "max"].contains(&quantile) {
+            return Err(format!(
+                "threshold {text:?}: quantile {quantile:?} is not one of p50, p90, p99, p99.9, max"
+            ));
+        }
+        let below_ms: f64 = bound
+            .trim()
+            .trim_end_matches("ms")
+            .parse()
+            .map_err(|_| usage())?;
+        if !(below_ms.is_finite() && below_ms > 0.0) {
+            return Err(format!(
+                "threshold {text:?}: the bound must be a positive number of ms"
+            ));
+        }
+        let outcome = outcome.trim();
+        if outcome.is_empty() {
+            return Err(usage());
+        }
+        Ok(Threshold {
+            outcome: outcome.to_owned(),
+            quantile: quantile.to_owned(),
+            below_ms,
+        })
+    }
+}
+
+impl Threshold {
+    /// The measured value and whether it is under the bound; `None` when the outcome had no
+    /// answers (nothing to hold to the bound).
+    pub fn judge(&self, recorder: &Recorder) -> Option<(f64, bool)> {
+        let summary = if self.outcome == "all" {
+            recorder.overall()
+        } else {
+            *recorder.outcomes().get(&self.outcome)?
+        };
+        if summary.count == 0 {
+            return None;
+        }
+        let value = match self.quantile.as_str() {
+            "p50" => summary.p50_ms,
+            "p90" => summary.p90_ms,
+            "p99" => summary.p99_ms,
+            "p99.9" => summary.p999_ms,
+            _ => summary.max_ms,
+        };
+        Some((value, value < self.below_ms))
+    }
 }
 
 /// Knuth's multiplicative hash: spreads request indexes over buyers, so eager buyers click
@@ -384,6 +594,87 @@ mod tests {
         l.record(Duration::ZERO);
         l.record(Duration::from_secs(3_600));
         assert_eq!(l.count(), 2);
+    }
+
+    #[test]
+    fn stages_ramp_up_hold_and_down() {
+        let stages: Vec<Stage> = ["1000:2", "1000:1", "0:2"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        // 1,000 while ramping up, 1,000 holding, 1,000 ramping down.
+        assert_eq!(staged_requests(&stages), 3_000);
+        let at = |i| staged_offset(i, &stages).unwrap().as_secs_f64();
+        assert!((at(250) - 1.0).abs() < 1e-9, "{}", at(250));
+        assert!((at(1_000) - 2.0).abs() < 1e-9);
+        assert!((at(1_500) - 2.5).abs() < 1e-9);
+        // Half of the ramp down's requests in its first quarter... of its time: 750 by 1 s.
+        assert!((at(2_750) - 4.0).abs() < 1e-6, "{}", at(2_750));
+        assert_eq!(staged_offset(3_000, &stages), None);
+        let mut last = 0.0;
+        for i in 0..3_000 {
+            let t = at(i);
+            assert!(t >= last && t <= 5.0, "{i}: {t}");
+            last = t;
+        }
+        // A pause (0 to 0) moves the next stage later.
+        let paused: Vec<Stage> = ["0:3", "100:1"]
+            .iter()
+            .map(|s| s.parse().unwrap())
+            .collect();
+        assert!(staged_offset(0, &paused).unwrap() >= Duration::from_secs(3));
+    }
+
+    #[test]
+    fn bad_stages_headers_and_thresholds_are_refused() {
+        for bad in [
+            "1000", "x:1", "10:0", "-5:1", "10:-1", "1e12:1", "10:1e9", "nan:1",
+        ] {
+            assert!(bad.parse::<Stage>().is_err(), "{bad}");
+        }
+        assert_eq!(
+            parse_header("Authorization: Bearer abc").unwrap(),
+            ("Authorization".to_owned(), "Bearer abc".to_owned())
+        );
+        for bad in ["no-colon", "bad name: x", ": x", "x: a\nb"] {
+            assert!(parse_header(bad).is_err(), "{bad:?}");
+        }
+        let t: Threshold = "won:p99<250".parse().unwrap();
+        assert_eq!(
+            (t.outcome.as_str(), t.quantile.as_str(), t.below_ms),
+            ("won", "p99", 250.0)
+        );
+        for bad in [
+            "won",
+            "won:p99",
+            "won:p98<1",
+            "won:p99<0",
+            ":p99<5",
+            "won:p99<x",
+        ] {
+            assert!(bad.parse::<Threshold>().is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn thresholds_judge_the_measured_quantile() {
+        let mut recorder = Recorder::default();
+        for ms in 1..=100u64 {
+            recorder.record("won", Duration::from_millis(ms), Duration::ZERO);
+        }
+        let judge = |t: &str| t.parse::<Threshold>().unwrap().judge(&recorder);
+        assert_eq!(judge("won:p50<60").map(|j| j.1), Some(true));
+        assert_eq!(judge("won:p99<60").map(|j| j.1), Some(false));
+        assert_eq!(judge("all:max<100").map(|j| j.1), Some(false));
+        assert_eq!(judge("sold_out:p99<1"), None);
+    }
+
+    #[test]
+    fn run_ids_differ() {
+        assert_ne!(fresh_run_id(), {
+            std::thread::sleep(Duration::from_millis(1)); // a new microsecond
+            fresh_run_id()
+        });
     }
 
     #[test]

@@ -20,8 +20,9 @@ struct Args {
     /// Goods on sale.
     #[arg(long)]
     goods: String,
-    /// Path of the buy endpoint; {goods} is replaced.
-    #[arg(long, default_value = "/seckill/{goods}/buy")]
+    /// Path of the buy endpoint; {goods} is replaced (the default is envoy/production.yaml's
+    /// sale route).
+    #[arg(long, default_value = "/api/seckill/{goods}/buy")]
     path: String,
     /// Header carrying the buyer's id.
     #[arg(long, default_value = "x-user-id")]
@@ -42,8 +43,25 @@ struct Args {
     #[arg(long, default_value_t = 10.0)]
     duration_s: f64,
     /// Requests to send in all (instead of --duration-s).
-    #[arg(long)]
+    #[arg(long, conflicts_with = "stage")]
     requests: Option<u64>,
+    /// An arrival stage, RATE:SECONDS: the rate moves linearly from the previous stage's (0 at
+    /// first) to RATE over SECONDS. Repeat for a profile (`--stage 2000:5 --stage 2000:20
+    /// --stage 0:5`); replaces --rate, --ramp-s and --duration-s, and the run ends with the
+    /// last stage.
+    #[arg(long, conflicts_with_all = ["ramp_s", "duration_s"])]
+    stage: Vec<load::Stage>,
+    /// An extra header on every request, 'Name: value' (authentication, tracing); repeatable.
+    #[arg(long = "header", value_parser = load::parse_header)]
+    headers: Vec<(String, String)>,
+    /// A latency bound, OUTCOME:QUANTILE<MS (e.g. `won:p99<250`, `all:max<2000`; QUANTILE is
+    /// p50, p90, p99, p99.9 or max); repeatable. A bound crossed fails the run (exit status 2).
+    #[arg(long)]
+    threshold: Vec<load::Threshold>,
+    /// Part of every request id, `load-{run id}-{index}` (default: new each run, so a second
+    /// run's requests are not answered as retries of the first's). Set it to replay a run.
+    #[arg(long)]
+    run_id: Option<String>,
     /// Requests in flight at most (bounds the generator's own memory and sockets).
     #[arg(long, default_value_t = 1_024)]
     in_flight: usize,
@@ -93,9 +111,20 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     seckill_api::validate_id(&args.goods, seckill_api::ID_LEN_MAX)
         .map_err(|e| anyhow::anyhow!("--goods {e}"))?;
     let ramp = Duration::from_secs_f64(args.ramp_s);
-    let requests = args.requests.unwrap_or_else(|| {
-        load::requests_in(Duration::from_secs_f64(args.duration_s), args.rate, ramp)
-    });
+    let requests = if args.stage.is_empty() {
+        args.requests.unwrap_or_else(|| {
+            load::requests_in(Duration::from_secs_f64(args.duration_s), args.rate, ramp)
+        })
+    } else {
+        load::staged_requests(&args.stage)
+    };
+    let run_id = args.run_id.clone().unwrap_or_else(load::fresh_run_id);
+    if let Err(e) = seckill_api::validate_id(
+        &format!("load-{run_id}-{requests}"),
+        seckill_api::ID_LEN_MAX,
+    ) {
+        anyhow::bail!("--run-id makes request ids the gate refuses: {e}");
+    }
     let plan = Plan {
         url: format!(
             "{}{}",
@@ -105,9 +134,12 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         user_header: args.user_header.clone(),
         buyers: args.buyers,
         quantity: args.quantity,
-        rate: args.rate,
+        rate: args.stage.iter().map(|s| s.rate).fold(args.rate, f64::max),
         ramp,
+        stages: args.stage.clone(),
         requests,
+        headers: args.headers.clone(),
+        run_id,
         in_flight_max: args.in_flight,
         timeout: Duration::from_secs_f64(args.timeout_s),
     };
@@ -173,7 +205,7 @@ async fn run(args: Args) -> anyhow::Result<bool> {
     print_summary(&args, &plan, &result);
 
     let mut check = Value::Null;
-    let mut ok = true;
+    let mut ok = judge_thresholds(&args.threshold, &result.recorder);
     if let (Some(syncer), Some(before)) = (&syncer, &before) {
         let (passed, report) = syncer
             .check(
@@ -183,13 +215,15 @@ async fn run(args: Args) -> anyhow::Result<bool> {
                 Duration::from_secs_f64(args.drain_s),
             )
             .await?;
-        ok = passed;
+        ok &= passed;
         check = report;
     }
     if let Some(path) = &args.json {
         let report = json!({
             "plan": {
                 "url": plan.url, "rate": plan.rate, "ramp_s": args.ramp_s, "requests": plan.requests,
+                "run_id": plan.run_id,
+                "stages": plan.stages.iter().map(|s| json!({"rate": s.rate, "over_s": s.over.as_secs_f64()})).collect::<Vec<_>>(),
                 "buyers": plan.buyers, "quantity": plan.quantity, "in_flight_max": plan.in_flight_max,
             },
             "elapsed_s": result.elapsed.as_secs_f64(),
@@ -209,6 +243,23 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         load::chart::render(path, &title, &timeline)?;
     }
     Ok(ok)
+}
+
+/// Prints each threshold's verdict; false when any bound was crossed.
+fn judge_thresholds(thresholds: &[load::Threshold], recorder: &load::Recorder) -> bool {
+    let mut ok = true;
+    for t in thresholds {
+        let name = format!("{}:{}<{}ms", t.outcome, t.quantile, t.below_ms);
+        match t.judge(recorder) {
+            Some((value, true)) => println!("threshold {name}: {value:.2} ms, OK"),
+            Some((value, false)) => {
+                ok = false;
+                println!("threshold {name}: {value:.2} ms, CROSSED");
+            }
+            None => println!("threshold {name}: no `{}` answers to measure", t.outcome),
+        }
+    }
+    ok
 }
 
 fn print_summary(args: &Args, plan: &Plan, result: &load::Run) {

@@ -27,6 +27,8 @@ pub struct SeenRequest {
     /// had it when the request arrived, read before the shop answered (`Some(None)`: no row).
     /// `None` when not probed (no probe set, or no order id).
     pub row_at_receipt: Option<Option<String>>,
+    /// The `authorization` header as the shop got it (the gate passes it through).
+    pub authorization: Option<String>,
 }
 
 impl SeenRequest {
@@ -175,6 +177,9 @@ async fn record(
     };
     if let Ok(mut seen) = recorder.seen.lock() {
         seen.push(SeenRequest {
+            authorization: headers
+                .get("authorization")
+                .map(|v| String::from_utf8_lossy(v.as_bytes()).into_owned()),
             method: method.to_string(),
             path: uri.path().to_owned(),
             status: status.as_u16(),

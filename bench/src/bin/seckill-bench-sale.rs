@@ -154,7 +154,10 @@ async fn end_to_end_sale(args: &Args) -> anyhow::Result<SaleFigures> {
         quantity: 1,
         rate: args.rate,
         ramp: Duration::from_secs(1),
+        stages: Vec::new(),
         requests: args.buyers,
+        headers: Vec::new(),
+        run_id: load::fresh_run_id(),
         in_flight_max: 2_048,
         timeout: Duration::from_secs(10),
     };
