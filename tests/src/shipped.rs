@@ -116,3 +116,26 @@ pub fn replace_each(text: &str, replacements: &[(&str, String)]) -> anyhow::Resu
     }
     Ok(out)
 }
+
+/// The replacements that put a shipped Envoy configuration's addresses (those of
+/// `envoy/production.yaml`) on this machine: admin and public listeners on free ports of
+/// 127.0.0.1 (read back by [`crate::envoy::Envoy::start_config`]), the shop and the syncer at
+/// these ports.
+pub fn local_addresses(shop_port: u16, syncer_port: u16) -> Vec<(&'static str, String)> {
+    let local = |port: u16| format!("address: 127.0.0.1, port_value: {port}");
+    vec![
+        ("address: 127.0.0.1, port_value: 9901", local(0)),
+        ("address: 0.0.0.0, port_value: 8080", local(0)),
+        (
+            "address: shop-api.internal, port_value: 8080",
+            local(shop_port),
+        ),
+        (
+            "address: seckill-syncer.internal, port_value: 8081",
+            local(syncer_port),
+        ),
+    ]
+}
+
+/// Where the shipped files expect the built filter.
+pub const WASM_PATH: &str = "/etc/envoy/seckill_filter.wasm";

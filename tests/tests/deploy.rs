@@ -1,15 +1,18 @@
 //! The deploy examples a user copies, each checked as shipped: the Envoy configurations in
 //! `envoy/` validate by the command their own header gives;
-//! and a `deduct.cluster` that names no cluster of Envoy's is said plainly.
+//! limits change on a live Envoy through the filter's discovered configuration (ECDS); and a
+//! `deduct.cluster` that names no cluster of Envoy's is said plainly.
 
 use std::collections::HashMap;
+use std::path::Path;
+use std::time::Duration;
 
 use seckill_e2e::deduct_stub::DeductStub;
 use seckill_e2e::envoy::{filter_wasm, Envoy, LOCAL_TEMPLATE};
-use seckill_e2e::process::Scratch;
+use seckill_e2e::process::{wait_for, Scratch};
 use seckill_e2e::shipped::{self, WITH_ETC_ENVOY};
 use seckill_e2e::shop::ShopStub;
-use seckill_e2e::stack::{default_plugin_config, send};
+use seckill_e2e::stack::{default_plugin_config, send, BuyResult};
 use serde_json::json;
 
 /// `envoy --mode validate` on a shipped config, exactly as its header says, from a checkout:
@@ -39,6 +42,11 @@ fn production_config_validates_as_shipped() {
 }
 
 #[test]
+fn ecds_config_validates_as_shipped() {
+    validates_as_its_header_says("envoy/ecds.yaml");
+}
+
+#[test]
 fn validation_runs_the_filters_own_configuration_check() {
     // A copy with one plugin-config value broken: Envoy's validation loads the filter, whose
     // on_configure must refuse it with its own line.
@@ -54,6 +62,161 @@ fn validation_runs_the_filters_own_configuration_check() {
             .contains("seckill-filter: bad plugin configuration: quantity.max: must be from 1"),
         "{}",
         ran.output
+    );
+}
+
+/// One purchase at the shipped configurations' sale route, with these headers.
+async fn buy_at(envoy: &Envoy, goods: &str, headers: &[(&str, &str)]) -> BuyResult {
+    let mut request = reqwest::Client::new()
+        .post(format!("{}/api/seckill/{goods}/buy", envoy.url()))
+        .header(
+            "x-request-id",
+            format!("r-{}", seckill_e2e::process::unique_suffix()),
+        );
+    for (name, value) in headers {
+        request = request.header(*name, *value);
+    }
+    send(request).await.unwrap()
+}
+
+// --- ecds.yaml: the gate's limits changed on a live Envoy ---
+
+const ECDS_RESOURCE: &str = "envoy/ecds/seckill.yaml";
+/// The shipped per-goods limit, as an operator edits it in the file.
+const SHIPPED_SKU_1_LIMIT: &str = r#""sku-1": { "per_second": 500, "burst": 50 }"#;
+
+/// `envoy/ecds.yaml` on free ports, watching `dir` for its filter configuration.
+fn ecds_on(dir: &Path, shop_port: u16, syncer_port: u16) -> String {
+    let text = shipped::read("envoy/ecds.yaml").unwrap();
+    let resource = dir.join("seckill.yaml");
+    let mut replacements = shipped::local_addresses(shop_port, syncer_port);
+    replacements.extend([
+        (
+            "path: /etc/envoy/ecds/seckill.yaml",
+            format!("path: {}", resource.display()),
+        ),
+        (
+            "watched_directory: { path: /etc/envoy/ecds }",
+            format!("watched_directory: {{ path: {} }}", dir.display()),
+        ),
+    ]);
+    shipped::replace_each(&text, &replacements).unwrap()
+}
+
+/// The shipped filter configuration with the built filter and `sku-1`'s limit replaced.
+fn ecds_resource(sku_1_limit: &str) -> String {
+    let text = shipped::read(ECDS_RESOURCE).unwrap();
+    let wasm = filter_wasm().unwrap().display().to_string();
+    let replacements = [
+        (shipped::WASM_PATH, wasm),
+        (SHIPPED_SKU_1_LIMIT, sku_1_limit.to_owned()),
+    ];
+    shipped::replace_each(&text, &replacements).unwrap()
+}
+
+/// As the file's header tells the operator: the whole new file written beside it, then
+/// renamed over it.
+fn replace_file(path: &Path, text: &str) {
+    let next = path.with_file_name(".seckill.yaml.next");
+    std::fs::write(&next, text).unwrap();
+    std::fs::rename(&next, path).unwrap();
+}
+
+/// 30 purchases of `sku-1` at once, by 30 buyers: how many the rate limit refused, and how
+/// many won.
+async fn crowd(envoy: &Envoy) -> (usize, usize) {
+    let results = futures::future::join_all((0..30).map(|i| {
+        let user = format!("u{i}-{}", seckill_e2e::process::unique_suffix());
+        async move { buy_at(envoy, "sku-1", &[("x-user-id", user.as_str())]).await }
+    }))
+    .await;
+    let refused = results
+        .iter()
+        .filter(|r| r.outcome == "rate_limited")
+        .count();
+    let won = results.iter().filter(|r| r.outcome == "won").count();
+    assert_eq!(refused + won, results.len(), "{results:?}");
+    (refused, won)
+}
+
+async fn ecds_stat(envoy: &Envoy, name: &str) -> u64 {
+    let family = format!("envoy_extension_config_discovery_http_filter_seckill_{name}");
+    envoy.stat(&family).await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ecds_changes_a_limit_on_a_live_envoy_and_refuses_a_bad_one() {
+    let scratch = Scratch::new("ecds").unwrap();
+    let dir = scratch.path.join("ecds");
+    std::fs::create_dir_all(&dir).unwrap();
+    // Rate limits are the edge's own decision: a stub that lets every attempt win shows
+    // them without a stock service in the way.
+    let shop = ShopStub::start().await.unwrap();
+    let syncer = DeductStub::start().await.unwrap();
+    let resource = dir.join("seckill.yaml");
+    // The shipped configuration (sku-1 at 500/s): Envoy starts on it, so the filter took it.
+    std::fs::write(&resource, ecds_resource(SHIPPED_SKU_1_LIMIT)).unwrap();
+    let config = ecds_on(&dir, shop.addr.port(), syncer.addr.port());
+    let envoy = Envoy::start_config(&scratch.path, &config, 1)
+        .await
+        .unwrap();
+    assert_eq!(ecds_stat(&envoy, "update_success").await, 1);
+    let pid = envoy.pid();
+
+    // Down to 5 a second: most of a crowd of 30 is refused.
+    replace_file(
+        &resource,
+        &ecds_resource(r#""sku-1": { "per_second": 5, "burst": 5 }"#),
+    );
+    wait_for("the 5/s limit", Duration::from_secs(20), || async {
+        let (refused, won) = crowd(&envoy).await;
+        Ok((refused >= 20 && won <= 10).then_some(()))
+    })
+    .await
+    .unwrap();
+    assert_eq!(ecds_stat(&envoy, "update_success").await, 2);
+
+    // Up to 1000 a second: the whole crowd wins.
+    replace_file(
+        &resource,
+        &ecds_resource(r#""sku-1": { "per_second": 1000, "burst": 1000 }"#),
+    );
+    wait_for("the 1000/s limit", Duration::from_secs(20), || async {
+        let (refused, _) = crowd(&envoy).await;
+        Ok((refused == 0).then_some(()))
+    })
+    .await
+    .unwrap();
+    assert_eq!(ecds_stat(&envoy, "update_success").await, 3);
+
+    // A configuration the filter refuses (5/s again, with a misspelt field): Envoy keeps the
+    // one it has, and its log says why in the filter's own words.
+    let bad = ecds_resource(r#""sku-1": { "per_second": 5, "burst": 5, "brust": 5 }"#);
+    replace_file(&resource, &bad);
+    wait_for(
+        "the bad configuration's refusal",
+        Duration::from_secs(20),
+        || async { Ok((ecds_stat(&envoy, "update_rejected").await == 1).then_some(())) },
+    )
+    .await
+    .unwrap();
+    assert!(
+        envoy.log().contains(
+            "seckill-filter: bad plugin configuration: rate_limit.goods.sku-1.brust: unknown field `brust`"
+        ),
+        "{}",
+        envoy.log()
+    );
+    assert_eq!(
+        crowd(&envoy).await,
+        (0, 30),
+        "the 1000/s limit stays in force"
+    );
+    assert_eq!(ecds_stat(&envoy, "update_success").await, 3);
+    assert_eq!(
+        envoy.pid(),
+        pid,
+        "one Envoy process throughout, never restarted"
     );
 }
 
