@@ -137,5 +137,12 @@ pub fn local_addresses(shop_port: u16, syncer_port: u16) -> Vec<(&'static str, S
     ]
 }
 
-/// Where the shipped files expect the built filter.
-pub const WASM_PATH: &str = "/etc/envoy/seckill_filter.wasm";
+/// The replacement that loads the built filter where a shipped file names the deployed one
+/// (`/etc/envoy/seckill_filter.wasm`; headers may name it too, so the key is included).
+pub fn built_filter() -> anyhow::Result<(&'static str, String)> {
+    let wasm = filter_wasm()?;
+    Ok((
+        "filename: /etc/envoy/seckill_filter.wasm",
+        format!("filename: {}", wasm.display()),
+    ))
+}

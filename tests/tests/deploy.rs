@@ -1,18 +1,23 @@
 //! The deploy examples a user copies, each checked as shipped: the Envoy configurations in
 //! `envoy/` validate by the command their own header gives;
-//! limits change on a live Envoy through the filter's discovered configuration (ECDS); and a
-//! `deduct.cluster` that names no cluster of Envoy's is said plainly.
+//! production.yaml takes the buyer from a verified token only (jwt_authn); limits change on a
+//! live Envoy through the filter's discovered configuration (ECDS); and a `deduct.cluster`
+//! that names no cluster of Envoy's is said plainly.
 
 use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use base64::Engine as _;
 use seckill_e2e::deduct_stub::DeductStub;
 use seckill_e2e::envoy::{filter_wasm, Envoy, LOCAL_TEMPLATE};
 use seckill_e2e::process::{wait_for, Scratch};
 use seckill_e2e::shipped::{self, WITH_ETC_ENVOY};
 use seckill_e2e::shop::ShopStub;
-use seckill_e2e::stack::{default_plugin_config, send, BuyResult};
+use seckill_e2e::stack::{
+    default_plugin_config, now_ms, send, BuyResult, Stack, StackOptions, SECRET,
+};
 use serde_json::json;
 
 /// `envoy --mode validate` on a shipped config, exactly as its header says, from a checkout:
@@ -79,6 +84,176 @@ async fn buy_at(envoy: &Envoy, goods: &str, headers: &[(&str, &str)]) -> BuyResu
     send(request).await.unwrap()
 }
 
+// --- production.yaml's buyer authentication: jwt_authn and the gate, on real Envoy ---
+
+/// The identity provider production.yaml trusts, as its `jwt_authn` provider names it.
+const ISSUER: &str = "https://id.shop.example";
+const AUDIENCE: &str = "seckill-gate";
+/// This test's identity provider: the signing key of every token it makes. The shipped file
+/// carries another key, whose private half nobody has; the test puts this one's JWKS there.
+const SIGNING_KEY_PEM: &str = "-----BEGIN PRIVATE KEY-----
+MIGHAgEAMBMGByqGSM49AgEGCCqGSM49AwEHBG0wawIBAQQgFxyte1GN2w093bxM
+aem8cmMpNbdSZZyF4XAcUaRpsVWhRANCAAQYJ8x9SsG+lkqDIU7Ppumngz5/Uuoc
+mhu5W6QWre6p3AoyUYRZnoFrqN6rU5RamQGbGiQFMZQmYGfpHeg5cnTj
+-----END PRIVATE KEY-----
+";
+const KEY_ID: &str = "seckill-test";
+
+struct IdentityProvider {
+    key: jsonwebtoken::EncodingKey,
+}
+
+impl IdentityProvider {
+    fn new() -> Self {
+        let key = jsonwebtoken::EncodingKey::from_ec_pem(SIGNING_KEY_PEM.as_bytes()).unwrap();
+        IdentityProvider { key }
+    }
+
+    /// The public keys, as `local_jwks.inline_string` takes them.
+    fn jwks(&self) -> String {
+        let algorithm = jsonwebtoken::Algorithm::ES256;
+        let mut jwk = jsonwebtoken::jwk::Jwk::from_encoding_key(&self.key, algorithm).unwrap();
+        jwk.common.key_id = Some(KEY_ID.to_owned());
+        json!({ "keys": [jwk] }).to_string()
+    }
+
+    /// A token with these claims (plus issuer, audience and an expiry an hour ahead).
+    fn token(&self, claims: serde_json::Value) -> String {
+        let mut all = json!({
+            "iss": ISSUER,
+            "aud": AUDIENCE,
+            "exp": now_ms() / 1000 + 3600,
+        });
+        if let (Some(all), Some(claims)) = (all.as_object_mut(), claims.as_object()) {
+            all.extend(claims.clone());
+        }
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some(KEY_ID.to_owned());
+        jsonwebtoken::encode(&header, &all, &self.key).unwrap()
+    }
+
+    fn buyer_token(&self, user: &str) -> String {
+        self.token(json!({ "sub": user }))
+    }
+}
+
+/// `envoy/production.yaml` as shipped, but on free ports, with this stack's shop and syncer,
+/// the built filter, the stack's secret and the test's identity provider.
+fn production_on(stack: &Stack, idp: &IdentityProvider) -> String {
+    let text = shipped::read("envoy/production.yaml").unwrap();
+    let jwks_line = text
+        .lines()
+        .find(|line| line.trim_start().starts_with("inline_string: '{\"keys\""))
+        .expect("production.yaml has an inline JWKS");
+    let shipped_jwks = jwks_line.trim_start().trim_start_matches("inline_string: ");
+    let syncer_port = stack.syncer().unwrap().port;
+    let mut replacements = shipped::local_addresses(stack.shop.addr.port(), syncer_port);
+    replacements.extend([
+        shipped::built_filter().unwrap(),
+        ("REPLACE-WITH-A-LONG-RANDOM-SECRET", SECRET.to_owned()),
+        (shipped_jwks, format!("'{}'", idp.jwks())),
+    ]);
+    shipped::replace_each(&text, &replacements).unwrap()
+}
+
+fn bearer(token: &str) -> String {
+    format!("Bearer {token}")
+}
+
+/// The deduct calls Envoy made to the syncer (health checks are not requests).
+async fn syncer_requests(envoy: &Envoy) -> u64 {
+    envoy
+        .cluster_stat("seckill_syncer", "envoy_cluster_upstream_rq_total")
+        .await
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn production_takes_the_buyer_from_a_verified_token_only() {
+    let stack = Stack::start(StackOptions::new("jwt")).await.unwrap();
+    stack.open_sale("sku-1", 10, 1).await.unwrap();
+    let idp = IdentityProvider::new();
+    let gate = Envoy::start_config(&stack.scratch.path, &production_on(&stack, &idp), 1)
+        .await
+        .unwrap();
+    let before = stack.redis_snapshot().await.unwrap();
+
+    // No token, or a token whose signature does not hold (alice's, its payload changed to
+    // say bob): 401 from jwt_authn, whatever x-user-id says; the syncer is never asked.
+    let no_token = buy_at(&gate, "sku-1", &[("x-user-id", "bob")]).await;
+    assert_eq!(no_token.status, 401, "{no_token:?}");
+    let alice = idp.buyer_token("alice");
+    let bob_claims = URL_SAFE_NO_PAD.encode(
+        json!({"iss": ISSUER, "aud": AUDIENCE, "sub": "bob", "exp": now_ms() / 1000 + 3600})
+            .to_string(),
+    );
+    let mut parts: Vec<&str> = alice.split('.').collect();
+    parts[1] = &bob_claims;
+    let forged = parts.join(".");
+    let bad_signature = buy_at(&gate, "sku-1", &[("authorization", &bearer(&forged))]).await;
+    assert_eq!(bad_signature.status, 401, "{bad_signature:?}");
+    // A valid token that names nobody: jwt_authn removed the client's x-user-id all the
+    // same, so the gate finds no buyer and says so, without a call.
+    let nobody = idp.token(json!({ "email": "someone@example.com" }));
+    let no_claim = buy_at(
+        &gate,
+        "sku-1",
+        &[("authorization", &bearer(&nobody)), ("x-user-id", "bob")],
+    )
+    .await;
+    assert_eq!(
+        (no_claim.status, no_claim.outcome.as_str()),
+        (400, "bad_request"),
+        "{no_claim:?}"
+    );
+    assert_eq!(
+        syncer_requests(&gate).await,
+        0,
+        "the syncer was never called"
+    );
+    assert_eq!(
+        stack.redis_snapshot().await.unwrap(),
+        before,
+        "nothing was deducted"
+    );
+    assert!(stack.shop.seen().is_empty(), "nothing reached the shop");
+
+    // A valid token: the buyer is the token's subject, and the shop sees that buyer.
+    let won = buy_at(&gate, "sku-1", &[("authorization", &bearer(&alice))]).await;
+    assert_eq!((won.status, won.outcome.as_str()), (200, "won"), "{won:?}");
+    let seen = stack.shop.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(seen[0].header("x-seckill-user-id"), Some("alice"));
+
+    // Alice's token with a forged x-user-id of bob: counted as alice, who already holds her
+    // one unit (per-buyer limit 1), so she is refused; bob's allowance is untouched.
+    let spoofed = buy_at(
+        &gate,
+        "sku-1",
+        &[("authorization", &bearer(&alice)), ("x-user-id", "bob")],
+    )
+    .await;
+    assert_eq!(
+        (spoofed.status, spoofed.outcome.as_str()),
+        (409, "duplicate"),
+        "{spoofed:?}"
+    );
+    let bob = buy_at(
+        &gate,
+        "sku-1",
+        &[("authorization", &bearer(&idp.buyer_token("bob")))],
+    )
+    .await;
+    assert_eq!((bob.status, bob.outcome.as_str()), (200, "won"), "{bob:?}");
+    let users: Vec<Option<String>> = stack
+        .shop
+        .seen()
+        .iter()
+        .map(|s| s.header("x-seckill-user-id").map(str::to_owned))
+        .collect();
+    assert_eq!(users, [Some("alice".to_owned()), Some("bob".to_owned())]);
+}
+
 // --- ecds.yaml: the gate's limits changed on a live Envoy ---
 
 const ECDS_RESOURCE: &str = "envoy/ecds/seckill.yaml";
@@ -106,9 +281,8 @@ fn ecds_on(dir: &Path, shop_port: u16, syncer_port: u16) -> String {
 /// The shipped filter configuration with the built filter and `sku-1`'s limit replaced.
 fn ecds_resource(sku_1_limit: &str) -> String {
     let text = shipped::read(ECDS_RESOURCE).unwrap();
-    let wasm = filter_wasm().unwrap().display().to_string();
     let replacements = [
-        (shipped::WASM_PATH, wasm),
+        shipped::built_filter().unwrap(),
         (SHIPPED_SKU_1_LIMIT, sku_1_limit.to_owned()),
     ];
     shipped::replace_each(&text, &replacements).unwrap()
