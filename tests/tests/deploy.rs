@@ -18,6 +18,7 @@ use seckill_e2e::shop::ShopStub;
 use seckill_e2e::stack::{
     default_plugin_config, now_ms, send, BuyResult, Stack, StackOptions, SECRET,
 };
+use serde::Deserialize as _;
 use serde_json::json;
 
 /// `envoy --mode validate` on a shipped config, exactly as its header says, from a checkout:
@@ -451,4 +452,95 @@ async fn a_mistyped_deduct_cluster_is_named_in_the_log_and_buyers_get_a_clear_50
     );
     assert_eq!(syncer.attempts(), 0, "no call went anywhere");
     assert!(shop.seen().is_empty(), "nobody reached the shop ungated");
+}
+
+// --- deploy/istio: the WasmPlugin example, checked by structure and the filter's parser ---
+
+const ISTIO_EXAMPLE: &str = "deploy/istio/seckill-gate.yaml";
+
+/// Every document of a multi-document YAML file, as JSON values.
+fn yaml_documents(text: &str) -> Vec<serde_json::Value> {
+    serde_yaml::Deserializer::from_str(text)
+        .map(|document| {
+            let value = serde_yaml::Value::deserialize(document).unwrap();
+            serde_json::to_value(value).unwrap()
+        })
+        .collect()
+}
+
+fn the_one<'a>(documents: &'a [serde_json::Value], kind: &str) -> &'a serde_json::Value {
+    let found: Vec<_> = documents.iter().filter(|d| d["kind"] == kind).collect();
+    assert_eq!(found.len(), 1, "one {kind} in {ISTIO_EXAMPLE}");
+    found[0]
+}
+
+#[test]
+fn istio_wasm_plugin_example_is_well_formed_and_its_config_is_accepted_by_the_filter() {
+    let documents = yaml_documents(&shipped::read(ISTIO_EXAMPLE).unwrap());
+    let plugin = the_one(&documents, "WasmPlugin");
+    assert_eq!(plugin["apiVersion"], "extensions.istio.io/v1alpha1");
+    let spec = &plugin["spec"];
+    let url = spec["url"].as_str().unwrap();
+    let image = url.strip_prefix("oci://").expect("an OCI image reference");
+    assert!(
+        image.contains(':') || image.contains("@sha256:"),
+        "{url}: a tag or a digest"
+    );
+    assert_eq!(
+        spec["phase"], "STATS",
+        "after Istio's authentication and authorization"
+    );
+    assert_eq!(spec["failStrategy"], "FAIL_CLOSE");
+    assert_eq!(spec["type"], "HTTP");
+
+    // Istio hands pluginConfig to the filter as JSON: the filter's own parser must take it.
+    let plugin_config = spec["pluginConfig"].to_string();
+    let config = seckill_filter::config::Config::from_json(Some(plugin_config.as_bytes()))
+        .unwrap_or_else(|e| panic!("the filter refuses the example's pluginConfig: {e}"));
+    // Istio's name for a Service port's cluster, for the authority's Service.
+    let authority = &config.deduct.authority;
+    let cluster = &config.deduct.cluster;
+    let port = cluster
+        .strip_prefix("outbound|")
+        .and_then(|rest| rest.strip_suffix(&format!("||{authority}")))
+        .unwrap_or_else(|| panic!("{cluster} is not outbound|<port>||{authority}"));
+    assert!(port.parse::<u16>().is_ok(), "{cluster}");
+
+    // The buyer id the filter reads is the header Istio fills from a verified token...
+    let authentication = the_one(&documents, "RequestAuthentication");
+    let claim_headers: Vec<&str> = authentication["spec"]["jwtRules"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .flat_map(|rule| rule["outputClaimToHeaders"].as_array().unwrap())
+        .map(|output| output["header"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        config.user_id,
+        seckill_filter::config::Source::Header(claim_headers[0].to_owned())
+    );
+    assert_eq!(claim_headers.len(), 1);
+    // ...and a request without a token is refused on every path the sale route can take.
+    let authorization = the_one(&documents, "AuthorizationPolicy");
+    let policy = &authorization["spec"];
+    assert_eq!(policy["action"], "DENY");
+    let rule = &policy["rules"][0];
+    assert_eq!(
+        rule["from"][0]["source"]["notRequestPrincipals"],
+        json!(["*"])
+    );
+    let denied = rule["to"][0]["operation"]["paths"][0].as_str().unwrap();
+    let prefix = denied.strip_suffix('*').expect("a prefix match");
+    let template = config.route.template.as_str();
+    assert!(
+        template.starts_with(prefix) && !prefix[1..].contains('{'),
+        "{denied} does not cover {template}"
+    );
+    for document in [plugin, authentication, authorization] {
+        let selector = &document["spec"]["selector"]["matchLabels"];
+        assert_eq!(
+            *selector, plugin["spec"]["selector"]["matchLabels"],
+            "one gateway"
+        );
+    }
 }
