@@ -229,6 +229,33 @@ pub fn unavailable(request_id: Option<&str>) -> LocalReply {
     LocalReply::new(outcome, 503, body, Some(1_000))
 }
 
+/// How long a buyer is told to wait after a 503 caused by this site's configuration: a fix
+/// takes someone's minutes, not the moments of an outage, and a tight retry loop of every
+/// buyer helps nobody meanwhile.
+const MISCONFIGURED_RETRY_AFTER_MS: u64 = 10_000;
+
+/// 503 when the gate cannot call its stock service at all because Envoy has no cluster of
+/// the configured name. Nothing was asked, so nothing was decided: the buyer may retry with
+/// any request id. The message says it is the site's fault (not a crowd, not the buyer's) and
+/// no more: the cluster's name is for the operator's log, not for buyers.
+pub fn misconfigured(request_id: &str) -> LocalReply {
+    let body = to_json(&UnavailableBody {
+        error: GateOutcome::Unavailable.as_str(),
+        message: "this gateway is misconfigured and cannot reach the stock service; nothing was reserved; try again later",
+        request_id,
+    });
+    let retry_after_ms = Some(MISCONFIGURED_RETRY_AFTER_MS);
+    LocalReply::new(GateOutcome::Unavailable, 503, body, retry_after_ms)
+}
+
+/// The 503 of failure mode closed, for this failure.
+pub fn unavailable_after(failure: &CalloutFailure, request_id: &str) -> LocalReply {
+    match failure {
+        CalloutFailure::NoSuchCluster(_) => misconfigured(request_id),
+        _ => unavailable(Some(request_id)),
+    }
+}
+
 /// 405 for the sale route with a method it does not take; `allow` lists the ones it does.
 pub fn method_not_allowed(methods: &[String]) -> LocalReply {
     let outcome = GateOutcome::MethodNotAllowed;
@@ -342,8 +369,13 @@ fn decided(goods_id: &str, reply: &DeductReply) -> LocalReply {
 /// Why the deduct call gave no usable answer. Logged (never shown to the buyer).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum CalloutFailure {
-    /// `dispatch_http_call` refused (unknown cluster, bad headers...).
+    /// `dispatch_http_call` refused for a reason other than the cluster (or the request
+    /// could not be written).
     Dispatch(String),
+    /// `dispatch_http_call` refused because this Envoy has no cluster named `deduct.cluster`
+    /// (a typo, or a cluster not delivered yet): no call was made, nothing was decided. The
+    /// host's status is kept for the log.
+    NoSuchCluster(String),
     /// No response headers at all (Envoy usually synthesises a 503/504 instead).
     NoResponse,
     /// The response had a status other than 200 (or none readable).
@@ -370,6 +402,10 @@ impl fmt::Display for CalloutFailure {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             CalloutFailure::Dispatch(why) => write!(f, "could not be dispatched ({why})"),
+            CalloutFailure::NoSuchCluster(status) => write!(
+                f,
+                "could not be dispatched: this Envoy has no cluster of that name ({status})"
+            ),
             CalloutFailure::NoResponse => {
                 write!(f, "got no response (timeout, connection refused or reset)")
             }
@@ -644,6 +680,7 @@ mod tests {
             rate_limited(1),
             unavailable(None),
             unavailable(Some("r-1")),
+            misconfigured("r-1"),
             sold_out_cached("sku-1"),
             unknown_goods_cached("sku-1"),
             method_not_allowed(&["POST".to_string()]),
@@ -721,6 +758,20 @@ mod tests {
             .as_str()
             .unwrap()
             .contains("same request id"));
+        // No such cluster: the site's fault, said plainly, with a longer wait; any other
+        // failure is the usual 503.
+        let failure = CalloutFailure::NoSuchCluster("BadArgument".into());
+        let r = unavailable_after(&failure, "r-9");
+        assert_eq!((r.status, r.outcome), (503, GateOutcome::Unavailable));
+        assert_eq!(body(&r)["error"], "unavailable");
+        assert_eq!(body(&r)["request_id"], "r-9");
+        let message = body(&r)["message"].as_str().unwrap().to_owned();
+        assert!(message.contains("misconfigured"), "{message}");
+        assert!(message.contains("nothing was reserved"), "{message}");
+        assert!(!message.contains("BadArgument"), "no internals for buyers");
+        assert_eq!(header(&r, "retry-after"), Some("10"));
+        let r = unavailable_after(&CalloutFailure::NoResponse, "r-9");
+        assert_eq!(r, unavailable(Some("r-9")));
         let r = method_not_allowed(&["POST".to_string(), "PUT".to_string()]);
         assert_eq!(r.status, 405);
         assert_eq!(header(&r, "allow"), Some("POST, PUT"));

@@ -65,6 +65,12 @@ impl Envoy {
         values.entry("ADMIN_PORT").or_insert_with(|| "0".into());
         values.entry("LISTEN_PORT").or_insert_with(|| "0".into());
         let config = render(&template_text, &values)?;
+        Self::start_config(dir, &config, workers).await
+    }
+
+    /// Starts Envoy from a whole configuration whose admin and listener ports are 0 (taken
+    /// from the OS and read back from the admin API); it has one listener.
+    pub async fn start_config(dir: &Path, config: &str, workers: u32) -> anyhow::Result<Self> {
         let id = crate::process::unique_suffix();
         let config_path = dir.join(format!("envoy-{id}.yaml"));
         let admin_path = dir.join(format!("envoy-{id}.admin"));
@@ -130,6 +136,11 @@ impl Envoy {
         format!("http://127.0.0.1:{}", self.listen_port)
     }
 
+    /// The Envoy process's id (the same throughout its life: Envoy here never restarts).
+    pub fn pid(&self) -> Option<u32> {
+        self.process.pid()
+    }
+
     pub fn log(&self) -> String {
         std::fs::read_to_string(&self.process.log_path).unwrap_or_default()
     }
@@ -143,13 +154,25 @@ impl Envoy {
     /// `envoy_http_downstream_rq_active`: the admin listener has one of each too, and the
     /// stats request itself is active on it.
     pub async fn gate_stat(&self, name: &str) -> anyhow::Result<u64> {
+        self.stat_where(name, "envoy_http_conn_manager_prefix=\"gate\"")
+            .await
+    }
+
+    /// A stat of one cluster, e.g. `envoy_cluster_upstream_rq_total` of `seckill_syncer`.
+    pub async fn cluster_stat(&self, cluster: &str, name: &str) -> anyhow::Result<u64> {
+        let label = format!("envoy_cluster_name=\"{cluster}\"");
+        self.stat_where(name, &label).await
+    }
+
+    /// A stat summed over the lines that carry `label` (`name="value"`).
+    async fn stat_where(&self, name: &str, label: &str) -> anyhow::Result<u64> {
         let text = self.prometheus().await?;
-        let gate: String = text
+        let matching: String = text
             .lines()
-            .filter(|line| line.contains("envoy_http_conn_manager_prefix=\"gate\""))
+            .filter(|line| line.contains(label))
             .collect::<Vec<_>>()
             .join("\n");
-        Ok(crate::syncer::sum_metric(&gate, name))
+        Ok(crate::syncer::sum_metric(&matching, name))
     }
 
     async fn prometheus(&self) -> anyhow::Result<String> {
@@ -164,24 +187,4 @@ fn base_id() -> u32 {
     static COUNTER: AtomicU32 = AtomicU32::new(0);
     let n = COUNTER.fetch_add(1, Ordering::Relaxed) % 1000;
     (std::process::id() % 1_000_000) * 1000 + n + 1
-}
-
-/// Runs Envoy on a config only to validate it (`--mode validate`); returns its output.
-pub fn validate(dir: &Path, config: &str) -> anyhow::Result<(bool, String)> {
-    let path = dir.join(format!(
-        "envoy-validate-{}.yaml",
-        crate::process::unique_suffix()
-    ));
-    std::fs::write(&path, config)?;
-    let output = Command::new(envoy_binary()?)
-        .arg("-c")
-        .arg(&path)
-        .args(["--mode", "validate", "--base-id", &base_id().to_string()])
-        .output()?;
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&output.stdout),
-        String::from_utf8_lossy(&output.stderr)
-    );
-    Ok((output.status.success(), text))
 }

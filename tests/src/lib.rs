@@ -12,6 +12,7 @@ pub mod process;
 pub mod redis_cluster;
 pub mod redis_server;
 pub mod served;
+pub mod shipped;
 pub mod shop;
 pub mod stack;
 pub mod syncer;

@@ -55,15 +55,15 @@ pub(crate) enum Op {
     SharedGet,
 }
 
-/// The status every refusal answers with.
-const REFUSED: HostStatus = HostStatus(2);
+/// The status a refusal answers with unless the test chose another.
+const REFUSED: HostStatus = HostStatus::BAD_ARGUMENT;
 
 #[derive(Default)]
 pub(crate) struct State {
     pub(crate) now_ns: Cell<u64>,
     effective: Cell<u32>,
     ended: RefCell<HashSet<u32>>,
-    refused: RefCell<HashSet<Op>>,
+    refused: RefCell<HashMap<Op, HostStatus>>,
     config: RefCell<Option<Vec<u8>>>,
     calls: RefCell<Vec<Call>>,
     logs: RefCell<Vec<(LogLevel, String)>>,
@@ -86,7 +86,11 @@ pub(crate) struct FakeHost(Rc<State>);
 
 impl FakeHost {
     pub(crate) fn refuse(&self, op: Op) {
-        self.0.refused.borrow_mut().insert(op);
+        self.refuse_with(op, REFUSED);
+    }
+
+    pub(crate) fn refuse_with(&self, op: Op, status: HostStatus) {
+        self.0.refused.borrow_mut().insert(op, status);
     }
 
     pub(crate) fn set_config(&self, config: &Value) {
@@ -98,9 +102,9 @@ impl FakeHost {
     }
 
     fn check(&self, op: Op) -> Result<(), HostStatus> {
-        match self.0.refused.borrow().contains(&op) {
-            true => Err(REFUSED),
-            false => Ok(()),
+        match self.0.refused.borrow().get(&op) {
+            Some(status) => Err(*status),
+            None => Ok(()),
         }
     }
 

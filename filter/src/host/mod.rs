@@ -38,6 +38,19 @@ pub use root::Root;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct HostStatus(pub u32);
 
+impl HostStatus {
+    pub const NOT_FOUND: HostStatus = HostStatus(1);
+    pub const BAD_ARGUMENT: HostStatus = HostStatus(2);
+
+    /// Whether a refused `dispatch_http_call` means the host has no cluster of that name.
+    /// Envoy answers BadArgument for it (its only other reason for BadArgument, a request
+    /// without `:method`, `:path` or `:authority`, cannot happen: the filter always sends
+    /// them); NotFound is what the name suggests, should a host answer that.
+    pub fn means_no_such_cluster(self) -> bool {
+        self == HostStatus::BAD_ARGUMENT || self == HostStatus::NOT_FOUND
+    }
+}
+
 impl fmt::Display for HostStatus {
     /// The ABI's name for the status, for log lines.
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {

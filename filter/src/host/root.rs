@@ -3,14 +3,14 @@
 //! of the winners it forwarded (see `claims.rs`). It settles each answer onto the requests
 //! that waited for it, acting as each request in turn.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::time::Duration;
 
 use super::request::SaleRequest;
 use super::stats::Stats;
 use super::worker::{failure_mode_words, Worker};
-use super::{duration_ns, error, now_ns, warn, Host};
+use super::{duration_ns, error, log, now_ns, warn, Host, HostStatus, LogLevel};
 use crate::batch::{self, Batcher, Decided, Waiter};
 use crate::claims::{self, Claims};
 use crate::config::Config;
@@ -31,6 +31,9 @@ pub struct Root<H: Host> {
     /// Kept across reconfigurations: forwarded winners wait in it to be claimed.
     claims: Rc<RefCell<Claims>>,
     wake_queue: Option<u32>,
+    /// Whether this worker has said that `deduct.cluster` names no cluster of this Envoy
+    /// since its last call went out: said once, not once per batch, as every buyer meets it.
+    missing_cluster_reported: Cell<bool>,
 }
 
 impl<H: Host> Root<H> {
@@ -42,6 +45,7 @@ impl<H: Host> Root<H> {
             batcher: Rc::default(),
             claims: Rc::default(),
             wake_queue: None,
+            missing_cluster_reported: Cell::new(false),
         }
     }
 
@@ -90,6 +94,8 @@ impl<H: Host> Root<H> {
             );
             return false;
         }
+        // A new configuration may name another cluster: its absence is news again.
+        self.missing_cluster_reported.set(false);
         self.worker = Some(Worker {
             host: self.host.clone(),
             config: Rc::new(config),
@@ -214,15 +220,11 @@ impl<H: Host> Root<H> {
                     let path = seckill_api::DEDUCT_BATCH_PATH;
                     worker
                         .post_to_syncer(path, Some(&body), deduct.timeout)
-                        .map_err(|status| {
-                            CalloutFailure::Dispatch(format!(
-                                "{status}; is cluster {:?} defined?",
-                                deduct.cluster
-                            ))
-                        })
+                        .map_err(refused_call)
                 });
             match sent {
                 Ok(token) => {
+                    self.call_went_out(worker);
                     worker.bump(worker.stats.callout_sent);
                     worker.add(worker.stats.callout_attempts, next.batch.len());
                     self.batcher.borrow_mut().sent(token, next.batch);
@@ -258,17 +260,54 @@ impl<H: Host> Root<H> {
     /// Settles every waiter with the same failure, logged once for all of them.
     fn settle_all(&self, worker: &Worker<H>, waiters: Vec<Waiter>, failure: &CalloutFailure) {
         let deduct = &worker.config.deduct;
-        warn(
+        if let CalloutFailure::NoSuchCluster(status) = failure {
+            self.report_missing_cluster(worker, status);
+        } else {
+            warn(
+                &self.host,
+                format_args!(
+                    "seckill-filter: deduct call to cluster {:?} for {} attempts {failure}; failure mode {}",
+                    deduct.cluster,
+                    waiters.len(),
+                    failure_mode_words(deduct.failure_mode)
+                ),
+            );
+        }
+        let settled = waiters.into_iter().map(|w| (w, Err(failure.clone())));
+        self.settle(worker, settled, false);
+    }
+
+    /// Says, once per worker until a call goes out again, that `deduct.cluster` names no
+    /// cluster of this Envoy. Proxy-wasm cannot list the clusters, so a typo passes
+    /// `envoy --mode validate` and on_configure alike; the first call is where it shows.
+    fn report_missing_cluster(&self, worker: &Worker<H>, status: &str) {
+        if self.missing_cluster_reported.replace(true) {
+            return;
+        }
+        let deduct = &worker.config.deduct;
+        error(
             &self.host,
             format_args!(
-                "seckill-filter: deduct call to cluster {:?} for {} attempts {failure}; failure mode {}",
+                "seckill-filter: deduct.cluster {:?} is not a cluster of this Envoy (dispatch_http_call: {status}): no purchase can be decided; failure mode {}. Define the cluster or correct deduct.cluster (said once per worker until a call goes out)",
                 deduct.cluster,
-                waiters.len(),
                 failure_mode_words(deduct.failure_mode)
             ),
         );
-        let settled = waiters.into_iter().map(|w| (w, Err(failure.clone())));
-        self.settle(worker, settled, false);
+    }
+
+    /// A call went out: a cluster reported missing is there now (delivered late by the
+    /// control plane, say), and saying so closes the story the log told.
+    fn call_went_out(&self, worker: &Worker<H>) {
+        if self.missing_cluster_reported.replace(false) {
+            log(
+                &self.host,
+                LogLevel::Info,
+                format_args!(
+                    "seckill-filter: deduct.cluster {:?} takes calls again",
+                    worker.config.deduct.cluster
+                ),
+            );
+        }
     }
 
     /// Sends the forwarded winners' order ids to the syncer: full calls at once, the rest
@@ -293,29 +332,32 @@ impl<H: Host> Root<H> {
             return false;
         };
         let dispatched = claims::claim_body(&ids)
-            .map_err(|e| e.to_string())
+            .map_err(|e| CalloutFailure::Dispatch(e.to_string()))
             .and_then(|body| {
                 let timeout = claims::CLAIM_CALL_TIMEOUT;
                 worker
                     .post_to_syncer(seckill_api::CLAIM_PATH, Some(&body), timeout)
-                    .map_err(|status| status.to_string())
+                    .map_err(refused_call)
             });
         match dispatched {
             Ok(token) => {
+                self.call_went_out(worker);
                 worker.bump(worker.stats.claim_sent);
                 worker.add(worker.stats.claim_ids, ids.len());
                 self.claims.borrow_mut().sent(token, ids);
                 true
             }
-            Err(why) => {
+            Err(failure) => {
                 worker.bump(worker.stats.claim_failed);
                 let count = ids.len();
-                warn(
-                    &self.host,
-                    format_args!(
-                        "seckill-filter: could not send {count} claims ({why}); next tick"
-                    ),
-                );
+                if let CalloutFailure::NoSuchCluster(status) = &failure {
+                    self.report_missing_cluster(worker, status);
+                } else {
+                    warn(
+                        &self.host,
+                        format_args!("seckill-filter: claim call for {count} order ids {failure}; sent again next tick"),
+                    );
+                }
                 self.claims.borrow_mut().not_sent(ids);
                 false
             }
@@ -367,5 +409,14 @@ impl<H: Host> Root<H> {
         let status = self.host.http_call_response_header(":status");
         let body = self.host.http_call_response_body(body_size);
         (status.ok().flatten(), body.ok().flatten())
+    }
+}
+
+/// What a call `dispatch_http_call` refused means for the requests it carried.
+fn refused_call(status: HostStatus) -> CalloutFailure {
+    if status.means_no_such_cluster() {
+        CalloutFailure::NoSuchCluster(status.to_string())
+    } else {
+        CalloutFailure::Dispatch(status.to_string())
     }
 }

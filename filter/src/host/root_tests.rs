@@ -222,19 +222,79 @@ fn failure_mode_open_forwards_the_batch_unmarked() {
 }
 
 #[test]
-fn a_call_the_host_refuses_to_dispatch_fails_its_batch_at_once() {
+fn a_missing_cluster_is_said_once_and_its_buyers_told_plainly() {
     let mut gate = Gate::new(|_| {});
+    // Envoy refuses a call to a cluster it does not have with BadArgument.
     gate.host.refuse(Op::Dispatch);
+    let mut requests = Vec::new();
+    for context in 10..13 {
+        let (request, _) = gate.buy(context, "hot", &format!("buyer-{context}"));
+        gate.wake();
+        requests.push(request);
+    }
+    assert!(gate.dispatches().is_empty());
+    let replies = gate.replies();
+    assert_eq!(replies.len(), 3, "every buyer is answered at once");
+    for (_, status, outcome, body) in &replies {
+        assert_eq!((*status, outcome.as_str()), (503, "unavailable"));
+        let message = body["message"].as_str().unwrap();
+        assert!(message.contains("misconfigured"), "{message}");
+    }
+    let said = |gate: &Gate, needle: &str| {
+        let logs = gate.host.logs();
+        logs.iter().filter(|(_, l)| l.contains(needle)).count()
+    };
+    let line = "deduct.cluster \"syncer\" is not a cluster of this Envoy (dispatch_http_call: BadArgument)";
+    assert_eq!(
+        said(&gate, line),
+        1,
+        "once, naming the cluster: {:?}",
+        gate.host.logs()
+    );
+    assert!(gate
+        .host
+        .logs()
+        .iter()
+        .any(|(level, l)| *level == LogLevel::Error && l.contains(line)));
+    assert_eq!(said(&gate, "for 1 attempts"), 0, "no line per batch");
+    assert_eq!(gate.host.counter("seckill.callout.failed"), 3);
+    // The cluster arrives: the next call goes out, and the log says so.
+    gate.host.allow(Op::Dispatch);
+    let (_next, _) = gate.buy(20, "hot", "bob");
+    gate.wake();
+    assert_eq!(last_call_attempts(&gate), [("bob".into(), "r20".into())]);
+    assert_eq!(
+        said(&gate, "deduct.cluster \"syncer\" takes calls again"),
+        1
+    );
+    // Gone again: news again.
+    gate.host.refuse(Op::Dispatch);
+    let (_later, _) = gate.buy(21, "hot", "carol");
+    gate.wake();
+    assert_eq!(said(&gate, line), 2);
+}
+
+#[test]
+fn a_call_refused_for_another_reason_is_an_ordinary_failure() {
+    let mut gate = Gate::new(|_| {});
+    gate.host.refuse_with(Op::Dispatch, super::HostStatus(10)); // InternalFailure
     let (_request, _) = gate.buy(10, "hot", "alice");
     gate.wake();
-    assert!(gate.dispatches().is_empty());
-    assert_eq!(gate.only_reply(), (10, 503, "unavailable".into()));
+    let replies = gate.replies();
+    assert_eq!(replies.len(), 1);
+    let (_, status, _, body) = &replies[0];
+    assert_eq!(*status, 503);
+    assert!(body["message"]
+        .as_str()
+        .unwrap()
+        .contains("retry with the same request id"));
     let logs = gate.host.logs();
     assert!(
-        logs.iter().any(|(_, l)| l
-            .contains("could not be dispatched (BadArgument; is cluster \"syncer\" defined?)")),
+        logs.iter()
+            .any(|(_, l)| l.contains("for 1 attempts could not be dispatched (InternalFailure)")),
         "{logs:?}"
     );
+    assert!(!logs.iter().any(|(_, l)| l.contains("is not a cluster")));
     // Nothing of it stays in flight: the next request gets a call of its own.
     gate.host.allow(Op::Dispatch);
     let (_next, _) = gate.buy(11, "hot", "bob");

@@ -188,7 +188,9 @@ impl<H: Host> Worker<H> {
             );
         }
         match deduct.failure_mode {
-            FailureMode::Closed => self.answer(reply::unavailable(Some(purchase.request_id()))),
+            FailureMode::Closed => {
+                self.answer(reply::unavailable_after(failure, purchase.request_id()))
+            }
             FailureMode::Open => {
                 // Refused only when the request is gone, which then goes nowhere.
                 let _ = self
