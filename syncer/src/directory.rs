@@ -144,6 +144,10 @@ impl Directory {
                 return None;
             }
         }
+        // Read and written under the refresh lock, as a refresh is: a route read before a
+        // change (a goods moved to MySQL) must not land after a refresh that read the change,
+        // or the goods would be routed to the store it left until the next refresh.
+        let _one = self.refreshing.lock().await;
         let row = sqlx::query(
             "SELECT tier, mode, loaded_epoch, epoch, per_user_limit, shards FROM sales WHERE goods_id = ?",
         )

@@ -182,7 +182,9 @@ impl From<LifecycleError> for AppError {
         match e {
             LifecycleError::BadOrderId(m) => AppError::BadRequest(m),
             LifecycleError::UnknownOrder(_) => AppError::NotFound(e.to_string()),
-            LifecycleError::Switching(_) => AppError::Unavailable(e.to_string()),
+            LifecycleError::Switching(_) | LifecycleError::NotInMysqlYet(_) => {
+                AppError::Unavailable(e.to_string())
+            }
             other => AppError::Unavailable(other.to_string()),
         }
     }

@@ -84,6 +84,13 @@ pub enum LifecycleError {
     /// A re-seed is loading the goods into Redis: retry in a moment.
     #[error("goods {0} is switching from MySQL back to Redis; retry in a moment")]
     Switching(String),
+    /// MySQL decides the goods now, and does not hold this order, which Redis issued: its
+    /// record may still be on its way (outbox, Kafka). Not `unknown`: retry in a moment.
+    #[error(
+        "order {0} was issued by Redis and has not reached MySQL, which decides its goods now; \
+         retry in a moment"
+    )]
+    NotInMysqlYet(String),
 }
 
 #[derive(Clone)]
@@ -99,7 +106,9 @@ pub struct Lifecycle {
 /// Where one goods' reservations end.
 enum Place<'a> {
     Redis,
-    Mysql(&'a sqlx::MySqlPool),
+    /// MySQL, with the epoch Redis last loaded (0: never; orders of that epoch or before came
+    /// from Redis).
+    Mysql(&'a sqlx::MySqlPool, u64),
     Switching,
 }
 
@@ -126,7 +135,7 @@ impl Lifecycle {
             return Place::Redis;
         };
         match directory.route(keys::base_goods(key_id)) {
-            Some(route) if route.in_mysql() => Place::Mysql(pool),
+            Some(route) if route.in_mysql() => Place::Mysql(pool, route.loaded_epoch),
             Some(route) if route.mode == Mode::Switching => Place::Switching,
             _ => Place::Redis,
         }
@@ -180,7 +189,7 @@ impl Lifecycle {
         match self.place(goods_id) {
             Place::Redis => {}
             Place::Switching => return Err(LifecycleError::Switching(goods_id.to_owned())),
-            Place::Mysql(pool) => {
+            Place::Mysql(pool, loaded_epoch) => {
                 let action = match action {
                     "confirm" => db_lifecycle::Action::Confirm,
                     _ => db_lifecycle::Action::Release(
@@ -188,7 +197,14 @@ impl Lifecycle {
                             .ok_or_else(|| LifecycleError::BadScriptReply(reason.to_owned()))?,
                     ),
                 };
-                return db_lifecycle::settle(pool, order_id, action).await;
+                let from_redis = keys::order_parts(order_id)
+                    .is_some_and(|(_, epoch, _)| epoch > 0 && epoch <= loaded_epoch);
+                return match db_lifecycle::settle(pool, order_id, action).await {
+                    Err(LifecycleError::UnknownOrder(_)) if from_redis => {
+                        Err(LifecycleError::NotInMysqlYet(order_id.to_owned()))
+                    }
+                    other => other,
+                };
             }
         }
         let key_id = self.key_id_of_order(order_id).await;
@@ -237,7 +253,7 @@ impl Lifecycle {
                     }
                     self.invoke_durably(&key_id, &invocation).await
                 }
-                Place::Mysql(pool) => db_lifecycle::claim(pool, goods_id, &ids).await,
+                Place::Mysql(pool, _) => db_lifecycle::claim(pool, goods_id, &ids).await,
                 Place::Switching => Err(LifecycleError::Switching(goods_id.to_owned())),
             };
             match result {
