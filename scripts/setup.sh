@@ -29,6 +29,8 @@ command -v make >/dev/null || missing+=(make)
 dpkg -s zlib1g-dev >/dev/null 2>&1 || missing+=(zlib1g-dev)
 python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
 command -v python3 >/dev/null || missing+=(python3 python3-venv)
+# Headless Chromium opens the syncer's live sale dashboard in its browser test.
+command -v chromium >/dev/null || missing+=(chromium)
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing Debian packages: ${missing[*]}"
   as_root apt-get update -qq
@@ -124,4 +126,4 @@ FLUSH PRIVILEGES;
 SQL
 fi
 
-say "ready: Envoy $ENVOY_VERSION, wasm32-wasip1, Tansu $TANSU_VERSION, Redis, a Redis Cluster (:7000-7002), MariaDB ($MYSQL_USER@127.0.0.1:3306)"
+say "ready: Envoy $ENVOY_VERSION, wasm32-wasip1, Tansu $TANSU_VERSION, Redis, a Redis Cluster (:7000-7002), MariaDB ($MYSQL_USER@127.0.0.1:3306), Chromium"

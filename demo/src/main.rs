@@ -57,8 +57,12 @@ async fn main() -> anyhow::Result<()> {
     let stack = Arc::new(Stack::start(options).await?);
     stack.open_sale(GOODS, args.stock, 1).await?;
     println!(
-        "Sale defined and preheated: {GOODS}, {} units, 1 per buyer, rate limit {}/s at the edge.\n",
+        "Sale defined and preheated: {GOODS}, {} units, 1 per buyer, rate limit {}/s at the edge.",
         args.stock, args.limit_per_second
+    );
+    println!(
+        "Live dashboard while the demo runs (the stack stops when it ends): {}/dashboard\n",
+        stack.syncer()?.url()
     );
 
     let calls_before = stack.syncer()?.deduct_calls().await?;

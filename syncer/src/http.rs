@@ -40,6 +40,8 @@ pub struct AppState {
     /// Who decides each goods: forgotten for a goods this process redefines or loads, so its
     /// next attempt is routed by what MySQL says now.
     pub directory: Option<crate::directory::Directory>,
+    /// The live sale dashboard's figures (`dashboard.rs`); the deduct path counts answers in it.
+    pub board: Arc<crate::dashboard::Board>,
 }
 
 impl AppState {
@@ -67,6 +69,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         ));
     Router::new()
         .merge(internal)
+        .merge(crate::dashboard::routes())
         .route("/healthz", get(health))
         .route("/metrics", get(render_metrics))
         .with_state(state)
@@ -303,7 +306,17 @@ async fn decide(
     timeout: Option<Duration>,
 ) -> Result<DeductReply, DeductError> {
     let started = Instant::now();
+    // The goods' place in the dashboard's tally, or its id to ask for one afterwards.
+    let tally = state
+        .board
+        .tally
+        .get(&request.goods_id)
+        .ok_or_else(|| request.goods_id.clone());
     let result = state.deducter.deduct(request, delivery, timeout).await;
+    match tally {
+        Ok(counts) => counts.add(crate::dashboard::Answer::of(&result)),
+        Err(goods_id) => state.board.tally.add_first(goods_id, &result),
+    }
     metrics::histogram!("seckill_deduct_duration_seconds").record(started.elapsed());
     match &result {
         Ok(reply) => metrics::counter!("seckill_deduct_total", "outcome" => reply.outcome.as_str())

@@ -2,6 +2,7 @@
 //! preheat. `main.rs` only parses flags; everything runs from here.
 
 pub mod crashpoint;
+pub mod dashboard;
 pub mod db;
 pub mod db_decide;
 pub mod db_lifecycle;
@@ -63,6 +64,9 @@ pub struct ServeConfig {
     pub kafka: kafka::KafkaConfig,
     /// Attempts per second the MySQL fallback decides at most (0: no fallback).
     pub fallback_rate: u32,
+    /// How often the dashboard's drift and Kafka figures are refreshed (with a pipeline, the
+    /// same reconcile also refreshes the drift metrics).
+    pub reconcile_every: Duration,
 }
 
 /// Connects to one Redis server or a Redis Cluster, as `url` says (`redis_conn.rs`).
@@ -136,17 +140,26 @@ where
     }
 }
 
-/// Refreshes the drift metrics every `every` until `shutdown`.
+/// Reconciles every `every` until `shutdown`, for the dashboard's drift and Kafka figures;
+/// with `metrics` (the process that runs the pipeline) also for the drift metrics and the
+/// warning when a settled sale drifts (one process says it, not every replica).
 pub async fn run_periodic_reconcile(
     reconciler: reconcile::Reconciler,
     every: Duration,
+    board: Arc<dashboard::Board>,
+    metrics: bool,
     shutdown: CancellationToken,
 ) {
     every_tick(every, &shutdown, || async {
         // Totals, goods Redis forgot and dead letters: cheap enough for every tick (the order
         // digest reads every order, so it is `reconcile --orders`).
+        let at_ms = chrono::Utc::now().timestamp_millis();
         match reconciler.report(None, false).await {
             Ok(report) => {
+                board.record_report(at_ms, &report);
+                if !metrics {
+                    return;
+                }
                 report.record_metrics();
                 if report.settled && !report.is_clean() {
                     tracing::warn!(
@@ -156,7 +169,12 @@ pub async fn run_periodic_reconcile(
                     );
                 }
             }
-            Err(e) => tracing::warn!(error = %e, "periodic reconcile failed"),
+            Err(e) => {
+                board.record_report_failed(at_ms);
+                if metrics {
+                    tracing::warn!(error = %e, "periodic reconcile failed");
+                }
+            }
         }
     })
     .await;
@@ -202,6 +220,14 @@ pub async fn serve(
     let mysql = db::connect(&config.stores.mysql_url).await?;
     let keys = KeySpace::new(config.stores.key_prefix.clone());
     let mut background = tokio::task::JoinSet::new();
+    let board = Arc::new(dashboard::Board::default());
+    let reconciler = reconcile::Reconciler {
+        redis: redis.clone(),
+        keys: keys.clone(),
+        mysql: mysql.clone(),
+        kafka: config.kafka.clone(),
+    };
+    let has_pipeline = pipeline.is_some();
     if let Some(pipeline) = pipeline {
         let stores = config.stores.clone();
         let (kafka, name, token) = (
@@ -215,24 +241,30 @@ pub async fn serve(
         let (writer, token) = (pipeline.writer.clone(), shutdown.clone());
         background
             .spawn(async move { logged("writer", run_writer(&stores, &writer, token).await) });
-        let reconciler = reconcile::Reconciler {
-            redis: redis.clone(),
-            keys: keys.clone(),
-            mysql: mysql.clone(),
-            kafka: pipeline.writer.kafka.clone(),
-        };
-        let sweep = reconcile::ForgottenSweep::new(reconciler.clone(), pipeline.forgotten_grace);
+        let reconciler = reconciler.clone();
+        let sweep = reconcile::ForgottenSweep::new(reconciler, pipeline.forgotten_grace);
         let token = shutdown.clone();
         background.spawn(async move {
             reconcile::run_forgotten_sweeper(sweep, pipeline.reconcile_every, token).await;
             Ok(())
         });
-        let token = shutdown.clone();
-        background.spawn(async move {
-            run_periodic_reconcile(reconciler, pipeline.reconcile_every, token).await;
-            Ok(())
-        });
     }
+    let (token, every, shown) = (shutdown.clone(), config.reconcile_every, board.clone());
+    background.spawn(async move {
+        run_periodic_reconcile(reconciler, every, shown, has_pipeline, token).await;
+        Ok(())
+    });
+    let sampler = dashboard::Sampler {
+        board: board.clone(),
+        redis: redis.clone(),
+        keys: keys.clone(),
+        mysql: mysql.clone(),
+    };
+    let token = shutdown.clone();
+    background.spawn(async move {
+        sampler.run(token).await;
+        Ok(())
+    });
     // Who decides each goods, as MySQL says; read once before the first deduct.
     let directory = directory::Directory::new(mysql.clone());
     directory
@@ -281,6 +313,7 @@ pub async fn serve(
         kafka: config.kafka.clone(),
         metrics,
         directory: Some(directory),
+        board,
     });
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await

@@ -143,7 +143,8 @@ enum Command {
         /// (reason "unclaimed") instead of at the end of its payment window.
         #[arg(long, env = "SECKILL_CLAIM_WINDOW_MS", default_value_t = 30_000, value_parser = clap::value_parser!(u64).range(1_000..=3_600_000))]
         claim_window_ms: u64,
-        /// Seconds between periodic reconciles (drift metric), with --pipeline.
+        /// Seconds between periodic reconciles: the dashboard's drift and Kafka figures, and
+        /// with --pipeline the drift metric and the sweep of reservations Redis forgot.
         #[arg(long, default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
         reconcile_every_s: u64,
         /// Seconds after its payment window that a MySQL reservation Redis no longer knows is
@@ -305,6 +306,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 durability_unchecked: redis_durability_unchecked,
                 kafka: writer.kafka.config(),
                 fallback_rate,
+                reconcile_every: Duration::from_secs(reconcile_every_s),
             };
             let pipeline = pipeline.then(|| PipelineConfig {
                 writer: writer.config(),

@@ -3,6 +3,7 @@
 //! Every server runs on a free port and is killed when its handle drops.
 
 pub mod admin;
+pub mod browser;
 pub mod deduct_stub;
 pub mod envoy;
 pub mod kafka_broker;

@@ -5,8 +5,10 @@
 
 use std::time::Duration;
 
-use rdkafka::config::ClientConfig;
-use rdkafka::consumer::{BaseConsumer, Consumer};
+use rdkafka::client::ClientContext;
+use rdkafka::config::{ClientConfig, RDKafkaLogLevel};
+use rdkafka::consumer::{BaseConsumer, Consumer, ConsumerContext};
+use rdkafka::error::KafkaError;
 use rdkafka::types::RDKafkaRespErr;
 use rdkafka::{Offset, TopicPartitionList};
 
@@ -14,18 +16,39 @@ use crate::kafka::KafkaConfig;
 
 const KAFKA_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Says librdkafka's complaints at debug level only. These clients live for one question
+/// each; when the broker is away the answer is "unknown" (the report says so) while
+/// librdkafka would log every reconnect attempt as an error, dozens a second, from every
+/// process that reconciles (each syncer's dashboard does). The relay and the writer keep
+/// their own clients' errors.
+struct Quiet;
+
+impl ClientContext for Quiet {
+    fn log(&self, level: RDKafkaLogLevel, fac: &str, log_message: &str) {
+        tracing::debug!(?level, fac, log_message, "librdkafka (reconcile)");
+    }
+
+    fn error(&self, error: KafkaError, reason: &str) {
+        tracing::debug!(%error, reason, "librdkafka (reconcile)");
+    }
+}
+
+impl ConsumerContext for Quiet {}
+
+type Client = BaseConsumer<Quiet>;
+
 /// A client of the writer's group that never joins it (no subscription, no commits).
-fn client(kafka: &KafkaConfig) -> anyhow::Result<BaseConsumer> {
+fn client(kafka: &KafkaConfig) -> anyhow::Result<Client> {
     ClientConfig::new()
         .set("bootstrap.servers", &kafka.brokers)
         .set("group.id", &kafka.group)
         .set("enable.auto.commit", "false")
-        .create()
+        .create_with_context(Quiet)
         .map_err(|e| anyhow::anyhow!("cannot create a Kafka client: {e}"))
 }
 
 /// A topic's partitions; empty when the broker does not know the topic.
-fn partitions(consumer: &BaseConsumer, topic: &str) -> anyhow::Result<Vec<i32>> {
+fn partitions(consumer: &Client, topic: &str) -> anyhow::Result<Vec<i32>> {
     let metadata = consumer
         .fetch_metadata(Some(topic), KAFKA_TIMEOUT)
         .map_err(|e| anyhow::anyhow!("cannot read the metadata of {topic}: {e}"))?;
