@@ -1,0 +1,18 @@
+#!/bin/sh
+# Starts the gate's Envoy: puts the shared secret into the filter's configuration (in a file
+# only this container sees), then runs Envoy in this process.
+set -eu
+: "${SECKILL_SECRET:?SECKILL_SECRET is not set}"
+# The secret goes into a JSON string inside YAML: allow only characters that need no escaping
+# in either, and a length that a guess cannot reach.
+case "$SECKILL_SECRET" in
+  *[!A-Za-z0-9._~+/=-]*)
+    echo "SECKILL_SECRET may hold only letters, digits and . _ ~ + / = -" >&2; exit 1 ;;
+esac
+if [ "${#SECKILL_SECRET}" -lt 16 ]; then
+  echo "SECKILL_SECRET must be at least 16 characters long" >&2; exit 1
+fi
+rendered=/tmp/seckill-envoy.yaml
+sed "s|@SECKILL_SECRET@|$SECKILL_SECRET|" /etc/seckill/envoy.yaml > "$rendered"
+exec envoy -c "$rendered" --log-level "${SECKILL_ENVOY_LOG_LEVEL:-warn}" \
+  --concurrency "${SECKILL_ENVOY_CONCURRENCY:-2}"
