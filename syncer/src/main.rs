@@ -212,6 +212,21 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Create the sale topic and its dead-letter topic if they are missing, and exit. A topic
+    /// that exists is left as it is, so this can run before every start.
+    Topics {
+        #[command(flatten)]
+        kafka: KafkaArgs,
+        /// Partitions of the sale topic (1 to 1000); the dead-letter topic gets one.
+        #[arg(long, env = "SECKILL_TOPIC_PARTITIONS", default_value_t = 3, value_parser = clap::value_parser!(i32).range(1..=1000))]
+        partitions: i32,
+        /// Replicas of each partition (1 to 32); 3 on a production Kafka cluster.
+        #[arg(long, env = "SECKILL_TOPIC_REPLICATION_FACTOR", default_value_t = 1, value_parser = clap::value_parser!(i32).range(1..=32))]
+        replication_factor: i32,
+        /// How long to keep trying while the broker is not reachable yet (1 to 600 s).
+        #[arg(long, default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=600))]
+        wait_s: u64,
+    },
     /// Create or update the MySQL schema and exit.
     Migrate {
         #[command(flatten)]
@@ -333,6 +348,23 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         } => {
             serve_metrics(metrics_listen, shutdown.clone()).await?;
             seckill_syncer::run_writer(&stores.config(), &writer.config(), shutdown).await?;
+        }
+        Command::Topics {
+            kafka,
+            partitions,
+            replication_factor,
+            wait_s,
+        } => {
+            let plan = seckill_syncer::topics::TopicsPlan {
+                partitions,
+                replication_factor,
+            };
+            let done =
+                seckill_syncer::topics::ensure(&kafka.config(), plan, Duration::from_secs(wait_s))
+                    .await?;
+            for (topic, outcome) in done {
+                println!("{topic}: {}", outcome.as_str());
+            }
         }
         Command::Migrate { stores } => {
             db::connect(&stores.mysql_url).await?;

@@ -5,6 +5,7 @@
 pub mod admin;
 pub mod browser;
 pub mod deduct_stub;
+pub mod docker;
 pub mod envoy;
 pub mod kafka_broker;
 pub mod mysql_db;

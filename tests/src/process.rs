@@ -175,6 +175,16 @@ pub fn profile_dir() -> anyhow::Result<PathBuf> {
         })
 }
 
+/// `seckill-load` lives in its own crate (`load/`), so cargo does not hand tests its path;
+/// `cargo build --workspace` puts it beside the test binaries' profile.
+pub fn load_binary() -> anyhow::Result<PathBuf> {
+    locate(
+        "SECKILL_LOAD_BIN",
+        profile_dir()?.join("seckill-load"),
+        "build it with `cargo build -p seckill-load` (same profile as this test)",
+    )
+}
+
 /// A binary named by `env_var`, or found by `default`; the error says how to build it.
 pub fn locate(env_var: &str, default: PathBuf, how_to_build: &str) -> anyhow::Result<PathBuf> {
     let path = std::env::var_os(env_var)

@@ -1,18 +1,7 @@
 //! The load generator against the real stack: its counts must match what the syncer recorded.
 
-use seckill_e2e::process::{locate, profile_dir};
+use seckill_e2e::process::load_binary;
 use seckill_e2e::stack::{Stack, StackOptions, SECRET};
-
-/// `seckill-load` lives in its own crate (`load/`), so cargo does not hand this test its path;
-/// `cargo build --workspace` puts it beside this test binary's profile.
-fn load_binary() -> std::path::PathBuf {
-    locate(
-        "SECKILL_LOAD_BIN",
-        profile_dir().unwrap().join("seckill-load"),
-        "build it with `cargo build -p seckill-load` (same profile as this test)",
-    )
-    .unwrap()
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn load_generator_counts_match_the_syncer() {
@@ -23,7 +12,7 @@ async fn load_generator_counts_match_the_syncer() {
     stack.open_sale("g", 150, 1).await.unwrap();
     let json = stack.scratch.path.join("run.json");
     let chart = stack.scratch.path.join("run.svg");
-    let output = tokio::process::Command::new(load_binary())
+    let output = tokio::process::Command::new(load_binary().unwrap())
         .args(["--gate", &stack.envoy.url(), "--goods", "g"])
         // The test gate's sale route (production.yaml's, the default, is /api/seckill/...).
         .args(["--path", "/seckill/{goods}/buy"])
