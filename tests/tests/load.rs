@@ -82,7 +82,7 @@ async fn run_load(stack: &Stack, goods: &str, args: &[&str]) -> (i32, String, se
         .scratch
         .path
         .join(format!("{goods}-{}.json", args.len()));
-    let output = tokio::process::Command::new(load_binary())
+    let output = tokio::process::Command::new(load_binary().unwrap())
         .args(["--gate", &stack.envoy.url(), "--goods", goods])
         .args(["--path", "/seckill/{goods}/buy", "--quiet"])
         .args(args)
@@ -212,7 +212,7 @@ async fn stages_headers_run_ids_and_thresholds_work_against_the_real_gate() {
         &["--threshold", "won:p98<5"][..],
         &["--stage", "10:1", "--requests", "5"][..],
     ] {
-        let output = tokio::process::Command::new(load_binary())
+        let output = tokio::process::Command::new(load_binary().unwrap())
             .args(["--gate", &stack.envoy.url(), "--goods", "s"])
             .args(bad)
             .output()
