@@ -615,8 +615,35 @@ async fn a_master_lost_mid_sale_moves_the_sharded_goods_to_mysql_and_nothing_is_
         sale["definition"]["fallback"], true,
         "still MySQL's: {sale}"
     );
-    let (code, report) = p.reconcile(&["--goods", &goods]).unwrap();
+    // Reconcile compares MySQL's side only, orders too: its fenced shards are a stale copy.
+    let (code, report) = p.reconcile(&["--orders", "--goods", &goods]).unwrap();
     assert_eq!(code, 0, "{report:#}");
+    let only = &report["goods"][0];
+    assert!(only.get("orders").is_none(), "{report:#}");
+    assert!(
+        only["note"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("MySQL decides"),
+        "{report:#}"
+    );
+    // `--repair` refuses it, and changes nothing.
+    let before = p.mysql_counters(&goods).await.unwrap();
+    let repair = p
+        .command("reconcile")
+        .unwrap()
+        .args(["--kafka-brokers", &p.broker.bootstrap()])
+        .args(["--repair", "--goods", &goods])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&repair.stderr);
+    assert_eq!(repair.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("nothing repaired"), "{stderr}");
+    assert_eq!(p.mysql_counters(&goods).await.unwrap(), before);
+    assert_eq!(
+        p.order_rows(&goods).await.unwrap(),
+        (sold as i64, sold as i64)
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
