@@ -237,6 +237,18 @@ pub fn shard_of_sequence(sequence: u64, shards: u32) -> u32 {
     (sequence % u64::from(shards.max(1))) as u32
 }
 
+/// The sequence of the last order a keyspace issued, from its sale hash: `seq` (how many it
+/// handed out), and for a shard `shards` and `shard`, as `lua/deduct_batch.lua` issues
+/// `seq * shards + shard` (a goods of one keyspace has neither field: 1 and 0). 0 when it
+/// issued none.
+pub fn last_issued(seq: u64, shards: Option<u64>, shard: Option<u64>) -> u64 {
+    if seq == 0 {
+        return 0;
+    }
+    seq.saturating_mul(shards.unwrap_or(1))
+        .saturating_add(shard.unwrap_or(0))
+}
+
 /// The goods id inside an order id (`goods.epoch.sequence`; a goods id may contain dots).
 pub fn goods_of_order(order_id: &str) -> Option<&str> {
     order_parts(order_id).map(|(goods, _, _)| goods)
@@ -332,6 +344,13 @@ mod tests {
         assert_eq!(spread.len(), 3);
         assert_eq!(home_shard("anyone", 1), 0);
         assert_eq!(shard_of_sequence(7, 3), 1);
+        // Shard 2 of 3, its fourth order: 4 * 3 + 2, which is its own.
+        assert_eq!(last_issued(4, Some(3), Some(2)), 14);
+        assert_eq!(shard_of_sequence(14, 3), 2);
+        assert_eq!(
+            (last_issued(4, None, None), last_issued(0, Some(3), Some(2))),
+            (4, 0)
+        );
     }
 
     #[test]

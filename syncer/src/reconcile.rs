@@ -8,7 +8,7 @@
 //!   it) is reported, and the whole MySQL side counts as drift;
 //! - the dead-letter topic: each message there is an event MySQL never applied;
 //! - with `--orders`, the order digest ([`digest`]): each order's buyer, request id, quantity
-//!   and state on both sides.
+//!   and state on both sides (a `redis_sharded` goods' on every shard).
 //!
 //! The metric loop of `serve --pipeline` runs the first two (the counters, the outboxes, a few
 //! Kafka watermarks); the digest reads every order, so it is a command. [`repair`] repairs
@@ -101,6 +101,10 @@ pub struct GoodsReport {
     /// What this report does not cover for the goods.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub note: Option<String>,
+    /// A sharded goods MySQL decides: its fenced shards are a stale copy, compared with
+    /// nothing (the note says so), and `--repair` refuses to write from them.
+    #[serde(skip)]
+    pub(crate) decided_by_mysql: bool,
 }
 
 impl GoodsReport {
@@ -208,14 +212,8 @@ impl Reconciler {
         let mut goods = Vec::with_capacity(goods_ids.len());
         for goods_id in goods_ids {
             let mut report = self.goods_report(&goods_id).await?;
-            if orders && report.shards.is_empty() {
+            if orders && !report.decided_by_mysql {
                 report.orders = Some(self.digest(&goods_id, &mut digest::CountOnly).await?);
-            } else if orders && report.note.is_none() {
-                report.note = Some(
-                    "the order digest does not cover a redis_sharded goods yet: its counters \
-                     are compared per shard and per goods"
-                        .to_owned(),
-                );
             }
             goods.push(report);
         }
@@ -311,10 +309,11 @@ impl Reconciler {
             missing_from_redis,
             orders: None,
             shards,
+            decided_by_mysql: in_mysql.is_some(),
             note: in_mysql.map(|mode| {
                 format!(
                     "mode {mode}: MySQL decides this sharded goods until it is re-seeded; its \
-                     fenced shards are not compared"
+                     fenced shards are not compared (neither counters nor orders)"
                 )
             }),
         })

@@ -3,7 +3,7 @@
 //! service (for deducts and the admin API). Tests add the relay and the writer as processes of
 //! their own, so they can kill them.
 
-use std::collections::HashSet;
+use std::collections::{BTreeSet, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -445,6 +445,21 @@ impl<R: TestRedis> Pipeline<R> {
         .await
     }
 
+    /// Runs `statement` (one `?`, bound to `order_id`) on MySQL: it must change exactly that
+    /// order's row (an accident the test stages).
+    pub async fn change_order_row(&self, statement: &str, order_id: &str) -> anyhow::Result<()> {
+        let done = sqlx::query(statement)
+            .bind(order_id)
+            .execute(&self.db.pool)
+            .await?;
+        anyhow::ensure!(
+            done.rows_affected() == 1,
+            "{statement} {order_id}: {} rows",
+            done.rows_affected()
+        );
+        Ok(())
+    }
+
     /// A `seckill-syncer` command line for `subcommand` against this fixture's stores.
     pub fn command(&self, subcommand: &str) -> anyhow::Result<std::process::Command> {
         let mut command = std::process::Command::new(syncer_binary()?);
@@ -482,4 +497,29 @@ pub fn epoch_of(order_id: &str) -> u64 {
         .nth(1)
         .and_then(|e| e.parse().ok())
         .unwrap_or_else(|| panic!("no epoch in {order_id}"))
+}
+
+/// An order digest's (`reconcile --orders`) four difference counts: missing from MySQL,
+/// missing from Redis, another buyer, another state.
+pub fn differences(digest: &Value) -> [u64; 4] {
+    [
+        "missing_from_mysql",
+        "missing_from_redis",
+        "identity_differs",
+        "state_differs",
+    ]
+    .map(|field| digest[field].as_u64().unwrap_or(u64::MAX))
+}
+
+/// An order digest's findings as (kind, order id).
+pub fn findings(digest: &Value) -> BTreeSet<(String, String)> {
+    digest["examples"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|f| {
+            let text = |field: &str| f[field].as_str().unwrap_or_default().to_owned();
+            (text("kind"), text("order_id"))
+        })
+        .collect()
 }

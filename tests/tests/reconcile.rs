@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use redis::AsyncCommands;
-use seckill_e2e::pipeline::{Pipeline, FAST_SWEEPER};
+use seckill_e2e::pipeline::{differences, findings, Pipeline, FAST_SWEEPER};
 use seckill_e2e::process::wait_for;
 use seckill_e2e::stack::now_ms;
 use seckill_e2e::syncer::{Role, SyncerProcess};
@@ -54,27 +54,6 @@ fn goods<'a>(report: &'a Value, goods_id: &str) -> &'a Value {
         .as_array()
         .and_then(|all| all.iter().find(|g| g["goods_id"] == goods_id))
         .unwrap_or_else(|| panic!("no goods {goods_id} in {report}"))
-}
-
-/// A digest's four difference counts: missing from MySQL, missing from Redis, another
-/// buyer, another state.
-fn differences(digest: &Value) -> [u64; 4] {
-    [
-        "missing_from_mysql",
-        "missing_from_redis",
-        "identity_differs",
-        "state_differs",
-    ]
-    .map(|field| digest[field].as_u64().unwrap_or(u64::MAX))
-}
-
-async fn sql(p: &Pipeline, statement: &str, order_id: &str) {
-    let done = sqlx::query(statement)
-        .bind(order_id)
-        .execute(&p.db.pool)
-        .await
-        .unwrap();
-    assert_eq!(done.rows_affected(), 1, "{statement} {order_id}");
 }
 
 /// Every row of these goods: order id -> (buyer, request, quantity, state, reason, units
@@ -148,42 +127,31 @@ async fn reconcile_sees_other_buyers_dead_letters_and_a_goods_redis_forgot() {
     let epoch = orders[0].split('.').nth(1).unwrap();
     let ghost = format!("g.{epoch}.9999");
     let buyer = rows(&p, &["g"]).await[&orders[0]].0.clone();
-    sql(
-        &p,
+    p.change_order_row(
         "UPDATE orders SET user_id = 'intruder' WHERE order_id = ?",
         &orders[0],
     )
-    .await;
-    sql(
-        &p,
+    .await
+    .unwrap();
+    p.change_order_row(
         "UPDATE orders SET state = 'confirmed' WHERE order_id = ?",
         &orders[1],
     )
-    .await;
-    sql(
-        &p,
+    .await
+    .unwrap();
+    p.change_order_row(
         "INSERT INTO orders (order_id, goods_id, user_id, quantity, request_id, state, \
          reserved_at) VALUES (?, 'g', 'ghost', 1, 'ghost', 'reserved', NOW(3))",
         &ghost,
     )
-    .await;
+    .await
+    .unwrap();
     let (code, report) = p.reconcile(&[]).unwrap();
     assert_eq!(code, 0, "the totals alone cannot see these: {report}");
     let (code, report) = p.reconcile(&["--orders"]).unwrap();
     let digest = &goods(&report, "g")["orders"];
     assert_eq!(code, 2, "the digest sees them: {report}");
     assert_eq!(differences(digest), [0, 1, 1, 1], "{digest}");
-    let found: BTreeSet<(String, String)> = digest["examples"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .map(|f| {
-            (
-                f["kind"].as_str().unwrap().to_owned(),
-                f["order_id"].as_str().unwrap().to_owned(),
-            )
-        })
-        .collect();
     let expected: BTreeSet<(String, String)> = [
         ("identity_differs", &orders[0]),
         ("state_differs", &orders[1]),
@@ -192,20 +160,22 @@ async fn reconcile_sees_other_buyers_dead_letters_and_a_goods_redis_forgot() {
     .into_iter()
     .map(|(kind, order)| (kind.to_owned(), order.clone()))
     .collect();
-    assert_eq!(found, expected);
+    assert_eq!(findings(digest), expected);
     sqlx::query("UPDATE orders SET user_id = ? WHERE order_id = ?")
         .bind(&buyer)
         .bind(&orders[0])
         .execute(&p.db.pool)
         .await
         .unwrap();
-    sql(
-        &p,
+    p.change_order_row(
         "UPDATE orders SET state = 'reserved' WHERE order_id = ?",
         &orders[1],
     )
-    .await;
-    sql(&p, "DELETE FROM orders WHERE order_id = ?", &ghost).await;
+    .await
+    .unwrap();
+    p.change_order_row("DELETE FROM orders WHERE order_id = ?", &ghost)
+        .await
+        .unwrap();
 
     // A message the writer cannot parse lands in the dead-letter topic: never clean again
     // until someone deals with it.
@@ -312,14 +282,16 @@ async fn repair_restores_each_deleted_order_in_its_state() {
         &g[10], &g[11], &g[0], &g[1], &g[5], &g[6], &x[0], &x[1], &l[0], &l[1],
     ];
     for order in deleted {
-        sql(&p, "DELETE FROM orders WHERE order_id = ?", order).await;
+        p.change_order_row("DELETE FROM orders WHERE order_id = ?", order)
+            .await
+            .unwrap();
     }
-    sql(
-        &p,
+    p.change_order_row(
         "UPDATE orders SET state = 'reserved' WHERE order_id = ?",
         &g[2],
     )
-    .await;
+    .await
+    .unwrap();
     let (code, report) = settled_reconcile(&p, &["--orders"]).await;
     assert_eq!(code, 2, "{report}");
     for (goods_id, expected) in [

@@ -6,15 +6,16 @@
 //! units cut short between the donor's take and the home shard's give (the syncer aborted at
 //! the crash point) is completed by the sweeper; and 5,000 attempts through Envoy for 1,000
 //! units over 3 shards sell exactly 1,000, every shard to 0, one MySQL row per winner, with
-//! reconcile clean.
+//! reconcile clean. The order digest compares every shard's orders with MySQL's rows and
+//! names each difference; `--repair` replays a lost row through its shard's outbox.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use futures::stream::{self, StreamExt};
 use seckill_e2e::admin::Admin;
-use seckill_e2e::pipeline::{epoch_of, Pipeline};
+use seckill_e2e::pipeline::{differences, epoch_of, findings, Pipeline};
 use seckill_e2e::process::wait_for;
 use seckill_e2e::redis_cluster::RedisCluster;
 use seckill_e2e::stack::{now_ms, rfc3339, Stack, StackOptions, SECRET};
@@ -108,11 +109,11 @@ fn available(shards: &[(i64, i64, i64)]) -> Vec<i64> {
     shards.iter().map(|s| s.0).collect()
 }
 
-/// Reconcile (no `--orders`: the digest does not cover sharded goods yet) exits 0, settled,
-/// once the pipeline has drained.
+/// Reconcile with the order digest (every shard's orders against MySQL's rows) exits 0,
+/// settled, once the pipeline has drained.
 async fn wait_for_clean_reconcile(p: &Pipeline<RedisCluster>, goods: &str) -> Value {
     wait_for("a clean, settled reconcile", DRAIN, || async {
-        let (code, report) = p.reconcile(&["--goods", goods])?;
+        let (code, report) = p.reconcile(&["--orders", "--goods", goods])?;
         Ok((code == 0 && report["settled"] == true).then_some(report))
     })
     .await
@@ -940,5 +941,124 @@ async fn mysql_ends_a_reservation_its_shard_forgot_and_only_that_one() {
         p.mysql_counters(&goods).await.unwrap(),
         (29, 1, 0, 0, 30),
         "the two forgotten units are back on sale"
+    );
+}
+
+/// The order digest of a sharded goods: every shard's orders against MySQL's rows, each order
+/// looked up on the shard that issued it. Clean after wins on every shard, a release and a
+/// confirm, with every order counted; then each accident is named, that order alone: a row
+/// MySQL lost (restored by `--repair` through the shard's outbox), a row naming another buyer,
+/// an order its shard forgot.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn the_order_digest_compares_every_shards_orders_and_names_each_difference() {
+    let p = Pipeline::start_cluster("sharded_digest").await.unwrap();
+    let _pipeline = p.spawn_relay_and_writer(100, 20).await.unwrap();
+    let goods = goods_over_three_masters(&p.redis, &p.prefix, "digest").await;
+    open_sharded(&p.admin(), &goods, 30).await;
+    // Three buyers per home shard: each shard issues three orders. (order id, buyer) by shard.
+    let mut by_shard: Vec<Vec<(String, String)>> = vec![];
+    for shard in 0..SHARDS {
+        let mut orders = vec![];
+        for user in buyers_of("d", shard, 3) {
+            let won = attempt(&p, &goods, &user, &user).await;
+            assert_eq!(won["outcome"], "won", "{won}");
+            let order = won["order_id"].as_str().unwrap().to_owned();
+            assert_eq!(shard_of(&order), shard, "{won}");
+            orders.push((order, user));
+        }
+        by_shard.push(orders);
+    }
+    let (released, confirmed) = (&by_shard[0][0].0, &by_shard[1][0]);
+    for (order, action, state) in [
+        (released, "cancel", "released"),
+        (&confirmed.0, "confirm", "confirmed"),
+    ] {
+        let (status, body) = p.settle(order, action).await.unwrap();
+        assert_eq!((status, &body["state"]), (200, &json!(state)), "{body}");
+    }
+    p.wait_for_rows(&goods, 9, DRAIN).await.unwrap();
+    let report = wait_for_clean_reconcile(&p, &goods).await;
+    let digest = &report["goods"][0]["orders"];
+    assert_eq!(
+        (&digest["shards"], &digest["epoch"]),
+        (&json!(SHARDS), &json!(epoch_of(released))),
+        "{report:#}"
+    );
+    // Every order compared on both sides: 7 live and 2 ended in Redis, 9 rows in MySQL.
+    assert_eq!(
+        (
+            &digest["redis_live"],
+            &digest["redis_settled"],
+            &digest["mysql_rows"]
+        ),
+        (&json!(7), &json!(2), &json!(9)),
+        "{report:#}"
+    );
+    assert_eq!(differences(digest), [0; 4], "{report:#}");
+
+    // The digest names exactly one order, with its kind (one of `differences`), and fails.
+    let names_only = |kind: &str, order: &str, counts: [u64; 4]| {
+        let (code, report) = p.reconcile(&["--orders", "--goods", &goods]).unwrap();
+        let digest = &report["goods"][0]["orders"];
+        assert_eq!(code, 2, "{report:#}");
+        assert_eq!(differences(digest), counts, "{report:#}");
+        let only = BTreeSet::from([(kind.to_owned(), order.to_owned())]);
+        assert_eq!(findings(digest), only, "{report:#}");
+        digest.clone()
+    };
+
+    // MySQL loses the row of an order shard 2 issued: named missing from MySQL, alone.
+    let (lost, lost_buyer) = &by_shard[2][1];
+    p.change_order_row("DELETE FROM orders WHERE order_id = ?", lost)
+        .await
+        .unwrap();
+    names_only("missing_from_mysql", lost, [1, 0, 0, 0]);
+    // `--repair` replays it through shard 2's outbox: the row is back, with its buyer.
+    p.reconcile(&["--repair", "--goods", &goods]).unwrap();
+    let report = wait_for_clean_reconcile(&p, &goods).await;
+    assert_eq!(report["goods"][0]["orders"]["mysql_rows"], 9, "{report:#}");
+    let (buyer, state): (String, String) =
+        sqlx::query_as("SELECT user_id, state FROM orders WHERE order_id = ?")
+            .bind(lost)
+            .fetch_one(&p.db.pool)
+            .await
+            .unwrap();
+    assert_eq!((&buyer, state.as_str()), (lost_buyer, "reserved"));
+
+    // A row of shard 2's naming another buyer: named, alone.
+    let (other, other_buyer) = &by_shard[2][2];
+    p.change_order_row(
+        "UPDATE orders SET user_id = 'intruder' WHERE order_id = ?",
+        other,
+    )
+    .await
+    .unwrap();
+    names_only("identity_differs", other, [0, 0, 1, 0]);
+    sqlx::query("UPDATE orders SET user_id = ? WHERE order_id = ?")
+        .bind(other_buyer)
+        .bind(other)
+        .execute(&p.db.pool)
+        .await
+        .unwrap();
+
+    // Shard 1 forgets its confirmed order (its end and the request naming it): MySQL's row is
+    // missing from Redis, alone; the other shards' orders are still found.
+    let mut conn = p.redis.connection().await.unwrap();
+    let key = |suffix: &str| format!("{}:{{{}}}:{suffix}", p.prefix, shard_id(&goods, 1));
+    let (order, buyer) = confirmed;
+    for (hash, field) in [("settled", order), ("requests", buyer)] {
+        let removed: u64 = redis::cmd("HDEL")
+            .arg(key(hash))
+            .arg(field)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert_eq!(removed, 1, "{hash} {field}");
+    }
+    let digest = names_only("missing_from_redis", order, [0, 1, 0, 0]);
+    assert_eq!(
+        (&digest["redis_live"], &digest["redis_settled"]),
+        (&json!(7), &json!(1)),
+        "{digest:#}"
     );
 }

@@ -9,31 +9,42 @@
 //! more: only its end is left, so MySQL missing it is counted (`unreplayable`) but it cannot be
 //! rebuilt.
 //!
-//! Three walks, each in pages of [`PAGE_ORDERS`]: the requests hash (HSCAN) with one HMGET
-//! round trip and one MySQL `IN` lookup per page; the settled hash the same way; MySQL's rows
-//! of the round by primary key, with one HMGET round trip per page. So it reads every order of
-//! the round on both sides, in memory bounded by a page plus the goods' outbox (see
-//! [`IN_FLIGHT_MAX`]); a million orders take seconds, which is why it is a command
-//! (`reconcile --orders`, `--repair`) and not part of the metric loop.
+//! A `redis_sharded` goods keeps its orders in K keyspaces, one per shard (`G~0`..`G~K-1`,
+//! `shard.rs`), each of the layout above; MySQL holds one goods. The digest walks every shard's
+//! hashes and looks each MySQL row up on the shard that issued it (its sequence names it:
+//! [`Placement`]). Shards are loaded under the goods' epoch together; the round compared is
+//! the highest epoch any shard holds (a shard that forgot its sale holds none: its rows are
+//! missing from Redis).
 //!
-//! Events still in the outbox are not drift: an order with any is compared as MySQL should
+//! Three walks, each in pages of [`PAGE_ORDERS`]: the requests hash (HSCAN, each shard's in
+//! turn) with one HMGET round trip and one MySQL `IN` lookup per page; the settled hash the
+//! same way; MySQL's rows of the round by primary key, with one HMGET round trip per page and
+//! shard. So it reads every order of the round on both sides, in memory bounded by a page plus
+//! the goods' outboxes (see [`IN_FLIGHT_MAX`]); a million orders take seconds, which is why it
+//! is a command (`reconcile --orders`, `--repair`) and not part of the metric loop.
+//!
+//! Events still in an outbox are not drift: an order with any is compared as MySQL should
 //! hold it before them. Events in Kafka make the report unsettled, and its findings are final
 //! only once it is settled. HSCAN may return an entry twice while its hash grows, so counts are
-//! exact at rest. Orders issued after the digest began (a higher sequence) wait for the next.
+//! exact at rest. Orders issued after the digest began wait for the next: each keyspace's
+//! sequence is read before its outbox, and an order is compared when its sequence is not above
+//! the last one the keyspace that issued it had handed out (each shard counts its own).
 
 use std::collections::HashMap;
 
 use serde::Serialize;
 
 use super::orders::{
-    HashPages, Identity, MysqlOrder, OrderRange, RedisEntries, RedisOrder, Standing, PAGE_ORDERS,
+    HashPages, Identity, MysqlOrder, OrderRange, Placement, RedisEntries, RedisOrder, Standing,
+    PAGE_ORDERS,
 };
 use super::Reconciler;
 use crate::events::SaleEvent;
-use crate::keys::{order_parts, GoodsKeys, Record};
+use crate::keys::{last_issued, order_parts, GoodsKeys, Record};
 
 /// Outbox events the digest holds in memory (order id -> whether the first is its
-/// reservation); a goods with more in its outbox is compared once the relay has caught up.
+/// reservation); a goods with more in its outboxes (all its shards' together) is compared
+/// once the relay has caught up.
 pub const IN_FLIGHT_MAX: usize = 200_000;
 /// Findings kept word for word per goods; all of them are counted.
 const EXAMPLES_MAX: usize = 20;
@@ -78,6 +89,9 @@ impl Sink for CountOnly {
 pub struct OrderDigest {
     /// The round compared (None: Redis has no sale, so every MySQL row is unmatched).
     pub epoch: Option<u64>,
+    /// A `redis_sharded` goods: the shards walked, each order on the one that issued it.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub shards: Option<u32>,
     pub redis_live: u64,
     pub redis_settled: u64,
     pub mysql_rows: u64,
@@ -114,33 +128,46 @@ impl Reconciler {
         goods_id: &str,
         sink: &mut S,
     ) -> anyhow::Result<OrderDigest> {
-        let keys = self.keys.goods(goods_id);
-        let mut conn = self.redis.clone();
-        // The sequence first, then the outbox: every order up to this sequence has its
-        // reservation event either in the outbox as read below, or already past it.
-        let (epoch, last_sequence): (Option<u64>, Option<u64>) = tokio::time::timeout(
-            super::REDIS_TIMEOUT,
-            redis::cmd("HMGET")
-                .arg(&keys.sale)
-                .arg(&["epoch", "seq"])
-                .query_async(&mut conn),
-        )
-        .await??;
+        let placement = self.placement(goods_id).await?;
+        // Each keyspace's sequence first, then the outboxes: every order up to a keyspace's
+        // sequence has its reservation event either in its outbox as read below, or already
+        // past it.
+        let mut sides = Vec::with_capacity(placement.keyspaces());
+        let mut epoch = None;
+        for index in 0..placement.keyspaces() {
+            let keys = self.keys.goods(&placement.key_id(index));
+            let mut conn = self.redis.clone();
+            let (side_epoch, seq, shards, shard): (Option<u64>, Option<u64>, _, _) =
+                tokio::time::timeout(
+                    super::REDIS_TIMEOUT,
+                    redis::cmd("HMGET")
+                        .arg(&keys.sale)
+                        .arg(&["epoch", "seq", "shards", "shard"])
+                        .query_async(&mut conn),
+                )
+                .await??;
+            epoch = epoch.max(side_epoch);
+            sides.push(Side {
+                keys,
+                last_sequence: last_issued(seq.unwrap_or(0), shards, shard),
+            });
+        }
         let in_flight = match epoch {
-            Some(_) => self.in_flight_orders(goods_id).await?,
+            Some(_) => self.in_flight_orders(&placement).await?,
             None => Some(HashMap::new()),
         };
         let mut walk = Walk {
             reconciler: self,
             goods_id,
             range: OrderRange::new(goods_id, epoch),
-            last_sequence: last_sequence.unwrap_or(0),
             digest: OrderDigest {
                 epoch,
+                shards: placement.shards,
                 ..OrderDigest::default()
             },
+            placement,
+            sides,
             in_flight: HashMap::new(),
-            keys,
             sink,
             settled_named_missing: 0,
             settled_missing: 0,
@@ -166,34 +193,80 @@ impl Reconciler {
         Ok(walk.digest)
     }
 
-    /// Orders with events in the goods' outbox: whether the first is the reservation (MySQL
-    /// should not have the order yet) or an end (MySQL should hold it reserved). None when
-    /// the outbox is longer than [`IN_FLIGHT_MAX`].
+    /// Where the goods' orders live. MySQL's definition says whether it is sharded (a shard
+    /// count Redis keeps on every shard, so one that forgot cannot hide it); a goods MySQL
+    /// does not define is sharded when its shard 0 says so.
+    pub(crate) async fn placement(&self, goods_id: &str) -> anyhow::Result<Placement> {
+        let defined: Option<(String, Option<u8>)> =
+            sqlx::query_as("SELECT tier, shards FROM sales WHERE goods_id = ?")
+                .bind(goods_id)
+                .fetch_optional(&self.mysql)
+                .await?;
+        let shards = match defined {
+            Some((tier, shards)) => shards.filter(|_| tier == "redis_sharded").map(u32::from),
+            None => {
+                let first = self.keys.goods(&crate::keys::shard_id(goods_id, 0)).sale;
+                let mut conn = self.redis.clone();
+                tokio::time::timeout(
+                    super::REDIS_TIMEOUT,
+                    redis::cmd("HGET")
+                        .arg(&first)
+                        .arg("shards")
+                        .query_async::<Option<u32>>(&mut conn),
+                )
+                .await??
+            }
+        };
+        Ok(Placement {
+            goods_id: goods_id.to_owned(),
+            // Bounds the walk over the shards whatever a store holds.
+            shards: shards.map(|s| s.clamp(1, crate::sale::SHARDS_MAX)),
+        })
+    }
+
+    /// Orders with events in the goods' outboxes (each shard's): whether the first is the
+    /// reservation (MySQL should not have the order yet) or an end (MySQL should hold it
+    /// reserved). None when they hold more than [`IN_FLIGHT_MAX`] events together.
     async fn in_flight_orders(
         &self,
-        goods_id: &str,
+        placement: &Placement,
     ) -> anyhow::Result<Option<HashMap<String, bool>>> {
         let mut orders = HashMap::new();
-        let events = self
-            .for_each_outbox_event(goods_id, IN_FLIGHT_MAX, |event| {
-                if let Some(event) = event {
-                    let reserved = matches!(event, SaleEvent::Reserved { .. });
-                    orders
-                        .entry(event.order_id().to_owned())
-                        .or_insert(reserved);
-                }
-            })
-            .await?;
-        Ok((events <= IN_FLIGHT_MAX as u64).then_some(orders))
+        let mut events = 0u64;
+        for index in 0..placement.keyspaces() {
+            let budget = IN_FLIGHT_MAX.saturating_sub(events as usize);
+            events += self
+                .for_each_outbox_event(&placement.key_id(index), budget, |event| {
+                    if let Some(event) = event {
+                        let reserved = matches!(event, SaleEvent::Reserved { .. });
+                        orders
+                            .entry(event.order_id().to_owned())
+                            .or_insert(reserved);
+                    }
+                })
+                .await?;
+            if events > IN_FLIGHT_MAX as u64 {
+                return Ok(None);
+            }
+        }
+        Ok(Some(orders))
     }
+}
+
+/// One keyspace the digest walks: the goods' own, or one shard's.
+struct Side {
+    keys: GoodsKeys,
+    /// The last sequence it had issued when the digest began.
+    last_sequence: u64,
 }
 
 struct Walk<'a, S> {
     reconciler: &'a Reconciler,
     goods_id: &'a str,
-    keys: GoodsKeys,
+    placement: Placement,
+    /// Index for index with the placement's keyspaces.
+    sides: Vec<Side>,
     range: OrderRange,
-    last_sequence: u64,
     in_flight: HashMap<String, bool>,
     digest: OrderDigest,
     sink: &'a mut S,
@@ -204,10 +277,17 @@ struct Walk<'a, S> {
 }
 
 impl<S: Sink> Walk<'_, S> {
-    /// An order of the compared round, issued before the digest began.
+    /// An order of the compared round, issued before the digest began by the keyspace that
+    /// issued it.
     fn compared(&self, order_id: &str) -> bool {
+        let issuer = self
+            .placement
+            .index_of(order_id)
+            .and_then(|i| self.sides.get(i));
         self.range.contains(order_id)
-            && order_parts(order_id).is_some_and(|(_, _, sequence)| sequence <= self.last_sequence)
+            && order_parts(order_id).is_some_and(|(_, _, sequence)| {
+                issuer.is_some_and(|side| sequence <= side.last_sequence)
+            })
     }
 
     async fn found(
@@ -237,10 +317,19 @@ impl<S: Sink> Walk<'_, S> {
         Ok(())
     }
 
-    /// Every order a request names: identity, and the state of the live ones (ended ones
-    /// are compared by the settled walk, which also sees those no request names).
+    /// Every order a request names, on each keyspace: identity, and the state of the live
+    /// ones (ended ones are compared by the settled walk, which also sees those no request
+    /// names). A request and its order live on one keyspace (a buyer's home shard issues
+    /// their orders).
     async fn requests(&mut self) -> anyhow::Result<()> {
-        let mut pages = HashPages::new(&self.keys.requests);
+        for side in 0..self.sides.len() {
+            self.requests_of(side).await?;
+        }
+        Ok(())
+    }
+
+    async fn requests_of(&mut self, side: usize) -> anyhow::Result<()> {
+        let mut pages = HashPages::new(&self.sides[side].keys.requests);
         while let Some(entries) = pages.next(&self.reconciler.redis).await? {
             let named: Vec<Identity> = entries
                 .iter()
@@ -254,14 +343,15 @@ impl<S: Sink> Walk<'_, S> {
                     })
                 })
                 .collect();
-            self.named_page(named).await?;
+            self.named_page(side, named).await?;
         }
         Ok(())
     }
 
-    async fn named_page(&mut self, named: Vec<Identity>) -> anyhow::Result<()> {
+    async fn named_page(&mut self, side: usize, named: Vec<Identity>) -> anyhow::Result<()> {
         let ids: Vec<&str> = named.iter().map(|n| n.order_id.as_str()).collect();
-        let entries = RedisEntries::read(&self.reconciler.redis, &self.keys, &ids).await?;
+        let keys = &self.sides[side].keys;
+        let entries = RedisEntries::read(&self.reconciler.redis, keys, &ids).await?;
         let mut rows = super::orders::rows_by_id(&self.reconciler.mysql, &ids).await?;
         for (i, identity) in named.into_iter().enumerate() {
             let order_id = identity.order_id.clone();
@@ -302,23 +392,26 @@ impl<S: Sink> Walk<'_, S> {
         Ok(())
     }
 
-    /// Every ended order: its state against MySQL's.
+    /// Every ended order, on each keyspace: its state against MySQL's.
     async fn settled(&mut self) -> anyhow::Result<()> {
-        let mut pages = HashPages::new(&self.keys.settled);
-        while let Some(entries) = pages.next(&self.reconciler.redis).await? {
-            let ended: Vec<String> = entries
-                .into_iter()
-                .map(|(order_id, _)| order_id)
-                .filter(|order_id| self.compared(order_id))
-                .collect();
-            self.settled_page(&ended).await?;
+        for side in 0..self.sides.len() {
+            let mut pages = HashPages::new(&self.sides[side].keys.settled);
+            while let Some(entries) = pages.next(&self.reconciler.redis).await? {
+                let ended: Vec<String> = entries
+                    .into_iter()
+                    .map(|(order_id, _)| order_id)
+                    .filter(|order_id| self.compared(order_id))
+                    .collect();
+                self.settled_page(side, &ended).await?;
+            }
         }
         Ok(())
     }
 
-    async fn settled_page(&mut self, ended: &[String]) -> anyhow::Result<()> {
+    async fn settled_page(&mut self, side: usize, ended: &[String]) -> anyhow::Result<()> {
         let ids: Vec<&str> = ended.iter().map(String::as_str).collect();
-        let entries = RedisEntries::read(&self.reconciler.redis, &self.keys, &ids).await?;
+        let keys = &self.sides[side].keys;
+        let entries = RedisEntries::read(&self.reconciler.redis, keys, &ids).await?;
         let rows = super::orders::rows_by_id(&self.reconciler.mysql, &ids).await?;
         // The buyer and quantity of each row's request as Redis holds them: a retried
         // request keeps both, so they hold for each order the request won.
@@ -326,7 +419,7 @@ impl<S: Sink> Walk<'_, S> {
             .iter()
             .filter_map(|id| rows.get(*id).map(|r| r.identity.request_id.as_str()))
             .collect();
-        let records = self.request_records(&requests).await?;
+        let records = self.request_records(side, &requests).await?;
         for (i, order_id) in ids.iter().enumerate() {
             let (standing, _) = entries.standing(i);
             if entries.settled.get(i).is_some_and(Option::is_some)
@@ -380,6 +473,7 @@ impl<S: Sink> Walk<'_, S> {
 
     async fn request_records(
         &self,
+        side: usize,
         request_ids: &[&str],
     ) -> anyhow::Result<HashMap<String, String>> {
         if request_ids.is_empty() {
@@ -389,7 +483,7 @@ impl<S: Sink> Walk<'_, S> {
         let records: Vec<Option<String>> = tokio::time::timeout(
             super::REDIS_TIMEOUT,
             redis::cmd("HMGET")
-                .arg(&self.keys.requests)
+                .arg(&self.sides[side].keys.requests)
                 .arg(request_ids)
                 .query_async(&mut conn),
         )
@@ -401,7 +495,7 @@ impl<S: Sink> Walk<'_, S> {
             .collect())
     }
 
-    /// Every MySQL row of the round: Redis must know it.
+    /// Every MySQL row of the round: Redis must know it, on the keyspace that issued it.
     async fn rows(&mut self) -> anyhow::Result<()> {
         let mut after: Option<String> = None;
         // Keyset pages by primary key: each page starts after the last; a short page is the last.
@@ -412,7 +506,13 @@ impl<S: Sink> Walk<'_, S> {
                 .await?;
             self.digest.mysql_rows += page.len() as u64;
             let ids: Vec<&str> = page.iter().map(|r| r.identity.order_id.as_str()).collect();
-            let entries = RedisEntries::read(&self.reconciler.redis, &self.keys, &ids).await?;
+            let entries = RedisEntries::read_placed(
+                &self.reconciler.redis,
+                &self.reconciler.keys,
+                &self.placement,
+                &ids,
+            )
+            .await?;
             for (i, row) in page.iter().enumerate() {
                 if !entries.knows(i) {
                     let order_id = row.identity.order_id.clone();

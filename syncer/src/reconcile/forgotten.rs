@@ -23,13 +23,15 @@
 //! where the last pass stopped (the orders table has no index on state, on purpose: inserts are
 //! the hot path), so a large sale is covered over several passes.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::HashMap;
 use std::time::Duration;
 
 use sqlx::Row;
 use tokio_util::sync::CancellationToken;
 
-use super::orders::{release_event, MysqlOrder, OrderRange, RedisEntries, Standing, PAGE_ORDERS};
+use super::orders::{
+    release_event, MysqlOrder, OrderRange, Placement, RedisEntries, Standing, PAGE_ORDERS,
+};
 use super::watermarks::{high_watermarks, writer_reached};
 use super::Reconciler;
 use crate::events::SaleEvent;
@@ -228,30 +230,17 @@ impl ForgottenSweep {
     /// known: nothing is ended that cannot be placed.
     async fn known(&self, sale: &ReservedSale, ids: &[&str]) -> anyhow::Result<Vec<bool>> {
         let reconciler = &self.reconciler;
-        let Some(shards) = sale.shards else {
-            let keys = reconciler.keys.goods(&sale.goods_id);
-            let entries = RedisEntries::read(&reconciler.redis, &keys, ids).await?;
-            return Ok((0..ids.len()).map(|i| entries.knows(i)).collect());
+        let placement = Placement {
+            goods_id: sale.goods_id.clone(),
+            shards: sale.shards,
         };
-        let mut known = vec![true; ids.len()];
-        let mut by_shard: BTreeMap<u32, Vec<usize>> = BTreeMap::new();
-        for (i, id) in ids.iter().enumerate() {
-            if let Some((_, _, sequence)) = crate::keys::order_parts(id) {
-                let shard = crate::keys::shard_of_sequence(sequence, shards);
-                by_shard.entry(shard).or_default().push(i);
-            }
-        }
-        for (shard, indexes) in by_shard {
-            let keys = reconciler
-                .keys
-                .goods(&crate::keys::shard_id(&sale.goods_id, shard));
-            let on_shard: Vec<&str> = indexes.iter().map(|&i| ids[i]).collect();
-            let entries = RedisEntries::read(&reconciler.redis, &keys, &on_shard).await?;
-            for (j, &i) in indexes.iter().enumerate() {
-                known[i] = entries.knows(j);
-            }
-        }
-        Ok(known)
+        let entries =
+            RedisEntries::read_placed(&reconciler.redis, &reconciler.keys, &placement, ids).await?;
+        Ok(ids
+            .iter()
+            .enumerate()
+            .map(|(i, id)| placement.index_of(id).is_none() || entries.knows(i))
+            .collect())
     }
 
     /// Waits (bounded) until the writer has applied everything the sale topic holds now.

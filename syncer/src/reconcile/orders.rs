@@ -1,8 +1,9 @@
 //! One order as each store holds it, and the bounded reads that fetch orders: MySQL's rows by
-//! id or in primary-key pages of one goods' round, Redis's live and settled entries by id.
-//! Shared by the order digest, `--repair` and the MySQL sweep of forgotten reservations.
+//! id or in primary-key pages of one goods' round, Redis's live and settled entries by id, on
+//! the keyspace that holds each ([`Placement`]). Shared by the order digest, `--repair` and the
+//! MySQL sweep of forgotten reservations.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::time::Duration;
 
 use crate::RedisConn;
@@ -11,7 +12,7 @@ use sqlx::mysql::MySqlRow;
 use sqlx::{MySql, MySqlPool, QueryBuilder, Row};
 
 use crate::events::SaleEvent;
-use crate::keys::{order_parts, GoodsKeys};
+use crate::keys::{order_parts, shard_id, shard_of_sequence, GoodsKeys, KeySpace};
 use crate::order::{OrderState, ReleaseReason};
 
 /// Orders per Redis page (HSCAN COUNT, HMGET fields) and per MySQL page or `IN (...)` list:
@@ -276,6 +277,40 @@ impl OrderRange {
     }
 }
 
+/// Where a goods' orders live in Redis: all in the goods' own keyspace, or, for a
+/// `redis_sharded` goods, each in the keyspace of the shard that issued it, which its sequence
+/// names (`local * shards + shard`, `keys::shard_of_sequence`). MySQL holds one goods either way.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Placement {
+    pub goods_id: String,
+    /// The shard count of a `redis_sharded` goods.
+    pub shards: Option<u32>,
+}
+
+impl Placement {
+    /// How many keyspaces hold the goods' orders.
+    pub fn keyspaces(&self) -> usize {
+        self.shards.map_or(1, |shards| shards as usize)
+    }
+
+    /// The id keyspace `index` is keyed by: the goods, or its shard `index`.
+    pub fn key_id(&self, index: usize) -> String {
+        match self.shards {
+            None => self.goods_id.clone(),
+            Some(_) => shard_id(&self.goods_id, index as u32),
+        }
+    }
+
+    /// The keyspace that holds an order; None for an id that names no shard.
+    pub fn index_of(&self, order_id: &str) -> Option<usize> {
+        match self.shards {
+            None => Some(0),
+            Some(shards) => order_parts(order_id)
+                .map(|(_, _, sequence)| shard_of_sequence(sequence, shards) as usize),
+        }
+    }
+}
+
 /// What Redis holds for each of some orders of one goods, index for index.
 #[derive(Debug, Default)]
 pub struct RedisEntries {
@@ -311,6 +346,38 @@ impl RedisEntries {
             settled,
             lapsed,
         })
+    }
+
+    /// Reads each order on the keyspace that holds it: one round trip per keyspace named. An
+    /// order that names no keyspace has nothing.
+    pub async fn read_placed(
+        redis: &RedisConn,
+        space: &KeySpace,
+        placement: &Placement,
+        order_ids: &[&str],
+    ) -> anyhow::Result<RedisEntries> {
+        let mut by_keyspace: BTreeMap<usize, Vec<usize>> = BTreeMap::new();
+        for (i, id) in order_ids.iter().enumerate() {
+            if let Some(index) = placement.index_of(id) {
+                by_keyspace.entry(index).or_default().push(i);
+            }
+        }
+        let mut all = RedisEntries {
+            live: vec![None; order_ids.len()],
+            settled: vec![None; order_ids.len()],
+            lapsed: vec![false; order_ids.len()],
+        };
+        for (index, positions) in by_keyspace {
+            let keys = space.goods(&placement.key_id(index));
+            let ids: Vec<&str> = positions.iter().map(|&i| order_ids[i]).collect();
+            let mut found = RedisEntries::read(redis, &keys, &ids).await?;
+            for (j, &i) in positions.iter().enumerate() {
+                all.live[i] = found.live.get_mut(j).and_then(Option::take);
+                all.settled[i] = found.settled.get_mut(j).and_then(Option::take);
+                all.lapsed[i] = found.lapsed.get(j).copied().unwrap_or(false);
+            }
+        }
+        Ok(all)
     }
 
     /// Redis knows order `i`: it is live or has ended.
@@ -438,6 +505,26 @@ mod tests {
             let json = String::from_utf8(end.to_json()).unwrap();
             assert!(json.contains(&format!(r#""type":"{kind}""#)), "{json}");
         }
+    }
+
+    #[test]
+    fn a_sharded_goods_places_each_order_on_the_shard_that_issued_it() {
+        let one = Placement {
+            goods_id: "g".into(),
+            shards: None,
+        };
+        assert_eq!((one.keyspaces(), one.key_id(0)), (1, "g".to_owned()));
+        assert_eq!(one.index_of("g.1.8"), Some(0));
+        let three = Placement {
+            goods_id: "g".into(),
+            shards: Some(3),
+        };
+        assert_eq!(three.keyspaces(), 3);
+        assert_eq!(three.key_id(2), shard_id("g", 2));
+        // Shard 2 issues 2, 5, 8, ...; shard 0 issues 3, 6, ...
+        assert_eq!(three.index_of("g.1.8"), Some(2));
+        assert_eq!(three.index_of("g.1.6"), Some(0));
+        assert_eq!(three.index_of("g.1.x"), None);
     }
 
     #[test]

@@ -14,13 +14,19 @@
 //! twice), a row naming another buyer, request or quantity is a conflict for a person, and a
 //! row Redis does not know stays. The relay publishes the events keyed by goods, so they reach
 //! the writer in order on one partition, and the writer applies each once.
+//!
+//! A `redis_sharded` goods' events go to the outbox of the shard that issued each order, so
+//! one order's events stay in order in one stream (the relay reads each shard's outbox on its
+//! own). A sharded goods MySQL decides is refused: its fenced shards are a stale copy, not
+//! the truth to repair towards.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::Serialize;
 
 use super::digest::{Finding, Kind, Sink};
-use super::orders::{MysqlOrder, OrderRange, RedisOrder, Standing};
+use super::orders::{MysqlOrder, OrderRange, Placement, RedisOrder, Standing};
 use super::{Reconciler, Report};
 use crate::events::{SaleEvent, OUTBOX_FIELD};
 use crate::order::OrderState;
@@ -86,6 +92,14 @@ impl Reconciler {
             report.settled,
             "events are still in flight (outbox or Kafka lag); let the pipeline drain first"
         );
+        // Checked for every goods before anything is written.
+        if let Some(fenced) = report.goods.iter().find(|g| g.decided_by_mysql) {
+            anyhow::bail!(
+                "goods {}: MySQL decides this sharded goods until its sale ends, and its fenced \
+                 shards are a stale copy; nothing repaired (name the other goods with --goods)",
+                fenced.goods_id
+            );
+        }
         let mut repaired = Repaired::default();
         let now_ms = chrono::Utc::now().timestamp_millis();
         for goods in &report.goods {
@@ -98,8 +112,9 @@ impl Reconciler {
             repaired.counters_recomputed += 1;
             let mut outbox = Replay {
                 reconciler: self,
-                outbox: self.keys.goods(&goods.goods_id).outbox,
-                pending: Vec::new(),
+                placement: self.placement(&goods.goods_id).await?,
+                pending: BTreeMap::new(),
+                pending_events: 0,
                 repaired: &mut repaired,
                 now_ms,
             };
@@ -111,7 +126,8 @@ impl Reconciler {
     }
 
     /// The first epoch whose orders the sale hash counts: a re-seed loads a round that spans
-    /// the epochs `first_epoch..=epoch` (see `lua/reseed.lua`); a preheat only its own.
+    /// the epochs `first_epoch..=epoch` (see `lua/reseed.lua`); a preheat only its own, and
+    /// a sharded goods is never re-seeded (its goods' keys hold no sale: its epoch).
     async fn first_epoch(&self, goods_id: &str, epoch: u64) -> anyhow::Result<u64> {
         let mut conn = self.redis.clone();
         let first: Option<u64> = tokio::time::timeout(
@@ -170,33 +186,40 @@ impl Reconciler {
     }
 }
 
-/// The digest's sink during a repair: appends each order's replay to the outbox.
+/// The digest's sink during a repair: appends each order's replay to the outbox of the
+/// keyspace that holds the order.
 struct Replay<'a> {
     reconciler: &'a Reconciler,
-    outbox: String,
-    pending: Vec<Vec<u8>>,
+    placement: Placement,
+    /// Events to append, by keyspace (one pipeline each: a pipeline names one hash tag).
+    pending: BTreeMap<usize, Vec<Vec<u8>>>,
+    pending_events: usize,
     repaired: &'a mut Repaired,
     now_ms: i64,
 }
 
 impl Replay<'_> {
     async fn flush(&mut self) -> anyhow::Result<()> {
-        if self.pending.is_empty() {
-            return Ok(());
+        for (index, events) in std::mem::take(&mut self.pending) {
+            let outbox = self
+                .reconciler
+                .keys
+                .goods(&self.placement.key_id(index))
+                .outbox;
+            let mut pipe = redis::pipe();
+            for event in &events {
+                pipe.cmd("XADD")
+                    .arg(&outbox)
+                    .arg("*")
+                    .arg(OUTBOX_FIELD)
+                    .arg(event)
+                    .ignore();
+            }
+            let mut conn = self.reconciler.redis.clone();
+            let () = tokio::time::timeout(REDIS_TIMEOUT, pipe.query_async(&mut conn)).await??;
+            self.repaired.events_appended += events.len() as u64;
         }
-        let mut pipe = redis::pipe();
-        for event in &self.pending {
-            pipe.cmd("XADD")
-                .arg(&self.outbox)
-                .arg("*")
-                .arg(OUTBOX_FIELD)
-                .arg(event)
-                .ignore();
-        }
-        let mut conn = self.reconciler.redis.clone();
-        let () = tokio::time::timeout(REDIS_TIMEOUT, pipe.query_async(&mut conn)).await??;
-        self.repaired.events_appended += self.pending.len() as u64;
-        self.pending.clear();
+        self.pending_events = 0;
         Ok(())
     }
 }
@@ -209,7 +232,8 @@ impl Sink for Replay<'_> {
             }
             _ => None,
         };
-        let Some(events) = events else {
+        let placed = self.placement.index_of(&finding.order_id);
+        let (Some(events), Some(index)) = (events, placed) else {
             self.repaired.left_alone += 1;
             return Ok(());
         };
@@ -217,8 +241,12 @@ impl Sink for Replay<'_> {
             None => self.repaired.orders_replayed += 1,
             Some(_) => self.repaired.orders_ended += 1,
         }
-        self.pending.extend(events.iter().map(SaleEvent::to_json));
-        if self.pending.len() >= OUTBOX_BATCH {
+        self.pending_events += events.len();
+        self.pending
+            .entry(index)
+            .or_default()
+            .extend(events.iter().map(SaleEvent::to_json));
+        if self.pending_events >= OUTBOX_BATCH {
             self.flush().await?;
         }
         Ok(())
