@@ -24,6 +24,7 @@ pub mod reseed;
 pub mod sale;
 pub mod scripts;
 pub mod shard;
+pub mod telemetry;
 pub mod writer;
 
 use std::net::SocketAddr;
@@ -183,7 +184,7 @@ pub async fn serve(
     }
     let redis = connect_redis(&config.stores.redis_url).await?;
     durability::check_at_start(&redis, config.durability, config.durability_unchecked).await?;
-    durability::describe_metrics(config.durability);
+    telemetry::register_serve(config.durability.waits());
     // A WAIT blocks its connection: under `replicas:N` each batch in flight and the lifecycle
     // get one of their own, so health checks, admin calls and the other calls never queue
     // behind it.
@@ -203,6 +204,7 @@ pub async fn serve(
     let keys = KeySpace::new(config.stores.key_prefix.clone());
     let mut background = tokio::task::JoinSet::new();
     if let Some(pipeline) = pipeline {
+        telemetry::register_reconcile();
         let stores = config.stores.clone();
         let (kafka, name, token) = (
             pipeline.writer.kafka.clone(),

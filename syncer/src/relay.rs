@@ -75,6 +75,7 @@ impl Relay {
     /// Relays until `shutdown`, then flushes the producer.
     pub async fn run(mut self, shutdown: CancellationToken) {
         tracing::info!(name = %self.name, topic = %self.kafka.topic, "relay started");
+        crate::telemetry::register_relay();
         let mut groups_ready = HashSet::new();
         let mut backoff = BACKOFF_FIRST;
         let mut last_claim = Instant::now() - CLAIM_EVERY;

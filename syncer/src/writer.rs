@@ -40,7 +40,7 @@ const LAG_REFRESH_EVERY: Duration = Duration::from_secs(1);
 /// hold up a retry of the batch for long.
 const LAG_CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// Counter of sale events whose order id MySQL holds for another purchase.
-pub const CONFLICTS_METRIC: &str = "seckill_writer_conflicts_total";
+pub const CONFLICTS_METRIC: &str = crate::telemetry::CONFLICTS;
 
 #[derive(Debug, Clone)]
 pub struct WriterConfig {
@@ -135,13 +135,7 @@ impl Writer {
     /// Consumes and applies until `shutdown`; then finishes the batch in hand, commits it and
     /// returns.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        // Registered at start, so that an alert on it sees 0 rather than nothing.
-        metrics::describe_counter!(
-            CONFLICTS_METRIC,
-            "Sale events whose order id MySQL holds for another buyer, request id or quantity \
-             (an order id issued twice): dead-lettered, never applied"
-        );
-        metrics::counter!(CONFLICTS_METRIC).increment(0);
+        crate::telemetry::register_writer();
         let consumer = Arc::new(consumer(&self.config.kafka)?);
         let Some(partitions) = self.assign(&consumer, &shutdown).await? else {
             return Ok(());
