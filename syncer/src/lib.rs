@@ -184,7 +184,7 @@ pub async fn serve(
     }
     let redis = connect_redis(&config.stores.redis_url).await?;
     durability::check_at_start(&redis, config.durability, config.durability_unchecked).await?;
-    telemetry::register_serve(config.durability.waits());
+    telemetry::register_serve();
     // A WAIT blocks its connection: under `replicas:N` each batch in flight and the lifecycle
     // get one of their own, so health checks, admin calls and the other calls never queue
     // behind it.
