@@ -41,6 +41,19 @@ if [ ${#missing[@]} -gt 0 ]; then
   as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# 1b. promtool (Debian's prometheus package): the tests lint the syncer's /metrics and check
+#     the alert rules and the dashboard's queries with it. The package also installs a
+#     Prometheus server with a service of its own, which the gate does not need: stopped and
+#     disabled right after the install, and left alone on later runs (it may be the user's).
+if ! command -v promtool >/dev/null; then
+  say "installing Debian's prometheus package (for promtool)"
+  as_root apt-get update -qq
+  as_root env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus >/dev/null
+  if command -v systemctl >/dev/null && systemctl is-active --quiet prometheus 2>/dev/null; then
+    as_root systemctl disable --now prometheus >/dev/null 2>&1 || true
+  fi
+fi
+
 # 2. The wasm target the filter compiles to.
 if ! rustup target list --installed | grep -qx wasm32-wasip1; then
   say "adding the Rust target wasm32-wasip1"

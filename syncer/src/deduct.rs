@@ -85,6 +85,20 @@ pub enum DeductError {
     Rebalancing,
 }
 
+impl DeductError {
+    /// The `kind` label of `seckill_deduct_errors_total`, one of
+    /// [`crate::telemetry::DEDUCT_ERROR_KINDS`]: what an operator acts on differently.
+    pub fn metric_kind(&self) -> &'static str {
+        match self {
+            DeductError::BadRequest(_) => "bad_request",
+            DeductError::Overloaded => "overloaded",
+            DeductError::TooLate => "too_late",
+            DeductError::NotReplicated { .. } => "not_replicated",
+            _ => "redis",
+        }
+    }
+}
+
 struct Attempt {
     request: DeductRequest,
     delivery: Delivery,

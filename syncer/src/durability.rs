@@ -394,21 +394,6 @@ fn wait_timeout_ms(deadline: Instant, now: Instant) -> u64 {
         .max(1)
 }
 
-/// Describes the durability metrics and starts them at zero, so a scrape shows them before
-/// the first wait.
-pub fn describe_metrics(durability: Durability) {
-    metrics::describe_counter!(
-        "seckill_durability_waits_total",
-        "Script calls whose WAIT reached the replicas --redis-durability replicas:N asks \
-         (result=ok) or did not before the deadline (result=short: the callers got 503)"
-    );
-    if durability.waits() {
-        for result in ["ok", "short"] {
-            metrics::counter!("seckill_durability_waits_total", "result" => result).increment(0);
-        }
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -39,6 +39,8 @@ pub enum Why {
 }
 
 impl Why {
+    pub const ALL: [Why; 3] = [Why::RedisDown, Why::Forgot, Why::Reissued];
+
     pub fn as_str(self) -> &'static str {
         match self {
             Why::RedisDown => "redis_down",

@@ -322,14 +322,7 @@ async fn decide(
         Ok(reply) => metrics::counter!("seckill_deduct_total", "outcome" => reply.outcome.as_str())
             .increment(1),
         Err(e) => {
-            let kind = match e {
-                DeductError::BadRequest(_) => "bad_request",
-                DeductError::Overloaded => "overloaded",
-                DeductError::TooLate => "too_late",
-                DeductError::NotReplicated { .. } => "not_replicated",
-                _ => "redis",
-            };
-            metrics::counter!("seckill_deduct_errors_total", "kind" => kind).increment(1)
+            metrics::counter!("seckill_deduct_errors_total", "kind" => e.metric_kind()).increment(1)
         }
     }
     result

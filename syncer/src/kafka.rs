@@ -63,14 +63,15 @@ pub fn dead_letter_producer(config: &KafkaConfig) -> anyhow::Result<FutureProduc
 }
 
 /// Messages after each partition's `committed` offset (from the partition's start when nothing
-/// was committed): what the writer's group has not applied durably yet. Blocking broker calls,
-/// each bounded by `timeout`; None when the broker did not answer one of them.
+/// was committed), per partition: what the writer's group has not applied durably yet.
+/// Blocking broker calls, each bounded by `timeout`; None when the broker did not answer one
+/// of them.
 pub fn uncommitted<C: ConsumerContext>(
     consumer: &impl Consumer<C>,
     committed: &TopicPartitionList,
     timeout: Duration,
-) -> Option<i64> {
-    let mut lag = 0;
+) -> Option<Vec<(i32, i64)>> {
+    let mut lag = Vec::with_capacity(committed.count());
     for element in committed.elements() {
         let (low, high) = consumer
             .fetch_watermarks(element.topic(), element.partition(), timeout)
@@ -80,7 +81,7 @@ pub fn uncommitted<C: ConsumerContext>(
             // Nothing committed yet: everything from the start is unread.
             _ => low,
         };
-        lag += (high - at).max(0);
+        lag.push((element.partition(), (high - at).max(0)));
     }
     Some(lag)
 }

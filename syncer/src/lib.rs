@@ -26,6 +26,7 @@ pub mod sale;
 pub mod scripts;
 pub mod shard;
 pub mod topics;
+pub mod telemetry;
 pub mod writer;
 
 use std::net::SocketAddr;
@@ -202,7 +203,7 @@ pub async fn serve(
     }
     let redis = connect_redis(&config.stores.redis_url).await?;
     durability::check_at_start(&redis, config.durability, config.durability_unchecked).await?;
-    durability::describe_metrics(config.durability);
+    telemetry::register_serve();
     // A WAIT blocks its connection: under `replicas:N` each batch in flight and the lifecycle
     // get one of their own, so health checks, admin calls and the other calls never queue
     // behind it.
@@ -230,6 +231,7 @@ pub async fn serve(
     };
     let has_pipeline = pipeline.is_some();
     if let Some(pipeline) = pipeline {
+        telemetry::register_reconcile();
         let stores = config.stores.clone();
         let (kafka, name, token) = (
             pipeline.writer.kafka.clone(),

@@ -469,9 +469,7 @@ fn parse_durability(text: &str) -> Result<Durability, String> {
 }
 
 fn install_metrics() -> anyhow::Result<metrics_exporter_prometheus::PrometheusHandle> {
-    metrics_exporter_prometheus::PrometheusBuilder::new()
-        .install_recorder()
-        .map_err(|e| anyhow::anyhow!("cannot install the metrics recorder: {e}"))
+    seckill_syncer::telemetry::install()
 }
 
 /// For the relay and the writer run alone: /metrics on its own small listener.

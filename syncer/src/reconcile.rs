@@ -138,14 +138,36 @@ impl Report {
         self.goods.iter().all(GoodsReport::is_clean) && self.dead_letters == Some(0)
     }
 
-    /// Sets the reconcile gauges (the periodic loop of `serve --pipeline`).
+    /// Sets the reconcile gauges and each goods' Redis stock (the periodic loop of `serve
+    /// --pipeline`); goods with something to show first when there are more goods than series.
     pub fn record_metrics(&self) {
-        for goods in &self.goods {
+        let now_ms = chrono::Utc::now().timestamp_millis();
+        let needs_attention = |goods: &GoodsReport| {
+            !goods.is_clean()
+                || goods.outbox_events > 0
+                || goods
+                    .redis
+                    .is_some_and(|r| r.reserved > 0 || r.end_ms > now_ms)
+        };
+        for goods in crate::telemetry::per_goods(&self.goods, needs_attention) {
             let id = goods.goods_id.clone();
             metrics::gauge!("seckill_reconcile_drift", "goods_id" => id.clone())
                 .set(goods.drift.magnitude() as f64);
-            metrics::gauge!("seckill_reconcile_missing_from_redis", "goods_id" => id)
+            metrics::gauge!("seckill_reconcile_missing_from_redis", "goods_id" => id.clone())
                 .set(f64::from(u8::from(goods.missing_from_redis)));
+            if let Some(redis) = &goods.redis {
+                let states = [
+                    ("available", redis.available),
+                    ("reserved", redis.reserved),
+                    ("sold", redis.sold),
+                    ("lapsed", redis.lapsed),
+                ];
+                for (state, units) in states {
+                    metrics::gauge!(crate::telemetry::REDIS_STOCK,
+                        "goods_id" => id.clone(), "state" => state)
+                    .set(units as f64);
+                }
+            }
         }
         metrics::gauge!("seckill_reconcile_settled").set(f64::from(u8::from(self.settled)));
         // -1: the dead-letter topic could not be read.

@@ -75,6 +75,7 @@ impl Relay {
     /// Relays until `shutdown`, then flushes the producer.
     pub async fn run(mut self, shutdown: CancellationToken) {
         tracing::info!(name = %self.name, topic = %self.kafka.topic, "relay started");
+        crate::telemetry::register_relay();
         let mut groups_ready = HashSet::new();
         let mut backoff = BACKOFF_FIRST;
         let mut last_claim = Instant::now() - CLAIM_EVERY;
@@ -106,8 +107,8 @@ impl Relay {
             };
             if last_gauge.elapsed() >= Duration::from_secs(1) {
                 last_gauge = Instant::now();
-                if let Ok(length) = self.outbox_length().await {
-                    metrics::gauge!("seckill_outbox_length").set(length as f64);
+                if let Ok(lengths) = self.outbox_lengths().await {
+                    record_outbox_lengths(&lengths);
                 }
             }
             if !pause.is_zero() {
@@ -140,9 +141,9 @@ impl Relay {
         }
     }
 
-    /// Sum of every goods' outbox length: events not yet confirmed by Kafka.
-    pub async fn outbox_length(&self) -> Result<u64, redis::RedisError> {
-        outbox_length(&self.redis, &self.keys).await
+    /// Every goods' outbox length: events not yet confirmed by Kafka.
+    pub async fn outbox_lengths(&self) -> Result<Vec<(String, u64)>, redis::RedisError> {
+        outbox_lengths(&self.redis, &self.keys).await
     }
 
     /// One pass over every goods' outbox. Returns how many events went to Kafka.
@@ -396,20 +397,36 @@ async fn ensure_group(conn: &mut RedisConn, stream: &str) -> Result<(), RelayErr
     }
 }
 
-/// Sum of every goods' outbox length (events Kafka has not confirmed yet).
-pub async fn outbox_length(redis: &RedisConn, keys: &KeySpace) -> Result<u64, redis::RedisError> {
+/// Sets the per-goods outbox gauge (a `redis_sharded` goods' shards summed), busy outboxes
+/// first when there are more goods than series.
+fn record_outbox_lengths(lengths: &[(String, u64)]) {
+    let by_goods: Vec<(String, u64)> =
+        crate::telemetry::by_goods(lengths.iter().map(|(id, n)| (id.as_str(), *n)))
+            .into_iter()
+            .collect();
+    for (goods_id, length) in crate::telemetry::per_goods(&by_goods, |(_, n)| *n > 0) {
+        metrics::gauge!(crate::telemetry::OUTBOX_LENGTH, "goods_id" => goods_id.clone())
+            .set(*length as f64);
+    }
+}
+
+/// Each outbox's length (events Kafka has not confirmed yet), by its key in the sales index.
+pub async fn outbox_lengths(
+    redis: &RedisConn,
+    keys: &KeySpace,
+) -> Result<Vec<(String, u64)>, redis::RedisError> {
     let mut conn = redis.clone();
     let timed_out = || redis::RedisError::from((redis::ErrorKind::Io, "outbox length timed out"));
     let goods: Vec<String> = tokio::time::timeout(REDIS_TIMEOUT, conn.smembers(keys.sales_index()))
         .await
         .map_err(|_| timed_out())??;
-    let mut total = 0;
+    let mut lengths = Vec::with_capacity(goods.len());
     for goods_id in goods {
         let length: u64 =
             tokio::time::timeout(REDIS_TIMEOUT, conn.xlen(keys.goods(&goods_id).outbox))
                 .await
                 .map_err(|_| timed_out())??;
-        total += length;
+        lengths.push((goods_id, length));
     }
-    Ok(total)
+    Ok(lengths)
 }

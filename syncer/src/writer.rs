@@ -40,7 +40,7 @@ const LAG_REFRESH_EVERY: Duration = Duration::from_secs(1);
 /// hold up a retry of the batch for long.
 const LAG_CALL_TIMEOUT: Duration = Duration::from_secs(2);
 /// Counter of sale events whose order id MySQL holds for another purchase.
-pub const CONFLICTS_METRIC: &str = "seckill_writer_conflicts_total";
+pub const CONFLICTS_METRIC: &str = crate::telemetry::CONFLICTS;
 
 #[derive(Debug, Clone)]
 pub struct WriterConfig {
@@ -82,8 +82,8 @@ impl<'a> DeadLetter<'a> {
     }
 }
 
-/// The consumer-lag gauge: messages in the writer's partitions after the group's committed
-/// offsets, i.e. not yet durably in MySQL. Refreshed by the consuming loop and by every retry
+/// The consumer-lag gauge, per partition: messages in each of the writer's partitions after the
+/// group's committed offset, i.e. not yet durably in MySQL. Refreshed by the consuming loop and by every retry
 /// of a batch (a backlog must show while MySQL is away and it piles up), at most once every
 /// [`LAG_REFRESH_EVERY`].
 #[derive(Default)]
@@ -105,7 +105,13 @@ impl LagGauge {
             crate::kafka::uncommitted(consumer, &committed, LAG_CALL_TIMEOUT)
         });
         match lag {
-            Some(lag) => metrics::gauge!("seckill_consumer_lag").set(lag as f64),
+            Some(partitions) => {
+                for (partition, lag) in partitions {
+                    metrics::gauge!(crate::telemetry::CONSUMER_LAG,
+                        "partition" => partition.to_string())
+                    .set(lag as f64);
+                }
+            }
             None => tracing::debug!("consumer lag not refreshed: the broker did not answer"),
         }
     }
@@ -135,13 +141,7 @@ impl Writer {
     /// Consumes and applies until `shutdown`; then finishes the batch in hand, commits it and
     /// returns.
     pub async fn run(self, shutdown: CancellationToken) -> anyhow::Result<()> {
-        // Registered at start, so that an alert on it sees 0 rather than nothing.
-        metrics::describe_counter!(
-            CONFLICTS_METRIC,
-            "Sale events whose order id MySQL holds for another buyer, request id or quantity \
-             (an order id issued twice): dead-lettered, never applied"
-        );
-        metrics::counter!(CONFLICTS_METRIC).increment(0);
+        crate::telemetry::register_writer();
         let consumer = Arc::new(consumer(&self.config.kafka)?);
         let Some(partitions) = self.assign(&consumer, &shutdown).await? else {
             return Ok(());
@@ -312,7 +312,11 @@ impl Writer {
         loop {
             let started = Instant::now();
             let result = match self.apply(batch).await {
-                Ok((applied, dead)) => self.publish_dead_letters(&dead).await.map(|()| applied),
+                Ok((applied, dead)) => {
+                    // Committed: the new orders' rows are in MySQL as of now.
+                    record_deduct_to_mysql(&applied.new_orders_reserved_at_ms);
+                    self.publish_dead_letters(&dead).await.map(|()| applied)
+                }
                 Err(e) => Err(e),
             };
             match result {
@@ -380,6 +384,9 @@ impl Writer {
                     match apply_events(&self.mysql, &[event]).await {
                         Ok((a, refused)) => {
                             applied.new_orders += a.new_orders;
+                            applied
+                                .new_orders_reserved_at_ms
+                                .extend(a.new_orders_reserved_at_ms);
                             applied.transitions += a.transitions;
                             applied.duplicates += a.duplicates;
                             for refusal in refused {
@@ -449,6 +456,20 @@ impl Writer {
             }
         }
         Ok(())
+    }
+}
+
+/// Records, for each order a batch inserted, the time from its reservation in Redis to now.
+/// The two clocks are different hosts' (Redis's, this one's), assumed NTP-close like the sale
+/// window already is; a reservation that seems to come from the future counts as 0.
+fn record_deduct_to_mysql(reserved_at_ms: &[i64]) {
+    if reserved_at_ms.is_empty() {
+        return;
+    }
+    let now_ms = chrono::Utc::now().timestamp_millis();
+    let histogram = metrics::histogram!(crate::telemetry::DEDUCT_TO_MYSQL);
+    for at_ms in reserved_at_ms {
+        histogram.record(now_ms.saturating_sub(*at_ms).max(0) as f64 / 1000.0);
     }
 }
 

@@ -150,6 +150,16 @@ impl Envoy {
         Ok(crate::syncer::sum_metric(&self.prometheus().await?, name))
     }
 
+    /// The filter's count of answers with `outcome` (`seckill_outcome{outcome="..."}`, the
+    /// family the `stats_tags` of `envoy/local.yaml` make of its per-outcome counters).
+    pub async fn outcome_stat(&self, outcome: &str) -> anyhow::Result<u64> {
+        let sample = format!("seckill_outcome{{outcome=\"{outcome}\"}}");
+        Ok(crate::syncer::metric_sample(
+            &self.prometheus().await?,
+            &sample,
+        ))
+    }
+
     /// A gauge or counter of the gate's own listener (`stat_prefix: gate`), e.g.
     /// `envoy_http_downstream_rq_active`: the admin listener has one of each too, and the
     /// stats request itself is active on it.
@@ -175,7 +185,8 @@ impl Envoy {
         Ok(crate::syncer::sum_metric(&matching, name))
     }
 
-    async fn prometheus(&self) -> anyhow::Result<String> {
+    /// Envoy's `/stats/prometheus` text.
+    pub async fn prometheus(&self) -> anyhow::Result<String> {
         let url = format!("http://127.0.0.1:{}/stats/prometheus", self.admin_port);
         Ok(reqwest::get(url).await?.text().await?)
     }

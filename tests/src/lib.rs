@@ -11,6 +11,7 @@ pub mod kafka_broker;
 pub mod mysql_db;
 pub mod pipeline;
 pub mod process;
+pub mod prometheus;
 pub mod redis_cluster;
 pub mod redis_server;
 pub mod served;

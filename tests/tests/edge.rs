@@ -270,11 +270,7 @@ async fn rate_limit_holds_across_two_envoy_workers() {
     );
     assert_eq!(stack.shop.seen().len() as u64, allowed);
     assert_eq!(
-        stack
-            .envoy
-            .stat("seckill_outcome_rate_limited")
-            .await
-            .unwrap(),
+        stack.envoy.outcome_stat("rate_limited").await.unwrap(),
         limited
     );
 }

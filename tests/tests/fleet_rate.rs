@@ -120,6 +120,6 @@ async fn two_gates_offered_three_times_the_fleet_rate_admit_the_rate() {
     assert_eq!(stack.shop.seen().len() as u64, won);
     // Both gates took part in the admitting.
     for gate in [&stack.envoy, &second] {
-        assert!(gate.stat("seckill_outcome_won").await.unwrap() > 0);
+        assert!(gate.outcome_stat("won").await.unwrap() > 0);
     }
 }

@@ -19,6 +19,9 @@ const INSERT_ROWS_MAX: usize = 1_000;
 #[derive(Debug, Default, PartialEq, Eq)]
 pub struct Applied {
     pub new_orders: usize,
+    /// When each new order was reserved (its event's `at_ms`, by Redis's clock): the writer's
+    /// deduct-to-MySQL latency.
+    pub new_orders_reserved_at_ms: Vec<i64>,
     /// Orders moved from reserved to confirmed or released.
     pub transitions: usize,
     pub duplicates: usize,
@@ -88,6 +91,7 @@ async fn apply_fresh(
     crashpoint(WRITER_AFTER_DB_COMMIT);
     Ok(Some(Applied {
         new_orders: events.len(),
+        new_orders_reserved_at_ms: events.iter().map(|e| e.at_ms()).collect(),
         ..Applied::default()
     }))
 }
@@ -233,6 +237,7 @@ async fn apply_checked(
                 );
                 inserted.push(row);
                 applied.new_orders += 1;
+                applied.new_orders_reserved_at_ms.push(event.at_ms());
                 effect
             }
             Step::Update { row, effect } => {
