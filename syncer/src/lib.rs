@@ -1,6 +1,7 @@
 //! The seckill syncer: the atomic Redis deduct behind the edge filter, the sale admin API and
 //! preheat. `main.rs` only parses flags; everything runs from here.
 
+pub mod control;
 pub mod crashpoint;
 pub mod db;
 pub mod db_decide;

@@ -12,6 +12,8 @@ use seckill_syncer::writer::WriterConfig;
 use seckill_syncer::{db, keys::KeySpace, preheat, PipelineConfig, ServeConfig, StoreConfig};
 use tokio_util::sync::CancellationToken;
 
+mod sale_command;
+
 #[derive(Parser)]
 #[command(
     name = "seckill-syncer",
@@ -228,6 +230,9 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// An operator's controls of sales: define, list, status, pause, resume, stop, add-stock
+    /// (against MySQL and Redis directly; the admin API has the same under /admin/sales).
+    Sale(sale_command::SaleCommand),
     /// Load a sale Redis forgot back from MySQL (counters, buyers, idempotency records, open
     /// reservations) under a new epoch taken from MySQL, once the writer has applied
     /// everything on its way. Refused while Redis still has the sale or its outbox has events.
@@ -246,6 +251,8 @@ enum Command {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
+        // Logs on stderr: stdout is the commands' own output (`reconcile --json`, `sale`).
+        .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
@@ -332,6 +339,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             serve_metrics(metrics_listen, shutdown.clone()).await?;
             seckill_syncer::run_writer(&stores.config(), &writer.config(), shutdown).await?;
         }
+        Command::Sale(command) => sale_command::run(command).await?,
         Command::Migrate { stores } => {
             db::connect(&stores.mysql_url).await?;
             println!("schema is up to date");

@@ -192,7 +192,8 @@ async fn load(
         .arg(if replace { "1" } else { "0" })
         .arg(snapshot.rate_ms.0.to_string())
         .arg(snapshot.rate_ms.1.to_string())
-        .arg(snapshot.tier.as_str());
+        .arg(snapshot.tier.as_str())
+        .arg(snapshot.pause_retry_ms);
     let (status, value): (String, i64) = bounded(invocation.invoke_async(conn)).await?;
     match status.as_str() {
         "loaded" => Ok(()),
@@ -253,6 +254,8 @@ struct Round {
     /// The fleet-wide rate's GCRA interval and tolerance, ms (0: none).
     rate_ms: (f64, f64),
     tier: crate::sale::Tier,
+    /// The pause MySQL holds (0: not paused), loaded with the rest.
+    pause_retry_ms: u64,
     records: Records,
 }
 
@@ -293,7 +296,8 @@ async fn read_round(pool: &MySqlPool, goods_id: &str, floor: u64) -> Result<Roun
     let mut tx = pool.begin().await?;
     let row = sqlx::query(
         "SELECT goods_id, total_stock, per_user_limit, starts_at, ends_at, payment_window_s, tier,
-           fleet_rate_per_s, fleet_burst, shards, stock, reserved, sold, lapsed, epoch, round_epoch
+           fleet_rate_per_s, fleet_burst, shards, stock, reserved, sold, lapsed, epoch, round_epoch,
+           pause_retry_s
          FROM sales WHERE goods_id = ? FOR UPDATE",
     )
     .bind(goods_id)
@@ -391,6 +395,7 @@ async fn read_round(pool: &MySqlPool, goods_id: &str, floor: u64) -> Result<Roun
         window_ms,
         rate_ms: sale.fleet_rate.map_or((0.0, 0.0), |r| r.gcra_ms()),
         tier: sale.tier,
+        pause_retry_ms: crate::control::retry_ms(row.try_get("pause_retry_s")?),
         records,
     })
 }

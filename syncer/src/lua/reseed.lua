@@ -8,7 +8,8 @@
 --       10 end ms, 11 payment window ms, 12 the orders as JSON (see reseed.rs: users,
 --       requests, reservations, settled, lapsed; every value a string), 13 replace ("1":
 --       MySQL decided the goods meanwhile, and whatever Redis still holds of it is replaced),
---       14 and 15 the fleet-wide rate's GCRA interval and tolerance ms ("0": none), 16 the tier
+--       14 and 15 the fleet-wide rate's GCRA interval and tolerance ms ("0": none), 16 the tier,
+--       17 the pause's retry-after ms MySQL holds ("0": not paused; `control/`)
 -- Reply: { "loaded", epoch }, { "stale", loaded epoch } when this Redis loaded that epoch or a
 -- later one, { "live", 0 } when Redis still has the sale (it did not forget), or
 -- { "outbox", length } when the outbox still holds events MySQL may not have.
@@ -54,4 +55,7 @@ redis.call('HSET', KEYS[1],
   'window_ms', ARGV[11], 'epoch', ARGV[1], 'first_epoch', ARGV[2], 'seq', 0,
   'swept_ms', clock_ms(), 'rate_interval_ms', ARGV[14], 'rate_tolerance_ms', ARGV[15],
   'tier', ARGV[16])
+if tonumber(ARGV[17]) > 0 then
+  redis.call('HSET', KEYS[1], 'pause_retry_ms', ARGV[17])
+end
 return { 'loaded', epoch }
