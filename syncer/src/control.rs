@@ -24,6 +24,7 @@ mod add_stock;
 mod define;
 mod flags;
 mod redis_step;
+mod view;
 
 pub use add_stock::{
     add_stock, pending as pending_additions, AddStock, Added, OPERATION_ID_LEN_MAX,
@@ -31,12 +32,11 @@ pub use add_stock::{
 pub use define::define;
 pub use flags::{pause, resume, stop, Controlled};
 pub use redis_step::RedisStep;
+pub use view::{list, status, Listed, SaleList};
 
 use chrono::{DateTime, NaiveDateTime, Utc};
-use serde::Serialize;
 use sqlx::{MySql, MySqlPool, Row, Transaction};
 
-use crate::db::StoredSale;
 use crate::keys::KeySpace;
 use crate::sale::{SaleState, Standing, Tier};
 use crate::RedisConn;
@@ -209,96 +209,63 @@ pub async fn pause_retry_ms(mysql: &MySqlPool, goods_id: &str) -> sqlx::Result<u
     Ok(retry_ms(row.flatten()))
 }
 
-/// A sale as MySQL and Redis hold it: `definition` (MySQL's record, its state and controls),
-/// `live` (Redis's counters, or why they could not be read: MySQL's half is shown even while
-/// Redis is down), `shards` for a sharded goods, and `pending_additions`: stock MySQL added
-/// that Redis has not taken yet (the same add-stock again completes it).
-pub async fn status(stores: Stores<'_>, goods_id: &str) -> Result<serde_json::Value, ControlError> {
-    valid_goods(goods_id)?;
-    let stored = crate::db::load_sale(stores.mysql, goods_id)
-        .await?
-        .ok_or_else(|| ControlError::NoSale(goods_id.to_owned()))?;
-    let live = match stores.live(goods_id).await {
-        Ok(live) => serde_json::json!(live),
-        Err(e) => serde_json::json!({ "error": e }),
-    };
-    let sharded = stored.sale.shard_count() > 1;
-    let mut shown = serde_json::json!({ "definition": stored, "live": live });
-    let pending = pending_additions(stores.mysql, goods_id).await?;
-    if !pending.is_empty() {
-        shown["pending_additions"] = pending
-            .into_iter()
-            .map(|(operation_id, quantity, _)| {
-                serde_json::json!({ "operation_id": operation_id, "quantity": quantity })
-            })
-            .collect();
-    }
-    // A sharded goods: `live` sums its shards; each shard's own counters beside it.
-    if let (true, Some(redis)) = (sharded, stores.redis) {
-        shown["shards"] = match crate::preheat::live_shards(redis, stores.keys, goods_id).await {
-            Ok(shards) => serde_json::json!(shards.unwrap_or_default()),
-            Err(e) => serde_json::json!({ "error": e.to_string() }),
-        };
-    }
-    Ok(shown)
-}
+#[cfg(test)]
+mod tests {
+    use super::*;
 
-/// One sale of a list: MySQL's record and Redis's live counters.
-#[derive(Debug, Clone, Serialize)]
-pub struct Listed {
-    #[serde(flatten)]
-    pub stored: StoredSale,
-    /// Redis's counters (a sharded goods': its shards' summed); None when Redis holds no sale
-    /// of it (a db goods, one never preheated, or one Redis forgot).
-    pub live: Option<crate::sale::LiveStock>,
-    /// Why Redis could not be read, if it could not.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub live_error: Option<String>,
-}
+    fn locked(tier: Tier, mode: &str, epoch: u64, shards: u32) -> Locked {
+        let at = |t: &str| t.parse::<DateTime<Utc>>().unwrap();
+        Locked {
+            tier,
+            mode: mode.to_owned(),
+            epoch,
+            shards,
+            starts_at: at("2026-01-01T00:00:00Z"),
+            ends_at: at("2026-01-01T01:00:00Z"),
+            total_stock: 10,
+            pause_retry_s: None,
+            stopped: false,
+        }
+    }
 
-/// A page of sales, by goods id.
-#[derive(Debug, Clone, Serialize)]
-pub struct SaleList {
-    pub sales: Vec<Listed>,
-    /// The goods id to list from for the next page (None: this was the last).
-    pub next: Option<String>,
-}
+    #[test]
+    fn a_control_goes_to_every_sale_hash_that_decides_and_nowhere_else() {
+        assert_eq!(
+            locked(Tier::Redis, "redis", 3, 1).redis_keys("g"),
+            Some(vec!["g".to_owned()])
+        );
+        assert_eq!(
+            locked(Tier::DualWrite, "switching", 3, 1).redis_keys("g"),
+            Some(vec!["g".to_owned()])
+        );
+        assert_eq!(
+            locked(Tier::RedisSharded, "redis", 3, 3).redis_keys("g"),
+            Some(vec!["g~0".to_owned(), "g~1".to_owned(), "g~2".to_owned()])
+        );
+        // MySQL decides, or no load happened yet: MySQL's record is the whole control.
+        assert_eq!(locked(Tier::Db, "redis", 3, 1).redis_keys("g"), None);
+        assert_eq!(locked(Tier::Redis, "fallback", 3, 1).redis_keys("g"), None);
+        assert_eq!(
+            locked(Tier::RedisSharded, "fallback", 3, 3).redis_keys("g"),
+            None
+        );
+        assert_eq!(locked(Tier::Redis, "redis", 0, 1).redis_keys("g"), None);
+    }
 
-/// Every sale MySQL defines with its state and, from Redis, its live counters; one page of at
-/// most `limit` ([`crate::db::LIST_PAGE_MAX`]) from the first goods id after `after`.
-pub async fn list(
-    stores: Stores<'_>,
-    after: Option<&str>,
-    limit: u32,
-) -> Result<SaleList, ControlError> {
-    if let Some(after) = after {
-        valid_goods(after)?;
+    #[test]
+    fn a_stopped_or_closed_sale_has_ended() {
+        let mut sale = locked(Tier::Redis, "redis", 3, 1);
+        let during = "2026-01-01T00:30:00Z".parse().unwrap();
+        assert!(!sale.ended(during));
+        assert_eq!(sale.state(during), SaleState::Open);
+        sale.pause_retry_s = Some(5);
+        assert_eq!(sale.state(during), SaleState::Paused);
+        sale.stopped = true;
+        assert!(sale.ended(during));
+        assert_eq!(sale.state(during), SaleState::Stopped);
+        let after = "2026-01-01T01:00:00Z".parse().unwrap();
+        assert!(locked(Tier::Redis, "redis", 3, 1).ended(after));
+        assert_eq!(retry_ms(Some(7)), 7_000);
+        assert_eq!(retry_ms(None), 0);
     }
-    if limit == 0 || limit > crate::db::LIST_PAGE_MAX {
-        return Err(ControlError::BadRequest(format!(
-            "limit must be from 1 to {}",
-            crate::db::LIST_PAGE_MAX
-        )));
-    }
-    let stored = crate::db::list_sales(stores.mysql, after, limit).await?;
-    let next = (stored.len() == limit as usize)
-        .then(|| stored.last().map(|s| s.sale.goods_id.clone()))
-        .flatten();
-    let mut sales = Vec::with_capacity(stored.len());
-    for stored in stored {
-        let (live, live_error) = if stored.sale.tier == Tier::Db {
-            (None, None)
-        } else {
-            match stores.live(&stored.sale.goods_id).await {
-                Ok(live) => (live, None),
-                Err(e) => (None, Some(e)),
-            }
-        };
-        sales.push(Listed {
-            stored,
-            live,
-            live_error,
-        });
-    }
-    Ok(SaleList { sales, next })
 }

@@ -2,6 +2,8 @@
 //! controls against MySQL and Redis directly, as `preheat` and `reseed` are, through the same
 //! library functions as the admin API (`seckill_syncer::control`).
 
+use std::io::Write as _;
+
 use chrono::{DateTime, Duration as ChronoDuration, Utc};
 use clap::{Args, Subcommand};
 use seckill_syncer::control::{self, AddStock};
@@ -216,12 +218,16 @@ pub async fn run(command: SaleCommand) -> anyhow::Result<()> {
         }
     };
     let (value, text) = printed;
-    if json {
-        println!("{}", serde_json::to_string_pretty(&value)?);
+    let text = if json {
+        serde_json::to_string_pretty(&value)?
     } else {
-        println!("{text}");
+        text
+    };
+    // A reader that went away (`| head`) is not this command's failure.
+    match writeln!(std::io::stdout().lock(), "{text}") {
+        Err(e) if e.kind() != std::io::ErrorKind::BrokenPipe => Err(e.into()),
+        _ => Ok(()),
     }
-    Ok(())
 }
 
 /// Every sale, page after page (at most [`LIST_PAGES_MAX`] pages).
