@@ -7,7 +7,8 @@
 //! - the list shows every sale with its state, a page at a time;
 //! - an add-stock or a pause cut short between MySQL and Redis (the CLI aborted at the crash
 //!   point) is shown (status lists the pending addition, reconcile the drift) and completed by
-//!   the same command again, which adds nothing twice.
+//!   the same command again, which adds nothing twice;
+//! - a control waits for a load of Redis under way, and a preheat carries the pause.
 
 use seckill_e2e::process::wait_for;
 use seckill_e2e::stack::{now_ms, rfc3339, wait_past, CliRun, Stack, StackOptions};
@@ -15,6 +16,7 @@ use serde_json::{json, Value};
 use std::time::Duration;
 
 const CRASH_AFTER_MYSQL: (&str, &str) = ("SECKILL_CRASH_AT", "control-after-mysql");
+const CRASH_AT_PREHEAT: (&str, &str) = ("SECKILL_CRASH_AT", "preheat-after-epoch");
 
 /// Every sale row and stock addition MySQL holds, and every key of the stack in Redis: what a
 /// refused control must leave as it found it.
@@ -657,4 +659,70 @@ async fn a_control_cut_short_after_mysql_is_shown_and_completed_by_its_retry() {
         (403, "paused"),
         "{paused:?}"
     );
+}
+
+/// A preheat that took its epoch from MySQL and stopped before loading Redis (aborted at the
+/// crash point): a pause recorded now could be overwritten by that load, so its Redis step
+/// waits for it, then answers incomplete, changing nothing in Redis. The next preheat reads
+/// the pause from MySQL and loads the sale paused; the same pause again completes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_waits_for_a_load_under_way_and_a_preheat_carries_the_pause() {
+    let stack = Stack::start(StackOptions::new("controls-behind"))
+        .await
+        .unwrap();
+    let now = now_ms();
+    define(&stack, "p", &spec(now - 60_000, now + 3_600_000)).await;
+    let cut = stack
+        .command("preheat")
+        .unwrap()
+        .args(["--goods", "p"])
+        .env(CRASH_AT_PREHEAT.0, CRASH_AT_PREHEAT.1)
+        .output()
+        .unwrap();
+    assert_eq!(
+        cut.status.code(),
+        None,
+        "the preheat aborted after its epoch"
+    );
+
+    let started = std::time::Instant::now();
+    let run = stack.sale_cli(&["pause", "p"], &[]).unwrap();
+    assert_cli_refused(&run, 1, "a load under epoch 1 may still come");
+    assert!(
+        started.elapsed() >= Duration::from_secs(5),
+        "it waited for the load"
+    );
+    let status = stack.admin().unwrap().sale("p").await.unwrap();
+    assert_eq!(
+        (&status["definition"]["state"], &status["live"]),
+        (&json!("paused"), &Value::Null),
+        "MySQL holds the pause, Redis nothing: {status}"
+    );
+
+    let preheated = stack.preheat("p", false).await.unwrap();
+    assert_eq!(
+        (&preheated["epoch"], &preheated["live"]["pause_retry_ms"]),
+        (&json!(2), &json!(10_000)),
+        "the preheat loaded the sale paused: {preheated}"
+    );
+    let buyer = stack.buy("p", "u1", 1, "r1").await.unwrap();
+    assert_eq!(
+        (
+            buyer.status,
+            buyer.outcome.as_str(),
+            buyer.retry_after.as_deref()
+        ),
+        (403, "paused", Some("10")),
+        "{buyer:?}"
+    );
+    let run = stack.sale_cli(&["pause", "p"], &[]).unwrap();
+    assert_eq!(
+        (run.code, &run.json["changed"], &run.json["redis"]),
+        (Some(0), &json!(false), &json!("applied")),
+        "{run:?}"
+    );
+    let run = stack.sale_cli(&["resume", "p"], &[]).unwrap();
+    assert_eq!(run.code, Some(0), "{run:?}");
+    let buyer = stack.buy("p", "u1", 1, "r1").await.unwrap();
+    assert_eq!(buyer.outcome, "won", "{buyer:?}");
 }
