@@ -58,7 +58,8 @@ pub struct DeductReply {
     /// Units still available for the goods after this decision (absent for unknown goods).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub remaining: Option<u64>,
-    /// For `not_started`: milliseconds until the sale opens.
+    /// For `not_started`: milliseconds until the sale opens; for `paused`: how long the
+    /// operator expects the pause to last; for `fleet_rate_limited`: until a retry may pass.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retry_after_ms: Option<u64>,
     /// For `released`: why the order this request id made was released.
@@ -153,6 +154,9 @@ pub enum Outcome {
     NotStarted,
     /// The sale window has closed.
     Ended,
+    /// The operator paused the sale: nothing is decided for now; retry after
+    /// `retry_after_ms`. A moment's state, never a sold-out: the gate does not cache it.
+    Paused,
     /// No sale is defined (or preheated) for this goods id.
     UnknownGoods,
     /// The request id was already used for a different purchase.
@@ -168,13 +172,14 @@ pub enum Outcome {
 }
 
 impl Outcome {
-    pub const ALL: [Outcome; 11] = [
+    pub const ALL: [Outcome; 12] = [
         Outcome::Won,
         Outcome::SoldOut,
         Outcome::LimitReached,
         Outcome::Duplicate,
         Outcome::NotStarted,
         Outcome::Ended,
+        Outcome::Paused,
         Outcome::UnknownGoods,
         Outcome::RequestIdConflict,
         Outcome::Released,
@@ -190,6 +195,7 @@ impl Outcome {
             Outcome::Duplicate => "duplicate",
             Outcome::NotStarted => "not_started",
             Outcome::Ended => "ended",
+            Outcome::Paused => "paused",
             Outcome::UnknownGoods => "unknown_goods",
             Outcome::RequestIdConflict => "request_id_conflict",
             Outcome::Released => "released",
@@ -208,7 +214,9 @@ impl Outcome {
             Outcome::Won => 200,
             Outcome::SoldOut | Outcome::LimitReached | Outcome::Duplicate => 409,
             Outcome::RequestIdConflict | Outcome::Released | Outcome::Confirmed => 409,
-            Outcome::NotStarted | Outcome::Ended => 403,
+            // A pause is a sale not open right now, as one that has not started: 403 with
+            // Retry-After (a 5xx would page whoever watches the gate's errors).
+            Outcome::NotStarted | Outcome::Ended | Outcome::Paused => 403,
             Outcome::UnknownGoods => 404,
             Outcome::FleetRateLimited => 429,
         }

@@ -43,13 +43,14 @@ pub enum GateOutcome {
 }
 
 impl GateOutcome {
-    pub const ALL: [GateOutcome; 16] = [
+    pub const ALL: [GateOutcome; 17] = [
         GateOutcome::Decided(Outcome::Won),
         GateOutcome::Decided(Outcome::SoldOut),
         GateOutcome::Decided(Outcome::LimitReached),
         GateOutcome::Decided(Outcome::Duplicate),
         GateOutcome::Decided(Outcome::NotStarted),
         GateOutcome::Decided(Outcome::Ended),
+        GateOutcome::Decided(Outcome::Paused),
         GateOutcome::Decided(Outcome::UnknownGoods),
         GateOutcome::Decided(Outcome::RequestIdConflict),
         GateOutcome::Decided(Outcome::Released),
@@ -316,6 +317,10 @@ fn human_message(reply: &DeductReply) -> String {
             None => "the sale has not started yet".to_string(),
         },
         Outcome::Ended => "the sale has ended".to_string(),
+        Outcome::Paused => match reply.retry_after_ms {
+            Some(ms) => format!("the sale is paused; try again in {ms} ms"),
+            None => "the sale is paused; try again later".to_string(),
+        },
         Outcome::UnknownGoods => "there is no sale for this item".to_string(),
         Outcome::RequestIdConflict => {
             "this request id was already used for a different purchase".to_string()
@@ -342,7 +347,7 @@ fn human_message(reply: &DeductReply) -> String {
 /// The local reply for an outcome the stock service decided against the buyer.
 fn decided(goods_id: &str, reply: &DeductReply) -> LocalReply {
     let retry_after_ms = match reply.outcome {
-        Outcome::NotStarted | Outcome::FleetRateLimited => reply.retry_after_ms,
+        Outcome::NotStarted | Outcome::Paused | Outcome::FleetRateLimited => reply.retry_after_ms,
         _ => None,
     };
     let names_order = matches!(reply.outcome, Outcome::Released | Outcome::Confirmed);
@@ -651,6 +656,7 @@ mod tests {
                 "duplicate",
                 "not_started",
                 "ended",
+                "paused",
                 "unknown_goods",
                 "request_id_conflict",
                 "released",
@@ -806,6 +812,7 @@ mod tests {
             (Outcome::Confirmed, 409),
             (Outcome::NotStarted, 403),
             (Outcome::Ended, 403),
+            (Outcome::Paused, 403),
             (Outcome::UnknownGoods, 404),
             (Outcome::FleetRateLimited, 429),
         ];
@@ -831,6 +838,26 @@ mod tests {
         assert!(!cached, "a rate is not a sold-out");
         assert_eq!(header(&r, "retry-after"), Some("2"));
         assert_eq!(body(&r)["retry_after_ms"], 1200);
+    }
+
+    #[test]
+    fn a_pause_says_when_to_come_back_and_is_not_a_sold_out() {
+        let p = purchase();
+        let mut paused = reply(Outcome::Paused);
+        paused.retry_after_ms = Some(7_000);
+        // Even with nothing left: a paused goods may be restocked and resumed.
+        paused.remaining = Some(0);
+        let (r, cached) = answer(verdict(&p, paused));
+        assert!(!cached, "a pause is not a sold-out");
+        assert_eq!(r.status, 403);
+        assert_eq!(header(&r, "retry-after"), Some("7"));
+        assert_eq!(header(&r, OUTCOME_HEADER), Some("paused"));
+        let b = body(&r);
+        assert_eq!(
+            (b["outcome"].clone(), b["retry_after_ms"].clone()),
+            (json!("paused"), json!(7000))
+        );
+        assert!(b["message"].as_str().unwrap().contains("paused"));
     }
 
     #[test]
@@ -862,6 +889,7 @@ mod tests {
             Outcome::LimitReached,
             Outcome::Duplicate,
             Outcome::NotStarted,
+            Outcome::Paused,
             Outcome::UnknownGoods,
             Outcome::RequestIdConflict,
             Outcome::Released,

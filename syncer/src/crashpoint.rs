@@ -16,6 +16,9 @@ pub const DB_DECIDE_AFTER_COMMIT: &str = "db-decide-after-commit";
 /// A move of units between two shards stops after the donor gave them up, before the
 /// receiving shard got them (`shard.rs`).
 pub const SHARD_AFTER_TAKE: &str = "shard-after-take";
+/// An operator's control (pause, resume, stop, add stock) was committed in MySQL; Redis was
+/// not written yet (`control/`).
+pub const CONTROL_AFTER_MYSQL: &str = "control-after-mysql";
 
 static CRASH_AT: OnceLock<Option<String>> = OnceLock::new();
 

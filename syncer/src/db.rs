@@ -6,7 +6,7 @@ use chrono::{DateTime, NaiveDateTime, Utc};
 use sqlx::mysql::{MySqlConnectOptions, MySqlPool, MySqlPoolOptions, MySqlRow};
 use sqlx::{MySql, Row, Transaction};
 
-use crate::sale::{FleetRate, Sale, Tier};
+use crate::sale::{Controls, FleetRate, Sale, SaleState, Tier};
 
 /// How long to wait for a connection from the pool before giving up on a request.
 const ACQUIRE_TIMEOUT: Duration = Duration::from_secs(5);
@@ -157,7 +157,7 @@ pub(crate) async fn commit_epoch(
 }
 
 /// Creates or replaces a sale definition. Replacing starts a new round: MySQL's counters are
-/// reset to the new total and the round starts at the current epoch (order rows of earlier
+/// reset to the new total, and the old round's controls (pause, stop) are gone and the round starts at the current epoch (order rows of earlier
 /// rounds stay, their ids carry the earlier epochs). A sale whose window is open and that has
 /// history cannot be replaced: that would hand its units out again (checked here, in MySQL,
 /// because a Redis that restarted no longer knows the sale is live).
@@ -181,7 +181,7 @@ pub async fn save_sale(pool: &MySqlPool, sale: &Sale) -> Result<Saved, SaleRowEr
            starts_at = ?, ends_at = ?, payment_window_s = ?, tier = ?,
            fleet_rate_per_s = ?, fleet_burst = ?, shards = ?,
            reserved = 0, sold = 0, lapsed = 0, round_epoch = epoch, mode = 'redis',
-           holdback = 0",
+           holdback = 0, paused_at = NULL, pause_retry_s = NULL, stopped_at = NULL",
     )
     .bind(&sale.goods_id);
     // Once for VALUES, once for the UPDATE, in the same column order.
@@ -291,6 +291,8 @@ pub(crate) fn sale_of(row: &MySqlRow) -> sqlx::Result<Sale> {
 /// A sale definition with MySQL's own view of its stock.
 #[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
 pub struct StoredSale {
+    /// Where it stands now (its window, and what an operator did to it).
+    pub state: SaleState,
     #[serde(flatten)]
     pub sale: Sale,
     /// Units not yet sold according to MySQL.
@@ -298,8 +300,9 @@ pub struct StoredSale {
     pub reserved: i64,
     pub sold: i64,
     pub lapsed: i64,
-    /// Order rows MySQL holds for this goods.
-    pub orders: i64,
+    /// Order rows MySQL holds for this goods (not counted in a list of sales).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub orders: Option<i64>,
     /// The last epoch handed out for this goods (durable; see [`take_epoch`]).
     pub epoch: u64,
     /// Who decides now: `redis`, `fallback` (MySQL, while Redis failed or forgot) or
@@ -309,29 +312,82 @@ pub struct StoredSale {
     pub fallback: bool,
     /// Units MySQL does not sell in fallback (Redis may have sold them).
     pub holdback: i64,
+    /// Pause and stop (`control/`).
+    #[serde(flatten)]
+    pub controls: Controls,
 }
 
+/// The `sales` columns [`stored_of`] reads.
+macro_rules! stored_columns {
+    () => {
+        "goods_id, total_stock, stock, per_user_limit, starts_at, ends_at, payment_window_s,
+         tier, fleet_rate_per_s, fleet_burst, shards, mode, holdback, reserved, sold, lapsed,
+         epoch, paused_at, pause_retry_s, stopped_at"
+    };
+}
+
+/// Most sales one page of [`list_sales`] holds.
+pub const LIST_PAGE_MAX: u32 = 500;
+
 pub async fn load_sale(pool: &MySqlPool, goods_id: &str) -> sqlx::Result<Option<StoredSale>> {
-    let row = sqlx::query(
-        "SELECT goods_id, total_stock, stock, per_user_limit, starts_at, ends_at, payment_window_s,
-           tier, fleet_rate_per_s, fleet_burst, shards, mode, holdback, reserved, sold, lapsed, epoch,
-           (SELECT COUNT(*) FROM orders WHERE orders.goods_id = sales.goods_id) AS orders
-         FROM sales WHERE goods_id = ?",
-    )
+    let row = sqlx::query(concat!(
+        "SELECT ",
+        stored_columns!(),
+        ", (SELECT COUNT(*) FROM orders WHERE orders.goods_id = sales.goods_id) AS orders
+         FROM sales WHERE goods_id = ?"
+    ))
     .bind(goods_id)
     .fetch_optional(pool)
     .await?;
     let Some(row) = row else { return Ok(None) };
-    Ok(Some(StoredSale {
-        sale: sale_of(&row)?,
+    let mut stored = stored_of(&row, Utc::now())?;
+    stored.orders = Some(row.try_get("orders")?);
+    Ok(Some(stored))
+}
+
+/// Every sale MySQL defines, by goods id, from the first after `after`; at most `limit`
+/// ([`LIST_PAGE_MAX`] at most) per page.
+pub async fn list_sales(
+    pool: &MySqlPool,
+    after: Option<&str>,
+    limit: u32,
+) -> sqlx::Result<Vec<StoredSale>> {
+    let rows = sqlx::query(concat!(
+        "SELECT ",
+        stored_columns!(),
+        " FROM sales WHERE goods_id > ? ORDER BY goods_id LIMIT ?"
+    ))
+    .bind(after.unwrap_or(""))
+    .bind(limit.min(LIST_PAGE_MAX))
+    .fetch_all(pool)
+    .await?;
+    let now = Utc::now();
+    rows.iter().map(|row| stored_of(row, now)).collect()
+}
+
+/// A [`StoredSale`] from a row of [`stored_columns!`], its state as of `now`.
+fn stored_of(row: &MySqlRow, now: DateTime<Utc>) -> sqlx::Result<StoredSale> {
+    let utc =
+        |t: Option<NaiveDateTime>| t.map(|t| DateTime::<Utc>::from_naive_utc_and_offset(t, Utc));
+    let sale = sale_of(row)?;
+    let controls = Controls {
+        paused_at: utc(row.try_get("paused_at")?),
+        pause_retry_s: row.try_get("pause_retry_s")?,
+        stopped_at: utc(row.try_get("stopped_at")?),
+    };
+    let epoch: u64 = row.try_get("epoch")?;
+    Ok(StoredSale {
+        state: sale.state(now, epoch > 0, &controls),
+        sale,
         stock: row.try_get("stock")?,
         reserved: row.try_get("reserved")?,
         sold: row.try_get("sold")?,
         lapsed: row.try_get("lapsed")?,
-        orders: row.try_get("orders")?,
-        epoch: row.try_get("epoch")?,
+        orders: None,
+        epoch,
         fallback: row.try_get::<String, _>("mode")? != "redis",
         mode: row.try_get("mode")?,
         holdback: row.try_get("holdback")?,
-    }))
+        controls,
+    })
 }

@@ -50,6 +50,11 @@ pub struct SaleView {
     pub seq: u64,
     /// The goods' shards (1: unsharded): each order's sequence names its buyer's home shard.
     pub shards: u32,
+    /// While an operator paused the sale: the Retry-After buyers are told, ms.
+    pub pause_retry_ms: Option<u64>,
+    /// An operator stopped the sale: it has ended, whatever this host's clock says of
+    /// `end_ms` (a stop moved it to the stopping host's now).
+    pub stopped: bool,
 }
 
 /// The next sequence after `last` for a buyer: the next one at all, or for a sharded goods the
@@ -156,8 +161,13 @@ fn decide_one(
         answer.retry_after_ms = Some(u64::try_from(sale.start_ms - now_ms).unwrap_or(0));
         return answer;
     }
-    if now_ms >= sale.end_ms {
+    if now_ms >= sale.end_ms || sale.stopped {
         return reply(Outcome::Ended, None, sale.available);
+    }
+    if let Some(retry_ms) = sale.pause_retry_ms {
+        let mut answer = reply(Outcome::Paused, None, sale.available);
+        answer.retry_after_ms = Some(retry_ms);
+        return answer;
     }
     let quantity = u64::from(attempt.quantity);
     let holds = held.get(&attempt.user_id).copied().unwrap_or(0);
@@ -217,7 +227,7 @@ pub async fn decide_batch(
     let mut tx = pool.begin().await?;
     let row = sqlx::query(
         "SELECT stock, holdback, per_user_limit, starts_at, ends_at, epoch, db_seq, round_epoch,
-           tier, mode, shards
+           tier, mode, shards, pause_retry_s, stopped_at
          FROM sales WHERE goods_id = ? FOR UPDATE",
     )
     .bind(goods_id)
@@ -258,6 +268,12 @@ pub async fn decide_batch(
         epoch,
         seq: row.try_get("db_seq")?,
         shards: u32::from(row.try_get::<Option<u8>, _>("shards")?.unwrap_or(1)).max(1),
+        pause_retry_ms: row
+            .try_get::<Option<u32>, _>("pause_retry_s")?
+            .map(|s| u64::from(s) * 1000),
+        stopped: row
+            .try_get::<Option<NaiveDateTime>, _>("stopped_at")?
+            .is_some(),
     };
     let (mut priors, mut held) = read_history(&mut tx, goods_id, attempts, round_epoch).await?;
     let now = Utc::now();
@@ -414,6 +430,8 @@ mod tests {
             epoch: 7,
             seq: 0,
             shards: 1,
+            pause_retry_ms: None,
+            stopped: false,
         }
     }
 
@@ -537,6 +555,44 @@ mod tests {
                 assert_eq!(answer.reason.as_deref(), Some(reason));
             }
         }
+    }
+
+    #[test]
+    fn a_paused_sale_decides_nothing_and_a_stopped_one_has_ended() {
+        let mut s = sale(5, 1);
+        s.pause_retry_ms = Some(7_000);
+        let mut priors = HashMap::from([(
+            "won-before".to_owned(),
+            Prior {
+                user_id: "a".into(),
+                quantity: 1,
+                order_id: "g.7.1".into(),
+                state: OrderState::Reserved,
+                reason: None,
+            },
+        )]);
+        let attempts = [attempt("a", 1, "won-before"), attempt("b", 1, "rb")];
+        let decided = decide(&mut s, &mut priors, &mut HashMap::new(), &attempts, 5_000);
+        // A winner's retry still gets its order; a new attempt is told to come back.
+        assert_eq!(
+            outcomes(&decided),
+            vec![
+                (Outcome::Won, Some("g.7.1".into())),
+                (Outcome::Paused, None)
+            ]
+        );
+        assert_eq!(decided.replies[1].retry_after_ms, Some(7_000));
+        assert_eq!((decided.granted, s.available, s.seq), (0, 5, 0));
+        // Ended comes first: a stopped sale says so, paused or not, before its end_ms.
+        s.stopped = true;
+        let decided = decide(
+            &mut s,
+            &mut priors,
+            &mut HashMap::new(),
+            &attempts[1..],
+            5_000,
+        );
+        assert_eq!(outcomes(&decided), vec![(Outcome::Ended, None)]);
     }
 
     #[test]

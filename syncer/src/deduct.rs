@@ -851,8 +851,11 @@ fn parse_reply(
         outcome,
         order_id,
         remaining: u64::try_from(remaining).ok(),
-        retry_after_ms: matches!(outcome, Outcome::NotStarted | Outcome::FleetRateLimited)
-            .then_some(retry_after_ms.max(0) as u64),
+        retry_after_ms: matches!(
+            outcome,
+            Outcome::NotStarted | Outcome::Paused | Outcome::FleetRateLimited
+        )
+        .then_some(retry_after_ms.max(0) as u64),
         reason: (outcome == Outcome::Released && !reason.is_empty()).then_some(reason),
     })
 }
@@ -906,6 +909,11 @@ mod tests {
         assert_eq!(unknown.remaining, None);
         let early = parse_reply(script("not_started", "", 5, 1500, "")).unwrap();
         assert_eq!(early.retry_after_ms, Some(1500));
+        let paused = parse_reply(script("paused", "", 5, 7000, "")).unwrap();
+        assert_eq!(
+            (paused.outcome, paused.retry_after_ms, paused.order_id),
+            (Outcome::Paused, Some(7000), None)
+        );
         let released = parse_reply(script("released", "g.1.2", 4, 0, "cancelled")).unwrap();
         assert_eq!(
             (released.order_id.as_deref(), released.reason.as_deref()),

@@ -25,7 +25,7 @@ use crate::lifecycle::{Lifecycle, LifecycleError, Settlement};
 use crate::order::{OrderState, ReleaseReason};
 use crate::preheat::{self, PreheatError};
 use crate::reseed::ReseedError;
-use crate::sale::{Sale, SaleSpec};
+use crate::sale::SaleSpec;
 
 /// Everything a handler needs; shared behind an `Arc`.
 pub struct AppState {
@@ -45,6 +45,15 @@ pub struct AppState {
 }
 
 impl AppState {
+    /// The stores a sale control works on (`control/`).
+    fn stores(&self) -> crate::control::Stores<'_> {
+        crate::control::Stores {
+            redis: Some(&self.redis),
+            mysql: &self.mysql,
+            keys: &self.keys,
+        }
+    }
+
     fn forget_route(&self, goods_id: &str) {
         if let Some(directory) = &self.directory {
             directory.forget(goods_id);
@@ -60,9 +69,14 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/v1/orders/{order_id}/confirm", post(confirm_order))
         .route("/v1/orders/{order_id}/cancel", post(cancel_order))
         .route("/v1/orders/{order_id}/release", post(release_order))
+        .route("/admin/sales", get(list_sales))
         .route("/admin/sales/{goods_id}", put(define_sale).get(show_sale))
         .route("/admin/sales/{goods_id}/preheat", post(preheat_sale))
         .route("/admin/sales/{goods_id}/reseed", post(reseed_sale))
+        .route("/admin/sales/{goods_id}/pause", post(pause_sale))
+        .route("/admin/sales/{goods_id}/resume", post(resume_sale))
+        .route("/admin/sales/{goods_id}/stop", post(stop_sale))
+        .route("/admin/sales/{goods_id}/add-stock", post(add_stock))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             require_secret,
@@ -85,6 +99,9 @@ pub enum AppError {
     Unavailable(String),
     /// Shedding load (the MySQL fallback at its rate): 503, not logged per request.
     Overloaded(String),
+    /// An operator's control MySQL recorded and Redis did not take yet: 503 with what to do
+    /// (the admin API's callers are operators; the message names no internals beyond that).
+    Incomplete(String),
 }
 
 impl AppError {
@@ -108,6 +125,10 @@ impl AppError {
                 )
             }
             AppError::Overloaded(m) => (StatusCode::SERVICE_UNAVAILABLE, "overloaded", m),
+            AppError::Incomplete(m) => {
+                tracing::warn!(detail = %m, "a sale control is incomplete");
+                (StatusCode::SERVICE_UNAVAILABLE, "incomplete", m)
+            }
         };
         let body = ErrorReply {
             error: error.to_owned(),
@@ -189,6 +210,23 @@ impl From<LifecycleError> for AppError {
                 AppError::Unavailable(e.to_string())
             }
             other => AppError::Unavailable(other.to_string()),
+        }
+    }
+}
+
+impl From<crate::control::ControlError> for AppError {
+    fn from(e: crate::control::ControlError) -> Self {
+        use crate::control::ControlError as E;
+        match e {
+            E::BadRequest(m) => AppError::BadRequest(m),
+            E::NoSale(_) => AppError::NotFound(e.to_string()),
+            E::Ended(..) | E::Stopped(..) | E::Live { .. } | E::OperationConflict { .. } => {
+                AppError::Conflict(e.to_string())
+            }
+            E::Incomplete { .. } => AppError::Incomplete(e.to_string()),
+            E::SaleRow(e) => e.into(),
+            E::Redis(e) => AppError::Unavailable(format!("redis: {e}")),
+            E::Mysql(e) => e.into(),
         }
     }
 }
@@ -408,61 +446,112 @@ fn valid_goods_id(goods_id: &str) -> Result<(), AppError> {
         .map_err(|e| AppError::BadRequest(format!("goods_id {e}")))
 }
 
-/// Defines (or redefines) a sale in MySQL. A sale that is live in Redis cannot be redefined:
-/// its counters would no longer match its definition; nor one whose window is open while
-/// MySQL has history for it (a Redis that restarted no longer knows it is live).
+/// Defines (or redefines) a sale in MySQL ([`crate::control::define`]): 201 created, 200
+/// replaced; refused (changing nothing) when it has ended already, is live, or is open with
+/// history in MySQL.
 async fn define_sale(
     State(state): State<Arc<AppState>>,
     Path(goods_id): Path<String>,
     body: Result<Json<SaleSpec>, axum::extract::rejection::JsonRejection>,
 ) -> Result<Response, AppError> {
     let Json(spec) = body.map_err(|e| AppError::BadRequest(e.body_text()))?;
-    let sale = Sale::new(&goods_id, spec).map_err(|e| AppError::BadRequest(e.to_string()))?;
-    let live = match preheat::live_stock(&state.redis, &state.keys, &goods_id).await {
-        Ok(live) => live,
-        // A db sale needs no Redis; MySQL still refuses to redefine an open sale with history.
-        Err(_) if sale.tier == crate::sale::Tier::Db => None,
-        Err(e) => return Err(e.into()),
-    };
-    if let Some(live) = live {
-        if chrono::Utc::now().timestamp_millis() < live.end_ms {
-            return Err(AppError::Conflict(format!(
-                "goods {goods_id} has a live sale; it cannot be redefined until it ends"
-            )));
-        }
-    }
-    let saved = db::save_sale(&state.mysql, &sale).await;
+    let now = chrono::Utc::now();
+    let saved = crate::control::define(state.stores(), &goods_id, spec, now).await;
     state.forget_route(&goods_id);
-    let status = match saved? {
+    let (saved, sale) = saved?;
+    let status = match saved {
         db::Saved::Created => StatusCode::CREATED,
         db::Saved::Replaced => StatusCode::OK,
     };
     Ok((status, Json(sale)).into_response())
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ListParams {
+    after: Option<String>,
+    limit: Option<u32>,
+}
+
+/// Sales listed per page unless the caller asks for another size.
+const LIST_PAGE_DEFAULT: u32 = 100;
+
+/// Every sale with its state and counters, by goods id, a page at a time (`next` names the
+/// goods id to list from for the next page).
+async fn list_sales(
+    State(state): State<Arc<AppState>>,
+    params: Result<Query<ListParams>, axum::extract::rejection::QueryRejection>,
+) -> Result<Json<crate::control::SaleList>, AppError> {
+    let Query(params) = params.map_err(|e| AppError::BadRequest(e.body_text()))?;
+    let limit = params.limit.unwrap_or(LIST_PAGE_DEFAULT);
+    let listed = crate::control::list(state.stores(), params.after.as_deref(), limit).await?;
+    Ok(Json(listed))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct PauseParams {
+    /// The Retry-After buyers are told (default [`crate::sale::PAUSE_RETRY_S_DEFAULT`]).
+    retry_after_s: Option<u32>,
+}
+
+/// Pauses a sale: buyers are told `paused` with Retry-After until it is resumed. The body is
+/// optional (`{"retry_after_s": 30}`).
+async fn pause_sale(
+    State(state): State<Arc<AppState>>,
+    Path(goods_id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<Json<crate::control::Controlled>, AppError> {
+    let params: PauseParams = if body.is_empty() {
+        PauseParams::default()
+    } else {
+        serde_json::from_slice(&body).map_err(|e| AppError::BadRequest(e.to_string()))?
+    };
+    let retry_after_s = params
+        .retry_after_s
+        .unwrap_or(crate::sale::PAUSE_RETRY_S_DEFAULT);
+    Ok(Json(
+        crate::control::pause(state.stores(), &goods_id, retry_after_s).await?,
+    ))
+}
+
+async fn resume_sale(
+    State(state): State<Arc<AppState>>,
+    Path(goods_id): Path<String>,
+) -> Result<Json<crate::control::Controlled>, AppError> {
+    Ok(Json(
+        crate::control::resume(state.stores(), &goods_id).await?,
+    ))
+}
+
+/// Stops a sale: it ends now, by the end-of-sale rules.
+async fn stop_sale(
+    State(state): State<Arc<AppState>>,
+    Path(goods_id): Path<String>,
+) -> Result<Json<crate::control::Controlled>, AppError> {
+    Ok(Json(crate::control::stop(state.stores(), &goods_id).await?))
+}
+
+/// Adds stock to a sale that has not ended: `{"quantity": N, "operation_id": "..."}`; the
+/// same operation id again adds nothing more.
+async fn add_stock(
+    State(state): State<Arc<AppState>>,
+    Path(goods_id): Path<String>,
+    body: Result<Json<crate::control::AddStock>, axum::extract::rejection::JsonRejection>,
+) -> Result<Json<crate::control::Added>, AppError> {
+    let Json(request) = body.map_err(|e| AppError::BadRequest(e.body_text()))?;
+    Ok(Json(
+        crate::control::add_stock(state.stores(), &goods_id, &request).await?,
+    ))
+}
+
 async fn show_sale(
     State(state): State<Arc<AppState>>,
     Path(goods_id): Path<String>,
 ) -> Result<Json<serde_json::Value>, AppError> {
-    valid_goods_id(&goods_id)?;
-    let stored = db::load_sale(&state.mysql, &goods_id)
-        .await?
-        .ok_or_else(|| AppError::NotFound(format!("no sale is defined for goods {goods_id}")))?;
-    // MySQL's half is shown even while Redis is down (the goods is then sold in fallback).
-    let live = match preheat::live_stock(&state.redis, &state.keys, &goods_id).await {
-        Ok(live) => serde_json::json!(live),
-        Err(e) => serde_json::json!({ "error": e.to_string() }),
-    };
-    let sharded = stored.sale.shard_count() > 1;
-    let mut shown = serde_json::json!({ "definition": stored, "live": live });
-    // A sharded goods: `live` sums its shards; each shard's own counters beside it.
-    if sharded {
-        shown["shards"] = match preheat::live_shards(&state.redis, &state.keys, &goods_id).await {
-            Ok(shards) => serde_json::json!(shards.unwrap_or_default()),
-            Err(e) => serde_json::json!({ "error": e.to_string() }),
-        };
-    }
-    Ok(Json(shown))
+    Ok(Json(
+        crate::control::status(state.stores(), &goods_id).await?,
+    ))
 }
 
 #[derive(Debug, Deserialize)]

@@ -6,7 +6,8 @@
 pub struct GoodsKeys {
     /// Hash: total, available, reserved, sold, lapsed, limit, start_ms, end_ms, window_ms,
     /// epoch, seq; and first_epoch after a re-seed (orders of epochs first_epoch..=epoch are
-    /// in the counters).
+    /// in the counters); pause_retry_ms while an operator paused the sale, and added:<id> for
+    /// each stock addition applied under this epoch (`control/`).
     pub sale: String,
     /// Hash: user id -> units this user holds (reserved or sold).
     pub users: String,
@@ -85,6 +86,11 @@ impl GoodsKeys {
     /// `lua/transfer.lua` on the shard that receives them (give, pending_in).
     pub fn transfer_in_script_keys(&self) -> [&str; 2] {
         [&self.sale, &self.transfers_in]
+    }
+
+    /// `lua/control.lua`.
+    pub fn control_script_keys(&self) -> [&str; 2] {
+        [&self.sale, &self.epoch]
     }
 
     /// `lua/preheat.lua`.

@@ -1,6 +1,7 @@
 //! The seckill syncer: the atomic Redis deduct behind the edge filter, the sale admin API and
 //! preheat. `main.rs` only parses flags; everything runs from here.
 
+pub mod control;
 pub mod crashpoint;
 pub mod dashboard;
 pub mod db;
@@ -25,8 +26,8 @@ pub mod reseed;
 pub mod sale;
 pub mod scripts;
 pub mod shard;
-pub mod topics;
 pub mod telemetry;
+pub mod topics;
 pub mod writer;
 
 use std::net::SocketAddr;

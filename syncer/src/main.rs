@@ -12,6 +12,8 @@ use seckill_syncer::writer::WriterConfig;
 use seckill_syncer::{db, keys::KeySpace, preheat, PipelineConfig, ServeConfig, StoreConfig};
 use tokio_util::sync::CancellationToken;
 
+mod sale_command;
+
 #[derive(Parser)]
 #[command(
     name = "seckill-syncer",
@@ -244,6 +246,9 @@ enum Command {
         #[arg(long)]
         force: bool,
     },
+    /// An operator's controls of sales: define, list, status, pause, resume, stop, add-stock
+    /// (against MySQL and Redis directly; the admin API has the same under /admin/sales).
+    Sale(sale_command::SaleCommand),
     /// Load a sale Redis forgot back from MySQL (counters, buyers, idempotency records, open
     /// reservations) under a new epoch taken from MySQL, once the writer has applied
     /// everything on its way. Refused while Redis still has the sale or its outbox has events.
@@ -262,6 +267,8 @@ enum Command {
 
 fn main() -> ExitCode {
     tracing_subscriber::fmt()
+        // Logs on stderr: stdout is the commands' own output (`reconcile --json`, `sale`).
+        .with_writer(std::io::stderr)
         .with_env_filter(
             tracing_subscriber::EnvFilter::try_from_default_env()
                 .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
@@ -366,6 +373,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 println!("{topic}: {}", outcome.as_str());
             }
         }
+        Command::Sale(command) => sale_command::run(command).await?,
         Command::Migrate { stores } => {
             db::connect(&stores.mysql_url).await?;
             println!("schema is up to date");

@@ -116,6 +116,11 @@ pub async fn preheat(
     }
     let (epoch, sale) = db::take_epoch(mysql, goods_id, floor, HistoryRule::Refuse).await?;
     crashpoint(PREHEAT_AFTER_EPOCH);
+    // Read after the epoch was taken: a pause recorded later than this read is recorded
+    // under this epoch, and waits for this load before it writes Redis (`control/`).
+    let pause_retry_ms = crate::control::pause_retry_ms(mysql, goods_id)
+        .await
+        .map_err(db::SaleRowError::from)?;
     let script = redis::Script::new(crate::scripts::PREHEAT);
     // Each shard takes its part of the stock and of the fleet-wide rate.
     let stock = crate::shard::split_stock(sale.total_stock, shards);
@@ -136,7 +141,8 @@ pub async fn preheat(
             .arg(epoch)
             .arg(interval.to_string())
             .arg(tolerance.to_string())
-            .arg(sale.tier.as_str());
+            .arg(sale.tier.as_str())
+            .arg(pause_retry_ms);
         if shards > 1 {
             invocation.arg(shards).arg(shard);
         }
@@ -250,6 +256,7 @@ async fn read_live(redis: &RedisConn, sale: &str) -> Result<Option<LiveStock>, P
                 "epoch",
                 "lapsed",
                 "window_ms",
+                "pause_retry_ms",
             ])
             .query_async(&mut conn),
     )
@@ -270,5 +277,6 @@ async fn read_live(redis: &RedisConn, sale: &str) -> Result<Option<LiveStock>, P
         epoch: count(7),
         lapsed: count(8),
         window_ms: count(9),
+        pause_retry_ms: count(10),
     }))
 }

@@ -418,6 +418,7 @@ mod tests {
             epoch: 1,
             lapsed: 0,
             window_ms: 1,
+            pause_retry_ms: 0,
         }
     }
 

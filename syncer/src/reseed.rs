@@ -239,7 +239,8 @@ async fn load(
         .arg(if replace { "1" } else { "0" })
         .arg(snapshot.rate_ms.0.to_string())
         .arg(snapshot.rate_ms.1.to_string())
-        .arg(snapshot.tier.as_str());
+        .arg(snapshot.tier.as_str())
+        .arg(snapshot.pause_retry_ms);
     if let Some(shard) = part.shard {
         invocation.arg(snapshot.parts.len()).arg(shard);
     }
@@ -303,6 +304,8 @@ struct Round {
     tier: crate::sale::Tier,
     /// What each keyspace loads: one, or one per shard in shard order.
     parts: Vec<Part>,
+    /// The pause MySQL holds (0: not paused), loaded with the rest.
+    pause_retry_ms: u64,
 }
 
 /// A sale's counters: `total = available + reserved + sold + lapsed`.
@@ -514,7 +517,8 @@ async fn read_round(
     let mut tx = pool.begin().await?;
     let row = sqlx::query(
         "SELECT goods_id, total_stock, per_user_limit, starts_at, ends_at, payment_window_s, tier,
-           fleet_rate_per_s, fleet_burst, shards, stock, reserved, sold, lapsed, epoch, round_epoch
+           fleet_rate_per_s, fleet_burst, shards, stock, reserved, sold, lapsed, epoch, round_epoch,
+           pause_retry_s
          FROM sales WHERE goods_id = ? FOR UPDATE",
     )
     .bind(goods_id)
@@ -618,6 +622,7 @@ async fn read_round(
             .map_or((0.0, 0.0), |r| r.per_shard(shards).gcra_ms()),
         tier: sale.tier,
         parts,
+        pause_retry_ms: crate::control::retry_ms(row.try_get("pause_retry_s")?),
     })
 }
 

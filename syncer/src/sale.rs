@@ -167,6 +167,10 @@ pub enum SaleError {
     ShardsOnUnsharded,
     #[error("total_stock must be at least shards, so that every shard starts with a unit")]
     StockBelowShards,
+    #[error(
+        "ends_at {ends_at} is not in the future: a sale that has already ended cannot be defined"
+    )]
+    AlreadyEnded { ends_at: DateTime<Utc> },
 }
 
 impl Sale {
@@ -219,6 +223,109 @@ impl Sale {
             shards: spec.shards,
         })
     }
+
+    /// Refuses a definition whose window closed before `now`: nobody could ever buy, and
+    /// saving it would start a new round (resetting MySQL's counters) for nothing.
+    pub fn refuse_ended(&self, now: DateTime<Utc>) -> Result<(), SaleError> {
+        if self.ends_at <= now {
+            return Err(SaleError::AlreadyEnded {
+                ends_at: self.ends_at,
+            });
+        }
+        Ok(())
+    }
+}
+
+/// Longest pause a buyer may be told to wait out (Retry-After), and the one told when the
+/// operator names none: long enough that a crowd does not hammer a paused sale, short enough
+/// that buyers come back soon after a resume.
+pub const PAUSE_RETRY_S_MAX: u32 = 3_600;
+pub const PAUSE_RETRY_S_DEFAULT: u32 = 10;
+
+/// What an operator did to a sale (`control/`), as MySQL records it.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize)]
+pub struct Controls {
+    /// When it was paused (None: not paused).
+    pub paused_at: Option<DateTime<Utc>>,
+    /// While paused: the Retry-After buyers are told, seconds.
+    pub pause_retry_s: Option<u32>,
+    /// When an operator stopped it (its `ends_at` moved there).
+    pub stopped_at: Option<DateTime<Utc>>,
+}
+
+/// Where a sale stands, as an operator sees it (`sale list`, `GET /admin/sales`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum SaleState {
+    /// Defined, never preheated: buyers are told `unknown_goods`.
+    Defined,
+    /// Preheated, its window not open yet: `not_started`.
+    Scheduled,
+    Open,
+    /// An operator paused it: `paused`, with Retry-After.
+    Paused,
+    /// Its window closed: `ended`.
+    Ended,
+    /// An operator stopped it (it ended then): `ended`.
+    Stopped,
+}
+
+impl SaleState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SaleState::Defined => "defined",
+            SaleState::Scheduled => "scheduled",
+            SaleState::Open => "open",
+            SaleState::Paused => "paused",
+            SaleState::Ended => "ended",
+            SaleState::Stopped => "stopped",
+        }
+    }
+}
+
+/// What a sale's state is made of.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Standing {
+    pub starts_at: DateTime<Utc>,
+    pub ends_at: DateTime<Utc>,
+    /// An epoch was handed out for it (a load into Redis, or a db sale's preheat).
+    pub preheated: bool,
+    pub paused: bool,
+    pub stopped: bool,
+}
+
+impl Standing {
+    /// The state at `now`. The end wins over a pause: an ended sale says so, as the deduct
+    /// script answers `ended` before `paused`.
+    pub fn state(&self, now: DateTime<Utc>) -> SaleState {
+        if self.stopped {
+            SaleState::Stopped
+        } else if now >= self.ends_at {
+            SaleState::Ended
+        } else if !self.preheated {
+            SaleState::Defined
+        } else if self.paused {
+            SaleState::Paused
+        } else if now < self.starts_at {
+            SaleState::Scheduled
+        } else {
+            SaleState::Open
+        }
+    }
+}
+
+impl Sale {
+    /// The sale's state at `now` (see [`Standing::state`]).
+    pub fn state(&self, now: DateTime<Utc>, preheated: bool, controls: &Controls) -> SaleState {
+        let standing = Standing {
+            starts_at: self.starts_at,
+            ends_at: self.ends_at,
+            preheated,
+            paused: controls.paused_at.is_some(),
+            stopped: controls.stopped_at.is_some(),
+        };
+        standing.state(now)
+    }
 }
 
 /// The live counters of a preheated sale in Redis. `total = available + reserved + sold +
@@ -236,6 +343,9 @@ pub struct LiveStock {
     pub epoch: u64,
     pub lapsed: u64,
     pub window_ms: u64,
+    /// While an operator paused the sale: the Retry-After buyers are told, ms (0: not paused).
+    #[serde(default)]
+    pub pause_retry_ms: u64,
 }
 
 impl LiveStock {
@@ -306,6 +416,60 @@ mod tests {
         assert!(Sale::new("g", s.clone()).is_ok());
         s.tier = Tier::Db;
         assert_eq!(Sale::new("g", s), Err(SaleError::FleetRateOnDb));
+    }
+
+    #[test]
+    fn a_sale_that_already_ended_is_refused() {
+        let sale = Sale::new("g", spec()).unwrap();
+        let during: DateTime<Utc> = "2026-01-01T00:30:00Z".parse().unwrap();
+        assert_eq!(sale.refuse_ended(during), Ok(()));
+        for after in ["2026-01-01T01:00:00Z", "2027-01-01T00:00:00Z"] {
+            let now: DateTime<Utc> = after.parse().unwrap();
+            assert_eq!(
+                sale.refuse_ended(now),
+                Err(SaleError::AlreadyEnded {
+                    ends_at: sale.ends_at
+                })
+            );
+        }
+        // Before it starts is fine: a sale is defined ahead of its window.
+        let before: DateTime<Utc> = "2025-12-31T00:00:00Z".parse().unwrap();
+        assert_eq!(sale.refuse_ended(before), Ok(()));
+    }
+
+    #[test]
+    fn a_sales_state_follows_its_window_and_its_controls() {
+        let sale = Sale::new("g", spec()).unwrap();
+        let at = |t: &str| t.parse::<DateTime<Utc>>().unwrap();
+        let (before, during, after) = (
+            at("2025-12-31T23:00:00Z"),
+            at("2026-01-01T00:30:00Z"),
+            at("2026-01-01T02:00:00Z"),
+        );
+        let open = Controls::default();
+        let paused = Controls {
+            paused_at: Some(during),
+            pause_retry_s: Some(10),
+            stopped_at: None,
+        };
+        let stopped = Controls {
+            stopped_at: Some(during),
+            ..Controls::default()
+        };
+        assert_eq!(sale.state(during, false, &open), SaleState::Defined);
+        assert_eq!(sale.state(before, true, &open), SaleState::Scheduled);
+        assert_eq!(sale.state(during, true, &open), SaleState::Open);
+        assert_eq!(sale.state(during, true, &paused), SaleState::Paused);
+        assert_eq!(sale.state(before, true, &paused), SaleState::Paused);
+        assert_eq!(sale.state(after, true, &paused), SaleState::Ended);
+        assert_eq!(sale.state(after, true, &open), SaleState::Ended);
+        assert_eq!(sale.state(during, true, &stopped), SaleState::Stopped);
+        assert_eq!(sale.state(after, false, &stopped), SaleState::Stopped);
+        assert_eq!(SaleState::Paused.as_str(), "paused");
+        assert_eq!(
+            serde_json::to_string(&SaleState::Stopped).unwrap(),
+            "\"stopped\""
+        );
     }
 
     #[test]

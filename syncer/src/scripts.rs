@@ -27,6 +27,12 @@ pub const RESEED: &str = concat!(
     include_str!("lua/reseed.lua")
 );
 
+/// An operator's control of a live sale: pause, resume, stop, add stock (`lua/control.lua`).
+pub const CONTROL: &str = concat!(
+    include_str!("lua/common.lua"),
+    include_str!("lua/control.lua")
+);
+
 /// Starts a call of `script` with its KEYS (the caller adds the ARGV).
 pub fn invocation<'a>(script: &'a redis::Script, keys: &[&str]) -> redis::ScriptInvocation<'a> {
     let mut invocation = script.prepare_invoke();

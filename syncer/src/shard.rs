@@ -355,6 +355,8 @@ pub fn aggregate(shards: &[ShardStock]) -> Option<LiveStock> {
     total.sold = 0;
     total.lapsed = 0;
     for shard in shards {
+        // The goods counts as paused while any shard is (a pause reaches them one by one).
+        total.pause_retry_ms = total.pause_retry_ms.max(shard.stock.pause_retry_ms);
         total.total += shard.stock.total + shard.in_transit;
         total.available += shard.stock.available + shard.in_transit;
         total.reserved += shard.stock.reserved;
@@ -415,6 +417,7 @@ mod tests {
             epoch: 4,
             lapsed: 0,
             window_ms: 1,
+            pause_retry_ms: 0,
         };
         let shards = [
             ShardStock {

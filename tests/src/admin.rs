@@ -114,6 +114,35 @@ impl<'a> Admin<'a> {
             .ok_or_else(|| anyhow::anyhow!("no definition.fallback in {sale}"))
     }
 
+    /// A sale control (`pause`, `resume`, `stop`, `add-stock`) through the admin API, with an
+    /// optional JSON body; returns the status and body, refusals included.
+    pub async fn control(
+        &self,
+        goods_id: &str,
+        action: &str,
+        body: Option<&Value>,
+    ) -> anyhow::Result<(u16, Value)> {
+        let mut request = self
+            .http
+            .post(format!("{}/admin/sales/{goods_id}/{action}", self.base))
+            .header(seckill_api::SECRET_HEADER, SECRET);
+        if let Some(body) = body {
+            request = request.json(body);
+        }
+        status_and_body(request.send().await?).await
+    }
+
+    /// `GET /admin/sales` with a query string (say `limit=2&after=g1`).
+    pub async fn list(&self, query: &str) -> anyhow::Result<(u16, Value)> {
+        let response = self
+            .http
+            .get(format!("{}/admin/sales?{query}", self.base))
+            .header(seckill_api::SECRET_HEADER, SECRET)
+            .send()
+            .await?;
+        status_and_body(response).await
+    }
+
     /// Confirms (`confirm`) or cancels (`cancel`) an order; returns the status and body.
     pub async fn settle(&self, order_id: &str, action: &str) -> anyhow::Result<(u16, Value)> {
         let response = self

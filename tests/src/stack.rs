@@ -307,6 +307,25 @@ impl<R: TestRedis> Stack<R> {
         Ok(command)
     }
 
+    /// Runs `seckill-syncer sale --json ARGS...` (an operator's sale controls) against this
+    /// stack's stores, with extra environment (say `SECKILL_CRASH_AT`).
+    pub fn sale_cli(&self, args: &[&str], env: &[(&str, &str)]) -> anyhow::Result<CliRun> {
+        let output = std::process::Command::new(crate::syncer::syncer_binary()?)
+            .arg("sale")
+            .args(["--redis-url", &self.redis.url()])
+            .args(["--mysql-url", &self.db.url()])
+            .args(["--key-prefix", &self.key_prefix])
+            .arg("--json")
+            .args(args)
+            .envs(env.iter().copied())
+            .output()?;
+        Ok(CliRun {
+            code: output.status.code(),
+            json: serde_json::from_slice(&output.stdout).unwrap_or(Value::Null),
+            stderr: String::from_utf8_lossy(&output.stderr).into_owned(),
+        })
+    }
+
     /// Runs `seckill-syncer reconcile --json`; returns its exit code and report.
     pub fn reconcile(&self, extra: &[&str]) -> anyhow::Result<(i32, Value)> {
         let output = self
@@ -365,6 +384,15 @@ impl<R: TestRedis> Stack<R> {
     }
 }
 
+/// What a run of the syncer binary left: its exit code (None: killed by a signal), what it
+/// printed as JSON (Null when nothing parsed), and its error output.
+#[derive(Debug, Clone)]
+pub struct CliRun {
+    pub code: Option<i32>,
+    pub json: Value,
+    pub stderr: String,
+}
+
 /// Sends a request and reads the gate's answer.
 pub async fn send(request: reqwest::RequestBuilder) -> anyhow::Result<BuyResult> {
     let response = request.send().await?;
@@ -392,6 +420,16 @@ pub async fn send(request: reqwest::RequestBuilder) -> anyhow::Result<BuyResult>
 
 pub fn now_ms() -> i64 {
     chrono::Utc::now().timestamp_millis()
+}
+
+/// Waits (polling the clock) until `ms` since the epoch has passed: a sale defined to end
+/// soon has ended then (a sale cannot be defined ended).
+pub async fn wait_past(ms: i64) -> anyhow::Result<()> {
+    let wait = Duration::from_millis(u64::try_from(ms - now_ms()).unwrap_or(0));
+    crate::process::wait_for("the clock", wait + Duration::from_secs(5), || async {
+        Ok((now_ms() > ms).then_some(()))
+    })
+    .await
 }
 
 /// Milliseconds since the epoch as RFC 3339 in UTC (what the admin API takes).

@@ -11,7 +11,7 @@ use redis::AsyncCommands;
 use seckill_e2e::deduct_stub::DeductStub;
 use seckill_e2e::envoy::{Envoy, LOCAL_TEMPLATE};
 use seckill_e2e::process::wait_for;
-use seckill_e2e::stack::{default_plugin_config, now_ms, send, Stack, StackOptions};
+use seckill_e2e::stack::{default_plugin_config, now_ms, send, wait_past, Stack, StackOptions};
 use serde_json::json;
 
 async fn stack(label: &str) -> Stack {
@@ -175,8 +175,10 @@ async fn sale_window_is_enforced() {
         .await
         .unwrap();
     stack.preheat("early", false).await.unwrap();
+    // A sale cannot be defined ended: this one ends a second after its definition.
+    let late_end = now_ms() + 1_000;
     stack
-        .define_sale("late", 10, 1, now - 7_200_000, now - 3_600_000)
+        .define_sale("late", 10, 1, now - 7_200_000, late_end)
         .await
         .unwrap();
     stack.preheat("late", false).await.unwrap();
@@ -189,6 +191,7 @@ async fn sale_window_is_enforced() {
     );
     let wait_s: u64 = early.retry_after.as_deref().unwrap().parse().unwrap();
     assert!((3_500..=3_601).contains(&wait_s), "Retry-After {wait_s}");
+    wait_past(late_end).await.unwrap();
     let late = stack.buy("late", "u1", 1, "r2").await.unwrap();
     assert_eq!((late.status, late.outcome.as_str()), (403, "ended"));
     let unknown = stack.buy("nothing-here", "u1", 1, "r3").await.unwrap();

@@ -6,7 +6,7 @@ use std::time::Duration;
 use seckill_e2e::mysql_db::TestDatabase;
 use seckill_e2e::process::{unique_suffix, Scratch};
 use seckill_e2e::redis_server::RedisServer;
-use seckill_e2e::stack::{now_ms, rfc3339, SECRET};
+use seckill_e2e::stack::{now_ms, rfc3339, wait_past, SECRET};
 use seckill_e2e::syncer::{SyncerArgs, SyncerProcess};
 use serde_json::{json, Value};
 
@@ -459,7 +459,9 @@ async fn history_in_mysql_blocks_full_stock_until_a_new_round() {
     let mut f = Fixture::start("history").await;
     let now = now_ms();
     assert_eq!(f.define_ending("open", now + 3_600_000).await.0, 201);
-    assert_eq!(f.define_ending("ended", now - 3_600_000).await.0, 201);
+    // A sale cannot be defined ended: this one ends soon, before Redis forgets below.
+    let ended_at = now_ms() + 2_000;
+    assert_eq!(f.define_ending("ended", ended_at).await.0, 201);
     for goods in ["open", "ended"] {
         let (status, body) = f.preheat(goods, false).await;
         assert_eq!((status, &body["epoch"]), (200, &json!(1)), "{body}");
@@ -487,6 +489,8 @@ async fn history_in_mysql_blocks_full_stock_until_a_new_round() {
         );
     }
 
+    // "ended" ends before Redis forgets: only "open" is a live sale Redis forgot.
+    wait_past(ended_at).await.unwrap();
     // Redis forgets: it no longer knows "open" is live, MySQL does.
     f.redis.restart_empty().await.unwrap();
     f.syncer

@@ -57,6 +57,7 @@ impl Answer {
                 Outcome::LimitReached => Answer::Limit,
                 Outcome::FleetRateLimited => Answer::RateLimited,
                 Outcome::NotStarted
+                | Outcome::Paused
                 | Outcome::Ended
                 | Outcome::UnknownGoods
                 | Outcome::RequestIdConflict

@@ -29,7 +29,7 @@ if now_ms > deadline_ms then
 end
 
 local sale = redis.call('HMGET', KEYS[1], 'available', 'limit', 'start_ms', 'end_ms', 'epoch', 'seq', 'window_ms', 'fenced',
-  'rate_interval_ms', 'rate_tolerance_ms', 'rate_tat_ms', 'tier', 'shards', 'shard')
+  'rate_interval_ms', 'rate_tolerance_ms', 'rate_tat_ms', 'tier', 'shards', 'shard', 'pause_retry_ms')
 -- A Redis that forgot is never trusted: MySQL loaded this goods, so a missing sale, an epoch
 -- behind MySQL's or a fence means state was lost, and deciding on would hand out units and
 -- order ids twice.
@@ -58,6 +58,8 @@ local new_mark, repeat_mark = 'new', ''
 -- goods' order ids stay `goods.epoch.sequence`, distinct over its shards, and the sequence
 -- names the shard that holds the order (lifecycle calls are routed by it).
 local shards, shard = tonumber(sale[13] or '1') or 1, tonumber(sale[14] or '0') or 0
+-- An operator's pause (control.lua): > 0 while paused, the Retry-After buyers are told.
+local pause_retry_ms = tonumber(sale[15] or '0') or 0
 if dual_write then
   new_mark, repeat_mark = 'new_dw', 'dw'
 end
@@ -113,6 +115,11 @@ local function decide(user, qty, request_id)
   end
   if now_ms >= end_ms then
     return { 'ended', '', available, 0, '' }
+  end
+  -- Paused: nothing is decided, not even a cell of the fleet-wide rate. After the window
+  -- checks (an ended sale says so) and before the stock (a pause is never a sold-out).
+  if pause_retry_ms > 0 then
+    return { 'paused', '', available, pause_retry_ms, '' }
   end
   -- Every attempt decided afresh takes a cell of the fleet-wide rate (repeats, early and late
   -- ones do not); over it, nothing is decided.

@@ -6,7 +6,8 @@
 --       6 payment window ms, 7 epoch, 8 and 9 the fleet-wide rate's GCRA emission interval and
 --       burst tolerance in ms ("0": no fleet-wide rate), 10 the tier ("redis" or "dual_write":
 --       the deduct script marks dual_write wins, so no syncer sells one without its row),
---       11 and 12 (optional) the shard count and this shard's index for one shard of a
+--       11 the pause's retry-after ms MySQL holds ("0": not paused; `control/`),
+--       12 and 13 (optional) the shard count and this shard's index for one shard of a
 --       redis_sharded goods: its order sequences are `local * shards + shard`
 -- Reply: { "loaded", epoch }, { "stale", loaded epoch } when this Redis already loaded that
 -- epoch or a later one, or { "live", end_ms } when a live sale is in the way.
@@ -37,7 +38,10 @@ redis.call('HSET', KEYS[1],
   'limit', ARGV[2], 'start_ms', ARGV[3], 'end_ms', ARGV[4], 'window_ms', ARGV[6],
   'epoch', ARGV[7], 'seq', 0, 'swept_ms', now_ms,
   'rate_interval_ms', ARGV[8], 'rate_tolerance_ms', ARGV[9], 'tier', ARGV[10])
-if ARGV[11] then
-  redis.call('HSET', KEYS[1], 'shards', ARGV[11], 'shard', ARGV[12])
+if tonumber(ARGV[11]) > 0 then
+  redis.call('HSET', KEYS[1], 'pause_retry_ms', ARGV[11])
+end
+if ARGV[12] then
+  redis.call('HSET', KEYS[1], 'shards', ARGV[12], 'shard', ARGV[13])
 end
 return { 'loaded', epoch }

@@ -10,7 +10,8 @@
 --       requests, reservations, settled, lapsed; every value a string), 13 replace ("1":
 --       MySQL decided the goods meanwhile, and whatever Redis still holds of it is replaced),
 --       14 and 15 the fleet-wide rate's GCRA interval and tolerance ms ("0": none), 16 the tier,
---       17 and 18 (optional) the shard count and this shard's index, for one shard of a
+--       17 the pause's retry-after ms MySQL holds ("0": not paused; `control/`),
+--       18 and 19 (optional) the shard count and this shard's index, for one shard of a
 --       redis_sharded goods (its part of the round: reseed.rs splits it)
 -- Reply: { "loaded", epoch }, { "stale", loaded epoch } when this Redis loaded that epoch or a
 -- later one, { "live", 0 } when Redis still has the sale (it did not forget), or
@@ -58,7 +59,10 @@ redis.call('HSET', KEYS[1],
   'window_ms', ARGV[11], 'epoch', ARGV[1], 'first_epoch', ARGV[2], 'seq', 0,
   'swept_ms', clock_ms(), 'rate_interval_ms', ARGV[14], 'rate_tolerance_ms', ARGV[15],
   'tier', ARGV[16])
-if ARGV[17] then
-  redis.call('HSET', KEYS[1], 'shards', ARGV[17], 'shard', ARGV[18])
+if tonumber(ARGV[17]) > 0 then
+  redis.call('HSET', KEYS[1], 'pause_retry_ms', ARGV[17])
+end
+if ARGV[18] then
+  redis.call('HSET', KEYS[1], 'shards', ARGV[18], 'shard', ARGV[19])
 end
 return { 'loaded', epoch }
