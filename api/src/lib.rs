@@ -16,7 +16,8 @@ pub const CLAIM_PATH: &str = "/v1/claims";
 pub const CLAIMS_PER_CALL_MAX: usize = 1_024;
 /// Longest wait for a decision a caller may announce in `timeout_ms`.
 pub const DEDUCT_TIMEOUT_MS_MAX: u64 = 10_000;
-/// Header carrying the shared secret on every internal call (filter to syncer, admin API).
+/// Header carrying the caller's role credential on every internal call (the gate's, the
+/// shop's, the operators'): see the syncer's `credentials.rs`.
 pub const SECRET_HEADER: &str = "x-seckill-secret";
 /// Prefix of every header the gate sets; clients may never supply one (promise 5).
 pub const GATE_HEADER_PREFIX: &str = "x-seckill-";

@@ -199,7 +199,7 @@ mod tests {
             "goods_id": {"path": "goods_id"},
             "user_id": {"header": "x-user-id"},
             "request_id": {"header": "x-request-id"},
-            "deduct": {"cluster": "syncer", "secret": "s"},
+            "deduct": {"cluster": "syncer", "secret_env": "SECKILL_TEST_EDGE_SECRET"},
             "rate_limit": {"default": {"per_second": 10.0, "burst": 10}}
         });
         let headers = [

@@ -224,7 +224,10 @@ struct RawDeduct {
     cluster: String,
     authority: Option<String>,
     timeout_ms: Option<u64>,
-    secret: String,
+    /// Refused with a message saying where the credential goes instead (the name is kept so
+    /// that an old configuration gets that message, not "unknown field").
+    secret: Option<serde::de::IgnoredAny>,
+    secret_env: Option<String>,
     failure_mode: Option<FailureMode>,
 }
 
@@ -299,7 +302,17 @@ impl<'de> Visitor<'de> for SourceVisitor {
 
 impl Config {
     /// Parses and validates the plugin configuration. `None` or empty: Envoy gave none.
+    /// Variables it names (`deduct.secret_env`) are read from the wasm VM's environment.
     pub fn from_json(bytes: Option<&[u8]>) -> Result<Config, ConfigError> {
+        Config::from_json_with_env(bytes, &vm_env)
+    }
+
+    /// As [`Config::from_json`], with `env` standing for the VM's environment: for tools and
+    /// tests that check a configuration outside Envoy.
+    pub fn from_json_with_env(
+        bytes: Option<&[u8]>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
         let bytes = match bytes {
             Some(bytes) if !bytes.iter().all(u8::is_ascii_whitespace) => bytes,
             _ => {
@@ -320,10 +333,13 @@ impl Config {
             ));
         }
         let raw: RawConfig = serde_path_to_error::deserialize(document)?;
-        Config::compile(raw)
+        Config::compile(raw, env)
     }
 
-    fn compile(raw: RawConfig) -> Result<Config, ConfigError> {
+    fn compile(
+        raw: RawConfig,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
         let route = compile_route(raw.route)?;
         let goods_id = compile_source("goods_id", raw.goods_id, &route.template)?;
         let user_id = compile_source("user_id", raw.user_id, &route.template)?;
@@ -347,7 +363,7 @@ impl Config {
                 )
             })?;
 
-        let deduct = compile_deduct(raw.deduct)?;
+        let deduct = compile_deduct(raw.deduct, env)?;
         let rate_limit = compile_rate_limit(raw.rate_limit, id_len_max)?;
         let sold_out_cache = cache_life(
             "sold_out_cache_ms",
@@ -526,7 +542,29 @@ fn header_safe(field: &str, text: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
-fn compile_deduct(raw: RawDeduct) -> Result<Deduct, ConfigError> {
+/// In the filter's own unit tests, the variable the test configurations name holds this.
+#[cfg(test)]
+pub(crate) const TEST_SECRET_ENV: &str = "SECKILL_TEST_EDGE_SECRET";
+#[cfg(test)]
+pub(crate) const TEST_SECRET: &str = "s3cret";
+
+/// The wasm VM's environment: what Envoy's `vm_config.environment_variables` put there
+/// (`host_env_keys` copies variables of Envoy's own environment).
+fn vm_env(name: &str) -> Option<String> {
+    #[cfg(test)]
+    if name == TEST_SECRET_ENV {
+        return Some(TEST_SECRET.to_owned());
+    }
+    std::env::var(name).ok()
+}
+
+/// Longest environment variable name accepted for `deduct.secret_env`.
+const ENV_NAME_LEN_MAX: usize = 128;
+
+fn compile_deduct(
+    raw: RawDeduct,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Deduct, ConfigError> {
     header_safe("deduct.cluster", &raw.cluster)?;
     let authority = raw
         .authority
@@ -539,14 +577,63 @@ fn compile_deduct(raw: RawDeduct) -> Result<Deduct, ConfigError> {
             format!("must be from 1 to {TIMEOUT_MS_MAX} (got {timeout_ms})"),
         ));
     }
-    header_safe("deduct.secret", &raw.secret)?;
+    let secret = compile_secret(raw.secret.is_some(), raw.secret_env, env)?;
     Ok(Deduct {
         cluster: raw.cluster,
         authority,
         timeout: Duration::from_millis(timeout_ms),
-        secret: raw.secret,
+        secret,
         failure_mode: raw.failure_mode.unwrap_or(FailureMode::Closed),
     })
+}
+
+/// The syncer's edge credential, read from the VM's environment: never from the plugin
+/// configuration, which Envoy's admin `/config_dump` prints to anyone who can read it.
+fn compile_secret(
+    inline: bool,
+    name: Option<String>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<String, ConfigError> {
+    if inline {
+        return Err(ConfigError::new(
+            "deduct.secret",
+            "an inline credential shows in Envoy's admin /config_dump; put it in an environment \
+             variable of Envoy's, list that variable in vm_config.environment_variables.\
+             host_env_keys, and name it in deduct.secret_env",
+        ));
+    }
+    let Some(name) = name else {
+        return Err(ConfigError::new(
+            "deduct",
+            "missing field `secret_env` (the environment variable that holds the syncer's edge \
+             credential, listed in vm_config.environment_variables.host_env_keys)",
+        ));
+    };
+    let well_formed = !name.is_empty()
+        && name.len() <= ENV_NAME_LEN_MAX
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if !well_formed {
+        return Err(ConfigError::new(
+            "deduct.secret_env",
+            format!(
+                "must be an environment variable name (letters, digits and _, not starting with \
+                 a digit, at most {ENV_NAME_LEN_MAX} bytes)"
+            ),
+        ));
+    }
+    let Some(value) = env(&name) else {
+        return Err(ConfigError::new(
+            "deduct.secret_env",
+            format!(
+                "{name} is not set in the wasm VM: set it in Envoy's environment and list it in \
+                 vm_config.environment_variables.host_env_keys"
+            ),
+        ));
+    };
+    // The message names the variable, never its value.
+    header_safe(&format!("deduct.secret_env ({name})"), &value)?;
+    Ok(value)
 }
 
 fn compile_rate(field: &str, raw: &RawRate) -> Result<Rate, ConfigError> {
@@ -608,7 +695,7 @@ mod tests {
             "request_id": {"header": "x-request-id"},
             "id_len_max": 64,
             "deduct": {"cluster": "seckill_syncer", "authority": "seckill-syncer",
-                       "timeout_ms": 300, "secret": "s3cret", "failure_mode": "closed"},
+                       "timeout_ms": 300, "secret_env": "SECKILL_TEST_EDGE_SECRET", "failure_mode": "closed"},
             "rate_limit": {"default": {"per_second": 1000, "burst": 200},
                            "goods": {"sku-1": {"per_second": 50, "burst": 10}},
                            "tracked_goods_max": 10000},
@@ -621,7 +708,7 @@ mod tests {
             "route": {"path_template": "/seckill/{goods_id}/buy"},
             "goods_id": {"path": "goods_id"},
             "user_id": {"header": "x-user-id"},
-            "deduct": {"cluster": "seckill_syncer", "secret": "s3cret"},
+            "deduct": {"cluster": "seckill_syncer", "secret_env": "SECKILL_TEST_EDGE_SECRET"},
             "rate_limit": {"default": {"per_second": 0.5, "burst": 1}}
         })
     }
@@ -938,26 +1025,28 @@ mod tests {
     #[test]
     fn deduct_errors() {
         assert_error(
-            |v| v["deduct"]["secret"] = json!(""),
+            |v| v["deduct"]["secret"] = json!("s3cret"),
             "deduct.secret",
-            "must not be empty",
+            "shows in Envoy's admin /config_dump",
         );
         assert_error(
-            |v| v["deduct"]["secret"] = json!("a b"),
-            "deduct.secret",
-            "printable ASCII",
+            |v| v["deduct"]["secret_env"] = json!("SECKILL_NOT_SET_ANYWHERE"),
+            "deduct.secret_env",
+            "SECKILL_NOT_SET_ANYWHERE is not set in the wasm VM",
         );
-        assert_error(
-            |v| v["deduct"]["secret"] = json!("a\nb"),
-            "deduct.secret",
-            "printable ASCII",
-        );
+        for bad in ["", "1ABC", "A-B", "A B", &"A".repeat(129)] {
+            assert_error(
+                |v| v["deduct"]["secret_env"] = json!(bad),
+                "deduct.secret_env",
+                "must be an environment variable name",
+            );
+        }
         assert_error(
             |v| {
-                v["deduct"].as_object_mut().unwrap().remove("secret");
+                v["deduct"].as_object_mut().unwrap().remove("secret_env");
             },
             "deduct",
-            "missing field `secret`",
+            "missing field `secret_env`",
         );
         assert_error(
             |v| {
@@ -1061,8 +1150,12 @@ mod tests {
             e.to_string(),
             "goods_id.path: route.path_template has no {sku} variable"
         );
-        let e = error_of(|v| v["deduct"]["secret"] = json!(""));
-        assert_eq!(e.to_string(), "deduct.secret: must not be empty");
+        let e = error_of(|v| v["deduct"]["secret_env"] = json!("SECKILL_UNSET"));
+        assert_eq!(
+            e.to_string(),
+            "deduct.secret_env: SECKILL_UNSET is not set in the wasm VM: set it in Envoy's \
+             environment and list it in vm_config.environment_variables.host_env_keys"
+        );
     }
 
     #[test]

@@ -363,7 +363,7 @@ mod tests {
             "user_id": {"header": "x-user-id"},
             "quantity": {"source": {"query": "qty"}, "default": 1, "max": 5},
             "id_len_max": 16,
-            "deduct": {"cluster": "c", "secret": "s"},
+            "deduct": {"cluster": "c", "secret_env": "SECKILL_TEST_EDGE_SECRET"},
             "rate_limit": {"default": {"per_second": 10, "burst": 1}}
         });
         Config::from_json(Some(value.to_string().as_bytes())).unwrap()
@@ -623,7 +623,7 @@ mod tests {
             "route": {"path_template": "/buy"},
             "goods_id": {"header": "x-goods-id"},
             "user_id": {"query": "user"},
-            "deduct": {"cluster": "c", "secret": "s"},
+            "deduct": {"cluster": "c", "secret_env": "SECKILL_TEST_EDGE_SECRET"},
             "rate_limit": {"default": {"per_second": 10, "burst": 1}}
         });
         let c = Config::from_json(Some(value.to_string().as_bytes())).unwrap();

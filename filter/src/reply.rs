@@ -609,7 +609,7 @@ mod tests {
             "goods_id": {"path": "goods_id"},
             "user_id": {"header": "x-user-id"},
             "quantity": {"source": {"query": "qty"}, "max": 5},
-            "deduct": {"cluster": "c", "secret": "s"},
+            "deduct": {"cluster": "c", "secret_env": "SECKILL_TEST_EDGE_SECRET"},
             "rate_limit": {"default": {"per_second": 10, "burst": 1}}
         });
         let headers = [

@@ -83,7 +83,9 @@ impl Envoy {
             .arg(&admin_path)
             .args(["--base-id", &base_id().to_string()])
             .args(["--concurrency", &workers.to_string()])
-            .args(["-l", "warning", "--component-log-level", "wasm:info"]);
+            .args(["-l", "warning", "--component-log-level", "wasm:info"])
+            // The filter's credential for the syncer, as `host_env_keys` passes it on.
+            .env("SECKILL_EDGE_SECRET", crate::stack::EDGE_SECRET);
         let mut process =
             ChildGuard::spawn("envoy", command, &dir.join(format!("envoy-{id}.log")))?;
         let admin_port = wait_for("Envoy's admin address", Duration::from_secs(30), || {
