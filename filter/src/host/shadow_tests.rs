@@ -33,9 +33,12 @@ fn assert_forwarded_as(gate: &Gate, context: u32, outcome: &str) {
     );
 }
 
+/// Counters by name, the zeros left out.
+type Counts = Vec<(String, i64)>;
+
 /// What the gate counted, as enforced (`seckill.outcome.*`) and as a dry run
-/// (`seckill.shadow.*`), leaving out the zeros.
-fn counted(gate: &Gate) -> (Vec<(String, i64)>, Vec<(String, i64)>) {
+/// (`seckill.shadow.*`).
+fn counted(gate: &Gate) -> (Counts, Counts) {
     let count = |name: String| {
         let value = gate.host.counter(&name);
         (value != 0).then_some((name, value))
