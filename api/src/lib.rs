@@ -31,6 +31,10 @@ pub const USER_ID_HEADER: &str = "x-seckill-user-id";
 pub const QUANTITY_HEADER: &str = "x-seckill-quantity";
 /// Header the gate sets when it forwarded a request without a decision (failure mode `open`).
 pub const GATE_STATUS_HEADER: &str = "x-seckill-gate";
+/// Header the gate sets on every sale request it forwards in shadow mode (a dry run): what it
+/// would have answered (an outcome name: `won`, `sold_out`, ..., `rate_limited`,
+/// `bad_request`, ...). Such a request passed no gate: it carries no order id.
+pub const SHADOW_HEADER: &str = "x-seckill-shadow";
 
 /// Longest goods id, user id or request id anyone accepts. Bounds Redis key and field sizes.
 pub const ID_LEN_MAX: usize = 128;

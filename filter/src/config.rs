@@ -165,6 +165,50 @@ pub struct RateLimits {
     pub tracked_goods_max: u64,
 }
 
+/// What the gate does with its decision on a sale request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Carries it out: losers are answered by the gate, winners forwarded with their order.
+    Enforce,
+    /// A dry run in front of a live shop: decides and counts exactly as `Enforce`, then
+    /// forwards the request as the buyer sent it (gate headers stripped), marked with what
+    /// the gate would have answered (`x-seckill-shadow`) and without a winner's headers.
+    Shadow,
+}
+
+impl Mode {
+    fn from_flag(shadow: bool) -> Mode {
+        if shadow {
+            Mode::Shadow
+        } else {
+            Mode::Enforce
+        }
+    }
+}
+
+/// Which goods run in shadow mode: the top-level `shadow`, overridden per goods.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Modes {
+    /// Every goods not listed below, and every request whose goods id could not be read.
+    pub default: Mode,
+    /// Per-goods overrides (`goods.<id>.shadow`).
+    pub goods: HashMap<String, Mode>,
+}
+
+impl Modes {
+    /// The mode of a request for this goods; `None`: the gate could not read a valid goods
+    /// id (a path that only resembles the sale route, a missing or malformed id).
+    pub fn of(&self, goods_id: Option<&str>) -> Mode {
+        // No hashing at all for the common filter without overrides.
+        if self.goods.is_empty() {
+            return self.default;
+        }
+        goods_id
+            .and_then(|id| self.goods.get(id).copied())
+            .unwrap_or(self.default)
+    }
+}
+
 /// The compiled, validated configuration. Immutable; shared by every request as `Rc<Config>`.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -183,6 +227,8 @@ pub struct Config {
     /// When the shop API answers a winner with a 5xx (or cannot be reached), give the
     /// reservation back through the syncer before passing the answer on.
     pub release_on_upstream_failure: bool,
+    /// Shadow mode (a dry run) or enforcement, per goods.
+    pub modes: Modes,
 }
 
 // --- the document as written: types checked by serde, values checked by `compile` ---
@@ -201,6 +247,15 @@ struct RawConfig {
     sold_out_cache_ms: Option<u64>,
     unknown_goods_cache_ms: Option<u64>,
     release_on_upstream_failure: Option<bool>,
+    shadow: Option<bool>,
+    goods: Option<BTreeMap<String, RawGoods>>,
+}
+
+/// Settings of one goods (`goods.<id>`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGoods {
+    shadow: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -376,6 +431,8 @@ impl Config {
             UNKNOWN_GOODS_CACHE_MS_DEFAULT,
         )?;
 
+        let modes = compile_modes(raw.shadow, raw.goods, id_len_max)?;
+
         Ok(Config {
             route,
             goods_id,
@@ -388,6 +445,7 @@ impl Config {
             sold_out_cache,
             unknown_goods_cache,
             release_on_upstream_failure: raw.release_on_upstream_failure.unwrap_or(true),
+            modes,
         })
     }
 }
@@ -636,6 +694,33 @@ fn compile_secret(
     Ok(value)
 }
 
+/// A goods id the operator wrote as a key (`rate_limit.goods`, `goods`): an id no request
+/// can carry would be a setting that never applies.
+fn configured_goods_id(field: &str, goods_id: &str, id_len_max: usize) -> Result<(), ConfigError> {
+    seckill_api::validate_id(goods_id, id_len_max).map_err(|e| {
+        ConfigError::new(
+            field,
+            format!("the goods id {e} (no request could carry it)"),
+        )
+    })
+}
+
+fn compile_modes(
+    shadow: Option<bool>,
+    raw_goods: Option<BTreeMap<String, RawGoods>>,
+    id_len_max: usize,
+) -> Result<Modes, ConfigError> {
+    let default = Mode::from_flag(shadow.unwrap_or(false));
+    let mut goods = HashMap::new();
+    for (goods_id, settings) in raw_goods.unwrap_or_default() {
+        configured_goods_id(&format!("goods.{goods_id}"), &goods_id, id_len_max)?;
+        if let Some(shadow) = settings.shadow {
+            goods.insert(goods_id, Mode::from_flag(shadow));
+        }
+    }
+    Ok(Modes { default, goods })
+}
+
 fn compile_rate(field: &str, raw: &RawRate) -> Result<Rate, ConfigError> {
     // Rate::new names which of the two is wrong in its message.
     Rate::new(raw.per_second, raw.burst).map_err(|e| ConfigError::new(field, e))
@@ -647,13 +732,7 @@ fn compile_rate_limit(raw: RawRateLimit, id_len_max: usize) -> Result<RateLimits
     let mut goods = HashMap::with_capacity(raw_goods.len());
     for (goods_id, rate) in raw_goods {
         let field = format!("rate_limit.goods.{goods_id}");
-        // An id no request can carry would be an override that never applies.
-        if let Err(e) = seckill_api::validate_id(&goods_id, id_len_max) {
-            return Err(ConfigError::new(
-                &field,
-                format!("the goods id {e} (no request could carry it)"),
-            ));
-        }
+        configured_goods_id(&field, &goods_id, id_len_max)?;
         let rate = compile_rate(&field, &rate)?;
         goods.insert(goods_id, rate);
     }
@@ -1175,6 +1254,60 @@ mod tests {
     }
 
     #[test]
+    fn shadow_mode_is_off_unless_asked_and_a_goods_overrides_it_both_ways() {
+        let c = parse(&minimal()).unwrap();
+        assert_eq!(c.modes.default, Mode::Enforce);
+        assert_eq!(c.modes.of(Some("sku-1")), Mode::Enforce);
+        assert_eq!(c.modes.of(None), Mode::Enforce);
+
+        let mut v = minimal();
+        v["goods"] = json!({"dry": {"shadow": true}, "plain": {}, "nulled": {"shadow": null}});
+        let c = parse(&v).unwrap();
+        assert_eq!(c.modes.of(Some("dry")), Mode::Shadow);
+        assert_eq!(c.modes.of(Some("plain")), Mode::Enforce);
+        assert_eq!(c.modes.of(Some("nulled")), Mode::Enforce);
+        assert_eq!(c.modes.of(Some("other")), Mode::Enforce);
+        assert_eq!(c.modes.of(None), Mode::Enforce);
+
+        v["shadow"] = json!(true);
+        v["goods"] = json!({"live": {"shadow": false}});
+        let c = parse(&v).unwrap();
+        assert_eq!(c.modes.of(Some("live")), Mode::Enforce);
+        assert_eq!(c.modes.of(Some("other")), Mode::Shadow);
+        assert_eq!(c.modes.of(None), Mode::Shadow, "no goods id: the top level");
+    }
+
+    #[test]
+    fn shadow_settings_are_validated() {
+        assert_error(
+            |v| v["shadow"] = json!("yes"),
+            "shadow",
+            "invalid type: string \"yes\", expected a boolean",
+        );
+        assert_error(
+            |v| v["goods"] = json!({"sku-1": {"shadow": 1}}),
+            "goods.sku-1.shadow",
+            "expected a boolean",
+        );
+        assert_error(
+            |v| v["goods"] = json!({"sku-1": {"shaddow": true}}),
+            "goods.sku-1.shaddow",
+            "unknown field `shaddow`, expected `shadow`",
+        );
+        assert_error(
+            |v| v["goods"] = json!({"sku-1": true}),
+            "goods.sku-1",
+            "invalid type: boolean `true`",
+        );
+        assert_error(
+            |v| v["goods"] = json!({"bad id": {"shadow": true}}),
+            "goods.bad id",
+            "no request could carry it",
+        );
+        assert_error(|v| v["goods"] = json!(["sku-1"]), "goods", "expected a map");
+    }
+
+    #[test]
     fn sold_out_cache_bound() {
         assert_error(
             |v| v["sold_out_cache_ms"] = json!(3_600_001),
@@ -1243,6 +1376,8 @@ mod tests {
             "sold_out_cache_ms",
             "unknown_goods_cache_ms",
             "release_on_upstream_failure",
+            "shadow",
+            "goods",
         ] {
             v[field] = Value::Null;
         }
@@ -1261,5 +1396,6 @@ mod tests {
         assert_eq!(c.rate_limit.unconfirmed, Rate::new(100.0, 100).unwrap());
         assert_eq!(c.unknown_goods_cache, Duration::from_millis(1000));
         assert!(c.release_on_upstream_failure);
+        assert_eq!(c.modes.default, Mode::Enforce);
     }
 }

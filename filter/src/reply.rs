@@ -86,6 +86,13 @@ impl GateOutcome {
     pub fn stat_name(self) -> String {
         format!("seckill.outcome.{}", self.as_str())
     }
+
+    /// The counter a request forwarded in shadow mode increments instead: what the gate
+    /// would have answered. A family of its own, so enforced answers and dry-run ones never
+    /// mix (a mixed filter shows both; alerts on `outcome` ignore the dry run).
+    pub fn shadow_stat_name(self) -> String {
+        format!("seckill.shadow.{}", self.as_str())
+    }
 }
 
 /// A reply the gate sends itself instead of forwarding.
@@ -675,6 +682,10 @@ mod tests {
         assert_eq!(
             GateOutcome::RateLimited.stat_name(),
             "seckill.outcome.rate_limited"
+        );
+        assert_eq!(
+            GateOutcome::RateLimited.shadow_stat_name(),
+            "seckill.shadow.rate_limited"
         );
     }
 
