@@ -54,6 +54,9 @@ pub struct ServeConfig {
     pub stores: StoreConfig,
     pub listen: SocketAddr,
     pub secret: String,
+    /// The key every winner's pass is signed with (`seckill-pass`); its secret stays here,
+    /// never in Envoy's configuration.
+    pub pass_key: seckill_pass::Key,
     /// How often the sweeper releases reservations whose payment window has passed.
     pub sweep_every: Duration,
     /// How long a reservation made through the batch endpoint waits for the gate's claim.
@@ -314,6 +317,7 @@ pub async fn serve(
         keys,
         mysql,
         secret: config.secret.clone(),
+        pass_key: config.pass_key.clone(),
         kafka: config.kafka.clone(),
         metrics,
         directory: Some(directory),

@@ -129,6 +129,11 @@ enum Command {
         /// Shared secret the filter and admin callers send in x-seckill-secret.
         #[arg(long, env = "SECKILL_SECRET", hide_env_values = true)]
         secret: String,
+        /// The key every winner's pass is signed with, KEY_ID=SECRET: an id of 1 to 64 of
+        /// A-Z a-z 0-9 . _ - and a secret of at least 32 bytes the shop verifies with (see
+        /// pass/README.md). Prefer the environment: a command line is visible to `ps`.
+        #[arg(long, env = "SECKILL_PASS_KEY", hide_env_values = true)]
+        pass_key: String,
         /// Also run the relay, the batched writer and the periodic reconcile in this process.
         #[arg(long)]
         pipeline: bool,
@@ -306,6 +311,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             stores,
             listen,
             secret,
+            pass_key,
             pipeline,
             writer,
             relay_name,
@@ -317,11 +323,16 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             redis_durability_unchecked,
             fallback_rate,
         } => {
+            // Read here, not by clap: clap's error would print the value, secret and all.
+            let pass_key: seckill_pass::Key = pass_key
+                .parse()
+                .map_err(|e| anyhow::anyhow!("--pass-key (SECKILL_PASS_KEY): {e}"))?;
             let metrics = install_metrics()?;
             let config = ServeConfig {
                 stores: stores.config(),
                 listen,
                 secret,
+                pass_key,
                 sweep_every: Duration::from_millis(sweep_every_ms),
                 claim_window: Duration::from_millis(claim_window_ms),
                 durability: redis_durability,

@@ -157,6 +157,10 @@ impl SyncerProcess {
             .args(["--mysql-url", args.mysql_url])
             .args(["--key-prefix", args.key_prefix])
             .env("RUST_LOG", "warn,seckill_syncer=info");
+        if matches!(role, Role::Serve { .. }) {
+            // In the environment, not on the command line: a test's `env` can replace it.
+            command.env("SECKILL_PASS_KEY", crate::stack::PASS_KEY);
+        }
         // A serve without the pipeline uses Kafka only for the admin API's reseed.
         let needs_kafka = !matches!(role, Role::Serve { pipeline: false });
         match args.kafka {
