@@ -16,7 +16,7 @@ use seckill_e2e::docker::{output_of, DockerEngine};
 use seckill_e2e::envoy::filter_wasm;
 use seckill_e2e::kafka_broker::tansu_binary;
 use seckill_e2e::process::{free_port, load_binary, wait_for, workspace_root, Scratch};
-use seckill_e2e::stack::{now_ms, SECRET};
+use seckill_e2e::stack::{now_ms, PASS_KEY, SECRET};
 use seckill_e2e::syncer::syncer_binary;
 use serde_json::Value;
 
@@ -62,17 +62,23 @@ fn compose(scratch: &Path, project: &str, vars: &[(&str, String)]) -> anyhow::Re
 fn the_compose_file_is_valid_needs_a_secret_and_its_images_can_be_replaced() {
     let scratch = Scratch::new("compose-config").unwrap();
     let secret = ("SECKILL_SECRET", SECRET.to_owned());
+    let pass_key = ("SECKILL_PASS_KEY", PASS_KEY.to_owned());
+    let secrets = [secret, pass_key];
     let run = |vars: &[(&str, String)], args: &[&str]| {
         let mut command = compose(&scratch.path, "seckill", vars).unwrap();
         command.args(args);
         output_of(command)
     };
 
-    run(std::slice::from_ref(&secret), &["config", "-q"]).unwrap();
+    run(&secrets, &["config", "-q"]).unwrap();
     let refused = run(&[], &["config", "-q"]).unwrap_err().to_string();
     assert!(refused.contains("set SECKILL_SECRET"), "{refused}");
+    let refused = run(&secrets[..1], &["config", "-q"])
+        .unwrap_err()
+        .to_string();
+    assert!(refused.contains("set SECKILL_PASS_KEY"), "{refused}");
 
-    let images = run(std::slice::from_ref(&secret), &["config", "--images"]).unwrap();
+    let images = run(&secrets, &["config", "--images"]).unwrap();
     for official in [
         "redis:7",
         "mariadb:10.11",
@@ -86,7 +92,7 @@ fn the_compose_file_is_valid_needs_a_secret_and_its_images_can_be_replaced() {
     }
     let mut replaced: Vec<(&str, String)> =
         IMAGES.iter().map(|(k, v)| (*k, v.to_string())).collect();
-    replaced.push(secret);
+    replaced.extend(secrets);
     let images = run(&replaced, &["config", "--images"]).unwrap();
     let mut listed: Vec<&str> = images.lines().collect();
     listed.sort_unstable();
@@ -209,6 +215,7 @@ impl<'a> Stack<'a> {
             IMAGES.iter().map(|(k, v)| (*k, v.to_string())).collect();
         vars.extend([
             ("SECKILL_SECRET", SECRET.to_owned()),
+            ("SECKILL_PASS_KEY", PASS_KEY.to_owned()),
             ("SECKILL_GATE_LISTEN", format!("127.0.0.1:{gate_port}")),
             ("SECKILL_SYNCER_PORT", syncer_port.to_string()),
             ("SECKILL_ENVOY_ADMIN_PORT", admin_port.to_string()),
