@@ -16,7 +16,8 @@ pub const CLAIM_PATH: &str = "/v1/claims";
 pub const CLAIMS_PER_CALL_MAX: usize = 1_024;
 /// Longest wait for a decision a caller may announce in `timeout_ms`.
 pub const DEDUCT_TIMEOUT_MS_MAX: u64 = 10_000;
-/// Header carrying the shared secret on every internal call (filter to syncer, admin API).
+/// Header carrying the caller's role credential on every internal call (the gate's, the
+/// shop's, the operators'): see the syncer's `credentials.rs`.
 pub const SECRET_HEADER: &str = "x-seckill-secret";
 /// Prefix of every header the gate sets; clients may never supply one (promise 5).
 pub const GATE_HEADER_PREFIX: &str = "x-seckill-";
@@ -35,6 +36,10 @@ pub const PASS_HEADER: &str = "x-seckill-pass";
 pub const PASS_LEN_MAX: usize = 4_096;
 /// Header the gate sets when it forwarded a request without a decision (failure mode `open`).
 pub const GATE_STATUS_HEADER: &str = "x-seckill-gate";
+/// Header the gate sets on every sale request it forwards in shadow mode (a dry run): what it
+/// would have answered (an outcome name: `won`, `sold_out`, ..., `rate_limited`,
+/// `bad_request`, ...). Such a request passed no gate: it carries no order id.
+pub const SHADOW_HEADER: &str = "x-seckill-shadow";
 
 /// Longest goods id, user id or request id anyone accepts. Bounds Redis key and field sizes.
 pub const ID_LEN_MAX: usize = 128;

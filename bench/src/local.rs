@@ -4,7 +4,6 @@
 use std::path::Path;
 
 use seckill_e2e::process::unique_suffix;
-use seckill_e2e::stack::SECRET;
 use seckill_e2e::syncer::{Role, SyncerArgs, SyncerProcess};
 
 /// Starts `syncer serve` (no pipeline) on `redis_url` and `mysql_url` with a key prefix of its
@@ -20,7 +19,6 @@ pub async fn start_syncer(
         redis_url,
         mysql_url,
         key_prefix: &prefix,
-        secret: SECRET,
         kafka: None,
     };
     let role = Role::Serve { pipeline: false };

@@ -60,14 +60,14 @@ request = function()
 end
 "#;
 
-/// [`DEDUCT_BATCH_SCRIPT`] for `goods` (an id: no quotes to escape) with the shared secret.
+/// [`DEDUCT_BATCH_SCRIPT`] for `goods` (an id: no quotes to escape) with the edge credential `secret`.
 pub fn deduct_batch_script(goods: &str, secret: &str) -> String {
     DEDUCT_BATCH_SCRIPT
         .replace("SECRET", secret)
         .replace("GOODS", goods)
 }
 
-/// [`DEDUCT_SCRIPT`] for `goods` (an id: no quotes to escape) with the shared secret.
+/// [`DEDUCT_SCRIPT`] for `goods` (an id: no quotes to escape) with the edge credential `secret`.
 pub fn deduct_script(goods: &str, secret: &str) -> String {
     DEDUCT_SCRIPT
         .replace("SECRET", secret)

@@ -350,7 +350,7 @@ async fn settle_some(stack: &Stack) -> anyhow::Result<()> {
         let response = stack
             .http
             .post(format!("{syncer}/v1/orders/{order}/{action}"))
-            .header(seckill_api::SECRET_HEADER, seckill_e2e::stack::SECRET)
+            .header(seckill_api::SECRET_HEADER, seckill_e2e::stack::SHOP_SECRET)
             .send()
             .await?;
         anyhow::ensure!(

@@ -22,6 +22,7 @@ use std::rc::Rc;
 
 use seckill_api::BATCH_ATTEMPTS_MAX;
 
+use crate::config::Mode;
 use crate::input::Purchase;
 
 /// Deduct callouts one worker keeps out at once. A request that arrives while a batch is out
@@ -39,13 +40,18 @@ pub const WAITING_MAX: usize = 4_096;
 /// reads it when the shop's answer (or the local reply) comes back through it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum Decided {
-    /// Forwarded to the shop API with this order id (for this request id).
+    /// Forwarded to the shop API with this order id (for this request id); in shadow mode
+    /// without it, but the reservation is real and lives by the shop's answer all the same.
     Won {
         order_id: String,
         request_id: String,
+        mode: Mode,
     },
     /// Forwarded without a decision (failure mode open).
     FailedOpen,
+    /// Forwarded in shadow mode with what the gate would have answered (anything but `won`):
+    /// the shop's answer goes back to the buyer untouched.
+    Shadowed,
     /// Answered locally (a loser, or failure mode closed).
     Answered,
 }
@@ -59,6 +65,8 @@ pub struct Waiter {
     /// The request's context id: the root acts on the request through it.
     pub context_id: u32,
     pub purchase: Purchase,
+    /// Enforced, or a dry run (shadow mode), decided when the request arrived.
+    pub mode: Mode,
     /// Admitted through the unconfirmed bucket: the answer may confirm the goods.
     pub probe: bool,
     /// When it started waiting (ns since the epoch, host clock).
@@ -199,7 +207,7 @@ mod tests {
             "goods_id": {"path": "goods_id"},
             "user_id": {"header": "x-user-id"},
             "request_id": {"header": "x-request-id"},
-            "deduct": {"cluster": "syncer", "secret": "s"},
+            "deduct": {"cluster": "syncer", "secret_env": "SECKILL_TEST_EDGE_SECRET"},
             "rate_limit": {"default": {"per_second": 10.0, "burst": 10}}
         });
         let headers = [
@@ -215,6 +223,7 @@ mod tests {
         Waiter {
             context_id: id,
             purchase: purchase(&format!("u{id}")),
+            mode: crate::config::Mode::Enforce,
             probe: false,
             queued_ns: at,
             ticket: Ticket::default(),

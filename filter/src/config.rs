@@ -165,6 +165,50 @@ pub struct RateLimits {
     pub tracked_goods_max: u64,
 }
 
+/// What the gate does with its decision on a sale request.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Carries it out: losers are answered by the gate, winners forwarded with their order.
+    Enforce,
+    /// A dry run in front of a live shop: decides and counts exactly as `Enforce`, then
+    /// forwards the request as the buyer sent it (gate headers stripped), marked with what
+    /// the gate would have answered (`x-seckill-shadow`) and without a winner's headers.
+    Shadow,
+}
+
+impl Mode {
+    fn from_flag(shadow: bool) -> Mode {
+        if shadow {
+            Mode::Shadow
+        } else {
+            Mode::Enforce
+        }
+    }
+}
+
+/// Which goods run in shadow mode: the top-level `shadow`, overridden per goods.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Modes {
+    /// Every goods not listed below, and every request whose goods id could not be read.
+    pub default: Mode,
+    /// Per-goods overrides (`goods.<id>.shadow`).
+    pub goods: HashMap<String, Mode>,
+}
+
+impl Modes {
+    /// The mode of a request for this goods; `None`: the gate could not read a valid goods
+    /// id (a path that only resembles the sale route, a missing or malformed id).
+    pub fn of(&self, goods_id: Option<&str>) -> Mode {
+        // No hashing at all for the common filter without overrides.
+        if self.goods.is_empty() {
+            return self.default;
+        }
+        goods_id
+            .and_then(|id| self.goods.get(id).copied())
+            .unwrap_or(self.default)
+    }
+}
+
 /// The compiled, validated configuration. Immutable; shared by every request as `Rc<Config>`.
 #[derive(Debug, Clone)]
 pub struct Config {
@@ -183,6 +227,8 @@ pub struct Config {
     /// When the shop API answers a winner with a 5xx (or cannot be reached), give the
     /// reservation back through the syncer before passing the answer on.
     pub release_on_upstream_failure: bool,
+    /// Shadow mode (a dry run) or enforcement, per goods.
+    pub modes: Modes,
 }
 
 // --- the document as written: types checked by serde, values checked by `compile` ---
@@ -201,6 +247,15 @@ struct RawConfig {
     sold_out_cache_ms: Option<u64>,
     unknown_goods_cache_ms: Option<u64>,
     release_on_upstream_failure: Option<bool>,
+    shadow: Option<bool>,
+    goods: Option<BTreeMap<String, RawGoods>>,
+}
+
+/// Settings of one goods (`goods.<id>`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawGoods {
+    shadow: Option<bool>,
 }
 
 #[derive(Deserialize)]
@@ -224,7 +279,10 @@ struct RawDeduct {
     cluster: String,
     authority: Option<String>,
     timeout_ms: Option<u64>,
-    secret: String,
+    /// Refused with a message saying where the credential goes instead (the name is kept so
+    /// that an old configuration gets that message, not "unknown field").
+    secret: Option<serde::de::IgnoredAny>,
+    secret_env: Option<String>,
     failure_mode: Option<FailureMode>,
 }
 
@@ -299,7 +357,17 @@ impl<'de> Visitor<'de> for SourceVisitor {
 
 impl Config {
     /// Parses and validates the plugin configuration. `None` or empty: Envoy gave none.
+    /// Variables it names (`deduct.secret_env`) are read from the wasm VM's environment.
     pub fn from_json(bytes: Option<&[u8]>) -> Result<Config, ConfigError> {
+        Config::from_json_with_env(bytes, &vm_env)
+    }
+
+    /// As [`Config::from_json`], with `env` standing for the VM's environment: for tools and
+    /// tests that check a configuration outside Envoy.
+    pub fn from_json_with_env(
+        bytes: Option<&[u8]>,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
         let bytes = match bytes {
             Some(bytes) if !bytes.iter().all(u8::is_ascii_whitespace) => bytes,
             _ => {
@@ -320,10 +388,13 @@ impl Config {
             ));
         }
         let raw: RawConfig = serde_path_to_error::deserialize(document)?;
-        Config::compile(raw)
+        Config::compile(raw, env)
     }
 
-    fn compile(raw: RawConfig) -> Result<Config, ConfigError> {
+    fn compile(
+        raw: RawConfig,
+        env: &dyn Fn(&str) -> Option<String>,
+    ) -> Result<Config, ConfigError> {
         let route = compile_route(raw.route)?;
         let goods_id = compile_source("goods_id", raw.goods_id, &route.template)?;
         let user_id = compile_source("user_id", raw.user_id, &route.template)?;
@@ -347,7 +418,7 @@ impl Config {
                 )
             })?;
 
-        let deduct = compile_deduct(raw.deduct)?;
+        let deduct = compile_deduct(raw.deduct, env)?;
         let rate_limit = compile_rate_limit(raw.rate_limit, id_len_max)?;
         let sold_out_cache = cache_life(
             "sold_out_cache_ms",
@@ -359,6 +430,8 @@ impl Config {
             raw.unknown_goods_cache_ms,
             UNKNOWN_GOODS_CACHE_MS_DEFAULT,
         )?;
+
+        let modes = compile_modes(raw.shadow, raw.goods, id_len_max)?;
 
         Ok(Config {
             route,
@@ -372,6 +445,7 @@ impl Config {
             sold_out_cache,
             unknown_goods_cache,
             release_on_upstream_failure: raw.release_on_upstream_failure.unwrap_or(true),
+            modes,
         })
     }
 }
@@ -526,7 +600,29 @@ fn header_safe(field: &str, text: &str) -> Result<(), ConfigError> {
     Ok(())
 }
 
-fn compile_deduct(raw: RawDeduct) -> Result<Deduct, ConfigError> {
+/// In the filter's own unit tests, the variable the test configurations name holds this.
+#[cfg(test)]
+pub(crate) const TEST_SECRET_ENV: &str = "SECKILL_TEST_EDGE_SECRET";
+#[cfg(test)]
+pub(crate) const TEST_SECRET: &str = "s3cret";
+
+/// The wasm VM's environment: what Envoy's `vm_config.environment_variables` put there
+/// (`host_env_keys` copies variables of Envoy's own environment).
+fn vm_env(name: &str) -> Option<String> {
+    #[cfg(test)]
+    if name == TEST_SECRET_ENV {
+        return Some(TEST_SECRET.to_owned());
+    }
+    std::env::var(name).ok()
+}
+
+/// Longest environment variable name accepted for `deduct.secret_env`.
+const ENV_NAME_LEN_MAX: usize = 128;
+
+fn compile_deduct(
+    raw: RawDeduct,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<Deduct, ConfigError> {
     header_safe("deduct.cluster", &raw.cluster)?;
     let authority = raw
         .authority
@@ -539,14 +635,90 @@ fn compile_deduct(raw: RawDeduct) -> Result<Deduct, ConfigError> {
             format!("must be from 1 to {TIMEOUT_MS_MAX} (got {timeout_ms})"),
         ));
     }
-    header_safe("deduct.secret", &raw.secret)?;
+    let secret = compile_secret(raw.secret.is_some(), raw.secret_env, env)?;
     Ok(Deduct {
         cluster: raw.cluster,
         authority,
         timeout: Duration::from_millis(timeout_ms),
-        secret: raw.secret,
+        secret,
         failure_mode: raw.failure_mode.unwrap_or(FailureMode::Closed),
     })
+}
+
+/// The syncer's edge credential, read from the VM's environment: never from the plugin
+/// configuration, which Envoy's admin `/config_dump` prints to anyone who can read it.
+fn compile_secret(
+    inline: bool,
+    name: Option<String>,
+    env: &dyn Fn(&str) -> Option<String>,
+) -> Result<String, ConfigError> {
+    if inline {
+        return Err(ConfigError::new(
+            "deduct.secret",
+            "an inline credential shows in Envoy's admin /config_dump; put it in an environment \
+             variable of Envoy's, list that variable in vm_config.environment_variables.\
+             host_env_keys, and name it in deduct.secret_env",
+        ));
+    }
+    let Some(name) = name else {
+        return Err(ConfigError::new(
+            "deduct",
+            "missing field `secret_env` (the environment variable that holds the syncer's edge \
+             credential, listed in vm_config.environment_variables.host_env_keys)",
+        ));
+    };
+    let well_formed = !name.is_empty()
+        && name.len() <= ENV_NAME_LEN_MAX
+        && !name.starts_with(|c: char| c.is_ascii_digit())
+        && name.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_');
+    if !well_formed {
+        return Err(ConfigError::new(
+            "deduct.secret_env",
+            format!(
+                "must be an environment variable name (letters, digits and _, not starting with \
+                 a digit, at most {ENV_NAME_LEN_MAX} bytes)"
+            ),
+        ));
+    }
+    let Some(value) = env(&name) else {
+        return Err(ConfigError::new(
+            "deduct.secret_env",
+            format!(
+                "{name} is not set in the wasm VM: set it in Envoy's environment and list it in \
+                 vm_config.environment_variables.host_env_keys"
+            ),
+        ));
+    };
+    // The message names the variable, never its value.
+    header_safe(&format!("deduct.secret_env ({name})"), &value)?;
+    Ok(value)
+}
+
+/// A goods id the operator wrote as a key (`rate_limit.goods`, `goods`): an id no request
+/// can carry would be a setting that never applies.
+fn configured_goods_id(field: &str, goods_id: &str, id_len_max: usize) -> Result<(), ConfigError> {
+    seckill_api::validate_id(goods_id, id_len_max).map_err(|e| {
+        ConfigError::new(
+            field,
+            format!("the goods id {e} (no request could carry it)"),
+        )
+    })
+}
+
+fn compile_modes(
+    shadow: Option<bool>,
+    raw_goods: Option<BTreeMap<String, RawGoods>>,
+    id_len_max: usize,
+) -> Result<Modes, ConfigError> {
+    let default = Mode::from_flag(shadow.unwrap_or(false));
+    let mut goods = HashMap::new();
+    for (goods_id, settings) in raw_goods.unwrap_or_default() {
+        configured_goods_id(&format!("goods.{goods_id}"), &goods_id, id_len_max)?;
+        if let Some(shadow) = settings.shadow {
+            goods.insert(goods_id, Mode::from_flag(shadow));
+        }
+    }
+    Ok(Modes { default, goods })
 }
 
 fn compile_rate(field: &str, raw: &RawRate) -> Result<Rate, ConfigError> {
@@ -560,13 +732,7 @@ fn compile_rate_limit(raw: RawRateLimit, id_len_max: usize) -> Result<RateLimits
     let mut goods = HashMap::with_capacity(raw_goods.len());
     for (goods_id, rate) in raw_goods {
         let field = format!("rate_limit.goods.{goods_id}");
-        // An id no request can carry would be an override that never applies.
-        if let Err(e) = seckill_api::validate_id(&goods_id, id_len_max) {
-            return Err(ConfigError::new(
-                &field,
-                format!("the goods id {e} (no request could carry it)"),
-            ));
-        }
+        configured_goods_id(&field, &goods_id, id_len_max)?;
         let rate = compile_rate(&field, &rate)?;
         goods.insert(goods_id, rate);
     }
@@ -608,7 +774,7 @@ mod tests {
             "request_id": {"header": "x-request-id"},
             "id_len_max": 64,
             "deduct": {"cluster": "seckill_syncer", "authority": "seckill-syncer",
-                       "timeout_ms": 300, "secret": "s3cret", "failure_mode": "closed"},
+                       "timeout_ms": 300, "secret_env": "SECKILL_TEST_EDGE_SECRET", "failure_mode": "closed"},
             "rate_limit": {"default": {"per_second": 1000, "burst": 200},
                            "goods": {"sku-1": {"per_second": 50, "burst": 10}},
                            "tracked_goods_max": 10000},
@@ -621,7 +787,7 @@ mod tests {
             "route": {"path_template": "/seckill/{goods_id}/buy"},
             "goods_id": {"path": "goods_id"},
             "user_id": {"header": "x-user-id"},
-            "deduct": {"cluster": "seckill_syncer", "secret": "s3cret"},
+            "deduct": {"cluster": "seckill_syncer", "secret_env": "SECKILL_TEST_EDGE_SECRET"},
             "rate_limit": {"default": {"per_second": 0.5, "burst": 1}}
         })
     }
@@ -938,26 +1104,28 @@ mod tests {
     #[test]
     fn deduct_errors() {
         assert_error(
-            |v| v["deduct"]["secret"] = json!(""),
+            |v| v["deduct"]["secret"] = json!("s3cret"),
             "deduct.secret",
-            "must not be empty",
+            "shows in Envoy's admin /config_dump",
         );
         assert_error(
-            |v| v["deduct"]["secret"] = json!("a b"),
-            "deduct.secret",
-            "printable ASCII",
+            |v| v["deduct"]["secret_env"] = json!("SECKILL_NOT_SET_ANYWHERE"),
+            "deduct.secret_env",
+            "SECKILL_NOT_SET_ANYWHERE is not set in the wasm VM",
         );
-        assert_error(
-            |v| v["deduct"]["secret"] = json!("a\nb"),
-            "deduct.secret",
-            "printable ASCII",
-        );
+        for bad in ["", "1ABC", "A-B", "A B", &"A".repeat(129)] {
+            assert_error(
+                |v| v["deduct"]["secret_env"] = json!(bad),
+                "deduct.secret_env",
+                "must be an environment variable name",
+            );
+        }
         assert_error(
             |v| {
-                v["deduct"].as_object_mut().unwrap().remove("secret");
+                v["deduct"].as_object_mut().unwrap().remove("secret_env");
             },
             "deduct",
-            "missing field `secret`",
+            "missing field `secret_env`",
         );
         assert_error(
             |v| {
@@ -1061,8 +1229,12 @@ mod tests {
             e.to_string(),
             "goods_id.path: route.path_template has no {sku} variable"
         );
-        let e = error_of(|v| v["deduct"]["secret"] = json!(""));
-        assert_eq!(e.to_string(), "deduct.secret: must not be empty");
+        let e = error_of(|v| v["deduct"]["secret_env"] = json!("SECKILL_UNSET"));
+        assert_eq!(
+            e.to_string(),
+            "deduct.secret_env: SECKILL_UNSET is not set in the wasm VM: set it in Envoy's \
+             environment and list it in vm_config.environment_variables.host_env_keys"
+        );
     }
 
     #[test]
@@ -1079,6 +1251,60 @@ mod tests {
             e.to_string().starts_with("release_on_upstream_failure"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn shadow_mode_is_off_unless_asked_and_a_goods_overrides_it_both_ways() {
+        let c = parse(&minimal()).unwrap();
+        assert_eq!(c.modes.default, Mode::Enforce);
+        assert_eq!(c.modes.of(Some("sku-1")), Mode::Enforce);
+        assert_eq!(c.modes.of(None), Mode::Enforce);
+
+        let mut v = minimal();
+        v["goods"] = json!({"dry": {"shadow": true}, "plain": {}, "nulled": {"shadow": null}});
+        let c = parse(&v).unwrap();
+        assert_eq!(c.modes.of(Some("dry")), Mode::Shadow);
+        assert_eq!(c.modes.of(Some("plain")), Mode::Enforce);
+        assert_eq!(c.modes.of(Some("nulled")), Mode::Enforce);
+        assert_eq!(c.modes.of(Some("other")), Mode::Enforce);
+        assert_eq!(c.modes.of(None), Mode::Enforce);
+
+        v["shadow"] = json!(true);
+        v["goods"] = json!({"live": {"shadow": false}});
+        let c = parse(&v).unwrap();
+        assert_eq!(c.modes.of(Some("live")), Mode::Enforce);
+        assert_eq!(c.modes.of(Some("other")), Mode::Shadow);
+        assert_eq!(c.modes.of(None), Mode::Shadow, "no goods id: the top level");
+    }
+
+    #[test]
+    fn shadow_settings_are_validated() {
+        assert_error(
+            |v| v["shadow"] = json!("yes"),
+            "shadow",
+            "invalid type: string \"yes\", expected a boolean",
+        );
+        assert_error(
+            |v| v["goods"] = json!({"sku-1": {"shadow": 1}}),
+            "goods.sku-1.shadow",
+            "expected a boolean",
+        );
+        assert_error(
+            |v| v["goods"] = json!({"sku-1": {"shaddow": true}}),
+            "goods.sku-1.shaddow",
+            "unknown field `shaddow`, expected `shadow`",
+        );
+        assert_error(
+            |v| v["goods"] = json!({"sku-1": true}),
+            "goods.sku-1",
+            "invalid type: boolean `true`",
+        );
+        assert_error(
+            |v| v["goods"] = json!({"bad id": {"shadow": true}}),
+            "goods.bad id",
+            "no request could carry it",
+        );
+        assert_error(|v| v["goods"] = json!(["sku-1"]), "goods", "expected a map");
     }
 
     #[test]
@@ -1150,6 +1376,8 @@ mod tests {
             "sold_out_cache_ms",
             "unknown_goods_cache_ms",
             "release_on_upstream_failure",
+            "shadow",
+            "goods",
         ] {
             v[field] = Value::Null;
         }
@@ -1168,5 +1396,6 @@ mod tests {
         assert_eq!(c.rate_limit.unconfirmed, Rate::new(100.0, 100).unwrap());
         assert_eq!(c.unknown_goods_cache, Duration::from_millis(1000));
         assert!(c.release_on_upstream_failure);
+        assert_eq!(c.modes.default, Mode::Enforce);
     }
 }

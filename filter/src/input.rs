@@ -131,6 +131,9 @@ impl Purchase {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct BadInput {
     pub message: String,
+    /// The goods id, when it was read and valid and a later field was not: a goods in shadow
+    /// mode is a dry run for its bad requests too.
+    pub goods_id: Option<String>,
 }
 
 impl fmt::Display for BadInput {
@@ -159,8 +162,9 @@ pub enum Classified {
     NotSale,
     /// A sale request, valid or not.
     Sale(Result<Purchase, BadInput>),
-    /// The sale route, with a method it does not take: 405, never passed on.
-    WrongMethod,
+    /// The sale route, with a method it does not take: 405, never passed on. With the goods
+    /// id, when its source holds a valid one (it decides the goods' mode).
+    WrongMethod { goods_id: Option<String> },
     /// Not the sale route, but a path a lenient shop would route to the same handler
     /// (see [`route::PathTemplate::resembles`]): 400, never passed on.
     NearMiss,
@@ -189,14 +193,15 @@ pub fn classify<H: HeaderPair>(config: &Config, headers: &[H]) -> Classified {
         }
         return Classified::NotSale;
     };
-    if !config.route.methods.iter().any(|m| m.as_bytes() == method) {
-        return Classified::WrongMethod;
-    }
     let request = Request {
         headers,
         captures: &captures,
         query,
     };
+    if !config.route.methods.iter().any(|m| m.as_bytes() == method) {
+        let goods_id = read_id("goods id", &config.goods_id, &request, config.id_len_max).ok();
+        return Classified::WrongMethod { goods_id };
+    }
     Classified::Sale(extract(config, &request))
 }
 
@@ -216,9 +221,21 @@ enum Raw<'a> {
 
 fn extract<H: HeaderPair>(config: &Config, request: &Request<'_, H>) -> Result<Purchase, BadInput> {
     let goods_id = read_id("goods id", &config.goods_id, request, config.id_len_max)?;
-    let user_id = read_id("user id", &config.user_id, request, config.id_len_max)?;
-    let quantity = read_quantity(&config.quantity, request)?;
-    let request_id = read_id("request id", &config.request_id, request, config.id_len_max)?;
+    let rest = || -> Result<(String, u32, String), BadInput> {
+        let user_id = read_id("user id", &config.user_id, request, config.id_len_max)?;
+        let quantity = read_quantity(&config.quantity, request)?;
+        let request_id = read_id("request id", &config.request_id, request, config.id_len_max)?;
+        Ok((user_id, quantity, request_id))
+    };
+    let (user_id, quantity, request_id) = match rest() {
+        Ok(rest) => rest,
+        Err(bad) => {
+            return Err(BadInput {
+                goods_id: Some(goods_id),
+                ..bad
+            })
+        }
+    };
     Ok(Purchase {
         request: DeductRequest {
             goods_id,
@@ -232,6 +249,7 @@ fn extract<H: HeaderPair>(config: &Config, request: &Request<'_, H>) -> Result<P
 fn bad(field: &str, source: &Source, problem: impl fmt::Display) -> BadInput {
     BadInput {
         message: format!("{field} ({source}) {problem}"),
+        goods_id: None,
     }
 }
 
@@ -363,7 +381,7 @@ mod tests {
             "user_id": {"header": "x-user-id"},
             "quantity": {"source": {"query": "qty"}, "default": 1, "max": 5},
             "id_len_max": 16,
-            "deduct": {"cluster": "c", "secret": "s"},
+            "deduct": {"cluster": "c", "secret_env": "SECKILL_TEST_EDGE_SECRET"},
             "rate_limit": {"default": {"per_second": 10, "burst": 1}}
         });
         Config::from_json(Some(value.to_string().as_bytes())).unwrap()
@@ -519,10 +537,17 @@ mod tests {
         for method in ["GET", "HEAD", "DELETE", "post", "OPTIONS"] {
             assert_eq!(
                 classify(&c, &headers(method, "/seckill/sku-1/buy", &good_extra())),
-                Classified::WrongMethod,
+                Classified::WrongMethod {
+                    goods_id: Some("sku-1".into())
+                },
                 "{method}"
             );
         }
+        assert_eq!(
+            classify(&c, &headers("GET", "/seckill/a%20b/buy", &good_extra())),
+            Classified::WrongMethod { goods_id: None },
+            "a goods id that is not valid is not read"
+        );
         // Paths a lenient shop would route to the sale handler: refused, whatever the method.
         for path in [
             "/seckill/sku-1/buy/",
@@ -623,7 +648,7 @@ mod tests {
             "route": {"path_template": "/buy"},
             "goods_id": {"header": "x-goods-id"},
             "user_id": {"query": "user"},
-            "deduct": {"cluster": "c", "secret": "s"},
+            "deduct": {"cluster": "c", "secret_env": "SECKILL_TEST_EDGE_SECRET"},
             "rate_limit": {"default": {"per_second": 10, "burst": 1}}
         });
         let c = Config::from_json(Some(value.to_string().as_bytes())).unwrap();
@@ -634,6 +659,7 @@ mod tests {
             panic!("expected bad input");
         };
         assert_eq!(bad.message, "goods id (header x-goods-id) is missing");
+        assert_eq!(bad.goods_id, None, "no goods id to decide a goods' mode by");
         let Classified::Sale(Err(bad)) = classify(
             &c,
             &headers(
@@ -648,6 +674,7 @@ mod tests {
             bad.message,
             "user id (query parameter user) may only contain A-Z a-z 0-9 _ - . :"
         );
+        assert_eq!(bad.goods_id.as_deref(), Some("g"), "a later field was bad");
         let Classified::Sale(Err(bad)) = classify(
             &c,
             &headers(

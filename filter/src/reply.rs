@@ -86,6 +86,13 @@ impl GateOutcome {
     pub fn stat_name(self) -> String {
         format!("seckill.outcome.{}", self.as_str())
     }
+
+    /// The counter a request forwarded in shadow mode increments instead: what the gate
+    /// would have answered. A family of its own, so enforced answers and dry-run ones never
+    /// mix (a mixed filter shows both; alerts on `outcome` ignore the dry run).
+    pub fn shadow_stat_name(self) -> String {
+        format!("seckill.shadow.{}", self.as_str())
+    }
 }
 
 /// A reply the gate sends itself instead of forwarding.
@@ -631,7 +638,7 @@ mod tests {
             "goods_id": {"path": "goods_id"},
             "user_id": {"header": "x-user-id"},
             "quantity": {"source": {"query": "qty"}, "max": 5},
-            "deduct": {"cluster": "c", "secret": "s"},
+            "deduct": {"cluster": "c", "secret_env": "SECKILL_TEST_EDGE_SECRET"},
             "rate_limit": {"default": {"per_second": 10, "burst": 1}}
         });
         let headers = [
@@ -697,6 +704,10 @@ mod tests {
         assert_eq!(
             GateOutcome::RateLimited.stat_name(),
             "seckill.outcome.rate_limited"
+        );
+        assert_eq!(
+            GateOutcome::RateLimited.shadow_stat_name(),
+            "seckill.shadow.rate_limited"
         );
     }
 

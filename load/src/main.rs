@@ -77,9 +77,10 @@ struct Args {
     /// The syncer's base URL: sample the stock left during the run and check the result.
     #[arg(long)]
     syncer: Option<String>,
-    /// The syncer's shared secret (for --syncer).
-    #[arg(long, env = "SECKILL_SECRET", hide_env_values = true)]
-    secret: Option<String>,
+    /// The syncer's admin credential (for --syncer: the run is checked against the admin
+    /// API's view of the sale).
+    #[arg(long, env = "SECKILL_ADMIN_SECRET", hide_env_values = true)]
+    admin_secret: Option<String>,
     /// With --syncer: wait up to this many seconds for MySQL to hold every order.
     #[arg(long, default_value_t = 60.0)]
     drain_s: f64,
@@ -143,9 +144,9 @@ async fn run(args: Args) -> anyhow::Result<bool> {
         in_flight_max: args.in_flight,
         timeout: Duration::from_secs_f64(args.timeout_s),
     };
-    let syncer = match (&args.syncer, &args.secret) {
+    let syncer = match (&args.syncer, &args.admin_secret) {
         (Some(url), Some(secret)) => Some(Syncer::new(url, secret, &args.goods)?),
-        (Some(_), None) => anyhow::bail!("--syncer needs --secret (or SECKILL_SECRET)"),
+        (Some(_), None) => anyhow::bail!("--syncer needs --admin-secret (or SECKILL_ADMIN_SECRET)"),
         _ => None,
     };
     let before = match &syncer {

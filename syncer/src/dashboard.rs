@@ -7,10 +7,10 @@
 //!   copies them out. Ten open pages cost the stores nothing more than one.
 //! - Memory is bounded: at most [`GOODS_MAX`] sales, each with a ring of [`HISTORY_MAX`]
 //!   samples; a page asks for the samples after the last one it has (`?since=`).
-//! - No secret: the page shows counters, never a buyer, an order id or a setting, like
-//!   `/metrics` beside it. The shared secret authorizes deducts and sale changes; it has no
-//!   place in a browser (which cannot send it on navigation anyway). The listener is the
-//!   internal one Envoy calls, not one buyers reach.
+//! - Guarded as `/metrics` is (`http.rs`): the page shows counters, never a buyer, an order
+//!   id or a setting, so it takes the metrics credential (a browser prompts for it: Basic,
+//!   with the credential as password) or lives on `--metrics-listen`. The credentials that
+//!   deduct or change sales have no place in a browser.
 //! - Nothing from outside: the page, its script and its style are compiled into the binary
 //!   and a Content-Security-Policy keeps the browser from loading anything else.
 //!

@@ -6,7 +6,7 @@ use std::time::{Duration, Instant};
 
 use crate::RedisConn;
 use axum::extract::{Path, Query, Request, State};
-use axum::http::StatusCode;
+use axum::http::{header, StatusCode};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post, put};
@@ -18,6 +18,7 @@ use seckill_api::{
 use serde::Deserialize;
 use sqlx::MySqlPool;
 
+use crate::credentials::{Keyring, Role};
 use crate::db;
 use crate::deduct::{DeductError, Deducter, Delivery};
 use crate::keys::KeySpace;
@@ -34,7 +35,8 @@ pub struct AppState {
     pub redis: RedisConn,
     pub keys: KeySpace,
     pub mysql: MySqlPool,
-    pub secret: String,
+    /// Every role's credentials in force (`credentials.rs`).
+    pub keyring: Keyring,
     /// Signs each winner's pass (`seckill-pass`).
     pub pass_key: seckill_pass::Key,
     pub kafka: crate::kafka::KafkaConfig,
@@ -63,14 +65,31 @@ impl AppState {
     }
 }
 
-pub fn router(state: Arc<AppState>) -> Router {
-    let internal = Router::new()
+/// The routes of one role, behind that role's credential.
+fn for_role(
+    state: &Arc<AppState>,
+    role: Role,
+    routes: Router<Arc<AppState>>,
+) -> Router<Arc<AppState>> {
+    routes.route_layer(middleware::from_fn_with_state(
+        (state.clone(), role),
+        require_role,
+    ))
+}
+
+/// The main listener: the gate's, the shop's and the operators' calls, each behind its own
+/// credential (`credentials.rs`), and `/healthz`. With `with_metrics`, `/metrics` and the
+/// dashboard too (when the operator gave them no listener of their own).
+pub fn router(state: Arc<AppState>, with_metrics: bool) -> Router {
+    let edge = Router::new()
         .route(seckill_api::DEDUCT_PATH, post(deduct))
         .route(seckill_api::DEDUCT_BATCH_PATH, post(deduct_batch))
         .route(seckill_api::CLAIM_PATH, post(claim))
+        .route("/v1/orders/{order_id}/release", post(release_order));
+    let shop = Router::new()
         .route("/v1/orders/{order_id}/confirm", post(confirm_order))
-        .route("/v1/orders/{order_id}/cancel", post(cancel_order))
-        .route("/v1/orders/{order_id}/release", post(release_order))
+        .route("/v1/orders/{order_id}/cancel", post(cancel_order));
+    let admin = Router::new()
         .route("/admin/sales", get(list_sales))
         .route("/admin/sales/{goods_id}", put(define_sale).get(show_sale))
         .route("/admin/sales/{goods_id}/preheat", post(preheat_sale))
@@ -78,24 +97,40 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/admin/sales/{goods_id}/pause", post(pause_sale))
         .route("/admin/sales/{goods_id}/resume", post(resume_sale))
         .route("/admin/sales/{goods_id}/stop", post(stop_sale))
-        .route("/admin/sales/{goods_id}/add-stock", post(add_stock))
-        .layer(middleware::from_fn_with_state(
-            state.clone(),
-            require_secret,
-        ));
-    Router::new()
-        .merge(internal)
-        .merge(crate::dashboard::routes())
+        .route("/admin/sales/{goods_id}/add-stock", post(add_stock));
+    let mut main = Router::new()
+        .merge(for_role(&state, Role::Edge, edge))
+        .merge(for_role(&state, Role::Shop, shop))
+        .merge(for_role(&state, Role::Admin, admin))
+        .route("/healthz", get(health));
+    if with_metrics {
+        main = main.merge(metrics_routes(&state));
+    }
+    main.with_state(state)
+}
+
+/// `/metrics` and the dashboard on a listener of their own (`serve --metrics-listen`), with
+/// `/healthz`.
+pub fn metrics_router(state: Arc<AppState>) -> Router {
+    metrics_routes(&state)
         .route("/healthz", get(health))
-        .route("/metrics", get(render_metrics))
         .with_state(state)
+}
+
+/// `/metrics` and the dashboard, behind the metrics credential when one is configured.
+fn metrics_routes(state: &Arc<AppState>) -> Router<Arc<AppState>> {
+    let routes = Router::new()
+        .merge(crate::dashboard::routes())
+        .route("/metrics", get(render_metrics));
+    for_role(state, Role::Metrics, routes)
 }
 
 /// Errors a client may see. Logged once here; the body never carries internals.
 #[derive(Debug)]
 pub enum AppError {
     BadRequest(String),
-    Unauthorized,
+    /// No credential, or not one of this role's.
+    Unauthorized(Role),
     NotFound(String),
     Conflict(String),
     Unavailable(String),
@@ -111,10 +146,13 @@ impl AppError {
     fn into_error_reply(self) -> (StatusCode, ErrorReply) {
         let (status, error, message) = match self {
             AppError::BadRequest(m) => (StatusCode::BAD_REQUEST, "bad_request", m),
-            AppError::Unauthorized => (
+            AppError::Unauthorized(role) => (
                 StatusCode::UNAUTHORIZED,
                 "unauthorized",
-                format!("missing or wrong {SECRET_HEADER} header"),
+                format!(
+                    "missing or wrong {SECRET_HEADER} header: this call needs the {} credential",
+                    role.name()
+                ),
             ),
             AppError::NotFound(m) => (StatusCode::NOT_FOUND, "not_found", m),
             AppError::Conflict(m) => (StatusCode::CONFLICT, "conflict", m),
@@ -239,27 +277,64 @@ impl From<sqlx::Error> for AppError {
     }
 }
 
-async fn require_secret(
-    State(state): State<Arc<AppState>>,
+async fn require_role(
+    State((state, role)): State<(Arc<AppState>, Role)>,
     request: Request,
     next: Next,
 ) -> Response {
+    let credentials = state.keyring.current();
+    if role == Role::Metrics {
+        // Optional: without a metrics credential the operator chose a listener of its own
+        // (or an open one) for these pages.
+        if credentials.count(Role::Metrics) == 0
+            || metrics_credential(request.headers())
+                .is_some_and(|given| credentials.allows(role, &given))
+        {
+            return next.run(request).await;
+        }
+        metrics::counter!("seckill_unauthorized_total", "role" => role.name()).increment(1);
+        // A browser asks for the credential (any user name, the credential as password).
+        return (
+            StatusCode::UNAUTHORIZED,
+            [(header::WWW_AUTHENTICATE, "Basic realm=\"seckill metrics\"")],
+            "a metrics credential is required (Authorization: Bearer, or Basic with it as password)",
+        )
+            .into_response();
+    }
     // Read in place: a `HeaderMap` extractor would copy every header of every deduct.
     let given = request
         .headers()
         .get(SECRET_HEADER)
         .map(|v| v.as_bytes())
         .unwrap_or_default();
-    if !constant_time_eq(given, state.secret.as_bytes()) {
-        metrics::counter!("seckill_unauthorized_total").increment(1);
-        return AppError::Unauthorized.into_response();
+    if !credentials.allows(role, given) {
+        metrics::counter!("seckill_unauthorized_total", "role" => role.name()).increment(1);
+        return AppError::Unauthorized(role).into_response();
     }
     next.run(request).await
 }
 
-/// Compares secrets without leaking through timing how many leading bytes matched.
-fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
-    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+/// The credential a scraper or a browser sent: `Authorization: Bearer <it>` (Prometheus's
+/// `authorization`), `Basic` with it as the password (Prometheus's `basic_auth`, a
+/// browser's prompt), or `x-seckill-secret`.
+fn metrics_credential(headers: &axum::http::HeaderMap) -> Option<Vec<u8>> {
+    if let Some(value) = headers.get(header::AUTHORIZATION) {
+        let value = value.to_str().ok()?;
+        let (scheme, rest) = value.split_once(' ')?;
+        if scheme.eq_ignore_ascii_case("bearer") {
+            return Some(rest.trim().as_bytes().to_vec());
+        }
+        if scheme.eq_ignore_ascii_case("basic") {
+            use base64::Engine as _;
+            let decoded = base64::engine::general_purpose::STANDARD
+                .decode(rest.trim())
+                .ok()?;
+            let colon = decoded.iter().position(|&b| b == b':')?;
+            return Some(decoded[colon + 1..].to_vec());
+        }
+        return None;
+    }
+    headers.get(SECRET_HEADER).map(|v| v.as_bytes().to_vec())
 }
 
 async fn deduct(
@@ -686,7 +761,8 @@ async fn render_metrics(State(state): State<Arc<AppState>>) -> Response {
 
 #[cfg(test)]
 mod tests {
-    use super::{constant_time_eq, with_pass, Buyer};
+    use super::{metrics_credential, with_pass, Buyer};
+    use axum::http::{HeaderMap, HeaderValue};
     use seckill_api::{DeductReply, Outcome};
 
     fn buyer() -> Buyer {
@@ -740,11 +816,37 @@ mod tests {
         assert!(with_pass(&key, buyer(), undated, 0).is_err());
     }
 
+    fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
+        let mut map = HeaderMap::new();
+        for (name, value) in pairs {
+            map.insert(*name, HeaderValue::from_static(value));
+        }
+        map
+    }
+
     #[test]
-    fn secrets_compare_exactly() {
-        assert!(constant_time_eq(b"s3cret", b"s3cret"));
-        assert!(!constant_time_eq(b"s3cret", b"s3creT"));
-        assert!(!constant_time_eq(b"s3cret", b"s3cre"));
-        assert!(!constant_time_eq(b"", b"s3cret"));
+    fn a_metrics_credential_is_read_from_bearer_basic_or_the_secret_header() {
+        let given = |pairs| metrics_credential(&headers(pairs));
+        assert_eq!(
+            given(&[("authorization", "Bearer tok-1")]),
+            Some(b"tok-1".to_vec())
+        );
+        assert_eq!(
+            given(&[("authorization", "bearer  tok-1 ")]),
+            Some(b"tok-1".to_vec())
+        );
+        // "prometheus:tok:2" in base64: the password is everything after the first colon.
+        assert_eq!(
+            given(&[("authorization", "Basic cHJvbWV0aGV1czp0b2s6Mg==")]),
+            Some(b"tok:2".to_vec())
+        );
+        assert_eq!(
+            given(&[("x-seckill-secret", "tok-3")]),
+            Some(b"tok-3".to_vec())
+        );
+        assert_eq!(given(&[("authorization", "Basic !!!")]), None);
+        assert_eq!(given(&[("authorization", "Digest x")]), None);
+        assert_eq!(given(&[("authorization", "Bearer")]), None);
+        assert_eq!(given(&[]), None);
     }
 }

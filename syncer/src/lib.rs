@@ -3,6 +3,7 @@
 
 pub mod control;
 pub mod crashpoint;
+pub mod credentials;
 pub mod dashboard;
 pub mod db;
 pub mod db_decide;
@@ -53,7 +54,13 @@ pub struct StoreConfig {
 pub struct ServeConfig {
     pub stores: StoreConfig,
     pub listen: SocketAddr,
-    pub secret: String,
+    /// Each role's credentials, fixed or re-read from a directory (`credentials.rs`).
+    pub credentials: credentials::Source,
+    /// Serve `/metrics` and the dashboard on this address instead of `listen`.
+    pub metrics_listen: Option<SocketAddr>,
+    /// The operator chose to leave `/metrics` and the dashboard open on `listen` (no metrics
+    /// listener, no metrics credential): a trusted network.
+    pub metrics_open: bool,
     /// The key every winner's pass is signed with (`seckill-pass`); its secret stays here,
     /// never in Envoy's configuration.
     pub pass_key: seckill_pass::Key,
@@ -202,8 +209,20 @@ pub async fn serve(
     pipeline: Option<PipelineConfig>,
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
-    if config.secret.is_empty() {
-        anyhow::bail!("the shared secret must not be empty");
+    let (keyring, reload) = match &config.credentials {
+        credentials::Source::Fixed(set) => (credentials::Keyring::new(set.clone()), None),
+        credentials::Source::Dir { path, every } => {
+            let set = credentials::read_dir(path).map_err(|e| anyhow::anyhow!(e))?;
+            (credentials::Keyring::new(set), Some((path.clone(), *every)))
+        }
+    };
+    let metrics_guarded = keyring.current().count(credentials::Role::Metrics) > 0;
+    if config.metrics_listen.is_none() && !metrics_guarded && !config.metrics_open {
+        anyhow::bail!(
+            "/metrics and the dashboard show sales figures: give them a listener of their own \
+             (--metrics-listen), a metrics credential (--metrics-secret, or a `metrics` file in \
+             --secrets-dir), or say --metrics-open to serve them to anyone who reaches --listen"
+        );
     }
     let redis = connect_redis(&config.stores.redis_url).await?;
     durability::check_at_start(&redis, config.durability, config.durability_unchecked).await?;
@@ -316,20 +335,43 @@ pub async fn serve(
         redis,
         keys,
         mysql,
-        secret: config.secret.clone(),
+        keyring: keyring.clone(),
         pass_key: config.pass_key.clone(),
         kafka: config.kafka.clone(),
         metrics,
         directory: Some(directory),
         board,
     });
+    if let Some((dir, every)) = reload {
+        let token = shutdown.clone();
+        background.spawn(async move {
+            keyring.reload_from(dir, every, token).await;
+            Ok(())
+        });
+    }
     let listener = tokio::net::TcpListener::bind(config.listen)
         .await
         .map_err(|e| anyhow::anyhow!("cannot listen on {}: {e}", config.listen))?;
+    if let Some(address) = config.metrics_listen {
+        let metrics_listener = tokio::net::TcpListener::bind(address)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot listen on {address} for metrics: {e}"))?;
+        tracing::info!(listen = %metrics_listener.local_addr()?, "metrics and dashboard serving");
+        let (router, token) = (http::metrics_router(state.clone()), shutdown.clone());
+        background.spawn(async move {
+            axum::serve(metrics_listener, router)
+                .with_graceful_shutdown(token.cancelled_owned())
+                .await
+                .map_err(|e| anyhow::anyhow!("metrics listener: {e}"))
+        });
+    }
     tracing::info!(listen = %listener.local_addr()?, "syncer serving");
-    let served = axum::serve(listener, http::router(state))
-        .with_graceful_shutdown(shutdown.clone().cancelled_owned())
-        .await;
+    let served = axum::serve(
+        listener,
+        http::router(state, config.metrics_listen.is_none()),
+    )
+    .with_graceful_shutdown(shutdown.clone().cancelled_owned())
+    .await;
     // The HTTP side has stopped taking deducts: now the pipeline finishes its batch.
     shutdown.cancel();
     while let Some(joined) = background.join_next().await {

@@ -117,6 +117,55 @@ impl WriterArgs {
     }
 }
 
+/// Who may call what (`credentials.rs`): a credential per role, each sent in
+/// x-seckill-secret. Give each role one value, or two comma-separated while rotating; or give
+/// --secrets-dir, whose files are re-read while the syncer runs. Prefer the environment or
+/// the directory to flags: a process's arguments are visible to every user of the machine.
+#[derive(Args)]
+struct CredentialArgs {
+    /// The gate's (the wasm filter's): deduct, claim and release, nothing else.
+    #[arg(long, env = "SECKILL_EDGE_SECRET", hide_env_values = true)]
+    edge_secret: Option<String>,
+    /// The shop's: confirm and cancel orders.
+    #[arg(long, env = "SECKILL_SHOP_SECRET", hide_env_values = true)]
+    shop_secret: Option<String>,
+    /// Operators': the admin API.
+    #[arg(long, env = "SECKILL_ADMIN_SECRET", hide_env_values = true)]
+    admin_secret: Option<String>,
+    /// Optional: required of /metrics and the dashboard (Authorization: Bearer, or Basic with
+    /// it as the password).
+    #[arg(long, env = "SECKILL_METRICS_SECRET", hide_env_values = true)]
+    metrics_secret: Option<String>,
+    /// A directory with a file per role, `edge`, `shop`, `admin` and optionally `metrics`,
+    /// each holding one value or two (one per line), re-read every --secrets-reload-ms: a new
+    /// set that does not parse is refused whole and logged, and the set in force stays.
+    #[arg(long, env = "SECKILL_SECRETS_DIR", conflicts_with_all = ["edge_secret", "shop_secret", "admin_secret", "metrics_secret"])]
+    secrets_dir: Option<std::path::PathBuf>,
+    /// Milliseconds between reads of --secrets-dir (100 to 60000).
+    #[arg(long, env = "SECKILL_SECRETS_RELOAD_MS", default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(100..=60_000))]
+    secrets_reload_ms: u64,
+}
+
+impl CredentialArgs {
+    fn source(&self) -> anyhow::Result<seckill_syncer::credentials::Source> {
+        use seckill_syncer::credentials::{Credentials, Role, Source};
+        if let Some(path) = &self.secrets_dir {
+            return Ok(Source::Dir {
+                path: path.clone(),
+                every: Duration::from_millis(self.secrets_reload_ms),
+            });
+        }
+        let set = Credentials::parse(&[
+            (Role::Edge, self.edge_secret.as_deref()),
+            (Role::Shop, self.shop_secret.as_deref()),
+            (Role::Admin, self.admin_secret.as_deref()),
+            (Role::Metrics, self.metrics_secret.as_deref()),
+        ])
+        .map_err(|e| anyhow::anyhow!(e))?;
+        Ok(Source::Fixed(set))
+    }
+}
+
 #[derive(Subcommand)]
 enum Command {
     /// Serve the deduct endpoint, the admin API, /healthz and /metrics.
@@ -126,9 +175,17 @@ enum Command {
         /// Address to listen on.
         #[arg(long, env = "SECKILL_LISTEN", default_value = "127.0.0.1:8081")]
         listen: SocketAddr,
-        /// Shared secret the filter and admin callers send in x-seckill-secret.
-        #[arg(long, env = "SECKILL_SECRET", hide_env_values = true)]
-        secret: String,
+        // Boxed: the credentials are the largest part of any command's arguments.
+        #[command(flatten)]
+        credentials: Box<CredentialArgs>,
+        /// Serve /metrics and the dashboard on this address (a listener of their own, say
+        /// one only the monitoring network reaches) instead of --listen.
+        #[arg(long, env = "SECKILL_METRICS_LISTEN")]
+        metrics_listen: Option<SocketAddr>,
+        /// Serve /metrics and the dashboard on --listen to anyone, without a credential (a
+        /// trusted network). Without this, --metrics-listen or a metrics credential is needed.
+        #[arg(long, env = "SECKILL_METRICS_OPEN")]
+        metrics_open: bool,
         /// The key every winner's pass is signed with, KEY_ID=SECRET: an id of 1 to 64 of
         /// A-Z a-z 0-9 . _ - and a secret of at least 32 bytes the shop verifies with (see
         /// pass/README.md). Prefer the environment: a command line is visible to `ps`.
@@ -310,7 +367,9 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
         Command::Serve {
             stores,
             listen,
-            secret,
+            credentials,
+            metrics_listen,
+            metrics_open,
             pass_key,
             pipeline,
             writer,
@@ -331,7 +390,9 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             let config = ServeConfig {
                 stores: stores.config(),
                 listen,
-                secret,
+                credentials: credentials.source()?,
+                metrics_listen,
+                metrics_open,
                 pass_key,
                 sweep_every: Duration::from_millis(sweep_every_ms),
                 claim_window: Duration::from_millis(claim_window_ms),

@@ -113,7 +113,11 @@ pub const METRICS: &[Metric] = &[
     ),
     counter(
         "seckill_unauthorized_total",
-        "Calls refused for a missing or wrong secret",
+        "Calls refused for a missing or wrong credential, by the role the call needs",
+    ),
+    counter(
+        "seckill_credential_reloads_total",
+        "Re-reads of --secrets-dir that changed the credentials (applied) or were refused",
     ),
     counter(
         "seckill_durability_waits_total",
@@ -386,8 +390,17 @@ pub fn register_serve() {
     }
     // Under `none` and `aof` too (they stay 0): an alert on short waits needs no exception.
     zero_each("seckill_durability_waits_total", "result", &["ok", "short"]);
-    zero(&[
+    zero_each(
         "seckill_unauthorized_total",
+        "role",
+        &["edge", "shop", "admin", "metrics"],
+    );
+    zero_each(
+        "seckill_credential_reloads_total",
+        "result",
+        &["applied", "refused"],
+    );
+    zero(&[
         "seckill_reservations_expired_total",
         "seckill_sweeper_errors_total",
         "seckill_shard_units_moved_total",

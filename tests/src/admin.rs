@@ -3,7 +3,7 @@
 
 use serde_json::{json, Value};
 
-use crate::stack::{rfc3339, SECRET};
+use crate::stack::{credential_for, rfc3339, ADMIN_SECRET};
 
 pub struct Admin<'a> {
     http: &'a reqwest::Client,
@@ -65,7 +65,7 @@ impl<'a> Admin<'a> {
         let response = self
             .http
             .put(format!("{}/admin/sales/{goods_id}", self.base))
-            .header(seckill_api::SECRET_HEADER, SECRET)
+            .header(seckill_api::SECRET_HEADER, ADMIN_SECRET)
             .json(spec)
             .send()
             .await?;
@@ -86,7 +86,7 @@ impl<'a> Admin<'a> {
                 "{}/admin/sales/{goods_id}/preheat?force={force}",
                 self.base
             ))
-            .header(seckill_api::SECRET_HEADER, SECRET)
+            .header(seckill_api::SECRET_HEADER, ADMIN_SECRET)
             .send()
             .await?;
         let status = response.status().as_u16();
@@ -98,7 +98,7 @@ impl<'a> Admin<'a> {
         Ok(self
             .http
             .get(format!("{}/admin/sales/{goods_id}", self.base))
-            .header(seckill_api::SECRET_HEADER, SECRET)
+            .header(seckill_api::SECRET_HEADER, ADMIN_SECRET)
             .send()
             .await?
             .json()
@@ -125,7 +125,7 @@ impl<'a> Admin<'a> {
         let mut request = self
             .http
             .post(format!("{}/admin/sales/{goods_id}/{action}", self.base))
-            .header(seckill_api::SECRET_HEADER, SECRET);
+            .header(seckill_api::SECRET_HEADER, ADMIN_SECRET);
         if let Some(body) = body {
             request = request.json(body);
         }
@@ -137,7 +137,7 @@ impl<'a> Admin<'a> {
         let response = self
             .http
             .get(format!("{}/admin/sales?{query}", self.base))
-            .header(seckill_api::SECRET_HEADER, SECRET)
+            .header(seckill_api::SECRET_HEADER, ADMIN_SECRET)
             .send()
             .await?;
         status_and_body(response).await
@@ -148,7 +148,10 @@ impl<'a> Admin<'a> {
         let response = self
             .http
             .post(format!("{}/v1/orders/{order_id}/{action}", self.base))
-            .header(seckill_api::SECRET_HEADER, SECRET)
+            .header(
+                seckill_api::SECRET_HEADER,
+                credential_for(&format!("/v1/orders/{order_id}/{action}")),
+            )
             .send()
             .await?;
         let status = response.status().as_u16();

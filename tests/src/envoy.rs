@@ -83,7 +83,9 @@ impl Envoy {
             .arg(&admin_path)
             .args(["--base-id", &base_id().to_string()])
             .args(["--concurrency", &workers.to_string()])
-            .args(["-l", "warning", "--component-log-level", "wasm:info"]);
+            .args(["-l", "warning", "--component-log-level", "wasm:info"])
+            // The filter's credential for the syncer, as `host_env_keys` passes it on.
+            .env("SECKILL_EDGE_SECRET", crate::stack::EDGE_SECRET);
         let mut process =
             ChildGuard::spawn("envoy", command, &dir.join(format!("envoy-{id}.log")))?;
         let admin_port = wait_for("Envoy's admin address", Duration::from_secs(30), || {
@@ -153,7 +155,17 @@ impl Envoy {
     /// The filter's count of answers with `outcome` (`seckill_outcome{outcome="..."}`, the
     /// family the `stats_tags` of `envoy/local.yaml` make of its per-outcome counters).
     pub async fn outcome_stat(&self, outcome: &str) -> anyhow::Result<u64> {
-        let sample = format!("seckill_outcome{{outcome=\"{outcome}\"}}");
+        self.labelled_stat("seckill_outcome", outcome).await
+    }
+
+    /// The filter's count of requests shadow mode forwarded that it would have answered
+    /// with `outcome` (`seckill_shadow{outcome="..."}`, made by the same `stats_tags`).
+    pub async fn shadow_stat(&self, outcome: &str) -> anyhow::Result<u64> {
+        self.labelled_stat("seckill_shadow", outcome).await
+    }
+
+    async fn labelled_stat(&self, family: &str, outcome: &str) -> anyhow::Result<u64> {
+        let sample = format!("{family}{{outcome=\"{outcome}\"}}");
         Ok(crate::syncer::metric_sample(
             &self.prometheus().await?,
             &sample,

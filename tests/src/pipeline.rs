@@ -18,7 +18,7 @@ use crate::mysql_db::TestDatabase;
 use crate::process::{unique_suffix, wait_for, Scratch};
 use crate::redis_cluster::RedisCluster;
 use crate::redis_server::RedisServer;
-use crate::stack::{now_ms, SECRET};
+use crate::stack::{now_ms, EDGE_SECRET};
 use crate::syncer::{syncer_binary, Role, SyncerArgs, SyncerProcess};
 use crate::test_redis::TestRedis;
 
@@ -88,7 +88,6 @@ impl<R: TestRedis> Pipeline<R> {
             redis_url: &redis.url(),
             mysql_url: &db.url(),
             key_prefix: &prefix,
-            secret: SECRET,
             kafka: Some(&broker.bootstrap()),
         };
         let serve = Role::Serve { pipeline: false };
@@ -120,7 +119,6 @@ impl<R: TestRedis> Pipeline<R> {
             redis_url: &self.redis.url(),
             mysql_url: mysql_url.unwrap_or(&db_url),
             key_prefix: &self.prefix,
-            secret: SECRET,
             kafka: Some(&self.broker.bootstrap()),
         };
         SyncerProcess::start_role(&self.scratch.path, &args, role, env).await
@@ -190,7 +188,7 @@ impl<R: TestRedis> Pipeline<R> {
         let reply: Value = self
             .http
             .post(format!("{}{}", self.api.url(), seckill_api::DEDUCT_PATH))
-            .header(seckill_api::SECRET_HEADER, SECRET)
+            .header(seckill_api::SECRET_HEADER, EDGE_SECRET)
             .json(&json!({"goods_id": goods_id, "user_id": user, "quantity": 1, "request_id": request_id}))
             .send()
             .await?
@@ -210,7 +208,7 @@ impl<R: TestRedis> Pipeline<R> {
         let response = self
             .http
             .post(format!("{}{}", self.api.url(), seckill_api::DEDUCT_PATH))
-            .header(seckill_api::SECRET_HEADER, SECRET)
+            .header(seckill_api::SECRET_HEADER, EDGE_SECRET)
             .json(&json!({"goods_id": goods_id, "user_id": user, "quantity": 1, "request_id": request_id}))
             .send()
             .await?;

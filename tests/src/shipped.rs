@@ -79,6 +79,8 @@ pub fn run_from_root(command: &[String]) -> anyhow::Result<Ran> {
         .current_dir(&root)
         .env("SECKILL_FILTER_WASM", filter_wasm()?)
         .env("SECKILL_ENVOY_BIN", envoy_binary()?)
+        // As on the host that runs the gate: the filter reads its credential from here.
+        .env("SECKILL_EDGE_SECRET", crate::stack::EDGE_SECRET)
         .output()
         .with_context(|| format!("cannot run {}", program.display()))?;
     Ok(Ran {

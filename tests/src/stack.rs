@@ -18,7 +18,44 @@ use crate::shop::ShopStub;
 use crate::syncer::{Role, SyncerArgs, SyncerProcess};
 use crate::test_redis::TestRedis;
 
-pub const SECRET: &str = "local-test-secret";
+/// Each role's credential in the tests (`credentials.rs` in the syncer): the gate's, the
+/// shop's, the operators' and a metrics scraper's. All different, as the syncer requires.
+pub const EDGE_SECRET: &str = "local-test-edge-secret";
+pub const SHOP_SECRET: &str = "local-test-shop-secret";
+pub const ADMIN_SECRET: &str = "local-test-admin-secret";
+pub const METRICS_SECRET: &str = "local-test-metrics-secret";
+
+/// The credential a call to the syncer's `path` needs: the admin API's, the shop's for
+/// confirm and cancel, a scraper's for metrics and the dashboard, the gate's for the rest
+/// (deduct, claim, release).
+/// (`path` may be a whole URL).
+pub fn credential_for(path: &str) -> &'static str {
+    let path = match path.split_once("://") {
+        Some((_, rest)) => rest.find('/').map_or("/", |at| &rest[at..]),
+        None => path,
+    };
+    let path = path.split('?').next().unwrap_or_default();
+    if path.starts_with("/admin") {
+        ADMIN_SECRET
+    } else if path.ends_with("/confirm") || path.ends_with("/cancel") {
+        SHOP_SECRET
+    } else if path.starts_with("/metrics") || path.starts_with("/dashboard") {
+        METRICS_SECRET
+    } else {
+        EDGE_SECRET
+    }
+}
+
+/// The environment that gives a syncer `serve` every role's test credential.
+pub fn credential_env() -> [(&'static str, &'static str); 4] {
+    [
+        ("SECKILL_EDGE_SECRET", EDGE_SECRET),
+        ("SECKILL_SHOP_SECRET", SHOP_SECRET),
+        ("SECKILL_ADMIN_SECRET", ADMIN_SECRET),
+        ("SECKILL_METRICS_SECRET", METRICS_SECRET),
+    ]
+}
+
 /// The key the harness's syncers sign winners' passes with (`--pass-key`, given to every
 /// `serve` as `SECKILL_PASS_KEY`; a test's own environment may override it).
 pub const PASS_KEY: &str = "test-2024=local-test-pass-secret-0123456789abcdef";
@@ -40,7 +77,7 @@ pub fn default_plugin_config() -> Value {
         "request_id": { "header": "x-request-id" },
         // Generous: a correctness test must not fail because a loaded machine is slow;
         // latency is for the benchmarks.
-        "deduct": { "cluster": "seckill_syncer", "timeout_ms": 10000, "secret": SECRET },
+        "deduct": { "cluster": "seckill_syncer", "timeout_ms": 10000, "secret_env": "SECKILL_EDGE_SECRET" },
         "rate_limit": { "default": { "per_second": 1000000.0, "burst": 1000000 } },
         "sold_out_cache_ms": 60000
     })
@@ -160,7 +197,6 @@ impl<R: TestRedis> Stack<R> {
                 redis_url: &redis.url(),
                 mysql_url: &db.url(),
                 key_prefix: &key_prefix,
-                secret: SECRET,
                 kafka: bootstrap.as_deref(),
             };
             let role = Role::Serve {

@@ -16,7 +16,6 @@ pub struct SyncerArgs<'a> {
     pub redis_url: &'a str,
     pub mysql_url: &'a str,
     pub key_prefix: &'a str,
-    pub secret: &'a str,
     /// Kafka bootstrap address, for the roles that speak Kafka.
     pub kafka: Option<&'a str>,
 }
@@ -126,8 +125,15 @@ impl SyncerProcess {
             Role::Serve { pipeline } => {
                 command
                     .arg("serve")
-                    .args(["--listen", &format!("127.0.0.1:{port}")])
-                    .args(["--secret", args.secret]);
+                    .args(["--listen", &format!("127.0.0.1:{port}")]);
+                // Each role's credential, from the environment as production would give it
+                // (a test that gives --secrets-dir brings its own; the two cannot mix).
+                if !cli.contains(&"--secrets-dir") {
+                    command.envs(crate::stack::credential_env());
+                }
+                // The key winners' passes are signed with, from the environment too: a test's
+                // `env` can replace it.
+                command.env("SECKILL_PASS_KEY", crate::stack::PASS_KEY);
                 if *pipeline {
                     command.args(["--pipeline", "--reconcile-every-s", "1"]);
                 }
@@ -157,10 +163,6 @@ impl SyncerProcess {
             .args(["--mysql-url", args.mysql_url])
             .args(["--key-prefix", args.key_prefix])
             .env("RUST_LOG", "warn,seckill_syncer=info");
-        if matches!(role, Role::Serve { .. }) {
-            // In the environment, not on the command line: a test's `env` can replace it.
-            command.env("SECKILL_PASS_KEY", crate::stack::PASS_KEY);
-        }
         // A serve without the pipeline uses Kafka only for the admin API's reseed.
         let needs_kafka = !matches!(role, Role::Serve { pipeline: false });
         match args.kafka {
@@ -269,8 +271,12 @@ impl SyncerProcess {
 
     /// The text of its /metrics.
     pub async fn metrics(&self) -> anyhow::Result<String> {
-        Ok(reqwest::get(format!("{}/metrics", self.url()))
+        Ok(reqwest::Client::new()
+            .get(format!("{}/metrics", self.url()))
+            .bearer_auth(crate::stack::METRICS_SECRET)
+            .send()
             .await?
+            .error_for_status()?
             .text()
             .await?)
     }

@@ -16,7 +16,7 @@ use seckill_e2e::docker::{output_of, DockerEngine};
 use seckill_e2e::envoy::filter_wasm;
 use seckill_e2e::kafka_broker::tansu_binary;
 use seckill_e2e::process::{free_port, load_binary, wait_for, workspace_root, Scratch};
-use seckill_e2e::stack::{now_ms, PASS_KEY, SECRET};
+use seckill_e2e::stack::{credential_env, now_ms, ADMIN_SECRET, EDGE_SECRET, PASS_KEY};
 use seckill_e2e::syncer::syncer_binary;
 use serde_json::Value;
 
@@ -59,11 +59,13 @@ fn compose(scratch: &Path, project: &str, vars: &[(&str, String)]) -> anyhow::Re
 }
 
 #[test]
-fn the_compose_file_is_valid_needs_a_secret_and_its_images_can_be_replaced() {
+fn the_compose_file_is_valid_needs_every_credential_and_its_images_can_be_replaced() {
     let scratch = Scratch::new("compose-config").unwrap();
-    let secret = ("SECKILL_SECRET", SECRET.to_owned());
-    let pass_key = ("SECKILL_PASS_KEY", PASS_KEY.to_owned());
-    let secrets = [secret, pass_key];
+    let mut secrets: Vec<(&str, String)> = credential_env()
+        .iter()
+        .map(|(k, v)| (*k, v.to_string()))
+        .collect();
+    secrets.push(("SECKILL_PASS_KEY", PASS_KEY.to_owned()));
     let run = |vars: &[(&str, String)], args: &[&str]| {
         let mut command = compose(&scratch.path, "seckill", vars).unwrap();
         command.args(args);
@@ -71,15 +73,28 @@ fn the_compose_file_is_valid_needs_a_secret_and_its_images_can_be_replaced() {
     };
 
     run(&secrets, &["config", "-q"]).unwrap();
-    assert!(run(&[], &["config", "-q"]).is_err());
-    let refused = run(&secrets[1..], &["config", "-q"])
-        .unwrap_err()
-        .to_string();
-    assert!(refused.contains("set SECKILL_SECRET"), "{refused}");
-    let refused = run(&secrets[..1], &["config", "-q"])
-        .unwrap_err()
-        .to_string();
-    assert!(refused.contains("set SECKILL_PASS_KEY"), "{refused}");
+    for missing in 0..secrets.len() {
+        let mut some = secrets.clone();
+        let (name, _) = some.remove(missing);
+        let refused = run(&some, &["config", "-q"]).unwrap_err().to_string();
+        assert!(refused.contains(&format!("set {name}")), "{refused}");
+    }
+    // The gate's container gets only the gate's credential (and no pass key).
+    let config = run(&secrets, &["config"]).unwrap();
+    let gate = config
+        .split("\n  envoy:\n")
+        .nth(1)
+        .expect("an envoy service");
+    let gate = gate.split("\n  kafka").next().unwrap_or(gate);
+    assert!(gate.contains(EDGE_SECRET), "{gate}");
+    assert!(
+        !gate.contains(ADMIN_SECRET),
+        "the gate holds the admin credential: {gate}"
+    );
+    assert!(
+        !gate.contains(PASS_KEY),
+        "the gate holds the pass key: {gate}"
+    );
 
     let images = run(&secrets, &["config", "--images"]).unwrap();
     for official in [
@@ -108,18 +123,19 @@ fn the_compose_file_is_valid_needs_a_secret_and_its_images_can_be_replaced() {
 /// The gate's entrypoint refuses what would break the filter's JSON or the YAML around it,
 /// before it touches any file (a good value is exercised by the stack test).
 #[test]
-fn the_gate_entrypoint_refuses_a_secret_or_timeout_it_cannot_place() {
+fn the_gate_entrypoint_refuses_a_credential_or_timeout_it_cannot_use() {
     let entrypoint = workspace_root().join("compose/gate-entrypoint.sh");
     for (secret, timeout_ms, refusal) in [
         ("short-secret", "300", "at least 16 characters"),
         ("with\"a-quote-0123456789", "300", "may hold only"),
         ("with a space 0123456789", "300", "may hold only"),
-        (SECRET, "3s", "a number of milliseconds"),
-        (SECRET, "-1", "a number of milliseconds"),
+        (EDGE_SECRET, "3s", "a number of milliseconds"),
+        (EDGE_SECRET, "-1", "a number of milliseconds"),
+        (EDGE_SECRET, "", "a number of milliseconds"),
     ] {
         let output = Command::new("sh")
             .arg(&entrypoint)
-            .env("SECKILL_SECRET", secret)
+            .env("SECKILL_EDGE_SECRET", secret)
             .env("SECKILL_DEDUCT_TIMEOUT_MS", timeout_ms)
             .output()
             .unwrap();
@@ -217,7 +233,6 @@ impl<'a> Stack<'a> {
         let mut vars: Vec<(&'static str, String)> =
             IMAGES.iter().map(|(k, v)| (*k, v.to_string())).collect();
         vars.extend([
-            ("SECKILL_SECRET", SECRET.to_owned()),
             ("SECKILL_PASS_KEY", PASS_KEY.to_owned()),
             ("SECKILL_GATE_LISTEN", format!("127.0.0.1:{gate_port}")),
             ("SECKILL_SYNCER_PORT", syncer_port.to_string()),
@@ -227,6 +242,7 @@ impl<'a> Stack<'a> {
             // mismatch for the rehearsal's check); latency is for the benchmarks.
             ("SECKILL_DEDUCT_TIMEOUT_MS", "10000".to_owned()),
         ]);
+        vars.extend(credential_env().map(|(k, v)| (k, v.to_owned())));
         let stack = Self {
             engine,
             scratch: scratch.to_owned(),
@@ -372,7 +388,7 @@ async fn the_compose_stack_sells_through_envoy_and_records_every_order_in_mysql(
         .args(["--buyers", "1500", "--rate", "1000", "--ramp-s", "0.5"])
         .args(["--requests", &REQUESTS.to_string()])
         .args(["--syncer", &Stack::url(stack.syncer_port, "")])
-        .args(["--secret", SECRET, "--quiet", "--json"])
+        .args(["--admin-secret", ADMIN_SECRET, "--quiet", "--json"])
         .arg(&report_path)
         .output()
         .await

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use seckill_e2e::browser::{dom_field, Chromium};
 use seckill_e2e::pipeline::Pipeline;
-use seckill_e2e::process::{wait_for, workspace_root};
+use seckill_e2e::process::{free_port, wait_for, workspace_root};
 use serde_json::Value;
 
 const GOODS: &str = "dash-phone";
@@ -19,10 +19,19 @@ const PAGE_BUDGET: Duration = Duration::from_secs(4);
 
 #[tokio::test(flavor = "multi_thread")]
 async fn the_dashboard_shows_a_live_sale_as_the_syncer_counts_it() {
-    // A reconcile every second, so drift and Kafka lag are fresh on the page.
-    let p = Pipeline::start_custom("dashboard", &[], &[], &["--reconcile-every-s", "1"])
-        .await
-        .expect("the pipeline fixture starts");
+    // A reconcile every second, so drift and Kafka lag are fresh on the page. The page and
+    // /metrics on a listener of their own (an operator's network), without a credential: a
+    // browser opens it as an operator would.
+    let board = format!("127.0.0.1:{}", free_port().unwrap());
+    let p = Pipeline::start_custom(
+        "dashboard",
+        &[],
+        &[("SECKILL_METRICS_SECRET", "")],
+        &["--reconcile-every-s", "1", "--metrics-listen", &board],
+    )
+    .await
+    .expect("the pipeline fixture starts");
+    let board = format!("http://{board}");
     let (_relay, mut writer) = p.spawn_relay_and_writer(100, 50).await.unwrap();
     p.open_sale(GOODS, STOCK, 1).await.unwrap();
 
@@ -54,7 +63,7 @@ async fn the_dashboard_shows_a_live_sale_as_the_syncer_counts_it() {
     assert_eq!(p.settle(&orders[3], "cancel").await.unwrap().0, 200);
 
     // The pipeline drains and the syncer's own reconcile says so.
-    let data_url = format!("{}/dashboard/data", p.api.url());
+    let data_url = format!("{board}/dashboard/data");
     wait_for(
         "the dashboard to show the sale settled",
         Duration::from_secs(120),
@@ -78,10 +87,12 @@ async fn the_dashboard_shows_a_live_sale_as_the_syncer_counts_it() {
         "available, reserved, sold"
     );
 
-    // The page needs no secret (like /metrics) and loads nothing from elsewhere.
+    // The page loads nothing from elsewhere, and it is not on the API's listener.
+    let on_api = p.http.get(format!("{}/dashboard", p.api.url())).send();
+    assert_eq!(on_api.await.unwrap().status(), 404);
     let page = p
         .http
-        .get(format!("{}/dashboard", p.api.url()))
+        .get(format!("{board}/dashboard"))
         .send()
         .await
         .unwrap();
@@ -90,7 +101,7 @@ async fn the_dashboard_shows_a_live_sale_as_the_syncer_counts_it() {
     assert!(policy.contains("default-src 'none'"), "{policy}");
 
     let chromium = Chromium::locate(&p.scratch.path).unwrap();
-    let url = format!("{}/dashboard", p.api.url());
+    let url = format!("{board}/dashboard");
     let dom = chromium.dump_dom(&url, PAGE_BUDGET).await.unwrap();
     check_figures(&dom, redis, mysql, &answers);
     assert_eq!(shown(&dom, Some(GOODS), "outbox"), "0 events");

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 
 use seckill_e2e::pipeline::Pipeline;
 use seckill_e2e::process::wait_for;
-use seckill_e2e::stack::{now_ms, SECRET};
+use seckill_e2e::stack::{now_ms, EDGE_SECRET};
 use seckill_e2e::syncer::Role;
 use seckill_e2e::tcp_proxy::TcpProxy;
 use serde_json::{json, Value};
@@ -36,7 +36,7 @@ async fn buy(http: &reqwest::Client, url: &str, user: &str, unavailable: &Atomic
     loop {
         let sent = http
             .post(format!("{url}{}", seckill_api::DEDUCT_PATH))
-            .header(seckill_api::SECRET_HEADER, SECRET)
+            .header(seckill_api::SECRET_HEADER, EDGE_SECRET)
             .json(&json!({"goods_id": GOODS, "user_id": user, "quantity": 1,
                           "request_id": format!("{user}-r0")}))
             .send()
@@ -63,7 +63,7 @@ async fn buy(http: &reqwest::Client, url: &str, user: &str, unavailable: &Atomic
 async fn attempt(http: &reqwest::Client, url: &str, user: &str, request: &str) -> Option<Value> {
     let sent = http
         .post(format!("{url}{}", seckill_api::DEDUCT_PATH))
-        .header(seckill_api::SECRET_HEADER, SECRET)
+        .header(seckill_api::SECRET_HEADER, EDGE_SECRET)
         .json(&json!({"goods_id": GOODS, "user_id": user, "quantity": 1, "request_id": request}))
         .send()
         .await

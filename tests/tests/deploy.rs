@@ -16,7 +16,7 @@ use seckill_e2e::process::{wait_for, Scratch};
 use seckill_e2e::shipped::{self, WITH_ETC_ENVOY};
 use seckill_e2e::shop::ShopStub;
 use seckill_e2e::stack::{
-    default_plugin_config, now_ms, send, BuyResult, Stack, StackOptions, SECRET,
+    default_plugin_config, now_ms, send, BuyResult, Stack, StackOptions, EDGE_SECRET,
 };
 use serde::Deserialize as _;
 use serde_json::json;
@@ -139,7 +139,8 @@ impl IdentityProvider {
 }
 
 /// `envoy/production.yaml` as shipped, but on free ports, with this stack's shop and syncer,
-/// the built filter, the stack's secret and the test's identity provider.
+/// the built filter and the test's identity provider (the harness gives Envoy the edge
+/// credential in its environment, as production.yaml's host_env_keys expects).
 fn production_on(stack: &Stack, idp: &IdentityProvider) -> String {
     let text = shipped::read("envoy/production.yaml").unwrap();
     let jwks_line = text
@@ -151,7 +152,6 @@ fn production_on(stack: &Stack, idp: &IdentityProvider) -> String {
     let mut replacements = shipped::local_addresses(stack.shop.addr.port(), syncer_port);
     replacements.extend([
         shipped::built_filter().unwrap(),
-        ("REPLACE-WITH-A-LONG-RANDOM-SECRET", SECRET.to_owned()),
         (shipped_jwks, format!("'{}'", idp.jwks())),
     ]);
     shipped::replace_each(&text, &replacements).unwrap()
@@ -495,8 +495,25 @@ fn istio_wasm_plugin_example_is_well_formed_and_its_config_is_accepted_by_the_fi
 
     // Istio hands pluginConfig to the filter as JSON: the filter's own parser must take it.
     let plugin_config = spec["pluginConfig"].to_string();
-    let config = seckill_filter::config::Config::from_json(Some(plugin_config.as_bytes()))
-        .unwrap_or_else(|e| panic!("the filter refuses the example's pluginConfig: {e}"));
+    // Its credential comes from the gateway's environment (never the WasmPlugin, which
+    // anyone who may read the resource reads): the variable it names is the one vmConfig
+    // passes on from the host.
+    let passed: Vec<&str> = spec["vmConfig"]["env"]
+        .as_array()
+        .expect("vmConfig.env")
+        .iter()
+        .filter(|v| v["valueFrom"] == "HOST")
+        .map(|v| v["name"].as_str().unwrap())
+        .collect();
+    assert!(
+        !plugin_config.contains("REPLACE"),
+        "a credential placeholder in pluginConfig"
+    );
+    let env = |name: &str| passed.contains(&name).then(|| EDGE_SECRET.to_owned());
+    let config =
+        seckill_filter::config::Config::from_json_with_env(Some(plugin_config.as_bytes()), &env)
+            .unwrap_or_else(|e| panic!("the filter refuses the example's pluginConfig: {e}"));
+    assert_eq!(config.deduct.secret, EDGE_SECRET);
     // Istio's name for a Service port's cluster, for the authority's Service.
     let authority = &config.deduct.authority;
     let cluster = &config.deduct.cluster;

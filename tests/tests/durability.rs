@@ -11,7 +11,7 @@ use seckill_e2e::admin::Admin;
 use seckill_e2e::mysql_db::TestDatabase;
 use seckill_e2e::process::{unique_suffix, wait_for, Scratch};
 use seckill_e2e::redis_server::{RedisServer, AOF_ALWAYS, AOF_EVERYSEC};
-use seckill_e2e::stack::{now_ms, SECRET};
+use seckill_e2e::stack::{credential_for, now_ms, EDGE_SECRET};
 use seckill_e2e::syncer::{Role, SyncerArgs, SyncerProcess};
 use serde_json::{json, Value};
 
@@ -45,7 +45,6 @@ impl Fixture {
             redis_url,
             mysql_url,
             key_prefix: &self.prefix,
-            secret: SECRET,
             kafka: None,
         }
     }
@@ -95,7 +94,7 @@ impl Fixture {
         let response = self
             .http
             .post(format!("{}{path}", syncer.url()))
-            .header(seckill_api::SECRET_HEADER, SECRET)
+            .header(seckill_api::SECRET_HEADER, credential_for(path))
             .json(&body)
             .send()
             .await
@@ -268,7 +267,7 @@ async fn aof_keeps_every_acknowledged_deduct_through_kill_9() {
                 let Ok(response) = f
                     .http
                     .post(format!("{}{}", syncer.url(), seckill_api::DEDUCT_PATH))
-                    .header(seckill_api::SECRET_HEADER, SECRET)
+                    .header(seckill_api::SECRET_HEADER, EDGE_SECRET)
                     .json(&body)
                     .send()
                     .await
@@ -468,7 +467,7 @@ async fn replicas_one_answers_nothing_a_replica_does_not_hold() {
         let (http, url) = (f.http.clone(), syncer.url());
         tokio::spawn(async move {
             http.post(format!("{url}{}", seckill_api::DEDUCT_PATH))
-                .header(seckill_api::SECRET_HEADER, SECRET)
+                .header(seckill_api::SECRET_HEADER, EDGE_SECRET)
                 .json(&json!({"goods_id": GOODS, "user_id": "u-w", "quantity": 1, "request_id": "r-w"}))
                 .send()
                 .await

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use futures::future::join_all;
 use seckill_e2e::envoy::{Envoy, LOCAL_TEMPLATE};
-use seckill_e2e::stack::{now_ms, rfc3339, send, Stack, StackOptions, SECRET};
+use seckill_e2e::stack::{now_ms, rfc3339, send, Stack, StackOptions, ADMIN_SECRET};
 use serde_json::json;
 
 const GOODS: &str = "fleet";
@@ -35,7 +35,7 @@ async fn two_gates_offered_three_times_the_fleet_rate_admit_the_rate() {
             "{}/admin/sales/{GOODS}",
             stack.syncer().unwrap().url()
         ))
-        .header(seckill_api::SECRET_HEADER, SECRET)
+        .header(seckill_api::SECRET_HEADER, ADMIN_SECRET)
         .json(&json!({
             "total_stock": 1_000_000, "per_user_limit": 1_000_000,
             "starts_at": rfc3339(now - 60_000), "ends_at": rfc3339(now + 3_600_000),

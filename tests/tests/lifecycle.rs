@@ -260,7 +260,7 @@ async fn released_stock_is_sold_again_through_envoy() {
         let response = stack
             .http
             .post(format!("{syncer}/v1/orders/{order}/cancel"))
-            .header(seckill_api::SECRET_HEADER, seckill_e2e::stack::SECRET)
+            .header(seckill_api::SECRET_HEADER, seckill_e2e::stack::SHOP_SECRET)
             .send()
             .await
             .unwrap();

@@ -1,7 +1,7 @@
 //! The load generator against the real stack: its counts must match what the syncer recorded.
 
 use seckill_e2e::process::load_binary;
-use seckill_e2e::stack::{Stack, StackOptions, SECRET};
+use seckill_e2e::stack::{Stack, StackOptions, ADMIN_SECRET};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn load_generator_counts_match_the_syncer() {
@@ -29,8 +29,8 @@ async fn load_generator_counts_match_the_syncer() {
         .args([
             "--syncer",
             &stack.syncer().unwrap().url(),
-            "--secret",
-            SECRET,
+            "--admin-secret",
+            ADMIN_SECRET,
             "--quiet",
         ])
         .arg("--json")

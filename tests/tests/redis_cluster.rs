@@ -17,7 +17,7 @@ use seckill_e2e::pipeline::{epoch_of, Pipeline};
 use seckill_e2e::process::wait_for;
 use seckill_e2e::redis_cluster::{key_slot, RedisCluster};
 use seckill_e2e::redis_server::{AOF_ALWAYS, AOF_EVERYSEC};
-use seckill_e2e::stack::{now_ms, Stack, StackOptions, SECRET};
+use seckill_e2e::stack::{now_ms, Stack, StackOptions, EDGE_SECRET};
 use seckill_e2e::syncer::{Role, SyncerArgs, SyncerProcess};
 use serde_json::{json, Value};
 
@@ -132,7 +132,7 @@ async fn deduct_batch(p: &Pipeline<RedisCluster>, attempts: Vec<Value>) -> Vec<V
     let reply = p
         .http
         .post(format!("{}{}", p.api.url(), seckill_api::DEDUCT_BATCH_PATH))
-        .header(seckill_api::SECRET_HEADER, SECRET)
+        .header(seckill_api::SECRET_HEADER, EDGE_SECRET)
         .json(&json!({ "attempts": attempts }))
         .send()
         .await
@@ -146,7 +146,7 @@ async fn claim(p: &Pipeline<RedisCluster>, orders: &[String]) {
     let reply: Value = p
         .http
         .post(format!("{}{}", p.api.url(), seckill_api::CLAIM_PATH))
-        .header(seckill_api::SECRET_HEADER, SECRET)
+        .header(seckill_api::SECRET_HEADER, EDGE_SECRET)
         .json(&json!({ "order_ids": orders }))
         .send()
         .await
@@ -390,7 +390,7 @@ async fn goods_on_three_masters_sell_settle_reach_mysql_and_a_forgetful_master_i
         let reply = p
             .http
             .post(format!("{}{}", p.api.url(), seckill_api::DEDUCT_PATH))
-            .header(seckill_api::SECRET_HEADER, SECRET)
+            .header(seckill_api::SECRET_HEADER, EDGE_SECRET)
             .json(&json!({"goods_id": a, "user_id": "late", "quantity": 1, "request_id": "late"}))
             .send()
             .await
@@ -514,7 +514,6 @@ async fn refused(p: &Pipeline<RedisCluster>, url: &str, env: &[(&str, &str)]) ->
         redis_url: url,
         mysql_url: &db,
         key_prefix: &p.prefix,
-        secret: SECRET,
         kafka: None,
     };
     let (status, log) = SyncerProcess::start_refused(&p.scratch.path, &args, env)
@@ -606,7 +605,6 @@ async fn replicas_one_waits_for_the_replica_of_each_goods_own_master() {
         redis_url: &cluster.url(),
         mysql_url: &db.url(),
         key_prefix: &prefix,
-        secret: SECRET,
         kafka: None,
     };
     let env = [
@@ -636,7 +634,7 @@ async fn replicas_one_waits_for_the_replica_of_each_goods_own_master() {
     let buy = |g: &str, user: &str| {
         let request = http
             .post(format!("{}{}", syncer.url(), seckill_api::DEDUCT_PATH))
-            .header(seckill_api::SECRET_HEADER, SECRET)
+            .header(seckill_api::SECRET_HEADER, EDGE_SECRET)
             .json(&json!({"goods_id": g, "user_id": user, "quantity": 1, "request_id": user}));
         async move {
             let reply = request.send().await.unwrap();

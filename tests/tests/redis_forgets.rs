@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use seckill_e2e::pipeline::{epoch_of, Pipeline};
 use seckill_e2e::process::wait_for;
-use seckill_e2e::stack::{pass_keys, SECRET};
+use seckill_e2e::stack::{pass_keys, EDGE_SECRET};
 use seckill_e2e::syncer::sum_metric;
 use serde_json::{json, Value};
 
@@ -25,7 +25,7 @@ async fn buy(p: &Pipeline, goods: &str, user: &str) -> Value {
         let response = p
             .http
             .post(format!("{}{}", p.api.url(), seckill_api::DEDUCT_PATH))
-            .header(seckill_api::SECRET_HEADER, SECRET)
+            .header(seckill_api::SECRET_HEADER, EDGE_SECRET)
             .json(&json!({"goods_id": goods, "user_id": user, "quantity": 1, "request_id": user}))
             .send()
             .await

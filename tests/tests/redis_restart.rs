@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use seckill_e2e::pipeline::{epoch_of, Pipeline};
 use seckill_e2e::process::wait_for;
-use seckill_e2e::stack::SECRET;
+use seckill_e2e::stack::EDGE_SECRET;
 use seckill_e2e::syncer::{sum_metric, SyncerProcess};
 use seckill_syncer::db::{take_epoch, HistoryRule, SaleRowError};
 use serde_json::{json, Value};
@@ -114,7 +114,7 @@ impl Fixture {
             .p
             .http
             .post(format!("{}{}", self.p.api.url(), seckill_api::DEDUCT_PATH))
-            .header(seckill_api::SECRET_HEADER, SECRET)
+            .header(seckill_api::SECRET_HEADER, EDGE_SECRET)
             .json(&json!({"goods_id": goods, "user_id": user, "quantity": 1, "request_id": user}))
             .send()
             .await

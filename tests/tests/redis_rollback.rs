@@ -15,7 +15,7 @@ use futures::future::join_all;
 use seckill_e2e::pipeline::{epoch_of, Pipeline};
 use seckill_e2e::process::wait_for;
 use seckill_e2e::redis_server::AOF_EVERYSEC;
-use seckill_e2e::stack::SECRET;
+use seckill_e2e::stack::EDGE_SECRET;
 use seckill_e2e::syncer::{sum_metric, Role};
 use serde_json::{json, Value};
 
@@ -51,7 +51,7 @@ async fn attempt(p: &Pipeline, user: String) -> Answer {
     let response = p
         .http
         .post(format!("{}{}", p.api.url(), seckill_api::DEDUCT_PATH))
-        .header(seckill_api::SECRET_HEADER, SECRET)
+        .header(seckill_api::SECRET_HEADER, EDGE_SECRET)
         .json(&json!({"goods_id": GOODS, "user_id": user, "quantity": 1, "request_id": user}))
         .send()
         .await

@@ -41,7 +41,7 @@ async fn api_reseed(p: &Pipeline, goods: &str, with_secret: bool) -> (u16, Value
         .http
         .post(format!("{}/admin/sales/{goods}/reseed", p.api.url()));
     if with_secret {
-        request = request.header(seckill_api::SECRET_HEADER, seckill_e2e::stack::SECRET);
+        request = request.header(seckill_api::SECRET_HEADER, seckill_e2e::stack::ADMIN_SECRET);
     }
     let reply = request.send().await.unwrap();
     let status = reply.status().as_u16();
@@ -51,7 +51,7 @@ async fn api_reseed(p: &Pipeline, goods: &str, with_secret: bool) -> (u16, Value
 async fn deduct_outcome(p: &Pipeline, goods: &str, user: &str, request: &str) -> Value {
     p.http
         .post(format!("{}{}", p.api.url(), seckill_api::DEDUCT_PATH))
-        .header(seckill_api::SECRET_HEADER, seckill_e2e::stack::SECRET)
+        .header(seckill_api::SECRET_HEADER, seckill_e2e::stack::EDGE_SECRET)
         .json(&serde_json::json!({
             "goods_id": goods, "user_id": user, "quantity": 1, "request_id": request
         }))

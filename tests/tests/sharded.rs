@@ -18,7 +18,7 @@ use seckill_e2e::admin::Admin;
 use seckill_e2e::pipeline::{differences, epoch_of, findings, Pipeline};
 use seckill_e2e::process::wait_for;
 use seckill_e2e::redis_cluster::RedisCluster;
-use seckill_e2e::stack::{now_ms, rfc3339, Stack, StackOptions, SECRET};
+use seckill_e2e::stack::{now_ms, rfc3339, Stack, StackOptions};
 use seckill_e2e::syncer::{Role, SyncerArgs, SyncerProcess};
 use seckill_syncer::keys::{home_shard, order_parts, shard_id, shard_of_sequence};
 use serde_json::{json, Value};
@@ -305,7 +305,6 @@ async fn a_move_cut_short_between_take_and_give_is_completed() {
         redis_url: &p.redis.url(),
         mysql_url: &p.db.url(),
         key_prefix: &p.prefix,
-        secret: SECRET,
         kafka: Some(&p.broker.bootstrap()),
     };
     p.api = SyncerProcess::start_role(&p.scratch.path, &args, Role::Serve { pipeline: false }, &[])

@@ -6,7 +6,10 @@ use std::time::Duration;
 use seckill_e2e::mysql_db::TestDatabase;
 use seckill_e2e::process::{unique_suffix, Scratch};
 use seckill_e2e::redis_server::RedisServer;
-use seckill_e2e::stack::{now_ms, pass_keys, rfc3339, wait_past, SECRET};
+use seckill_e2e::stack::{
+    credential_for, now_ms, pass_keys, rfc3339, wait_past, ADMIN_SECRET, EDGE_SECRET,
+    METRICS_SECRET, SHOP_SECRET,
+};
 use seckill_e2e::syncer::{SyncerArgs, SyncerProcess};
 use serde_json::{json, Value};
 
@@ -34,7 +37,6 @@ impl Fixture {
             redis_url: &redis.url(),
             mysql_url: &db.url(),
             key_prefix: &prefix,
-            secret: SECRET,
             kafka: None,
         };
         let role = seckill_e2e::syncer::Role::Serve { pipeline: false };
@@ -108,7 +110,7 @@ impl Fixture {
         self.call(
             reqwest::Method::PUT,
             &format!("/admin/sales/{goods}"),
-            Some(SECRET),
+            Some(ADMIN_SECRET),
             Some(spec),
         )
         .await
@@ -127,14 +129,14 @@ impl Fixture {
 
     async fn preheat(&self, goods: &str, force: bool) -> (u16, Value) {
         let path = format!("/admin/sales/{goods}/preheat?force={force}");
-        self.call(reqwest::Method::POST, &path, Some(SECRET), None)
+        self.call(reqwest::Method::POST, &path, Some(ADMIN_SECRET), None)
             .await
     }
 
     /// The sale's definition (MySQL) and live counters (Redis).
     async fn sale(&self, goods: &str) -> Value {
         let path = format!("/admin/sales/{goods}");
-        self.call(reqwest::Method::GET, &path, Some(SECRET), None)
+        self.call(reqwest::Method::GET, &path, Some(ADMIN_SECRET), None)
             .await
             .1
     }
@@ -143,7 +145,7 @@ impl Fixture {
         self.call(
             reqwest::Method::POST,
             seckill_api::DEDUCT_PATH,
-            Some(SECRET),
+            Some(EDGE_SECRET),
             Some(body),
         )
         .await
@@ -167,7 +169,7 @@ impl Fixture {
             .call(
                 reqwest::Method::POST,
                 seckill_api::DEDUCT_BATCH_PATH,
-                Some(SECRET),
+                Some(EDGE_SECRET),
                 Some(json!({ "attempts": attempts })),
             )
             .await;
@@ -179,7 +181,7 @@ impl Fixture {
         self.call(
             reqwest::Method::POST,
             &format!("/v1/orders/{order_id}/{action}"),
-            Some(SECRET),
+            Some(credential_for(&format!("/v1/orders/{order_id}/{action}"))),
             None,
         )
         .await
@@ -189,7 +191,7 @@ impl Fixture {
         self.call(
             reqwest::Method::POST,
             seckill_api::CLAIM_PATH,
-            Some(SECRET),
+            Some(EDGE_SECRET),
             Some(json!({ "order_ids": order_ids })),
         )
         .await
@@ -198,7 +200,7 @@ impl Fixture {
     async fn live(&self, goods: &str) -> Value {
         let path = format!("/admin/sales/{goods}");
         let (_, sale) = self
-            .call(reqwest::Method::GET, &path, Some(SECRET), None)
+            .call(reqwest::Method::GET, &path, Some(ADMIN_SECRET), None)
             .await;
         sale["live"].clone()
     }
@@ -235,42 +237,110 @@ fn purchase(user: &str, request: &str) -> Value {
     json!({"goods_id": "g", "user_id": user, "quantity": 1, "request_id": request})
 }
 
+/// Every call of the syncer's API, with the role whose credential it needs. Bodies and
+/// goods are such that the right credential changes nothing either (bad input, unknown
+/// goods or order): the test only learns whether the credential was let through.
+fn calls_by_role() -> Vec<(reqwest::Method, &'static str, Option<Value>, &'static str)> {
+    use reqwest::Method;
+    let bad = Some(json!({"nonsense": true}));
+    vec![
+        (
+            Method::POST,
+            seckill_api::DEDUCT_PATH,
+            bad.clone(),
+            EDGE_SECRET,
+        ),
+        (
+            Method::POST,
+            seckill_api::DEDUCT_BATCH_PATH,
+            Some(json!({"attempts": []})),
+            EDGE_SECRET,
+        ),
+        (
+            Method::POST,
+            seckill_api::CLAIM_PATH,
+            Some(json!({"order_ids": []})),
+            EDGE_SECRET,
+        ),
+        (Method::POST, "/v1/orders/g.9.9/release", None, EDGE_SECRET),
+        (Method::POST, "/v1/orders/g.9.9/confirm", None, SHOP_SECRET),
+        (Method::POST, "/v1/orders/g.9.9/cancel", None, SHOP_SECRET),
+        (Method::GET, "/admin/sales", None, ADMIN_SECRET),
+        (Method::GET, "/admin/sales/g", None, ADMIN_SECRET),
+        (Method::PUT, "/admin/sales/g", bad.clone(), ADMIN_SECRET),
+        (
+            Method::POST,
+            "/admin/sales/none/preheat?force=true",
+            None,
+            ADMIN_SECRET,
+        ),
+        (Method::POST, "/admin/sales/none/reseed", None, ADMIN_SECRET),
+        (
+            Method::POST,
+            "/admin/sales/none/pause",
+            bad.clone(),
+            ADMIN_SECRET,
+        ),
+        (Method::POST, "/admin/sales/none/resume", None, ADMIN_SECRET),
+        (Method::POST, "/admin/sales/none/stop", None, ADMIN_SECRET),
+        (
+            Method::POST,
+            "/admin/sales/none/add-stock",
+            bad,
+            ADMIN_SECRET,
+        ),
+        (Method::GET, "/metrics", None, METRICS_SECRET),
+        (Method::GET, "/dashboard/data", None, METRICS_SECRET),
+    ]
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn internal_endpoints_require_the_shared_secret() {
+async fn each_call_takes_only_its_roles_credential() {
     let f = Fixture::start("auth").await;
     assert_eq!(f.define("g", 5, 1).await.0, 201);
     let (status, _) = f
         .call(
             reqwest::Method::POST,
             "/admin/sales/g/preheat",
-            Some(SECRET),
+            Some(ADMIN_SECRET),
             None,
         )
         .await;
     assert_eq!(status, 200);
-    for secret in [None, Some("wrong"), Some("")] {
-        let (status, body) = f
-            .call(
-                reqwest::Method::POST,
-                seckill_api::DEDUCT_PATH,
-                secret,
-                Some(purchase("u", "r")),
-            )
-            .await;
-        assert_eq!(status, 401, "{secret:?}");
-        assert_eq!(body["error"], "unauthorized");
-        let (status, _) = f
-            .call(reqwest::Method::GET, "/admin/sales/g", secret, None)
-            .await;
-        assert_eq!(status, 401);
+    let before = f.sale("g").await;
+    let keys_before = f.redis_keys().await;
+    let credentials = [EDGE_SECRET, SHOP_SECRET, ADMIN_SECRET, METRICS_SECRET];
+    let mut let_through = 0;
+    for (method, path, body, needed) in calls_by_role() {
+        for given in [None, Some(""), Some("wrong-but-long-enough")]
+            .into_iter()
+            .chain(credentials.map(Some))
+        {
+            let (status, reply) = f.call(method.clone(), path, given, body.clone()).await;
+            if given == Some(needed) {
+                assert_ne!(
+                    status, 401,
+                    "{method} {path} refused its own credential: {reply}"
+                );
+                let_through += 1;
+            } else {
+                assert_eq!(
+                    status, 401,
+                    "{method} {path} let {given:?} through: {reply}"
+                );
+                if !path.starts_with("/metrics") && !path.starts_with("/dashboard") {
+                    assert_eq!(reply["error"], "unauthorized", "{path}");
+                }
+            }
+        }
     }
-    let (_, sale) = f
-        .call(reqwest::Method::GET, "/admin/sales/g", Some(SECRET), None)
-        .await;
-    assert_eq!(
-        sale["live"]["available"], 5,
-        "no unauthenticated call deducted"
-    );
+    assert_eq!(let_through, calls_by_role().len());
+    // The edge's credential (the one every Envoy holds) tried every admin call above and
+    // nothing changed: the sale's definition and live counters, and every Redis key.
+    let after = f.sale("g").await;
+    assert_eq!(after["definition"], before["definition"]);
+    assert_eq!(after["live"], before["live"]);
+    assert_eq!(f.redis_keys().await, keys_before);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -293,7 +363,12 @@ async fn deduct_refuses_bad_input_and_changes_nothing() {
     }
     assert_eq!(f.redis_keys().await, keys_before);
     let (_, sale) = f
-        .call(reqwest::Method::GET, "/admin/sales/g", Some(SECRET), None)
+        .call(
+            reqwest::Method::GET,
+            "/admin/sales/g",
+            Some(ADMIN_SECRET),
+            None,
+        )
         .await;
     assert_eq!(sale["live"]["available"], 5);
 }
@@ -336,7 +411,7 @@ async fn preheat_refuses_to_replace_a_live_sale_without_force() {
         .call(
             reqwest::Method::POST,
             "/admin/sales/g/preheat",
-            Some(SECRET),
+            Some(ADMIN_SECRET),
             None,
         )
         .await;
@@ -348,14 +423,19 @@ async fn preheat_refuses_to_replace_a_live_sale_without_force() {
         .call(
             reqwest::Method::POST,
             "/admin/sales/g/preheat",
-            Some(SECRET),
+            Some(ADMIN_SECRET),
             None,
         )
         .await;
     assert_eq!(status, 409, "{refused}");
     assert!(refused["message"].as_str().unwrap().contains("force"));
     let (_, sale) = f
-        .call(reqwest::Method::GET, "/admin/sales/g", Some(SECRET), None)
+        .call(
+            reqwest::Method::GET,
+            "/admin/sales/g",
+            Some(ADMIN_SECRET),
+            None,
+        )
         .await;
     assert_eq!(
         sale["live"]["available"], 2,
@@ -368,7 +448,7 @@ async fn preheat_refuses_to_replace_a_live_sale_without_force() {
         .call(
             reqwest::Method::POST,
             "/admin/sales/g/preheat?force=true",
-            Some(SECRET),
+            Some(ADMIN_SECRET),
             None,
         )
         .await;
@@ -388,7 +468,7 @@ async fn preheat_refuses_to_replace_a_live_sale_without_force() {
         .call(
             reqwest::Method::POST,
             "/admin/sales/none/preheat",
-            Some(SECRET),
+            Some(ADMIN_SECRET),
             None,
         )
         .await;
@@ -539,14 +619,19 @@ async fn bad_sale_definitions_are_refused() {
             .call(
                 reqwest::Method::PUT,
                 "/admin/sales/g",
-                Some(SECRET),
+                Some(ADMIN_SECRET),
                 Some(spec.clone()),
             )
             .await;
         assert_eq!(status, 400, "{spec} -> {body}");
     }
     let (status, _) = f
-        .call(reqwest::Method::GET, "/admin/sales/g", Some(SECRET), None)
+        .call(
+            reqwest::Method::GET,
+            "/admin/sales/g",
+            Some(ADMIN_SECRET),
+            None,
+        )
         .await;
     assert_eq!(status, 404, "nothing was defined");
 }
@@ -568,7 +653,7 @@ async fn batch_deduct_answers_each_attempt_in_order() {
     let keys_before = f.redis_keys().await;
     let (status, _) = batch(vec![purchase("a", "ra")], None).await;
     assert_eq!(status, 401);
-    let (status, reply) = batch(vec![], Some(SECRET)).await;
+    let (status, reply) = batch(vec![], Some(EDGE_SECRET)).await;
     assert_eq!(
         (status, reply["error"].as_str()),
         (400, Some("bad_request"))
@@ -576,7 +661,7 @@ async fn batch_deduct_answers_each_attempt_in_order() {
     let too_many = (0..=seckill_api::BATCH_ATTEMPTS_MAX)
         .map(|i| purchase(&format!("u{i}"), &format!("r{i}")))
         .collect();
-    let (status, _) = batch(too_many, Some(SECRET)).await;
+    let (status, _) = batch(too_many, Some(EDGE_SECRET)).await;
     assert_eq!(status, 400);
     assert_eq!(f.redis_keys().await, keys_before);
 
@@ -591,7 +676,7 @@ async fn batch_deduct_answers_each_attempt_in_order() {
             purchase("d", "rd"),
             purchase("a", "ra"),
         ],
-        Some(SECRET),
+        Some(EDGE_SECRET),
     )
     .await;
     assert_eq!(status, 200, "{reply}");
@@ -607,7 +692,12 @@ async fn batch_deduct_answers_each_attempt_in_order() {
     assert_eq!(replies[5]["order_id"], replies[0]["order_id"]);
     assert_ne!(replies[3]["order_id"], replies[0]["order_id"]);
     let (_, sale) = f
-        .call(reqwest::Method::GET, "/admin/sales/g", Some(SECRET), None)
+        .call(
+            reqwest::Method::GET,
+            "/admin/sales/g",
+            Some(ADMIN_SECRET),
+            None,
+        )
         .await;
     assert_eq!(sale["live"]["available"], 0);
     assert_eq!(sale["live"]["reserved"], 2);
@@ -912,7 +1002,7 @@ async fn every_win_carries_a_pass_that_names_it_and_ends_with_its_reservation() 
         });
         let path = format!("/admin/sales/{goods}");
         let (status, body) = f
-            .call(reqwest::Method::PUT, &path, Some(SECRET), Some(spec))
+            .call(reqwest::Method::PUT, &path, Some(ADMIN_SECRET), Some(spec))
             .await;
         assert_eq!(status, 201, "{body}");
         let (status, body) = f.preheat(goods, false).await;
@@ -969,7 +1059,6 @@ async fn serve_refuses_a_pass_key_it_cannot_sign_with() {
         redis_url: "redis://127.0.0.1:1",
         mysql_url: "mysql://nobody@127.0.0.1:1/none",
         key_prefix: "t",
-        secret: SECRET,
         kafka: None,
     };
     let secret = "s3cret-s3cret-s3cret-s3cret-s3cret";

@@ -11,7 +11,7 @@ use std::time::Duration;
 
 use futures::future::join_all;
 use seckill_e2e::process::wait_for;
-use seckill_e2e::stack::{now_ms, rfc3339, Stack, StackOptions, SECRET};
+use seckill_e2e::stack::{now_ms, rfc3339, Stack, StackOptions, ADMIN_SECRET, EDGE_SECRET};
 use serde_json::{json, Value};
 use sqlx::Row;
 
@@ -141,7 +141,7 @@ async fn define(stack: &Stack, goods: &str, tier: Tier, stock: usize, limit: usi
             "{}/admin/sales/{goods}",
             stack.syncer().unwrap().url()
         ))
-        .header(seckill_api::SECRET_HEADER, SECRET)
+        .header(seckill_api::SECRET_HEADER, ADMIN_SECRET)
         .json(&json!({
             "total_stock": stock,
             "per_user_limit": limit,
@@ -171,7 +171,7 @@ async fn deduct_direct(stack: &Stack, goods: &str, user: &str, request_id: &str)
             stack.syncer().unwrap().url(),
             seckill_api::DEDUCT_PATH
         ))
-        .header(seckill_api::SECRET_HEADER, SECRET)
+        .header(seckill_api::SECRET_HEADER, EDGE_SECRET)
         .json(&json!({"goods_id": goods, "user_id": user, "quantity": 1, "request_id": request_id}))
         .send()
         .await
@@ -665,7 +665,7 @@ async fn sale_through_envoy(tier: Tier) {
     let reply: Value = stack
         .http
         .post(format!("{}{}", stack.syncer().unwrap().url(), seckill_api::DEDUCT_BATCH_PATH))
-        .header(seckill_api::SECRET_HEADER, SECRET)
+        .header(seckill_api::SECRET_HEADER, EDGE_SECRET)
         .json(&json!({"attempts": [{"goods_id": goods, "user_id": "ghost", "quantity": 1, "request_id": "ghost-r0"}]}))
         .send()
         .await

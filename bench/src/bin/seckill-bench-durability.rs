@@ -14,7 +14,7 @@ use seckill_e2e::admin::Admin;
 use seckill_e2e::mysql_db::TestDatabase;
 use seckill_e2e::process::Scratch;
 use seckill_e2e::redis_server::{RedisServer, AOF_ALWAYS};
-use seckill_e2e::stack::{now_ms, SECRET};
+use seckill_e2e::stack::{now_ms, EDGE_SECRET};
 use seckill_e2e::syncer::SyncerProcess;
 
 #[derive(Parser)]
@@ -133,7 +133,7 @@ async fn measure(args: &Args, connections: u32, setting: &Setting) -> anyhow::Re
     admin.preheat("bench", false).await?;
 
     let script = scratch.path.join("deduct.lua");
-    std::fs::write(&script, wrk::deduct_script("bench", SECRET))?;
+    std::fs::write(&script, wrk::deduct_script("bench", EDGE_SECRET))?;
     let url = format!("{}{}", syncer.url(), seckill_api::DEDUCT_PATH);
     let warm = script.clone();
     let warm_url = url.clone();

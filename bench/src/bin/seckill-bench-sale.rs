@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 use clap::Parser;
 use seckill_bench::report::update_section;
 use seckill_bench::wrk;
-use seckill_e2e::stack::{Stack, StackOptions, SECRET};
+use seckill_e2e::stack::{Stack, StackOptions, EDGE_SECRET};
 use seckill_load::{self as load, LatencySummary, Plan};
 use serde_json::json;
 
@@ -72,7 +72,7 @@ async fn deduct_against_redis(args: &Args) -> anyhow::Result<DeductFigures> {
 
     // The syncer's endpoint: HTTP, JSON, the batched script call.
     let script = stack.scratch.path.join("deduct.lua");
-    std::fs::write(&script, wrk::deduct_script("bench", SECRET))?;
+    std::fs::write(&script, wrk::deduct_script("bench", EDGE_SECRET))?;
     let url = format!("{}{}", stack.syncer()?.url(), seckill_api::DEDUCT_PATH);
     let (connections, seconds) = (args.connections, args.deduct_seconds);
     let endpoint = tokio::task::spawn_blocking(move || {

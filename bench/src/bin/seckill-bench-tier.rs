@@ -21,7 +21,7 @@ use seckill_bench::wrk::{self, WrkReport};
 use seckill_e2e::mysql_db::TestDatabase;
 use seckill_e2e::process::{unique_suffix, Scratch};
 use seckill_e2e::redis_server::RedisServer;
-use seckill_e2e::stack::{now_ms, rfc3339, SECRET};
+use seckill_e2e::stack::{now_ms, rfc3339, ADMIN_SECRET, EDGE_SECRET};
 use seckill_e2e::syncer::{sum_metric, SyncerProcess};
 use seckill_syncer::deduct::{Deducter, Delivery, Routing};
 use seckill_syncer::directory::Directory;
@@ -258,7 +258,7 @@ async fn db_tier_http(args: &Args, connections: u32) -> anyhow::Result<Figures> 
     define_db_sale(&syncer).await?;
 
     let script = scratch.path.join("deduct_batch.lua");
-    std::fs::write(&script, wrk::deduct_batch_script(GOODS, SECRET))?;
+    std::fs::write(&script, wrk::deduct_batch_script(GOODS, EDGE_SECRET))?;
     let url = format!("{}{}", syncer.url(), seckill_api::DEDUCT_BATCH_PATH);
     let (warm_url, warm_script) = (url.clone(), script.clone());
     tokio::task::spawn_blocking(move || wrk::run(&warm_url, &warm_script, 1, connections, WARM_UP))
@@ -496,7 +496,7 @@ async fn define_db_sale(syncer: &SyncerProcess) -> anyhow::Result<()> {
     let now = now_ms();
     let response = http
         .put(format!("{}/admin/sales/{GOODS}", syncer.url()))
-        .header(seckill_api::SECRET_HEADER, SECRET)
+        .header(seckill_api::SECRET_HEADER, ADMIN_SECRET)
         .json(&serde_json::json!({
             "total_stock": STOCK,
             "per_user_limit": 1_000_000,

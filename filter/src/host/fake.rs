@@ -419,7 +419,7 @@ pub(crate) fn config() -> Value {
         "goods_id": {"path": "goods_id"},
         "user_id": {"header": "x-user-id"},
         "deduct": {"cluster": "syncer", "authority": "seckill-syncer", "timeout_ms": 300,
-                   "secret": "s3cret"},
+                   "secret_env": "SECKILL_TEST_EDGE_SECRET"},
         "rate_limit": {"default": {"per_second": 1000, "burst": 1000},
                        "goods": {"hot": {"per_second": 1000, "burst": 1000}}},
         "sold_out_cache_ms": 2000,

@@ -30,6 +30,8 @@ mod fake;
 mod request_tests;
 #[cfg(test)]
 mod root_tests;
+#[cfg(test)]
+mod shadow_tests;
 
 pub use request::{Flow, SaleRequest};
 pub use root::Root;

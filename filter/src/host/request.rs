@@ -7,6 +7,7 @@ use std::rc::Rc;
 use super::worker::Worker;
 use super::{error, warn, Host};
 use crate::batch::{Decided, Enqueued, Ticket, Waiter};
+use crate::config::Mode;
 use crate::input::{self, is_gate_header, Classified, Purchase};
 use crate::reply::{self, CalloutFailure, GateOutcome, LocalReply};
 use crate::shared::{self, Admission, RateLimited};
@@ -29,15 +30,20 @@ enum State {
     Passthrough,
     /// Waiting for its batch's answer; the root leaves the decision in the ticket.
     Waiting { ticket: Ticket },
-    /// Forwarded to the shop API as a winner with this order id.
+    /// Forwarded to the shop API as a winner with this order id (in shadow mode without
+    /// it, marked `won`).
     ForwardedWinner {
         order_id: String,
         request_id: String,
+        mode: Mode,
     },
     /// The shop failed the winner; its response waits while the reservation is given back.
     ReleasingWinner { token: u32, order_id: String },
     /// Forwarded without a decision (failure mode open).
     ForwardedFailedOpen,
+    /// Forwarded in shadow mode, marked with the answer it would have had (not `won`): the
+    /// shop's answer passes back untouched.
+    Shadowed,
     /// The gate answered locally.
     Answered,
 }
@@ -70,7 +76,9 @@ impl<H: Host> SaleRequest<H> {
         }
     }
 
-    /// `on_http_request_headers`: strip the gate's headers, then classify and gate.
+    /// `on_http_request_headers`: strip the gate's headers, then classify and gate. A
+    /// request the gate cannot read is answered 503 even in shadow mode: it cannot tell
+    /// whether it is a sale request, nor strip what a client forged.
     pub fn on_request_headers(&mut self) -> Flow {
         // Read the host's serialized map in place: no copy of every name and value (and
         // no UTF-8 assumption about values, which a client controls).
@@ -81,7 +89,7 @@ impl<H: Host> SaleRequest<H> {
                     &self.worker.host,
                     format_args!("seckill-filter: cannot read the request headers: {status}"),
                 );
-                return self.answer(reply::unavailable(None));
+                return self.answer(reply::unavailable(None), Mode::Enforce);
             }
         };
         let Some(headers) = input::parse_header_map(&map) else {
@@ -89,24 +97,34 @@ impl<H: Host> SaleRequest<H> {
                 &self.worker.host,
                 format_args!("seckill-filter: the host's request header map is malformed"),
             );
-            return self.answer(reply::unavailable(None));
+            return self.answer(reply::unavailable(None), Mode::Enforce);
         };
+        // Stripped in shadow mode too: a shop getting ready to trust the gate's headers
+        // must not see a client's forgeries during the dry run either.
         self.strip_gate_headers(&headers);
-        match input::classify(&self.worker.config, &headers) {
+        let config = &self.worker.config;
+        // A request whose goods id could not be read takes the filter's own mode.
+        let modes = &config.modes;
+        match input::classify(config, &headers) {
             Classified::NotSale => {
                 self.worker.bump(self.worker.stats.passthrough);
                 self.state = State::Passthrough;
                 Flow::Continue
             }
-            Classified::Sale(Err(bad)) => self.answer(reply::bad_request(&bad.message)),
+            Classified::Sale(Err(bad)) => {
+                let mode = modes.of(bad.goods_id.as_deref());
+                self.answer(reply::bad_request(&bad.message), mode)
+            }
             Classified::Sale(Ok(purchase)) => self.gate(purchase),
-            Classified::WrongMethod => {
-                let methods = &self.worker.config.route.methods;
-                self.answer(reply::method_not_allowed(methods))
+            Classified::WrongMethod { goods_id } => {
+                let mode = modes.of(goods_id.as_deref());
+                let reply = reply::method_not_allowed(&config.route.methods);
+                self.answer(reply, mode)
             }
             Classified::NearMiss => {
-                let template = self.worker.config.route.template.as_str();
-                self.answer(reply::not_the_sale_path(template))
+                let mode = modes.of(None);
+                let reply = reply::not_the_sale_path(config.route.template.as_str());
+                self.answer(reply, mode)
             }
         }
     }
@@ -123,7 +141,8 @@ impl<H: Host> SaleRequest<H> {
     }
 
     /// `on_http_response_headers`: marks the response with how the gate decided; a winner
-    /// the shop definitely did not serve has its reservation released first.
+    /// the shop definitely did not serve has its reservation released first. In shadow mode
+    /// the release happens all the same, but the buyer's response is the shop's, unmarked.
     pub fn on_response_headers(&mut self) -> Flow {
         if let State::Waiting { ticket } = &self.state {
             let decided = ticket.borrow_mut().take();
@@ -131,11 +150,14 @@ impl<H: Host> SaleRequest<H> {
                 Some(Decided::Won {
                     order_id,
                     request_id,
+                    mode,
                 }) => State::ForwardedWinner {
                     order_id,
                     request_id,
+                    mode,
                 },
                 Some(Decided::FailedOpen) => State::ForwardedFailedOpen,
+                Some(Decided::Shadowed) => State::Shadowed,
                 Some(Decided::Answered) | None => State::Answered,
             };
         }
@@ -144,6 +166,7 @@ impl<H: Host> SaleRequest<H> {
         if let State::ForwardedWinner {
             order_id,
             request_id,
+            mode,
         } = &self.state
         {
             let status = host.response_header(":status").ok().flatten();
@@ -156,8 +179,8 @@ impl<H: Host> SaleRequest<H> {
             };
             match shop_answer(&status, details.as_deref()) {
                 ShopAnswer::NotCreated if self.worker.config.release_on_upstream_failure => {
-                    let order_id = order_id.clone();
-                    return self.release_failed_winner(order_id);
+                    let (order_id, mode) = (order_id.clone(), *mode);
+                    return self.release_failed_winner(order_id, mode);
                 }
                 ShopAnswer::Unknown => {
                     // The shop may have the order: keep the reservation, and say so.
@@ -170,7 +193,11 @@ impl<H: Host> SaleRequest<H> {
         }
         // A header the host refuses belongs to a response that is gone.
         match &self.state {
-            State::ForwardedWinner { order_id, .. } => {
+            State::ForwardedWinner {
+                order_id,
+                mode: Mode::Enforce,
+                ..
+            } => {
                 let _ = host.set_response_header(reply::OUTCOME_HEADER, outcome);
                 let _ = host.set_response_header(seckill_api::ORDER_ID_HEADER, order_id);
             }
@@ -205,11 +232,13 @@ impl<H: Host> SaleRequest<H> {
     /// The shop failed a winner: ask the syncer to give the reservation back before the
     /// buyer sees the failure. If the call cannot be made, the sweeper releases the
     /// reservation when its payment window ends.
-    fn release_failed_winner(&mut self, order_id: String) -> Flow {
+    fn release_failed_winner(&mut self, order_id: String, mode: Mode) -> Flow {
         let host = &self.worker.host;
-        // A header the host refuses belongs to a response that is gone.
-        let _ = host.set_response_header(reply::OUTCOME_HEADER, "upstream_failed");
-        let _ = host.set_response_header(seckill_api::ORDER_ID_HEADER, &order_id);
+        if mode == Mode::Enforce {
+            // A header the host refuses belongs to a response that is gone.
+            let _ = host.set_response_header(reply::OUTCOME_HEADER, "upstream_failed");
+            let _ = host.set_response_header(seckill_api::ORDER_ID_HEADER, &order_id);
+        }
         let stats = Rc::clone(&self.worker.stats);
         let Some(path) = release_path(&order_id) else {
             warn(
@@ -284,6 +313,7 @@ impl<H: Host> SaleRequest<H> {
     /// the deduct call.
     fn gate(&mut self, purchase: Purchase) -> Flow {
         let worker = &self.worker;
+        let mode = worker.config.modes.of(Some(purchase.goods_id()));
         let now = worker.now_ns();
         let mut memory = worker.memory.borrow_mut();
         // A retry this worker asked for (its answer may be waiting in the syncer) is
@@ -302,26 +332,29 @@ impl<H: Host> SaleRequest<H> {
         match admission {
             Admission::UnknownGoods => {
                 worker.bump(worker.stats.unknown_goods_cache_hit);
-                self.answer(reply::unknown_goods_cached(purchase.goods_id()))
+                self.answer(reply::unknown_goods_cached(purchase.goods_id()), mode)
             }
             Admission::SoldOut => {
                 worker.bump(worker.stats.sold_out_cache_hit);
-                self.answer(reply::sold_out_cached(purchase.goods_id()))
+                self.answer(reply::sold_out_cached(purchase.goods_id()), mode)
             }
-            Admission::Rate(RateLimited::Allowed) => self.wait_for_deduct(purchase, now, false),
-            Admission::Probe => self.wait_for_deduct(purchase, now, true),
+            Admission::Rate(RateLimited::Allowed) => {
+                self.wait_for_deduct(purchase, mode, now, false)
+            }
+            Admission::Probe => self.wait_for_deduct(purchase, mode, now, true),
             Admission::Rate(
                 RateLimited::Limited { retry_after_ns } | RateLimited::Contended { retry_after_ns },
-            ) => self.answer(reply::rate_limited(retry_after_ns)),
+            ) => self.answer(reply::rate_limited(retry_after_ns), mode),
         }
     }
 
     /// Joins this worker's next deduct batch and pauses until the root settles it.
-    fn wait_for_deduct(&mut self, purchase: Purchase, now: u64, probe: bool) -> Flow {
+    fn wait_for_deduct(&mut self, purchase: Purchase, mode: Mode, now: u64, probe: bool) -> Flow {
         let ticket = Ticket::default();
         let waiter = Waiter {
             context_id: self.context_id,
             purchase,
+            mode,
             probe,
             queued_ns: now,
             ticket: Rc::clone(&ticket),
@@ -330,7 +363,7 @@ impl<H: Host> SaleRequest<H> {
         let enqueued = self.worker.batcher.borrow_mut().enqueue(waiter);
         match enqueued {
             Enqueued::Full(waiter) => {
-                return self.fail_here(&waiter.purchase, &CalloutFailure::Overloaded);
+                return self.fail_here(&waiter, &CalloutFailure::Overloaded);
             }
             Enqueued::WakeRoot => {
                 let worker = &self.worker;
@@ -343,7 +376,7 @@ impl<H: Host> SaleRequest<H> {
                         "could not wake the worker's batcher: {status}"
                     ));
                     if let Some(waiter) = waiter {
-                        return self.fail_here(&waiter.purchase, &failure);
+                        return self.fail_here(&waiter, &failure);
                     }
                 }
             }
@@ -354,23 +387,41 @@ impl<H: Host> SaleRequest<H> {
     }
 
     /// A failure decided in this request's own callback.
-    fn fail_here(&mut self, purchase: &Purchase, failure: &CalloutFailure) -> Flow {
-        match self.worker.fail(purchase, failure, true) {
-            Decided::FailedOpen => {
-                self.state = State::ForwardedFailedOpen;
-                Flow::Continue
-            }
-            _ => {
-                self.state = State::Answered;
-                Flow::Pause
-            }
-        }
+    fn fail_here(&mut self, waiter: &Waiter, failure: &CalloutFailure) -> Flow {
+        let decided = self
+            .worker
+            .fail(&waiter.purchase, failure, true, waiter.mode);
+        self.decided_here(decided)
     }
 
-    /// Sends a local reply; the request goes no further.
-    fn answer(&mut self, reply: LocalReply) -> Flow {
-        self.worker.answer(reply);
-        self.state = State::Answered;
-        Flow::Pause
+    /// Sends a local reply, and the request goes no further; in shadow mode it goes on,
+    /// marked with the reply's outcome.
+    fn answer(&mut self, reply: LocalReply, mode: Mode) -> Flow {
+        let decided = self.worker.answer(reply, mode);
+        self.decided_here(decided)
+    }
+
+    /// Where a decision made in this request's own callback leaves it.
+    fn decided_here(&mut self, decided: Decided) -> Flow {
+        let (state, flow) = match decided {
+            Decided::FailedOpen => (State::ForwardedFailedOpen, Flow::Continue),
+            Decided::Shadowed => (State::Shadowed, Flow::Continue),
+            // Winners are only ever decided by the root, from a deduct answer.
+            Decided::Won {
+                order_id,
+                request_id,
+                mode,
+            } => {
+                let state = State::ForwardedWinner {
+                    order_id,
+                    request_id,
+                    mode,
+                };
+                (state, Flow::Continue)
+            }
+            Decided::Answered => (State::Answered, Flow::Pause),
+        };
+        self.state = state;
+        flow
     }
 }

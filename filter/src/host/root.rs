@@ -247,7 +247,11 @@ impl<H: Host> Root<H> {
                 continue;
             }
             let decided = worker.carry_out(&waiter, verdict, log_each_failure);
-            if matches!(decided, Decided::Won { .. } | Decided::FailedOpen) {
+            let forwarded = matches!(
+                decided,
+                Decided::Won { .. } | Decided::FailedOpen | Decided::Shadowed
+            );
+            if forwarded {
                 // Refused only when the request is gone, which then goes nowhere.
                 let _ = self.host.continue_request();
             }

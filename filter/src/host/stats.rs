@@ -2,12 +2,15 @@
 //! root and its requests.
 
 use super::{Host, HostStatus};
+use crate::config::Mode;
 use crate::reply::GateOutcome;
 use crate::stat_names;
 
 /// Counter ids, defined once per root context.
 pub(crate) struct Stats {
     outcomes: [u32; GateOutcome::ALL.len()],
+    /// What shadow mode would have answered, per outcome (`seckill.shadow.<outcome>`).
+    shadow_outcomes: [u32; GateOutcome::ALL.len()],
     pub(crate) callout_sent: u32,
     pub(crate) callout_attempts: u32,
     pub(crate) callout_failed: u32,
@@ -28,11 +31,18 @@ impl Stats {
     pub(crate) fn define(host: &impl Host) -> Result<Stats, HostStatus> {
         let counter = |name: &str| host.define_counter(name);
         let mut outcomes = [0; GateOutcome::ALL.len()];
-        for (id, outcome) in outcomes.iter_mut().zip(GateOutcome::ALL) {
+        let mut shadow_outcomes = [0; GateOutcome::ALL.len()];
+        for ((id, shadow_id), outcome) in outcomes
+            .iter_mut()
+            .zip(shadow_outcomes.iter_mut())
+            .zip(GateOutcome::ALL)
+        {
             *id = counter(&outcome.stat_name())?;
+            *shadow_id = counter(&outcome.shadow_stat_name())?;
         }
         Ok(Stats {
             outcomes,
+            shadow_outcomes,
             callout_sent: counter(stat_names::CALLOUT_SENT)?,
             callout_attempts: counter(stat_names::CALLOUT_ATTEMPTS)?,
             callout_failed: counter(stat_names::CALLOUT_FAILED)?,
@@ -55,8 +65,12 @@ impl Stats {
         let _ = host.increment_counter(counter, i64::try_from(count).unwrap_or(i64::MAX));
     }
 
-    /// The counter of a finished sale request's outcome.
-    pub(crate) fn outcome_counter(&self, outcome: GateOutcome) -> Option<u32> {
-        self.outcomes.get(outcome.index()).copied()
+    /// The counter of a finished sale request's outcome, as enforced or as a dry run.
+    pub(crate) fn outcome_counter(&self, outcome: GateOutcome, mode: Mode) -> Option<u32> {
+        let counters = match mode {
+            Mode::Enforce => &self.outcomes,
+            Mode::Shadow => &self.shadow_outcomes,
+        };
+        counters.get(outcome.index()).copied()
     }
 }

@@ -10,7 +10,7 @@ use super::stats::Stats;
 use super::{duration_ns, now_ns, warn, Host, HostStatus};
 use crate::batch::{Batcher, Decided, Waiter};
 use crate::claims::Claims;
-use crate::config::{Config, FailureMode};
+use crate::config::{Config, FailureMode, Mode};
 use crate::input::Purchase;
 use crate::local::LocalMemory;
 use crate::reply::{self, CalloutFailure, GateOutcome, LocalReply, Remember, Verdict, Winner};
@@ -56,8 +56,8 @@ impl<H: Host> Worker<H> {
         self.add(counter, 1);
     }
 
-    fn count_outcome(&self, outcome: GateOutcome) {
-        if let Some(counter) = self.stats.outcome_counter(outcome) {
+    fn count_outcome(&self, outcome: GateOutcome, mode: Mode) {
+        if let Some(counter) = self.stats.outcome_counter(outcome, mode) {
             self.bump(counter);
         }
     }
@@ -99,7 +99,8 @@ impl<H: Host> Worker<H> {
     }
 
     /// Carries out the stock service's verdict on the request that is the effective
-    /// context, except resuming it: the caller resumes on `Won` and `FailedOpen`.
+    /// context, in the request's mode, except resuming it: the caller resumes on `Won`,
+    /// `FailedOpen` and `Shadowed`.
     pub(crate) fn carry_out(
         &self,
         waiter: &Waiter,
@@ -120,7 +121,7 @@ impl<H: Host> Worker<H> {
                 if winner.remaining == Some(0) {
                     self.cache_sold_out(purchase);
                 }
-                self.forward_winner(purchase, winner)
+                self.forward_winner(purchase, winner, waiter.mode)
             }
             Ok(Verdict::Answer { reply, remember }) => {
                 match remember {
@@ -128,9 +129,9 @@ impl<H: Host> Worker<H> {
                     Remember::UnknownGoods => self.cache_unknown(purchase),
                     Remember::Nothing => {}
                 }
-                self.answer(reply)
+                self.answer(reply, waiter.mode)
             }
-            Err(failure) => self.fail(purchase, &failure, log_failure),
+            Err(failure) => self.fail(purchase, &failure, log_failure, waiter.mode),
         }
     }
 
@@ -144,18 +145,33 @@ impl<H: Host> Worker<H> {
         }
     }
 
-    fn forward_winner(&self, purchase: &Purchase, winner: Winner) -> Decided {
-        for (name, value) in reply::winner_request_headers(purchase, &winner) {
-            // Refused only when the request is gone, which then needs no headers.
-            let _ = self.host.set_request_header(name, &value);
+    fn forward_winner(&self, purchase: &Purchase, winner: Winner, mode: Mode) -> Decided {
+        let won = GateOutcome::Decided(seckill_api::Outcome::Won);
+        match mode {
+            Mode::Enforce => {
+                for (name, value) in reply::winner_request_headers(purchase, &winner) {
+                    // Refused only when the request is gone, which then needs no headers.
+                    let _ = self.host.set_request_header(name, &value);
+                }
+            }
+            // No order id: the shop must not take a dry run's request for one that passed
+            // the gate. Refused only when the request is gone.
+            Mode::Shadow => {
+                let _ = self
+                    .host
+                    .set_request_header(seckill_api::SHADOW_HEADER, won.as_str());
+            }
         }
         // Delivered: claim the reservation on the next tick, so it lives for its payment
-        // window rather than the claim window.
+        // window rather than the claim window. In shadow mode too: the reservation is real,
+        // and keeping its normal life (claim, release on a failed shop answer, lapse at its
+        // deadline, as nobody confirms it) makes the dry run's stock behave as the sale's.
         self.claims.borrow_mut().add(winner.order_id.clone());
-        self.count_outcome(GateOutcome::Decided(seckill_api::Outcome::Won));
+        self.count_outcome(won, mode);
         Decided::Won {
             order_id: winner.order_id,
             request_id: purchase.request_id().to_string(),
+            mode,
         }
     }
 
@@ -170,8 +186,14 @@ impl<H: Host> Worker<H> {
     }
 
     /// No usable answer from the stock service: refuse (closed) or forward unmarked
-    /// (open).
-    pub(crate) fn fail(&self, purchase: &Purchase, failure: &CalloutFailure, log: bool) -> Decided {
+    /// (open); in shadow mode, forward marked with either.
+    pub(crate) fn fail(
+        &self,
+        purchase: &Purchase,
+        failure: &CalloutFailure,
+        log: bool,
+        mode: Mode,
+    ) -> Decided {
         self.bump(self.stats.callout_failed);
         self.expect_retry(purchase.request_id());
         let deduct = &self.config.deduct;
@@ -179,35 +201,61 @@ impl<H: Host> Worker<H> {
             warn(
                 &self.host,
                 format_args!(
-                    "seckill-filter: deduct call to cluster {:?} for goods {} (request id {}) {failure}; failure mode {}",
+                    "seckill-filter: deduct call to cluster {:?} for goods {} (request id {}) {failure}; failure mode {}{}",
                     deduct.cluster,
                     purchase.goods_id(),
                     purchase.request_id(),
-                    failure_mode_words(deduct.failure_mode)
+                    failure_mode_words(deduct.failure_mode),
+                    shadow_words(mode)
                 ),
             );
         }
         match deduct.failure_mode {
             FailureMode::Closed => {
-                self.answer(reply::unavailable_after(failure, purchase.request_id()))
+                let reply = reply::unavailable_after(failure, purchase.request_id());
+                self.answer(reply, mode)
             }
+            FailureMode::Open if mode == Mode::Shadow => self.shadow(GateOutcome::FailedOpen),
             FailureMode::Open => {
                 // Refused only when the request is gone, which then goes nowhere.
                 let _ = self
                     .host
                     .set_request_header(seckill_api::GATE_STATUS_HEADER, reply::FAILED_OPEN_VALUE);
-                self.count_outcome(GateOutcome::FailedOpen);
+                self.count_outcome(GateOutcome::FailedOpen, Mode::Enforce);
                 Decided::FailedOpen
             }
         }
     }
 
-    /// Sends a local reply; the request goes no further.
-    pub(crate) fn answer(&self, reply: LocalReply) -> Decided {
-        self.count_outcome(reply.outcome);
+    /// Sends a local reply, and the request goes no further; in shadow mode forwards the
+    /// request instead, marked with the reply's outcome.
+    pub(crate) fn answer(&self, reply: LocalReply, mode: Mode) -> Decided {
+        if mode == Mode::Shadow {
+            return self.shadow(reply.outcome);
+        }
+        self.count_outcome(reply.outcome, Mode::Enforce);
         // Refused only when the request is gone: nobody is left to answer.
         let _ = self.host.send_local_reply(&reply);
         Decided::Answered
+    }
+
+    /// Shadow mode: the request goes on as the buyer sent it (its gate headers already
+    /// stripped), marked with what the gate would have answered; the caller resumes it.
+    fn shadow(&self, outcome: GateOutcome) -> Decided {
+        self.count_outcome(outcome, Mode::Shadow);
+        // The gate's own value replaces anything else: a client's copy was stripped on
+        // arrival, and `set` replaces. Refused only when the request is gone.
+        let _ = self
+            .host
+            .set_request_header(seckill_api::SHADOW_HEADER, outcome.as_str());
+        Decided::Shadowed
+    }
+}
+
+fn shadow_words(mode: Mode) -> &'static str {
+    match mode {
+        Mode::Enforce => "",
+        Mode::Shadow => " (shadow mode: forwarding it, marked, instead)",
     }
 }
 

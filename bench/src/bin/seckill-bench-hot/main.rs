@@ -29,7 +29,7 @@ use seckill_e2e::mysql_db::TestDatabase;
 use seckill_e2e::process::Scratch;
 use seckill_e2e::redis_cluster::RedisCluster;
 use seckill_e2e::redis_server::RedisServer;
-use seckill_e2e::stack::{now_ms, rfc3339, SECRET};
+use seckill_e2e::stack::{now_ms, rfc3339, EDGE_SECRET};
 use seckill_e2e::syncer::SyncerProcess;
 use seckill_syncer::keys::KeySpace;
 
@@ -776,7 +776,7 @@ function done(summary, latency, requests)
   io.write(string.format("seckill-won %d\nseckill-answered %d\n", w, n))
 end
 "#
-    .replace("SECRET", SECRET)
+    .replace("SECRET", EDGE_SECRET)
     .replace("GOODS", goods)
     .replace("SIZE", &size.to_string())
     .replace("RUN", &format!("b{run}"))
