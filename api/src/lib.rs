@@ -29,6 +29,11 @@ pub const REMAINING_HEADER: &str = "x-seckill-remaining";
 pub const GOODS_ID_HEADER: &str = "x-seckill-goods-id";
 pub const USER_ID_HEADER: &str = "x-seckill-user-id";
 pub const QUANTITY_HEADER: &str = "x-seckill-quantity";
+/// Header the gate sets on a forwarded winner: the signed pass (a compact HS256 JWT, see the
+/// `seckill-pass` crate) the shop verifies to know the request really won at the gate.
+pub const PASS_HEADER: &str = "x-seckill-pass";
+/// Longest pass anyone forwards or reads: one with the longest ids is well under 1 KiB.
+pub const PASS_LEN_MAX: usize = 4_096;
 /// Header the gate sets when it forwarded a request without a decision (failure mode `open`).
 pub const GATE_STATUS_HEADER: &str = "x-seckill-gate";
 /// Header the gate sets on every sale request it forwards in shadow mode (a dry run): what it
@@ -70,6 +75,13 @@ pub struct DeductReply {
     /// For `released`: why the order this request id made was released.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub reason: Option<String>,
+    /// For `won`: when the reservation ends unless the shop confirms it first (the end of its
+    /// payment window), ms since the Unix epoch.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expires_at_ms: Option<u64>,
+    /// For `won`: the signed pass the gate forwards to the shop in [`PASS_HEADER`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub pass: Option<String>,
 }
 
 impl DeductReply {
@@ -81,6 +93,8 @@ impl DeductReply {
             remaining,
             retry_after_ms: None,
             reason: None,
+            expires_at_ms: None,
+            pass: None,
         }
     }
 }

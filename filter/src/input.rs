@@ -786,6 +786,9 @@ mod tests {
         assert!(is_gate_header("x-seckill-"));
         assert!(is_gate_header("x_seckill_order_id"));
         assert!(is_gate_header("X_Seckill-order-id"));
+        // The pass too: a client's own pass never reaches the shop.
+        assert!(is_gate_header(seckill_api::PASS_HEADER));
+        assert!(is_gate_header("X-SECKILL_PASS"));
         assert!(!is_gate_header("x-seckill"));
         assert!(!is_gate_header("x.seckill.order"));
         assert!(!is_gate_header("x-seckil-order-id"));

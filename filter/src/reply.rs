@@ -399,6 +399,8 @@ pub enum CalloutFailure {
     /// `won` without a usable order id: forwarding it would break "every forwarded request
     /// carries a real order id".
     BadOrderId,
+    /// `won` with a pass that cannot travel in a header (too long, or not printable ASCII).
+    BadPass,
     /// A batch reply with a different number of answers than attempts sent: none of them
     /// can be matched to its buyer with confidence.
     Miscounted { sent: usize, answered: usize },
@@ -439,6 +441,9 @@ impl fmt::Display for CalloutFailure {
             CalloutFailure::BadOrderId => {
                 write!(f, "answered won without a usable order id")
             }
+            CalloutFailure::BadPass => {
+                write!(f, "answered won with a pass that cannot be forwarded")
+            }
             CalloutFailure::Miscounted { sent, answered } => write!(
                 f,
                 "answered {answered} attempts of a batch of {sent}; none can be trusted"
@@ -464,6 +469,9 @@ impl fmt::Display for CalloutFailure {
 pub struct Winner {
     pub order_id: String,
     pub remaining: Option<u64>,
+    /// The syncer's signed pass for the shop (absent only from a syncer older than the pass:
+    /// the winner is forwarded without one, and a shop that checks passes refuses it).
+    pub pass: Option<String>,
 }
 
 /// What an answer teaches the worker about the goods.
@@ -566,9 +574,19 @@ pub fn verdict(purchase: &Purchase, reply: DeductReply) -> Result<Verdict, Callo
         if !usable {
             return Err(CalloutFailure::BadOrderId);
         }
+        // The pass goes into a header too; the shop checks what it says.
+        let pass_usable = |pass: &String| {
+            !pass.is_empty()
+                && pass.len() <= seckill_api::PASS_LEN_MAX
+                && pass.bytes().all(|b| b.is_ascii_graphic())
+        };
+        if reply.pass.as_ref().is_some_and(|pass| !pass_usable(pass)) {
+            return Err(CalloutFailure::BadPass);
+        }
         return Ok(Verdict::Forward(Winner {
             order_id,
             remaining: reply.remaining,
+            pass: reply.pass,
         }));
     }
     let remember = match reply.outcome {
@@ -584,9 +602,13 @@ pub fn verdict(purchase: &Purchase, reply: DeductReply) -> Result<Verdict, Callo
     })
 }
 
-/// Request headers the shop API gets with a winner: the order id and the validated inputs.
+/// Request headers the shop API gets with a winner: the order id, the validated inputs and
+/// the signed pass that vouches for them.
 pub fn winner_request_headers(purchase: &Purchase, winner: &Winner) -> Vec<(&'static str, String)> {
     let mut headers = vec![(seckill_api::ORDER_ID_HEADER, winner.order_id.clone())];
+    if let Some(pass) = &winner.pass {
+        headers.push((seckill_api::PASS_HEADER, pass.clone()));
+    }
     if let Some(remaining) = winner.remaining {
         headers.push((seckill_api::REMAINING_HEADER, remaining.to_string()));
     }
@@ -1000,19 +1022,42 @@ mod tests {
         let mut won = reply(Outcome::Won);
         won.order_id = Some("o-42".into());
         won.remaining = Some(7);
-        let Ok(Verdict::Forward(winner)) = verdict(&p, won) else {
+        won.pass = Some("eyJh.eyJv.c2ln".into());
+        let Ok(Verdict::Forward(winner)) = verdict(&p, won.clone()) else {
             panic!("expected a winner");
         };
         assert_eq!(
             winner_request_headers(&p, &winner),
             vec![
                 ("x-seckill-order-id", "o-42".to_string()),
+                ("x-seckill-pass", "eyJh.eyJv.c2ln".to_string()),
                 ("x-seckill-remaining", "7".to_string()),
                 ("x-seckill-goods-id", "sku-1".to_string()),
                 ("x-seckill-user-id", "u-1".to_string()),
                 ("x-seckill-quantity", "2".to_string()),
             ]
         );
+        // A syncer older than the pass: forwarded without one.
+        won.pass = None;
+        let Ok(Verdict::Forward(winner)) = verdict(&p, won.clone()) else {
+            panic!("expected a winner");
+        };
+        let names: Vec<_> = winner_request_headers(&p, &winner)
+            .into_iter()
+            .map(|(name, _)| name)
+            .collect();
+        assert!(!names.contains(&seckill_api::PASS_HEADER), "{names:?}");
+        // A pass that cannot be a header value: nothing is forwarded on it.
+        for bad_pass in [
+            String::new(),
+            "a.b c".into(),
+            "a.b\nc".into(),
+            "é".into(),
+            "x".repeat(seckill_api::PASS_LEN_MAX + 1),
+        ] {
+            won.pass = Some(bad_pass);
+            assert_eq!(verdict(&p, won.clone()), Err(CalloutFailure::BadPass));
+        }
         for bad_id in [
             None,
             Some(String::new()),
@@ -1034,7 +1079,8 @@ mod tests {
             item_verdict(&purchase(), items[0].clone()),
             Ok(Verdict::Forward(Winner {
                 order_id: "o-1".into(),
-                remaining: Some(3)
+                remaining: Some(3),
+                pass: None,
             }))
         );
         assert_eq!(

@@ -14,7 +14,7 @@
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
 
-use chrono::{DateTime, NaiveDateTime, Utc};
+use chrono::{DateTime, NaiveDateTime, SubsecRound, Utc};
 use seckill_api::{DeductReply, DeductRequest, Outcome};
 use sqlx::{MySqlPool, QueryBuilder, Row};
 
@@ -45,6 +45,8 @@ pub struct SaleView {
     pub limit: u64,
     pub start_ms: i64,
     pub end_ms: i64,
+    /// How long a reservation lives unless paid: a winner's deadline (its pass's expiry).
+    pub payment_window_ms: i64,
     pub epoch: u64,
     /// The last sequence number handed out under `epoch`.
     pub seq: u64,
@@ -77,6 +79,8 @@ pub struct Prior {
     pub order_id: String,
     pub state: OrderState,
     pub reason: Option<String>,
+    /// When the order was made, ms since the epoch: its payment window runs from here.
+    pub reserved_at_ms: i64,
 }
 
 /// A winner's order, to be inserted.
@@ -98,11 +102,8 @@ pub struct Decided {
 
 fn reply(outcome: Outcome, order_id: Option<&str>, available: i64) -> DeductReply {
     DeductReply {
-        outcome,
         order_id: order_id.map(str::to_owned),
-        remaining: u64::try_from(available).ok(),
-        retry_after_ms: None,
-        reason: None,
+        ..DeductReply::new(outcome, u64::try_from(available).ok())
     }
 }
 
@@ -138,7 +139,10 @@ fn decide_one(
         }
         match prior.state {
             OrderState::Reserved => {
-                return reply(Outcome::Won, Some(&prior.order_id), sale.available);
+                let mut answer = reply(Outcome::Won, Some(&prior.order_id), sale.available);
+                // Its own deadline: a repeat does not extend it.
+                answer.expires_at_ms = deadline_ms(prior.reserved_at_ms + sale.payment_window_ms);
+                return answer;
             }
             OrderState::Confirmed => {
                 return reply(Outcome::Confirmed, Some(&prior.order_id), sale.available);
@@ -193,6 +197,7 @@ fn decide_one(
             order_id: order_id.clone(),
             state: OrderState::Reserved,
             reason: None,
+            reserved_at_ms: now_ms,
         },
     );
     decided.orders.push(NewOrder {
@@ -201,7 +206,14 @@ fn decide_one(
         quantity: attempt.quantity,
         request_id: attempt.request_id.clone(),
     });
-    reply(Outcome::Won, Some(&order_id), sale.available)
+    let mut answer = reply(Outcome::Won, Some(&order_id), sale.available);
+    answer.expires_at_ms = deadline_ms(now_ms + sale.payment_window_ms);
+    answer
+}
+
+/// A winner's deadline as the reply carries it (a moment before the epoch is none).
+fn deadline_ms(ms: i64) -> Option<u64> {
+    u64::try_from(ms).ok().filter(|ms| *ms > 0)
 }
 
 /// Whether an order id belongs to the round that starts after `round_epoch` (the orders the
@@ -227,7 +239,7 @@ pub async fn decide_batch(
     let mut tx = pool.begin().await?;
     let row = sqlx::query(
         "SELECT stock, holdback, per_user_limit, starts_at, ends_at, epoch, db_seq, round_epoch,
-           tier, mode, shards, pause_retry_s, stopped_at
+           tier, mode, shards, pause_retry_s, stopped_at, payment_window_s
          FROM sales WHERE goods_id = ? FOR UPDATE",
     )
     .bind(goods_id)
@@ -265,6 +277,7 @@ pub async fn decide_batch(
         limit: u64::from(row.try_get::<u32, _>("per_user_limit")?),
         start_ms: ms(row.try_get("starts_at")?),
         end_ms: ms(row.try_get("ends_at")?),
+        payment_window_ms: i64::from(row.try_get::<u32, _>("payment_window_s")?) * 1000,
         epoch,
         seq: row.try_get("db_seq")?,
         shards: u32::from(row.try_get::<Option<u8>, _>("shards")?.unwrap_or(1)).max(1),
@@ -276,7 +289,9 @@ pub async fn decide_batch(
             .is_some(),
     };
     let (mut priors, mut held) = read_history(&mut tx, goods_id, attempts, round_epoch).await?;
-    let now = Utc::now();
+    // To the ms, as `reserved_at` keeps it: a retry's deadline, read back from the row, is
+    // then the very one its first answer carried.
+    let now = Utc::now().trunc_subsecs(3);
     let decided = decide(
         &mut sale,
         &mut priors,
@@ -331,7 +346,7 @@ async fn read_history(
         // buyer are both in the batch), once for each map.
         let mut query = QueryBuilder::new(
             "SELECT 'request' AS by_, order_id, user_id, quantity, request_id, state,
-               release_reason
+               release_reason, reserved_at
              FROM orders WHERE goods_id = ",
         );
         query.push_bind(goods_id).push(" AND request_id IN (");
@@ -341,7 +356,8 @@ async fn read_history(
         }
         query.push(
             ") UNION ALL
-             SELECT 'user', order_id, user_id, quantity, request_id, state, release_reason
+             SELECT 'user', order_id, user_id, quantity, request_id, state, release_reason,
+               reserved_at
              FROM orders WHERE state IN ('reserved', 'confirmed') AND goods_id = ",
         );
         query.push_bind(goods_id).push(" AND user_id IN (");
@@ -373,6 +389,7 @@ async fn read_history(
                 order_id,
                 state,
                 reason: row.try_get("release_reason")?,
+                reserved_at_ms: ms(row.try_get("reserved_at")?),
             };
             match latest.get(&request_id) {
                 Some((seen, _)) if *seen >= rank => {}
@@ -427,6 +444,7 @@ mod tests {
             limit,
             start_ms: 1_000,
             end_ms: 10_000,
+            payment_window_ms: 900_000,
             epoch: 7,
             seq: 0,
             shards: 1,
@@ -484,6 +502,11 @@ mod tests {
         assert_eq!(decided.orders.len(), 3);
         assert_eq!((s.available, s.seq), (0, 3));
         assert_eq!(decided.replies[7].remaining, Some(0));
+        // A winner's deadline is its payment window from when it was made, repeats included;
+        // nobody else has one.
+        let deadlines: Vec<_> = decided.replies.iter().map(|r| r.expires_at_ms).collect();
+        let due = Some(5_000 + 900_000);
+        assert_eq!(deadlines, vec![due, due, None, None, None, due, due, None]);
     }
 
     #[test]
@@ -497,6 +520,7 @@ mod tests {
                 order_id: "g.6.4".into(),
                 state: OrderState::Confirmed,
                 reason: None,
+                reserved_at_ms: 1_500,
             },
         )]);
         let mut held = HashMap::new();
@@ -527,6 +551,7 @@ mod tests {
             order_id: "g.7.9".into(),
             state: OrderState::Released,
             reason: Some(reason.into()),
+            reserved_at_ms: 1_500,
         };
         for (reason, fresh) in [
             ("cancelled", false),
@@ -569,6 +594,7 @@ mod tests {
                 order_id: "g.7.1".into(),
                 state: OrderState::Reserved,
                 reason: None,
+                reserved_at_ms: 1_500,
             },
         )]);
         let attempts = [attempt("a", 1, "won-before"), attempt("b", 1, "rb")];
@@ -582,6 +608,8 @@ mod tests {
             ]
         );
         assert_eq!(decided.replies[1].retry_after_ms, Some(7_000));
+        // The retry's deadline is the one its order was made with.
+        assert_eq!(decided.replies[0].expires_at_ms, Some(1_500 + 900_000));
         assert_eq!((decided.granted, s.available, s.seq), (0, 5, 0));
         // Ended comes first: a stopped sale says so, paused or not, before its end_ms.
         s.stopped = true;

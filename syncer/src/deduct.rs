@@ -820,12 +820,13 @@ fn validate(request: &DeductRequest) -> Result<(), DeductError> {
     Ok(())
 }
 
-/// The script's one reply shape: `{outcome, order_id, remaining, retry_after_ms, reason}`.
+/// The script's one reply shape: `{outcome, order_id, remaining, at_ms, reason}`, where
+/// `at_ms` is a retry-after or, for `won`, the reservation's payment deadline.
 type ScriptReply = (String, String, i64, i64, String);
 
 /// Maps one script reply to the wire reply (or to `TooLate`: nothing was decided).
 fn parse_reply(
-    (outcome, order_id, remaining, retry_after_ms, reason): ScriptReply,
+    (outcome, order_id, remaining, at_ms, reason): ScriptReply,
 ) -> Result<DeductReply, DeductError> {
     if outcome == "too_late" {
         return Err(DeductError::TooLate);
@@ -847,6 +848,16 @@ fn parse_reply(
         }
         (false, _) => None,
     };
+    // A winner's pass carries its deadline: a `won` without one cannot be signed.
+    let expires_at_ms = match (outcome, u64::try_from(at_ms)) {
+        (Outcome::Won, Ok(ms)) if ms > 0 => Some(ms),
+        (Outcome::Won, _) => {
+            return Err(DeductError::BadScriptReply(format!(
+                "won with deadline {at_ms}"
+            )))
+        }
+        _ => None,
+    };
     Ok(DeductReply {
         outcome,
         order_id,
@@ -855,8 +866,10 @@ fn parse_reply(
             outcome,
             Outcome::NotStarted | Outcome::Paused | Outcome::FleetRateLimited
         )
-        .then_some(retry_after_ms.max(0) as u64),
+        .then_some(at_ms.max(0) as u64),
         reason: (outcome == Outcome::Released && !reason.is_empty()).then_some(reason),
+        expires_at_ms,
+        pass: None,
     })
 }
 
@@ -901,10 +914,14 @@ mod tests {
 
     #[test]
     fn script_replies_map_to_one_shape() {
-        let won = parse_reply(script("won", "sku-1.1.7", 93, 0, "")).unwrap();
+        let won = parse_reply(script("won", "sku-1.1.7", 93, 1_700_000_900_000, "")).unwrap();
         assert_eq!(won.order_id.as_deref(), Some("sku-1.1.7"));
         assert_eq!(won.remaining, Some(93));
         assert_eq!(won.reason, None);
+        assert_eq!(
+            (won.expires_at_ms, won.retry_after_ms),
+            (Some(1_700_000_900_000), None)
+        );
         let unknown = parse_reply(script("unknown_goods", "", -1, 0, "")).unwrap();
         assert_eq!(unknown.remaining, None);
         let early = parse_reply(script("not_started", "", 5, 1500, "")).unwrap();
@@ -925,7 +942,10 @@ mod tests {
             parse_reply(script("too_late", "", -1, 0, "")),
             Err(DeductError::TooLate)
         ));
-        assert!(parse_reply(script("won", "", 1, 0, "")).is_err());
+        assert!(parse_reply(script("won", "", 1, 1_700_000_900_000, "")).is_err());
+        // A winner without its deadline could not be given a pass.
+        assert!(parse_reply(script("won", "sku-1.1.8", 1, 0, "")).is_err());
+        assert_eq!(paused.expires_at_ms, None);
         assert!(parse_reply(script("released", "", 1, 0, "cancelled")).is_err());
         assert!(parse_reply(script("maybe", "", 1, 0, "")).is_err());
     }

@@ -37,6 +37,8 @@ pub struct AppState {
     pub mysql: MySqlPool,
     /// Every role's credentials in force (`credentials.rs`).
     pub keyring: Keyring,
+    /// Signs each winner's pass (`seckill-pass`).
+    pub pass_key: seckill_pass::Key,
     pub kafka: crate::kafka::KafkaConfig,
     pub metrics: Option<metrics_exporter_prometheus::PrometheusHandle>,
     /// Who decides each goods: forgotten for a goods this process redefines or loads, so its
@@ -425,7 +427,13 @@ async fn decide(
         .tally
         .get(&request.goods_id)
         .ok_or_else(|| request.goods_id.clone());
+    let buyer = Buyer {
+        goods_id: request.goods_id.clone(),
+        user_id: request.user_id.clone(),
+        quantity: request.quantity,
+    };
     let result = state.deducter.deduct(request, delivery, timeout).await;
+    let result = result.and_then(|reply| with_pass(&state.pass_key, buyer, reply, now_s()));
     match tally {
         Ok(counts) => counts.add(crate::dashboard::Answer::of(&result)),
         Err(goods_id) => state.board.tally.add_first(goods_id, &result),
@@ -439,6 +447,52 @@ async fn decide(
         }
     }
     result
+}
+
+/// Who a deduct was for: what a winner's pass names besides its order.
+struct Buyer {
+    goods_id: String,
+    user_id: String,
+    quantity: u32,
+}
+
+/// A winner's answer with its signed pass, which the gate forwards to the shop; any other
+/// answer as it is. Signed here, where the winners of every path meet (Redis, MySQL, a
+/// retry's repeated answer), so the signing key never leaves the syncer.
+fn with_pass(
+    key: &seckill_pass::Key,
+    buyer: Buyer,
+    mut reply: DeductReply,
+    now_s: u64,
+) -> Result<DeductReply, DeductError> {
+    if reply.outcome != seckill_api::Outcome::Won {
+        return Ok(reply);
+    }
+    let (Some(order_id), Some(expires_at_ms)) = (reply.order_id.clone(), reply.expires_at_ms)
+    else {
+        // The deciders never answer so (deduct.rs and db_decide.rs refuse it): a winner the
+        // shop could not verify is not answered at all.
+        return Err(DeductError::BadScriptReply(
+            "won without an order id or a deadline".into(),
+        ));
+    };
+    let pass = seckill_pass::Pass {
+        order_id,
+        goods_id: buyer.goods_id,
+        user_id: buyer.user_id,
+        quantity: buyer.quantity,
+        issued_at_s: now_s,
+        // Rounded up: the pass never ends before its reservation.
+        expires_at_s: expires_at_ms.div_ceil(1000),
+    };
+    reply.pass = Some(seckill_pass::sign(&pass, key));
+    Ok(reply)
+}
+
+fn now_s() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }
 
 /// Confirms payment. Repeated calls answer the same; an order already released cannot be
@@ -707,8 +761,60 @@ async fn render_metrics(State(state): State<Arc<AppState>>) -> Response {
 
 #[cfg(test)]
 mod tests {
-    use super::metrics_credential;
+    use super::{metrics_credential, with_pass, Buyer};
     use axum::http::{HeaderMap, HeaderValue};
+    use seckill_api::{DeductReply, Outcome};
+
+    fn buyer() -> Buyer {
+        Buyer {
+            goods_id: "sku-1".into(),
+            user_id: "u-7".into(),
+            quantity: 3,
+        }
+    }
+
+    #[test]
+    fn a_winner_gets_a_pass_naming_its_order_and_buyer() {
+        let key: seckill_pass::Key = "k1=0123456789abcdef0123456789abcdef".parse().unwrap();
+        let won = DeductReply {
+            order_id: Some("sku-1.2.9".into()),
+            expires_at_ms: Some(1_700_000_900_001),
+            ..DeductReply::new(Outcome::Won, Some(4))
+        };
+        let signed = with_pass(&key, buyer(), won.clone(), 1_700_000_000).unwrap();
+        let token = signed.pass.clone().unwrap();
+        assert_eq!(
+            DeductReply {
+                pass: None,
+                ..signed
+            },
+            won
+        );
+        let keys = seckill_pass::Keys::new([key]).unwrap();
+        let pass = seckill_pass::verify(&token, &keys, 1_700_000_000).unwrap();
+        assert_eq!(
+            pass,
+            seckill_pass::Pass {
+                order_id: "sku-1.2.9".into(),
+                goods_id: "sku-1".into(),
+                user_id: "u-7".into(),
+                quantity: 3,
+                issued_at_s: 1_700_000_000,
+                // Rounded up: never before the reservation ends.
+                expires_at_s: 1_700_000_901,
+            }
+        );
+        // Every other answer is left as it is.
+        let lost = DeductReply::new(Outcome::SoldOut, Some(0));
+        let key: seckill_pass::Key = "k1=0123456789abcdef0123456789abcdef".parse().unwrap();
+        assert_eq!(with_pass(&key, buyer(), lost.clone(), 0).unwrap(), lost);
+        // A winner without its deadline is not answered: the shop could not verify it.
+        let undated = DeductReply {
+            order_id: Some("sku-1.2.9".into()),
+            ..DeductReply::new(Outcome::Won, Some(4))
+        };
+        assert!(with_pass(&key, buyer(), undated, 0).is_err());
+    }
 
     fn headers(pairs: &[(&'static str, &'static str)]) -> HeaderMap {
         let mut map = HeaderMap::new();

@@ -61,6 +61,9 @@ pub struct ServeConfig {
     /// The operator chose to leave `/metrics` and the dashboard open on `listen` (no metrics
     /// listener, no metrics credential): a trusted network.
     pub metrics_open: bool,
+    /// The key every winner's pass is signed with (`seckill-pass`); its secret stays here,
+    /// never in Envoy's configuration.
+    pub pass_key: seckill_pass::Key,
     /// How often the sweeper releases reservations whose payment window has passed.
     pub sweep_every: Duration,
     /// How long a reservation made through the batch endpoint waits for the gate's claim.
@@ -333,6 +336,7 @@ pub async fn serve(
         keys,
         mysql,
         keyring: keyring.clone(),
+        pass_key: config.pass_key.clone(),
         kafka: config.kafka.clone(),
         metrics,
         directory: Some(directory),

@@ -186,6 +186,11 @@ enum Command {
         /// trusted network). Without this, --metrics-listen or a metrics credential is needed.
         #[arg(long, env = "SECKILL_METRICS_OPEN")]
         metrics_open: bool,
+        /// The key every winner's pass is signed with, KEY_ID=SECRET: an id of 1 to 64 of
+        /// A-Z a-z 0-9 . _ - and a secret of at least 32 bytes the shop verifies with (see
+        /// pass/README.md). Prefer the environment: a command line is visible to `ps`.
+        #[arg(long, env = "SECKILL_PASS_KEY", hide_env_values = true)]
+        pass_key: String,
         /// Also run the relay, the batched writer and the periodic reconcile in this process.
         #[arg(long)]
         pipeline: bool,
@@ -365,6 +370,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             credentials,
             metrics_listen,
             metrics_open,
+            pass_key,
             pipeline,
             writer,
             relay_name,
@@ -376,6 +382,10 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             redis_durability_unchecked,
             fallback_rate,
         } => {
+            // Read here, not by clap: clap's error would print the value, secret and all.
+            let pass_key: seckill_pass::Key = pass_key
+                .parse()
+                .map_err(|e| anyhow::anyhow!("--pass-key (SECKILL_PASS_KEY): {e}"))?;
             let metrics = install_metrics()?;
             let config = ServeConfig {
                 stores: stores.config(),
@@ -383,6 +393,7 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
                 credentials: credentials.source()?,
                 metrics_listen,
                 metrics_open,
+                pass_key,
                 sweep_every: Duration::from_millis(sweep_every_ms),
                 claim_window: Duration::from_millis(claim_window_ms),
                 durability: redis_durability,

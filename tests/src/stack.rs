@@ -56,6 +56,16 @@ pub fn credential_env() -> [(&'static str, &'static str); 4] {
     ]
 }
 
+/// The key the harness's syncers sign winners' passes with (`--pass-key`, given to every
+/// `serve` as `SECKILL_PASS_KEY`; a test's own environment may override it).
+pub const PASS_KEY: &str = "test-2024=local-test-pass-secret-0123456789abcdef";
+
+/// [`PASS_KEY`] as the shop's verifier holds it.
+pub fn pass_keys() -> seckill_pass::Keys {
+    let key: seckill_pass::Key = PASS_KEY.parse().expect("the harness's pass key is valid");
+    seckill_pass::Keys::new([key]).expect("one key")
+}
+
 /// The plugin configuration the local stack uses unless a test changes it: generous limits so
 /// that only the behaviour under test decides.
 pub fn default_plugin_config() -> Value {

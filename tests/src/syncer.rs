@@ -131,6 +131,9 @@ impl SyncerProcess {
                 if !cli.contains(&"--secrets-dir") {
                     command.envs(crate::stack::credential_env());
                 }
+                // The key winners' passes are signed with, from the environment too: a test's
+                // `env` can replace it.
+                command.env("SECKILL_PASS_KEY", crate::stack::PASS_KEY);
                 if *pipeline {
                     command.args(["--pipeline", "--reconcile-every-s", "1"]);
                 }

@@ -16,7 +16,7 @@ use seckill_e2e::docker::{output_of, DockerEngine};
 use seckill_e2e::envoy::filter_wasm;
 use seckill_e2e::kafka_broker::tansu_binary;
 use seckill_e2e::process::{free_port, load_binary, wait_for, workspace_root, Scratch};
-use seckill_e2e::stack::{credential_env, now_ms, ADMIN_SECRET, EDGE_SECRET};
+use seckill_e2e::stack::{credential_env, now_ms, ADMIN_SECRET, EDGE_SECRET, PASS_KEY};
 use seckill_e2e::syncer::syncer_binary;
 use serde_json::Value;
 
@@ -61,10 +61,11 @@ fn compose(scratch: &Path, project: &str, vars: &[(&str, String)]) -> anyhow::Re
 #[test]
 fn the_compose_file_is_valid_needs_every_credential_and_its_images_can_be_replaced() {
     let scratch = Scratch::new("compose-config").unwrap();
-    let secrets: Vec<(&str, String)> = credential_env()
+    let mut secrets: Vec<(&str, String)> = credential_env()
         .iter()
         .map(|(k, v)| (*k, v.to_string()))
         .collect();
+    secrets.push(("SECKILL_PASS_KEY", PASS_KEY.to_owned()));
     let run = |vars: &[(&str, String)], args: &[&str]| {
         let mut command = compose(&scratch.path, "seckill", vars).unwrap();
         command.args(args);
@@ -78,7 +79,7 @@ fn the_compose_file_is_valid_needs_every_credential_and_its_images_can_be_replac
         let refused = run(&some, &["config", "-q"]).unwrap_err().to_string();
         assert!(refused.contains(&format!("set {name}")), "{refused}");
     }
-    // The gate's container gets only the gate's credential.
+    // The gate's container gets only the gate's credential (and no pass key).
     let config = run(&secrets, &["config"]).unwrap();
     let gate = config
         .split("\n  envoy:\n")
@@ -89,6 +90,10 @@ fn the_compose_file_is_valid_needs_every_credential_and_its_images_can_be_replac
     assert!(
         !gate.contains(ADMIN_SECRET),
         "the gate holds the admin credential: {gate}"
+    );
+    assert!(
+        !gate.contains(PASS_KEY),
+        "the gate holds the pass key: {gate}"
     );
 
     let images = run(&secrets, &["config", "--images"]).unwrap();
@@ -227,6 +232,7 @@ impl<'a> Stack<'a> {
         let mut vars: Vec<(&'static str, String)> =
             IMAGES.iter().map(|(k, v)| (*k, v.to_string())).collect();
         vars.extend([
+            ("SECKILL_PASS_KEY", PASS_KEY.to_owned()),
             ("SECKILL_GATE_LISTEN", format!("127.0.0.1:{gate_port}")),
             ("SECKILL_SYNCER_PORT", syncer_port.to_string()),
             ("SECKILL_ENVOY_ADMIN_PORT", admin_port.to_string()),

@@ -483,6 +483,160 @@ async fn clients_cannot_forge_gate_headers() {
     assert!(!values.contains(&"forged"), "{:?}", seen[1]);
 }
 
+/// Every winner the shop receives carries the syncer's signed pass (`x-seckill-pass`): it
+/// verifies with the shop's key and says what the gate's other headers say (order id, goods,
+/// buyer, quantity), a retry's included. A client's own pass never gets through; a pass signed
+/// with another key, altered or expired is refused by the verifier.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn every_winner_reaches_the_shop_with_a_pass_it_can_verify() {
+    use seckill_pass::{sign, verify, Key, Pass, PassError};
+    let stack = Arc::new(stack("pass").await);
+    stack.open_sale("g", 20, 2).await.unwrap();
+    let now_s = || (now_ms() / 1000) as u64;
+    // A client's pass, well formed and signed with a key of its own under the real key's id.
+    let real_id = seckill_e2e::stack::PASS_KEY.split_once('=').unwrap().0;
+    let rogue: Key = format!("{real_id}=a-rogue-secret-a-rogue-secret-0123456")
+        .parse()
+        .unwrap();
+    let claims = Pass {
+        order_id: "g.1.999".into(),
+        goods_id: "g".into(),
+        user_id: "mallory".into(),
+        quantity: 2,
+        issued_at_s: now_s(),
+        expires_at_s: now_s() + 3_600,
+    };
+    let forged = sign(&claims, &rogue);
+
+    // A winner, and its retry (the same request id: the same order again, with a pass of its
+    // own), while units are left: once sold out the gate answers a retry itself.
+    let first = stack.buy("g", "early", 1, "early-1").await.unwrap();
+    assert_eq!(first.outcome, "won", "{first:?}");
+    let retried = stack.buy("g", "early", 1, "early-1").await.unwrap();
+    assert_eq!(retried.order_id, first.order_id, "{retried:?}");
+
+    // Then 60 requests from 40 buyers at once for the other 19 units, quantities 1 and 2;
+    // every third one brings the forged pass.
+    let buy = |i: usize| {
+        let stack = stack.clone();
+        let forged = forged.clone();
+        async move {
+            let mut request = stack
+                .http
+                .post(format!(
+                    "{}/seckill/g/buy?qty={}",
+                    stack.envoy.url(),
+                    1 + i % 2
+                ))
+                .header("x-user-id", format!("u{}", i % 40))
+                .header("x-request-id", format!("r{i}"));
+            if i.is_multiple_of(3) {
+                request = request.header(seckill_api::PASS_HEADER, forged);
+            }
+            send(request).await.unwrap()
+        }
+    };
+    let results = join_all((0..60).map(buy)).await;
+    let counts = count_by_outcome(&results);
+    let decided = ["won", "sold_out", "limit_reached", "duplicate"];
+    assert!(
+        counts.keys().all(|o| decided.contains(&o.as_str())),
+        "{counts:?}"
+    );
+    let won: Vec<usize> = (0..60).filter(|i| results[*i].outcome == "won").collect();
+    assert!(!won.is_empty(), "{counts:?}");
+
+    let seen = stack.shop.seen();
+    assert_eq!(
+        seen.len(),
+        won.len() + 2,
+        "winners and the retry, nobody else"
+    );
+    let keys = seckill_e2e::stack::pass_keys();
+    let mut units = BTreeMap::new();
+    for s in &seen {
+        let token = s
+            .header(seckill_api::PASS_HEADER)
+            .unwrap_or_else(|| panic!("{s:?}"));
+        assert_ne!(token, forged, "a client's pass reached the shop");
+        let pass = verify(token, &keys, now_s()).unwrap_or_else(|e| panic!("{e}: {s:?}"));
+        let said = |name| s.header(name).unwrap_or_else(|| panic!("{name}: {s:?}"));
+        assert_eq!(pass.order_id, said(seckill_api::ORDER_ID_HEADER));
+        assert_eq!(pass.goods_id, said(seckill_api::GOODS_ID_HEADER));
+        assert_eq!(pass.user_id, said(seckill_api::USER_ID_HEADER));
+        assert_eq!(
+            pass.quantity.to_string(),
+            said(seckill_api::QUANTITY_HEADER)
+        );
+        // The sale's payment window (900 s) from about now.
+        let left_s = pass.expires_at_s.saturating_sub(now_s());
+        assert!((800..=901).contains(&left_s), "{left_s} s left: {pass:?}");
+        units.insert(pass.order_id.clone(), pass.quantity);
+    }
+    assert_eq!(
+        units.len(),
+        won.len() + 1,
+        "one order per winner, the retry's again"
+    );
+    assert!(units.values().sum::<u32>() <= 20, "{units:?}");
+
+    // What the verifier refuses: the client's pass, a real one signed again with another key
+    // or under another key id, one with a claim altered, and one past its expiry.
+    let token = seen[0].header(seckill_api::PASS_HEADER).unwrap();
+    let real = verify(token, &keys, now_s()).unwrap();
+    assert_eq!(
+        verify(&forged, &keys, now_s()),
+        Err(PassError::BadSignature)
+    );
+    assert_eq!(
+        verify(&sign(&real, &rogue), &keys, now_s()),
+        Err(PassError::BadSignature)
+    );
+    let elsewhere: Key = "other-key=a-rogue-secret-a-rogue-secret-0123456"
+        .parse()
+        .unwrap();
+    assert_eq!(
+        verify(&sign(&real, &elsewhere), &keys, now_s()),
+        Err(PassError::UnknownKey("other-key".into()))
+    );
+    let another_order = units.keys().find(|o| **o != real.order_id).unwrap();
+    let parts: Vec<&str> = token.split('.').collect();
+    for (name, value) in [
+        ("order_id", json!(another_order)),
+        ("goods_id", json!("h")),
+        ("sub", json!("mallory")),
+        ("quantity", json!(real.quantity + 1)),
+        ("exp", json!(real.expires_at_s + 86_400)),
+    ] {
+        let mut altered = json_part(parts[1]);
+        altered[name] = value;
+        let altered = format!("{}.{}.{}", parts[0], to_part(&altered), parts[2]);
+        assert_eq!(
+            verify(&altered, &keys, now_s()),
+            Err(PassError::BadSignature),
+            "{name}"
+        );
+    }
+    assert!(matches!(
+        verify(token, &keys, real.expires_at_s),
+        Err(PassError::Expired { .. })
+    ));
+}
+
+/// A JWT part (base64url JSON) as JSON, and back.
+fn json_part(part: &str) -> serde_json::Value {
+    use base64::Engine as _;
+    let bytes = base64::engine::general_purpose::URL_SAFE_NO_PAD
+        .decode(part)
+        .unwrap();
+    serde_json::from_slice(&bytes).unwrap()
+}
+
+fn to_part(value: &serde_json::Value) -> String {
+    use base64::Engine as _;
+    base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(serde_json::to_vec(value).unwrap())
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_bad_plugin_config_is_refused() {
     for (config, reason) in [

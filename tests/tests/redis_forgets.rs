@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use seckill_e2e::pipeline::{epoch_of, Pipeline};
 use seckill_e2e::process::wait_for;
-use seckill_e2e::stack::EDGE_SECRET;
+use seckill_e2e::stack::{pass_keys, EDGE_SECRET};
 use seckill_e2e::syncer::sum_metric;
 use serde_json::{json, Value};
 
@@ -72,6 +72,21 @@ async fn sell(
         for (user, answer) in answers {
             if answer["outcome"] == "won" {
                 let order = answer["order_id"].as_str().unwrap().to_owned();
+                // Whoever decided (Redis, or MySQL while Redis is down or forgot), the winner's
+                // pass verifies and names this order and buyer.
+                let now_s = (seckill_e2e::stack::now_ms() / 1000) as u64;
+                let token = answer["pass"]
+                    .as_str()
+                    .unwrap_or_else(|| panic!("{answer}"));
+                let pass = seckill_pass::verify(token, &pass_keys(), now_s).unwrap();
+                assert_eq!(
+                    (
+                        pass.order_id.as_str(),
+                        pass.goods_id.as_str(),
+                        pass.user_id.as_str()
+                    ),
+                    (order.as_str(), goods, user.as_str())
+                );
                 if let Some(other) = issued.insert(order.clone(), user.clone()) {
                     assert_eq!(other, user, "order id {order} told to two buyers");
                 }

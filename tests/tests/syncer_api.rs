@@ -7,8 +7,8 @@ use seckill_e2e::mysql_db::TestDatabase;
 use seckill_e2e::process::{unique_suffix, Scratch};
 use seckill_e2e::redis_server::RedisServer;
 use seckill_e2e::stack::{
-    credential_for, now_ms, rfc3339, wait_past, ADMIN_SECRET, EDGE_SECRET, METRICS_SECRET,
-    SHOP_SECRET,
+    credential_for, now_ms, pass_keys, rfc3339, wait_past, ADMIN_SECRET, EDGE_SECRET,
+    METRICS_SECRET, SHOP_SECRET,
 };
 use seckill_e2e::syncer::{SyncerArgs, SyncerProcess};
 use serde_json::{json, Value};
@@ -961,4 +961,122 @@ async fn a_redis_stall_does_not_cost_the_gate_its_claims() {
     .unwrap();
     let reservations = f.redis_hash("g", "reservations").await;
     assert_eq!(reservations.keys().collect::<Vec<_>>(), vec![&orders[0]]);
+}
+
+/// What a `won` reply's pass says, once verified with the harness's key; checks that it
+/// names this goods, buyer and quantity and the reply's order and deadline.
+fn verified_pass(reply: &Value, goods: &str, user: &str, quantity: u32) -> seckill_pass::Pass {
+    assert_eq!(reply["outcome"], "won", "{reply}");
+    let token = reply["pass"].as_str().unwrap_or_else(|| panic!("{reply}"));
+    let now_s = (now_ms() / 1000) as u64;
+    let pass =
+        seckill_pass::verify(token, &pass_keys(), now_s).unwrap_or_else(|e| panic!("{e}: {reply}"));
+    assert_eq!(
+        (
+            Some(pass.order_id.as_str()),
+            pass.goods_id.as_str(),
+            pass.user_id.as_str(),
+            pass.quantity
+        ),
+        (reply["order_id"].as_str(), goods, user, quantity),
+        "{reply}"
+    );
+    let deadline_ms = reply["expires_at_ms"].as_u64().unwrap();
+    assert_eq!(pass.expires_at_s, deadline_ms.div_ceil(1000), "{reply}");
+    pass
+}
+
+/// Every `won` answer carries a pass the shop verifies with the syncer's key, naming the
+/// order, goods, buyer and quantity, and ending when the reservation's payment window does:
+/// from the single and the batch endpoint, for a retry (its first deadline, not a later one),
+/// decided by Redis or by MySQL (the db tier, whose decider the fallback uses). No other
+/// answer carries one.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_win_carries_a_pass_that_names_it_and_ends_with_its_reservation() {
+    let f = Fixture::start("pass").await;
+    let now = now_ms();
+    for (goods, tier, window_s) in [("pr", "redis", 600_i64), ("pd", "db", 300)] {
+        let spec = json!({
+            "total_stock": 3, "per_user_limit": 2, "payment_window_s": window_s, "tier": tier,
+            "starts_at": rfc3339(now - 1_000), "ends_at": rfc3339(now + 3_600_000),
+        });
+        let path = format!("/admin/sales/{goods}");
+        let (status, body) = f
+            .call(reqwest::Method::PUT, &path, Some(ADMIN_SECRET), Some(spec))
+            .await;
+        assert_eq!(status, 201, "{body}");
+        let (status, body) = f.preheat(goods, false).await;
+        assert_eq!(status, 200, "{body}");
+        let attempt = |user: &str, quantity: u32| {
+            json!({"goods_id": goods, "user_id": user, "quantity": quantity,
+                   "request_id": format!("{goods}-{user}")})
+        };
+
+        let before_ms = now_ms();
+        let (status, single) = f.deduct(attempt("alice", 2)).await;
+        assert_eq!(status, 200, "{single}");
+        let batch = f.batch(vec![attempt("bob", 1), attempt("carol", 1)]).await;
+        let after_ms = now_ms();
+        let first = verified_pass(&single, goods, "alice", 2);
+        let batched = verified_pass(&batch[0], goods, "bob", 1);
+        for pass in [&first, &batched] {
+            // The payment window from the moment the order was made, rounded up.
+            let window_ms = window_s * 1000;
+            let earliest = (before_ms + window_ms).div_euclid(1000) as u64;
+            let latest = (after_ms + window_ms + 999).div_euclid(1000) as u64;
+            assert!(
+                (earliest..=latest).contains(&pass.expires_at_s),
+                "{goods}: exp {} not in {earliest}..={latest}",
+                pass.expires_at_s
+            );
+            let issued = (before_ms / 1000) as u64..=(after_ms / 1000) as u64 + 1;
+            assert!(issued.contains(&pass.issued_at_s), "{goods}: {pass:?}");
+        }
+        assert_ne!(first.order_id, batched.order_id);
+        // Sold out: no pass, no deadline.
+        assert_eq!(batch[1]["outcome"], "sold_out", "{goods}");
+        assert!(batch[1].get("pass").is_none(), "{}", batch[1]);
+        assert!(batch[1].get("expires_at_ms").is_none(), "{}", batch[1]);
+
+        // A retry gets the same order with a new pass that ends when the order does.
+        let (_, again) = f.deduct(attempt("alice", 2)).await;
+        let repeated = verified_pass(&again, goods, "alice", 2);
+        assert_eq!(
+            (&repeated.order_id, repeated.expires_at_s),
+            (&first.order_id, first.expires_at_s),
+            "{goods}"
+        );
+        assert_eq!(again["expires_at_ms"], single["expires_at_ms"], "{goods}");
+    }
+}
+
+/// `serve` refuses a pass key it could not sign with, says why, and never prints the secret.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_refuses_a_pass_key_it_cannot_sign_with() {
+    let scratch = Scratch::new("passkey").unwrap();
+    // Nothing is reached: the key is read before any store.
+    let args = SyncerArgs {
+        redis_url: "redis://127.0.0.1:1",
+        mysql_url: "mysql://nobody@127.0.0.1:1/none",
+        key_prefix: "t",
+        kafka: None,
+    };
+    let secret = "s3cret-s3cret-s3cret-s3cret-s3cret";
+    for (key, says) in [
+        ("k1=short-s3cret".to_owned(), "at least 32"),
+        (format!("k 1={secret}"), "key id"),
+        (format!("={secret}"), "key id"),
+        (secret.to_owned(), "KEY_ID=SECRET"),
+    ] {
+        let env = [("SECKILL_PASS_KEY", key.as_str())];
+        let (status, log) = SyncerProcess::start_refused(&scratch.path, &args, &env)
+            .await
+            .unwrap();
+        assert!(!status.success(), "{key}: {log}");
+        assert!(
+            log.contains("--pass-key") && log.contains(says),
+            "{key}: {log}"
+        );
+        assert!(!log.contains("s3cret"), "the secret was printed: {log}");
+    }
 }

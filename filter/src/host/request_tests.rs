@@ -108,6 +108,7 @@ fn a_winner_waits_then_is_forwarded_with_its_order_and_no_forged_gate_headers() 
             ("x-user-id", "alice"),
             ("x-request-id", "r10"),
             ("x-seckill-order-id", "forged"),
+            ("x-seckill-pass", "forged"),
         ],
     );
     assert_eq!(flow, Flow::Pause);
@@ -118,7 +119,9 @@ fn a_winner_waits_then_is_forwarded_with_its_order_and_no_forged_gate_headers() 
     );
     gate.wake();
     let token = gate.dispatches()[0].token;
-    gate.answer(token, Some("200"), &batch_reply(&[won("hot.1.7", 4)]));
+    let mut winner = won("hot.1.7", 4);
+    winner["pass"] = "signed.by.syncer".into();
+    gate.answer(token, Some("200"), &batch_reply(&[winner]));
     assert_eq!(gate.resumed(), vec![10]);
     assert_eq!(
         request.on_request_data(),
@@ -128,6 +131,7 @@ fn a_winner_waits_then_is_forwarded_with_its_order_and_no_forged_gate_headers() 
     let headers = gate.host.request_headers(10);
     for (name, value) in [
         ("x-seckill-order-id", "hot.1.7"),
+        ("x-seckill-pass", "signed.by.syncer"),
         ("x-seckill-remaining", "4"),
         ("x-seckill-goods-id", "hot"),
         ("x-seckill-user-id", "alice"),

@@ -6,8 +6,10 @@
 --       (0: the reservation is delivered by this very answer and needs no claim), 4 the epoch
 --       MySQL last loaded into Redis for this goods (0: not known), then one
 --       (user id, quantity, request id) triple per attempt
--- Reply: one { outcome, order_id or "", remaining (-1 unknown), retry_after_ms, reason or "" }
--- per attempt, always that shape; a new order's reason is "new" (a repeat answer's is ""),
+-- Reply: one { outcome, order_id or "", remaining (-1 unknown), at_ms, reason or "" } per
+-- attempt, always that shape; at_ms is the retry-after (ms) of not_started, paused and
+-- fleet_rate_limited, and for won the reservation's payment deadline (ms since the epoch,
+-- what the syncer signs into the winner's pass), else 0; a new order's reason is "new" (a repeat answer's is ""),
 -- so the caller can tell the ids handed out by this call; for a dual_write sale "new_dw" and
 -- "dw", so the caller writes the winner's row before answering, whatever it thought the tier. "stale" for every attempt: this
 -- Redis forgot the sale (it is missing, behind the epoch MySQL loaded, or fenced after its
@@ -84,7 +86,9 @@ end
 -- claimed it), so the buyer never had it and a retry is a new attempt with a new order id.
 local function repeat_answer(prior_order)
   if redis.call('HEXISTS', KEYS[4], prior_order) == 1 then
-    return { 'won', prior_order, available, 0, repeat_mark }
+    -- Its deadline is the one it was made with (a repeat does not extend it).
+    local deadline = tonumber(redis.call('ZSCORE', KEYS[6], prior_order)) or (now_ms + window_ms)
+    return { 'won', prior_order, available, deadline, repeat_mark }
   end
   local final = redis.call('HGET', KEYS[8], prior_order)
   if final == 'confirmed' then
@@ -147,7 +151,8 @@ local function decide(user, qty, request_id)
   redis.call('HSET', KEYS[4], order_id, make_record(user, qty, now_ms))
   -- It lives for the payment window; and until the gate claims it (it reached the shop),
   -- only for the claim window. The sweeper releases it when either is up.
-  redis.call('ZADD', KEYS[6], now_ms + window_ms, order_id)
+  local deadline = now_ms + window_ms
+  redis.call('ZADD', KEYS[6], deadline, order_id)
   if claim_ms > 0 then
     redis.call('ZADD', KEYS[7], now_ms + claim_ms, order_id)
   end
@@ -155,7 +160,7 @@ local function decide(user, qty, request_id)
   append_event(KEYS[5], {
     type = 'reserved', order_id = order_id, goods_id = goods, user_id = user,
     quantity = qty, request_id = request_id, at_ms = now_ms })
-  return { 'won', order_id, available, 0, new_mark }
+  return { 'won', order_id, available, deadline, new_mark }
 end
 
 for i = 1, attempts do
