@@ -63,6 +63,18 @@ fn plugin_config_in_yaml(path: &Path) -> std::io::Result<String> {
     Ok(dedented.join("\n").trim_end().to_owned() + "\n")
 }
 
+/// The first fenced `json` block of a Markdown file.
+fn first_json_block(path: &Path) -> std::io::Result<String> {
+    let text = fs::read_to_string(path)?;
+    let block: Vec<&str> = text
+        .lines()
+        .skip_while(|line| line.trim() != "```json")
+        .skip(1)
+        .take_while(|line| line.trim() != "```")
+        .collect();
+    Ok(block.join("\n") + "\n")
+}
+
 fn filter_configs(root: &Path) -> std::io::Result<Seeds> {
     let compose = plugin_config_in_yaml(&root.join("compose/envoy.yaml"))?
         // The compose entrypoint fills these in.
@@ -78,32 +90,16 @@ fn filter_configs(root: &Path) -> std::io::Result<Seeds> {
             plugin_config_in_yaml(&root.join("envoy/ecds/seckill.yaml"))?,
         ),
         seed("compose.json", compose),
+        // filter/README.md's example: every field.
+        seed(
+            "readme.json",
+            first_json_block(&root.join("filter/README.md"))?,
+        ),
     ];
     for (i, config) in seckill_fuzz::REQUEST_CONFIGS.iter().enumerate() {
         seeds.push(seed(&format!("request_config_{i}.json"), *config));
     }
     seeds.extend([
-        // filter/README.md's example: every field.
-        seed(
-            "readme.json",
-            r#"{
-  "route": {"methods": ["POST"], "path_template": "/seckill/{goods_id}/buy"},
-  "goods_id": {"path": "goods_id"},
-  "user_id": {"header": "x-user-id"},
-  "quantity": {"source": {"query": "qty"}, "default": 1, "max": 5},
-  "request_id": {"header": "x-request-id"},
-  "id_len_max": 64,
-  "deduct": {"cluster": "seckill_syncer", "authority": "seckill-syncer", "timeout_ms": 300,
-             "secret": "s3cret", "failure_mode": "closed"},
-  "rate_limit": {"default": {"per_second": 1000, "burst": 200},
-                 "goods": {"sku-1": {"per_second": 50, "burst": 10}},
-                 "unconfirmed": {"per_second": 100, "burst": 100},
-                 "tracked_goods_max": 10000},
-  "sold_out_cache_ms": 2000,
-  "unknown_goods_cache_ms": 1000
-}
-"#,
-        ),
         // deploy/istio/seckill-gate.yaml's pluginConfig, as Istio hands it over.
         seed(
             "istio.json",

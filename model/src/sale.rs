@@ -17,8 +17,9 @@ pub const GOODS_ID_LEN_MAX: usize = 64;
 
 /// The earliest and the latest instant a sale's window may name, ms since the epoch:
 /// 1000-01-01T00:00:00Z and 9999-12-31T23:59:59.999Z, MySQL's DATETIME range (the window is
-/// kept in `DATETIME(3)` columns). Outside it MySQL refuses the row, and a definition that can
-/// never be saved would be answered as a store fault (503, retry) instead of bad input.
+/// kept in `DATETIME(3)` columns). MySQL does not promise to keep a value outside it: MariaDB
+/// saved a window ending in year +12026 and then could not give it back, and every read of the
+/// sales table (the list of sales, the preheat) failed as a store fault.
 pub const WINDOW_MS_MIN: i64 = -30_610_224_000_000;
 pub const WINDOW_MS_MAX: i64 = 253_402_300_799_999;
 
@@ -439,8 +440,8 @@ mod tests {
 
     /// Found by the fuzz target's check that an accepted definition can be stored
     /// (`fuzz/fuzz_targets/admin_json.rs`, seeds `sale_year_0999.json` and
-    /// `sale_year_12026.json`): a window outside MySQL's DATETIME range was accepted, and the
-    /// save then failed as a store fault.
+    /// `sale_year_12026.json`): a window outside MySQL's DATETIME range was accepted and saved,
+    /// and the sales table could not be read back.
     #[test]
     fn a_window_mysql_cannot_hold_is_refused() {
         let at = |t: &str| t.parse::<DateTime<Utc>>().unwrap();
