@@ -278,6 +278,37 @@ pub fn validate_id(id: &str, len_max: usize) -> Result<(), IdError> {
     Ok(())
 }
 
+/// What [`log_safe`] puts where it cut a text.
+const CUT_MARK: &str = "...";
+
+/// A text the other side controls (a peer's error message, a parser's words about bad input,
+/// which quote the input) made fit for a log line, a Kafka header or an error body: every
+/// control character escaped (a `\n` cannot start a forged line), and at most `bytes_max`
+/// bytes (3 or more), cut at a character with `...` (so a huge input cannot make a huge line).
+pub fn log_safe(text: &str, bytes_max: usize) -> String {
+    let room = bytes_max.saturating_sub(CUT_MARK.len());
+    let mut safe = String::with_capacity(text.len().min(bytes_max));
+    // Where to cut should the whole not fit: after the last character (or escape) that
+    // leaves room for the mark.
+    let mut cut = 0;
+    for c in text.chars() {
+        if c.is_control() {
+            safe.extend(c.escape_default());
+        } else {
+            safe.push(c);
+        }
+        if safe.len() <= room {
+            cut = safe.len();
+        }
+        if safe.len() > bytes_max {
+            safe.truncate(cut);
+            safe.push_str(CUT_MARK);
+            break;
+        }
+    }
+    safe
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -338,5 +369,24 @@ mod tests {
         assert_eq!(json, r#"{"outcome":"sold_out","remaining":0}"#);
         let back: DeductReply = serde_json::from_str(&json).unwrap();
         assert_eq!(back, reply);
+    }
+
+    #[test]
+    fn log_safe_text_is_bounded_and_escaped() {
+        assert_eq!(
+            log_safe("unknown variant `won`", 64),
+            "unknown variant `won`"
+        );
+        assert_eq!(log_safe("a\nb\r\u{1b}[2Jc", 64), "a\\nb\\r\\u{1b}[2Jc");
+        let long = "x".repeat(10_000);
+        let cut = log_safe(&long, 100);
+        assert_eq!(cut.len(), 100);
+        assert!(cut.ends_with("..."));
+        // Cut at a character, never inside one.
+        let wide = "é".repeat(100);
+        let cut = log_safe(&wide, 50);
+        assert!(cut.len() <= 50 && cut.ends_with("..."), "{cut}");
+        assert_eq!(log_safe(&"\n".repeat(100), 10), "\\n\\n\\n...");
+        assert_eq!(log_safe("", 10), "");
     }
 }

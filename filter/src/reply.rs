@@ -20,6 +20,8 @@ pub const FAILED_OPEN_VALUE: &str = "failed-open";
 /// Largest batch deduct reply body read: a full batch of replies with room to spare (one
 /// reply is under 200 bytes); anything near this is not the syncer talking.
 pub const BATCH_REPLY_BYTES_MAX: usize = seckill_api::BATCH_ATTEMPTS_MAX * 1024;
+/// Longest account of an unreadable deduct answer in the log.
+const BAD_BODY_WORDS_MAX: usize = 256;
 /// Longest order id forwarded in a header (same bound as every other id).
 const ORDER_ID_LEN_MAX: usize = seckill_api::ID_LEN_MAX;
 
@@ -522,8 +524,11 @@ pub fn read_batch_response(
     if body.len() > BATCH_REPLY_BYTES_MAX {
         return Err(CalloutFailure::TooLarge(body.len()));
     }
-    let reply: DeductBatchReply =
-        serde_json::from_slice(body).map_err(|e| CalloutFailure::BadBody(e.to_string()))?;
+    // serde's words quote the body (a string where a list belongs, verbatim): bounded, since
+    // they go to the log.
+    let reply: DeductBatchReply = serde_json::from_slice(body).map_err(|e| {
+        CalloutFailure::BadBody(seckill_api::log_safe(&e.to_string(), BAD_BODY_WORDS_MAX))
+    })?;
     if reply.replies.len() != sent {
         return Err(CalloutFailure::Miscounted {
             sent,
@@ -1135,6 +1140,16 @@ mod tests {
             read_batch_response(Some(b"2\n0"), None, 1),
             Err(CalloutFailure::Status("2?0".into()))
         );
+        // Found by the fuzz target's log check (`fuzz/fuzz_targets/deduct_reply.rs`, seed
+        // `batch_long_string.json`): serde quoted a string where the list belongs whole, so a
+        // body of up to BATCH_REPLY_BYTES_MAX made a log line as long.
+        let long = format!(r#"{{"replies":"{}"}}"#, "x".repeat(100_000));
+        let Err(failure) = read_batch_response(Some(b"200"), Some(long.as_bytes()), 1) else {
+            panic!("not a batch reply");
+        };
+        let logged = failure.to_string();
+        assert!(logged.len() <= 300, "a {}-byte log sentence", logged.len());
+        assert!(logged.contains("invalid type: string"), "{logged}");
         // Every failure has a log sentence.
         assert!(CalloutFailure::NoResponse
             .to_string()

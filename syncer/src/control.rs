@@ -26,9 +26,8 @@ mod flags;
 mod redis_step;
 mod view;
 
-pub use add_stock::{
-    add_stock, pending as pending_additions, AddStock, Added, OPERATION_ID_LEN_MAX,
-};
+pub use crate::admin::{AddStock, OPERATION_ID_LEN_MAX};
+pub use add_stock::{add_stock, pending as pending_additions, Added};
 pub use define::define;
 pub use flags::{pause, resume, stop, Controlled};
 pub use redis_step::RedisStep;

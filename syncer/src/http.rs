@@ -617,30 +617,16 @@ async fn list_sales(
     Ok(Json(listed))
 }
 
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct PauseParams {
-    /// The Retry-After buyers are told (default [`crate::sale::PAUSE_RETRY_S_DEFAULT`]).
-    retry_after_s: Option<u32>,
-}
-
 /// Pauses a sale: buyers are told `paused` with Retry-After until it is resumed. The body is
-/// optional (`{"retry_after_s": 30}`).
+/// optional (`{"retry_after_s": 30}`, see [`crate::admin::Pause`]).
 async fn pause_sale(
     State(state): State<Arc<AppState>>,
     Path(goods_id): Path<String>,
     body: axum::body::Bytes,
 ) -> Result<Json<crate::control::Controlled>, AppError> {
-    let params: PauseParams = if body.is_empty() {
-        PauseParams::default()
-    } else {
-        serde_json::from_slice(&body).map_err(|e| AppError::BadRequest(e.to_string()))?
-    };
-    let retry_after_s = params
-        .retry_after_s
-        .unwrap_or(crate::sale::PAUSE_RETRY_S_DEFAULT);
+    let pause = crate::admin::Pause::from_json(&body).map_err(AppError::BadRequest)?;
     Ok(Json(
-        crate::control::pause(state.stores(), &goods_id, retry_after_s).await?,
+        crate::control::pause(state.stores(), &goods_id, pause.retry_after_s()).await?,
     ))
 }
 

@@ -4,14 +4,13 @@
 //! A batch closes at `batch_size_max` events or `batch_wait` after its first event. It is
 //! applied in one transaction (`writer/apply.rs`) that inserts the orders that are really new
 //! (the order id is the primary key, so a redelivered event changes nothing) and updates each
-//! goods' counters once with the aggregated quantity; `writer/transition.rs` decides what each
-//! event does. Kafka offsets are committed only after the database commit. Messages that
+//! goods' counters once with the aggregated quantity; `seckill_model::transition` decides what
+//! each event does. Kafka offsets are committed only after the database commit. Messages that
 //! cannot be parsed or applied go to the dead-letter topic with the reason; an event whose
 //! order id MySQL holds for another purchase is a conflict (an order id issued twice), which
 //! also is logged as an error and counted in [`CONFLICTS_METRIC`].
 
 mod apply;
-mod transition;
 
 pub use apply::{apply_events, Applied, Refused};
 
@@ -66,8 +65,8 @@ pub struct Writer {
 struct DeadLetter<'a> {
     message: &'a OwnedMessage,
     reason: String,
-    /// An order id issued for two purchases (see `transition::Step::Conflict`): logged as an
-    /// error and counted in [`CONFLICTS_METRIC`] besides the dead-letter count.
+    /// An order id issued for two purchases (see `seckill_model::transition::Step::Conflict`):
+    /// logged as an error and counted in [`CONFLICTS_METRIC`] besides the dead-letter count.
     conflict: bool,
 }
 

@@ -260,10 +260,15 @@ async fn unparsable_message_goes_to_dead_letter_and_the_partition_flows() {
     let p = pipeline("deadletter").await;
     p.open_sale("g", 1_000, 1).await.unwrap();
     let writer = p.spawn(writer(), None, &[]).await.unwrap();
+    // An unknown type of 600 KB with a carriage return in it, which serde's words quote: as a
+    // reason of the same size the dead letter (message plus reason) would be past the
+    // producer's 1 MB limit, and the writer would retry it forever (found by fuzzing).
+    let huge = format!(r#"{{"type":"\r{}"}}"#, "x".repeat(600_000));
     // Same key as the sales, so the same partition: what follows must not be blocked.
     for payload in [
         &b"{not json"[..],
         br#"{"type":"reserved","order_id":"g.1.x","goods_id":"g"}"#,
+        huge.as_bytes(),
     ] {
         p.broker.publish_sale_message("g", payload).await.unwrap();
     }
@@ -275,16 +280,24 @@ async fn unparsable_message_goes_to_dead_letter_and_the_partition_flows() {
             &writer.metrics().await.unwrap(),
             "seckill_dead_letters_total"
         ),
-        2
+        3
     );
-    // The sales all landed, but two messages never will: reconcile is not clean.
+    // The sales all landed, but three messages never will: reconcile is not clean.
     assert_eq!(report["goods"][0]["drift"]["reserved"], 0, "{report}");
-    assert_eq!(report["dead_letters"], 2, "{report}");
+    assert_eq!(report["dead_letters"], 3, "{report}");
     assert_eq!(code, 2, "dead letters make reconcile unclean: {report}");
 
-    let letters = read_topic(&p.broker.bootstrap(), DEAD_LETTER_TOPIC, 2);
-    assert_eq!(letters.len(), 2);
+    let letters = read_topic(&p.broker.bootstrap(), DEAD_LETTER_TOPIC, 3);
+    assert_eq!(letters.len(), 3);
     assert_eq!(letters[0].0, b"{not json");
+    // The huge one is kept whole; its reason is short and one line.
+    assert_eq!(letters[2].0, huge.as_bytes());
+    let reason = &letters[2].1;
+    assert!(reason.len() <= 300, "a {}-byte reason", reason.len());
+    assert!(
+        reason.contains("unknown variant") && !reason.contains('\r'),
+        "{reason}"
+    );
     assert!(
         letters.iter().all(|(_, reason)| !reason.is_empty()),
         "{letters:?}"

@@ -614,6 +614,11 @@ async fn bad_sale_definitions_are_refused() {
         json!({"total_stock": -5, "per_user_limit": 1, "starts_at": rfc3339(now), "ends_at": rfc3339(now + 1000)}),
         json!({"total_stock": 5, "per_user_limit": 1, "starts_at": "yesterday", "ends_at": rfc3339(now + 1000)}),
         json!({"total_stock": 5, "per_user_limit": 1, "starts_at": rfc3339(now), "ends_at": rfc3339(now + 1000), "color": "red"}),
+        // Windows outside MySQL's DATETIME range (found by fuzzing): both were saved (201), and
+        // the row ending in year 12026 then made every read of the sales table fail, so the
+        // list of all sales and this goods' preheat answered 503.
+        json!({"total_stock": 5, "per_user_limit": 1, "starts_at": "0999-12-31T00:00:00Z", "ends_at": rfc3339(now + 1000)}),
+        json!({"total_stock": 5, "per_user_limit": 1, "starts_at": rfc3339(now), "ends_at": "+12026-01-01T00:00:00Z"}),
     ] {
         let (status, body) = f
             .call(

@@ -10,26 +10,14 @@
 //! goods is hottest, instead of each of them moving units over from one shard.
 
 use chrono::{NaiveDateTime, Utc};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 use sqlx::MySqlPool;
 
 use super::redis_step::{self, RedisStep, Write};
 use super::{lock, valid_goods, ControlError, Stores};
+use crate::admin::AddStock;
 use crate::crashpoint::{crashpoint, CONTROL_AFTER_MYSQL};
 use crate::sale::TOTAL_STOCK_MAX;
-
-/// Longest operation id (the same bound as every other id).
-pub const OPERATION_ID_LEN_MAX: usize = seckill_api::ID_LEN_MAX;
-
-/// What the admin API takes to add stock.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AddStock {
-    /// Units to add: from 1, and the sale's total may not pass [`TOTAL_STOCK_MAX`].
-    pub quantity: u64,
-    /// Names this addition: sent again (a retry), it adds nothing more.
-    pub operation_id: String,
-}
 
 /// What an add-stock did.
 #[derive(Debug, Clone, Serialize)]
@@ -62,13 +50,7 @@ pub async fn add_stock(
         operation_id,
     } = request;
     let quantity = *quantity;
-    seckill_api::validate_id(operation_id, OPERATION_ID_LEN_MAX)
-        .map_err(|e| ControlError::BadRequest(format!("operation_id {e}")))?;
-    if quantity == 0 || quantity > TOTAL_STOCK_MAX {
-        return Err(ControlError::BadRequest(format!(
-            "quantity must be from 1 to {TOTAL_STOCK_MAX}, not {quantity}"
-        )));
-    }
+    request.check().map_err(ControlError::BadRequest)?;
     let mut tx = stores.mysql.begin().await?;
     let locked = lock(&mut tx, goods_id).await?;
     let prior: Option<(u64, u64)> = sqlx::query_as(

@@ -15,7 +15,7 @@ use serde::Serialize;
 use super::redis_step::{self, RedisStep, Write};
 use super::{lock, valid_goods, ControlError, Locked, Stores};
 use crate::crashpoint::{crashpoint, CONTROL_AFTER_MYSQL};
-use crate::sale::{SaleState, PAUSE_RETRY_S_MAX};
+use crate::sale::SaleState;
 
 /// What a pause, resume or stop did.
 #[derive(Debug, Clone, Serialize)]
@@ -51,17 +51,13 @@ impl Flag {
 }
 
 /// Pauses a sale; buyers are told to come back after `retry_after_s` (1 to
-/// [`PAUSE_RETRY_S_MAX`]). Pausing a paused sale sets the new Retry-After.
+/// [`crate::sale::PAUSE_RETRY_S_MAX`]). Pausing a paused sale sets the new Retry-After.
 pub async fn pause(
     stores: Stores<'_>,
     goods_id: &str,
     retry_after_s: u32,
 ) -> Result<Controlled, ControlError> {
-    if retry_after_s == 0 || retry_after_s > PAUSE_RETRY_S_MAX {
-        return Err(ControlError::BadRequest(format!(
-            "retry_after_s must be from 1 to {PAUSE_RETRY_S_MAX}, not {retry_after_s}"
-        )));
-    }
+    crate::admin::check_pause_retry_s(retry_after_s).map_err(ControlError::BadRequest)?;
     control(stores, goods_id, Flag::Pause { retry_after_s }).await
 }
 

@@ -1,12 +1,13 @@
 //! The writer's MySQL side: applies a batch of sale events in one transaction. The rules for
-//! each event live in [`super::transition`]; this module reads the rows they need, and writes
-//! what they decided.
+//! each event live in [`seckill_model::transition`]; this module reads the rows they need, and
+//! writes what they decided.
 
 use std::collections::{HashMap, HashSet};
 
 use sqlx::{MySql, MySqlPool, QueryBuilder, Row as _, Transaction};
 
-use super::transition::{transition, Purchase, Row, Step};
+use seckill_model::transition::{transition, Purchase, Row, Step};
+
 use crate::crashpoint::{crashpoint, WRITER_AFTER_DB_COMMIT};
 use crate::events::{Effect, SaleEvent};
 use crate::order::OrderState;

@@ -15,6 +15,20 @@ pub const PAYMENT_WINDOW_S_DEFAULT: u32 = 900;
 /// id bound every other part checks.
 pub const GOODS_ID_LEN_MAX: usize = 64;
 
+/// The earliest and the latest instant a sale's window may name, ms since the epoch:
+/// 1000-01-01T00:00:00Z and 9999-12-31T23:59:59.999Z, MySQL's DATETIME range (the window is
+/// kept in `DATETIME(3)` columns). MySQL does not promise to keep a value outside it: MariaDB
+/// saved a window ending in year +12026 and then could not give it back, and every read of the
+/// sales table (the list of sales, the preheat) failed as a store fault.
+pub const WINDOW_MS_MIN: i64 = -30_610_224_000_000;
+pub const WINDOW_MS_MAX: i64 = 253_402_300_799_999;
+
+/// [`WINDOW_MS_MIN`] and [`WINDOW_MS_MAX`] as instants.
+pub fn window_bounds() -> (DateTime<Utc>, DateTime<Utc>) {
+    let at = |ms| DateTime::from_timestamp_millis(ms).unwrap_or_default();
+    (at(WINDOW_MS_MIN), at(WINDOW_MS_MAX))
+}
+
 fn default_payment_window_s() -> u32 {
     PAYMENT_WINDOW_S_DEFAULT
 }
@@ -153,6 +167,8 @@ pub enum SaleError {
     PerUserLimit,
     #[error("ends_at must be after starts_at")]
     EmptyWindow,
+    #[error("starts_at and ends_at must be from 1000-01-01T00:00:00Z to 9999-12-31T23:59:59.999Z")]
+    WindowOutOfRange,
     #[error("payment_window_s must be from 1 to {PAYMENT_WINDOW_S_MAX}")]
     PaymentWindow,
     #[error("goods_id must be at most {GOODS_ID_LEN_MAX} bytes so that order ids stay short")]
@@ -191,6 +207,10 @@ impl Sale {
         }
         if spec.ends_at <= spec.starts_at {
             return Err(SaleError::EmptyWindow);
+        }
+        let (first, last) = window_bounds();
+        if spec.starts_at < first || spec.ends_at > last {
+            return Err(SaleError::WindowOutOfRange);
         }
         if let Some(rate) = spec.fleet_rate {
             let per_second_ok = (1..=FLEET_RATE_MAX).contains(&rate.per_second);
@@ -416,6 +436,40 @@ mod tests {
         assert!(Sale::new("g", s.clone()).is_ok());
         s.tier = Tier::Db;
         assert_eq!(Sale::new("g", s), Err(SaleError::FleetRateOnDb));
+    }
+
+    /// Found by the fuzz target's check that an accepted definition can be stored
+    /// (`fuzz/fuzz_targets/admin_json.rs`, seeds `sale_year_0999.json` and
+    /// `sale_year_12026.json`): a window outside MySQL's DATETIME range was accepted and saved,
+    /// and the sales table could not be read back.
+    #[test]
+    fn a_window_mysql_cannot_hold_is_refused() {
+        let at = |t: &str| t.parse::<DateTime<Utc>>().unwrap();
+        let (first, last) = window_bounds();
+        assert_eq!(first, at("1000-01-01T00:00:00Z"));
+        assert_eq!(last, at("9999-12-31T23:59:59.999Z"));
+        let window = |starts_at: &str, ends_at: &str| {
+            let mut s = spec();
+            (s.starts_at, s.ends_at) = (at(starts_at), at(ends_at));
+            Sale::new("g", s).map(|_| ())
+        };
+        assert_eq!(
+            window("1000-01-01T00:00:00Z", "9999-12-31T23:59:59.999Z"),
+            Ok(())
+        );
+        for (starts_at, ends_at) in [
+            ("0999-12-31T23:59:59.999Z", "2026-01-01T00:00:00Z"),
+            ("2026-01-01T00:00:00Z", "+12026-12-12T13:00:00Z"),
+            // A fraction of a millisecond past the last one rounds into year 10000.
+            ("2026-01-01T00:00:00Z", "9999-12-31T23:59:59.9995Z"),
+            ("-0001-01-01T00:00:00Z", "2026-01-01T00:00:00Z"),
+        ] {
+            assert_eq!(
+                window(starts_at, ends_at),
+                Err(SaleError::WindowOutOfRange),
+                "{starts_at} {ends_at}"
+            );
+        }
     }
 
     #[test]

@@ -20,6 +20,11 @@ use crate::order::{OrderState, ReleaseReason};
 /// the same name.
 pub const OUTBOX_FIELD: &str = "event";
 
+/// Longest account of why a message is not a sale event. A dead letter carries it in a header
+/// beside the message itself: a reason as large as the message could make the dead letter
+/// larger than Kafka takes, and the writer would retry it forever.
+pub const REASON_BYTES_MAX: usize = 256;
+
 /// One event of an order's life. Every event names its order, so applying an event twice is
 /// detectable (promise 4).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -230,8 +235,11 @@ impl SaleEvent {
     /// Reads an event (an outbox field, a Kafka message value). Anything that fails here is a
     /// dead letter, never a silent drop.
     pub fn from_json(bytes: &[u8]) -> Result<SaleEvent, EventError> {
-        let event: SaleEvent =
-            serde_json::from_slice(bytes).map_err(|e| EventError::Json(e.to_string()))?;
+        // serde's words quote the message (an unknown `type` verbatim): bounded and escaped,
+        // since they become the dead letter's reason, in a log line and a Kafka header.
+        let event: SaleEvent = serde_json::from_slice(bytes).map_err(|e| {
+            EventError::Json(seckill_api::log_safe(&e.to_string(), REASON_BYTES_MAX))
+        })?;
         event.validate()?;
         Ok(event)
     }
@@ -349,6 +357,29 @@ mod tests {
             total += event.effect();
             assert_eq!(total, expected);
         }
+    }
+
+    /// Found by fuzzing (`fuzz/fuzz_targets/sale_event.rs`): serde's message quoted an unknown
+    /// `type` verbatim, so a control character reached the writer's log line and a huge one
+    /// made a dead-letter reason as large as the message.
+    #[test]
+    fn a_refusal_is_bounded_and_printable_whatever_the_message() {
+        let forged = br#"{"type":"r\rvdsee","order_id":"g.1.1"}"#;
+        let Err(EventError::Json(reason)) = SaleEvent::from_json(forged) else {
+            panic!("refused for its type");
+        };
+        assert!(!reason.contains('\r'), "{reason:?}");
+        assert!(reason.contains("unknown variant `r\\rvdsee`"), "{reason}");
+        let huge = format!(r#"{{"type":"{}"}}"#, "x".repeat(900_000));
+        let Err(refused) = SaleEvent::from_json(huge.as_bytes()) else {
+            panic!("refused for its type");
+        };
+        let reason = refused.to_string();
+        assert!(reason.len() <= 300, "{} bytes", reason.len());
+        assert!(
+            reason.starts_with("not a sale event: unknown variant `xxx"),
+            "{reason}"
+        );
     }
 
     #[test]
