@@ -251,6 +251,19 @@ impl Keyring {
         *guard = Arc::new(credentials);
     }
 
+    /// Puts a freshly read set in force (counted and logged when it differs); a set that did
+    /// not parse changes nothing and its error is returned.
+    fn take(&self, read: Result<Credentials, String>) -> Result<(), String> {
+        let credentials = read?;
+        if *self.current() != credentials {
+            tracing::info!(counts = ?credentials, "credentials reloaded");
+            metrics::counter!("seckill_credential_reloads_total", "result" => "applied")
+                .increment(1);
+            self.replace(credentials);
+        }
+        Ok(())
+    }
+
     /// With a [`Source::Dir`], re-reads the directory every `every` until `shutdown`. A set
     /// that does not parse is refused whole and the one in force stays (logged once per
     /// distinct error): a half-written rotation never locks every caller out.
@@ -266,21 +279,16 @@ impl Keyring {
                 tokio::task::spawn_blocking(move || read_dir(&dir)).await
             };
             match read {
-                Ok(Ok(credentials)) => {
-                    last_error = None;
-                    if *self.current() != credentials {
-                        tracing::info!(counts = ?credentials, "credentials reloaded");
-                        metrics::counter!("seckill_credential_reloads_total", "result" => "applied")
-                            .increment(1);
-                        self.replace(credentials);
-                    }
-                }
-                Ok(Err(error)) => {
-                    if last_error.as_deref() != Some(error.as_str()) {
-                        tracing::error!(%error, "credentials not reloaded; the ones in force stay");
-                        metrics::counter!("seckill_credential_reloads_total", "result" => "refused")
-                            .increment(1);
-                        last_error = Some(error);
+                Ok(read) => {
+                    if let Err(error) = self.take(read) {
+                        if last_error.as_deref() != Some(error.as_str()) {
+                            tracing::error!(%error, "credentials not reloaded; the ones in force stay");
+                            metrics::counter!("seckill_credential_reloads_total", "result" => "refused")
+                                .increment(1);
+                            last_error = Some(error);
+                        }
+                    } else {
+                        last_error = None;
                     }
                 }
                 Err(e) => tracing::error!(error = %e, "credential reload task failed"),
@@ -430,6 +438,7 @@ mod tests {
         let wait = |want: bool, role: Role, value: &'static str| {
             let keyring = keyring.clone();
             async move {
+                // Polls the reloader (every 10 ms) for at most 5 s.
                 for _ in 0..500 {
                     if keyring.allows(role, value.as_bytes()) == want {
                         return;
@@ -443,13 +452,15 @@ mod tests {
         std::fs::write(dir.join("edge"), format!("{EDGE}\n{next}\n")).unwrap();
         wait(true, Role::Edge, next).await;
         assert!(keyring.allows(Role::Edge, EDGE.as_bytes()));
-        // A bad set (the new edge value is also the admin's) is refused whole.
+        // A bad set (the new edge value is also the admin's) is refused whole: read as the
+        // reloader reads it, it is not taken, and the set in force stays.
         std::fs::write(dir.join("edge"), ADMIN).unwrap();
         std::fs::write(dir.join("shop"), "shop-next-0123456789").unwrap();
-        // The reloader has had many rounds to take it (10 ms each); it must not have.
-        tokio::time::sleep(Duration::from_millis(200)).await;
+        let refused = keyring.take(read_dir(&dir)).unwrap_err();
+        assert!(refused.contains("edge and admin"), "{refused}");
         assert!(keyring.allows(Role::Edge, next.as_bytes()));
         assert!(keyring.allows(Role::Shop, SHOP.as_bytes()));
+        assert!(!keyring.allows(Role::Shop, b"shop-next-0123456789"));
         std::fs::write(dir.join("edge"), next).unwrap();
         wait(false, Role::Edge, EDGE).await;
         assert!(keyring.allows(Role::Shop, b"shop-next-0123456789"));
