@@ -3,32 +3,37 @@
 //! host status can trap the VM" is kept; what to do on `Err` is decided by the callers, in
 //! code the native tests run.
 //!
-//! Why not the SDK's wrappers: proxy-wasm 0.2's `hostcalls` panic on any status they do not
-//! expect (`get_current_time`, `define_metric`, `send_http_response` and `log` on anything
-//! but Ok; `get_shared_data` and `get_map_value_bytes` on anything but Ok or NotFound), its
-//! context helpers unwrap those results (`set_http_response_header`,
-//! `get_plugin_configuration`, `resume_http_response`), and its `Status` is a Rust enum that
-//! an unknown number returned by the host would not fit. So the imports are declared here
-//! with the SDK's symbols and ABI, statuses read as plain numbers.
-//!
-//! One call goes through the SDK on purpose: `dispatch_http_call`. Only the SDK's wrapper
-//! registers the callout's token with the SDK's dispatcher, which routes the answer to the
-//! context that made the call; an answer to an unregistered token makes the dispatcher panic.
-//! The wrapper returns `Err` for `BadArgument` (no such cluster, a required header missing)
-//! and `InternalFailure` (the async client refused), the refusals Envoy's `httpCall` has.
+//! Why not the SDK: proxy-wasm 0.2's `hostcalls` panic on any status they do not expect
+//! (`get_current_time`, `define_metric`, `send_http_response` and `log` on anything but Ok;
+//! `get_shared_data` and `get_map_value_bytes` on anything but Ok or NotFound), its context
+//! helpers unwrap those results, and its `Status` is a Rust enum that an unknown number
+//! returned by the host would not fit; and linking it at all exports its dispatcher's every
+//! callback (see `dispatch.rs`). So the imports are declared here with the ABI's symbols,
+//! enums and statuses as plain numbers.
 
 use std::ptr::{null, null_mut};
 use std::time::Duration;
-
-use proxy_wasm::types::{BufferType, MapType, MetricType, StreamType};
 
 use super::{Host, HostStatus, LogLevel, Seen, SetError, SharedStore};
 use crate::input::serialize_header_map;
 use crate::reply::LocalReply;
 
-// Same symbols and ABI as the SDK's declarations; enums and statuses as plain numbers.
+// The ABI's imports; enums and statuses as plain numbers.
 #[link(wasm_import_module = "env")]
 extern "C" {
+    #[allow(clippy::too_many_arguments)]
+    fn proxy_http_call(
+        upstream_data: *const u8,
+        upstream_size: usize,
+        headers_data: *const u8,
+        headers_size: usize,
+        body_data: *const u8,
+        body_size: usize,
+        trailers_data: *const u8,
+        trailers_size: usize,
+        timeout_ms: u32,
+        return_token: *mut u32,
+    ) -> u32;
     fn proxy_log(level: u32, message_data: *const u8, message_size: usize) -> u32;
     fn proxy_get_current_time_nanoseconds(return_time: *mut u64) -> u32;
     fn proxy_set_tick_period_milliseconds(period: u32) -> u32;
@@ -116,14 +121,20 @@ const NOT_FOUND: u32 = 1;
 const EMPTY: u32 = 7;
 const CAS_MISMATCH: u32 = 8;
 
-const REQUEST_HEADERS: u32 = MapType::HttpRequestHeaders as u32;
-const RESPONSE_HEADERS: u32 = MapType::HttpResponseHeaders as u32;
-const CALL_RESPONSE_HEADERS: u32 = MapType::HttpCallResponseHeaders as u32;
-const CALL_RESPONSE_BODY: u32 = BufferType::HttpCallResponseBody as u32;
-const PLUGIN_CONFIGURATION: u32 = BufferType::PluginConfiguration as u32;
-const HTTP_REQUEST: u32 = StreamType::HttpRequest as u32;
-const HTTP_RESPONSE: u32 = StreamType::HttpResponse as u32;
-const COUNTER: u32 = MetricType::Counter as u32;
+// Header map types.
+const REQUEST_HEADERS: u32 = 0;
+const RESPONSE_HEADERS: u32 = 2;
+const CALL_RESPONSE_HEADERS: u32 = 6;
+// Buffer types.
+const CALL_RESPONSE_BODY: u32 = 4;
+const PLUGIN_CONFIGURATION: u32 = 7;
+// Stream types.
+const HTTP_REQUEST: u32 = 0;
+const HTTP_RESPONSE: u32 = 1;
+// Metric types.
+const COUNTER: u32 = 0;
+/// A serialized header map with no headers (a callout's trailers).
+const NO_HEADERS: [u8; 4] = [0; 4];
 /// `grpc_status` of a plain HTTP local reply.
 const NOT_GRPC: i32 = -1;
 
@@ -136,8 +147,8 @@ fn status(code: u32) -> Result<(), HostStatus> {
 }
 
 /// Takes a buffer the host wrote back: it allocated it through this module's
-/// `proxy_on_memory_allocate` (the SDK's: a boxed slice of exactly `size` bytes), and it is
-/// now ours, exactly as in the SDK's own wrappers. `None` when the host wrote no buffer.
+/// `proxy_on_memory_allocate` (`exports.rs`: a boxed slice of exactly `size` bytes), and it
+/// is now ours. `None` when the host wrote no buffer.
 ///
 /// # Safety
 /// `data` and `size` must be what the host returned with status Ok.
@@ -293,9 +304,31 @@ impl Host for RealHost {
         body: Option<&[u8]>,
         timeout: Duration,
     ) -> Result<u32, HostStatus> {
-        // Through the SDK: see the module's comment.
-        proxy_wasm::hostcalls::dispatch_http_call(cluster, headers.to_vec(), body, vec![], timeout)
-            .map_err(|status| HostStatus(status as u32))
+        let headers = serialize_header_map(
+            headers
+                .iter()
+                .map(|(name, value)| (name.as_bytes(), value.as_bytes())),
+        );
+        let (body_data, body_size) = body.map_or((null(), 0), |body| (body.as_ptr(), body.len()));
+        let timeout_ms = u32::try_from(timeout.as_millis()).unwrap_or(u32::MAX);
+        let mut token: u32 = 0;
+        // SAFETY: the host only reads the given lengths at the given addresses and writes
+        // one u32 at the token's address, which lives across the call.
+        status(unsafe {
+            proxy_http_call(
+                cluster.as_ptr(),
+                cluster.len(),
+                headers.as_ptr(),
+                headers.len(),
+                body_data,
+                body_size,
+                NO_HEADERS.as_ptr(),
+                NO_HEADERS.len(),
+                timeout_ms,
+                &mut token,
+            )
+        })?;
+        Ok(token)
     }
 
     fn http_call_response_header(&self, name: &str) -> Result<Option<Vec<u8>>, HostStatus> {

@@ -117,6 +117,29 @@ impl FakeHost {
         self.0.effective.set(context);
     }
 
+    /// Request `context` arrives with these headers (its callbacks not run yet).
+    pub(crate) fn arrive(&self, context: u32, headers: &[(&str, &str)]) {
+        let headers = owned(headers.iter().copied());
+        self.0.request_headers.borrow_mut().insert(context, headers);
+    }
+
+    /// The `:status` (None: no headers at all) and body of the callout answer delivered next.
+    pub(crate) fn set_call_response(&self, status: Option<&str>, body: &str) {
+        *self.0.call_response.borrow_mut() = (status.map(str::to_string), body.as_bytes().to_vec());
+    }
+
+    /// The shop's response to request `context` arrives: its `:status` and Envoy's
+    /// `response.code_details`.
+    pub(crate) fn set_response(&self, context: u32, status: &str, code_details: &str) {
+        let headers = vec![(":status".to_string(), status.to_string())];
+        self.0
+            .response_headers
+            .borrow_mut()
+            .insert(context, headers);
+        let details = code_details.to_string();
+        self.0.code_details.borrow_mut().insert(context, details);
+    }
+
     /// The request ended (its client went away): it can no longer be made effective.
     pub(crate) fn end(&self, context: u32) {
         self.0.ended.borrow_mut().insert(context);
@@ -453,12 +476,7 @@ impl Gate {
         context: u32,
         headers: &[(&str, &str)],
     ) -> (SaleRequest<FakeHost>, Flow) {
-        let headers = owned(headers.iter().copied());
-        self.host
-            .0
-            .request_headers
-            .borrow_mut()
-            .insert(context, headers);
+        self.host.arrive(context, headers);
         let mut request = self.root.new_request(context).expect("configured");
         self.host.enter(context);
         let flow = request.on_request_headers();
@@ -546,17 +564,7 @@ impl Gate {
         status: &str,
         code_details: &str,
     ) -> Flow {
-        let headers = vec![(":status".to_string(), status.to_string())];
-        self.host
-            .0
-            .response_headers
-            .borrow_mut()
-            .insert(context, headers);
-        self.host
-            .0
-            .code_details
-            .borrow_mut()
-            .insert(context, code_details.to_string());
+        self.host.set_response(context, status, code_details);
         self.host.enter(context);
         request.on_response_headers()
     }

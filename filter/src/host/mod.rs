@@ -6,9 +6,10 @@
 //! every host call the filter makes, each returning `Result`, so no host status can trap the
 //! VM and every fallback is the caller's visible decision. The logic therefore compiles
 //! natively, and the unit tests drive it with a fake host that records every call and can be
-//! told to refuse any of them. The real host (`abi.rs`) and the SDK's callbacks that drive
-//! the logic (`sdk.rs`) are compiled only for wasm32: the SDK's host imports do not link into
-//! a native binary.
+//! told to refuse any of them. The callbacks Envoy calls reach the logic through
+//! `dispatch.rs` (which context a callback is for), also native; only the real host
+//! (`abi.rs`) and the module's exports (`exports.rs`) are compiled for wasm32 alone: the
+//! host's imports do not link into a native binary.
 
 use std::fmt;
 use std::time::Duration;
@@ -17,13 +18,18 @@ use crate::reply::LocalReply;
 
 #[cfg(target_arch = "wasm32")]
 pub mod abi;
+// Only the wasm build (and the tests) drive the dispatcher.
+#[cfg_attr(not(any(target_arch = "wasm32", test)), allow(dead_code))]
+mod dispatch;
+#[cfg(target_arch = "wasm32")]
+mod exports;
 mod request;
 mod root;
-#[cfg(target_arch = "wasm32")]
-mod sdk;
 mod stats;
 mod worker;
 
+#[cfg(test)]
+mod dispatch_tests;
 #[cfg(test)]
 mod fake;
 #[cfg(test)]
