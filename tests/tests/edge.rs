@@ -959,3 +959,75 @@ async fn near_misses_never_reach_the_shop_ungated() {
         assert!(request.header("x_seckill_order_id").is_none());
     }
 }
+
+/// Writes `requests` on one connection at once and reads what comes back until the
+/// connection ends or `expected` whole responses have arrived (bounded by a deadline):
+/// the status line and any `connection` header of each response, in order.
+async fn pipelined(url: &str, requests: &str, expected: usize) -> Vec<(u16, Option<String>)> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let address = url.trim_start_matches("http://");
+    let mut stream = tokio::net::TcpStream::connect(address).await.unwrap();
+    stream.write_all(requests.as_bytes()).await.unwrap();
+    let mut bytes = Vec::new();
+    let mut chunk = [0u8; 4096];
+    // Every response here has a content-length: split them by it.
+    let responses = |bytes: &[u8]| {
+        let mut found = Vec::new();
+        let mut rest = String::from_utf8_lossy(bytes).into_owned();
+        while let Some((head, body)) = rest.split_once("\r\n\r\n") {
+            let header = |name: &str| {
+                head.lines().find_map(|line| {
+                    let (n, v) = line.split_once(':')?;
+                    n.eq_ignore_ascii_case(name).then(|| v.trim().to_string())
+                })
+            };
+            let length: usize = header("content-length")
+                .and_then(|v| v.parse().ok())
+                .unwrap_or(0);
+            if body.len() < length {
+                break;
+            }
+            let status = head
+                .split(' ')
+                .nth(1)
+                .and_then(|s| s.parse().ok())
+                .unwrap_or(0);
+            found.push((status, header("connection")));
+            rest = body[length..].to_string();
+        }
+        found
+    };
+    let read = async {
+        loop {
+            if responses(&bytes).len() >= expected {
+                return;
+            }
+            match stream.read(&mut chunk).await {
+                Ok(0) | Err(_) => return,
+                Ok(got) => bytes.extend_from_slice(&chunk[..got]),
+            }
+        }
+    };
+    // Envoy closes a connection it ends within a second (delayed close); one it keeps
+    // answers at once: the deadline only bounds a broken run.
+    let _ = tokio::time::timeout(Duration::from_secs(10), read).await;
+    responses(&bytes)
+}
+
+/// The gate's own 400 (a bad buyer id) is an answer about the purchase: the buyer's
+/// connection stays open for its next request, as after any other answer of the gate. HTTP
+/// that Envoy cannot parse still ends the connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_gate_400_keeps_the_connection_but_broken_http_ends_it() {
+    let stack = stack("keep400").await;
+    stack.open_sale("g1", 10, 1).await.unwrap();
+    let url = stack.envoy.url();
+    let bad_buyer = "POST /seckill/g1/buy HTTP/1.1\r\nhost: shop\r\nx-user-id: u~1\r\n\r\n";
+    let wrong_method = "GET /seckill/g1/buy HTTP/1.1\r\nhost: shop\r\nx-user-id: u1\r\n\r\n";
+    let answers = pipelined(&url, &format!("{bad_buyer}{wrong_method}"), 2).await;
+    assert_eq!(answers, [(400, None), (405, None)]);
+
+    let broken = "POST /seckill/g1/buy HTTP/1.1\r\nhost: shop\r\nno colon here\r\n\r\n";
+    let answers = pipelined(&url, &format!("{broken}{wrong_method}"), 2).await;
+    assert_eq!(answers, [(400, Some("close".to_string()))]);
+}
