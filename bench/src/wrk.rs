@@ -28,6 +28,25 @@ request = function()
 end
 "#;
 
+/// As [`BUY_SCRIPT`], but each buyer id holds a character ids may not (`~`): the gate answers
+/// 400 for the buyer id, having read the route, the goods id and the buyer id.
+pub const BAD_BUYER_SCRIPT: &str = r#"
+wrk.method = "POST"
+math.randomseed(os.time())
+request = function()
+  return wrk.format(nil, nil, { ["x-user-id"] = "u~" .. math.random(1, 100000000) })
+end
+"#;
+
+/// As [`BUY_SCRIPT`], but a GET: the sale route with a method it does not take (405).
+pub const GET_SCRIPT: &str = r#"
+wrk.method = "GET"
+math.randomseed(os.time())
+request = function()
+  return wrk.format(nil, nil, { ["x-user-id"] = "u" .. math.random(1, 100000000) })
+end
+"#;
+
 /// A wrk script for the syncer's deduct endpoint: goods `GOODS`, a new buyer and request id
 /// each call, so every call is a fresh purchase attempt on one hot goods.
 const DEDUCT_SCRIPT: &str = r#"
