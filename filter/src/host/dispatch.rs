@@ -113,8 +113,10 @@ impl<H: Host> Contexts<H> {
         }
     }
 
-    /// `proxy_on_http_call_response`: Envoy delivers an answer to the context that made the
-    /// call (the root for deduct and claim calls, a request for its release call).
+    /// `proxy_on_http_call_response`. Envoy makes every callout on behalf of the root
+    /// context and delivers every answer there: a request's release call is handed to the
+    /// request that made it, acting as that request (as the SDK's dispatcher did); one whose
+    /// request has ended is dropped. Everything else is the root's (deduct and claim calls).
     pub(crate) fn http_call_response(
         &mut self,
         context_id: u32,
@@ -122,9 +124,19 @@ impl<H: Host> Contexts<H> {
         num_headers: usize,
         body_size: usize,
     ) {
-        if let Some(root) = self.root(context_id) {
-            root.callout_answered(token, num_headers, body_size);
+        if let Some((_, root)) = self.roots.iter_mut().find(|(id, _)| *id == context_id) {
+            let Some(caller) = root.release_caller(token) else {
+                root.callout_answered(token, num_headers, body_size);
+                return;
+            };
+            if let Some(Stream::Sale(request)) = self.requests.get_mut(&caller) {
+                // Refused only when the request is gone, which then waits for nothing.
+                if self.host.set_effective_context(caller).is_ok() {
+                    request.release_answered(token, num_headers);
+                }
+            }
         } else if let Some(Stream::Sale(request)) = self.requests.get_mut(&context_id) {
+            // A host that answers the context that made the call.
             request.release_answered(token, num_headers);
         }
     }

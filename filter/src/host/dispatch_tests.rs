@@ -148,11 +148,40 @@ fn a_release_answer_reaches_the_request_that_asked() {
     assert_eq!(contexts.response_headers(10), Flow::Pause);
     let (context, release) = *dispatched(&host).last().expect("a release call");
     assert_eq!(context, 10);
+    // Envoy delivers the answer to the root, with the release call's token.
     host.set_call_response(Some("200"), "");
-    contexts.http_call_response(10, release, 1, 0);
+    host.enter(ROOT);
+    contexts.http_call_response(ROOT, release, 1, 0);
     assert!(host
         .calls()
         .contains(&Call::ContinueResponse { context: 10 }));
+    assert!(host.logs().is_empty(), "nobody warned: {:?}", host.logs());
+}
+
+#[test]
+fn a_release_answer_for_a_request_that_ended_is_dropped_quietly() {
+    let (host, mut contexts) = vm();
+    buy(&host, &mut contexts, 10, "ann");
+    wake(&host, &mut contexts);
+    let token = dispatched(&host)[0].1;
+    answer(&host, &mut contexts, token, &[won("hot.1.1", 5)]);
+    host.set_response(10, "503", "via_upstream");
+    host.enter(10);
+    assert_eq!(contexts.response_headers(10), Flow::Pause);
+    let release = dispatched(&host).last().expect("a release call").1;
+    contexts.delete(10);
+    host.set_call_response(Some("200"), "");
+    host.enter(ROOT);
+    contexts.http_call_response(ROOT, release, 1, 0);
+    assert!(!host
+        .calls()
+        .iter()
+        .any(|call| matches!(call, Call::ContinueResponse { .. })));
+    assert!(
+        host.logs().is_empty(),
+        "not the root's answer: {:?}",
+        host.logs()
+    );
 }
 
 #[test]

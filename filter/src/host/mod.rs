@@ -132,8 +132,9 @@ pub trait Host: SharedStore + Clone {
     fn enqueue_shared_queue(&self, queue: u32, value: &[u8]) -> Result<(), HostStatus>;
     /// The oldest entry, or `None` when the queue is empty.
     fn dequeue_shared_queue(&self, queue: u32) -> Result<Option<Vec<u8>>, HostStatus>;
-    /// Makes an HTTP call to an Envoy cluster on behalf of the effective context; its answer
-    /// comes back to that context's `on_http_call_response` with this token.
+    /// Makes an HTTP call to an Envoy cluster; its answer comes back with this token to the
+    /// root context's `on_http_call_response` (Envoy makes every call on behalf of the root),
+    /// where `dispatch.rs` hands a request's answer back to the request.
     fn dispatch_http_call(
         &self,
         cluster: &str,

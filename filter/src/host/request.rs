@@ -254,6 +254,9 @@ impl<H: Host> SaleRequest<H> {
         match self.worker.post_to_syncer(&path, None, timeout) {
             Ok(token) => {
                 self.worker.bump(stats.release_sent);
+                // The answer reaches the root, which hands it back to this request.
+                let releases = &self.worker.releases;
+                releases.borrow_mut().insert(token, self.context_id);
                 self.state = State::ReleasingWinner { token, order_id };
                 Flow::Pause
             }

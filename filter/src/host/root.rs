@@ -4,6 +4,7 @@
 //! that waited for it, acting as each request in turn.
 
 use std::cell::{Cell, RefCell};
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -30,6 +31,8 @@ pub struct Root<H: Host> {
     batcher: Rc<RefCell<Batcher>>,
     /// Kept across reconfigurations: forwarded winners wait in it to be claimed.
     claims: Rc<RefCell<Claims>>,
+    /// Kept across reconfigurations: release calls of requests, by token.
+    releases: Rc<RefCell<HashMap<u32, u32>>>,
     wake_queue: Option<u32>,
     /// Whether this worker has said that `deduct.cluster` names no cluster of this Envoy
     /// since its last call went out: said once, not once per batch, as every buyer meets it.
@@ -44,6 +47,7 @@ impl<H: Host> Root<H> {
             worker: None,
             batcher: Rc::default(),
             claims: Rc::default(),
+            releases: Rc::default(),
             wake_queue: None,
             missing_cluster_reported: Cell::new(false),
         }
@@ -106,6 +110,7 @@ impl<H: Host> Root<H> {
             batcher: Rc::clone(&self.batcher),
             claims: Rc::clone(&self.claims),
             wake_queue,
+            releases: Rc::clone(&self.releases),
         });
         true
     }
@@ -114,6 +119,12 @@ impl<H: Host> Root<H> {
     pub fn new_request(&self, context_id: u32) -> Option<SaleRequest<H>> {
         let worker = self.worker.as_ref()?;
         Some(SaleRequest::new(context_id, worker.share()))
+    }
+
+    /// The request whose release call `token` is, if it is one (forgotten as it is asked:
+    /// every call is answered once). Envoy delivers a request's callout answer to the root.
+    pub fn release_caller(&self, token: u32) -> Option<u32> {
+        self.releases.borrow_mut().remove(&token)
     }
 
     /// `on_queue_ready`: a request found the batcher idle and woke the root.

@@ -3,6 +3,7 @@
 //! answer taught.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::rc::Rc;
 use std::time::Duration;
 
@@ -29,6 +30,9 @@ pub(crate) struct Worker<H> {
     pub(crate) claims: Rc<RefCell<Claims>>,
     /// The shared queue whose `on_queue_ready` wakes this worker's root.
     pub(crate) wake_queue: u32,
+    /// Release calls out, by token: the request that made each. Envoy makes every callout
+    /// on behalf of the root context and delivers its answer there (see `dispatch.rs`).
+    pub(crate) releases: Rc<RefCell<HashMap<u32, u32>>>,
 }
 
 impl<H: Host> Worker<H> {
@@ -41,6 +45,7 @@ impl<H: Host> Worker<H> {
             batcher: Rc::clone(&self.batcher),
             claims: Rc::clone(&self.claims),
             wake_queue: self.wake_queue,
+            releases: Rc::clone(&self.releases),
         }
     }
 
