@@ -135,23 +135,33 @@ fn a_deduct_answer_reaches_the_root_and_decides_the_waiting_request() {
     assert_eq!(header(&response, "x-seckill-order-id"), Some("hot.1.1"));
 }
 
-#[test]
-fn a_release_answer_reaches_the_request_that_asked() {
-    let (host, mut contexts) = vm();
-    buy(&host, &mut contexts, 10, "ann");
-    wake(&host, &mut contexts);
-    let token = dispatched(&host)[0].1;
-    answer(&host, &mut contexts, token, &[won("hot.1.1", 5)]);
-    // The shop failed the winner: the request itself calls for the release and waits.
+/// Request 10 wins, the shop fails it, and the request calls for the release and waits:
+/// the release call's token.
+fn releasing_winner(host: &FakeHost, contexts: &mut Contexts<FakeHost>) -> u32 {
+    buy(host, contexts, 10, "ann");
+    wake(host, contexts);
+    let token = dispatched(host)[0].1;
+    answer(host, contexts, token, &[won("hot.1.1", 5)]);
     host.set_response(10, "503", "via_upstream");
     host.enter(10);
     assert_eq!(contexts.response_headers(10), Flow::Pause);
-    let (context, release) = *dispatched(&host).last().expect("a release call");
+    let (context, release) = *dispatched(host).last().expect("a release call");
     assert_eq!(context, 10);
-    // Envoy delivers the answer to the root, with the release call's token.
+    release
+}
+
+/// Envoy delivers the release call's answer to the root, with the call's token.
+fn release_answered(host: &FakeHost, contexts: &mut Contexts<FakeHost>, release: u32) {
     host.set_call_response(Some("200"), "");
     host.enter(ROOT);
     contexts.http_call_response(ROOT, release, 1, 0);
+}
+
+#[test]
+fn a_release_answer_reaches_the_request_that_asked() {
+    let (host, mut contexts) = vm();
+    let release = releasing_winner(&host, &mut contexts);
+    release_answered(&host, &mut contexts, release);
     assert!(host
         .calls()
         .contains(&Call::ContinueResponse { context: 10 }));
@@ -161,18 +171,9 @@ fn a_release_answer_reaches_the_request_that_asked() {
 #[test]
 fn a_release_answer_for_a_request_that_ended_is_dropped_quietly() {
     let (host, mut contexts) = vm();
-    buy(&host, &mut contexts, 10, "ann");
-    wake(&host, &mut contexts);
-    let token = dispatched(&host)[0].1;
-    answer(&host, &mut contexts, token, &[won("hot.1.1", 5)]);
-    host.set_response(10, "503", "via_upstream");
-    host.enter(10);
-    assert_eq!(contexts.response_headers(10), Flow::Pause);
-    let release = dispatched(&host).last().expect("a release call").1;
+    let release = releasing_winner(&host, &mut contexts);
     contexts.delete(10);
-    host.set_call_response(Some("200"), "");
-    host.enter(ROOT);
-    contexts.http_call_response(ROOT, release, 1, 0);
+    release_answered(&host, &mut contexts, release);
     assert!(!host
         .calls()
         .iter()
