@@ -3,6 +3,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod fast_path;
+
 /// Path of the syncer's deduct endpoint.
 pub const DEDUCT_PATH: &str = "/v1/deduct";
 /// Path of the batch form of the deduct endpoint: several attempts in one call, decided in

@@ -225,6 +225,7 @@ struct UnavailableBody<'a> {
 /// to its MySQL fallback, or shedding load, each a matter of moments.
 pub fn unavailable(request_id: Option<&str>) -> LocalReply {
     let outcome = GateOutcome::Unavailable;
+    let retry_cookie = request_id.is_some();
     let body = match request_id {
         Some(request_id) => to_json(&UnavailableBody {
             error: "unavailable",
@@ -236,7 +237,14 @@ pub fn unavailable(request_id: Option<&str>) -> LocalReply {
             "the stock service did not answer in time; try again",
         ),
     };
-    LocalReply::new(outcome, 503, body, Some(1_000))
+    let mut reply = LocalReply::new(outcome, 503, body, Some(1_000));
+    if retry_cookie {
+        // The retry with this request id must reach the filter (whose worker remembers it),
+        // not the native sold-out route (`seckill_api::fast_path`).
+        let cookie = seckill_api::fast_path::RETRY_COOKIE_SET;
+        reply.headers.push(("set-cookie", Cow::Borrowed(cookie)));
+    }
+    reply
 }
 
 /// How long a buyer is told to wait after a 503 caused by this site's configuration: a fix
@@ -657,6 +665,29 @@ mod tests {
 
     fn reply(outcome: Outcome) -> DeductReply {
         DeductReply::new(outcome, None)
+    }
+
+    #[test]
+    fn the_native_sold_out_route_answers_as_the_cache_does() {
+        for goods in ["sku-1", "a.b:c_d-9"] {
+            let cached = sold_out_cached(goods);
+            assert_eq!(cached.body, seckill_api::fast_path::sold_out_body(goods));
+            assert_eq!(cached.status, 409);
+            assert_eq!(header(&cached, OUTCOME_HEADER), Some("sold_out"));
+        }
+    }
+
+    #[test]
+    fn only_an_answer_naming_a_request_id_to_retry_with_sets_the_retry_cookie() {
+        let cookie = Some(seckill_api::fast_path::RETRY_COOKIE_SET);
+        assert_eq!(header(&unavailable(Some("r-1")), "set-cookie"), cookie);
+        assert_eq!(header(&unavailable(None), "set-cookie"), None);
+        let failure = CalloutFailure::Dispatch("x".into());
+        assert_eq!(
+            header(&unavailable_after(&failure, "r-1"), "set-cookie"),
+            cookie
+        );
+        assert_eq!(header(&sold_out_cached("g"), "set-cookie"), None);
     }
 
     fn body(reply: &LocalReply) -> Value {

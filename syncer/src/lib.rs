@@ -12,6 +12,7 @@ pub mod deduct;
 pub mod directory;
 pub mod durability;
 pub mod fallback;
+pub mod fast_path;
 pub mod http;
 pub mod kafka;
 pub mod keys;

@@ -245,6 +245,72 @@ enum Command {
         #[arg(long)]
         metrics_listen: Option<SocketAddr>,
     },
+    /// Switch Envoy's native sold-out route for hot goods: every round, read each goods'
+    /// stock from Redis and set its runtime key (`seckill.sold_out.<goods>`) on each Envoy
+    /// through its admin API, 100 while sold out (Envoy answers without entering the wasm
+    /// VM), 0 once units are back. Run one next to each Envoy (its admin stays local), or one
+    /// for several. See `fast-path-routes` for the routes.
+    FastPath {
+        /// Redis holding the live sale counters.
+        #[arg(
+            long,
+            env = "SECKILL_REDIS_URL",
+            default_value = "redis://127.0.0.1:6379"
+        )]
+        redis_url: String,
+        /// Prefix of every Redis key (as the syncer's).
+        #[arg(long, env = "SECKILL_KEY_PREFIX", default_value = "seckill")]
+        key_prefix: String,
+        /// An Envoy's admin URL, such as http://127.0.0.1:9901 (repeat, or comma-separate).
+        #[arg(
+            long = "envoy-admin",
+            env = "SECKILL_ENVOY_ADMIN",
+            value_delimiter = ',',
+            required = true
+        )]
+        envoy_admin: Vec<String>,
+        /// A goods with a fast-path route (repeat, or comma-separate; at most 256).
+        #[arg(
+            long = "goods",
+            env = "SECKILL_FAST_PATH_GOODS",
+            value_delimiter = ',',
+            required = true
+        )]
+        goods: Vec<String>,
+        /// Milliseconds between rounds: how soon returned units reopen the goods (keep it well
+        /// under the filter's sold_out_cache_ms).
+        #[arg(long, env = "SECKILL_FAST_PATH_EVERY_MS", default_value_t = 100, value_parser = clap::value_parser!(u64).range(10..=1_000))]
+        every_ms: u64,
+        /// Milliseconds between full re-sets of every key on each Envoy (an Envoy that
+        /// restarted has forgotten them).
+        #[arg(long, env = "SECKILL_FAST_PATH_REASSERT_MS", default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(100..=60_000))]
+        reassert_ms: u64,
+        /// Serve /metrics on this address.
+        #[arg(long)]
+        metrics_listen: Option<SocketAddr>,
+    },
+    /// Print the Envoy routes of the native sold-out fast path (one per goods, JSON lines that
+    /// go in a YAML `routes:` list before the sale route), to be switched by `fast-path`.
+    FastPathRoutes {
+        /// Goods to print a route for (repeat, or comma-separate).
+        #[arg(long = "goods", value_delimiter = ',', required = true)]
+        goods: Vec<String>,
+        /// The filter's route.path_template.
+        #[arg(long, default_value = "/seckill/{goods_id}/buy")]
+        path_template: String,
+        /// The template's variable that holds the goods id (the filter's goods_id.path).
+        #[arg(long, default_value = "goods_id")]
+        goods_variable: String,
+        /// The filter's route.methods (repeat, or comma-separate).
+        #[arg(long = "method", value_delimiter = ',', default_value = "POST")]
+        methods: Vec<String>,
+        /// The wasm filter's name in http_filters (disabled on these routes).
+        #[arg(long, default_value = "envoy.filters.http.wasm")]
+        filter_name: String,
+        /// Indent each line by this many spaces.
+        #[arg(long, default_value_t = 0, value_parser = clap::value_parser!(u16).range(0..=64))]
+        indent: u16,
+    },
     /// Consume sale events from Kafka and write them to MySQL in batches.
     Write {
         #[command(flatten)]
@@ -419,6 +485,47 @@ async fn run(command: Command) -> anyhow::Result<ExitCode> {
             serve_metrics(metrics_listen, shutdown.clone()).await?;
             seckill_syncer::run_relay(&stores.config(), &kafka.config(), &relay_name, shutdown)
                 .await?;
+        }
+        Command::FastPath {
+            redis_url,
+            key_prefix,
+            envoy_admin,
+            goods,
+            every_ms,
+            reassert_ms,
+            metrics_listen,
+        } => {
+            serve_metrics(metrics_listen, shutdown.clone()).await?;
+            let switch = seckill_syncer::fast_path::FastPathSwitch::new(
+                seckill_syncer::connect_redis(&redis_url).await?,
+                seckill_syncer::keys::KeySpace::new(key_prefix),
+                goods,
+                envoy_admin,
+                Duration::from_millis(every_ms),
+                Duration::from_millis(reassert_ms),
+            )?;
+            switch.run(shutdown).await;
+        }
+        Command::FastPathRoutes {
+            goods,
+            path_template,
+            goods_variable,
+            methods,
+            filter_name,
+            indent,
+        } => {
+            let methods: Vec<&str> = methods.iter().map(String::as_str).collect();
+            let sale = seckill_api::fast_path::SaleRoute {
+                template: &path_template,
+                variable: &goods_variable,
+                methods: &methods,
+                filter_name: &filter_name,
+            };
+            let pad = " ".repeat(usize::from(indent));
+            for goods_id in &goods {
+                let route = seckill_api::fast_path::sold_out_route(&sale, goods_id)?;
+                println!("{pad}- {route}");
+            }
         }
         Command::Write {
             stores,

@@ -64,6 +64,8 @@ impl Envoy {
             .with_context(|| format!("cannot read {}", template_path.display()))?;
         values.entry("ADMIN_PORT").or_insert_with(|| "0".into());
         values.entry("LISTEN_PORT").or_insert_with(|| "0".into());
+        // No fast-path routes unless a test or benchmark asks for them.
+        values.entry("FAST_ROUTES").or_default();
         let config = render(&template_text, &values)?;
         Self::start_config(dir, &config, workers).await
     }

@@ -7,6 +7,7 @@ pub mod browser;
 pub mod deduct_stub;
 pub mod docker;
 pub mod envoy;
+pub mod fast_path;
 pub mod kafka_broker;
 pub mod mysql_db;
 pub mod pipeline;

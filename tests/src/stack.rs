@@ -102,6 +102,9 @@ pub struct StackOptions {
     pub redis_args: Vec<&'static str>,
     /// Envoy's route timeout for the shop, in ms.
     pub shop_timeout_ms: u64,
+    /// Goods given a native sold-out route in Envoy (`seckill_api::fast_path`); the test
+    /// starts their switch ([`crate::fast_path::FastPathSwitch`]).
+    pub fast_path_goods: Vec<String>,
 }
 
 impl StackOptions {
@@ -128,6 +131,7 @@ impl StackOptions {
             syncer_args: Vec::new(),
             redis_args: Vec::new(),
             shop_timeout_ms: 5_000,
+            fast_path_goods: Vec::new(),
         }
     }
 }
@@ -227,6 +231,10 @@ impl<R: TestRedis> Stack<R> {
                 "PLUGIN_CONFIG",
                 // A JSON string is a valid YAML double-quoted scalar.
                 serde_json::to_string(&options.plugin_config.to_string())?,
+            ),
+            (
+                "FAST_ROUTES",
+                crate::fast_path::routes(&options.fast_path_goods)?,
             ),
         ]);
         let envoy = Envoy::start(

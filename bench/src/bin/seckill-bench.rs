@@ -93,6 +93,25 @@ async fn main() -> anyhow::Result<()> {
         values.insert("WASM_PATH", reject_only_wasm()?.display().to_string());
         Envoy::start(&stack.scratch.path, LOCAL_TEMPLATE, values, 1).await?
     };
+    // The native sold-out fast path: the gate with Envoy's own route for "gone", its runtime
+    // key set as `seckill-syncer fast-path` sets it for a sold-out goods.
+    let fast = {
+        let mut values = stack.envoy_values();
+        values.insert(
+            "FAST_ROUTES",
+            seckill_e2e::fast_path::routes(&["gone".to_string()])?,
+        );
+        let fast = Envoy::start(&stack.scratch.path, LOCAL_TEMPLATE, values, 1).await?;
+        let key = seckill_api::fast_path::runtime_key("gone");
+        let admin = format!("http://127.0.0.1:{}", fast.admin_port);
+        stack
+            .http
+            .post(format!("{admin}/runtime_modify?{key}=100"))
+            .send()
+            .await?
+            .error_for_status()?;
+        fast
+    };
     let plans = [
         // Each filter path next to its baseline: ratios pair runs of the same round, so the
         // closer in time, the less the machine's drift enters them.
@@ -130,6 +149,12 @@ async fn main() -> anyhow::Result<()> {
             "filter: sold out",
             "answered from the shared sold-out cache (409), no callout",
             format!("{gate}/seckill/gone/buy"),
+            true,
+        ),
+        (
+            "native fast path: sold out",
+            "the gate's Envoy with a sold-out route for the goods (its runtime key on): direct_response 409, the wasm filter disabled on the route",
+            format!("{}/seckill/gone/buy", fast.url()),
             true,
         ),
         (
@@ -292,6 +317,12 @@ fn render(scenarios: &[Scenario], args: &Args) -> String {
             Some("at least 0.9x"),
         ));
     }
+    rows.push((
+        "native fast path (sold out) / native local_ratelimit".to_string(),
+        "native fast path: sold out",
+        native,
+        Some("at least 0.95x"),
+    ));
     rows.push((
         "wasm reject-only / native local_ratelimit".to_string(),
         floor,

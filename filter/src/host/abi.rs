@@ -63,6 +63,13 @@ extern "C" {
         value_data: *const u8,
         value_size: usize,
     ) -> u32;
+    fn proxy_add_header_map_value(
+        map_type: u32,
+        key_data: *const u8,
+        key_size: usize,
+        value_data: *const u8,
+        value_size: usize,
+    ) -> u32;
     fn proxy_remove_header_map_value(map_type: u32, key_data: *const u8, key_size: usize) -> u32;
     fn proxy_get_property(
         path_data: *const u8,
@@ -400,6 +407,19 @@ impl Host for RealHost {
 
     fn set_response_header(&self, name: &str, value: &str) -> Result<(), HostStatus> {
         replace_map_value(RESPONSE_HEADERS, name, value)
+    }
+
+    fn add_response_header(&self, name: &str, value: &str) -> Result<(), HostStatus> {
+        // SAFETY: the host only reads the given lengths at the given addresses.
+        status(unsafe {
+            proxy_add_header_map_value(
+                RESPONSE_HEADERS,
+                name.as_ptr(),
+                name.len(),
+                value.as_ptr(),
+                value.len(),
+            )
+        })
     }
 
     fn continue_response(&self) -> Result<(), HostStatus> {

@@ -407,6 +407,14 @@ impl Host for FakeHost {
         Ok(())
     }
 
+    fn add_response_header(&self, name: &str, value: &str) -> Result<(), HostStatus> {
+        self.trace("add_response_header");
+        FakeHost::with_headers(&self.0.response_headers, self.effective(), |headers| {
+            headers.push((name.to_string(), value.to_string()));
+        });
+        Ok(())
+    }
+
     fn continue_response(&self) -> Result<(), HostStatus> {
         self.trace("continue_response");
         self.record(Call::ContinueResponse {

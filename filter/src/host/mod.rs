@@ -160,6 +160,8 @@ pub trait Host: SharedStore + Clone {
     /// A header of the upstream's response (`None` when absent).
     fn response_header(&self, name: &str) -> Result<Option<Vec<u8>>, HostStatus>;
     fn set_response_header(&self, name: &str, value: &str) -> Result<(), HostStatus>;
+    /// Adds a response header, keeping any of the same name (a `set-cookie` beside the shop's).
+    fn add_response_header(&self, name: &str, value: &str) -> Result<(), HostStatus>;
     /// Resumes a paused response.
     fn continue_response(&self) -> Result<(), HostStatus>;
     /// A property of the stream, e.g. `["response", "code_details"]` (`None` when absent).

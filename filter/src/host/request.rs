@@ -187,6 +187,15 @@ impl<H: Host> SaleRequest<H> {
                     self.worker.bump(self.worker.stats.upstream_unknown);
                     outcome = "upstream_unknown";
                     self.worker.expect_retry(request_id);
+                    // The retry must reach this filter, not the native sold-out route
+                    // (`seckill_api::fast_path`); a shadow buyer gets the shop's answer
+                    // untouched. Refused only when the response is gone.
+                    if *mode == Mode::Enforce {
+                        let _ = host.add_response_header(
+                            "set-cookie",
+                            seckill_api::fast_path::RETRY_COOKIE_SET,
+                        );
+                    }
                 }
                 ShopAnswer::NotCreated | ShopAnswer::Answered => {}
             }

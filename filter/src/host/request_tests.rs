@@ -214,7 +214,29 @@ fn a_timeout_or_a_reset_keeps_the_reservation() {
             Some("upstream_unknown")
         );
         assert_eq!(gate.host.counter("seckill.upstream.unknown"), 1);
+        // The buyer's retry must skip the native sold-out route: the cookie says so, beside
+        // any cookie of the shop's.
+        let cookies: Vec<_> = gate
+            .host
+            .response_headers(10)
+            .into_iter()
+            .filter(|(name, _)| name == "set-cookie")
+            .map(|(_, value)| value)
+            .collect();
+        assert_eq!(cookies, [seckill_api::fast_path::RETRY_COOKIE_SET]);
     }
+}
+
+#[test]
+fn an_answered_winner_gets_no_retry_cookie() {
+    let mut gate = Gate::new(|_| {});
+    let mut request = forwarded_winner(&mut gate);
+    gate.shop_answers(&mut request, 10, "200", "via_upstream");
+    let headers = gate.host.response_headers(10);
+    assert!(
+        !headers.iter().any(|(name, _)| name == "set-cookie"),
+        "{headers:?}"
+    );
 }
 
 #[test]
