@@ -176,6 +176,18 @@ pub const METRICS: &[Metric] = &[
         "seckill_relay_published_total",
         "Sale events delivered to Kafka and removed from their outbox",
     ),
+    gauge(
+        "seckill_fast_path_sold_out",
+        "What the fast-path switch last read for each goods: 1 sold out (Envoy's route answers), 0 the filter decides",
+    ),
+    counter(
+        "seckill_fast_path_updates_total",
+        "Runtime-key updates the fast-path switch made on an Envoy",
+    ),
+    counter(
+        "seckill_fast_path_envoy_errors_total",
+        "Runtime-key updates the fast-path switch could not make on an Envoy (it keeps what it last had)",
+    ),
     counter(
         "seckill_relay_errors_total",
         "Relay passes that failed (retried with backoff)",
