@@ -348,8 +348,11 @@ impl Writer {
     }
 
     /// One transaction for the whole batch. If MySQL refuses the batch for a reason of its
-    /// data (not its connection), each event is applied alone and the ones MySQL refuses become
-    /// dead letters, so one bad event cannot block its partition.
+    /// data (see [`refuses_the_data`]), each event is applied alone and the ones MySQL refuses
+    /// for their data become dead letters, so one bad event cannot block its partition. Any
+    /// other error (a lock wait timeout, a deadlock, a read-only or restarting server, a lost
+    /// connection) says nothing about the events: the batch is returned as an error and
+    /// retried whole, never dead-lettered.
     async fn apply<'a>(
         &self,
         batch: &'a [OwnedMessage],
@@ -376,7 +379,7 @@ impl Writer {
                 applied.dead_letters = dead.len();
                 Ok((applied, dead))
             }
-            Err(sqlx::Error::Database(e)) => {
+            Err(sqlx::Error::Database(e)) if refuses_the_data(e.as_ref()) => {
                 tracing::warn!(error = %e, "MySQL refused the batch; applying its events one by one");
                 let mut applied = Applied::default();
                 for (message, event) in &events {
@@ -396,7 +399,7 @@ impl Writer {
                                 });
                             }
                         }
-                        Err(sqlx::Error::Database(e)) => {
+                        Err(sqlx::Error::Database(e)) if refuses_the_data(e.as_ref()) => {
                             dead.push(DeadLetter::new(message, format!("MySQL refused it: {e}")))
                         }
                         Err(e) => return Err(e.into()),
@@ -458,6 +461,37 @@ impl Writer {
     }
 }
 
+/// Whether a database error is MySQL refusing the statement's data (the event itself is bad),
+/// as opposed to the server being unable to apply it right now. Only the first kind may turn
+/// an event into a dead letter: a transient error dead-lettered would drop a real sale from
+/// MySQL. It is an allow-list, so an error not known to be about the data is retried (and
+/// counted in `seckill_writer_errors_total`, which alerts) rather than thrown away.
+fn refuses_the_data(error: &dyn sqlx::error::DatabaseError) -> bool {
+    let number = error
+        .try_downcast_ref::<sqlx::mysql::MySqlDatabaseError>()
+        .map(|e| e.number());
+    is_data_error(number, error.code().as_deref())
+}
+
+/// MySQL error numbers about a statement's data whose SQLSTATE is the catch-all `HY000`.
+const DATA_ERROR_NUMBERS: [u16; 3] = [
+    1366, // incorrect value for a column
+    1265, // data truncated for a column
+    1411, // incorrect value for a function
+];
+
+/// Data errors: SQLSTATE class 21 (cardinality), 22 (data exception: out of range, too long,
+/// bad value) and 23 (integrity: a CHECK such as `stock_not_negative`, NOT NULL, keys), plus
+/// the few data errors MySQL files under `HY000`. Lock waits (1205, `HY000`), deadlocks
+/// (1213, `40001`), read-only servers (1290/1792/1836, `HY000`/`25006`), shutdowns and lost
+/// connections (`08S01`, `70100`) are not.
+fn is_data_error(number: Option<u16>, sqlstate: Option<&str>) -> bool {
+    let by_class = sqlstate.is_some_and(|s| {
+        s.len() == 5 && (s.starts_with("21") || s.starts_with("22") || s.starts_with("23"))
+    });
+    by_class || number.is_some_and(|n| DATA_ERROR_NUMBERS.contains(&n))
+}
+
 /// Records, for each order a batch inserted, the time from its reservation in Redis to now.
 /// The two clocks are different hosts' (Redis's, this one's), assumed NTP-close like the sale
 /// window already is; a reservation that seems to come from the future counts as 0.
@@ -487,4 +521,60 @@ fn commit_offsets(consumer: &StreamConsumer, batch: &[OwnedMessage]) -> anyhow::
     }
     tokio::task::block_in_place(|| consumer.commit(&list, CommitMode::Sync))
         .map_err(|e| anyhow::anyhow!("offset commit failed: {e}"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_data_error;
+
+    #[test]
+    fn errors_about_the_data_may_dead_letter_an_event() {
+        // (MySQL error number, SQLSTATE) as MariaDB reports them.
+        for (number, sqlstate) in [
+            (4025, "23000"), // CHECK constraint failed (stock_not_negative)
+            (1048, "23000"), // column cannot be null
+            (1062, "23000"), // duplicate entry
+            (1406, "22001"), // data too long
+            (1264, "22003"), // out of range
+            (1690, "22003"), // BIGINT UNSIGNED value out of range
+            (1292, "22007"), // truncated incorrect value
+            (1366, "HY000"), // incorrect integer value
+            (1242, "21000"), // subquery returns more than one row
+        ] {
+            assert!(
+                is_data_error(Some(number), Some(sqlstate)),
+                "{number} {sqlstate}"
+            );
+        }
+    }
+
+    #[test]
+    fn errors_about_the_server_are_retried_never_dead_lettered() {
+        for (number, sqlstate) in [
+            (1205, "HY000"), // lock wait timeout
+            (1213, "40001"), // deadlock
+            (1290, "HY000"), // --read-only
+            (1792, "25006"), // read-only transaction
+            (1836, "HY000"), // read-only mode
+            (1053, "08S01"), // server shutdown in progress
+            (1040, "08004"), // too many connections
+            (1317, "70100"), // query interrupted
+            (1927, "70100"), // connection killed
+            (1969, "70100"), // max_statement_time exceeded
+            (1114, "HY000"), // table is full
+            (1021, "HY000"), // disk full
+            (1180, "HY000"), // error during commit
+            (1146, "42S02"), // table does not exist (schema, not data: retry and alert)
+        ] {
+            assert!(
+                !is_data_error(Some(number), Some(sqlstate)),
+                "{number} {sqlstate}"
+            );
+        }
+        assert!(!is_data_error(None, None));
+        assert!(
+            !is_data_error(None, Some("22")),
+            "a malformed SQLSTATE proves nothing"
+        );
+    }
 }

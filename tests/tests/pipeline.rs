@@ -255,6 +255,53 @@ async fn mysql_cut_off_commits_no_offsets_and_recovers() {
     assert_drained(&p, "g", &orders).await;
 }
 
+/// A lock held on the sales row (a long report, an operator's manual fix) makes the writer's
+/// transaction wait out `innodb_lock_wait_timeout`. That error is the server's, not the
+/// events': the batch is retried until the lock goes, and not one sale is dead-lettered.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn lock_wait_timeout_is_retried_not_dead_lettered() {
+    let p = pipeline("lockwait").await;
+    p.open_sale("g", 1_000, 1).await.unwrap();
+    let _relay = p.spawn(relay(), None, &[]).await.unwrap();
+    let writer = p.spawn(writer(), None, &[]).await.unwrap();
+    let mut orders = p.sell("g", "a", 100).await.unwrap();
+    p.wait_for_rows("g", 100, DRAIN).await.unwrap();
+
+    let mut lock = p.db.pool.begin().await.unwrap();
+    sqlx::query("SELECT stock FROM sales WHERE goods_id = 'g' FOR UPDATE")
+        .execute(&mut *lock)
+        .await
+        .unwrap();
+    orders.extend(p.sell("g", "b", 200).await.unwrap());
+    // The writer's lock wait is 5 s; two timed-out attempts prove it retries the batch.
+    wait_for("the writer to time out on the lock", DRAIN, || async {
+        let errors = sum_metric(&writer.metrics().await?, "seckill_writer_errors_total");
+        Ok((errors >= 2).then_some(()))
+    })
+    .await
+    .unwrap();
+    let metrics = writer.metrics().await.unwrap();
+    assert_eq!(sum_metric(&metrics, "seckill_dead_letters_total"), 0);
+    assert_eq!(
+        p.order_rows("g").await.unwrap().0,
+        100,
+        "nothing applied under the lock"
+    );
+    lock.rollback().await.unwrap();
+
+    let (code, report) = drained(&p, "g", &orders).await;
+    assert_eq!(code, 0, "reconcile is clean: {report}");
+    assert_eq!(report["dead_letters"], 0, "{report}");
+    assert_eq!(
+        sum_metric(
+            &writer.metrics().await.unwrap(),
+            "seckill_dead_letters_total"
+        ),
+        0
+    );
+    assert_eq!(p.mysql_stock("g").await.unwrap(), (700, 300, 0));
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn unparsable_message_goes_to_dead_letter_and_the_partition_flows() {
     let p = pipeline("deadletter").await;
