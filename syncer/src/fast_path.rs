@@ -10,8 +10,9 @@
 //! outside its window or paused) counts as not sold out; every Envoy gets the whole set again
 //! every `reassert` (an Envoy that restarted forgot its admin layer, which is then the safe
 //! default: the filter decides), and every change at once; and on shutdown every key goes to
-//! 0. An Envoy this switch cannot reach keeps what it last had: an alert on
-//! `seckill_fast_path_envoy_errors_total` says so.
+//! 0. An Envoy this switch cannot reach keeps what it last had, and
+//! `seckill_fast_path_envoy_errors_total` (on the switch's own `--metrics-listen`) counts
+//! each update it missed; the shipped alert rules do not cover the switch yet.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
