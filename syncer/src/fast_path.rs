@@ -10,9 +10,10 @@
 //! outside its window or paused) counts as not sold out; every Envoy gets the whole set again
 //! every `reassert` (an Envoy that restarted forgot its admin layer, which is then the safe
 //! default: the filter decides), and every change at once; and on shutdown every key goes to
-//! 0. An Envoy this switch cannot reach keeps what it last had, and
-//! `seckill_fast_path_envoy_errors_total` (on the switch's own `--metrics-listen`) counts
-//! each update it missed; the shipped alert rules do not cover the switch yet.
+//! 0. An Envoy this switch cannot reach keeps what it last had, so a goods whose units came
+//! back may still be answered sold out there: `seckill_fast_path_envoy_errors_total` (on the
+//! switch's own `--metrics-listen`) counts each update it missed, and the shipped alert
+//! `SeckillFastPathSwitchFailing` pages while they go on.
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -126,6 +127,7 @@ impl FastPathSwitch {
 
     /// Runs rounds until `shutdown`, then turns every key off on every Envoy.
     pub async fn run(mut self, shutdown: CancellationToken) {
+        crate::telemetry::register_fast_path();
         tracing::info!(
             goods = self.goods.len(),
             envoys = self.envoys.len(),

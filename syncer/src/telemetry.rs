@@ -452,6 +452,15 @@ pub fn register_writer() {
     let _ = metrics::histogram!(DEDUCT_TO_MYSQL);
 }
 
+/// The fast-path switch's metrics: at zero from the start, so that the first failed update
+/// shows as an increase to the alert that watches it.
+pub fn register_fast_path() {
+    zero(&[
+        "seckill_fast_path_updates_total",
+        "seckill_fast_path_envoy_errors_total",
+    ]);
+}
+
 /// The periodic reconcile's and the forgotten-reservation sweep's metrics.
 pub fn register_reconcile() {
     zero(&[

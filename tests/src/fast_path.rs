@@ -33,12 +33,15 @@ pub fn routes(goods: &[String]) -> anyhow::Result<String> {
 /// A running `seckill-syncer fast-path`.
 pub struct FastPathSwitch {
     process: ChildGuard,
+    /// Where its /metrics is served, when started with one.
+    metrics_port: Option<u16>,
 }
 
 impl FastPathSwitch {
     /// Starts the switch for `goods` on the Envoys whose admin ports are given, a round every
-    /// `every`. It has no readiness signal of its own: tests wait for the runtime key they
-    /// expect ([`runtime_value`]).
+    /// `every`, serving /metrics on `metrics_port` if given ([`FastPathSwitch::metrics`]). It
+    /// has no readiness signal of its own: tests wait for the runtime key they expect
+    /// ([`runtime_value`]).
     pub fn start(
         dir: &Path,
         redis_url: &str,
@@ -46,6 +49,7 @@ impl FastPathSwitch {
         envoy_admin_ports: &[u16],
         goods: &[String],
         every: Duration,
+        metrics_port: Option<u16>,
     ) -> anyhow::Result<Self> {
         let admins: Vec<String> = envoy_admin_ports
             .iter()
@@ -59,10 +63,28 @@ impl FastPathSwitch {
             .args(["--goods", &goods.join(",")])
             .args(["--every-ms", &every.as_millis().to_string()])
             .env("RUST_LOG", "info,seckill_syncer::fast_path=debug");
+        if let Some(port) = metrics_port {
+            command.args(["--metrics-listen", &format!("127.0.0.1:{port}")]);
+        }
         let log = dir.join(format!("fast-path-{}.log", crate::process::unique_suffix()));
         Ok(Self {
             process: ChildGuard::spawn("fast-path", command, &log)?,
+            metrics_port,
         })
+    }
+
+    /// The text of its /metrics (an error until it listens: poll with a deadline).
+    pub async fn metrics(&self, http: &reqwest::Client) -> anyhow::Result<String> {
+        let port = self
+            .metrics_port
+            .context("this switch was started without --metrics-listen")?;
+        Ok(http
+            .get(format!("http://127.0.0.1:{port}/metrics"))
+            .send()
+            .await?
+            .error_for_status()?
+            .text()
+            .await?)
     }
 
     /// Asks it to stop (SIGTERM: it hands every goods back to the filter first) and waits.

@@ -36,6 +36,7 @@ fn switch(stack: &Stack, goods: &[&str]) -> FastPathSwitch {
         &[stack.envoy.admin_port],
         &goods,
         ROUND,
+        None,
     )
     .expect("the switch starts")
 }

@@ -1,5 +1,6 @@
-//! What an operator watches a sale with, against real parts: the syncer's /metrics and Envoy's
-//! /stats/prometheus after a small sale (checked by promtool, and against Redis), the outbox
+//! What an operator watches a sale with, against real parts: the syncer's /metrics, Envoy's
+//! /stats/prometheus and the fast-path switch's /metrics after a small sale (checked by
+//! promtool, and against Redis), the outbox
 //! and deduct-to-MySQL metrics through a broker outage, and the shipped Grafana dashboard and
 //! alert rules (their queries parsed by promtool and naming only metrics a real scrape has).
 
@@ -7,8 +8,9 @@ use std::collections::BTreeSet;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use seckill_e2e::fast_path::{runtime_value, FastPathSwitch};
 use seckill_e2e::pipeline::Pipeline;
-use seckill_e2e::process::{wait_for, workspace_root};
+use seckill_e2e::process::{free_port, wait_for, workspace_root};
 use seckill_e2e::prometheus::{
     self, check_metrics, exposed_names, metric_names_in, rule_expressions, sample, types,
     without_grafana_variables, ALERT_RULES, ALERT_RULE_TESTS, DASHBOARD,
@@ -107,8 +109,8 @@ const FROM_ZERO: &[&str] = &[
 
 /// A sale of 10 units to 15 buyers through Envoy, 3 of them paid: the syncer's and Envoy's
 /// metrics pass promtool, carry help and true histograms, start at zero, show each goods'
-/// Redis stock as Redis has it, and every query of the dashboard and the alert rules names
-/// only metrics these scrapes have.
+/// Redis stock as Redis has it, the fast-path switch counts the updates an Envoy missed, and
+/// every query of the dashboard and the alert rules names only metrics these scrapes have.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_sale_is_watched_through_lint_clean_metrics() {
     let stack = Stack::start(StackOptions::for_a_crowd("metrics"))
@@ -233,16 +235,61 @@ async fn a_sale_is_watched_through_lint_clean_metrics() {
         );
     }
 
+    // The fast-path switch, set on the stack's Envoy and on an admin address nothing listens
+    // on: the reachable Envoy gets the sold-out goods' key, and each update the other misses
+    // is counted (SeckillFastPathSwitchFailing pages on it).
+    let unreachable = free_port().unwrap();
+    let switch = FastPathSwitch::start(
+        &stack.scratch.path,
+        &stack.redis.url(),
+        &stack.key_prefix,
+        &[stack.envoy.admin_port, unreachable],
+        &["hot".to_string()],
+        Duration::from_millis(50),
+        Some(free_port().unwrap()),
+    )
+    .unwrap();
+    let switched = wait_for(
+        "the switch to update one Envoy and miss the other",
+        SETTLE,
+        || async {
+            // It has no readiness signal: refused until it listens.
+            let Ok(text) = switch.metrics(&stack.http).await else {
+                return Ok(None);
+            };
+            let done = sample(&text, "seckill_fast_path_updates_total").is_some_and(|n| n >= 1.0)
+                && sample(&text, "seckill_fast_path_envoy_errors_total").is_some_and(|n| n >= 2.0);
+            Ok(done.then_some(text))
+        },
+    )
+    .await
+    .unwrap();
+    assert_lint_clean("the fast-path switch", &switched);
+    let key = seckill_api::fast_path::runtime_key("hot");
+    assert_eq!(
+        runtime_value(&stack.http, stack.envoy.admin_port, &key)
+            .await
+            .unwrap()
+            .as_deref(),
+        Some("100"),
+        "hot is sold out in Redis, so the reachable Envoy answers it natively"
+    );
+    assert_eq!(
+        value(&switched, "seckill_fast_path_sold_out{goods=\"hot\"}"),
+        1.0
+    );
+
     // The dashboard and the alert rules read only what these scrapes have.
     let mut exported = exposed_names(&text);
     exported.extend(exposed_names(&envoy));
+    exported.extend(exposed_names(&switched));
     for (source, query) in dashboard_queries(true).into_iter().chain(alert_queries()) {
         let names = metric_names_in(&query);
         assert!(!names.is_empty(), "{source} names no metric: {query}");
         let unknown: Vec<&String> = names.difference(&exported).collect();
         assert!(
             unknown.is_empty(),
-            "{source} reads {unknown:?}, which neither the syncer nor Envoy exports: {query}"
+            "{source} reads {unknown:?}, which neither the syncer, Envoy nor the fast-path switch exports: {query}"
         );
     }
 }
@@ -434,6 +481,7 @@ fn dashboard_and_alert_rules_pass_promtool() {
         "SeckillWriterLagging",
         "SeckillDeadLetters",
         "SeckillBreakerOpen",
+        "SeckillFastPathSwitchFailing",
     ] {
         assert!(
             rules.contains(&format!("- alert: {alert}\n")),
