@@ -55,7 +55,10 @@ pub async fn apply_events(
         Ok(Some(applied)) => return Ok((applied, Vec::new())),
         // Something in the batch is not a plainly new reservation (a redelivery, a state
         // change, an unknown goods, stock MySQL does not have): the careful path sorts it out.
-        Ok(None) | Err(sqlx::Error::Database(_)) => {}
+        Ok(None) => {}
+        Err(sqlx::Error::Database(e)) if super::refuses_the_data(e.as_ref()) => {}
+        // A lock wait, a deadlock, a server going away: the careful path would meet it again
+        // (a lock wait twice over); the caller retries the whole batch instead.
         Err(e) => return Err(e),
     }
     apply_checked(mysql, events).await
