@@ -1,8 +1,8 @@
 //! What an operator watches a sale with, against real parts: the syncer's /metrics, Envoy's
 //! /stats/prometheus and the fast-path switch's /metrics after a small sale (checked by
-//! promtool, and against Redis), the outbox
-//! and deduct-to-MySQL metrics through a broker outage, and the shipped Grafana dashboard and
-//! alert rules (their queries parsed by promtool and naming only metrics a real scrape has).
+//! promtool, and against Redis), the outbox and deduct-to-MySQL metrics through a broker
+//! outage, and the shipped Grafana dashboard and alert rules (their queries parsed by
+//! promtool and naming only metrics a real scrape has).
 
 use std::collections::BTreeSet;
 use std::sync::Arc;
