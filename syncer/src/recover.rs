@@ -130,7 +130,12 @@ impl Recoverer {
 
     /// Re-seeds every goods in fallback (or stopped switching).
     async fn return_to_redis(&self) {
-        for (goods_id, route) in self.directory.not_in_redis() {
+        let returning = self.directory.not_in_redis();
+        if returning.is_empty() {
+            self.directory.refresh_soon().await;
+            return;
+        }
+        for (goods_id, route) in returning {
             let old_epoch = route.loaded_epoch;
             let result = reseed::reseed(
                 &self.redis,
@@ -160,7 +165,13 @@ impl Recoverer {
                 Err(e) => tracing::warn!(goods_id, error = %e, "re-seed failed; retrying"),
             }
         }
-        self.directory.refresh_soon().await;
+        // Now, not `refresh_soon`: a periodic refresh that read MySQL while the goods was
+        // `switching` may have run moments ago, and until the next one (up to 500 ms) every
+        // buyer of a goods Redis decides again would be answered 503 "switching". Refreshes
+        // are serialized, so this one reads what the re-seed wrote.
+        if let Err(e) = self.directory.refresh().await {
+            tracing::warn!(error = %e, "could not refresh the sales directory from MySQL");
+        }
     }
 
     /// Orders this syncer saw Redis hand out under the epoch it replaced that never reached
