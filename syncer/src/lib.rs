@@ -11,6 +11,7 @@ pub mod db_lifecycle;
 pub mod deduct;
 pub mod directory;
 pub mod durability;
+pub mod events_pack;
 pub mod fallback;
 pub mod fast_path;
 pub mod http;

@@ -1,7 +1,10 @@
 //! The outbox relay: moves sale events from each goods' Redis outbox stream to Kafka.
 //!
-//! It reads with a consumer group, publishes each event keyed by goods id, and only after
-//! Kafka confirmed delivery acknowledges and deletes the stream entries (one MULTI). A crash
+//! It reads with a consumer group, publishes the events keyed by goods id, and only after
+//! Kafka confirmed delivery acknowledges and deletes the stream entries (one MULTI). The
+//! events of one read travel packed, up to [`PACK_EVENTS_MAX`] per Kafka message, one per line
+//! (see [`crate::events_pack`]): a broker's cost is mostly per message, so a pack of 128 costs
+//! it about what one event did. A crash
 //! between delivery and acknowledgement re-publishes those events on restart; the writer
 //! absorbs the duplicates. While the broker is away the entries wait in the stream (Redis
 //! memory, not ours: the relay holds at most one read batch), and retries back off. A stream
@@ -20,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::crashpoint::{crashpoint, RELAY_AFTER_PUBLISH};
 use crate::events::OUTBOX_FIELD;
+use crate::events_pack::Pack;
 use crate::kafka::KafkaConfig;
 use crate::keys::KeySpace;
 
@@ -77,6 +81,7 @@ impl Relay {
         tracing::info!(name = %self.name, topic = %self.kafka.topic, "relay started");
         crate::telemetry::register_relay();
         let mut groups_ready = HashSet::new();
+        let mut caught_up = HashSet::new();
         let mut backoff = BACKOFF_FIRST;
         let mut last_claim = Instant::now() - CLAIM_EVERY;
         let mut last_gauge = Instant::now() - Duration::from_secs(1);
@@ -85,7 +90,7 @@ impl Relay {
             if claim {
                 last_claim = Instant::now();
             }
-            let pause = match self.pass(&mut groups_ready, claim).await {
+            let pause = match self.pass(&mut groups_ready, &mut caught_up, claim).await {
                 Ok(relayed) => {
                     backoff = BACKOFF_FIRST;
                     if relayed == 0 {
@@ -147,9 +152,12 @@ impl Relay {
     }
 
     /// One pass over every goods' outbox. Returns how many events went to Kafka.
+    /// `caught_up` holds the streams where this relay is known to have no entries read and not
+    /// acknowledged, so their pending list need not be read again each pass.
     async fn pass(
         &self,
         groups_ready: &mut HashSet<String>,
+        caught_up: &mut HashSet<String>,
         claim: bool,
     ) -> Result<usize, RelayError> {
         let mut conn = self.redis.clone();
@@ -162,7 +170,10 @@ impl Relay {
                 ensure_group(&mut conn, &stream).await?;
                 groups_ready.insert(stream.clone());
             }
-            let relayed_here = match self.relay_goods(&mut conn, &goods_id, &stream, claim).await {
+            let relayed_here = match self
+                .relay_goods(&mut conn, &goods_id, &stream, claim, caught_up)
+                .await
+            {
                 Err(RelayError::Redis(e)) if e.code() == Some("NOGROUP") => {
                     // The group is gone with the data of a Redis that forgot (a restart
                     // without persistence, a failover): read from the start of the stream
@@ -196,11 +207,20 @@ impl Relay {
         goods_id: &str,
         stream: &str,
         claim: bool,
+        caught_up: &mut HashSet<String>,
     ) -> Result<usize, RelayError> {
+        // Whatever goes wrong below may leave entries read and not acknowledged: until a
+        // pass proves otherwise, read the pending list first again.
+        let was_caught_up = caught_up.remove(stream);
         if claim {
+            // Claimed entries join this relay's pending list.
             self.claim_abandoned(conn, stream).await?;
         }
-        self.relay_stream(conn, goods_id, stream).await
+        let relayed = self
+            .relay_stream(conn, goods_id, stream, was_caught_up && !claim)
+            .await?;
+        caught_up.insert(stream.to_owned());
+        Ok(relayed)
     }
 
     async fn relay_stream(
@@ -208,9 +228,14 @@ impl Relay {
         conn: &mut RedisConn,
         goods_id: &str,
         stream: &str,
+        caught_up: bool,
     ) -> Result<usize, RelayError> {
-        // Our own pending entries first (read before a crash or a failed delivery), then new.
-        let mut entries = self.read(conn, stream, "0").await?;
+        // Our own pending entries first (read before a crash, a failed delivery or taken
+        // over from another relay), then new ones.
+        let mut entries = Vec::new();
+        if !caught_up {
+            entries = self.read(conn, stream, "0").await?;
+        }
         if entries.is_empty() {
             entries = self.read(conn, stream, ">").await?;
         }
@@ -218,16 +243,21 @@ impl Relay {
             return Ok(0);
         }
         let total = entries.len();
-        let sends = entries
+        let events: Vec<Option<&[u8]>> = entries
             .iter()
-            .map(|(id, event)| self.publish(goods_id, stream, id, event));
+            .map(|(_, event)| event.as_ref().ok().map(Vec::as_slice))
+            .collect();
+        let packs = crate::events_pack::plan(&events);
+        let sends = packs
+            .iter()
+            .map(|pack| self.publish(goods_id, stream, &entries, pack));
         let results = futures_util::future::join_all(sends).await;
         crashpoint(RELAY_AFTER_PUBLISH);
         let mut delivered = Vec::with_capacity(total);
         let mut first_failure = None;
-        for ((id, _), result) in entries.iter().zip(results) {
+        for (pack, result) in packs.iter().zip(results) {
             match result {
-                Ok(()) => delivered.push(id.clone()),
+                Ok(()) => delivered.extend(pack.entries().map(|i| entries[i].0.clone())),
                 Err(e) => {
                     first_failure.get_or_insert(e);
                 }
@@ -275,45 +305,70 @@ impl Relay {
         Ok(entries)
     }
 
-    /// Publishes one outbox entry's event as the script wrote it, keyed by its goods (the
-    /// writer decodes and checks it; what it cannot read becomes a dead letter there). An
-    /// entry without an event goes to the dead-letter topic here, so it is never lost and
-    /// never blocks the stream.
+    /// Publishes one pack of outbox entries, keyed by its goods: their events as the script
+    /// wrote them (the writer decodes and checks each; what it cannot read becomes a dead
+    /// letter there, alone). An entry without an event goes to the dead-letter topic here, so
+    /// it is never lost and never blocks the stream.
     async fn publish(
         &self,
         goods_id: &str,
         stream: &str,
-        id: &str,
-        event: &OutboxEvent,
+        entries: &[(String, OutboxEvent)],
+        pack: &Pack,
     ) -> Result<(), String> {
-        let (topic, key, payload, headers) = match event {
-            // Keyed by the goods, also from a shard's outbox: one goods, one partition.
-            Ok(bytes) => (
-                &self.kafka.topic,
-                crate::keys::base_goods(goods_id),
-                bytes,
-                OwnedHeaders::new(),
-            ),
-            Err(raw) => {
-                tracing::error!(
-                    stream,
-                    id,
-                    "outbox entry without an event: sent to the dead-letter topic"
-                );
-                metrics::counter!("seckill_dead_letters_total", "source" => "outbox").increment(1);
-                let reason =
-                    format!("malformed outbox entry {stream} {id}: no field {OUTBOX_FIELD}");
+        // Keyed by the goods, also from a shard's outbox: one goods, one partition.
+        let key = crate::keys::base_goods(goods_id);
+        let record = match pack {
+            Pack::Single(i) => match &entries[*i].1 {
+                Ok(bytes) => FutureRecord::to(&self.kafka.topic)
+                    .key(key)
+                    .payload(bytes.as_slice()),
+                Err(raw) => return self.publish_dead_letter(stream, &entries[*i].0, raw).await,
+            },
+            Pack::Lines(range) => {
+                // A plan puts only events in a pack.
+                let events = entries[range.clone()]
+                    .iter()
+                    .filter_map(|(_, e)| e.as_ref().ok().map(Vec::as_slice));
+                let payload = crate::events_pack::join(events);
+                let count = range.len().to_string();
                 let headers = OwnedHeaders::new().insert(Header {
-                    key: "reason",
-                    value: Some(reason.as_bytes()),
+                    key: crate::events_pack::HEADER,
+                    value: Some(count.as_bytes()),
                 });
-                (&self.kafka.dead_letter_topic, stream, raw, headers)
+                return self
+                    .send(
+                        FutureRecord::to(&self.kafka.topic)
+                            .key(key)
+                            .payload(payload.as_slice())
+                            .headers(headers),
+                    )
+                    .await;
             }
         };
-        let record = FutureRecord::to(topic)
-            .key(key)
-            .payload(payload)
+        self.send(record).await
+    }
+
+    async fn publish_dead_letter(&self, stream: &str, id: &str, raw: &[u8]) -> Result<(), String> {
+        tracing::error!(
+            stream,
+            id,
+            "outbox entry without an event: sent to the dead-letter topic"
+        );
+        metrics::counter!("seckill_dead_letters_total", "source" => "outbox").increment(1);
+        let reason = format!("malformed outbox entry {stream} {id}: no field {OUTBOX_FIELD}");
+        let headers = OwnedHeaders::new().insert(Header {
+            key: "reason",
+            value: Some(reason.as_bytes()),
+        });
+        let record = FutureRecord::to(&self.kafka.dead_letter_topic)
+            .key(stream)
+            .payload(raw)
             .headers(headers);
+        self.send(record).await
+    }
+
+    async fn send(&self, record: FutureRecord<'_, str, [u8]>) -> Result<(), String> {
         self.producer
             .send(record, Duration::ZERO)
             .await

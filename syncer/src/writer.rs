@@ -1,14 +1,16 @@
 //! The batched MySQL writer: consumes sale events from Kafka and applies them to MySQL.
 //!
 //! This module is the consuming side: partition assignment, batches, offsets, dead letters.
-//! A batch closes at `batch_size_max` events or `batch_wait` after its first event. It is
+//! A message is one event or a pack of them (`events_pack.rs`); each event is decoded on its
+//! own, and a batch closes at `batch_size_max` events or `batch_wait` after its first. It is
 //! applied in one transaction (`writer/apply.rs`) that inserts the orders that are really new
 //! (the order id is the primary key, so a redelivered event changes nothing) and updates each
 //! goods' counters once with the aggregated quantity; `seckill_model::transition` decides what
 //! each event does. Kafka offsets are committed only after the database commit. Messages that
 //! cannot be parsed or applied go to the dead-letter topic with the reason; an event whose
 //! order id MySQL holds for another purchase is a conflict (an order id issued twice), which
-//! also is logged as an error and counted in [`CONFLICTS_METRIC`].
+//! also is logged as an error and counted in [`CONFLICTS_METRIC`]. A dead letter is one event,
+//! also out of a pack: its `source` header names the message and, in a pack, its line.
 
 mod apply;
 
@@ -60,25 +62,60 @@ pub struct Writer {
     pub producer: FutureProducer,
 }
 
-/// A message the writer gives up on, with the reason.
+/// An event (or a whole message) the writer gives up on, with the reason.
 #[derive(Debug)]
 struct DeadLetter<'a> {
     message: &'a OwnedMessage,
+    /// What is dead-lettered: the message's payload, or one line of a pack.
+    payload: &'a [u8],
+    /// The line of a pack the event was (see [`crate::events_pack`]).
+    line: Option<usize>,
     reason: String,
     /// An order id issued for two purchases (see `seckill_model::transition::Step::Conflict`):
     /// logged as an error and counted in [`CONFLICTS_METRIC`] besides the dead-letter count.
     conflict: bool,
 }
 
+/// One event of a message: the message, its line in a pack, its text.
+type Piece<'a> = (&'a OwnedMessage, Option<usize>, &'a [u8]);
+
 impl<'a> DeadLetter<'a> {
-    /// A message refused for its content (unreadable, or not applicable), not a conflict.
-    fn new(message: &'a OwnedMessage, reason: String) -> Self {
+    /// An event refused for its content (unreadable, or not applicable), not a conflict.
+    fn new((message, line, payload): Piece<'a>, reason: String) -> Self {
         DeadLetter {
             message,
+            payload,
+            line,
             reason,
             conflict: false,
         }
     }
+}
+
+/// Whether a message is a pack of events (it carries [`crate::events_pack::HEADER`]), and the
+/// event count its header gives.
+fn pack_header(message: &OwnedMessage) -> Option<Option<&[u8]>> {
+    use rdkafka::message::Headers;
+    message.headers().and_then(|headers| {
+        headers
+            .iter()
+            .find(|h| h.key == crate::events_pack::HEADER)
+            .map(|h| h.value)
+    })
+}
+
+/// The events in a message, each with the message and its line in a pack.
+fn pieces(message: &OwnedMessage) -> Vec<Piece<'_>> {
+    let packed = pack_header(message).is_some();
+    crate::events_pack::split(message.payload().unwrap_or_default(), packed)
+        .into_iter()
+        .map(|(line, bytes)| (message, line, bytes))
+        .collect()
+}
+
+/// Events a message counts for a batch's size.
+fn events_in(message: &OwnedMessage) -> usize {
+    crate::events_pack::count(pack_header(message).flatten())
 }
 
 /// The consumer-lag gauge, per partition: messages in each of the writer's partitions after the
@@ -260,7 +297,8 @@ impl Writer {
         Ok(list)
     }
 
-    /// Waits for a first message, then takes more until the batch is full or its time is up.
+    /// Waits for a first message, then takes more until the batch holds `batch_size_max`
+    /// events or its time is up.
     async fn collect(
         &self,
         consumer: &StreamConsumer,
@@ -273,20 +311,30 @@ impl Writer {
             () = tokio::time::sleep(Duration::from_secs(1)) => return batch,
             message = consumer.recv() => message,
         };
+        // A batch is sized in events, and a message may be a pack of many.
+        let mut events = 0;
         match first {
-            Ok(message) => batch.push(message.detach()),
+            Ok(message) => {
+                let message = message.detach();
+                events += events_in(&message);
+                batch.push(message);
+            }
             Err(e) => {
                 tracing::warn!(error = %e, "kafka receive failed");
                 return batch;
             }
         }
         let deadline = tokio::time::Instant::now() + self.config.batch_wait;
-        while batch.len() < self.config.batch_size_max {
+        while events < self.config.batch_size_max {
             tokio::select! {
                 () = shutdown.cancelled() => break,
                 () = tokio::time::sleep_until(deadline) => break,
                 message = consumer.recv() => match message {
-                    Ok(message) => batch.push(message.detach()),
+                    Ok(message) => {
+                        let message = message.detach();
+                        events += events_in(&message);
+                        batch.push(message);
+                    }
                     Err(e) => {
                         tracing::warn!(error = %e, "kafka receive failed");
                         break;
@@ -358,12 +406,14 @@ impl Writer {
         batch: &'a [OwnedMessage],
     ) -> anyhow::Result<(Applied, Vec<DeadLetter<'a>>)> {
         let mut dead = Vec::new();
-        let mut events = Vec::with_capacity(batch.len());
-        for message in batch {
-            match message.payload().map(SaleEvent::from_json) {
-                Some(Ok(event)) => events.push((message, event)),
-                Some(Err(e)) => dead.push(DeadLetter::new(message, e.to_string())),
-                None => dead.push(DeadLetter::new(message, "empty message".into())),
+        let mut events: Vec<(Piece<'a>, SaleEvent)> = Vec::with_capacity(batch.len());
+        for piece in batch.iter().flat_map(pieces) {
+            match piece.2 {
+                [] => dead.push(DeadLetter::new(piece, "empty event".into())),
+                bytes => match SaleEvent::from_json(bytes) {
+                    Ok(event) => events.push((piece, event)),
+                    Err(e) => dead.push(DeadLetter::new(piece, e.to_string())),
+                },
             }
         }
         let parsed: Vec<&SaleEvent> = events.iter().map(|(_, e)| e).collect();
@@ -371,9 +421,8 @@ impl Writer {
             Ok((mut applied, refused)) => {
                 for refusal in refused {
                     dead.push(DeadLetter {
-                        message: events[refusal.index].0,
-                        reason: refusal.reason,
                         conflict: refusal.conflict,
+                        ..DeadLetter::new(events[refusal.index].0, refusal.reason)
                     });
                 }
                 applied.dead_letters = dead.len();
@@ -382,7 +431,7 @@ impl Writer {
             Err(sqlx::Error::Database(e)) if refuses_the_data(e.as_ref()) => {
                 tracing::warn!(error = %e, "MySQL refused the batch; applying its events one by one");
                 let mut applied = Applied::default();
-                for (message, event) in &events {
+                for (piece, event) in &events {
                     match apply_events(&self.mysql, &[event]).await {
                         Ok((a, refused)) => {
                             applied.new_orders += a.new_orders;
@@ -393,14 +442,13 @@ impl Writer {
                             applied.duplicates += a.duplicates;
                             for refusal in refused {
                                 dead.push(DeadLetter {
-                                    message,
-                                    reason: refusal.reason,
                                     conflict: refusal.conflict,
+                                    ..DeadLetter::new(*piece, refusal.reason)
                                 });
                             }
                         }
                         Err(sqlx::Error::Database(e)) if refuses_the_data(e.as_ref()) => {
-                            dead.push(DeadLetter::new(message, format!("MySQL refused it: {e}")))
+                            dead.push(DeadLetter::new(*piece, format!("MySQL refused it: {e}")))
                         }
                         Err(e) => return Err(e.into()),
                     }
@@ -418,21 +466,25 @@ impl Writer {
             if letter.conflict {
                 tracing::error!(
                     topic = message.topic(), partition = message.partition(), offset = message.offset(),
-                    reason = %letter.reason,
+                    line = ?letter.line, reason = %letter.reason,
                     "conflicting sale event sent to the dead-letter topic, not applied: an order id was issued for two purchases"
                 );
             } else {
                 tracing::warn!(
                     topic = message.topic(), partition = message.partition(), offset = message.offset(),
-                    reason = %letter.reason, "message sent to the dead-letter topic"
+                    line = ?letter.line, reason = %letter.reason, "message sent to the dead-letter topic"
                 );
             }
-            let source = format!(
+            // topic/partition/offset, and the line for an event of a pack.
+            let mut source = format!(
                 "{}/{}/{}",
                 message.topic(),
                 message.partition(),
                 message.offset()
             );
+            if let Some(line) = letter.line {
+                source.push_str(&format!("#{line}"));
+            }
             let headers = OwnedHeaders::new()
                 .insert(Header {
                     key: "reason",
@@ -443,7 +495,7 @@ impl Writer {
                     value: Some(source.as_bytes()),
                 });
             let mut record = FutureRecord::to(&self.config.kafka.dead_letter_topic)
-                .payload(message.payload().unwrap_or_default())
+                .payload(letter.payload)
                 .headers(headers);
             if let Some(key) = message.key() {
                 record = record.key(key);

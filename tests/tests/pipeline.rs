@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 use rdkafka::consumer::{BaseConsumer, Consumer};
 use rdkafka::message::{Headers, Message};
 use rdkafka::{ClientConfig, Offset, TopicPartitionList};
-use seckill_e2e::kafka_broker::DEAD_LETTER_TOPIC;
+use seckill_e2e::kafka_broker::{DEAD_LETTER_TOPIC, TOPIC};
 use seckill_e2e::pipeline::Pipeline;
 use seckill_e2e::process::wait_for;
 use seckill_e2e::syncer::{sum_metric, Role};
@@ -221,15 +221,21 @@ async fn mysql_cut_off_commits_no_offsets_and_recovers() {
     .await
     .unwrap();
 
+    // Lag counts messages, and the relay packs events: the 700 events travel in however many
+    // messages their reads made. Every one of those must stay uncommitted.
+    let before_cut = topic_messages(&p.broker.bootstrap(), TOPIC);
     proxy.cut();
     orders.extend(p.sell("g", "b", 700).await.unwrap());
     // Every event reaches Kafka, none reaches MySQL, and the writer commits no offsets.
-    wait_for("the events to wait in Kafka", DRAIN, || async {
+    let waiting = wait_for("the events to wait in Kafka", DRAIN, || async {
         let (_, report) = p.reconcile(&[])?;
-        Ok((p.outbox_len("g").await? == 0 && report["kafka_lag"] == 700).then_some(()))
+        let since_cut = topic_messages(&p.broker.bootstrap(), TOPIC) - before_cut;
+        let relayed = p.outbox_len("g").await? == 0;
+        Ok((relayed && since_cut > 0 && report["kafka_lag"] == since_cut).then_some(since_cut))
     })
     .await
     .unwrap();
+    assert!(waiting <= 700, "{waiting} messages for 700 events");
     wait_for("the writer to hit the cut", DRAIN, || async {
         let errors = sum_metric(&writer.metrics().await?, "seckill_writer_errors_total");
         Ok((errors >= 2).then_some(()))
@@ -239,14 +245,14 @@ async fn mysql_cut_off_commits_no_offsets_and_recovers() {
     assert_eq!(p.order_rows("g").await.unwrap().0, 300);
     let (_, report) = p.reconcile(&[]).unwrap();
     assert_eq!(
-        report["kafka_lag"], 700,
+        report["kafka_lag"], waiting,
         "no offsets committed while MySQL is away"
     );
     // The writer's own lag gauge shows the backlog while it retries, not the lag it had
     // before the cut.
     wait_for("the lag gauge to show the backlog", DRAIN, || async {
         let lag = sum_metric(&writer.metrics().await?, "seckill_consumer_lag");
-        Ok((lag == 700).then_some(()))
+        Ok((lag == waiting as u64).then_some(()))
     })
     .await
     .unwrap();
@@ -356,6 +362,82 @@ async fn unparsable_message_goes_to_dead_letter_and_the_partition_flows() {
     );
 }
 
+/// The relay packs an outbox read into few Kafka messages, one event per line. Junk written
+/// into the outbox between real sales lands in those packs: each junk event is dead-lettered
+/// alone (its `source` names the pack's line), every sale beside it reaches MySQL, and the
+/// topic holds far fewer messages than events.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn junk_in_a_pack_is_dead_lettered_alone_and_its_neighbours_land() {
+    let p = pipeline("packjunk").await;
+    p.open_sale("g", 1_000, 1).await.unwrap();
+    let mut orders = p.sell("g", "a", 150).await.unwrap();
+    let outbox = format!("{}:{{g}}:outbox", p.prefix);
+    let mut conn = p.redis.connection().await.unwrap();
+    let junk: [(&str, &str); 5] = [
+        ("event", "{not json"),
+        (
+            "event",
+            r#"{"type":"reserved","order_id":"g.1.x","goods_id":"g"}"#,
+        ),
+        ("event", ""),
+        ("event", "{\n}"),
+        ("no_event", "x"),
+    ];
+    for (field, value) in junk {
+        let _: String = redis::cmd("XADD")
+            .arg(&outbox)
+            .arg("*")
+            .arg(field)
+            .arg(value)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+    }
+    orders.extend(p.sell("g", "b", 150).await.unwrap());
+    assert_eq!(p.outbox_len("g").await.unwrap(), 305);
+
+    let writer = p.spawn(writer(), None, &[]).await.unwrap();
+    let relay = p.spawn(relay(), None, &[]).await.unwrap();
+    let (code, report) = drained(&p, "g", &orders).await;
+    assert_eq!(code, 2, "dead letters make reconcile unclean: {report}");
+    assert_eq!(report["dead_letters"], 5, "{report}");
+    assert_eq!(report["goods"][0]["drift"]["reserved"], 0, "{report}");
+    let dead = |metrics: &str| sum_metric(metrics, "seckill_dead_letters_total");
+    assert_eq!(dead(&writer.metrics().await.unwrap()), 4);
+    assert_eq!(dead(&relay.metrics().await.unwrap()), 1);
+
+    let letters = read_topic_with_source(&p.broker.bootstrap(), DEAD_LETTER_TOPIC, 5);
+    let payload_of = |wanted: &[u8]| {
+        letters
+            .iter()
+            .find(|(payload, _)| payload == wanted)
+            .unwrap_or_else(|| {
+                panic!(
+                    "no dead letter {:?}: {letters:?}",
+                    String::from_utf8_lossy(wanted)
+                )
+            })
+    };
+    // Packed junk: one line each, named by its line in the pack.
+    for packed in [&b"{not json"[..], junk[1].1.as_bytes(), b""] {
+        let (_, source) = payload_of(packed);
+        assert!(
+            source.contains('#'),
+            "a packed event names its line: {source}"
+        );
+    }
+    // An entry with a raw newline travels alone and is one dead letter, whole.
+    let (_, source) = payload_of(b"{\n}");
+    assert!(!source.contains('#'), "sent alone, not packed: {source}");
+
+    // 300 events and 4 junk ones went to Kafka in a handful of messages.
+    let messages = topic_messages(&p.broker.bootstrap(), TOPIC);
+    assert!(
+        (3..=30).contains(&messages),
+        "{messages} messages for 304 events: the relay packs them"
+    );
+}
+
 /// An order id MySQL holds arrives again for another buyer (as a Redis that forgot its epoch
 /// would reissue it): not a redelivery but a conflict. Dead-lettered with a reason that names
 /// the order and what differs, counted, never applied; the partition goes on.
@@ -444,6 +526,44 @@ async fn order_row(p: &Pipeline, order_id: &str) -> (String, String, u32, String
 
 /// Reads `count` messages (payload, `reason` header) from partition 0 of a topic.
 fn read_topic(bootstrap: &str, topic: &str, count: usize) -> Vec<(Vec<u8>, String)> {
+    read_topic_header(bootstrap, topic, count, "reason")
+}
+
+/// Reads `count` messages (payload, `source` header) from partition 0 of a topic.
+fn read_topic_with_source(bootstrap: &str, topic: &str, count: usize) -> Vec<(Vec<u8>, String)> {
+    read_topic_header(bootstrap, topic, count, "source")
+}
+
+/// Messages in every partition of a topic (from each one's low to high watermark).
+fn topic_messages(bootstrap: &str, topic: &str) -> i64 {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "test-counter")
+        .create()
+        .unwrap();
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    metadata
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions())
+        .map(|partition| {
+            let (low, high) = consumer
+                .fetch_watermarks(topic, partition.id(), Duration::from_secs(10))
+                .unwrap();
+            high - low
+        })
+        .sum()
+}
+
+/// Reads `count` messages (payload, the value of header `header`) from partition 0 of a topic.
+fn read_topic_header(
+    bootstrap: &str,
+    topic: &str,
+    count: usize,
+    header: &str,
+) -> Vec<(Vec<u8>, String)> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", "test-reader")
@@ -459,7 +579,7 @@ fn read_topic(bootstrap: &str, topic: &str, count: usize) -> Vec<(Vec<u8>, Strin
         if let Some(Ok(message)) = consumer.poll(Duration::from_millis(200)) {
             let reason = message
                 .headers()
-                .and_then(|h| h.iter().find(|h| h.key == "reason"))
+                .and_then(|h| h.iter().find(|h| h.key == header))
                 .and_then(|h| h.value)
                 .map(|v| String::from_utf8_lossy(v).into_owned())
                 .unwrap_or_default();
