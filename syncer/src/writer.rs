@@ -16,7 +16,7 @@ mod apply;
 
 pub use apply::{apply_events, Applied, Refused};
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -40,6 +40,9 @@ const LAG_REFRESH_EVERY: Duration = Duration::from_secs(1);
 /// Bound on each of those round trips; short, so that a broker that does not answer cannot
 /// hold up a retry of the batch for long.
 const LAG_CALL_TIMEOUT: Duration = Duration::from_secs(2);
+/// Partitions' transactions one batch keeps open at once: the MySQL pool (8 connections) is
+/// shared with the deducter's MySQL lane and the admin API.
+const LANES_IN_FLIGHT_MAX: usize = 3;
 /// Counter of sale events whose order id MySQL holds for another purchase.
 pub const CONFLICTS_METRIC: &str = crate::telemetry::CONFLICTS;
 
@@ -395,51 +398,83 @@ impl Writer {
         }
     }
 
-    /// One transaction for the whole batch. If MySQL refuses the batch for a reason of its
-    /// data (see [`refuses_the_data`]), each event is applied alone and the ones MySQL refuses
-    /// for their data become dead letters, so one bad event cannot block its partition. Any
-    /// other error (a lock wait timeout, a deadlock, a read-only or restarting server, a lost
-    /// connection) says nothing about the events: the batch is returned as an error and
-    /// retried whole, never dead-lettered.
+    /// Applies a batch: each partition's events in a transaction of their own, the
+    /// partitions' transactions side by side (up to [`LANES_IN_FLIGHT_MAX`] at once). A goods lives on one partition (its id is the
+    /// key), so they touch different sales rows; a batch where one goods shows up on two
+    /// partitions (only a hand-made message can do that) is applied as one transaction.
+    /// Each transaction is [`Writer::apply_lane`]'s. Any error that is not about the data
+    /// fails the whole batch, which is retried whole; what one lane committed meanwhile comes
+    /// back as duplicates, which change nothing.
     async fn apply<'a>(
         &self,
         batch: &'a [OwnedMessage],
     ) -> anyhow::Result<(Applied, Vec<DeadLetter<'a>>)> {
         let mut dead = Vec::new();
-        let mut events: Vec<(Piece<'a>, SaleEvent)> = Vec::with_capacity(batch.len());
+        let mut lanes: BTreeMap<i32, Vec<(Piece<'a>, SaleEvent)>> = BTreeMap::new();
         for piece in batch.iter().flat_map(pieces) {
             match piece.2 {
                 [] => dead.push(DeadLetter::new(piece, "empty event".into())),
                 bytes => match SaleEvent::from_json(bytes) {
-                    Ok(event) => events.push((piece, event)),
+                    Ok(event) => lanes
+                        .entry(piece.0.partition())
+                        .or_default()
+                        .push((piece, event)),
                     Err(e) => dead.push(DeadLetter::new(piece, e.to_string())),
                 },
             }
         }
+        if !goods_disjoint(&lanes) {
+            let one: Vec<_> = std::mem::take(&mut lanes).into_values().flatten().collect();
+            lanes.insert(0, one);
+        }
+        use futures_util::StreamExt;
+        let applying: Vec<_> = lanes
+            .values()
+            .map(|events| self.apply_lane(events))
+            .collect();
+        let results: Vec<_> = futures_util::stream::iter(applying)
+            .buffered(LANES_IN_FLIGHT_MAX)
+            .collect()
+            .await;
+        let mut applied = Applied::default();
+        for result in results {
+            let (lane, lane_dead) = result?;
+            applied.absorb(lane);
+            dead.extend(lane_dead);
+        }
+        applied.dead_letters = dead.len();
+        Ok((applied, dead))
+    }
+
+    /// One transaction for a lane's events. If MySQL refuses it for a reason of its data
+    /// (see [`refuses_the_data`]), each event is applied alone and the ones MySQL refuses
+    /// for their data become dead letters, so one bad event cannot block its partition. Any
+    /// other error (a lock wait timeout, a deadlock, a read-only or restarting server, a lost
+    /// connection) says nothing about the events: it is returned, and the batch is retried
+    /// whole, never dead-lettered.
+    async fn apply_lane<'a>(
+        &self,
+        events: &[(Piece<'a>, SaleEvent)],
+    ) -> anyhow::Result<(Applied, Vec<DeadLetter<'a>>)> {
+        let mut dead = Vec::new();
         let parsed: Vec<&SaleEvent> = events.iter().map(|(_, e)| e).collect();
         match apply_events(&self.mysql, &parsed).await {
-            Ok((mut applied, refused)) => {
+            Ok((applied, refused)) => {
                 for refusal in refused {
                     dead.push(DeadLetter {
                         conflict: refusal.conflict,
                         ..DeadLetter::new(events[refusal.index].0, refusal.reason)
                     });
                 }
-                applied.dead_letters = dead.len();
                 Ok((applied, dead))
             }
             Err(sqlx::Error::Database(e)) if refuses_the_data(e.as_ref()) => {
                 tracing::warn!(error = %e, "MySQL refused the batch; applying its events one by one");
                 let mut applied = Applied::default();
-                for (piece, event) in &events {
+                for (piece, event) in events {
                     match apply_events(&self.mysql, &[event]).await {
                         Ok((a, refused)) => {
-                            applied.new_orders += a.new_orders;
-                            applied
-                                .new_orders_reserved_at_ms
-                                .extend(a.new_orders_reserved_at_ms);
-                            applied.transitions += a.transitions;
-                            applied.duplicates += a.duplicates;
+                            applied.absorb(a);
                             for refusal in refused {
                                 dead.push(DeadLetter {
                                     conflict: refusal.conflict,
@@ -453,7 +488,6 @@ impl Writer {
                         Err(e) => return Err(e.into()),
                     }
                 }
-                applied.dead_letters = dead.len();
                 Ok((applied, dead))
             }
             Err(e) => Err(e.into()),
@@ -511,6 +545,16 @@ impl Writer {
         }
         Ok(())
     }
+}
+
+/// Whether no goods has events in two lanes.
+fn goods_disjoint<T>(lanes: &BTreeMap<i32, Vec<(T, SaleEvent)>>) -> bool {
+    let mut owner: HashMap<&str, i32> = HashMap::new();
+    lanes.iter().all(|(lane, events)| {
+        events
+            .iter()
+            .all(|(_, event)| *owner.entry(event.goods_id()).or_insert(*lane) == *lane)
+    })
 }
 
 /// Whether a database error is MySQL refusing the statement's data (the event itself is bad),
@@ -577,7 +621,35 @@ fn commit_offsets(consumer: &StreamConsumer, batch: &[OwnedMessage]) -> anyhow::
 
 #[cfg(test)]
 mod tests {
-    use super::is_data_error;
+    use super::{goods_disjoint, is_data_error};
+    use crate::events::SaleEvent;
+    use std::collections::BTreeMap;
+
+    fn reserved(goods_id: &str, n: usize) -> ((), SaleEvent) {
+        let event = SaleEvent::Reserved {
+            order_id: format!("{goods_id}.1.{n}"),
+            goods_id: goods_id.into(),
+            user_id: format!("u{n}"),
+            quantity: 1,
+            request_id: format!("r{n}"),
+            at_ms: 1_800_000_000_000,
+        };
+        ((), event)
+    }
+
+    #[test]
+    fn lanes_run_side_by_side_only_when_no_goods_spans_two() {
+        let mut lanes = BTreeMap::new();
+        lanes.insert(
+            0,
+            vec![reserved("a", 1), reserved("b", 2), reserved("a", 3)],
+        );
+        lanes.insert(2, vec![reserved("c", 4)]);
+        assert!(goods_disjoint(&lanes));
+        lanes.insert(1, vec![reserved("d", 5), reserved("b", 6)]);
+        assert!(!goods_disjoint(&lanes), "b is on partitions 0 and 1");
+        assert!(goods_disjoint::<()>(&BTreeMap::new()));
+    }
 
     #[test]
     fn errors_about_the_data_may_dead_letter_an_event() {

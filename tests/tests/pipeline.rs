@@ -149,6 +149,65 @@ async fn writer_killed_mid_batch_loses_and_doubles_nothing() {
     assert_drained(&p, "g", &all).await;
 }
 
+/// The writer applies each partition's events in a transaction of its own, side by side.
+/// Six goods spread over the topic's partitions, all in Kafka before the writer starts, so its
+/// first batch spans partitions; it dies right after the first of those transactions commits
+/// (the others may have committed too).
+/// The next writer gets the whole batch again: what was committed comes back as duplicates,
+/// the rest is applied, and every goods ends with exactly its orders.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn partitions_applied_side_by_side_survive_a_crash_between_their_commits() {
+    let p = pipeline("lanes").await;
+    let goods: Vec<String> = (0..6).map(|i| format!("g{i}")).collect();
+    let _relay = p.spawn(relay(), None, &[]).await.unwrap();
+    let mut orders = Vec::new();
+    for id in &goods {
+        p.open_sale(id, 300, 1).await.unwrap();
+        orders.push(p.sell(id, "u", 150).await.unwrap());
+    }
+    wait_for("the relay to send every event", DRAIN, || async {
+        for id in &goods {
+            if p.outbox_len(id).await? > 0 {
+                return Ok(None);
+            }
+        }
+        Ok(Some(()))
+    })
+    .await
+    .unwrap();
+    let busy = partitions_with_messages(&p.broker.bootstrap(), TOPIC);
+    assert!(busy >= 2, "the goods span {busy} partitions");
+
+    run_until_crash(&p, writer(), "writer-after-db-commit").await;
+    let mut rows_at_crash = 0;
+    for id in &goods {
+        rows_at_crash += p.order_rows(id).await.unwrap().0;
+    }
+    // Usually one lane's rows; all of them if the lanes' commits returned together (InnoDB
+    // commits them as a group), which the rest of the test covers as well.
+    assert!(
+        (1..=900).contains(&rows_at_crash),
+        "the crash came after a commit: {rows_at_crash} rows"
+    );
+
+    let writer = p.spawn(writer(), None, &[]).await.unwrap();
+    for (id, sold) in goods.iter().zip(&orders) {
+        p.wait_for_rows(id, sold.len() as i64, DRAIN).await.unwrap();
+    }
+    for (id, sold) in goods.iter().zip(&orders) {
+        assert_drained(&p, id, sold).await;
+        assert_eq!(p.mysql_stock(id).await.unwrap(), (150, 150, 0));
+    }
+    assert_eq!(
+        sum_metric(
+            &writer.metrics().await.unwrap(),
+            "seckill_writer_duplicates_total"
+        ),
+        rows_at_crash as u64,
+        "exactly what the dead writer committed came back, and changed nothing"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn relay_killed_after_delivery_before_ack_duplicates_are_absorbed() {
     let p = pipeline("relaykill").await;
@@ -561,6 +620,29 @@ fn topic_messages(bootstrap: &str, topic: &str) -> i64 {
             high - low
         })
         .sum()
+}
+
+/// Partitions of a topic holding at least one message.
+fn partitions_with_messages(bootstrap: &str, topic: &str) -> usize {
+    let consumer: BaseConsumer = ClientConfig::new()
+        .set("bootstrap.servers", bootstrap)
+        .set("group.id", "test-counter")
+        .create()
+        .unwrap();
+    let metadata = consumer
+        .fetch_metadata(Some(topic), Duration::from_secs(10))
+        .unwrap();
+    metadata
+        .topics()
+        .iter()
+        .flat_map(|t| t.partitions())
+        .filter(|partition| {
+            let (low, high) = consumer
+                .fetch_watermarks(topic, partition.id(), Duration::from_secs(10))
+                .unwrap();
+            high > low
+        })
+        .count()
 }
 
 /// Reads `count` messages (payload, the value of header `header`) from partition 0 of a topic.

@@ -35,6 +35,10 @@ struct Args {
     /// Sales preloaded into the outbox for the pipeline-rate measurement.
     #[arg(long, default_value_t = 200_000)]
     backlog: usize,
+    /// Goods the backlog is spread over (their ids decide their partitions; the writer applies
+    /// partitions side by side).
+    #[arg(long, default_value_t = 1)]
+    backlog_goods: usize,
     /// Offered sales per second for the lag measurement (open loop).
     #[arg(long, default_value_t = 10_000)]
     rate: u32,
@@ -49,7 +53,7 @@ struct Args {
 async fn main() -> anyhow::Result<()> {
     let args = Args::parse();
     anyhow::ensure!(
-        args.batch > 0 && args.baseline_clients > 0 && args.rate > 0,
+        args.batch > 0 && args.baseline_clients > 0 && args.rate > 0 && args.backlog_goods > 0,
         "sizes must be positive"
     );
     let per_order = per_order_updates(&args).await?;
@@ -163,14 +167,22 @@ async fn pipeline_rates(args: &Args) -> anyhow::Result<PipelineFigures> {
     let p = Arc::new(Pipeline::start("bench_pipeline").await?);
 
     // Backlog: sales wait in the outbox (no relay yet); then relay and writer start together.
-    p.open_sale("backlog", args.backlog as u64, 1).await?;
+    let goods: Vec<String> = (0..args.backlog_goods)
+        .map(|i| format!("backlog{i}"))
+        .collect();
+    let per_goods = args.backlog / args.backlog_goods;
     let started = Instant::now();
-    let sold = p.sell("backlog", "b", args.backlog).await?.len();
+    let mut sold = 0;
+    for id in &goods {
+        p.open_sale(id, per_goods as u64, 1).await?;
+        let here = p.sell(id, "b", per_goods).await?.len();
+        anyhow::ensure!(
+            p.outbox_len(id).await? == here as u64,
+            "the outbox holds the backlog"
+        );
+        sold += here;
+    }
     let deduct_rate = sold as f64 / started.elapsed().as_secs_f64();
-    anyhow::ensure!(
-        p.outbox_len("backlog").await? == sold as u64,
-        "the outbox holds the backlog"
-    );
     let started = Instant::now();
     let _relay = p
         .spawn(
@@ -194,12 +206,21 @@ async fn pipeline_rates(args: &Args) -> anyhow::Result<PipelineFigures> {
     wait_for(
         "the relay to empty the outbox",
         Duration::from_secs(600),
-        || async { Ok((p.outbox_len("backlog").await? == 0).then_some(())) },
+        || async {
+            for id in &goods {
+                if p.outbox_len(id).await? > 0 {
+                    return Ok(None);
+                }
+            }
+            Ok(Some(()))
+        },
     )
     .await?;
     let relay_rate = sold as f64 / started.elapsed().as_secs_f64();
-    p.wait_for_rows("backlog", sold as i64, Duration::from_secs(600))
-        .await?;
+    for id in &goods {
+        p.wait_for_rows(id, per_goods as i64, Duration::from_secs(600))
+            .await?;
+    }
     let pipeline_rate = sold as f64 / started.elapsed().as_secs_f64();
 
     // Lag: sales offered on a fixed schedule while relay and writer run.
@@ -264,7 +285,7 @@ fn render(args: &Args, per_order: f64, batched: f64, p: &PipelineFigures) -> Str
         "## Sync: batched MySQL writer and the outbox -> Kafka -> MySQL pipeline
 
 Command: `bash scripts/bench.sh` (runs `target/release/seckill-bench-sync --orders {orders} --batch {batch} \
---baseline-orders {baseline} --baseline-clients {clients} --backlog {backlog} --rate {rate} --seconds {seconds}`).
+--baseline-orders {baseline} --baseline-clients {clients} --backlog {backlog} --backlog-goods {backlog_goods} --rate {rate} --seconds {seconds}`).
 
 Conditions: this machine ({cores} cores shared by everything), MariaDB 10.11 (Debian defaults), a private \
 redis-server, Tansu 0.6 (sqlite storage) as the Kafka broker, the syncer in release build.
@@ -284,7 +305,7 @@ Absolute figures, this machine, this run:
 | batched apply (`writer::apply_events`) | 1 client, batches of {batch}: one INSERT of the new orders + one UPDATE per goods per transaction, {orders} orders | {batched:.0} orders/s |
 | deduct endpoint filling the outbox | 64 concurrent HTTP clients, Lua deduct + outbox append, {backlog} sales | {deduct:.0} sales/s |
 | relay, backlog of {backlog} | outbox stream -> Kafka (idempotent producer, acks=all, up to 128 events a message) | {relay:.0} events/s |
-| whole pipeline, backlog of {backlog} | outbox -> Kafka -> MySQL, relay and writer started together | {pipeline:.0} orders/s |
+| whole pipeline, backlog of {backlog} | outbox -> Kafka -> MySQL, relay and writer started together, {backlog_goods} goods | {pipeline:.0} orders/s |
 | lag at a fixed offered rate | {offered:.0} sales/s offered for {seconds} s (achieved {achieved:.0}/s), {lag_orders} orders | p50 {p50:.0} ms, p99 {p99:.0} ms, max {max:.0} ms |
 
 What limits the pipeline here: {limiter}. The lag is measured from the deduct script's Redis time \
@@ -295,6 +316,7 @@ What limits the pipeline here: {limiter}. The lag is measured from the deduct sc
         baseline = args.baseline_orders,
         clients = args.baseline_clients,
         backlog = args.backlog,
+        backlog_goods = args.backlog_goods,
         rate = args.rate,
         seconds = args.seconds,
         ratio = batched / per_order,

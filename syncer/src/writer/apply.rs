@@ -29,6 +29,18 @@ pub struct Applied {
     pub dead_letters: usize,
 }
 
+impl Applied {
+    /// Adds what another transaction of the same batch did.
+    pub fn absorb(&mut self, other: Applied) {
+        self.new_orders += other.new_orders;
+        self.new_orders_reserved_at_ms
+            .extend(other.new_orders_reserved_at_ms);
+        self.transitions += other.transitions;
+        self.duplicates += other.duplicates;
+        self.dead_letters += other.dead_letters;
+    }
+}
+
 /// An event the batch did not apply, by index into the batch's events, and why.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Refused {
