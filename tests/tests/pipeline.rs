@@ -601,6 +601,22 @@ fn read_topic_with_source(bootstrap: &str, topic: &str, count: usize) -> Vec<(Ve
 
 /// Messages in every partition of a topic (from each one's low to high watermark).
 fn topic_messages(bootstrap: &str, topic: &str) -> i64 {
+    watermarks(bootstrap, topic)
+        .iter()
+        .map(|(low, high)| high - low)
+        .sum()
+}
+
+/// Partitions of a topic holding at least one message.
+fn partitions_with_messages(bootstrap: &str, topic: &str) -> usize {
+    watermarks(bootstrap, topic)
+        .iter()
+        .filter(|(low, high)| high > low)
+        .count()
+}
+
+/// Each partition's low and high watermarks.
+fn watermarks(bootstrap: &str, topic: &str) -> Vec<(i64, i64)> {
     let consumer: BaseConsumer = ClientConfig::new()
         .set("bootstrap.servers", bootstrap)
         .set("group.id", "test-counter")
@@ -614,35 +630,11 @@ fn topic_messages(bootstrap: &str, topic: &str) -> i64 {
         .iter()
         .flat_map(|t| t.partitions())
         .map(|partition| {
-            let (low, high) = consumer
+            consumer
                 .fetch_watermarks(topic, partition.id(), Duration::from_secs(10))
-                .unwrap();
-            high - low
+                .unwrap()
         })
-        .sum()
-}
-
-/// Partitions of a topic holding at least one message.
-fn partitions_with_messages(bootstrap: &str, topic: &str) -> usize {
-    let consumer: BaseConsumer = ClientConfig::new()
-        .set("bootstrap.servers", bootstrap)
-        .set("group.id", "test-counter")
-        .create()
-        .unwrap();
-    let metadata = consumer
-        .fetch_metadata(Some(topic), Duration::from_secs(10))
-        .unwrap();
-    metadata
-        .topics()
-        .iter()
-        .flat_map(|t| t.partitions())
-        .filter(|partition| {
-            let (low, high) = consumer
-                .fetch_watermarks(topic, partition.id(), Duration::from_secs(10))
-                .unwrap();
-            high > low
-        })
-        .count()
+        .collect()
 }
 
 /// Reads `count` messages (payload, the value of header `header`) from partition 0 of a topic.
