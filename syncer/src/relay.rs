@@ -218,10 +218,12 @@ impl Relay {
             // Claimed entries join this relay's pending list.
             self.claim_abandoned(conn, stream).await?;
         }
-        let relayed = self
+        let (relayed, pending_left) = self
             .relay_stream(conn, goods_id, stream, was_caught_up && !claim)
             .await?;
-        caught_up.insert(stream.to_owned());
+        if !pending_left {
+            caught_up.insert(stream.to_owned());
+        }
         Ok(relayed)
     }
 
@@ -231,18 +233,20 @@ impl Relay {
         goods_id: &str,
         stream: &str,
         caught_up: bool,
-    ) -> Result<usize, RelayError> {
+    ) -> Result<(usize, bool), RelayError> {
         // Our own pending entries first (read before a crash, a failed delivery or taken
-        // over from another relay), then new ones.
+        // over from another relay), then new ones. A full read of pending entries may have
+        // left more of them: the pending list is read again next pass (`pending_left`).
         let mut entries = Vec::new();
         if !caught_up {
             entries = self.read(conn, stream, "0").await?;
         }
+        let pending_left = entries.len() == READ_ENTRIES_MAX;
         if entries.is_empty() {
             entries = self.read(conn, stream, ">").await?;
         }
         if entries.is_empty() {
-            return Ok(0);
+            return Ok((0, false));
         }
         let total = entries.len();
         let events: Vec<Option<&[u8]>> = entries
@@ -277,7 +281,7 @@ impl Relay {
             metrics::counter!("seckill_relay_published_total").increment(delivered.len() as u64);
         }
         match first_failure {
-            None => Ok(delivered.len()),
+            None => Ok((delivered.len(), pending_left)),
             Some(first) => Err(RelayError::Delivery {
                 failed: total - delivered.len(),
                 total,
