@@ -2,14 +2,14 @@
 //!
 //! It reads with a consumer group, publishes the events keyed by goods id, and only after
 //! Kafka confirmed delivery acknowledges and deletes the stream entries (one MULTI). The
-//! events of one read travel packed, up to [`PACK_EVENTS_MAX`] per Kafka message, one per line
-//! (see [`crate::events_pack`]): a broker's cost is mostly per message, so a pack of 128 costs
-//! it about what one event did. A crash
-//! between delivery and acknowledgement re-publishes those events on restart; the writer
-//! absorbs the duplicates. While the broker is away the entries wait in the stream (Redis
-//! memory, not ours: the relay holds at most one read batch), and retries back off. A stream
-//! whose consumer group Redis lost (a restart without persistence, a failover) gets it back,
-//! reading from the stream's start, so the relay outlives a Redis that forgot.
+//! events of one read travel packed, up to [`crate::events_pack::PACK_EVENTS_MAX`] per Kafka
+//! message, one per line (see [`crate::events_pack`]): a broker's cost is mostly per message,
+//! so a pack of 128 costs it about what one event did. A crash between delivery and
+//! acknowledgement re-publishes those events on restart; the writer absorbs the duplicates.
+//! While the broker is away the entries wait in the stream (Redis memory, not ours: the relay
+//! holds at most one read batch), and retries back off. A stream whose consumer group Redis
+//! lost (a restart without persistence, a failover) gets it back, reading from the stream's
+//! start, so the relay outlives a Redis that forgot.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};

@@ -2,10 +2,11 @@
 //!
 //! This module is the consuming side: partition assignment, batches, offsets, dead letters.
 //! A message is one event or a pack of them (`events_pack.rs`); each event is decoded on its
-//! own, and a batch closes at `batch_size_max` events or `batch_wait` after its first. It is
-//! applied in one transaction (`writer/apply.rs`) that inserts the orders that are really new
-//! (the order id is the primary key, so a redelivered event changes nothing) and updates each
-//! goods' counters once with the aggregated quantity; `seckill_model::transition` decides what
+//! own, and a batch closes at `batch_size_max` events or `batch_wait` after its first. Each
+//! partition's events of a batch are applied in one transaction (`writer/apply.rs`), the
+//! partitions side by side; a transaction inserts the orders that are really new (the order
+//! id is the primary key, so a redelivered event changes nothing) and updates each goods'
+//! counters once with the aggregated quantity; `seckill_model::transition` decides what
 //! each event does. Kafka offsets are committed only after the database commit. Messages that
 //! cannot be parsed or applied go to the dead-letter topic with the reason; an event whose
 //! order id MySQL holds for another purchase is a conflict (an order id issued twice), which
@@ -20,6 +21,7 @@ use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
+use futures_util::StreamExt;
 use rdkafka::config::ClientConfig;
 use rdkafka::consumer::{CommitMode, Consumer, StreamConsumer};
 use rdkafka::message::{Header, Message, OwnedHeaders, OwnedMessage};
@@ -398,10 +400,10 @@ impl Writer {
         }
     }
 
-    /// Applies a batch: each partition's events in a transaction of their own, the
-    /// partitions' transactions side by side (up to [`LANES_IN_FLIGHT_MAX`] at once). A goods lives on one partition (its id is the
-    /// key), so they touch different sales rows; a batch where one goods shows up on two
-    /// partitions (only a hand-made message can do that) is applied as one transaction.
+    /// Applies a batch: each partition's events in a transaction of their own, up to
+    /// [`LANES_IN_FLIGHT_MAX`] transactions side by side. A goods lives on one partition (its
+    /// id is the key), so they touch different sales rows; a batch where one goods shows up on
+    /// two partitions (only a hand-made message can do that) is applied as one transaction.
     /// Each transaction is [`Writer::apply_lane`]'s. Any error that is not about the data
     /// fails the whole batch, which is retried whole; what one lane committed meanwhile comes
     /// back as duplicates, which change nothing.
@@ -427,7 +429,6 @@ impl Writer {
             let one: Vec<_> = std::mem::take(&mut lanes).into_values().flatten().collect();
             lanes.insert(0, one);
         }
-        use futures_util::StreamExt;
         let applying: Vec<_> = lanes
             .values()
             .map(|events| self.apply_lane(events))
