@@ -63,6 +63,18 @@ async fn buy(stack: &Stack, goods: &str, user: &str) -> (BuyResult, bool) {
         .await
         .unwrap();
     let by_route = response.headers().get(ANSWERED_BY_HEADER).is_some();
+    if by_route {
+        // The filter's sold-out answer has these headers once each; so must the route's.
+        for (name, value) in [
+            ("content-type", "application/json"),
+            ("cache-control", "no-store"),
+            ("x-seckill-outcome", "sold_out"),
+            (ANSWERED_BY_HEADER, "route"),
+        ] {
+            let values: Vec<_> = response.headers().get_all(name).iter().collect();
+            assert_eq!(values, [value], "{name} on the route's answer");
+        }
+    }
     let status = response.status().as_u16();
     let outcome = response
         .headers()
