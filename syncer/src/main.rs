@@ -98,8 +98,10 @@ struct WriterArgs {
     /// A batch closes at this many events (1 to 10000)...
     #[arg(long, default_value_t = 1_000, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     batch_size: u64,
-    /// ...or this many milliseconds after its first event (1 to 10000).
-    #[arg(long, default_value_t = 100, value_parser = clap::value_parser!(u64).range(1..=10_000))]
+    /// ...or this many milliseconds after its first event (1 to 10000). Under a backlog
+    /// batches fill at once whatever this is; at a steady rate it is most of the lag to
+    /// MySQL (25 instead of 100 took the median lag from about 90 ms to 65 at 10,000 sales/s).
+    #[arg(long, default_value_t = 25, value_parser = clap::value_parser!(u64).range(1..=10_000))]
     batch_wait_ms: u64,
     /// Partitions of the topic this writer applies, comma-separated (default: all).
     #[arg(long, value_delimiter = ',')]

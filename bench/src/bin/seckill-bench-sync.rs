@@ -23,9 +23,13 @@ struct Args {
     /// Orders the batched writer applies (in batches of --batch).
     #[arg(long, default_value_t = 200_000)]
     orders: usize,
-    /// Events per batch for the batched apply.
+    /// Events per batch for the batched apply (and the pipeline's writer).
     #[arg(long, default_value_t = 1_000)]
     batch: usize,
+    /// The pipeline's writer closes a batch this many ms after its first event (as
+    /// `seckill-syncer write --batch-wait-ms`).
+    #[arg(long, default_value_t = 25)]
+    batch_wait_ms: u32,
     /// Orders the per-order UPDATE baseline applies.
     #[arg(long, default_value_t = 20_000)]
     baseline_orders: usize,
@@ -197,7 +201,7 @@ async fn pipeline_rates(args: &Args) -> anyhow::Result<PipelineFigures> {
         .spawn(
             Role::Write {
                 batch_size: args.batch as u32,
-                batch_wait_ms: 100,
+                batch_wait_ms: args.batch_wait_ms,
             },
             None,
             &[],
@@ -285,7 +289,7 @@ fn render(args: &Args, per_order: f64, batched: f64, p: &PipelineFigures) -> Str
         "## Sync: batched MySQL writer and the outbox -> Kafka -> MySQL pipeline
 
 Command: `bash scripts/bench.sh` (runs `target/release/seckill-bench-sync --orders {orders} --batch {batch} \
---baseline-orders {baseline} --baseline-clients {clients} --backlog {backlog} --backlog-goods {backlog_goods} --rate {rate} --seconds {seconds}`).
+--batch-wait-ms {batch_wait_ms} --baseline-orders {baseline} --baseline-clients {clients} --backlog {backlog} --backlog-goods {backlog_goods} --rate {rate} --seconds {seconds}`).
 
 Conditions: this machine ({cores} cores shared by everything), MariaDB 10.11 (Debian defaults), a private \
 redis-server, Tansu 0.6 (sqlite storage) as the Kafka broker, the syncer in release build.
@@ -313,6 +317,7 @@ What limits the pipeline here: {limiter}. The lag is measured from the deduct sc
 ",
         orders = args.orders,
         batch = args.batch,
+        batch_wait_ms = args.batch_wait_ms,
         baseline = args.baseline_orders,
         clients = args.baseline_clients,
         backlog = args.backlog,
