@@ -101,7 +101,7 @@ def wait_for(what, deadline_s, probe):
         result = probe()
         if result is not None:
             return result
-        time.sleep(0.2)
+        time.sleep(0.2)  # the poll's interval; the deadline above bounds the wait
     sys.exit(f"timed out waiting for {what}")
 
 

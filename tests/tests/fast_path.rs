@@ -6,7 +6,9 @@
 
 use std::time::{Duration, Instant};
 
-use seckill_api::fast_path::{runtime_key, sold_out_body, ANSWERED_BY_HEADER, RETRY_COOKIE};
+use seckill_api::fast_path::{
+    runtime_key, sold_out_body, ANSWERED_BY_HEADER, ANSWERED_BY_ROUTE, RETRY_COOKIE,
+};
 use seckill_e2e::deduct_stub::DeductStub;
 use seckill_e2e::envoy::{Envoy, LOCAL_TEMPLATE};
 use seckill_e2e::fast_path::{routes, runtime_value, FastPathSwitch};
@@ -69,7 +71,7 @@ async fn buy(stack: &Stack, goods: &str, user: &str) -> (BuyResult, bool) {
             ("content-type", "application/json"),
             ("cache-control", "no-store"),
             ("x-seckill-outcome", "sold_out"),
-            (ANSWERED_BY_HEADER, "route"),
+            (ANSWERED_BY_HEADER, ANSWERED_BY_ROUTE),
         ] {
             let values: Vec<_> = response.headers().get_all(name).iter().collect();
             assert_eq!(values, [value], "{name} on the route's answer");
