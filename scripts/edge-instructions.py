@@ -9,9 +9,16 @@ one keep-alive connection, and prints the whole process's instructions per reque
     python3 scripts/edge-instructions.py native            # Envoy's local_ratelimit (429)
     python3 scripts/edge-instructions.py fast               # the gate's sold-out route (409)
     python3 scripts/edge-instructions.py native fast --requests 2000
+    python3 scripts/edge-instructions.py plain winner --connections 8
 
 Each scenario is a template, its values and the request; see SCENARIOS. Needs valgrind, the
 release wasm build (for the gate's template) and the debug or release syncer (for the routes).
+
+`plain` and `winner` reach a stub shop, and `winner` a stub deduct endpoint that lets every
+attempt win (both served by `seckill-edge-stubs`, outside callgrind; cargo build -p
+seckill-bench --bin seckill-edge-stubs): what Envoy and the filter spend
+on a winner, apart from the stock service. With one connection every winner is a callout of
+its own; `--connections N` lets the filter batch up to N attempts per callout, as under load.
 """
 
 import argparse
@@ -24,12 +31,15 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import urllib.request
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # The binary itself: .venv/bin/envoy is a Python launcher, which callgrind would measure.
 VENV_ENVOY = next(iter(glob.glob(os.path.join(ROOT, ".venv", "lib", "python3*", "site-packages", "envoy", "_bin", "envoy"))), "envoy")
+
+WASM = os.path.join(ROOT, "target", "wasm32-wasip1", "release", "seckill_filter.wasm")
 
 # The stack's default plugin configuration (tests/src/stack.rs, default_plugin_config).
 PLUGIN_CONFIG = {
@@ -43,12 +53,37 @@ PLUGIN_CONFIG = {
     "sold_out_cache_ms": 60000,
 }
 
-# name: (template, expected status, runtime keys set through the admin API)
+# name: (template, expected status, runtime keys set through the admin API, request path)
 SCENARIOS = {
-    "native": ("bench/envoy/native-ratelimit.yaml", 429, {}),
-    "plain": ("bench/envoy/plain.yaml", None, {}),
-    "fast": ("envoy/local.yaml", 409, {"seckill.sold_out.gone": "100"}),
+    "native": ("bench/envoy/native-ratelimit.yaml", 429, {}, "/seckill/gone/buy"),
+    "plain": ("bench/envoy/plain.yaml", 200, {}, "/seckill/win/buy"),
+    "fast": ("envoy/local.yaml", 409, {"seckill.sold_out.gone": "100"}, "/seckill/gone/buy"),
+    "winner": ("envoy/local.yaml", 200, {}, "/seckill/win/buy"),
 }
+
+class Stubs:
+    """The shop (200 to anything) and the deduct endpoint (every attempt wins), served by
+    `seckill-edge-stubs` (over HTTP/1.1 and h2c, as the templates' clusters need): Envoy's
+    upstreams, outside what callgrind counts."""
+
+    def __init__(self):
+        self.process = subprocess.Popen([newest_build("seckill-edge-stubs", "seckill-bench")],
+                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
+        ports = json.loads(self.process.stdout.readline() or "null")
+        if not ports:
+            sys.exit("seckill-edge-stubs did not start")
+        self.shop, self.deduct = ports["shop"], ports["deduct"]
+
+    def counters(self):
+        """Deduct calls and the attempts they carried, so far."""
+        self.process.stdin.write("counters\n")
+        self.process.stdin.flush()
+        counters = json.loads(self.process.stdout.readline())
+        return counters["calls"], counters["attempts"]
+
+    def close(self):
+        self.process.stdin.close()
+        self.process.wait(timeout=30)
 
 
 def free_port():
@@ -57,12 +92,12 @@ def free_port():
         return s.getsockname()[1]
 
 
-def syncer_binary():
-    # The newest build prints the routes the code now makes.
-    builds = [os.path.join(ROOT, "target", profile, "seckill-syncer") for profile in ("release", "debug")]
+def newest_build(binary, package):
+    # The newest build is the code as it is now (the syncer prints the routes it makes).
+    builds = [os.path.join(ROOT, "target", profile, binary) for profile in ("release", "debug")]
     builds = [path for path in builds if os.path.exists(path)]
     if not builds:
-        sys.exit("no seckill-syncer build: cargo build -p seckill-syncer")
+        sys.exit(f"no {binary} build: cargo build -p {package} --bin {binary}")
     return max(builds, key=os.path.getmtime)
 
 
@@ -77,20 +112,20 @@ def render(template, values):
     return text
 
 
-def values_for(name, ports):
+def values_for(name, ports, stubs, wasm):
     values = {
         "ADMIN_PORT": str(ports["admin"]),
         "LISTEN_PORT": str(ports["listen"]),
-        "SHOP_PORT": str(ports["shop"]),
-        "SYNCER_PORT": str(ports["syncer"]),
+        "SHOP_PORT": str(stubs.shop),
+        "SYNCER_PORT": str(stubs.deduct),
         "SHOP_TIMEOUT": "5s",
-        "WASM_PATH": os.path.join(ROOT, "target", "wasm32-wasip1", "release", "seckill_filter.wasm"),
+        "WASM_PATH": wasm,
         "PLUGIN_CONFIG": json.dumps(json.dumps(PLUGIN_CONFIG)),
         "FAST_ROUTES": "",
     }
     if name == "fast" or name.endswith(".yaml"):
         values["FAST_ROUTES"] = subprocess.run(
-            [syncer_binary(), "fast-path-routes", "--indent", "14", "--goods", "gone"],
+            [newest_build("seckill-syncer", "seckill-syncer"), "fast-path-routes", "--indent", "14", "--goods", "gone"],
             check=True, capture_output=True, text=True).stdout
     return values
 
@@ -116,16 +151,18 @@ def ready(admin):
 class Client:
     """One keep-alive HTTP/1.1 connection sending the benchmark's buy request."""
 
-    def __init__(self, port):
+    def __init__(self, port, name=""):
         self.sock = socket.create_connection(("127.0.0.1", port))
         self.buffer = b""
         self.count = 0
+        self.name = name
 
     def request(self, path):
         self.count += 1
         body = b""
-        head = (f"POST {path} HTTP/1.1\r\nHost: gate\r\nx-user-id: u{self.count}\r\n"
-                f"x-request-id: r{self.count}\r\ncontent-length: {len(body)}\r\n\r\n")
+        buyer = f"{self.name}{self.count}"
+        head = (f"POST {path} HTTP/1.1\r\nHost: gate\r\nx-user-id: u{buyer}\r\n"
+                f"x-request-id: r{buyer}\r\ncontent-length: {len(body)}\r\n\r\n")
         self.sock.sendall(head.encode() + body)
         while b"\r\n\r\n" not in self.buffer:
             self.buffer += self.recv()
@@ -148,17 +185,41 @@ class Client:
         return chunk
 
 
-def measure(name, requests, warmup, envoy, keep=None):
+def send(port, path, requests, connections, name_prefix):
+    """Sends `requests` requests spread over `connections` keep-alive connections, each
+    waiting for its answer before the next; returns the count of each status."""
+    statuses = {}
+    lock = threading.Lock()
+
+    def one_connection(index, count):
+        client = Client(port, f"{name_prefix}c{index}-")
+        for _ in range(count):
+            status = client.request(path)
+            with lock:
+                statuses[status] = statuses.get(status, 0) + 1
+
+    shares = [requests // connections + (1 if i < requests % connections else 0)
+              for i in range(connections)]
+    threads = [threading.Thread(target=one_connection, args=(i, n)) for i, n in enumerate(shares)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return statuses
+
+
+def measure(name, requests, warmup, envoy, wasm, connections=1, keep=None):
     if name.endswith(".yaml"):
         # An ad hoc template (exploring a variant): the fast path's answer and runtime key.
-        template, expected, runtime = name, 409, SCENARIOS["fast"][2]
+        template, expected, runtime, path = (name,) + SCENARIOS["fast"][1:]
     else:
-        template, expected, runtime = SCENARIOS[name]
-    ports = {k: free_port() for k in ("admin", "listen", "shop", "syncer")}
+        template, expected, runtime, path = SCENARIOS[name]
+    ports = {k: free_port() for k in ("admin", "listen")}
+    stubs = Stubs()
     with tempfile.TemporaryDirectory() as scratch:
         config = os.path.join(scratch, "envoy.yaml")
         with open(config, "w") as f:
-            f.write(render(template, values_for(name, ports)))
+            f.write(render(template, values_for(name, ports, stubs, wasm)))
         out = os.path.join(scratch, "callgrind.out")
         env = dict(os.environ, SECKILL_EDGE_SECRET="bench-secret")
         process = subprocess.Popen(
@@ -177,21 +238,19 @@ def measure(name, requests, warmup, envoy, keep=None):
                 urllib.request.urlopen(urllib.request.Request(
                     f"http://127.0.0.1:{ports['admin']}/runtime_modify?{key}={value}", method="POST"),
                     timeout=10).read()
-            client = Client(ports["listen"])
-            path = "/seckill/gone/buy"
-            for _ in range(warmup):
-                client.request(path)
+            send(ports["listen"], path, warmup, connections, "warm")
             subprocess.run(["callgrind_control", "-z", str(process.pid)], check=True,
                            capture_output=True)
-            statuses = {}
-            for _ in range(requests):
-                status = client.request(path)
-                statuses[status] = statuses.get(status, 0) + 1
+            callouts, attempts = stubs.counters()
+            statuses = send(ports["listen"], path, requests, connections, "")
+            after = stubs.counters()
+            callouts, attempts = after[0] - callouts, after[1] - attempts
             subprocess.run(["callgrind_control", "-d", str(process.pid)], check=True,
                            capture_output=True)
         finally:
             process.terminate()
             process.wait(timeout=120)
+            stubs.close()
         if expected is not None and statuses != {expected: requests}:
             sys.exit(f"{name}: answers {statuses}, expected {requests} x {expected}")
         total = 0
@@ -210,6 +269,9 @@ def measure(name, requests, warmup, envoy, keep=None):
             for dump in os.listdir(scratch):
                 if dump.endswith(".1") or dump == "envoy.yaml":
                     shutil.copy(os.path.join(scratch, dump), os.path.join(keep, f"{name}-{dump}"))
+        if callouts:
+            print(f"{name}: {attempts} attempts in {callouts} deduct calls "
+                  f"({attempts / callouts:.2f} a call)", flush=True)
         return total / requests
 
 
@@ -220,11 +282,15 @@ def main():
                              "(/absolute/path.yaml) answering /seckill/gone/buy with 409")
     parser.add_argument("--requests", type=int, default=2000)
     parser.add_argument("--warmup", type=int, default=300)
+    parser.add_argument("--connections", type=int, default=1,
+                        help="keep-alive connections the requests are spread over")
     parser.add_argument("--envoy", default=VENV_ENVOY)
+    parser.add_argument("--wasm", default=WASM, help="the filter build the gate's template loads")
     parser.add_argument("--keep", metavar="DIR", help="copy each scenario's dump and config here")
     args = parser.parse_args()
     for name in args.scenarios:
-        per_request = measure(name, args.requests, args.warmup, args.envoy, args.keep)
+        per_request = measure(name, args.requests, args.warmup, args.envoy, args.wasm, args.connections,
+                              args.keep)
         print(f"{name}: {per_request / 1000:.1f}k instructions per request", flush=True)
 
 

@@ -25,6 +25,8 @@ pub struct DeductStub {
 
 struct StubState {
     orders: AtomicU64,
+    /// Batch calls received (answered or held).
+    calls: AtomicU64,
     /// Attempts received (answered or held).
     attempts: AtomicU64,
     /// While false, answers wait.
@@ -47,6 +49,11 @@ impl DeductStub {
         self.state.open.send_replace(true);
     }
 
+    /// Batch calls received so far, answered or held.
+    pub fn calls(&self) -> u64 {
+        self.state.calls.load(Ordering::Relaxed)
+    }
+
     /// Attempts received so far, answered or held.
     pub fn attempts(&self) -> u64 {
         self.state.attempts.load(Ordering::Relaxed)
@@ -55,6 +62,7 @@ impl DeductStub {
     async fn serve(open: bool) -> anyhow::Result<Self> {
         let state = Arc::new(StubState {
             orders: AtomicU64::new(0),
+            calls: AtomicU64::new(0),
             attempts: AtomicU64::new(0),
             open: watch::Sender::new(open),
         });
@@ -76,6 +84,7 @@ async fn win_all(
     State(state): State<Arc<StubState>>,
     Json(batch): Json<DeductBatchRequest>,
 ) -> Json<DeductBatchReply> {
+    state.calls.fetch_add(1, Ordering::Relaxed);
     state
         .attempts
         .fetch_add(batch.attempts.len() as u64, Ordering::Relaxed);
