@@ -372,6 +372,10 @@ impl Host for RealHost {
         replace_map_value(REQUEST_HEADERS, name, value)
     }
 
+    fn add_request_header(&self, name: &str, value: &str) -> Result<(), HostStatus> {
+        add_map_value(REQUEST_HEADERS, name, value)
+    }
+
     fn continue_request(&self) -> Result<(), HostStatus> {
         // SAFETY: no memory is passed.
         status(unsafe { proxy_continue_stream(HTTP_REQUEST) })
@@ -410,16 +414,7 @@ impl Host for RealHost {
     }
 
     fn add_response_header(&self, name: &str, value: &str) -> Result<(), HostStatus> {
-        // SAFETY: the host only reads the given lengths at the given addresses.
-        status(unsafe {
-            proxy_add_header_map_value(
-                RESPONSE_HEADERS,
-                name.as_ptr(),
-                name.len(),
-                value.as_ptr(),
-                value.len(),
-            )
-        })
+        add_map_value(RESPONSE_HEADERS, name, value)
     }
 
     fn continue_response(&self) -> Result<(), HostStatus> {
@@ -439,6 +434,19 @@ impl Host for RealHost {
 }
 
 /// Sets a header of a header map, replacing every copy.
+fn add_map_value(map_type: u32, name: &str, value: &str) -> Result<(), HostStatus> {
+    // SAFETY: the host only reads the given lengths at the given addresses.
+    status(unsafe {
+        proxy_add_header_map_value(
+            map_type,
+            name.as_ptr(),
+            name.len(),
+            value.as_ptr(),
+            value.len(),
+        )
+    })
+}
+
 fn replace_map_value(map_type: u32, name: &str, value: &str) -> Result<(), HostStatus> {
     // SAFETY: the host only reads the given lengths at the given addresses.
     status(unsafe {

@@ -373,6 +373,14 @@ impl Host for FakeHost {
         Ok(())
     }
 
+    fn add_request_header(&self, name: &str, value: &str) -> Result<(), HostStatus> {
+        self.trace("add_request_header");
+        FakeHost::with_headers(&self.0.request_headers, self.effective(), |headers| {
+            headers.push((name.to_string(), value.to_string()));
+        });
+        Ok(())
+    }
+
     fn continue_request(&self) -> Result<(), HostStatus> {
         self.trace("continue_request");
         self.record(Call::ContinueRequest {

@@ -153,6 +153,10 @@ pub trait Host: SharedStore + Clone {
     /// Removes every copy of a request header.
     fn remove_request_header(&self, name: &[u8]) -> Result<(), HostStatus>;
     fn set_request_header(&self, name: &str, value: &str) -> Result<(), HostStatus>;
+    /// Adds a request header, keeping any of the same name. Cheaper than `set` (the host
+    /// does not look for a copy to replace): for the gate's own headers, whose every copy
+    /// was stripped on arrival.
+    fn add_request_header(&self, name: &str, value: &str) -> Result<(), HostStatus>;
     /// Resumes a paused request (Envoy defers it until the VM call returns).
     fn continue_request(&self) -> Result<(), HostStatus>;
     /// Answers the request locally (Envoy defers it until the VM call returns).
