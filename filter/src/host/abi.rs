@@ -433,7 +433,7 @@ impl Host for RealHost {
     }
 }
 
-/// Sets a header of a header map, replacing every copy.
+/// Adds a header to a header map, keeping any copies it has.
 fn add_map_value(map_type: u32, name: &str, value: &str) -> Result<(), HostStatus> {
     // SAFETY: the host only reads the given lengths at the given addresses.
     status(unsafe {
@@ -447,6 +447,7 @@ fn add_map_value(map_type: u32, name: &str, value: &str) -> Result<(), HostStatu
     })
 }
 
+/// Sets a header of a header map, replacing every copy.
 fn replace_map_value(map_type: u32, name: &str, value: &str) -> Result<(), HostStatus> {
     // SAFETY: the host only reads the given lengths at the given addresses.
     status(unsafe {
