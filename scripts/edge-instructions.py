@@ -16,8 +16,8 @@ release wasm build (for the gate's template) and the debug or release syncer (fo
 
 `plain` and `winner` reach a stub shop, and `winner` a stub deduct endpoint that lets every
 attempt win (both served by `seckill-edge-stubs`, outside callgrind; cargo build -p
-seckill-bench --bin seckill-edge-stubs): what Envoy and the filter spend
-on a winner, apart from the stock service. With one connection every winner is a callout of
+seckill-bench --bin seckill-edge-stubs): what Envoy and the filter spend on a winner, apart
+from the stock service. With one connection every winner is a callout of
 its own; `--connections N` lets the filter batch up to N attempts per callout, as under load.
 """
 
@@ -60,6 +60,7 @@ SCENARIOS = {
     "fast": ("envoy/local.yaml", 409, {"seckill.sold_out.gone": "100"}, "/seckill/gone/buy"),
     "winner": ("envoy/local.yaml", 200, {}, "/seckill/win/buy"),
 }
+
 
 class Stubs:
     """The shop (200 to anything) and the deduct endpoint (every attempt wins), served by
