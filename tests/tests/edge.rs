@@ -477,6 +477,7 @@ async fn clients_cannot_forge_gate_headers() {
     assert_ne!(order_id, "forged");
     assert!(order_id.starts_with("g."), "{order_id}");
     assert_eq!(seen[1].header("x-seckill-remaining"), Some("9"));
+    assert_eq!(seen[1].header("x-seckill-quantity"), Some("1"));
     let values: Vec<&str> = seen[1]
         .gate_headers
         .iter()
