@@ -65,3 +65,58 @@ pub fn machine_busy_ticks() -> f64 {
     let idle = values.get(3).copied().unwrap_or(0.0) + values.get(4).copied().unwrap_or(0.0);
     total - idle
 }
+
+/// Named processes' CPU over a phase: read once at its start, then again at its end.
+pub struct PhaseCpu {
+    processes: Vec<(&'static str, Option<u32>, f64)>,
+    machine_busy: f64,
+    started: std::time::Instant,
+}
+
+/// What one process, or the whole machine, spent over a phase, in cores (1.0 is one core busy
+/// the whole phase).
+#[derive(Debug, Clone)]
+pub struct CoresUsed {
+    pub name: &'static str,
+    pub cores: f64,
+}
+
+impl PhaseCpu {
+    /// Starts the phase. A process whose pid is unknown counts 0.
+    pub fn start(processes: &[(&'static str, Option<u32>)]) -> Self {
+        PhaseCpu {
+            processes: processes
+                .iter()
+                .map(|(name, pid)| (*name, *pid, pid.map(|p| process_ticks(p).0).unwrap_or(0.0)))
+                .collect(),
+            machine_busy: machine_busy_ticks(),
+            started: std::time::Instant::now(),
+        }
+    }
+
+    /// Adds a process started during the phase: all its CPU time so far is the phase's.
+    pub fn add_born(&mut self, name: &'static str, pid: Option<u32>) {
+        self.processes.push((name, pid, 0.0));
+    }
+
+    /// Ends the phase: each process's cores, then the whole machine's (named "machine").
+    pub fn finish(&self) -> Vec<CoresUsed> {
+        let seconds = self.started.elapsed().as_secs_f64().max(1e-9);
+        let cores = |before: f64, after: f64| (after - before).max(0.0) / clock_ticks() / seconds;
+        let mut used: Vec<CoresUsed> = self
+            .processes
+            .iter()
+            .map(|(name, pid, before)| CoresUsed {
+                name,
+                cores: pid
+                    .map(|p| cores(*before, process_ticks(p).0))
+                    .unwrap_or(0.0),
+            })
+            .collect();
+        used.push(CoresUsed {
+            name: "machine",
+            cores: cores(self.machine_busy, machine_busy_ticks()),
+        });
+        used
+    }
+}

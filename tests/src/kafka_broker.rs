@@ -39,6 +39,11 @@ pub fn tansu_binary() -> anyhow::Result<PathBuf> {
 }
 
 impl KafkaBroker {
+    /// The broker's process id while it runs (a benchmark reads its CPU time).
+    pub fn pid(&self) -> Option<u32> {
+        self.process.lock().ok()?.as_ref().and_then(ChildGuard::pid)
+    }
+
     /// Starts a broker and creates the sale topic and its dead-letter topic.
     pub async fn start(dir: &Path) -> anyhow::Result<Self> {
         let mut last_error = None;

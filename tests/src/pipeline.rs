@@ -410,6 +410,36 @@ impl<R: TestRedis> Pipeline<R> {
         .await
     }
 
+    /// Waits until MySQL's `sales.reserved` of a goods reaches `units`. For timing a writer:
+    /// the counter is one primary-key read, moved in the same transaction as the rows,
+    /// whereas [`Pipeline::wait_for_rows`] counts the rows every poll, and at 200,000 rows
+    /// that count takes a large share of the very MySQL whose speed is measured. The caller
+    /// counts the rows once afterwards.
+    pub async fn wait_for_reserved_units(
+        &self,
+        goods_id: &str,
+        units: i64,
+        deadline: Duration,
+    ) -> anyhow::Result<()> {
+        wait_for(
+            &format!("{units} reserved units of {goods_id} in MySQL"),
+            deadline,
+            || async {
+                let reserved: i64 =
+                    sqlx::query_scalar("SELECT reserved FROM sales WHERE goods_id = ?")
+                        .bind(goods_id)
+                        .fetch_one(&self.db.pool)
+                        .await?;
+                anyhow::ensure!(
+                    reserved <= units,
+                    "{reserved} units reserved, more than the {units} sold"
+                );
+                Ok((reserved == units).then_some(()))
+            },
+        )
+        .await
+    }
+
     /// Waits until MySQL holds at least `rows` orders for the goods (a writer making progress).
     pub async fn wait_for_rows_at_least(
         &self,

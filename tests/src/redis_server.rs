@@ -27,6 +27,11 @@ pub struct RedisServer {
 }
 
 impl RedisServer {
+    /// The server's process id (a benchmark reads its CPU time).
+    pub fn pid(&self) -> Option<u32> {
+        self.process.pid()
+    }
+
     /// Without persistence: a restart starts empty.
     pub async fn start(dir: &Path) -> anyhow::Result<Self> {
         Self::start_with(dir, &[]).await

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
+use seckill_bench::cpu::{mysql_pid, CoresUsed, PhaseCpu};
 use seckill_bench::report::{quantile, update_section};
 use seckill_e2e::mysql_db::TestDatabase;
 use seckill_e2e::pipeline::Pipeline;
@@ -165,6 +166,8 @@ struct PipelineFigures {
     lag_p99_ms: f64,
     lag_max_ms: f64,
     lag_orders: usize,
+    /// Who used the cores while the backlog drained.
+    backlog_cpu: Vec<CoresUsed>,
 }
 
 async fn pipeline_rates(args: &Args) -> anyhow::Result<PipelineFigures> {
@@ -187,17 +190,9 @@ async fn pipeline_rates(args: &Args) -> anyhow::Result<PipelineFigures> {
         sold += here;
     }
     let deduct_rate = sold as f64 / started.elapsed().as_secs_f64();
-    let started = Instant::now();
-    let _relay = p
-        .spawn(
-            Role::Relay {
-                name: "relay-0".into(),
-            },
-            None,
-            &[],
-        )
-        .await?;
-    let _writer = p
+    // The writer runs first, as it does all through a sale, and waits on the empty topic; the
+    // clock starts when the relay is started, so its start-up counts and the writer's does not.
+    let writer = p
         .spawn(
             Role::Write {
                 batch_size: args.batch as u32,
@@ -207,6 +202,24 @@ async fn pipeline_rates(args: &Args) -> anyhow::Result<PipelineFigures> {
             &[],
         )
         .await?;
+    let mut cpu = PhaseCpu::start(&[
+        ("MariaDB", mysql_pid()),
+        ("Tansu (the broker)", p.broker.pid()),
+        ("Redis", p.redis.pid()),
+        ("the writer", writer.pid()),
+        ("this benchmark (its polls)", Some(std::process::id())),
+    ]);
+    let started = Instant::now();
+    let relay = p
+        .spawn(
+            Role::Relay {
+                name: "relay-0".into(),
+            },
+            None,
+            &[],
+        )
+        .await?;
+    cpu.add_born("the relay", relay.pid());
     wait_for(
         "the relay to empty the outbox",
         Duration::from_secs(600),
@@ -221,11 +234,21 @@ async fn pipeline_rates(args: &Args) -> anyhow::Result<PipelineFigures> {
     )
     .await?;
     let relay_rate = sold as f64 / started.elapsed().as_secs_f64();
+    // Polls the sales row, not a count of the orders: counting 200,000 rows every 25 ms
+    // would load the very MySQL being measured. The rows are counted once, at the end.
     for id in &goods {
-        p.wait_for_rows(id, per_goods as i64, Duration::from_secs(600))
+        p.wait_for_reserved_units(id, per_goods as i64, Duration::from_secs(600))
             .await?;
     }
     let pipeline_rate = sold as f64 / started.elapsed().as_secs_f64();
+    let backlog_cpu = cpu.finish();
+    for id in &goods {
+        let (rows, distinct) = p.order_rows(id).await?;
+        anyhow::ensure!(
+            rows == per_goods as i64 && distinct == rows,
+            "{id}: {per_goods} units reserved in MySQL, but {rows} order rows ({distinct} distinct)"
+        );
+    }
 
     // Lag: sales offered on a fixed schedule while relay and writer run.
     let total = (args.rate * args.seconds) as usize;
@@ -273,6 +296,7 @@ async fn pipeline_rates(args: &Args) -> anyhow::Result<PipelineFigures> {
         lag_p99_ms: quantile(&lags, 0.99),
         lag_max_ms: quantile(&lags, 1.0),
         lag_orders: lags.len(),
+        backlog_cpu,
     })
 }
 
@@ -280,10 +304,49 @@ fn render(args: &Args, per_order: f64, batched: f64, p: &PipelineFigures) -> Str
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(0);
-    let limiter = if p.relay_rate > 1.5 * p.pipeline_rate {
+    let stage = if p.relay_rate > 1.5 * p.pipeline_rate {
         "the writer side (Kafka fetch from the broker plus the MySQL apply): the relay emptied the outbox well before MySQL had every row"
     } else {
         "the relay side (outbox read and Kafka produce): MySQL kept pace with the relay"
+    };
+    let machine = p
+        .backlog_cpu
+        .iter()
+        .find(|u| u.name == "machine")
+        .map_or(0.0, |u| u.cores);
+    let mut processes: Vec<&CoresUsed> = p
+        .backlog_cpu
+        .iter()
+        .filter(|u| u.name != "machine")
+        .collect();
+    processes.sort_by(|a, b| b.cores.total_cmp(&a.cores));
+    let listed: f64 = processes.iter().map(|u| u.cores).sum();
+    let mut cpu_rows: String = processes
+        .iter()
+        .map(|u| format!("| {} | {:.0}% |\n", u.name, u.cores * 100.0))
+        .collect();
+    cpu_rows.push_str(&format!(
+        "| everything else (kernel threads, the idle HTTP syncer, other services) | {:.0}% |\n| **the whole machine** | **{:.0}%, {:.0}% of its {} cores** |\n",
+        ((machine - listed) * 100.0).max(0.0),
+        machine * 100.0,
+        machine * 100.0 / cores.max(1) as f64,
+        cores
+    ));
+    let limiter = if cores > 0 && machine >= 0.75 * cores as f64 {
+        format!(
+            "the cores. The machine was busy {:.0}% of its {cores} cores while the backlog drained, \
+             so every stage waited on CPU the others were using; the biggest share was {}'s. \
+             Within that, the slower stage was {stage}",
+            machine * 100.0 / cores as f64,
+            processes.first().map_or("nobody", |u| u.name),
+        )
+    } else {
+        format!(
+            "not the cores: the machine was busy {:.0}% of its {cores} cores while the backlog \
+             drained, so the stages waited on each other's round trips more than on CPU. The \
+             slower stage was {stage}",
+            machine * 100.0 / cores.max(1) as f64,
+        )
     };
     format!(
         "## Sync: batched MySQL writer and the outbox -> Kafka -> MySQL pipeline
@@ -309,9 +372,14 @@ Absolute figures, this machine, this run:
 | batched apply (`writer::apply_events`) | 1 client, batches of {batch}: one INSERT of the new orders + one UPDATE per goods per transaction, {orders} orders | {batched:.0} orders/s |
 | deduct endpoint filling the outbox | 64 concurrent HTTP clients, Lua deduct + outbox append, {backlog} sales | {deduct:.0} sales/s |
 | relay, backlog of {backlog} | outbox stream -> Kafka (idempotent producer, acks=all, up to 128 events a message) | {relay:.0} events/s |
-| whole pipeline, backlog of {backlog} | outbox -> Kafka -> MySQL, relay and writer started together, {backlog_goods} goods | {pipeline:.0} orders/s |
+| whole pipeline, backlog of {backlog} | outbox -> Kafka -> MySQL, the writer running, from the relay's start to MySQL's last row, {backlog_goods} goods | {pipeline:.0} orders/s |
 | lag at a fixed offered rate | {offered:.0} sales/s offered for {seconds} s (achieved {achieved:.0}/s), {lag_orders} orders | p50 {p50:.0} ms, p99 {p99:.0} ms, max {max:.0} ms |
 
+CPU while the backlog drained (from the relay's start to MySQL's last row), in % of one core:
+
+| process | CPU |
+|---|---|
+{cpu_rows}
 What limits the pipeline here: {limiter}. The lag is measured from the deduct script's Redis time \
 (`reserved_at`) to the writer's INSERT (`written_at`, MySQL's clock; same machine).
 ",
