@@ -6,13 +6,16 @@
 //! message, one per line (see [`crate::events_pack`]): a broker's cost is mostly per message,
 //! so a pack of 128 costs it about what one event did. A crash between delivery and
 //! acknowledgement re-publishes those events on restart; the writer absorbs the duplicates.
-//! While the broker is away the entries wait in the stream (Redis memory, not ours: the relay
-//! holds at most one read batch), and retries back off. A stream whose consumer group Redis
-//! lost (a restart without persistence, a failover) gets it back, reading from the stream's
+//! Goods are relayed side by side, up to [`GOODS_IN_FLIGHT_MAX`] at once, each by one run at a
+//! time, so one goods' events keep their order. While the broker is away the entries wait in
+//! the stream (Redis memory, not ours: the relay holds at most one read batch per goods in
+//! flight), and retries back off. A stream whose consumer group Redis lost (a restart without persistence, a failover) gets it back, reading from the stream's
 //! start, so the relay outlives a Redis that forgot.
 
 use std::collections::HashSet;
 use std::time::{Duration, Instant};
+
+use futures_util::StreamExt;
 
 use crate::RedisConn;
 use rdkafka::message::{Header, OwnedHeaders};
@@ -33,6 +36,9 @@ pub const GROUP: &str = "relay";
 /// and one publish wave (16 packs). From a backlog, 2,048 relayed 51k events/s where 512 made
 /// 39k (paired runs of `seckill-bench-sync`): each read pays Redis and Kafka round trips.
 pub const READ_ENTRIES_MAX: usize = 2048;
+/// Goods one pass relays side by side: each holds a read batch in memory and a wave of packs
+/// in the producer, so this bounds both (about 5 MB of events).
+pub const GOODS_IN_FLIGHT_MAX: usize = 8;
 /// Pause when every stream was empty, so an idle relay costs next to nothing.
 const IDLE_WAIT: Duration = Duration::from_millis(20);
 /// Retry pause after a failure doubles from the first to the last value.
@@ -52,6 +58,16 @@ pub struct Relay {
     /// Names this instance in the consumer group: a restarted relay with the same name picks
     /// up what it had read but not acknowledged.
     pub name: String,
+}
+
+/// What one goods' run of a pass did, and what the pass should remember about its stream.
+struct GoodsRun {
+    stream: String,
+    /// The stream's consumer group exists (it need not be created next pass).
+    group_ready: bool,
+    /// No entries of this relay's are left read and not acknowledged.
+    caught_up: bool,
+    relayed: Result<usize, RelayError>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -153,9 +169,10 @@ impl Relay {
         outbox_lengths(&self.redis, &self.keys).await
     }
 
-    /// One pass over every goods' outbox. Returns how many events went to Kafka.
-    /// `caught_up` holds the streams where this relay is known to have no entries read and not
-    /// acknowledged, so their pending list need not be read again each pass.
+    /// One pass over every goods' outbox, up to [`GOODS_IN_FLIGHT_MAX`] goods side by side.
+    /// Returns how many events went to Kafka. `caught_up` holds the streams where this relay
+    /// is known to have no entries read and not acknowledged, so their pending list need not
+    /// be read again each pass.
     async fn pass(
         &self,
         groups_ready: &mut HashSet<String>,
@@ -164,33 +181,38 @@ impl Relay {
     ) -> Result<usize, RelayError> {
         let mut conn = self.redis.clone();
         let goods: Vec<String> = bounded(conn.smembers(self.keys.sales_index())).await?;
+        let runs: Vec<_> = goods
+            .into_iter()
+            .map(|goods_id| {
+                let stream = self.keys.goods(&goods_id).outbox;
+                let group_ready = groups_ready.contains(&stream);
+                // Whatever goes wrong below may leave entries read and not acknowledged:
+                // until this run proves otherwise, read the pending list first again.
+                let was_caught_up = caught_up.remove(&stream);
+                self.relay_goods(goods_id, stream, group_ready, was_caught_up, claim)
+            })
+            .collect();
+        // Each goods is one stream and one Kafka key, relayed by one run at a time, so its
+        // events keep their order; goods are independent of each other, and their Redis
+        // round trips and Kafka deliveries overlap instead of queueing.
+        let outcomes: Vec<GoodsRun> = futures_util::stream::iter(runs)
+            .buffer_unordered(GOODS_IN_FLIGHT_MAX)
+            .collect()
+            .await;
         let mut relayed = 0;
         let mut first_error = None;
-        for goods_id in goods {
-            let stream = self.keys.goods(&goods_id).outbox;
-            if !groups_ready.contains(&stream) {
-                ensure_group(&mut conn, &stream).await?;
-                groups_ready.insert(stream.clone());
+        for run in outcomes {
+            if run.group_ready {
+                groups_ready.insert(run.stream.clone());
+            } else {
+                groups_ready.remove(&run.stream);
             }
-            let relayed_here = match self
-                .relay_goods(&mut conn, &goods_id, &stream, claim, caught_up)
-                .await
-            {
-                Err(RelayError::Redis(e)) if e.code() == Some("NOGROUP") => {
-                    // The group is gone with the data of a Redis that forgot (a restart
-                    // without persistence, a failover): read from the start of the stream
-                    // again, so nothing written since is skipped. Once per loss, not per
-                    // pass; a failed create fails the pass, which then backs off.
-                    groups_ready.remove(&stream);
-                    recreate_group(&mut conn, &stream).await?;
-                    groups_ready.insert(stream.clone());
-                    Ok(0)
-                }
-                other => other,
-            };
-            match relayed_here {
+            if run.caught_up {
+                caught_up.insert(run.stream);
+            }
+            match run.relayed {
                 Ok(n) => relayed += n,
-                // Go on with the other goods: one goods' trouble must not stall the rest.
+                // The other goods went on: one goods' trouble must not stall the rest.
                 Err(e) => {
                     first_error.get_or_insert(e);
                 }
@@ -202,29 +224,61 @@ impl Relay {
         }
     }
 
-    /// One goods: takes over abandoned entries (when `claim`), then relays a read batch.
+    /// One goods: makes sure its consumer group exists, takes over abandoned entries (when
+    /// `claim`), then relays a read batch. On a connection of its own (a clone of the
+    /// multiplexed one), so goods run side by side.
     async fn relay_goods(
         &self,
-        conn: &mut RedisConn,
-        goods_id: &str,
-        stream: &str,
+        goods_id: String,
+        stream: String,
+        group_ready: bool,
+        was_caught_up: bool,
         claim: bool,
-        caught_up: &mut HashSet<String>,
-    ) -> Result<usize, RelayError> {
-        // Whatever goes wrong below may leave entries read and not acknowledged: until a
-        // pass proves otherwise, read the pending list first again.
-        let was_caught_up = caught_up.remove(stream);
-        if claim {
-            // Claimed entries join this relay's pending list.
-            self.claim_abandoned(conn, stream).await?;
+    ) -> GoodsRun {
+        let mut conn = self.redis.clone();
+        let mut run = GoodsRun {
+            stream,
+            group_ready,
+            caught_up: false,
+            relayed: Ok(0),
+        };
+        if !run.group_ready {
+            if let Err(e) = ensure_group(&mut conn, &run.stream).await {
+                run.relayed = Err(e);
+                return run;
+            }
+            run.group_ready = true;
         }
-        let (relayed, pending_left) = self
-            .relay_stream(conn, goods_id, stream, was_caught_up && !claim)
-            .await?;
-        if !pending_left {
-            caught_up.insert(stream.to_owned());
+        let relayed = async {
+            if claim {
+                // Claimed entries join this relay's pending list.
+                self.claim_abandoned(&mut conn, &run.stream).await?;
+            }
+            self.relay_stream(&mut conn, &goods_id, &run.stream, was_caught_up && !claim)
+                .await
         }
-        Ok(relayed)
+        .await;
+        run.relayed = match relayed {
+            Ok((n, pending_left)) => {
+                run.caught_up = !pending_left;
+                Ok(n)
+            }
+            Err(RelayError::Redis(e)) if e.code() == Some("NOGROUP") => {
+                // The group is gone with the data of a Redis that forgot (a restart without
+                // persistence, a failover): read from the start of the stream again, so
+                // nothing written since is skipped. Once per loss, not per pass; a failed
+                // create fails the pass, which then backs off, and is tried again next pass.
+                match recreate_group(&mut conn, &run.stream).await {
+                    Ok(()) => Ok(0),
+                    Err(e) => {
+                        run.group_ready = false;
+                        Err(e)
+                    }
+                }
+            }
+            Err(e) => Err(e),
+        };
+        run
     }
 
     async fn relay_stream(

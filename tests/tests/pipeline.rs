@@ -155,6 +155,48 @@ async fn writer_killed_mid_batch_loses_and_doubles_nothing() {
 /// (the others may have committed too).
 /// The next writer gets the whole batch again: what was committed comes back as duplicates,
 /// the rest is applied, and every goods ends with exactly its orders.
+/// The relay works on several goods at once (`relay::GOODS_IN_FLIGHT_MAX`, 8): with more goods
+/// than that, each goods' reservation must still reach MySQL before its confirmation or
+/// cancellation, or the writer would refuse those as transitions of unknown orders.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn goods_relayed_side_by_side_keep_each_goods_order() {
+    let p = pipeline("sidebyside").await;
+    let goods: Vec<String> = (0..12).map(|i| format!("s{i}")).collect();
+    let mut sold = Vec::new();
+    // The whole backlog, with each order's later life, waits in the outboxes first.
+    for id in &goods {
+        p.open_sale(id, 60, 1).await.unwrap();
+        let orders = p.sell(id, "u", 30).await.unwrap();
+        assert_eq!(orders.len(), 30);
+        for order in &orders[..10] {
+            assert_eq!(p.settle(order, "confirm").await.unwrap().0, 200);
+        }
+        for order in &orders[10..15] {
+            assert_eq!(p.settle(order, "cancel").await.unwrap().0, 200);
+        }
+        sold.push(orders);
+    }
+    let _writer = p.spawn(writer(), None, &[]).await.unwrap();
+    let _relay = p.spawn(relay(), None, &[]).await.unwrap();
+    for (id, orders) in goods.iter().zip(&sold) {
+        assert_drained(&p, id, orders).await;
+        // 60 units: 10 sold, 15 still reserved, 5 returned by the cancellations.
+        assert_eq!(p.mysql_stock(id).await.unwrap(), (35, 15, 10), "{id}");
+        let states = p.mysql_orders(id).await.unwrap();
+        let count = |state: &str| states.values().filter(|(s, _)| s == state).count();
+        assert_eq!(
+            (count("confirmed"), count("released"), count("reserved")),
+            (10, 5, 15),
+            "{id}: {states:?}"
+        );
+    }
+    assert_eq!(
+        topic_messages(&p.broker.bootstrap(), DEAD_LETTER_TOPIC),
+        0,
+        "no event was refused"
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn partitions_applied_side_by_side_survive_a_crash_between_their_commits() {
     let p = pipeline("lanes").await;
