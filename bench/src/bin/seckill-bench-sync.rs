@@ -304,10 +304,24 @@ fn render(args: &Args, per_order: f64, batched: f64, p: &PipelineFigures) -> Str
     let cores = std::thread::available_parallelism()
         .map(|n| n.get())
         .unwrap_or(0);
-    let stage = if p.relay_rate > 1.5 * p.pipeline_rate {
-        "the writer side (Kafka fetch from the broker plus the MySQL apply): the relay emptied the outbox well before MySQL had every row"
+    // The stage that finished last: how long MySQL took to get its last row after the relay
+    // had emptied the outbox, against the whole drain.
+    let relay_s = args.backlog as f64 / p.relay_rate.max(1.0);
+    let drain_s = args.backlog as f64 / p.pipeline_rate.max(1.0);
+    let tail_s = (drain_s - relay_s).max(0.0);
+    let stage = if tail_s > 0.2 * drain_s {
+        format!(
+            "the writer side (Kafka fetch from the broker plus the MySQL apply): MySQL got its \
+             last row {tail_s:.2} s after the relay had emptied the outbox, {:.0}% of the \
+             {drain_s:.2} s drain",
+            100.0 * tail_s / drain_s
+        )
     } else {
-        "the relay side (outbox read and Kafka produce): MySQL kept pace with the relay"
+        format!(
+            "the relay side (outbox read and Kafka produce): MySQL got its last row {tail_s:.2} s \
+             after the relay had emptied the outbox, {:.0}% of the {drain_s:.2} s drain",
+            100.0 * tail_s / drain_s
+        )
     };
     let machine = p
         .backlog_cpu
