@@ -9,10 +9,12 @@
 //! Goods are relayed side by side, up to [`GOODS_IN_FLIGHT_MAX`] at once, each by one run at a
 //! time, so one goods' events keep their order. While the broker is away the entries wait in
 //! the stream (Redis memory, not ours: the relay holds at most one read batch per goods in
-//! flight), and retries back off. A stream whose consumer group Redis lost (a restart without persistence, a failover) gets it back, reading from the stream's
-//! start, so the relay outlives a Redis that forgot.
+//! flight), and retries back off, each goods on a backoff of its own, so a goods whose outbox
+//! fails does not slow the others. A stream whose consumer group Redis lost (a restart
+//! without persistence, a failover) gets it back, reading from the stream's start, so the
+//! relay outlives a Redis that forgot.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use futures_util::StreamExt;
@@ -60,6 +62,51 @@ pub struct Relay {
     pub name: String,
 }
 
+/// What a pass did.
+#[derive(Debug, Default)]
+struct Pass {
+    /// Events that went to Kafka.
+    relayed: usize,
+    /// Some goods' events were not delivered: the broker is probably away, and the producer
+    /// is replaced (see [`Relay::renew_producer`]).
+    delivery_failed: bool,
+}
+
+/// Goods whose last run failed, each on a backoff of its own: when it may run again, and the
+/// pause its next failure starts.
+#[derive(Debug, Default)]
+struct Resting {
+    until: HashMap<String, (Instant, Duration)>,
+}
+
+impl Resting {
+    fn is_resting(&self, stream: &str, now: Instant) -> bool {
+        self.until
+            .get(stream)
+            .is_some_and(|(until, _)| now < *until)
+    }
+
+    /// Records a failure; returns how long the goods now rests (doubling from
+    /// [`BACKOFF_FIRST`] to [`BACKOFF_LAST`]).
+    fn failed(&mut self, stream: &str, now: Instant) -> Duration {
+        let pause = self
+            .until
+            .get(stream)
+            .map_or(BACKOFF_FIRST, |(_, last)| (*last * 2).min(BACKOFF_LAST));
+        self.until.insert(stream.to_owned(), (now + pause, pause));
+        pause
+    }
+
+    fn recovered(&mut self, stream: &str) {
+        self.until.remove(stream);
+    }
+
+    /// Drops goods no longer sold, so the map is bounded by the sales index.
+    fn forget_all_but(&mut self, streams: &HashSet<String>) {
+        self.until.retain(|stream, _| streams.contains(stream));
+    }
+}
+
 /// What one goods' run of a pass did, and what the pass should remember about its stream.
 struct GoodsRun {
     stream: String,
@@ -100,6 +147,7 @@ impl Relay {
         crate::telemetry::register_relay();
         let mut groups_ready = HashSet::new();
         let mut caught_up = HashSet::new();
+        let mut resting = Resting::default();
         let mut backoff = BACKOFF_FIRST;
         let mut last_claim = Instant::now() - CLAIM_EVERY;
         let mut last_gauge = Instant::now() - Duration::from_secs(1);
@@ -108,21 +156,25 @@ impl Relay {
             if claim {
                 last_claim = Instant::now();
             }
-            let pause = match self.pass(&mut groups_ready, &mut caught_up, claim).await {
-                Ok(relayed) => {
+            let passed = self
+                .pass(&mut groups_ready, &mut caught_up, &mut resting, claim)
+                .await;
+            let pause = match passed {
+                Ok(pass) => {
                     backoff = BACKOFF_FIRST;
-                    if relayed == 0 {
+                    if pass.delivery_failed {
+                        self.renew_producer();
+                    }
+                    if pass.relayed == 0 {
                         IDLE_WAIT
                     } else {
                         Duration::ZERO
                     }
                 }
                 Err(e) => {
+                    // The list of goods could not be read: every goods waits.
                     metrics::counter!("seckill_relay_errors_total").increment(1);
                     tracing::warn!(error = %e, retry_in = ?backoff, "relay pass failed; entries stay in the outbox");
-                    if matches!(e, RelayError::Delivery { .. }) {
-                        self.renew_producer();
-                    }
                     let pause = backoff;
                     backoff = (backoff * 2).min(BACKOFF_LAST);
                     pause
@@ -169,27 +221,37 @@ impl Relay {
         outbox_lengths(&self.redis, &self.keys).await
     }
 
-    /// One pass over every goods' outbox, up to [`GOODS_IN_FLIGHT_MAX`] goods side by side.
-    /// Returns how many events went to Kafka. `caught_up` holds the streams where this relay
-    /// is known to have no entries read and not acknowledged, so their pending list need not
-    /// be read again each pass.
+    /// One pass over every goods' outbox, up to [`GOODS_IN_FLIGHT_MAX`] goods side by side,
+    /// skipping goods that are resting after a failure. `caught_up` holds the streams where
+    /// this relay is known to have no entries read and not acknowledged, so their pending
+    /// list need not be read again each pass. Fails only if the list of goods cannot be read.
     async fn pass(
         &self,
         groups_ready: &mut HashSet<String>,
         caught_up: &mut HashSet<String>,
+        resting: &mut Resting,
         claim: bool,
-    ) -> Result<usize, RelayError> {
+    ) -> Result<Pass, RelayError> {
         let mut conn = self.redis.clone();
         let goods: Vec<String> = bounded(conn.smembers(self.keys.sales_index())).await?;
+        let streams: HashSet<String> = goods
+            .iter()
+            .map(|goods_id| self.keys.goods(goods_id).outbox)
+            .collect();
+        resting.forget_all_but(&streams);
+        let now = Instant::now();
         let runs: Vec<_> = goods
             .into_iter()
-            .map(|goods_id| {
+            .filter_map(|goods_id| {
                 let stream = self.keys.goods(&goods_id).outbox;
+                if resting.is_resting(&stream, now) {
+                    return None;
+                }
                 let group_ready = groups_ready.contains(&stream);
                 // Whatever goes wrong below may leave entries read and not acknowledged:
                 // until this run proves otherwise, read the pending list first again.
                 let was_caught_up = caught_up.remove(&stream);
-                self.relay_goods(goods_id, stream, group_ready, was_caught_up, claim)
+                Some(self.relay_goods(goods_id, stream, group_ready, was_caught_up, claim))
             })
             .collect();
         // Each goods is one stream and one Kafka key, relayed by one run at a time, so its
@@ -199,8 +261,7 @@ impl Relay {
             .buffer_unordered(GOODS_IN_FLIGHT_MAX)
             .collect()
             .await;
-        let mut relayed = 0;
-        let mut first_error = None;
+        let mut pass = Pass::default();
         for run in outcomes {
             if run.group_ready {
                 groups_ready.insert(run.stream.clone());
@@ -208,20 +269,25 @@ impl Relay {
                 groups_ready.remove(&run.stream);
             }
             if run.caught_up {
-                caught_up.insert(run.stream);
+                caught_up.insert(run.stream.clone());
             }
             match run.relayed {
-                Ok(n) => relayed += n,
-                // The other goods went on: one goods' trouble must not stall the rest.
+                Ok(n) => {
+                    pass.relayed += n;
+                    resting.recovered(&run.stream);
+                }
+                // This goods rests, on a backoff of its own; the others go on at full speed:
+                // one goods' trouble must not slow the rest.
                 Err(e) => {
-                    first_error.get_or_insert(e);
+                    metrics::counter!("seckill_relay_errors_total").increment(1);
+                    let retry_in = resting.failed(&run.stream, Instant::now());
+                    tracing::warn!(stream = %run.stream, error = %e, ?retry_in,
+                        "relaying this goods failed; its entries stay in the outbox");
+                    pass.delivery_failed |= matches!(e, RelayError::Delivery { .. });
                 }
             }
         }
-        match first_error {
-            Some(e) => Err(e),
-            None => Ok(relayed),
-        }
+        Ok(pass)
     }
 
     /// One goods: makes sure its consumer group exists, takes over abandoned entries (when
@@ -544,4 +610,50 @@ pub async fn outbox_lengths(
         lengths.push((goods_id, length));
     }
     Ok(lengths)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{Resting, BACKOFF_FIRST, BACKOFF_LAST};
+    use std::collections::HashSet;
+    use std::time::{Duration, Instant};
+
+    #[test]
+    fn a_failing_goods_rests_longer_each_time_up_to_the_bound_and_alone() {
+        let mut resting = Resting::default();
+        let now = Instant::now();
+        let mut pauses = Vec::new();
+        for _ in 0..8 {
+            pauses.push(resting.failed("broken", now));
+        }
+        assert_eq!(pauses[0], BACKOFF_FIRST);
+        assert_eq!(pauses[1], BACKOFF_FIRST * 2);
+        assert!(pauses.windows(2).all(|w| w[1] >= w[0]));
+        assert_eq!(*pauses.last().unwrap(), BACKOFF_LAST);
+        assert!(resting.is_resting("broken", now + BACKOFF_LAST - Duration::from_millis(1)));
+        assert!(!resting.is_resting("broken", now + BACKOFF_LAST));
+        assert!(
+            !resting.is_resting("healthy", now),
+            "only the goods that failed rests"
+        );
+
+        resting.recovered("broken");
+        assert!(!resting.is_resting("broken", now));
+        assert_eq!(
+            resting.failed("broken", now),
+            BACKOFF_FIRST,
+            "a recovery resets it"
+        );
+    }
+
+    #[test]
+    fn goods_no_longer_sold_are_forgotten() {
+        let mut resting = Resting::default();
+        let now = Instant::now();
+        resting.failed("gone", now);
+        resting.failed("kept", now);
+        resting.forget_all_but(&HashSet::from(["kept".to_owned()]));
+        assert!(!resting.is_resting("gone", now));
+        assert!(resting.is_resting("kept", now));
+    }
 }

@@ -197,6 +197,72 @@ async fn goods_relayed_side_by_side_keep_each_goods_order() {
     );
 }
 
+/// A goods whose outbox the relay cannot read (here a key of the wrong type, which no
+/// retry mends) rests on a backoff of its own; the other goods keep flowing at full speed.
+/// When one failing goods held up the whole pass, each pass waited up to 5 s and moved at most
+/// 2,048 events a goods: the 16,000 sold here would have needed more than 30 s after the
+/// sale, against the 15 s allowed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_broken_outbox_does_not_slow_the_other_goods() {
+    let p = pipeline("brokenoutbox").await;
+    p.open_sale("fine", 16_000, 1).await.unwrap();
+    p.open_sale("broken", 10, 1).await.unwrap();
+    let mut conn = p.redis.connection().await.unwrap();
+    let broken = format!("{}:{{broken}}:outbox", p.prefix);
+    let _: () = redis::pipe()
+        .del(&broken)
+        .set(&broken, "not a stream")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let started = Instant::now();
+    let _writer = p.spawn(writer(), None, &[]).await.unwrap();
+    let relay = p.spawn(relay(), None, &[]).await.unwrap();
+    let errors = || async {
+        let metrics = relay.metrics().await?;
+        anyhow::Ok(sum_metric(&metrics, "seckill_relay_errors_total"))
+    };
+    // Seven failures: the broken goods' backoff has reached its bound of 5 s.
+    wait_for(
+        "the broken goods to reach its longest rest",
+        DRAIN,
+        || async { Ok((errors().await? >= 7).then_some(())) },
+    )
+    .await
+    .unwrap();
+
+    let orders = p.sell("fine", "u", 16_000).await.unwrap();
+    assert_eq!(orders.len(), 16_000);
+    p.wait_for_rows("fine", 16_000, Duration::from_secs(15))
+        .await
+        .unwrap();
+    assert_eq!(p.order_rows("fine").await.unwrap(), (16_000, 16_000));
+    assert_eq!(
+        p.mysql_stock("fine").await.unwrap(),
+        p.redis_stock("fine").await.unwrap()
+    );
+
+    // The broken goods was retried on its backoff, not in a hot loop: at most one failure
+    // per 5 s once the backoff reached its bound (7 failures), and a spare one.
+    let failures = errors().await.unwrap();
+    let bound = 8 + started.elapsed().as_secs() / 5;
+    assert!(
+        (7..=bound).contains(&failures),
+        "{failures} failures in {:?}",
+        started.elapsed()
+    );
+
+    // Mended, the resting goods comes back on its next try.
+    let _: () = redis::cmd("DEL")
+        .arg(&broken)
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let late = p.sell("broken", "v", 5).await.unwrap();
+    assert_eq!(late.len(), 5);
+    assert_drained(&p, "broken", &late).await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn partitions_applied_side_by_side_survive_a_crash_between_their_commits() {
     let p = pipeline("lanes").await;
