@@ -102,8 +102,9 @@ impl Resting {
     }
 
     /// Drops goods no longer sold, so the map is bounded by the sales index.
-    fn forget_all_but(&mut self, streams: &HashSet<String>) {
-        self.until.retain(|stream, _| streams.contains(stream));
+    fn forget_all_but(&mut self, streams: &HashSet<&str>) {
+        self.until
+            .retain(|stream, _| streams.contains(stream.as_str()));
     }
 }
 
@@ -234,16 +235,18 @@ impl Relay {
     ) -> Result<Pass, RelayError> {
         let mut conn = self.redis.clone();
         let goods: Vec<String> = bounded(conn.smembers(self.keys.sales_index())).await?;
-        let streams: HashSet<String> = goods
-            .iter()
-            .map(|goods_id| self.keys.goods(goods_id).outbox)
-            .collect();
-        resting.forget_all_but(&streams);
-        let now = Instant::now();
-        let runs: Vec<_> = goods
+        let outboxes: Vec<(String, String)> = goods
             .into_iter()
-            .filter_map(|goods_id| {
+            .map(|goods_id| {
                 let stream = self.keys.goods(&goods_id).outbox;
+                (goods_id, stream)
+            })
+            .collect();
+        resting.forget_all_but(&outboxes.iter().map(|(_, stream)| stream.as_str()).collect());
+        let now = Instant::now();
+        let runs: Vec<_> = outboxes
+            .into_iter()
+            .filter_map(|(goods_id, stream)| {
                 if resting.is_resting(&stream, now) {
                     return None;
                 }
@@ -652,7 +655,7 @@ mod tests {
         let now = Instant::now();
         resting.failed("gone", now);
         resting.failed("kept", now);
-        resting.forget_all_but(&HashSet::from(["kept".to_owned()]));
+        resting.forget_all_but(&HashSet::from(["kept"]));
         assert!(!resting.is_resting("gone", now));
         assert!(resting.is_resting("kept", now));
     }
