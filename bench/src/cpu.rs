@@ -99,11 +99,11 @@ impl PhaseCpu {
         self.processes.push((name, pid, 0.0));
     }
 
-    /// Ends the phase: each process's cores, then the whole machine's (named "machine").
-    pub fn finish(&self) -> Vec<CoresUsed> {
+    /// Ends the phase: each process's cores, and the whole machine's.
+    pub fn finish(&self) -> PhaseCores {
         let seconds = self.started.elapsed().as_secs_f64().max(1e-9);
         let cores = |before: f64, after: f64| (after - before).max(0.0) / clock_ticks() / seconds;
-        let mut used: Vec<CoresUsed> = self
+        let processes = self
             .processes
             .iter()
             .map(|(name, pid, before)| CoresUsed {
@@ -113,10 +113,16 @@ impl PhaseCpu {
                     .unwrap_or(0.0),
             })
             .collect();
-        used.push(CoresUsed {
-            name: "machine",
-            cores: cores(self.machine_busy, machine_busy_ticks()),
-        });
-        used
+        PhaseCores {
+            processes,
+            machine: cores(self.machine_busy, machine_busy_ticks()),
+        }
     }
+}
+
+/// A phase's CPU: each named process's cores, and the whole machine's busy cores.
+#[derive(Debug, Clone)]
+pub struct PhaseCores {
+    pub processes: Vec<CoresUsed>,
+    pub machine: f64,
 }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use clap::Parser;
-use seckill_bench::cpu::{mysql_pid, CoresUsed, PhaseCpu};
+use seckill_bench::cpu::{mysql_pid, CoresUsed, PhaseCores, PhaseCpu};
 use seckill_bench::report::{quantile, update_section};
 use seckill_e2e::mysql_db::TestDatabase;
 use seckill_e2e::pipeline::Pipeline;
@@ -167,7 +167,7 @@ struct PipelineFigures {
     lag_max_ms: f64,
     lag_orders: usize,
     /// Who used the cores while the backlog drained.
-    backlog_cpu: Vec<CoresUsed>,
+    backlog_cpu: PhaseCores,
 }
 
 async fn pipeline_rates(args: &Args) -> anyhow::Result<PipelineFigures> {
@@ -309,30 +309,19 @@ fn render(args: &Args, per_order: f64, batched: f64, p: &PipelineFigures) -> Str
     let relay_s = args.backlog as f64 / p.relay_rate.max(1.0);
     let drain_s = args.backlog as f64 / p.pipeline_rate.max(1.0);
     let tail_s = (drain_s - relay_s).max(0.0);
-    let stage = if tail_s > 0.2 * drain_s {
-        format!(
-            "the writer side (Kafka fetch from the broker plus the MySQL apply): MySQL got its \
-             last row {tail_s:.2} s after the relay had emptied the outbox, {:.0}% of the \
-             {drain_s:.2} s drain",
-            100.0 * tail_s / drain_s
-        )
+    let side = if tail_s > 0.2 * drain_s {
+        "the writer side (Kafka fetch from the broker plus the MySQL apply)"
     } else {
-        format!(
-            "the relay side (outbox read and Kafka produce): MySQL got its last row {tail_s:.2} s \
-             after the relay had emptied the outbox, {:.0}% of the {drain_s:.2} s drain",
-            100.0 * tail_s / drain_s
-        )
+        "the relay side (outbox read and Kafka produce)"
     };
-    let machine = p
-        .backlog_cpu
-        .iter()
-        .find(|u| u.name == "machine")
-        .map_or(0.0, |u| u.cores);
-    let mut processes: Vec<&CoresUsed> = p
-        .backlog_cpu
-        .iter()
-        .filter(|u| u.name != "machine")
-        .collect();
+    let stage = format!(
+        "{side}: MySQL got its last row {tail_s:.2} s after the relay had emptied the outbox, \
+         {:.0}% of the {drain_s:.2} s drain",
+        100.0 * tail_s / drain_s
+    );
+    let machine = p.backlog_cpu.machine;
+    let busy = machine * 100.0 / cores.max(1) as f64;
+    let mut processes: Vec<&CoresUsed> = p.backlog_cpu.processes.iter().collect();
     processes.sort_by(|a, b| b.cores.total_cmp(&a.cores));
     let listed: f64 = processes.iter().map(|u| u.cores).sum();
     let mut cpu_rows: String = processes
@@ -340,26 +329,22 @@ fn render(args: &Args, per_order: f64, batched: f64, p: &PipelineFigures) -> Str
         .map(|u| format!("| {} | {:.0}% |\n", u.name, u.cores * 100.0))
         .collect();
     cpu_rows.push_str(&format!(
-        "| everything else (kernel threads, the idle HTTP syncer, other services) | {:.0}% |\n| **the whole machine** | **{:.0}%, {:.0}% of its {} cores** |\n",
+        "| everything else (kernel threads, the idle HTTP syncer, other services) | {:.0}% |\n| **the whole machine** | **{:.0}%, {busy:.0}% of its {cores} cores** |\n",
         ((machine - listed) * 100.0).max(0.0),
         machine * 100.0,
-        machine * 100.0 / cores.max(1) as f64,
-        cores
     ));
     let limiter = if cores > 0 && machine >= 0.75 * cores as f64 {
         format!(
-            "the cores. The machine was busy {:.0}% of its {cores} cores while the backlog drained, \
-             so every stage waited on CPU the others were using; the biggest share was {}'s. \
-             Within that, the slower stage was {stage}",
-            machine * 100.0 / cores as f64,
+            "the cores. The machine was busy {busy:.0}% of its {cores} cores while the backlog \
+             drained, so every stage waited on CPU the others were using; the biggest share was \
+             {}'s. Within that, the slower stage was {stage}",
             processes.first().map_or("nobody", |u| u.name),
         )
     } else {
         format!(
-            "not the cores: the machine was busy {:.0}% of its {cores} cores while the backlog \
+            "not the cores: the machine was busy {busy:.0}% of its {cores} cores while the backlog \
              drained, so the stages waited on each other's round trips more than on CPU. The \
-             slower stage was {stage}",
-            machine * 100.0 / cores.max(1) as f64,
+             slower stage was {stage}"
         )
     };
     format!(
